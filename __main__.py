@@ -1,0 +1,7 @@
+"""`python -m noisyseg` (also what `torchrun -m noisyseg` runs)."""
+
+import sys
+
+from noisyseg.cli import main
+
+sys.exit(main())
