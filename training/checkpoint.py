@@ -1,0 +1,106 @@
+"""Model checkpoints: weights as safetensors, with the model's description in the header.
+
+A model file is self-describing: the safetensors metadata holds `noisyseg.model` (JSON: the
+architecture name and constructor arguments, class names, input normalisation, training
+method, noisyseg version), so `load_model` rebuilds the network without executing any pickled
+code. A training run directory holds its selected model as `RUN_DIR/model.safetensors`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_save
+
+from noisyseg import __version__
+from noisyseg.training.io import atomic_write_bytes
+from noisyseg.training.models import create_model
+
+METADATA_KEY = "noisyseg.model"
+RUN_MODEL_FILE = "model.safetensors"
+
+
+@dataclass
+class ModelInfo:
+    """Everything needed to rebuild a model and use it on new images."""
+
+    architecture: str
+    model_kwargs: dict[str, Any]
+    class_names: list[str]
+    # How images are normalised before the network sees them ("zscore": per image, per channel).
+    normalization: str = "zscore"
+    method: str = "unknown"
+    noisyseg_version: str = __version__
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.model_kwargs.get("in_channels", 1))
+
+    def build(self) -> torch.nn.Module:
+        return create_model(self.architecture, **self.model_kwargs)
+
+
+def save_model(path: str | Path, model: torch.nn.Module, info: ModelInfo) -> None:
+    """Write `model`'s weights and `info` atomically to a safetensors file."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    payload = safetensors_save(tensors, metadata={METADATA_KEY: json.dumps(asdict(info))})
+    atomic_write_bytes(path, payload)
+
+
+def resolve_model_file(path: str | Path) -> Path:
+    """A model file, or a run directory holding `model.safetensors`."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RUN_MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no model checkpoint (expected a .safetensors file or a run directory holding {RUN_MODEL_FILE})")
+    return path
+
+
+def read_model_info(path: str | Path) -> ModelInfo:
+    path = resolve_model_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types for damaged headers
+        raise ValueError(f"{path}: not a readable safetensors checkpoint ({err})") from err
+    if METADATA_KEY not in metadata:
+        raise ValueError(f"{path}: safetensors file has no '{METADATA_KEY}' metadata; it was not written by noisyseg")
+    try:
+        return ModelInfo(**json.loads(metadata[METADATA_KEY]))
+    except (TypeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: malformed '{METADATA_KEY}' metadata ({err})") from err
+
+
+def load_model(path: str | Path, map_location: str = "cpu") -> tuple[torch.nn.Module, ModelInfo]:
+    """Rebuild the model described in the checkpoint and load its weights (eval mode)."""
+    path = resolve_model_file(path)
+    info = read_model_info(path)
+    model = info.build()
+    state: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt", device=map_location) as handle:
+        for key in handle.keys():
+            state[key] = handle.get_tensor(key)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match architecture '{info.architecture}' (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return model.eval(), info
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
