@@ -1,22 +1,35 @@
-"""Backend dispatch for the public loss functions of `noisyseg.kernels`."""
+"""Backend dispatch for the public loss functions of `noisyseg.kernels`.
+
+Each backend is a module exposing `arm_cross_entropy`, `multiscale_consistency` and
+`adele_arm_loss` with the reference's signatures (without `backend`).
+"""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from types import ModuleType
 
 import torch
 from torch import nn
 
-from noisyseg.kernels import reference
+BACKEND_MODULES = {
+    "torch": "noisyseg.kernels.reference",
+}
+BACKENDS = ("auto", *BACKEND_MODULES)
 
-BACKENDS = ("auto", "torch")
+
+def resolve_backend(backend: str, example: torch.Tensor) -> str:
+    """The concrete backend name for `backend` ("auto" decides by the tensor's device)."""
+    if backend == "auto":
+        return "torch"
+    if backend not in BACKEND_MODULES:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    return backend
 
 
 def _backend_module(backend: str, example: torch.Tensor) -> ModuleType:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    return reference
+    return importlib.import_module(BACKEND_MODULES[resolve_backend(backend, example)])
 
 
 def arm_cross_entropy(

@@ -214,3 +214,26 @@ def adele_arm_loss(
     cross_entropy = sum(arm_cross_entropy(z, target, arm, ignore_index) for z in logits_per_scale)
     consistency = multiscale_consistency(logits_per_scale, target, rho, mask, ignore_index)
     return (cross_entropy + lam * consistency) / len(logits_per_scale)
+
+
+def pack_arm_parameters(arm: nn.Module) -> torch.Tensor:
+    """ARM's 53 parameters as one flat fp32 vector, differentiable (gradients flow back to
+    the module's parameters through the concatenation).
+
+    Layout, layer by layer: weight (out x in, row-major) then bias; offsets in
+    `ARM_PARAMETER_OFFSETS`. This is the form the fused kernels read.
+    """
+    return torch.cat([p.reshape(-1).float() for p in arm.parameters()])
+
+
+def _parameter_offsets() -> dict[str, tuple[int, int]]:
+    offsets, start = {}, 0
+    for layer, (width_in, width_out) in enumerate(zip(ARM_WIDTHS[:-1], ARM_WIDTHS[1:])):
+        for name, size in (("weight", width_in * width_out), ("bias", width_out)):
+            offsets[f"layers.{layer}.{name}"] = (start, start + size)
+            start += size
+    return offsets
+
+
+ARM_PARAMETER_OFFSETS = _parameter_offsets()
+ARM_NUM_PARAMETERS = max(end for _, end in ARM_PARAMETER_OFFSETS.values())

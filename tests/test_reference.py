@@ -299,3 +299,22 @@ def test_half_precision_inputs_give_fp32_loss_and_input_dtype_gradients():
 def test_bad_inputs_are_named(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_packed_parameters_follow_the_documented_layout_and_carry_gradients():
+    from noisyseg.kernels.reference import (
+        ARM_NUM_PARAMETERS,
+        ARM_PARAMETER_OFFSETS,
+        pack_arm_parameters,
+    )
+
+    arm = seeded_arm(11)
+    flat = pack_arm_parameters(arm)
+    assert flat.shape == (ARM_NUM_PARAMETERS,) == (53,)
+    for name, param in arm.named_parameters():
+        start, end = ARM_PARAMETER_OFFSETS[name]
+        assert torch.equal(flat[start:end], param.reshape(-1))
+    (flat * torch.arange(53.0)).sum().backward()
+    for name, param in arm.named_parameters():
+        start, end = ARM_PARAMETER_OFFSETS[name]
+        assert torch.equal(param.grad.reshape(-1), torch.arange(start, end, dtype=torch.float32))
