@@ -1,0 +1,175 @@
+"""Segmentation metrics from confusion counts, and the ADELE noise diagnostics.
+
+Everything is computed from dataset-level confusion matrices (counts summed over a split, rows =
+target class, columns = predicted class), never by averaging per-image scores: that is how the
+ADELE and ARM papers report IoU (method-spec section 6).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+ArrayLike = np.ndarray | torch.Tensor
+
+
+def _as_flat_long(values: ArrayLike, name: str) -> torch.Tensor:
+    tensor = values if isinstance(values, torch.Tensor) else torch.as_tensor(np.asarray(values))
+    if tensor.is_floating_point() or tensor.is_complex():
+        raise ValueError(f"{name}: expected integer class ids, got dtype {tensor.dtype}")
+    return tensor.reshape(-1).long()
+
+
+def _check_class_range(
+    values: torch.Tensor, num_classes: int, name: str, ignore_index: int
+) -> None:
+    if values.numel() == 0:
+        return
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(
+            f"{name}: class ids must lie in [0, {num_classes - 1}] (or be {ignore_index} = ignore), "
+            f"found values in [{low}, {high}]"
+        )
+
+
+def confusion_matrix(
+    pred: ArrayLike, target: ArrayLike, num_classes: int, ignore_index: int = 255
+) -> np.ndarray:
+    """(C, C) int64 counts, rows = target class, columns = predicted class.
+
+    `pred` and `target` are numpy arrays or torch tensors (any device) of the same shape, any
+    number of dimensions. Pixels whose target is `ignore_index` are left out.
+    """
+    if tuple(pred.shape) != tuple(target.shape):
+        raise ValueError(
+            f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}"
+        )
+    target_flat = _as_flat_long(target, "target")
+    pred_flat = _as_flat_long(pred, "pred").to(target_flat.device)
+    keep = target_flat != ignore_index
+    target_flat, pred_flat = target_flat[keep], pred_flat[keep]
+    _check_class_range(target_flat, num_classes, "target", ignore_index)
+    _check_class_range(pred_flat, num_classes, "pred", ignore_index)
+    counts = torch.bincount(
+        target_flat * num_classes + pred_flat, minlength=num_classes * num_classes
+    )
+    return counts.reshape(num_classes, num_classes).cpu().numpy().astype(np.int64)
+
+
+def _ratio_or_nan(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(denominator > 0, numerator / np.maximum(denominator, 1), np.nan)
+
+
+def iou_per_class(conf: np.ndarray) -> np.ndarray:
+    """IoU per class; NaN for a class absent from both prediction and target."""
+    conf = np.asarray(conf, dtype=np.float64)
+    intersection = np.diag(conf)
+    union = conf.sum(axis=0) + conf.sum(axis=1) - intersection
+    return _ratio_or_nan(intersection, union)
+
+
+def dice_per_class(conf: np.ndarray) -> np.ndarray:
+    """Dice (F1) per class, 2|P n T| / (|P| + |T|); NaN where the class is absent from both."""
+    conf = np.asarray(conf, dtype=np.float64)
+    return _ratio_or_nan(2 * np.diag(conf), conf.sum(axis=0) + conf.sum(axis=1))
+
+
+def _nanmean(values: np.ndarray) -> float:
+    present = values[~np.isnan(values)]
+    return float(present.mean()) if present.size else math.nan
+
+
+def mean_iou(conf: np.ndarray, include_background: bool = True) -> float:
+    """Mean IoU over present classes; without background it averages classes 1..C-1."""
+    ious = iou_per_class(conf)
+    return _nanmean(ious if include_background else ious[1:])
+
+
+def _json_floats(values: np.ndarray) -> list[float | None]:
+    return [None if math.isnan(v) else float(v) for v in values]
+
+
+def _json_float(value: float) -> float | None:
+    return None if math.isnan(value) else float(value)
+
+
+class ConfusionMeter:
+    """Accumulates a confusion matrix over batches; `summary()` gives JSON-ready scores."""
+
+    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+
+    def update(self, pred: ArrayLike, target: ArrayLike) -> None:
+        self.matrix += confusion_matrix(pred, target, self.num_classes, self.ignore_index)
+
+    def reset(self) -> None:
+        self.matrix[:] = 0
+
+    def summary(self) -> dict[str, Any]:
+        """Per-class IoU and Dice, mIoU with and without background; NaN (absent) as None."""
+        return {
+            "iou": _json_floats(iou_per_class(self.matrix)),
+            "miou": _json_float(mean_iou(self.matrix, include_background=True)),
+            "miou_no_background": _json_float(mean_iou(self.matrix, include_background=False)),
+            "dice": _json_floats(dice_per_class(self.matrix)),
+        }
+
+
+@dataclass
+class NoiseCounts:
+    """Confusion counts on the incorrectly labelled pixels (noisy label != clean label).
+
+    `pred_vs_clean` has rows = clean class, `pred_vs_noisy` rows = noisy class; columns are the
+    predicted class in both. Counts add up over batches and epochs with `+`.
+    """
+
+    pred_vs_clean: np.ndarray
+    pred_vs_noisy: np.ndarray
+
+    @classmethod
+    def zeros(cls, num_classes: int) -> NoiseCounts:
+        shape = (num_classes, num_classes)
+        return cls(np.zeros(shape, dtype=np.int64), np.zeros(shape, dtype=np.int64))
+
+    def __add__(self, other: NoiseCounts) -> NoiseCounts:
+        return NoiseCounts(
+            self.pred_vs_clean + other.pred_vs_clean, self.pred_vs_noisy + other.pred_vs_noisy
+        )
+
+
+def noise_diagnostics(
+    pred: ArrayLike, noisy: ArrayLike, clean: ArrayLike, num_classes: int, ignore_index: int = 255
+) -> NoiseCounts:
+    """Counts for the early-learning / memorisation diagnostics of ADELE (Liu et al., ICLR 2022).
+
+    ADELE section 2.1 and Figure 2 analyse the model output "on the pixels that are incorrectly
+    labeled": IoU_el is the IoU between the output and the ground truth there, IoU_m the IoU
+    between the output and the incorrect annotations there. This returns the two confusion
+    matrices restricted to those pixels (noisy != clean, neither label `ignore_index`);
+    `early_learning_memorization_iou` turns accumulated counts into the per-class curves.
+    """
+    shapes = {"pred": tuple(pred.shape), "noisy": tuple(noisy.shape), "clean": tuple(clean.shape)}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"pred, noisy and clean must have the same shape, got {shapes}")
+    noisy_flat = _as_flat_long(noisy, "noisy")
+    clean_flat = _as_flat_long(clean, "clean").to(noisy_flat.device)
+    pred_flat = _as_flat_long(pred, "pred").to(noisy_flat.device)
+    wrong = (noisy_flat != clean_flat) & (noisy_flat != ignore_index) & (clean_flat != ignore_index)
+    pred_wrong = pred_flat[wrong]
+    return NoiseCounts(
+        pred_vs_clean=confusion_matrix(pred_wrong, clean_flat[wrong], num_classes, ignore_index),
+        pred_vs_noisy=confusion_matrix(pred_wrong, noisy_flat[wrong], num_classes, ignore_index),
+    )
+
+
+def early_learning_memorization_iou(counts: NoiseCounts) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class (IoU_el, IoU_m) on the incorrectly labelled pixels; NaN where a class is absent."""
+    return iou_per_class(counts.pred_vs_clean), iou_per_class(counts.pred_vs_noisy)
