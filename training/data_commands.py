@@ -1,0 +1,75 @@
+"""`noisyseg data ...`: build the phantom, convert SegTHOR, corrupt training labels.
+
+Each subcommand prints a JSON summary to stdout (logs and progress bars go to stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from noisyseg.training.nifti import SegthorConfig, convert_segthor
+from noisyseg.training.noise import LEVEL_ITERATIONS, NOISE_FAMILIES, corrupt_dataset
+from noisyseg.training.phantom import PhantomConfig, generate_phantom
+
+
+def register(subparsers: Any) -> None:
+    """Add `data phantom`, `data segthor` and `data corrupt`."""
+    data = subparsers.add_parser("data", help="build, convert and corrupt datasets")
+    commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+    defaults = PhantomConfig()
+
+    phantom = commands.add_parser("phantom", help="write the synthetic SegTHOR-like CT phantom")
+    phantom.add_argument("--out", required=True, help="new dataset folder (must not exist or be empty)")
+    phantom.add_argument("--patients", type=int, default=20, help="number of patients (default 20)")
+    phantom.add_argument("--size", type=int, default=defaults.size, help=f"slice size in pixels (default {defaults.size})")
+    phantom.add_argument("--slices-per-patient", type=int, default=defaults.slices_per_patient, help=f"axial slices rendered per patient (default {defaults.slices_per_patient})")
+    phantom.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    phantom.add_argument("--noise-hu", type=float, default=defaults.noise_hu, help=f"acquisition noise std in HU (default {defaults.noise_hu})")
+    phantom.add_argument("--contrast", type=float, default=defaults.soft_tissue_contrast, help=f"soft-tissue contrast of heart/esophagus (default {defaults.soft_tissue_contrast})")
+    phantom.add_argument("--all-slices", action="store_true", help="also keep slices without foreground")
+    phantom.set_defaults(func=run_phantom)
+
+    segthor = commands.add_parser("segthor", help="convert SegTHOR NIfTI volumes into the dataset folder format")
+    segthor.add_argument("--root", required=True, help="folder of Patient_XX/Patient_XX.nii.gz and Patient_XX/GT.nii.gz")
+    segthor.add_argument("--out", required=True, help="new dataset folder (must not exist or be empty)")
+    segthor.add_argument("--size", type=int, default=256, help="slice size in pixels (default 256, as in the paper)")
+    segthor.add_argument("--seed", type=int, default=0, help="seed of the patient split (default 0)")
+    segthor.add_argument("--all-slices", action="store_true", help="also keep slices without foreground")
+    segthor.set_defaults(func=run_segthor)
+
+    corrupt = commands.add_parser("corrupt", help="write noisy training labels into a new folder")
+    corrupt.add_argument("--data", required=True, help="dataset folder holding the clean labels")
+    corrupt.add_argument("--noise", required=True, choices=NOISE_FAMILIES, help="noise family")
+    corrupt.add_argument("--level", type=int, choices=range(len(LEVEL_ITERATIONS)), help="erode-dilate only: ADELE Table 6 level (0..6 = 0,1,2,3,4,6,8 iterations); default: the reference setting (2-4 iterations per slice)")
+    corrupt.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    corrupt.add_argument("--out", required=True, help="new noisy-label folder (must not exist or be empty)")
+    corrupt.set_defaults(func=run_corrupt)
+
+
+def print_json(summary: dict[str, Any]) -> None:
+    print(json.dumps(summary, indent=2, sort_keys=True))
+
+
+def run_phantom(args: argparse.Namespace) -> int:
+    config = PhantomConfig(
+        size=args.size,
+        slices_per_patient=args.slices_per_patient,
+        noise_hu=args.noise_hu,
+        soft_tissue_contrast=args.contrast,
+        foreground_only=not args.all_slices,
+    )
+    print_json(generate_phantom(args.out, num_patients=args.patients, seed=args.seed, config=config))
+    return 0
+
+
+def run_segthor(args: argparse.Namespace) -> int:
+    config = SegthorConfig(size=args.size, foreground_only=not args.all_slices, seed=args.seed)
+    print_json(convert_segthor(args.root, args.out, config))
+    return 0
+
+
+def run_corrupt(args: argparse.Namespace) -> int:
+    print_json(corrupt_dataset(args.data, args.out, args.noise, level=args.level, seed=args.seed))
+    return 0
