@@ -15,6 +15,7 @@ from torch import nn
 
 BACKEND_MODULES = {
     "torch": "noisyseg.kernels.reference",
+    "triton": "noisyseg.kernels.triton_backend",
 }
 BACKENDS = ("auto", *BACKEND_MODULES)
 
@@ -22,7 +23,7 @@ BACKENDS = ("auto", *BACKEND_MODULES)
 def resolve_backend(backend: str, example: torch.Tensor) -> str:
     """The concrete backend name for `backend` ("auto" decides by the tensor's device)."""
     if backend == "auto":
-        return "torch"
+        return "triton" if example.is_cuda else "torch"
     if backend not in BACKEND_MODULES:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     return backend

@@ -118,7 +118,8 @@ def check_logits_and_target(logits: torch.Tensor, target: torch.Tensor, name: st
         raise ValueError(f"target: expected shape {expected} to match {name} {tuple(logits.shape)}, got {tuple(target.shape)}")
 
 
-def _check_class_ids(target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+def check_class_ids(target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """The valid-pixel mask; a ValueError when a non-ignored id is outside [0, num_classes)."""
     valid = target != ignore_index
     if valid.any():
         ids = target[valid]
@@ -140,7 +141,7 @@ def arm_cross_entropy(
     except that a batch with no valid pixel gives 0 rather than NaN.
     """
     check_logits_and_target(logits, target)
-    valid = _check_class_ids(target, logits.shape[1], ignore_index)
+    valid = check_class_ids(target, logits.shape[1], ignore_index)
     logits32 = _accumulation_precision(logits)
     pixel_loss = F.cross_entropy(logits32, target.long(), ignore_index=ignore_index, reduction="none")
     probs = torch.softmax(logits32.detach(), dim=1) if arm is not None else None
@@ -165,7 +166,8 @@ def consistency_mask(q: torch.Tensor, valid: torch.Tensor, rho: float, mask: str
     raise ValueError(f"mask: expected 'image' or 'pixel', got {mask!r}")
 
 
-def _check_scales(logits_per_scale: Sequence[torch.Tensor], target: torch.Tensor) -> None:
+def check_scales(logits_per_scale: Sequence[torch.Tensor], target: torch.Tensor) -> None:
+    """Every scale's logits match the target and each other (all at label resolution)."""
     if len(logits_per_scale) == 0:
         raise ValueError("logits_per_scale: expected at least one logits tensor, got none")
     first = logits_per_scale[0]
@@ -192,8 +194,8 @@ def multiscale_consistency(
     log q is computed as logsumexp_k(log p_k) - log S, so it is finite and no clamp is needed;
     a term with p = 0 contributes 0.
     """
-    _check_scales(logits_per_scale, target)
-    valid = _check_class_ids(target, logits_per_scale[0].shape[1], ignore_index)
+    check_scales(logits_per_scale, target)
+    valid = check_class_ids(target, logits_per_scale[0].shape[1], ignore_index)
     log_p = torch.stack([F.log_softmax(_accumulation_precision(z), dim=1) for z in logits_per_scale])
     log_q = torch.logsumexp(log_p, dim=0) - math.log(len(logits_per_scale))
     kl_per_pixel = (log_p.exp() * (log_p - log_q)).sum(dim=2).sum(dim=0)

@@ -1,0 +1,446 @@
+"""Pieces shared by the Triton loss kernels: input preparation, launch geometry, and the
+`@triton.jit` helpers (online softmax statistics, ARM's MLP forward and backward, the
+multiscale mean prediction).
+
+Layout every kernel uses: logits are viewed as ``(N, C, L)`` (L = product of the spatial
+sizes) with explicit strides, so channels-last and other dense layouts need no copy; targets
+as ``(N, L)``. The launch grid is ``(N, cdiv(L, BLOCK_P))``: one program per block of pixels
+of one image, so a block's partial sums belong to one image (the per-image rho mask needs
+that) and the image index is a scalar.
+
+Under ``TRITON_INTERPRET=1`` (CPU tensors, tests) the same kernels run through Triton's
+interpreter, which has no libdevice: sigmoid and SiLU are written from ``tl.exp``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import nn
+
+from noisyseg.kernels.reference import (
+    ARM_NUM_PARAMETERS,
+    ARM_PARAMETER_OFFSETS,
+    ARM_WIDTHS,
+    pack_arm_parameters,
+)
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The multiscale kernels take one pointer argument per scale (no pointer arrays in Triton).
+MAX_SCALES = 4
+
+# ARM parameter layout (offsets into the flat vector of `pack_arm_parameters`), as constexpr
+# globals the kernels can read. The kernels hard-code the 1-4-4-4-1 shape, so check it.
+if ARM_WIDTHS != (1, 4, 4, 4, 1) or ARM_NUM_PARAMETERS != 53:
+    raise RuntimeError(f"the Triton ARM kernels are written for widths (1, 4, 4, 4, 1), got {ARM_WIDTHS}")
+ARM_W1 = tl.constexpr(ARM_PARAMETER_OFFSETS["layers.0.weight"][0])
+ARM_B1 = tl.constexpr(ARM_PARAMETER_OFFSETS["layers.0.bias"][0])
+ARM_W2 = tl.constexpr(ARM_PARAMETER_OFFSETS["layers.1.weight"][0])
+ARM_B2 = tl.constexpr(ARM_PARAMETER_OFFSETS["layers.1.bias"][0])
+ARM_W3 = tl.constexpr(ARM_PARAMETER_OFFSETS["layers.2.weight"][0])
+ARM_B3 = tl.constexpr(ARM_PARAMETER_OFFSETS["layers.2.bias"][0])
+ARM_W4 = tl.constexpr(ARM_PARAMETER_OFFSETS["layers.3.weight"][0])
+ARM_B4 = tl.constexpr(ARM_PARAMETER_OFFSETS["layers.3.bias"][0])
+ARM_PARAMS = tl.constexpr(ARM_NUM_PARAMETERS)
+ARM_HIDDEN = tl.constexpr(4)
+
+# GPU launch parameters, chosen from ptxas' register report for sm_90 (Triton 3.9; no GPU was
+# available to time them). Pixels are the fast (coalesced) axis of a (BLOCK_P x BLOCK_C) tile
+# for NCHW logits.
+# * Cross-entropy: 4096-value fp32 tiles at 4 warps (32 values per thread) compile to 128
+#   registers without spills, leaving room for 4 blocks per SM.
+# * Multiscale kernels keep S-wide per-pixel matrices and ARM's (P, 4, 4) products live beside
+#   the tiles: 4096 values at 4 warps needed 255 registers and spilled; 2048 values at 8 warps
+#   compile to about 128 registers without spills.
+# * ARM's backward holds (BLOCK_P, 4, 4) products: 128 pixels at 4 warps, 137 registers.
+CE_TILE_ELEMENTS = 4096
+CE_NUM_WARPS = 4
+MULTISCALE_TILE_ELEMENTS = 2048
+MULTISCALE_NUM_WARPS = 8
+MAX_BLOCK_C = 64
+MAX_BLOCK_P = 256
+MIN_BLOCK_P = 16
+ARM_BLOCK_P = 128
+ARM_NUM_WARPS = 4
+
+
+@dataclass(frozen=True)
+class LaunchGeometry:
+    """Block sizes and grid for logits viewed as (N, C, L)."""
+
+    block_p: int
+    block_c: int
+    num_blocks: int
+
+    @classmethod
+    def for_shape(cls, num_classes: int, num_pixels: int, tile_elements: int) -> LaunchGeometry:
+        """Channel blocks of up to MAX_BLOCK_C, pixel blocks filling a tile of about
+        ``tile_elements`` values (never wider than the image needs)."""
+        block_c = min(triton.next_power_of_2(num_classes), MAX_BLOCK_C)
+        block_p = max(MIN_BLOCK_P, min(tile_elements // block_c, MAX_BLOCK_P, triton.next_power_of_2(num_pixels)))
+        return cls(block_p=block_p, block_c=block_c, num_blocks=triton.cdiv(num_pixels, block_p))
+
+
+def check_device(tensor: torch.Tensor, name: str) -> None:
+    """Compiled Triton needs CUDA tensors; the interpreter (tests) takes CPU tensors."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if tensor.device.type != "cuda" and not interpreted:
+        raise ValueError(
+            f"{name}: the triton backend needs CUDA tensors, got device {tensor.device} "
+            "(use backend='numba' or 'torch' on the CPU, or set TRITON_INTERPRET=1 before importing triton)"
+        )
+
+
+def check_dtype(tensor: torch.Tensor, name: str) -> None:
+    """The kernels accumulate in fp32 and read fp32/fp16/bf16; anything else is refused."""
+    if tensor.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name}: the triton backend takes float32, float16 or bfloat16 logits, got {tensor.dtype}")
+
+
+def flatten_logits(logits: torch.Tensor) -> torch.Tensor:
+    """``(N, C, *spatial)`` as ``(N, C, L)``, in a dense layout that `torch.empty_like`
+    reproduces stride for stride (so a gradient buffer can share the logits' strides).
+    Contiguous and channels-last tensors stay views; anything else (a slice) is copied."""
+    flat = logits.reshape(logits.shape[0], logits.shape[1], -1)
+    if torch.empty_like(flat, device="meta").stride() != flat.stride():
+        flat = flat.contiguous()
+    return flat
+
+
+def flatten_target(target: torch.Tensor) -> torch.Tensor:
+    """``(N, *spatial)`` class ids as ``(N, L)`` (a view when possible; strides are passed on)."""
+    return target.reshape(target.shape[0], -1)
+
+
+def arm_parameter_vector(arm: nn.Module | None, like: torch.Tensor) -> torch.Tensor:
+    """ARM's flat fp32 parameters on the logits' device; zeros (unused) when there is no ARM."""
+    if arm is None:
+        return torch.zeros(ARM_NUM_PARAMETERS, dtype=torch.float32, device=like.device)
+    arm_params = pack_arm_parameters(arm)
+    if arm_params.numel() != ARM_NUM_PARAMETERS:
+        raise ValueError(f"arm: expected {ARM_NUM_PARAMETERS} parameters (widths {ARM_WIDTHS}), got {arm_params.numel()}")
+    if arm_params.device != like.device:
+        raise ValueError(f"arm: parameters on {arm_params.device}, logits on {like.device}")
+    return arm_params
+
+
+def confidence_constants(num_classes: int) -> tuple[float, float]:
+    """(1/C, 2C/(C-1)): v_hat = 2C/(C-1) * (sum_c p_c^2 - 1/C) - 1 (C >= 2; unused otherwise).
+
+    Passed as floats rather than computed from C in the kernel because Triton specialises an
+    integer argument equal to 1 into a constant."""
+    if num_classes < 2:
+        return 1.0, 0.0
+    return 1.0 / num_classes, 2.0 * num_classes / (num_classes - 1)
+
+
+def check_arm_classes(arm: nn.Module | None, num_classes: int, name: str) -> None:
+    """The reference's rule: ARM's confidence is undefined for fewer than two classes."""
+    if arm is not None and num_classes < 2:
+        raise ValueError(f"{name}: ARM's confidence needs at least 2 classes, got C={num_classes}")
+
+
+def reduce_partials(partials: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+    """Sum per-block partials in float64 and a fixed order (deterministic, no atomics)."""
+    return partials.double().sum(dim=tuple(dims))
+
+
+def safe_reciprocal(total: torch.Tensor) -> torch.Tensor:
+    """1/total where total > 0, else 0: an all-ignored batch gives zero gradients, not NaN."""
+    return torch.where(total > 0, 1.0 / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(total))
+
+
+# ----------------------------------------------------------------------------- jit helpers
+# ARM's flat vector is called arm_params in the kernels: Triton's launcher reserves the
+# argument name "params" (a kernel argument of that name fails to launch when compiled).
+
+
+@triton.jit
+def sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def silu(x):
+    return x * sigmoid(x)
+
+
+@triton.jit
+def silu_derivative(x):
+    s = sigmoid(x)
+    return s * (1.0 + x * (1.0 - s))
+
+
+@triton.jit
+def pixel_block(L, BLOCK_P: tl.constexpr):
+    """(image index, pixel offsets within the image, in-range mask), all int64 offsets."""
+    image = tl.program_id(0).to(tl.int64)
+    offsets = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    return image, offsets, offsets < L
+
+
+@triton.jit
+def load_target(target, stride_n, stride_l, image, offsets, in_range, ignore_index):
+    """Class ids (int32) and the valid mask (in range and not ignored)."""
+    labels = tl.load(target + image * stride_n + offsets * stride_l, mask=in_range, other=ignore_index)
+    labels = labels.to(tl.int32)
+    return labels, in_range & (labels != ignore_index)
+
+
+@triton.jit
+def channel_block(c_start, C, BLOCK_C: tl.constexpr):
+    channels = c_start + tl.arange(0, BLOCK_C)
+    return channels, channels < C
+
+
+@triton.jit
+def load_channels(row, stride_c, channels, channel_mask, in_range):
+    """A (BLOCK_P, BLOCK_C) fp32 tile; masked entries are 0 (finite, so no inf - inf)."""
+    pointers = row[:, None] + channels.to(tl.int64)[None, :] * stride_c
+    mask = in_range[:, None] & channel_mask[None, :]
+    return tl.load(pointers, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def softmax_statistics(row, stride_c, labels, in_range, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Online softmax over channel blocks, fp32: running max m, sum_c e^(z-m), sum_c
+    e^(2(z-m)) (for sum_c p_c^2) and the target logit."""
+    running_max = tl.full([BLOCK_P], float("-inf"), tl.float32)
+    sum_exp = tl.zeros([BLOCK_P], tl.float32)
+    sum_exp_sq = tl.zeros([BLOCK_P], tl.float32)
+    target_logit = tl.zeros([BLOCK_P], tl.float32)
+    for c_start in range(0, C, BLOCK_C):
+        channels, channel_mask = channel_block(c_start, C, BLOCK_C)
+        z = load_channels(row, stride_c, channels, channel_mask, in_range)
+        z = tl.where(channel_mask[None, :], z, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(z, axis=1))
+        rescale = tl.exp(running_max - new_max)
+        e = tl.exp(z - new_max[:, None])
+        sum_exp = sum_exp * rescale + tl.sum(e, axis=1)
+        sum_exp_sq = sum_exp_sq * rescale * rescale + tl.sum(e * e, axis=1)
+        target_logit += tl.sum(tl.where(channels[None, :] == labels[:, None], z, 0.0), axis=1)
+        running_max = new_max
+    return running_max, sum_exp, sum_exp_sq, target_logit
+
+
+@triton.jit
+def normalized_confidence(sum_exp, sum_exp_sq, inv_c, confidence_scale):
+    """ARM's v_hat = 2C/(C-1) * (sum_c p_c^2 - 1/C) - 1 from the online softmax sums."""
+    sum_p_sq = sum_exp_sq / (sum_exp * sum_exp)
+    return confidence_scale * (sum_p_sq - inv_c) - 1.0
+
+
+@triton.jit
+def cross_entropy_terms(
+    row_max, sum_exp, sum_exp_sq, target_logit, valid, arm_params, inv_c, confidence_scale, HAS_ARM: tl.constexpr
+):
+    """Per pixel from the softmax statistics: log-normaliser, loss (0 where not valid),
+    ARM's confidence v_hat and the weight (ARM(v_hat), or 1 without ARM; 0 where not valid)."""
+    log_norm = row_max + tl.log(sum_exp)
+    loss = tl.where(valid, log_norm - target_logit, 0.0)
+    confidence = normalized_confidence(sum_exp, sum_exp_sq, inv_c, confidence_scale)
+    if HAS_ARM:
+        weight = tl.where(valid, arm_forward(confidence, arm_params), 0.0)
+    else:
+        weight = tl.where(valid, 1.0, 0.0)
+    return log_norm, loss, confidence, weight
+
+
+@triton.jit
+def cross_entropy_gradient(p, channels, labels):
+    """p - onehot(label) on a tile, in fp32."""
+    return tl.where(channels[None, :] == labels[:, None], p - 1.0, p)
+
+
+@triton.jit
+def _arm_hidden_layer(hidden, arm_params, W_OFFSET: tl.constexpr, B_OFFSET: tl.constexpr):
+    """(P, 4) -> (P, 4) pre-activation of a 4x4 layer (weight row-major, out x in)."""
+    j = tl.arange(0, ARM_HIDDEN)
+    weight = tl.load(arm_params + W_OFFSET + j[:, None] * ARM_HIDDEN + j[None, :])
+    bias = tl.load(arm_params + B_OFFSET + j)
+    return tl.sum(hidden[:, None, :] * weight[None, :, :], axis=2) + bias[None, :]
+
+
+@triton.jit
+def arm_forward_intermediates(x, arm_params):
+    """ARM 1-4-4-4-1 on a vector of confidences: pre-activations of the three hidden layers
+    and the output weight in (0, 1)."""
+    j = tl.arange(0, ARM_HIDDEN)
+    u1 = x[:, None] * tl.load(arm_params + ARM_W1 + j)[None, :] + tl.load(arm_params + ARM_B1 + j)[None, :]
+    u2 = _arm_hidden_layer(silu(u1), arm_params, ARM_W2, ARM_B2)
+    u3 = _arm_hidden_layer(silu(u2), arm_params, ARM_W3, ARM_B3)
+    u4 = tl.sum(silu(u3) * tl.load(arm_params + ARM_W4 + j)[None, :], axis=1) + tl.load(arm_params + ARM_B4)
+    return u1, u2, u3, sigmoid(u4)
+
+
+@triton.jit
+def arm_forward(x, arm_params):
+    _, _, _, weight = arm_forward_intermediates(x, arm_params)
+    return weight
+
+
+@triton.jit
+def _store_hidden_layer_gradient(out, upstream, hidden_in, W_OFFSET: tl.constexpr, B_OFFSET: tl.constexpr):
+    j = tl.arange(0, ARM_HIDDEN)
+    weight_grad = tl.sum(upstream[:, :, None] * hidden_in[:, None, :], axis=0)
+    tl.store(out + W_OFFSET + j[:, None] * ARM_HIDDEN + j[None, :], weight_grad)
+    tl.store(out + B_OFFSET + j, tl.sum(upstream, axis=0))
+
+
+@triton.jit
+def _backprop_hidden_layer(upstream, arm_params, W_OFFSET: tl.constexpr):
+    """Gradient w.r.t. a 4x4 layer's input: upstream (P, out) @ weight (out, in)."""
+    j = tl.arange(0, ARM_HIDDEN)
+    weight = tl.load(arm_params + W_OFFSET + j[:, None] * ARM_HIDDEN + j[None, :])
+    return tl.sum(upstream[:, :, None] * weight[None, :, :], axis=1)
+
+
+@triton.jit
+def store_arm_gradient(out, x, upstream, arm_params):
+    """Backpropagate per-pixel upstream gradients (dQ/dw_i, 0 for excluded pixels) through
+    ARM and store the block's sum of the 53 parameter gradients at ``out``."""
+    j = tl.arange(0, ARM_HIDDEN)
+    u1, u2, u3, weight = arm_forward_intermediates(x, arm_params)
+    h1 = silu(u1)
+    h2 = silu(u2)
+    d4 = upstream * weight * (1.0 - weight)
+    tl.store(out + ARM_W4 + j, tl.sum(d4[:, None] * silu(u3), axis=0))
+    tl.store(out + ARM_B4, tl.sum(d4, axis=0))
+    d3 = d4[:, None] * tl.load(arm_params + ARM_W4 + j)[None, :] * silu_derivative(u3)
+    _store_hidden_layer_gradient(out, d3, h2, ARM_W3, ARM_B3)
+    d2 = _backprop_hidden_layer(d3, arm_params, ARM_W3) * silu_derivative(u2)
+    _store_hidden_layer_gradient(out, d2, h1, ARM_W2, ARM_B2)
+    d1 = _backprop_hidden_layer(d2, arm_params, ARM_W2) * silu_derivative(u1)
+    tl.store(out + ARM_W1 + j, tl.sum(d1 * x[:, None], axis=0))
+    tl.store(out + ARM_B1 + j, tl.sum(d1, axis=0))
+
+
+@triton.jit
+def arm_backward_kernel(
+    confidence,
+    pixel_loss,
+    target,
+    target_stride_n,
+    target_stride_l,
+    coefficients,
+    arm_params,
+    partials,
+    L,
+    num_blocks,
+    ignore_index,
+    BLOCK_P: tl.constexpr,
+):
+    """ARM's parameter gradient from per-pixel scratch (v_hat, loss), one scale per grid row
+    ``program_id(2)``: upstream g_i = coef0 * (l_i - w_i * coef1) with coef0 = grad_output /
+    sum(w), coef1 = sum(w l) / sum(w^2). Writes one row of 53 partial sums per block."""
+    image, offsets, in_range = pixel_block(L, BLOCK_P)
+    scale = tl.program_id(2).to(tl.int64)
+    num_images = tl.num_programs(0).to(tl.int64)
+    _, valid = load_target(target, target_stride_n, target_stride_l, image, offsets, in_range, ignore_index)
+    scratch = (scale * num_images + image) * L + offsets
+    x = tl.load(confidence + scratch, mask=in_range, other=0.0)
+    loss = tl.load(pixel_loss + scratch, mask=in_range, other=0.0)
+    weight = arm_forward(x, arm_params)
+    upstream = tl.load(coefficients + 2 * scale) * (loss - weight * tl.load(coefficients + 2 * scale + 1))
+    upstream = tl.where(valid, upstream, 0.0)
+    row = (scale * num_images + image) * num_blocks + tl.program_id(1).to(tl.int64)
+    store_arm_gradient(partials + row * ARM_PARAMS, x, upstream, arm_params)
+
+
+def arm_parameter_gradient(
+    confidence: torch.Tensor,
+    pixel_loss: torch.Tensor,
+    target: torch.Tensor,
+    coefficients: torch.Tensor,
+    arm_params: torch.Tensor,
+    ignore_index: int,
+) -> torch.Tensor:
+    """Launch `arm_backward_kernel` over scratch of shape (S, N, L) and reduce the partials.
+
+    ``coefficients`` (S, 2) fp32 holds (grad_output * loss weight / sum(w), sum(w l) / sum(w^2))
+    per scale. Returns the 53-vector gradient in fp32."""
+    num_scales, num_images, num_pixels = confidence.shape
+    num_blocks = triton.cdiv(num_pixels, ARM_BLOCK_P)
+    partials = torch.empty(num_scales * num_images * num_blocks, ARM_NUM_PARAMETERS, dtype=torch.float32, device=confidence.device)
+    arm_backward_kernel[(num_images, num_blocks, num_scales)](
+        confidence, pixel_loss, target, target.stride(0), target.stride(1), coefficients.float().contiguous(),
+        arm_params, partials, num_pixels, num_blocks, ignore_index, BLOCK_P=ARM_BLOCK_P, num_warps=ARM_NUM_WARPS,
+    )
+    return reduce_partials(partials, (0,)).float()
+
+
+def arm_backward_coefficients(weight_sums: torch.Tensor, upstream_scale: torch.Tensor) -> torch.Tensor:
+    """(S, 2) coefficients for `arm_parameter_gradient` from per-scale sums (S, 3) of
+    (w, w^2, w l): (upstream_scale / sum w, sum w l / sum w^2), zero where a scale is empty."""
+    inverse_sum = safe_reciprocal(weight_sums[:, 0])
+    ratio = weight_sums[:, 2] * safe_reciprocal(weight_sums[:, 1])
+    return torch.stack([upstream_scale * inverse_sum, ratio], dim=1).float()
+
+
+@triton.jit
+def select_scale(k: tl.constexpr, z0, z1, z2, z3):
+    """The k-th of up to four pointer arguments (k is a compile-time constant)."""
+    pointer = z0
+    if k == 1:
+        pointer = z1
+    if k == 2:
+        pointer = z2
+    if k == 3:
+        pointer = z3
+    return pointer
+
+
+@triton.jit
+def column(matrix, columns, k):
+    """Column k of a (BLOCK_P, SCALES) per-scale matrix as a (BLOCK_P,) vector."""
+    return tl.sum(tl.where(columns[None, :] == k, matrix, 0.0), axis=1)
+
+
+@triton.jit
+def log_prob_tile(k: tl.constexpr, z0, z1, z2, z3, base, stride_c, channels, channel_mask, in_range, log_norms, scale_columns):
+    """log p_k = z_k - logsumexp_c(z_k) on a (BLOCK_P, BLOCK_C) tile of scale k."""
+    z = load_channels(select_scale(k, z0, z1, z2, z3) + base, stride_c, channels, channel_mask, in_range)
+    return z - column(log_norms, scale_columns, k)[:, None]
+
+
+@triton.jit
+def log_mean_prob_tile(
+    z0, z1, z2, z3, base, stride_c, channels, channel_mask, in_range, log_norms, scale_columns,
+    log_num_scales, NUM_SCALES: tl.constexpr,
+):
+    """log q = logsumexp_k(log p_k) - log S on a tile (online over the scales, fp32)."""
+    running_max = log_prob_tile(0, z0, z1, z2, z3, base, stride_c, channels, channel_mask, in_range, log_norms, scale_columns)
+    total = running_max * 0.0 + 1.0
+    for k in tl.static_range(1, NUM_SCALES):
+        log_p = log_prob_tile(k, z0, z1, z2, z3, base, stride_c, channels, channel_mask, in_range, log_norms, scale_columns)
+        new_max = tl.maximum(running_max, log_p)
+        total = total * tl.exp(running_max - new_max) + tl.exp(log_p - new_max)
+        running_max = new_max
+    return running_max + tl.log(total) - log_num_scales
+
+
+@triton.jit
+def multiscale_kl(
+    z0, z1, z2, z3, base, stride_c, in_range, log_norms, scale_columns, log_num_scales, C,
+    NUM_SCALES: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, SCALES: tl.constexpr,
+):
+    """Per pixel and scale KL(p_k || q) as a (BLOCK_P, SCALES) matrix, and max_c q."""
+    kl = tl.zeros([BLOCK_P, SCALES], tl.float32)
+    max_q = tl.zeros([BLOCK_P], tl.float32)
+    for c_start in range(0, C, BLOCK_C):
+        channels, channel_mask = channel_block(c_start, C, BLOCK_C)
+        log_q = log_mean_prob_tile(
+            z0, z1, z2, z3, base, stride_c, channels, channel_mask, in_range, log_norms, scale_columns,
+            log_num_scales, NUM_SCALES,
+        )
+        max_q = tl.maximum(max_q, tl.max(tl.where(channel_mask[None, :], tl.exp(log_q), 0.0), axis=1))
+        for k in tl.static_range(NUM_SCALES):
+            log_p = log_prob_tile(k, z0, z1, z2, z3, base, stride_c, channels, channel_mask, in_range, log_norms, scale_columns)
+            term = tl.where(channel_mask[None, :], tl.exp(log_p) * (log_p - log_q), 0.0)
+            kl += tl.where(scale_columns[None, :] == k, tl.sum(term, axis=1)[:, None], 0.0)
+    return kl, max_q
