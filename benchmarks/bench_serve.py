@@ -1,0 +1,193 @@
+"""Serving benchmark: `noisyseg serve` under load vs calling the ONNX Runtime runner directly.
+
+One run measures, for each concurrency c in (1, 8, 32): the runner itself on batches of c
+images (images/s, per-call latency), both as `OnnxRuntimeRunner` opens the model by default and
+with the server's session options (no thread spinning), then the server with c clients each sending one image per
+request (images/s, per-request latency p50/p99). The model is a UNet at the CPU demo width
+(base_width 16, random weights: speed does not depend on them) at 128 x 128, exported to ONNX.
+The target: at concurrency 32 the server delivers at least 80% of the better direct throughput.
+
+    .venv/bin/python benchmarks/bench_serve.py            # prints a Markdown table
+    .venv/bin/python -m pytest benchmarks/bench_serve.py --benchmark-only -s
+
+Under `--benchmark-disable` (the test run) it shrinks to a few requests, so it cannot rot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from noisyseg.export.onnx_export import ExportConfig, export_checkpoint, sample_images
+from noisyseg.export.onnxruntime_runner import OnnxRuntimeRunner
+from noisyseg.serve.loadgen import ServerProcess, run_load
+from noisyseg.serve.runtimes import OnnxRuntimeBackend
+from noisyseg.training.checkpoint import ModelInfo, save_model
+from noisyseg.training.models import create_model
+
+CONCURRENCIES = (1, 8, 32)
+TARGET_RATIO = 0.8
+
+
+@dataclass
+class BenchConfig:
+    size: int = 128
+    base_width: int = 16
+    # Requests per concurrency level (the server side) and seconds per batch size (direct).
+    requests_per_client: int = 8
+    min_requests: int = 64
+    direct_seconds: float = 8.0
+    max_batch_size: int = 32
+    max_queue_delay_ms: float = 5.0
+
+
+@dataclass
+class Row:
+    concurrency: int
+    # The runner as `OnnxRuntimeRunner(path)` makes it, and with the server's session options
+    # (thread spinning off); latencies are of the faster of the two.
+    direct_default_images_per_s: float
+    direct_no_spin_images_per_s: float
+    direct_p50_ms: float
+    direct_p99_ms: float
+    server_images_per_s: float
+    server_p50_ms: float
+    server_p99_ms: float
+
+    @property
+    def direct_images_per_s(self) -> float:
+        return max(self.direct_default_images_per_s, self.direct_no_spin_images_per_s)
+
+    @property
+    def ratio(self) -> float:
+        """Server throughput over the best direct throughput."""
+        return self.server_images_per_s / self.direct_images_per_s
+
+
+def export_demo_unet(directory: Path, config: BenchConfig) -> Path:
+    torch.manual_seed(0)
+    model = create_model("unet", base_width=config.base_width)
+    checkpoint = directory / "model.safetensors"
+    classes = ["background", "esophagus", "heart", "trachea", "aorta"]
+    save_model(checkpoint, model, ModelInfo("unet", {"base_width": config.base_width}, classes))
+    onnx_path = directory / "unet.onnx"
+    export_checkpoint(checkpoint, onnx_path, ExportConfig(exporter="torchscript"))
+    return onnx_path
+
+
+def measure_direct(runner: OnnxRuntimeRunner, batch: np.ndarray, seconds: float, min_calls: int = 3) -> tuple[float, list[float]]:
+    """Images/s and per-call latencies of the runner on `batch`, after one warm-up call."""
+    runner.run(batch)
+    latencies: list[float] = []
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds or len(latencies) < min_calls:
+        call = time.perf_counter()
+        runner.run(batch)
+        latencies.append(time.perf_counter() - call)
+    return len(batch) * len(latencies) / (time.perf_counter() - started), latencies
+
+
+def run_benchmark(config: BenchConfig, workdir: Path) -> list[Row]:
+    onnx_path = export_demo_unet(workdir, config)
+    default_runner = OnnxRuntimeRunner(onnx_path)
+    # The server's own backend, whose session runs without thread spinning.
+    no_spin_runner = OnnxRuntimeBackend(onnx_path, "unet").load().runner
+    server = ServerProcess(
+        onnx_path, "--name", "unet", "--max-batch-size", str(config.max_batch_size),
+        "--max-queue-delay-ms", str(config.max_queue_delay_ms), log_level="WARNING",
+    ).wait_until_ready()
+    rows = []
+    try:
+        for concurrency in CONCURRENCIES:
+            batch = sample_images((concurrency, 1, config.size, config.size), seed=concurrency)
+            default_rate, default_latencies = measure_direct(default_runner, batch, config.direct_seconds)
+            no_spin_rate, no_spin_latencies = measure_direct(no_spin_runner, batch, config.direct_seconds)
+            direct_latencies = default_latencies if default_rate >= no_spin_rate else no_spin_latencies
+            requests = max(config.min_requests, config.requests_per_client * concurrency)
+            images = [sample_images((1, 1, config.size, config.size), seed=i) for i in range(requests)]
+            # Warm-up: one round per client, so connections and ONNX Runtime's arenas are ready.
+            asyncio.run(run_load("127.0.0.1", server.port, "unet", images[:concurrency], concurrency))
+            result = asyncio.run(run_load("127.0.0.1", server.port, "unet", images, concurrency))
+            if result.errors():
+                raise RuntimeError(f"server errors at concurrency {concurrency}: {result.errors()[:3]}")
+            rows.append(Row(
+                concurrency,
+                default_rate,
+                no_spin_rate,
+                float(np.percentile(direct_latencies, 50) * 1000),
+                float(np.percentile(direct_latencies, 99) * 1000),
+                result.throughput,
+                result.percentile_ms(50),
+                result.percentile_ms(99),
+            ))
+    finally:
+        server.kill()
+    return rows
+
+
+def markdown_table(rows: list[Row]) -> str:
+    lines = [
+        "| concurrency (= direct batch) | direct images/s (default / no spin) | direct p50 / p99 ms per call "
+        "| server images/s | server p50 / p99 ms per request | server / best direct |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row.concurrency} | {row.direct_default_images_per_s:.1f} / {row.direct_no_spin_images_per_s:.1f} | "
+            f"{row.direct_p50_ms:.0f} / {row.direct_p99_ms:.0f} | "
+            f"{row.server_images_per_s:.1f} | {row.server_p50_ms:.0f} / {row.server_p99_ms:.0f} | {100 * row.ratio:.0f}% |"
+        )
+    return "\n".join(lines)
+
+
+def conditions() -> str:
+    load = os.getloadavg()[0]
+    return f"{os.cpu_count()} CPU cores, load average {load:.1f} at the start, onnxruntime CPU, torch {torch.__version__}"
+
+
+def test_server_throughput_vs_direct_runner(benchmark, tmp_path: Path) -> None:
+    quick = benchmark.disabled
+    config = BenchConfig(size=64, base_width=4, min_requests=8, requests_per_client=1, direct_seconds=0.2) if quick else BenchConfig()
+    started_conditions = conditions()
+    rows = benchmark.pedantic(run_benchmark, args=(config, tmp_path), rounds=1, iterations=1)
+    benchmark.extra_info.update({"config": asdict(config), "rows": [asdict(row) for row in rows], "conditions": started_conditions})
+    print(f"\n{started_conditions}\n{markdown_table(rows)}")
+    assert [row.concurrency for row in rows] == list(CONCURRENCIES)
+    assert all(row.server_images_per_s > 0 and row.direct_images_per_s > 0 for row in rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=BenchConfig.size, help="image height = width (default 128)")
+    parser.add_argument("--requests-per-client", type=int, default=BenchConfig.requests_per_client)
+    parser.add_argument("--direct-seconds", type=float, default=BenchConfig.direct_seconds)
+    parser.add_argument("--max-queue-delay-ms", type=float, default=BenchConfig.max_queue_delay_ms, help="the server's batching delay")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    args = parser.parse_args()
+    config = BenchConfig(size=args.size, requests_per_client=args.requests_per_client, direct_seconds=args.direct_seconds,
+                         max_queue_delay_ms=args.max_queue_delay_ms)
+    started_conditions = conditions()
+    with tempfile.TemporaryDirectory() as workdir:
+        rows = run_benchmark(config, Path(workdir))
+    print(started_conditions)
+    print(markdown_table(rows))
+    at_32 = rows[-1].ratio
+    print(f"target (server >= {100 * TARGET_RATIO:.0f}% of direct at concurrency 32): {'met' if at_32 >= TARGET_RATIO else 'NOT met'} ({100 * at_32:.0f}%)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"config": asdict(config), "conditions": started_conditions,
+                                               "rows": [asdict(row) for row in rows]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""`noisyseg serve`: an Open Inference Protocol server for an exported model, a checkpoint or a
+Triton model repository."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+
+from noisyseg.serve.settings import DEFAULT_MAX_BODY_BYTES, ServerSettings, read_api_key
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve a model over the Open Inference Protocol (KServe v2 HTTP)",
+        description=(
+            "Serve a model with the protocol NVIDIA Triton Inference Server and KServe speak: "
+            "tritonclient works against it unchanged. PATH is an ONNX model (ONNX Runtime), a "
+            "TensorRT plan (needs the gpu extra), a training run directory or .safetensors "
+            "checkpoint (PyTorch), or a model repository from `noisyseg export triton-repo`."
+        ),
+    )
+    parser.add_argument("--model", required=True, metavar="PATH", help="model file, run directory or model repository")
+    parser.add_argument("--name", help="model name for a single model (default: the file or directory name)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="images per batched model call (default 8)")
+    parser.add_argument(
+        "--max-queue-delay-ms", type=float, default=5.0,
+        help="longest a request waits for others to batch with (default 5 ms)",
+    )
+    parser.add_argument("--api-key-file", metavar="FILE", help="require this key ('Authorization: Bearer KEY' or 'X-API-Key')")
+    parser.add_argument(
+        "--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / 2**20,
+        help=f"largest request body accepted, in MiB (default {DEFAULT_MAX_BODY_BYTES // 2**20})",
+    )
+    parser.add_argument("--request-timeout-s", type=float, default=60.0, help="per-request timeout (default 60 s)")
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per model (default: one per core)")
+    parser.set_defaults(func=run_serve)
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    """The typed settings for the parsed command line."""
+    return ServerSettings(
+        host=args.host,
+        port=args.port,
+        max_batch_size=args.max_batch_size,
+        max_queue_delay_ms=args.max_queue_delay_ms,
+        # Room for a few full batches per model; beyond it clients get 503 and retry.
+        max_queued_images=max(512, 4 * args.max_batch_size),
+        max_body_bytes=max(1, math.floor(args.max_body_mb * 2**20)),
+        request_timeout_s=args.request_timeout_s,
+        intra_op_threads=args.threads,
+        api_key=read_api_key(args.api_key_file) if args.api_key_file else None,
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Load the model(s), then serve until SIGINT/SIGTERM (requests in flight are finished)."""
+    import uvicorn
+
+    from noisyseg.serve.app import create_app
+    from noisyseg.serve.runtimes import open_runtimes
+
+    settings = settings_from_args(args)
+    if not settings.is_loopback and settings.api_key is None:
+        logger.warning("listening on %s without an API key: anyone who can reach this port can use the models", settings.host)
+    runtimes = open_runtimes(args.model, name=args.name, intra_op_threads=settings.intra_op_threads)
+    app = create_app(runtimes, settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        timeout_graceful_shutdown=math.ceil(settings.graceful_shutdown_s),
+        # The app writes its own access lines (JSON) and the CLI configured logging already.
+        access_log=False,
+        log_config=None,
+    )
+    logger.info("listening on http://%s:%d (models: %s)", settings.host, settings.port, ", ".join(r.name for r in runtimes))
+    uvicorn.Server(config).run()
+    return 0

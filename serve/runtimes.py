@@ -1,0 +1,378 @@
+"""Model runtimes: one class per backend behind one interface (load, metadata, infer on a batch).
+
+Every backend runs a noisyseg model whose input is the raw image batch (float32 N x C x H x W,
+normalisation inside the model) and whose native output is one of `logits`, `probs` or
+`labels`. The base class offers clients every output derivable from the native one: from logits
+it computes probs (softmax over classes) and labels (argmax); from probs, labels; a model that
+outputs only labels offers only labels.
+
+Backends: ONNX Runtime (`.onnx`, the default), TensorRT (`.plan`, needs the `gpu` extra) and a
+PyTorch checkpoint (a training run directory or `.safetensors` file), plus the model repository
+written by `noisyseg export triton-repo`, served one runtime per model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from noisyseg.serve.protocol import datatype_of
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_NAMES = ("logits", "probs", "labels")
+# What each native output lets the server offer.
+DERIVABLE_OUTPUTS = {
+    "logits": ("logits", "probs", "labels"),
+    "probs": ("probs", "labels"),
+    "labels": ("labels",),
+}
+# ONNX ArgMax yields int64, so derived labels match a graph that ends in ArgMax.
+LABELS_DTYPE = np.dtype(np.int64)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor as model metadata describes it; -1 marks a variable dimension."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+def softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:
+    """Softmax over `axis` in the logits' precision, stable for large logits."""
+    shifted = logits - logits.max(axis=axis, keepdims=True)
+    np.exp(shifted, out=shifted)
+    shifted /= shifted.sum(axis=axis, keepdims=True)
+    return shifted
+
+
+def derive_outputs(native: Mapping[str, np.ndarray], wanted: frozenset[str]) -> dict[str, np.ndarray]:
+    """The `wanted` outputs, computed from the model's native one where the model lacks them."""
+    result = {name: native[name] for name in wanted if name in native}
+    missing = wanted - result.keys()
+    if not missing:
+        return result
+    if "probs" in missing:
+        if "logits" not in native:
+            raise ValueError("probs were requested but the model outputs neither probs nor logits")
+        result["probs"] = softmax(native["logits"].astype(np.float32, copy=True))
+    if "labels" in missing:
+        scores = native.get("logits", native.get("probs"))
+        if scores is None:
+            raise ValueError("labels were requested but the model outputs neither labels, logits nor probs")
+        result["labels"] = scores.argmax(axis=1).astype(LABELS_DTYPE)
+    if "logits" in missing:
+        raise ValueError("logits were requested but the model does not output logits")
+    return result
+
+
+def _dimension(value: object) -> int:
+    """A model dimension for metadata: named or unknown dimensions are variable (-1)."""
+    return value if isinstance(value, int) and value > 0 else -1
+
+
+class Runtime(ABC):
+    """One loaded model: its protocol metadata and batched inference."""
+
+    platform: ClassVar[str]
+    backend: ClassVar[str]
+
+    def __init__(self, path: str | Path, name: str, version: str = "1") -> None:
+        self.path = Path(path)
+        self.name = name
+        self.version = version
+        self.input_name = "images"
+        # (N, C, H, W) with -1 for variable dimensions.
+        self.input_shape: tuple[int, ...] = (-1, -1, -1, -1)
+        self.native_output = "logits"
+        self.class_names: list[str] = []
+        # Smallest height and width the network accepts (its downsampling factor).
+        self.min_spatial_size = 1
+        self.labels_dtype = LABELS_DTYPE
+        # Largest batch the model itself takes (None: no limit of its own).
+        self.max_batch_size: int | None = None
+        # The model's own batching delay, from its repository config (None: the server's).
+        self.max_queue_delay_ms: float | None = None
+        self._loaded = False
+
+    @abstractmethod
+    def _load(self) -> None:
+        """Open the model and fill in `input_name`, `input_shape`, `native_output`, `class_names`."""
+
+    @abstractmethod
+    def _run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Run a float32 batch (N, C, H, W); return the native output(s) by name."""
+
+    def load(self) -> Runtime:
+        """Open the model (once); returns self so `Backend(...).load()` reads naturally."""
+        if not self._loaded:
+            self._load()
+            if self.native_output not in DERIVABLE_OUTPUTS:
+                raise ValueError(
+                    f"{self.path}: model output '{self.native_output}' is not one of {', '.join(OUTPUT_NAMES)}"
+                )
+            self._loaded = True
+            logger.info(
+                "model %s (version %s): %s backend, input %s %s, outputs %s",
+                self.name, self.version, self.backend, self.input_name, list(self.input_shape), self.output_names,
+            )
+        return self
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return DERIVABLE_OUTPUTS[self.native_output]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names) or -1
+
+    def input_spec(self) -> TensorSpec:
+        return TensorSpec(self.input_name, "FP32", self.input_shape)
+
+    def output_specs(self) -> list[TensorSpec]:
+        batch, _, height, width = self.input_shape
+        scores_shape = (batch, self.num_classes, height, width)
+        specs = {
+            "logits": TensorSpec("logits", "FP32", scores_shape),
+            "probs": TensorSpec("probs", "FP32", scores_shape),
+            "labels": TensorSpec("labels", datatype_of(self.labels_dtype), (batch, height, width)),
+        }
+        return [specs[name] for name in self.output_names]
+
+    def metadata(self) -> dict[str, Any]:
+        """The protocol's model metadata response."""
+        return {
+            "name": self.name,
+            "versions": [self.version],
+            "platform": self.platform,
+            "inputs": [self.input_spec().to_json()],
+            "outputs": [spec.to_json() for spec in self.output_specs()],
+            "parameters": {"class_names": json.dumps(self.class_names), "backend": self.backend},
+        }
+
+    def check_input_shape(self, shape: tuple[int, ...]) -> None:
+        """Raise ValueError if the backend cannot run a batch of `shape` (beyond the metadata)."""
+        # Most backends take any shape the metadata allows; TensorRT has profile bounds.
+        return None
+
+    def infer(self, images: np.ndarray, outputs: frozenset[str]) -> dict[str, np.ndarray]:
+        """Run a batch and return the requested outputs (any of `output_names`)."""
+        return derive_outputs(self._run(images), outputs)
+
+
+def _class_names_from_metadata(metadata: Mapping[str, str]) -> list[str]:
+    raw = metadata.get("class_names")
+    if raw is None:
+        return []
+    try:
+        names = json.loads(raw)
+    except json.JSONDecodeError:
+        return [name.strip() for name in raw.split(",") if name.strip()]
+    return [str(name) for name in names] if isinstance(names, list) else []
+
+
+def _positive_int(raw: str | None, default: int) -> int:
+    try:
+        value = int(raw) if raw is not None else default
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
+class _RunnerRuntime(Runtime):
+    """A backend over one of export's runners (`.input_name`, `.input_shape`, `.output_names`, `.run`)."""
+
+    runner: Any
+
+    def _adopt_runner(self, runner: Any, metadata: Mapping[str, str]) -> None:
+        self.runner = runner
+        self.input_name = runner.input_name
+        self.input_shape = tuple(_dimension(dim) for dim in runner.input_shape)
+        if len(self.input_shape) != 4:
+            raise ValueError(f"{self.path}: model input must be N x C x H x W, got shape {list(runner.input_shape)}")
+        known = [name for name in runner.output_names if name in OUTPUT_NAMES]
+        if not known:
+            raise ValueError(
+                f"{self.path}: model outputs {list(runner.output_names)}; expected one of {', '.join(OUTPUT_NAMES)}"
+            )
+        # The richest output wins if a graph has several (logits give all three).
+        self.native_output = min(known, key=OUTPUT_NAMES.index)
+        self.class_names = _class_names_from_metadata(metadata)
+        self.min_spatial_size = _positive_int(metadata.get("stride"), default=1)
+
+    def _run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        return self.runner.run(images)
+
+
+class OnnxRuntimeBackend(_RunnerRuntime):
+    """An exported `.onnx` model on ONNX Runtime (CPU by default)."""
+
+    platform = "onnxruntime_onnx"
+    backend = "onnxruntime"
+
+    def __init__(self, path: str | Path, name: str, version: str = "1", intra_op_threads: int | None = None) -> None:
+        super().__init__(path, name, version)
+        self.intra_op_threads = intra_op_threads
+
+    def _load(self) -> None:
+        from noisyseg.export.onnxruntime_runner import OnnxRuntimeRunner
+
+        runner = OnnxRuntimeRunner(self.path, intra_op_threads=self.intra_op_threads)
+        runner.session = self._serving_session(runner)
+        self._adopt_runner(runner, runner.metadata)
+
+    def _serving_session(self, runner: Any) -> Any:
+        """The runner's session re-created without thread spinning.
+
+        By default ONNX Runtime's intra-op threads spin for a while after each run, waiting for
+        the next one. A benchmark loop profits; a server loses: the spinning threads take the
+        cores from the event loop that parses, batches and answers requests (measured here on
+        2 cores: about 45% more throughput with spinning off). The runner takes no session
+        options, so its session is rebuilt with the runner's own options plus this one.
+        """
+        import onnxruntime as ort
+
+        from noisyseg.export.onnxruntime_runner import session_options
+
+        options = session_options(self.intra_op_threads)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return ort.InferenceSession(str(self.path), sess_options=options, providers=runner.providers)
+
+
+class PyTorchBackend(Runtime):
+    """A training checkpoint (run directory or `.safetensors`), wrapped exactly as export wraps it."""
+
+    platform = "pytorch_libtorch"
+    backend = "pytorch"
+
+    def _load(self) -> None:
+        from noisyseg.export.onnx_export import INPUT_NAME, DeployableSegmenter, model_stride
+        from noisyseg.training.checkpoint import load_model
+
+        model, info = load_model(self.path)
+        self.module = DeployableSegmenter(model, info.normalization, output="logits").eval()
+        self.native_output = "logits"
+        self.class_names = list(info.class_names)
+        self.input_name = INPUT_NAME
+        self.input_shape = (-1, info.in_channels, -1, -1)
+        self.min_spatial_size = model_stride(model)
+
+    def _run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        import torch
+
+        with torch.inference_mode():
+            output = self.module(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)))
+        return {self.native_output: output.numpy()}
+
+
+class TensorRTBackend(_RunnerRuntime):
+    """A TensorRT plan built by `noisyseg export engine` (needs the `gpu` extra and a GPU)."""
+
+    platform = "tensorrt_plan"
+    backend = "tensorrt"
+
+    def _load(self) -> None:
+        from noisyseg.export.tensorrt_engine import TensorRTRunner, require_tensorrt
+
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no TensorRT plan file")
+        # Checked first, so a machine without TensorRT hears which extra to install.
+        require_tensorrt()
+        runner = TensorRTRunner(self.path)
+        self._adopt_runner(runner, runner.metadata)
+        self.max_batch_size = int(runner.profile.max[0])
+
+    def check_input_shape(self, shape: tuple[int, ...]) -> None:
+        # Each request is checked at batch 1; the batcher keeps batches within max_batch_size.
+        self.runner.profile.check_within((1, *shape[1:]), f"input '{self.input_name}'")
+
+
+BACKENDS_BY_SUFFIX: dict[str, type[Runtime]] = {
+    ".onnx": OnnxRuntimeBackend,
+    ".plan": TensorRTBackend,
+    ".engine": TensorRTBackend,
+    ".safetensors": PyTorchBackend,
+}
+REPOSITORY_CONFIG = "config.pbtxt"
+REPOSITORY_MODEL_FILES = ("model.onnx", "model.plan")
+
+
+def open_runtimes(path: str | Path, name: str | None = None, intra_op_threads: int | None = None) -> list[Runtime]:
+    """Load what `path` holds: an ONNX model, a TensorRT plan, a PyTorch checkpoint (file or run
+    directory) or a Triton model repository (every model in it). `name` renames a single model.
+    """
+    from noisyseg.export.triton_repo import model_name_from
+    from noisyseg.training.checkpoint import RUN_MODEL_FILE
+
+    path = Path(path)
+    if path.is_dir() and (path / RUN_MODEL_FILE).is_file():
+        return [PyTorchBackend(path, name or model_name_from(path.resolve())).load()]
+    if path.is_dir():
+        if name is not None:
+            raise ValueError(f"{path}: --name renames a single model, but a model repository serves each model under its own name")
+        return [runtime.load() for runtime in repository_runtimes(path, intra_op_threads)]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such model file or directory")
+    backend = BACKENDS_BY_SUFFIX.get(path.suffix.lower())
+    if backend is None:
+        raise ValueError(
+            f"{path}: unknown model type '{path.suffix}'; expected {', '.join(BACKENDS_BY_SUFFIX)}, "
+            f"a run directory holding {RUN_MODEL_FILE}, or a model repository"
+        )
+    return [_create(backend, path, name or model_name_from(path), "1", intra_op_threads).load()]
+
+
+def _create(backend: type[Runtime], path: Path, name: str, version: str, intra_op_threads: int | None) -> Runtime:
+    if issubclass(backend, OnnxRuntimeBackend):
+        return backend(path, name, version, intra_op_threads=intra_op_threads)
+    return backend(path, name, version)
+
+
+def repository_runtimes(repository: Path, intra_op_threads: int | None = None) -> list[Runtime]:
+    """One (unloaded) runtime per model of a Triton model repository, at its latest version."""
+    model_dirs = sorted(child for child in repository.iterdir() if (child / REPOSITORY_CONFIG).is_file())
+    if not model_dirs:
+        raise FileNotFoundError(
+            f"{repository}: not a model repository (no <model>/{REPOSITORY_CONFIG}) and no run directory"
+        )
+    return [_repository_model(model_dir, intra_op_threads) for model_dir in model_dirs]
+
+
+def _repository_model(model_dir: Path, intra_op_threads: int | None) -> Runtime:
+    versions = sorted((int(child.name), child) for child in model_dir.iterdir() if child.is_dir() and child.name.isdigit())
+    # Triton's default version policy: serve the latest version.
+    for version, version_dir in reversed(versions):
+        for filename in REPOSITORY_MODEL_FILES:
+            if (version_dir / filename).is_file():
+                backend = BACKENDS_BY_SUFFIX[Path(filename).suffix]
+                runtime = _create(backend, version_dir / filename, model_dir.name, str(version), intra_op_threads)
+                _apply_repository_config(runtime, (model_dir / REPOSITORY_CONFIG).read_text(encoding="utf-8"))
+                return runtime
+    raise FileNotFoundError(f"{model_dir}: no <version>/{' or '.join(REPOSITORY_MODEL_FILES)} in this repository model")
+
+
+def _apply_repository_config(runtime: Runtime, config_text: str) -> None:
+    """Take the batching settings of a `config.pbtxt` (protobuf text) for this model.
+
+    Only two scalar fields matter to this server, so they are read directly rather than through
+    Triton's protobuf schema (which ships only with `tritonclient[grpc]`).
+    """
+    max_batch = re.search(r"^\s*max_batch_size\s*:\s*(\d+)", config_text, re.MULTILINE)
+    if max_batch is not None and int(max_batch.group(1)) > 0:
+        runtime.max_batch_size = int(max_batch.group(1))
+    delay = re.search(r"max_queue_delay_microseconds\s*:\s*(\d+)", config_text)
+    if delay is not None:
+        runtime.max_queue_delay_ms = int(delay.group(1)) / 1000.0

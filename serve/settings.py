@@ -1,0 +1,76 @@
+"""Server settings: one typed, validated dataclass built by `noisyseg serve` (or by tests)."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How the server listens, batches and protects itself."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Dynamic batching: a batch runs when it holds `max_batch_size` images or when its oldest
+    # request has waited `max_queue_delay_ms`, whichever comes first.
+    max_batch_size: int = 8
+    max_queue_delay_ms: float = 5.0
+    # Images allowed to wait per model; beyond it requests get 503 instead of unbounded memory.
+    max_queued_images: int = 512
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    request_timeout_s: float = 60.0
+    # How long shutdown waits for requests in flight before closing connections.
+    graceful_shutdown_s: float = 30.0
+    # Threads per ONNX Runtime session (None: one per core).
+    intra_op_threads: int | None = None
+    api_key: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        positive = {
+            "max_batch_size": self.max_batch_size,
+            "max_queued_images": self.max_queued_images,
+            "max_body_bytes": self.max_body_bytes,
+            "request_timeout_s": self.request_timeout_s,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"server setting {name} must be positive, got {value}")
+        if self.max_queue_delay_ms < 0 or self.graceful_shutdown_s < 0:
+            raise ValueError("server settings max_queue_delay_ms and graceful_shutdown_s must not be negative")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"server setting port must be in 0..65535, got {self.port}")
+        if self.max_queued_images < self.max_batch_size:
+            raise ValueError(
+                f"server setting max_queued_images ({self.max_queued_images}) must be at least "
+                f"max_batch_size ({self.max_batch_size})"
+            )
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("server setting api_key must not be empty (leave it unset for no key)")
+
+    @property
+    def max_queue_delay_s(self) -> float:
+        return self.max_queue_delay_ms / 1000.0
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+def read_api_key(path: str | Path) -> str:
+    """The key in `path` (surrounding whitespace stripped); an empty file is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: API key file not found")
+    key = path.read_text(encoding="utf-8").strip()
+    if not key:
+        raise ValueError(f"{path}: API key file is empty")
+    return key
