@@ -1,0 +1,255 @@
+"""Static INT8 quantisation of an exported model, in the QDQ format TensorRT also consumes.
+
+`quantize_onnx` calibrates activation ranges with `onnxruntime.quantization.quantize_static` on
+real training images of a dataset folder, evaluates fp32 and int8 on the test split (mIoU and
+latency, both through ONNX Runtime), and writes the int8 model only when the mIoU drop is within
+`QuantizeConfig.max_miou_drop` points.
+
+Choices, and why:
+- Signed int8 for weights and activations, symmetric (zero point 0): TensorRT only accepts
+  zero-point-0 Q/DQ, so the same file serves ONNX Runtime and a TensorRT `--int8` build.
+- Per-channel weight scales: convolutions with very different channel norms keep accuracy.
+- Only the network's compute is quantised (`QUANTIZED_OPS`): the in-graph z-score normalisation
+  sees raw intensities (hundreds of HU), which one int8 scale cannot cover without ruining it.
+- The final classifier convolution stays fp32 by default (`keep_classifier_fp32`): its output
+  is the logits, whose small margins decide the argmax; it is 1x1 and cheap.
+
+Calibration images come from `noisyseg.training.data.load_split`, which returns them already
+z-scored; the graph normalises them again, which changes nothing (a z-scored image has mean 0
+and std 1), so the network sees exactly the input it sees at deployment.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from tqdm import tqdm
+
+from noisyseg.export.onnx_export import read_metadata, set_metadata, tensorrt_compatibility_problems
+from noisyseg.export.onnxruntime_runner import OnnxRuntimeRunner
+from noisyseg.training.data import SplitArrays, load_split, read_dataset_info
+from noisyseg.training.io import atomic_write_bytes
+from noisyseg.training.metrics import confusion_matrix, mean_iou
+
+logger = logging.getLogger(__name__)
+
+QUANTIZED_OPS = ["Conv", "MaxPool", "Concat", "Resize"]
+CALIBRATION_METHODS = {
+    "minmax": CalibrationMethod.MinMax,
+    "percentile": CalibrationMethod.Percentile,
+    "entropy": CalibrationMethod.Entropy,
+}
+
+
+@dataclass
+class QuantizeConfig:
+    """Options of `noisyseg export quantize`."""
+
+    calibration_split: str = "train"
+    eval_split: str = "test"
+    max_calibration_images: int = 64
+    batch_size: int = 8
+    calibration_method: Literal["minmax", "percentile", "entropy"] = "minmax"
+    per_channel: bool = True
+    keep_classifier_fp32: bool = True
+    # Refuse to write a model whose test mIoU is more than this many points below fp32.
+    max_miou_drop: float = 1.0
+    # Latency measured at this batch size, as the median of this many runs after one warm-up.
+    timing_batch: int = 1
+    timing_runs: int = 10
+    seed: int = 0
+
+
+@dataclass
+class QuantizeReport:
+    """What `quantize_onnx` measured (mIoU in points, 0-100; latency in milliseconds per batch)."""
+
+    calibration_images: int
+    eval_images: int
+    excluded_nodes: list[str]
+    fp32_miou: float
+    int8_miou: float
+    miou_drop: float
+    fp32_latency_ms: float
+    int8_latency_ms: float
+    speedup: float
+    timing_batch: int
+
+    def describe(self) -> str:
+        return (
+            f"test mIoU fp32 {self.fp32_miou:.2f}, int8 {self.int8_miou:.2f} (drop {self.miou_drop:.2f} points "
+            f"on {self.eval_images} images); latency at batch {self.timing_batch}: fp32 {self.fp32_latency_ms:.1f} ms, "
+            f"int8 {self.int8_latency_ms:.1f} ms (speed-up {self.speedup:.2f}x)"
+        )
+
+
+class ImageBatchReader(CalibrationDataReader):
+    """Feeds image batches to the calibrator as {input name: batch}."""
+
+    def __init__(self, input_name: str, images: np.ndarray, batch_size: int) -> None:
+        self.input_name = input_name
+        self.batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+        self._iterator: Iterator[np.ndarray] = iter(self.batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._iterator, None)
+        return None if batch is None else {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)}
+
+    def rewind(self) -> None:
+        self._iterator = iter(self.batches)
+
+
+def calibration_images(data_dir: str | Path, config: QuantizeConfig) -> np.ndarray:
+    """Up to `max_calibration_images` images of the calibration split, a fixed random subset."""
+    images = load_split(data_dir, config.calibration_split).images
+    if len(images) == 0:
+        raise ValueError(f"{data_dir}: split '{config.calibration_split}' has no images to calibrate on")
+    if len(images) > config.max_calibration_images:
+        rng = np.random.default_rng(config.seed)
+        images = images[np.sort(rng.choice(len(images), config.max_calibration_images, replace=False))]
+    return images
+
+
+def classifier_node(model: onnx.ModelProto) -> str:
+    """The name of the last convolution (ONNX nodes are in topological order): the classifier."""
+    convolutions = [node.name for node in model.graph.node if node.op_type == "Conv"]
+    if not convolutions:
+        raise ValueError("model has no Conv node to treat as the classifier")
+    return convolutions[-1]
+
+
+def predicted_labels(outputs: dict[str, np.ndarray]) -> np.ndarray:
+    """Class ids (N, H, W) from a model's `labels`, `logits` or `probs` output."""
+    if "labels" in outputs:
+        return outputs["labels"]
+    for name in ("logits", "probs"):
+        if name in outputs:
+            return np.argmax(outputs[name], axis=1)
+    raise ValueError(f"model outputs {sorted(outputs)}; expected one of labels, logits, probs")
+
+
+def split_miou(runner: OnnxRuntimeRunner, split: SplitArrays, num_classes: int, ignore_index: int, batch_size: int) -> float:
+    """mIoU in points (0-100) of `runner` on a whole split (one confusion matrix over it)."""
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    for start in tqdm(range(0, len(split.images), batch_size), desc=f"evaluating {runner.model_path.name}", unit="batch", leave=False):
+        labels = predicted_labels(runner.run(split.images[start : start + batch_size]))
+        matrix += confusion_matrix(labels, split.masks[start : start + batch_size], num_classes, ignore_index)
+    return 100.0 * mean_iou(matrix)
+
+
+def median_latency_ms(runner: OnnxRuntimeRunner, batch: np.ndarray, runs: int) -> float:
+    runner.run(batch)  # warm-up: first-run allocations and kernel selection
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        runner.run(batch)
+        times.append(time.perf_counter() - start)
+    return 1000.0 * float(np.median(times))
+
+
+def quantize_to_bytes(onnx_path: Path, images: np.ndarray, config: QuantizeConfig) -> tuple[bytes, list[str]]:
+    """Run ORT static quantisation; returns the QDQ model (with the fp32 model's metadata)."""
+    model = onnx.load(str(onnx_path))
+    excluded = [classifier_node(model)] if config.keep_classifier_fp32 else []
+    # ORT's histogram calibrators (percentile, entropy) stack per-batch activations, so every
+    # batch must have the same shape: one image per batch; min-max takes any batching.
+    batch_size = config.batch_size if config.calibration_method == "minmax" else 1
+    reader = ImageBatchReader(model.graph.input[0].name, images, batch_size)
+    with tempfile.TemporaryDirectory(prefix="noisyseg-quantize-") as scratch:
+        # ORT's recommended preparation: graph optimisation (constants become initializers, so
+        # biases can be quantised too) and ONNX shape inference. Its symbolic shape inference
+        # (meant for transformers) cannot follow the dynamo export's Resize sizes, so it is off.
+        prepared_path, quantized_path = Path(scratch) / "model.prepared.onnx", Path(scratch) / "model.int8.onnx"
+        quant_pre_process(str(onnx_path), str(prepared_path), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared_path),
+            str(quantized_path),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=QUANTIZED_OPS,
+            per_channel=config.per_channel,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=excluded,
+            calibrate_method=CALIBRATION_METHODS[config.calibration_method],
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+        )
+        quantized = onnx.load(str(quantized_path))
+    metadata = read_metadata(model)
+    metadata.update(
+        quantization="int8 static QDQ (symmetric, per-channel weights)" if config.per_channel else "int8 static QDQ (symmetric)",
+        quantization_excluded_nodes=",".join(excluded),
+        calibration_images=str(len(images)),
+    )
+    set_metadata(quantized, metadata)
+    return quantized.SerializeToString(), excluded
+
+
+def quantize_onnx(onnx_path: str | Path, data_dir: str | Path, out: str | Path, config: QuantizeConfig | None = None) -> QuantizeReport:
+    """`noisyseg export quantize`: calibrate, quantise, evaluate, and write only if accurate enough."""
+    config = config or QuantizeConfig()
+    onnx_path, out = Path(onnx_path), Path(out)
+    if not onnx_path.is_file():
+        raise FileNotFoundError(f"{onnx_path}: no ONNX model file")
+    images = calibration_images(data_dir, config)
+    logger.info("calibrating on %d images of split '%s' of %s", len(images), config.calibration_split, data_dir)
+    quantized_bytes, excluded = quantize_to_bytes(onnx_path, images, config)
+    problems = tensorrt_compatibility_problems(onnx.load_from_string(quantized_bytes))
+    if problems:
+        raise RuntimeError(f"{out}: quantised graph is not TensorRT-compatible; nothing written: " + "; ".join(problems))
+    report = evaluate_quantized(onnx_path, quantized_bytes, data_dir, config, len(images), excluded)
+    if report.miou_drop > config.max_miou_drop:
+        raise RuntimeError(f"{out}: int8 model loses too much accuracy (allowed {config.max_miou_drop:.2f} points): {report.describe()}; nothing written")
+    atomic_write_bytes(out, quantized_bytes)
+    logger.info("wrote %s: %s", out, report.describe())
+    return report
+
+
+def evaluate_quantized(
+    onnx_path: Path, quantized_bytes: bytes, data_dir: str | Path, config: QuantizeConfig, calibration_count: int, excluded: list[str]
+) -> QuantizeReport:
+    """Test-split mIoU and latency of the fp32 and int8 models, side by side."""
+    info = read_dataset_info(data_dir)
+    split = load_split(data_dir, config.eval_split)
+    if len(split.images) == 0:
+        raise ValueError(f"{data_dir}: split '{config.eval_split}' has no images to evaluate on")
+    fp32 = OnnxRuntimeRunner(onnx_path)
+    int8 = OnnxRuntimeRunner(quantized_bytes)
+    fp32_miou = split_miou(fp32, split, info.num_classes, info.ignore_index, config.batch_size)
+    int8_miou = split_miou(int8, split, info.num_classes, info.ignore_index, config.batch_size)
+    batch = split.images[: config.timing_batch]
+    fp32_ms = median_latency_ms(fp32, batch, config.timing_runs)
+    int8_ms = median_latency_ms(int8, batch, config.timing_runs)
+    return QuantizeReport(
+        calibration_images=calibration_count,
+        eval_images=len(split.images),
+        excluded_nodes=excluded,
+        fp32_miou=fp32_miou,
+        int8_miou=int8_miou,
+        miou_drop=fp32_miou - int8_miou,
+        fp32_latency_ms=fp32_ms,
+        int8_latency_ms=int8_ms,
+        speedup=fp32_ms / int8_ms,
+        timing_batch=len(batch),
+    )
+
+
+def report_dict(report: QuantizeReport) -> dict[str, object]:
+    """The report as JSON-ready data (for `--report FILE`)."""
+    return asdict(report)

@@ -1,0 +1,118 @@
+"""Static INT8 QDQ quantisation: graph form, TensorRT constraints, measured mIoU, refusal, command."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from noisyseg import cli
+from noisyseg.export.onnx_export import (
+    DeployableSegmenter,
+    ExportConfig,
+    export_model,
+    tensorrt_compatibility_problems,
+)
+from noisyseg.export.quantize import QuantizeConfig, classifier_node, quantize_onnx
+from noisyseg.training.checkpoint import ModelInfo
+from noisyseg.training.data import load_split, read_dataset_info
+from noisyseg.training.metrics import confusion_matrix, mean_iou
+from noisyseg.training.models import create_model
+from noisyseg.training.phantom import PhantomConfig, generate_phantom
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("phantom")
+    generate_phantom(root, num_patients=5, seed=0, config=PhantomConfig(size=48, slices_per_patient=6))
+    return root
+
+
+@pytest.fixture(scope="module")
+def fp32_model(dataset, tmp_path_factory: pytest.TempPathFactory):
+    torch.manual_seed(0)
+    kwargs = {"base_width": 8, "depth": 3}
+    model = create_model("unet", **kwargs).eval()
+    path = tmp_path_factory.mktemp("fp32") / "model.onnx"
+    info = ModelInfo("unet", kwargs, read_dataset_info(dataset).classes)
+    export_model(model, info, path, ExportConfig(exporter="torchscript"))
+    return path, model
+
+
+def pytorch_test_miou(model: torch.nn.Module, dataset) -> float:
+    """Independent reference: PyTorch on the test split, one confusion matrix."""
+    split = load_split(dataset, "test")
+    with torch.inference_mode():
+        labels = DeployableSegmenter(model, "zscore", "labels")(torch.from_numpy(split.images)).numpy()
+    return 100 * mean_iou(confusion_matrix(labels, split.masks, read_dataset_info(dataset).num_classes))
+
+
+def test_quantised_model_is_qdq_int8_that_tensorrt_accepts(dataset, fp32_model, tmp_path) -> None:
+    fp32_path, model = fp32_model
+    out = tmp_path / "model.int8.onnx"
+    report = quantize_onnx(fp32_path, dataset, out, QuantizeConfig(timing_runs=2))
+    quantized = onnx.load(str(out))
+    ops = [node.op_type for node in quantized.graph.node]
+    assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > 0
+    assert tensorrt_compatibility_problems(quantized) == []  # symmetric: every zero point is 0
+    initializers = {init.name: onnx.numpy_helper.to_array(init) for init in quantized.graph.initializer}
+    producers = {output: node for node in quantized.graph.node for output in node.output}
+    convolutions = [node for node in quantized.graph.node if node.op_type == "Conv"]
+    classifier_name = classifier_node(onnx.load(str(fp32_path)))
+    for conv in convolutions:
+        if conv.name == classifier_name:  # kept fp32: float weights straight from an initializer
+            assert initializers[conv.input[1]].dtype == np.float32
+        else:  # int8 weights, dequantised in the graph; biases int32
+            weight_source = producers[conv.input[1]]
+            assert weight_source.op_type == "DequantizeLinear" and initializers[weight_source.input[0]].dtype == np.int8
+            assert initializers[producers[conv.input[2]].input[0]].dtype == np.int32
+    assert classifier_name in {conv.name for conv in convolutions}
+    assert report.excluded_nodes == [classifier_name]
+    # Metadata carried over, plus how it was quantised.
+    metadata = {p.key: p.value for p in quantized.metadata_props}
+    assert metadata["output"] == "logits" and "int8 static QDQ" in metadata["quantization"]
+    assert metadata["calibration_images"] == str(report.calibration_images) == str(len(load_split(dataset, "train").ids))
+
+    # The reported numbers, recomputed independently: PyTorch for fp32, plain ORT for int8.
+    assert report.fp32_miou == pytest.approx(pytorch_test_miou(model, dataset), abs=0.05)
+    split = load_split(dataset, "test")
+    (logits,) = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"image": split.images})
+    int8_miou = 100 * mean_iou(confusion_matrix(logits.argmax(axis=1), split.masks, read_dataset_info(dataset).num_classes))
+    assert report.int8_miou == pytest.approx(int8_miou, abs=1e-6)
+    assert report.miou_drop == pytest.approx(report.fp32_miou - report.int8_miou)
+    assert report.miou_drop <= 1.0
+    assert report.speedup == pytest.approx(report.fp32_latency_ms / report.int8_latency_ms)
+
+
+def test_model_losing_too_much_accuracy_is_not_written(dataset, fp32_model, tmp_path) -> None:
+    out = tmp_path / "model.int8.onnx"
+    # Demanding that int8 beat fp32 by a point: refused, with the measured numbers.
+    with pytest.raises(RuntimeError, match=r"loses too much accuracy.*test mIoU fp32 [0-9.]+, int8 [0-9.]+ \(drop"):
+        quantize_onnx(fp32_model[0], dataset, out, QuantizeConfig(max_miou_drop=-1.0, timing_runs=1))
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_quantize_command(dataset, fp32_model, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["noisyseg.export.commands"])
+    out, report = tmp_path / "q.onnx", tmp_path / "q.json"
+    argv = ["export", "quantize", "--onnx", str(fp32_model[0]), "--calib-data", str(dataset), "--out", str(out),
+            "--calib-images", "4", "--quantize-classifier", "--report", str(report)]
+    assert cli.main(argv) == 0
+    assert "speed-up" in capsys.readouterr().out and out.is_file()
+    assert '"calibration_images": 4' in report.read_text() and '"excluded_nodes": []' in report.read_text()
+    assert cli.main(["export", "quantize", "--onnx", str(fp32_model[0]), "--calib-data", str(tmp_path / "none"), "--out", str(out)]) == 2
+    assert "none" in capsys.readouterr().err
+
+
+def test_histogram_calibration_handles_a_ragged_last_batch(dataset, fp32_model) -> None:
+    # 5 images in batches of 4 would leave a batch of 1: the histogram calibrators need equal shapes.
+    from noisyseg.export.quantize import calibration_images, quantize_to_bytes
+
+    config = QuantizeConfig(calibration_method="percentile", max_calibration_images=5, batch_size=4)
+    images = calibration_images(dataset, config)
+    quantized_bytes, _ = quantize_to_bytes(fp32_model[0], images, config)
+    quantized = onnx.load_from_string(quantized_bytes)
+    assert len(images) == 5 and any(node.op_type == "QuantizeLinear" for node in quantized.graph.node)
+    assert tensorrt_compatibility_problems(quantized) == []
