@@ -16,14 +16,21 @@ from torch import nn
 BACKEND_MODULES = {
     "torch": "noisyseg.kernels.reference",
     "triton": "noisyseg.kernels.triton_backend",
+    "numba": "noisyseg.kernels.numba_backend",
 }
 BACKENDS = ("auto", *BACKEND_MODULES)
 
 
 def resolve_backend(backend: str, example: torch.Tensor) -> str:
-    """The concrete backend name for `backend` ("auto" decides by the tensor's device)."""
+    """The concrete backend name for `backend`.
+
+    "auto": the fused kernels (Triton on CUDA, numba on CPU) for fp16/bf16/fp32 logits; the
+    reference for fp64, since the fused kernels accumulate in fp32.
+    """
     if backend == "auto":
-        return "triton" if example.is_cuda else "torch"
+        if example.dtype == torch.float64:
+            return "torch"
+        return "triton" if example.is_cuda else "numba"
     if backend not in BACKEND_MODULES:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     return backend

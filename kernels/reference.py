@@ -148,6 +148,15 @@ def arm_cross_entropy(
     return arm_reweighted_loss(pixel_loss, probs, valid, arm)
 
 
+MASK_MODES = ("image", "pixel")
+
+
+def check_mask(mask: str) -> None:
+    """The consistency term's mask modes, checked before any work is done."""
+    if mask not in MASK_MODES:
+        raise ValueError(f"mask: expected one of {MASK_MODES}, got {mask!r}")
+
+
 def consistency_mask(q: torch.Tensor, valid: torch.Tensor, rho: float, mask: str) -> torch.Tensor:
     """Pixels the consistency term applies to, from the mean prediction q ``(N, C, *)``.
 
@@ -155,15 +164,14 @@ def consistency_mask(q: torch.Tensor, valid: torch.Tensor, rho: float, mask: str
     over its valid pixels and all classes exceeds rho. ``pixel``: each valid pixel whose own
     max_c q exceeds rho.
     """
+    check_mask(mask)
     pixel_max = q.amax(dim=1)
     if mask == "pixel":
         return valid & (pixel_max > rho)
-    if mask == "image":
-        masked = torch.where(valid, pixel_max, torch.full_like(pixel_max, -math.inf))
-        image_max = masked.reshape(masked.shape[0], -1).amax(dim=1)
-        keep_image = (image_max > rho).reshape(-1, *([1] * (valid.dim() - 1)))
-        return valid & keep_image
-    raise ValueError(f"mask: expected 'image' or 'pixel', got {mask!r}")
+    masked = torch.where(valid, pixel_max, torch.full_like(pixel_max, -math.inf))
+    image_max = masked.reshape(masked.shape[0], -1).amax(dim=1)
+    keep_image = (image_max > rho).reshape(-1, *([1] * (valid.dim() - 1)))
+    return valid & keep_image
 
 
 def check_scales(logits_per_scale: Sequence[torch.Tensor], target: torch.Tensor) -> None:
@@ -195,6 +203,7 @@ def multiscale_consistency(
     a term with p = 0 contributes 0.
     """
     check_scales(logits_per_scale, target)
+    check_mask(mask)
     valid = check_class_ids(target, logits_per_scale[0].shape[1], ignore_index)
     log_p = torch.stack([F.log_softmax(_accumulation_precision(z), dim=1) for z in logits_per_scale])
     log_q = torch.logsumexp(log_p, dim=0) - math.log(len(logits_per_scale))

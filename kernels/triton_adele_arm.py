@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from noisyseg.kernels.reference import check_class_ids, check_scales
+from noisyseg.kernels.reference import check_class_ids, check_mask, check_scales
 from noisyseg.kernels.triton_common import (
     MAX_SCALES,
     MULTISCALE_NUM_WARPS,
@@ -62,8 +62,6 @@ from noisyseg.kernels.triton_common import (
     select_scale,
     softmax_statistics,
 )
-
-MASK_MODES = ("image", "pixel")
 
 
 @dataclass(frozen=True)
@@ -321,12 +319,6 @@ def prepare_scales(logits_per_scale: Sequence[torch.Tensor], target: torch.Tenso
     if any(z.stride() != flat[0].stride() for z in flat):
         flat = [z.contiguous() for z in flat]
     return flat
-
-
-def check_mask(mask: str) -> None:
-    """The reference's mask modes ('image' or 'pixel'), checked before any kernel runs."""
-    if mask not in MASK_MODES:
-        raise ValueError(f"mask: expected 'image' or 'pixel', got {mask!r}")
 
 
 def fused_multiscale_loss(

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
-from noisyseg.kernels.triton_adele_arm import FusedLossConfig, check_mask, fused_multiscale_loss
+from noisyseg.kernels.reference import check_mask
+from noisyseg.kernels.triton_adele_arm import FusedLossConfig, fused_multiscale_loss
 
 
 def multiscale_consistency(

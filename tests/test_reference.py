@@ -9,14 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from noisyseg.kernels import (
+from noisyseg.kernels.reference import (
     ARM,
     adele_arm_loss,
     arm_cross_entropy,
+    arm_pixel_weights,
     multiscale_consistency,
     normalized_confidence,
 )
-from noisyseg.kernels.reference import arm_pixel_weights
 
 
 def make_batch(n=2, c=4, h=5, w=6, ignore_fraction=0.2, seed=0, dtype=torch.float32):
@@ -318,3 +318,13 @@ def test_packed_parameters_follow_the_documented_layout_and_carry_gradients():
     for name, param in arm.named_parameters():
         start, end = ARM_PARAMETER_OFFSETS[name]
         assert torch.equal(param.grad.reshape(-1), torch.arange(start, end, dtype=torch.float32))
+
+
+def test_auto_backend_picks_fused_kernels_by_device_and_the_reference_for_fp64():
+    from noisyseg.kernels.functional import resolve_backend
+
+    assert resolve_backend("auto", torch.zeros(1)) == "numba"
+    assert resolve_backend("auto", torch.zeros(1, dtype=torch.float64)) == "torch"
+    assert resolve_backend("triton", torch.zeros(1)) == "triton"
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        resolve_backend("cuda", torch.zeros(1))

@@ -1,0 +1,252 @@
+"""Fused loss kernels against the reference: forward+backward time and peak memory.
+
+Run: ``.venv/bin/python -m pytest benchmarks/bench_kernels.py --benchmark-only``
+(``--benchmark-json=FILE`` keeps the figures). Shapes (N, C, H, W): Cityscapes-like
+(4, 19, 256, 256), ADE20K-like (2, 150, 128, 128), SegTHOR-like (5, 5, 256, 256); single scale
+(ARM-weighted cross-entropy) and S = 3 (the ADELE+ARM loss), for the eager reference,
+`torch.compile` of it, the numba fused kernels (CPU), the Triton fused kernels (CUDA only) and,
+single scale, PyTorch's plain `F.cross_entropy`. Every case of a shape runs in the same session,
+and each implementation's speed-up over the ones measured before it is stored in
+`benchmark.extra_info` (and summarised in the file named by ``NOISYSEG_BENCH_SUMMARY``, default
+``.benchmarks/kernels_summary.md``), so ratios compare figures measured side by side.
+
+Peak memory: torch's CPU allocator keeps no statistics and tracemalloc does not see it, so the
+extra peak is measured as the process's resident high-water mark (VmHWM, reset through
+/proc/self/clear_refs) minus the resident size before the call, with glibc's mmap threshold
+pinned at 64 KiB so every large buffer is mapped and unmapped (a freed tensor leaves RSS at
+once). It counts everything the call allocates, the returned gradients included, and is given
+as a multiple of the bytes of the logits (all scales).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from noisyseg.kernels import reference
+from noisyseg.kernels.reference import ARM
+
+LOGGER = logging.getLogger(__name__)
+
+SHAPES = {
+    "cityscapes": (4, 19, 256, 256),
+    "ade20k": (2, 150, 128, 128),
+    "segthor": (5, 5, 256, 256),
+}
+# Baselines first: every later implementation reports its speed-up over each earlier one.
+SINGLE_SCALE = ("cross_entropy", "eager", "compile", "numba", "triton")
+MULTI_SCALE = ("eager", "compile", "numba", "triton")
+CASES = [
+    pytest.param(shape, scales, impl, id=f"{shape}-S{scales}-{impl}")
+    for shape in SHAPES
+    for scales, impls in ((1, SINGLE_SCALE), (3, MULTI_SCALE))
+    for impl in impls
+]
+ROUNDS = int(os.environ.get("NOISYSEG_BENCH_ROUNDS", "3"))
+_MEDIANS: dict[tuple[str, int], dict[str, float]] = {}
+_MEMORY: dict[tuple[str, int], dict[str, float]] = {}
+
+
+# ------------------------------------------------------------------------------------------
+# Peak memory.
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def _pin_mmap_threshold() -> bool:
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 64 * 1024))
+    except OSError:
+        return False
+
+
+_MEMORY_MEASURABLE = _pin_mmap_threshold() and Path("/proc/self/clear_refs").exists()
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status: no field {field}")
+
+
+def extra_peak_bytes(fn: Callable[[], object]) -> int | None:
+    """Resident high-water mark of one call of `fn` above the resident size before it."""
+    if not _MEMORY_MEASURABLE:
+        return None
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+    before = _status_kib("VmRSS")
+    result = fn()
+    peak = _status_kib("VmHWM")
+    del result
+    return (peak - before) * 1024
+
+
+# ------------------------------------------------------------------------------------------
+# The implementations under test.
+
+
+def seeded_arm() -> ARM:
+    torch.manual_seed(0)
+    return ARM()
+
+
+def make_inputs(shape: tuple[int, int, int, int], num_scales: int, device: str = "cpu"):
+    n, c, h, w = shape
+    gen = torch.Generator().manual_seed(0)
+    logits = [torch.randn(shape, generator=gen) * 2 for _ in range(num_scales)]
+    target = torch.randint(0, c, (n, h, w), generator=gen)
+    target[torch.rand(n, h, w, generator=gen) < 0.05] = 255
+    return [z.to(device) for z in logits], target.to(device)
+
+
+def _backend_module(name: str):
+    return importlib.import_module(f"noisyseg.kernels.{name}")
+
+
+def loss_function(impl: str, num_scales: int) -> Callable:
+    """loss(logits_list, target, arm) for one implementation (raises pytest.skip if absent)."""
+    if impl == "cross_entropy":
+        return lambda logits, target, arm: F.cross_entropy(logits[0], target, ignore_index=255)
+    if impl == "triton":
+        if not torch.cuda.is_available():
+            pytest.skip("triton fused kernels are benchmarked on CUDA only (no GPU here)")
+        module = _backend_module("triton_backend")
+    elif impl == "numba":
+        module = _backend_module("numba_backend")
+    else:
+        module = reference
+    if num_scales == 1:
+        single = module.arm_cross_entropy
+        if impl == "compile":
+            single = torch.compile(single)
+        return lambda logits, target, arm: single(logits[0], target, arm)
+    combined = torch.compile(module.adele_arm_loss) if impl == "compile" else module.adele_arm_loss
+    return lambda logits, target, arm: combined(logits, target, arm)
+
+
+def forward_backward(
+    loss: Callable, logits: list[torch.Tensor], target: torch.Tensor, arm: ARM
+) -> list:
+    leaves = [z.detach().requires_grad_(True) for z in logits]
+    loss(leaves, target, arm).backward()
+    if leaves[0].is_cuda:
+        torch.cuda.synchronize()
+    return [z.grad for z in leaves]
+
+
+def record_side_by_side(benchmark, key: tuple[str, int], impl: str) -> float | None:
+    """Store this case's median and its speed-up over every case of `key` measured before it;
+    None under --benchmark-disable (the cases then run once, as a smoke test)."""
+    if benchmark.stats is None:
+        return None
+    median = benchmark.stats.stats.median
+    measured = _MEDIANS.setdefault(key, {})
+    for baseline, seconds in measured.items():
+        benchmark.extra_info[f"speedup_vs_{baseline}"] = round(seconds / median, 2)
+    measured[impl] = median
+    return median
+
+
+@pytest.fixture(scope="module", autouse=True)
+def summary():
+    """Write the side-by-side table once every case of the module ran."""
+    yield
+    if not _MEDIANS:
+        return
+    lines = [
+        "| shape | S | impl | median ms | extra peak / logits |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for (shape, scales), medians in _MEDIANS.items():
+        for impl, seconds in medians.items():
+            memory = _MEMORY.get((shape, scales), {}).get(impl)
+            memory_text = "" if memory is None else f"{memory:.2f}x"
+            label = f"{shape} {SHAPES.get(shape, '(UNet step)')}"
+            lines.append(f"| {label} | {scales} | {impl} | {seconds * 1e3:.1f} | {memory_text} |")
+    path = Path(os.environ.get("NOISYSEG_BENCH_SUMMARY", ".benchmarks/kernels_summary.md"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    LOGGER.warning("kernel benchmark summary written to %s", path)
+
+
+@pytest.mark.parametrize("shape_name, num_scales, impl", CASES)
+def test_loss_forward_backward(benchmark, shape_name, num_scales, impl):
+    device = "cuda" if impl == "triton" else "cpu"
+    loss = loss_function(impl, num_scales)
+    logits, target = make_inputs(SHAPES[shape_name], num_scales, device)
+    arm = seeded_arm().to(device)
+    benchmark.group = f"{shape_name} S={num_scales}"
+    started = time.perf_counter()
+    try:
+        forward_backward(loss, logits, target, arm)  # compiles (numba cache, torch.compile)
+    except Exception as err:  # torch.compile can fail on a CPU toolchain: record, do not hide
+        if impl != "compile":
+            raise
+        pytest.skip(f"torch.compile of the reference failed: {type(err).__name__}: {err}")
+    benchmark.extra_info["first_call_s"] = round(time.perf_counter() - started, 2)
+    benchmark.pedantic(
+        forward_backward, args=(loss, logits, target, arm), rounds=ROUNDS, warmup_rounds=1
+    )
+    record_side_by_side(benchmark, (shape_name, num_scales), impl)
+
+    logits_bytes = sum(z.numel() * z.element_size() for z in logits)
+    extra = (
+        extra_peak_bytes(lambda: forward_backward(loss, logits, target, arm))
+        if device == "cpu"
+        else None
+    )
+    if extra is not None:
+        benchmark.extra_info["extra_peak_over_logits"] = round(extra / logits_bytes, 3)
+        _MEMORY.setdefault((shape_name, num_scales), {})[impl] = extra / logits_bytes
+    elif device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        forward_backward(loss, logits, target, arm)
+        benchmark.extra_info["extra_peak_over_logits"] = round(
+            (torch.cuda.max_memory_allocated() - base) / logits_bytes, 3
+        )
+
+
+# ------------------------------------------------------------------------------------------
+# End to end: one training step of a UNet on 5 x 1 x 256 x 256 with the ADELE+ARM loss.
+
+TRAIN_SCALES = [1.0, 0.7, 1.5]
+
+
+@pytest.mark.parametrize("impl", ["eager", "numba"])
+def test_training_step_images_per_second(benchmark, impl):
+    from noisyseg.training.models import create_model
+    from noisyseg.training.trainer import forward_scales
+
+    torch.manual_seed(0)
+    # base_width 16: the reference UNet (64) takes minutes per step on a 2-core CPU.
+    model = create_model("unet", in_channels=1, num_classes=5, base_width=16)
+    arm = seeded_arm()
+    optimiser = torch.optim.SGD(model.parameters(), lr=1e-3)
+    arm_optimiser = torch.optim.SGD(arm.parameters(), lr=1e-3, maximize=True)
+    images = torch.randn(5, 1, 256, 256)
+    _, target = make_inputs((5, 5, 256, 256), 1)
+    loss_fn = (_backend_module("numba_backend") if impl == "numba" else reference).adele_arm_loss
+
+    def step():
+        optimiser.zero_grad()
+        arm_optimiser.zero_grad()
+        loss_fn(forward_scales(model, images, TRAIN_SCALES), target, arm).backward()
+        optimiser.step()
+        arm_optimiser.step()
+
+    benchmark.group = "training step (UNet, 5x1x256x256, S=3)"
+    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1)
+    median = record_side_by_side(benchmark, ("train", 3), impl)
+    if median is not None:
+        benchmark.extra_info["images_per_second"] = round(images.shape[0] / median, 2)

@@ -1,0 +1,887 @@
+"""Fused CPU loss kernels (numba): ARM-weighted cross-entropy, multiscale consistency and the
+combined ADELE+ARM loss, forward and backward, without softmax/weight/loss maps of logits size.
+
+One kernel, `_fused_pass`, serves all three losses. It runs in parallel over blocks of pixels
+of one image (a block never straddles two images) and, per block, computes the softmax of every
+scale in fp32 (the exponentials kept in a block-local buffer), the per-pixel cross-entropy,
+ARM's confidence and weight, the KL terms against q = mean_k p_k, and optionally writes the
+gradient of every logit. Sums over pixels are written per block and reduced in block order
+(deterministic, no atomics).
+
+The loss normalisers (sum of ARM weights per scale, which images pass the rho mask) are only
+known after every pixel was seen. Three schedules, picked per call by `_FusedCall.run`:
+
+* normalisers known up front (no ARM; per-pixel or no rho mask): one pass writes the final
+  gradient;
+* ARM-weighted CE alone, 10 classes or more: one pass writes w_i (p - onehot) and keeps
+  (confidence, loss) per pixel, two floats; a light pass over that scratch back-propagates
+  ARM's 53-parameter MLP and applies the deferred 1/sum(w) to the gradient in the same loop
+  (Liger-style deferral);
+* otherwise (several scales with ARM, the per-image rho mask, ARM CE with few classes): a
+  statistics-only pass, then a pass that recomputes the softmax, writes the gradient already
+  scaled and back-propagates ARM per pixel (a CE and a KL normaliser cannot share one deferred
+  scale).
+
+Backward scales the gradient buffer in place by grad_output (skipped when it is 1).
+
+Inputs: fp32 logits are read in place when C-contiguous; fp16/bf16 (numba has no half
+arithmetic) and non-contiguous inputs are first copied to contiguous fp32, and the fp32 gradient
+is cast back to the input dtype. float64 inputs are computed in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+import torch
+from numba import prange
+from torch import nn
+
+from noisyseg.kernels.reference import (
+    ARM_NUM_PARAMETERS,
+    ARM_PARAMETER_OFFSETS,
+    check_class_ids,
+    check_logits_and_target,
+    check_mask,
+    check_scales,
+    pack_arm_parameters,
+)
+
+_JIT = {"parallel": True, "fastmath": False, "cache": True}
+_HELPER_JIT = {"fastmath": False, "cache": True}
+
+# ARM's layout (reference.ARM_PARAMETER_OFFSETS) as compile-time constants for the kernels.
+_W0, _B0 = ARM_PARAMETER_OFFSETS["layers.0.weight"][0], ARM_PARAMETER_OFFSETS["layers.0.bias"][0]
+_W1, _B1 = ARM_PARAMETER_OFFSETS["layers.1.weight"][0], ARM_PARAMETER_OFFSETS["layers.1.bias"][0]
+_W2, _B2 = ARM_PARAMETER_OFFSETS["layers.2.weight"][0], ARM_PARAMETER_OFFSETS["layers.2.bias"][0]
+_W3, _B3 = ARM_PARAMETER_OFFSETS["layers.3.weight"][0], ARM_PARAMETER_OFFSETS["layers.3.bias"][0]
+_HIDDEN = 4
+
+MASK_OFF, MASK_IMAGE, MASK_PIXEL = 0, 1, 2
+_MASK_CODES = {"image": MASK_IMAGE, "pixel": MASK_PIXEL}
+# Per-block buffer of exponentials: scales x classes x pixels, kept near L2-cache size.
+_BLOCK_FLOATS = 32768
+_MIN_BLOCK, _MAX_BLOCK = 16, 1024
+_PACKED_SCALES = 3
+_NO_SCRATCH = np.empty((1, 1), np.float32)
+# Deferred scaling keeps 2 floats per pixel: at most 0.2x the logits from 10 classes on. Below,
+# two passes over the logits take about as long (measured at C = 5) and keep no scratch.
+_MIN_CLASSES_TO_DEFER = 10
+# Below this sum of p_k (near the bottom of fp32's normal range) log q uses a stable logsumexp.
+_TINY = np.float32(1e-30)
+
+
+# ---------------------------------------------------------------------------------------------
+# Vectorisable exp: libm's expf is a scalar call that stops LLVM from vectorising the class and
+# pixel loops, so exponentials use Cephes' expf polynomial (about 1 ulp) with 2^n built from its
+# exponent bits. Inputs are clamped to [-87.3, 88.3], where 2^n stays a normal fp32 number:
+# exp(-87.3) ~ 1e-38 stands in for 0, far below every tolerance.
+
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693359375)
+_LN2_LO = np.float32(-2.12194440e-4)
+_EXP_LOW, _EXP_HIGH = np.float32(-87.3), np.float32(88.3)
+_EXP_POLY = tuple(
+    np.float32(c)
+    for c in (
+        1.9875691500e-4,
+        1.3981999507e-3,
+        8.3334519073e-3,
+        4.1665795894e-2,
+        1.6666665459e-1,
+        5.0000001201e-1,
+    )
+)
+
+
+@numba.njit(**_HELPER_JIT)
+def _exp_inplace(values, width, bits):
+    """values[:width] = exp(values[:width]); `bits` is int32 scratch of at least `width`."""
+    for j in range(width):
+        x = min(max(values[j], _EXP_LOW), _EXP_HIGH)
+        k = np.floor(x * _LOG2E + np.float32(0.5))
+        r = x - k * _LN2_HI - k * _LN2_LO
+        poly = _EXP_POLY[0]
+        poly = poly * r + _EXP_POLY[1]
+        poly = poly * r + _EXP_POLY[2]
+        poly = poly * r + _EXP_POLY[3]
+        poly = poly * r + _EXP_POLY[4]
+        poly = poly * r + _EXP_POLY[5]
+        values[j] = poly * r * r + r + np.float32(1.0)
+        bits[j] = (np.int32(k) + np.int32(127)) << np.int32(23)
+    power_of_two = bits.view(np.float32)
+    for j in range(width):
+        values[j] *= power_of_two[j]
+
+
+@numba.njit(**_HELPER_JIT)
+def _sigmoid_into(source, target, width, bits):
+    for j in range(width):
+        target[j] = -source[j]
+    _exp_inplace(target, width, bits)
+    for j in range(width):
+        target[j] = np.float32(1.0) / (np.float32(1.0) + target[j])
+
+
+_SQRT_HALF = np.float32(0.707106781186547524)
+_LOG_POLY = tuple(
+    np.float32(c)
+    for c in (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1,
+              -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1)
+)  # fmt: skip
+
+
+@numba.njit(**_HELPER_JIT)
+def _log_inplace(values, width, bits):
+    """values[:width] = log(values[:width]) for positive normal fp32 values (Cephes' logf,
+    vectorisable like `_exp_inplace`); `bits` is int32 scratch of at least `width`."""
+    as_float = bits.view(np.float32)
+    for j in range(width):
+        as_float[j] = values[j]
+    for j in range(width):  # split into exponent (kept in values) and mantissa in [0.5, 1)
+        values[j] = np.float32(((bits[j] >> np.int32(23)) & np.int32(0xFF)) - np.int32(126))
+        bits[j] = (bits[j] & np.int32(-2139095041)) | np.int32(0x3F000000)  # 0x807FFFFF
+    for j in range(width):
+        mantissa = as_float[j]
+        exponent = values[j]
+        small = mantissa < _SQRT_HALF
+        exponent = exponent - np.float32(1.0) if small else exponent
+        x = (mantissa + mantissa if small else mantissa) - np.float32(1.0)
+        square = x * x
+        poly = _LOG_POLY[0]
+        for coeff in _LOG_POLY[1:]:
+            poly = poly * x + coeff
+        y = poly * x * square + exponent * _LN2_LO - np.float32(0.5) * square
+        values[j] = x + y + exponent * _LN2_HI
+
+
+# ---------------------------------------------------------------------------------------------
+# ARM's MLP over a block of pixels: 1 -> 4 -> 4 -> 4 -> 1, Swish between layers, sigmoid last.
+# pre[l, o, j] is hidden layer l's pre-activation, sig[l, o, j] its sigmoid (Swish = pre * sig).
+
+
+@numba.njit(**_HELPER_JIT)
+def _block_arm_forward(params, confidence, width, pre, sig, weight, bits):
+    for o in range(_HIDDEN):
+        for j in range(width):
+            pre[0, o, j] = params[_W0 + o] * confidence[j] + params[_B0 + o]
+        _sigmoid_into(pre[0, o], sig[0, o], width, bits)
+    for layer, w_at, b_at in ((1, _W1, _B1), (2, _W2, _B2)):
+        for o in range(_HIDDEN):
+            for j in range(width):
+                pre[layer, o, j] = params[b_at + o]
+            for i in range(_HIDDEN):
+                coeff = params[w_at + o * _HIDDEN + i]
+                for j in range(width):
+                    pre[layer, o, j] += coeff * pre[layer - 1, i, j] * sig[layer - 1, i, j]
+            _sigmoid_into(pre[layer, o], sig[layer, o], width, bits)
+    for j in range(width):
+        weight[j] = params[_B3]
+    for i in range(_HIDDEN):
+        coeff = params[_W3 + i]
+        for j in range(width):
+            weight[j] += coeff * pre[2, i, j] * sig[2, i, j]
+    _sigmoid_into(weight, weight, width, bits)
+
+
+# Reductions over a block's pixels in float64 with four interleaved partial sums: one running
+# sum is bound by the add latency, four independent ones are not (fixed order: deterministic).
+
+
+@numba.njit(**_HELPER_JIT)
+def _dot3(a, b, c, width):
+    """sum_j a[j] b[j] c[j]."""
+    acc0 = acc1 = acc2 = acc3 = 0.0
+    quads = width - width % 4
+    for j in range(0, quads, 4):
+        acc0 += a[j] * b[j] * c[j]
+        acc1 += a[j + 1] * b[j + 1] * c[j + 1]
+        acc2 += a[j + 2] * b[j + 2] * c[j + 2]
+        acc3 += a[j + 3] * b[j + 3] * c[j + 3]
+    for j in range(quads, width):
+        acc0 += a[j] * b[j] * c[j]
+    return (acc0 + acc1) + (acc2 + acc3)
+
+
+@numba.njit(**_HELPER_JIT)
+def _dot(a, b, width):
+    """sum_j a[j] b[j]."""
+    acc0 = acc1 = acc2 = acc3 = 0.0
+    quads = width - width % 4
+    for j in range(0, quads, 4):
+        acc0 += a[j] * b[j]
+        acc1 += a[j + 1] * b[j + 1]
+        acc2 += a[j + 2] * b[j + 2]
+        acc3 += a[j + 3] * b[j + 3]
+    for j in range(quads, width):
+        acc0 += a[j] * b[j]
+    return (acc0 + acc1) + (acc2 + acc3)
+
+
+@numba.njit(**_HELPER_JIT)
+def _total(a, width):
+    """sum_j a[j]."""
+    acc0 = acc1 = acc2 = acc3 = 0.0
+    quads = width - width % 4
+    for j in range(0, quads, 4):
+        acc0 += a[j]
+        acc1 += a[j + 1]
+        acc2 += a[j + 2]
+        acc3 += a[j + 3]
+    for j in range(quads, width):
+        acc0 += a[j]
+    return (acc0 + acc1) + (acc2 + acc3)
+
+
+@numba.njit(**_HELPER_JIT)
+def _silu_slope_times(values, pre, sig, width):
+    """values *= d Swish(pre) / d pre = s (1 + pre (1 - s))."""
+    for j in range(width):
+        s = sig[j]
+        values[j] *= s * (np.float32(1.0) + pre[j] * (np.float32(1.0) - s))
+
+
+@numba.njit(**_HELPER_JIT)
+def _block_arm_backward(params, confidence, width, pre, sig, weight, upstream, grad, delta, back):
+    """Add sum_j upstream[j] * d weight[j] / d params to `grad` (53, float64).
+
+    delta[o] holds dL/d(pre-activation) of the layer being processed; `back` the layer below.
+    """
+    out = back[0]
+    for j in range(width):
+        out[j] = upstream[j] * weight[j] * (np.float32(1.0) - weight[j])
+    grad[_B3] += _total(out, width)
+    for i in range(_HIDDEN):
+        grad[_W3 + i] += _dot3(out, pre[2, i], sig[2, i], width)
+    for i in range(_HIDDEN):
+        coeff = params[_W3 + i]
+        for j in range(width):
+            delta[i, j] = out[j] * coeff
+        _silu_slope_times(delta[i], pre[2, i], sig[2, i], width)
+    for layer, w_at, b_at in ((2, _W2, _B2), (1, _W1, _B1)):
+        for o in range(_HIDDEN):
+            grad[b_at + o] += _total(delta[o], width)
+            for i in range(_HIDDEN):
+                grad[w_at + o * _HIDDEN + i] += _dot3(
+                    delta[o], pre[layer - 1, i], sig[layer - 1, i], width
+                )
+        for i in range(_HIDDEN):
+            for j in range(width):
+                back[i, j] = 0.0
+            for o in range(_HIDDEN):
+                coeff = params[w_at + o * _HIDDEN + i]
+                for j in range(width):
+                    back[i, j] += delta[o, j] * coeff
+            _silu_slope_times(back[i], pre[layer - 1, i], sig[layer - 1, i], width)
+        for i in range(_HIDDEN):
+            for j in range(width):
+                delta[i, j] = back[i, j]
+    for o in range(_HIDDEN):
+        grad[_W0 + o] += _dot(delta[o], confidence, width)
+        grad[_B0 + o] += _total(delta[o], width)
+
+
+# ---------------------------------------------------------------------------------------------
+# Block steps. A block is `width` pixels starting at `start` in image `n`.
+
+
+@numba.njit(**_HELPER_JIT)
+def _block_softmax(z, n, start, width, exps, peak, total, total_sq, lse, bits):
+    """exp(z - max) per class into `exps` (C x B), their sum, sum of squares and logsumexp."""
+    num_classes = z.shape[1]
+    for j in range(width):
+        peak[j] = z[n, 0, start + j]
+    for c in range(1, num_classes):
+        for j in range(width):
+            peak[j] = max(peak[j], z[n, c, start + j])
+    for j in range(width):
+        total[j] = 0.0
+        total_sq[j] = 0.0
+    for c in range(num_classes):
+        row = exps[c]
+        for j in range(width):
+            row[j] = z[n, c, start + j] - peak[j]
+        _exp_inplace(row, width, bits)
+        for j in range(width):
+            total[j] += row[j]
+            total_sq[j] += row[j] * row[j]
+    for j in range(width):
+        lse[j] = peak[j] + np.log(total[j])
+
+
+@numba.njit(**_HELPER_JIT)
+def _block_log_q(
+    logits, num_scales, n, start, width, exps, inv_total, lse, log_q, pixel_max_q, underflow, bits
+):
+    """log q per class (C x B) for q = mean_k p_k, and max_c q per pixel."""
+    num_classes = exps.shape[1]
+    log_scales = np.float32(math.log(num_scales))
+    inv_scales = np.float32(1.0 / num_scales)
+    for j in range(width):
+        pixel_max_q[j] = 0.0
+    for c in range(num_classes):
+        row = log_q[c]
+        for j in range(width):
+            row[j] = exps[0, c, j] * inv_total[0, j]
+        for k in range(1, num_scales):
+            for j in range(width):
+                row[j] += exps[k, c, j] * inv_total[k, j]
+        for j in range(width):
+            pixel_max_q[j] = max(pixel_max_q[j], row[j] * inv_scales)
+            underflow[j] = row[j] <= _TINY
+            row[j] = max(row[j], _TINY)
+        _log_inplace(row, width, bits)
+        for j in range(width):
+            row[j] -= log_scales
+        for j in range(width):
+            if underflow[j]:  # every p_k underflowed: logsumexp of the log-probabilities
+                row[j] = _stable_log_mean(logits, num_scales, n, c, start + j, j, lse)
+
+
+@numba.njit(fastmath=False, cache=True)
+def _stable_log_mean(logits, num_scales, n, c, pixel, j, lse):
+    top = np.float32(-np.inf)
+    for k in range(num_scales):
+        top = max(top, logits[k][n, c, pixel] - lse[k, j])
+    acc = np.float32(0.0)
+    for k in range(num_scales):
+        acc += np.exp(logits[k][n, c, pixel] - lse[k, j] - top)
+    return top + np.log(acc) - np.float32(math.log(num_scales))
+
+
+@numba.njit(**_HELPER_JIT)
+def _block_kl(logits, num_scales, n, start, width, exps, inv_total, lse, log_q, kl):
+    """KL(p_k || q) per scale and pixel into `kl` (S x B); a term with p = 0 adds 0."""
+    num_classes = exps.shape[1]
+    for k in range(num_scales):
+        z = logits[k]
+        for j in range(width):
+            kl[k, j] = 0.0
+        for c in range(num_classes):
+            for j in range(width):
+                p = exps[k, c, j] * inv_total[k, j]
+                kl[k, j] += p * (z[n, c, start + j] - lse[k, j] - log_q[c, j])
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel.
+
+
+@numba.njit(**_JIT)
+def _fused_pass(
+    logits,  # tuple of arrays (N, C, L) float32, C-contiguous; the first num_scales are used
+    num_scales,
+    target,  # (N, L) int64
+    ignore_index,
+    use_ce,
+    arm_params,  # (53,) float32; ignored unless use_arm
+    use_arm,
+    mask_mode,  # MASK_OFF / MASK_IMAGE / MASK_PIXEL
+    rho,
+    block,
+    write_grad,
+    ce_grad_scale,  # (S,) float32: factor on w_i (p - onehot) per scale
+    arm_upstream,  # (S, 2) float64: dQ/dw_i = a_k l_i - b_k w_i
+    kl_grad_scale,  # (N,) float32: factor on the KL gradient per image
+    grad,  # (S, N, C, L) float32, written when write_grad
+    ce_partials,  # (blocks, S, 3) float64: sum w, sum w^2, sum w l
+    kl_partials,  # (blocks,) float64: sum of KL over valid (pixel mask: kept) pixels
+    max_q_partials,  # (blocks,) float32: max over valid pixels of max_c q
+    arm_partials,  # (blocks, 53) float64: ARM's gradient, written when write_grad and use_arm
+    bad_label_partials,  # (blocks,) int64: targets neither ignored nor in [0, C)
+    defer_ce_scale,  # one scale, no KL: ARM's gradient left to _arm_gradient_pass
+    scratch_confidence,  # (N, L) float32, written when defer_ce_scale and use_arm
+    scratch_loss,  # (N, L) float32, likewise (0 at ignored pixels)
+):
+    num_images, num_classes, num_pixels = logits[0].shape
+    tiles = (num_pixels + block - 1) // block
+    confidence_gain = np.float32(2.0 * num_classes / max(num_classes - 1, 1))
+    inv_classes = np.float32(1.0 / num_classes)
+    for index in prange(num_images * tiles):
+        n = index // tiles
+        start = (index % tiles) * block
+        width = min(block, num_pixels - start)
+        exps = np.empty((num_scales, num_classes, block), np.float32)
+        peak = np.empty(block, np.float32)
+        total = np.empty((num_scales, block), np.float32)
+        total_sq = np.empty((num_scales, block), np.float32)
+        lse = np.empty((num_scales, block), np.float32)
+        bits = np.empty(block, np.int32)
+        labels = np.empty(block, np.int64)
+        valid = np.empty(block, np.bool_)
+        bad_labels = 0
+        for j in range(width):
+            label = target[n, start + j]
+            in_range = label >= 0 and label < num_classes
+            bad_labels += label != ignore_index and not in_range
+            valid[j] = in_range and label != ignore_index
+            labels[j] = label if valid[j] else -1
+        bad_label_partials[index] = bad_labels
+        inv_total = np.empty((num_scales, block), np.float32)
+        for k in range(num_scales):
+            _block_softmax(
+                logits[k], n, start, width, exps[k], peak, total[k], total_sq[k], lse[k], bits
+            )
+            for j in range(width):
+                inv_total[k, j] = np.float32(1.0) / total[k, j]
+
+        # Cross-entropy and ARM weights: ce_coeff[k, j] multiplies (p - onehot) in the gradient.
+        ce_coeff = np.zeros((num_scales, block), np.float32)
+        if use_ce:
+            loss = np.zeros(block, np.float32)
+            weight = np.ones(block, np.float32)
+            confidence = np.empty(block, np.float32)
+            upstream = np.empty(block, np.float32)
+            pre = np.empty((3, _HIDDEN, block), np.float32)
+            sig = np.empty((3, _HIDDEN, block), np.float32)
+            delta = np.empty((_HIDDEN, block), np.float32)
+            back = np.empty((_HIDDEN, block), np.float32)
+            arm_grad = np.zeros(ARM_NUM_PARAMETERS, np.float64)
+            for k in range(num_scales):
+                z = logits[k]
+                for j in range(width):
+                    if valid[j]:
+                        loss[j] = lse[k, j] - z[n, labels[j], start + j]
+                if use_arm:
+                    for j in range(width):
+                        sum_p2 = total_sq[k, j] * inv_total[k, j] * inv_total[k, j]
+                        confidence[j] = confidence_gain * (sum_p2 - inv_classes) - np.float32(1.0)
+                    _block_arm_forward(arm_params, confidence, width, pre, sig, weight, bits)
+                sum_w = 0.0
+                sum_w2 = 0.0
+                sum_wl = 0.0
+                for j in range(width):
+                    if valid[j]:
+                        sum_w += weight[j]
+                        sum_w2 += weight[j] * weight[j]
+                        sum_wl += weight[j] * loss[j]
+                        ce_coeff[k, j] = ce_grad_scale[k] * weight[j]
+                ce_partials[index, k, 0] = sum_w
+                ce_partials[index, k, 1] = sum_w2
+                ce_partials[index, k, 2] = sum_wl
+                if use_arm and defer_ce_scale:  # ARM's gradient comes later, from this scratch
+                    for j in range(width):
+                        scratch_confidence[n, start + j] = confidence[j]
+                        scratch_loss[n, start + j] = loss[j] if valid[j] else np.float32(0.0)
+                elif use_arm and write_grad:
+                    for j in range(width):
+                        gain = arm_upstream[k, 0] * loss[j] - arm_upstream[k, 1] * weight[j]
+                        upstream[j] = gain if valid[j] else np.float32(0.0)
+                    _block_arm_backward(
+                        arm_params,
+                        confidence,
+                        width,
+                        pre,
+                        sig,
+                        weight,
+                        upstream,
+                        arm_grad,
+                        delta,
+                        back,
+                    )
+            if use_arm and write_grad and not defer_ce_scale:
+                arm_partials[index, :] = arm_grad
+
+        # Multiscale consistency: kl_coeff[j] multiplies the KL gradient of pixel j.
+        kl_coeff = np.zeros(block, np.float32)
+        log_q = np.empty((num_classes, block), np.float32)
+        kl = np.empty((num_scales, block), np.float32)
+        if mask_mode != MASK_OFF:
+            pixel_max_q = np.empty(block, np.float32)
+            underflow = np.empty(block, np.bool_)
+            _block_log_q(
+                logits,
+                num_scales,
+                n,
+                start,
+                width,
+                exps,
+                inv_total,
+                lse,
+                log_q,
+                pixel_max_q,
+                underflow,
+                bits,
+            )
+            _block_kl(logits, num_scales, n, start, width, exps, inv_total, lse, log_q, kl)
+            kl_sum = 0.0
+            max_q = np.float32(-np.inf)
+            for j in range(width):
+                if not valid[j]:
+                    continue
+                max_q = max(max_q, pixel_max_q[j])
+                if mask_mode == MASK_PIXEL and not pixel_max_q[j] > rho:
+                    continue
+                for k in range(num_scales):
+                    kl_sum += kl[k, j]
+                kl_coeff[j] = kl_grad_scale[n]
+            kl_partials[index] = kl_sum
+            max_q_partials[index] = max_q
+
+        if write_grad:
+            for k in range(num_scales):
+                z = logits[k]
+                for c in range(num_classes):
+                    for j in range(width):
+                        p = exps[k, c, j] * inv_total[k, j]
+                        onehot = np.float32(1.0) if labels[j] == c else np.float32(0.0)
+                        g = ce_coeff[k, j] * (p - onehot)
+                        if mask_mode != MASK_OFF:
+                            log_p = z[n, c, start + j] - lse[k, j]
+                            g += kl_coeff[j] * p * (log_p - log_q[c, j] - kl[k, j])
+                        grad[k, n, c, start + j] = g
+
+
+@numba.njit(**_JIT)
+def _arm_gradient_pass(
+    confidence,
+    loss,
+    target,
+    ignore_index,
+    arm_params,
+    upstream_loss,
+    upstream_weight,
+    block,
+    arm_partials,
+    grad,
+    grad_scale,
+):
+    """ARM's gradient from per-pixel scratch (confidence, loss) once the weight sums are known:
+    sum_i (a l_i - b w_i) dw_i/dparams over the valid pixels, one partial per block. The same
+    loop applies the now known 1/sum(w) to the logit gradient `grad` (N, C, L) in place."""
+    num_images, num_pixels = confidence.shape
+    tiles = (num_pixels + block - 1) // block
+    for index in prange(num_images * tiles):
+        n = index // tiles
+        start = (index % tiles) * block
+        width = min(block, num_pixels - start)
+        pre = np.empty((3, _HIDDEN, block), np.float32)
+        sig = np.empty((3, _HIDDEN, block), np.float32)
+        weight = np.empty(block, np.float32)
+        upstream = np.empty(block, np.float32)
+        delta = np.empty((_HIDDEN, block), np.float32)
+        back = np.empty((_HIDDEN, block), np.float32)
+        bits = np.empty(block, np.int32)
+        arm_grad = np.zeros(ARM_NUM_PARAMETERS, np.float64)
+        pixels = confidence[n, start : start + width]
+        _block_arm_forward(arm_params, pixels, width, pre, sig, weight, bits)
+        for j in range(width):
+            gain = upstream_loss * loss[n, start + j] - upstream_weight * weight[j]
+            upstream[j] = gain if target[n, start + j] != ignore_index else np.float32(0.0)
+        _block_arm_backward(
+            arm_params, pixels, width, pre, sig, weight, upstream, arm_grad, delta, back
+        )
+        arm_partials[index, :] = arm_grad
+        for c in range(grad.shape[1]):
+            for j in range(start, start + width):
+                grad[n, c, j] *= grad_scale
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: normalisers between the passes, autograd.
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    """Which terms a fused call computes: ce_coef * sum_k CE_k + kl_coef * L_ms."""
+
+    ce_coef: float
+    kl_coef: float
+    rho: float = 0.8
+    mask: str = "image"
+    ignore_index: int = 255
+
+    @property
+    def mask_mode(self) -> int:
+        return _MASK_CODES[self.mask] if self.kl_coef != 0.0 else MASK_OFF
+
+
+def block_size(num_scales: int, num_classes: int) -> int:
+    """Pixels per block: a power of two keeping the exponential buffer near _BLOCK_FLOATS."""
+    fitting = max(_BLOCK_FLOATS // (num_scales * num_classes), 1)
+    return int(min(max(1 << (fitting.bit_length() - 1), _MIN_BLOCK), _MAX_BLOCK))
+
+
+@dataclass
+class _Partials:
+    ce: np.ndarray
+    kl: np.ndarray
+    max_q: np.ndarray
+    arm: np.ndarray
+    bad_labels: np.ndarray
+
+
+@dataclass
+class _Normalisers:
+    """Global quantities a pass needs to write scaled gradients."""
+
+    ce_grad_scale: np.ndarray
+    arm_upstream: np.ndarray
+    kl_grad_scale: np.ndarray
+
+
+class _FusedCall:
+    """One loss evaluation: flat fp32 views of the inputs, the passes, the final reduction."""
+
+    def __init__(
+        self,
+        logits: Sequence[torch.Tensor],
+        target: torch.Tensor,
+        arm_params: torch.Tensor | None,
+        terms: LossTerms,
+    ) -> None:
+        self.terms = terms
+        self.shape = logits[0].shape
+        num_images, num_classes = self.shape[0], self.shape[1]
+        self.logits = tuple(_as_float32_pixels(z) for z in logits)
+        self.target = target.reshape(num_images, -1).long().contiguous().numpy()
+        self.use_arm = arm_params is not None and terms.ce_coef != 0.0
+        self.arm_params = (
+            arm_params.detach().float().contiguous().numpy()
+            if self.use_arm
+            else np.zeros(ARM_NUM_PARAMETERS, np.float32)
+        )
+        self.num_valid = int((self.target != terms.ignore_index).sum())
+        self.block = block_size(len(logits), num_classes)
+        self.tiles = -(-self.target.shape[1] // self.block)
+
+    def needs_statistics_pass(self) -> bool:
+        return self.use_arm or self.terms.mask_mode == MASK_IMAGE
+
+    def defers_ce_scale(self) -> bool:
+        """ARM-weighted CE alone: one pass writes w_i (p - onehot) and keeps (confidence, loss)
+        per pixel; a light pass over that scratch gives ARM's gradient and applies 1/sum(w) to
+        the logit gradient, so the logits are read once instead of twice. With few classes the
+        scratch (2/C of the logits) costs more memory than the second read costs time."""
+        single_ce = self.use_arm and self.terms.mask_mode == MASK_OFF and len(self.logits) == 1
+        return single_ce and self.shape[1] >= _MIN_CLASSES_TO_DEFER
+
+    def run(self, write_grad: bool) -> tuple[float, np.ndarray | None, np.ndarray | None]:
+        """Loss value, gradient (S, N, C, L) float32 or None, ARM's gradient (53,) or None."""
+        if write_grad and self.defers_ce_scale():
+            return self._run_deferred()
+        partials = None
+        if self.needs_statistics_pass():
+            partials = self._pass(self._normalisers(None), write_grad=False)
+            if not write_grad:
+                return self._value(partials), None, None
+        grad = (
+            np.empty((len(self.logits), *self.logits[0].shape), np.float32) if write_grad else None
+        )
+        final = self._pass(self._normalisers(partials), write_grad, grad)
+        arm_grad = final.arm.sum(axis=0) if (write_grad and self.use_arm) else None
+        return self._value(partials if partials is not None else final), grad, arm_grad
+
+    def _run_deferred(self) -> tuple[float, np.ndarray, np.ndarray]:
+        grad = np.empty((1, *self.logits[0].shape), np.float32)
+        scratch = (np.empty(self.target.shape, np.float32), np.empty(self.target.shape, np.float32))
+        unnormalised = _Normalisers(
+            np.full(1, self.terms.ce_coef, np.float32),
+            np.zeros((1, 2)),
+            np.zeros(self.shape[0], np.float32),
+        )
+        partials = self._pass(unnormalised, True, grad, scratch)
+        norm = self._normalisers(partials)
+        arm_partials = np.zeros(
+            (self.shape[0] * -(-self.target.shape[1] // _MAX_BLOCK), ARM_NUM_PARAMETERS)
+        )
+        _arm_gradient_pass(
+            *scratch, self.target, self.terms.ignore_index, self.arm_params,
+            norm.arm_upstream[0, 0], norm.arm_upstream[0, 1], _MAX_BLOCK, arm_partials,
+            grad[0], np.float32(norm.ce_grad_scale[0] / self.terms.ce_coef),
+        )  # fmt: skip
+        return self._value(partials), grad, arm_partials.sum(axis=0)
+
+    def _pass(
+        self,
+        norm: _Normalisers,
+        write_grad: bool,
+        grad: np.ndarray | None = None,
+        scratch: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> _Partials:
+        blocks = self.shape[0] * self.tiles
+        partials = _Partials(
+            ce=np.zeros((blocks, len(self.logits), 3)),
+            kl=np.zeros(blocks),
+            max_q=np.full(blocks, -np.inf, np.float32),
+            arm=np.zeros((blocks if write_grad and self.use_arm else 1, ARM_NUM_PARAMETERS)),
+            bad_labels=np.zeros(blocks, np.int64),
+        )
+        _fused_pass(
+            self._padded_logits(), len(self.logits), self.target, self.terms.ignore_index,
+            self.terms.ce_coef != 0.0, self.arm_params, self.use_arm, self.terms.mask_mode,
+            np.float32(self.terms.rho), self.block,
+            write_grad, norm.ce_grad_scale, norm.arm_upstream, norm.kl_grad_scale,
+            grad if grad is not None else np.empty((1, 1, 1, 1), np.float32),
+            partials.ce, partials.kl, partials.max_q, partials.arm, partials.bad_labels,
+            scratch is not None, *(scratch if scratch is not None else (_NO_SCRATCH, _NO_SCRATCH)),
+        )  # fmt: skip
+        if partials.bad_labels.any():  # the reference's check names the offending id
+            check_class_ids(torch.from_numpy(self.target), self.shape[1], self.terms.ignore_index)
+        return partials
+
+    def _padded_logits(self) -> tuple[np.ndarray, ...]:
+        """At least _PACKED_SCALES arrays (repeats of the first), so 1, 2 and 3 scales share one
+        compiled kernel (numba specialises on the tuple's length)."""
+        return self.logits + (self.logits[0],) * max(_PACKED_SCALES - len(self.logits), 0)
+
+    def _weight_sums(self, partials: _Partials | None) -> np.ndarray:
+        """(S, 3): sum w, sum w^2, sum w l per scale (sums in block order: deterministic)."""
+        if partials is None:  # uniform weights: known without a pass (sum w l is not needed)
+            return np.tile(np.array([self.num_valid, self.num_valid, 0.0]), (len(self.logits), 1))
+        return partials.ce.sum(axis=0)
+
+    def _kept_images(self, partials: _Partials | None) -> np.ndarray:
+        num_images = self.shape[0]
+        if self.terms.mask_mode != MASK_IMAGE or partials is None:
+            return np.ones(num_images)
+        image_max_q = partials.max_q.reshape(num_images, self.tiles).max(axis=1)
+        return (image_max_q > np.float32(self.terms.rho)).astype(np.float64)
+
+    def _normalisers(self, partials: _Partials | None) -> _Normalisers:
+        sums = self._weight_sums(partials)
+        sum_w, sum_w2, sum_wl = sums[:, 0], sums[:, 1], sums[:, 2]
+        has_pixels = sum_w > 0
+        safe_w = np.where(has_pixels, sum_w, 1.0)
+        ce_scale = np.where(has_pixels, self.terms.ce_coef / safe_w, 0.0)
+        # dQ/dw_i = (l_i - w_i sum(w l) / sum(w^2)) / sum(w): w / ||w||_2 differentiable, the L1
+        # normaliser constant.
+        arm_upstream = np.stack(
+            [ce_scale, ce_scale * sum_wl / np.where(has_pixels, sum_w2, 1.0)], axis=1
+        )
+        kl_scale = self.terms.kl_coef * self._kept_images(partials) / max(self.num_valid, 1)
+        return _Normalisers(ce_scale.astype(np.float32), arm_upstream, kl_scale.astype(np.float32))
+
+    def _value(self, partials: _Partials) -> float:
+        sums = partials.ce.sum(axis=0)
+        ce = sum(wl / w for w, _, wl in sums if w > 0) if self.terms.ce_coef != 0.0 else 0.0
+        kl = 0.0
+        if self.terms.mask_mode != MASK_OFF:
+            per_image = partials.kl.reshape(self.shape[0], self.tiles).sum(axis=1)
+            kl = float((per_image * self._kept_images(partials)).sum()) / max(self.num_valid, 1)
+        return self.terms.ce_coef * ce + self.terms.kl_coef * kl
+
+
+def _as_float32_pixels(logits: torch.Tensor) -> np.ndarray:
+    """(N, C, L) fp32 C-contiguous numpy view (a copy only for other dtypes or layouts)."""
+    flat = logits.detach().reshape(logits.shape[0], logits.shape[1], -1)
+    return flat.to(torch.float32).contiguous().numpy()
+
+
+class _FusedLoss(torch.autograd.Function):
+    """autograd wrapper: the gradient is computed in forward; backward scales it in place by
+    grad_output, skipped when that is 1."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        terms: LossTerms,
+        target: torch.Tensor,
+        arm_params: torch.Tensor | None,
+        *logits: torch.Tensor,
+    ) -> torch.Tensor:  # type: ignore[override]
+        write_grad = any(ctx.needs_input_grad[2:])
+        call = _FusedCall(logits, target, arm_params, terms)
+        value, grad, arm_grad = call.run(write_grad)
+        ctx.scaled_in_place = False
+        ctx.logit_dtypes = [z.dtype for z in logits]
+        # Plain attributes, not save_for_backward: these are our own buffers, scaled in place.
+        ctx.grad = (
+            torch.from_numpy(grad).reshape(len(logits), *logits[0].shape)
+            if grad is not None
+            else None
+        )
+        ctx.arm_grad = torch.from_numpy(arm_grad).float() if arm_grad is not None else None
+        out_dtype = torch.float64 if logits[0].dtype == torch.float64 else torch.float32
+        return torch.tensor(value, dtype=out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
+        upstream = float(grad_output)
+        logit_grads = _scaled_logit_grads(ctx, upstream)
+        arm_out = (
+            ctx.arm_grad * upstream
+            if (ctx.arm_grad is not None and ctx.needs_input_grad[2])
+            else None
+        )
+        return (None, None, arm_out, *logit_grads)
+
+
+def _scaled_logit_grads(ctx, scale: float) -> list[torch.Tensor | None]:
+    """The first backward scales the buffer in place and hands it out (no copy); a repeated
+    backward (retain_graph) must not touch what the first one returned, so it scales a copy."""
+    if scale == 0.0:
+        grad = torch.zeros_like(ctx.grad)
+    elif not ctx.scaled_in_place:
+        ctx.scaled_in_place = True
+        if scale != 1.0:
+            ctx.grad.mul_(scale)
+        grad, ctx.applied_scale = ctx.grad, scale
+    else:
+        grad = ctx.grad * (scale / ctx.applied_scale)
+    return [
+        grad[k].to(dtype) if ctx.needs_input_grad[3 + k] else None
+        for k, dtype in enumerate(ctx.logit_dtypes)
+    ]
+
+
+def _fused_loss(
+    logits: Sequence[torch.Tensor], target: torch.Tensor, arm: nn.Module | None, terms: LossTerms
+) -> torch.Tensor:
+    if arm is not None and logits[0].shape[1] < 2:
+        raise ValueError(
+            f"logits: ARM's confidence needs at least 2 classes, got shape {tuple(logits[0].shape)}"
+        )
+    arm_params = pack_arm_parameters(arm) if arm is not None else None
+    return _FusedLoss.apply(terms, target, arm_params, *logits)
+
+
+def arm_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, arm: nn.Module | None, ignore_index: int = 255
+) -> torch.Tensor:
+    """Fused `reference.arm_cross_entropy` (same signature and semantics)."""
+    check_logits_and_target(logits, target)
+    return _fused_loss(
+        [logits], target, arm, LossTerms(ce_coef=1.0, kl_coef=0.0, ignore_index=ignore_index)
+    )
+
+
+def multiscale_consistency(
+    logits_per_scale: Sequence[torch.Tensor],
+    target: torch.Tensor,
+    rho: float = 0.8,
+    mask: str = "image",
+    ignore_index: int = 255,
+) -> torch.Tensor:
+    """Fused `reference.multiscale_consistency` (same signature and semantics)."""
+    check_scales(logits_per_scale, target)
+    check_mask(mask)
+    terms = LossTerms(ce_coef=0.0, kl_coef=1.0, rho=rho, mask=mask, ignore_index=ignore_index)
+    return _fused_loss(list(logits_per_scale), target, None, terms)
+
+
+def adele_arm_loss(
+    logits_per_scale: Sequence[torch.Tensor],
+    target: torch.Tensor,
+    arm: nn.Module | None,
+    lam: float = 1.0,
+    rho: float = 0.8,
+    mask: str = "image",
+    ignore_index: int = 255,
+) -> torch.Tensor:
+    """Fused `reference.adele_arm_loss`: every scale's CE and the KL term in one pass per call."""
+    check_scales(logits_per_scale, target)
+    check_mask(mask)
+    num_scales = len(logits_per_scale)
+    terms = LossTerms(
+        ce_coef=1.0 / num_scales,
+        kl_coef=lam / num_scales,
+        rho=rho,
+        mask=mask,
+        ignore_index=ignore_index,
+    )
+    return _fused_loss(list(logits_per_scale), target, arm, terms)

@@ -1,0 +1,386 @@
+"""The numba CPU backend against the reference (`kernels/reference.py`): loss values, gradients
+to every logit map and to all 53 ARM parameters, over odd and power-of-two shapes, ignored
+pixels, both rho masks, 2 and 3 scales, grad_output != 1, non-contiguous and half-precision
+inputs, plus hypothesis property tests over shapes and ignore patterns.
+
+Tolerances: fp32 rtol 1e-5 with atol 1e-7 on logit gradients (entries are O(1/pixels)), 1e-6 on
+loss values near 0 and 1e-6 + 1e-4 * max |reference gradient| on ARM gradients (sums of
+cancelling terms); fp16/bf16 inputs rtol 2e-2 / 5e-2 (the gradient is
+rounded to the input dtype, the reference sees the same rounded logits).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from noisyseg.kernels import functional, reference
+from noisyseg.kernels import numba_backend as fused
+from noisyseg.kernels.reference import ARM
+
+FP32 = {"rtol": 1e-5, "value_atol": 1e-6, "grad_atol": 1e-7, "arm_atol": 1e-6}
+LOW_PRECISION = {
+    torch.float16: {"rtol": 2e-2, "value_atol": 1e-3, "grad_atol": 1e-4, "arm_atol": 1e-3},
+    torch.bfloat16: {"rtol": 5e-2, "value_atol": 1e-2, "grad_atol": 1e-3, "arm_atol": 1e-2},
+}
+
+
+def make_batch(n=3, c=5, h=17, w=23, ignore_fraction=0.2, seed=0, scale=2.0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, c, h, w, generator=gen) * scale
+    target = torch.randint(0, c, (n, h, w), generator=gen)
+    target[torch.rand(n, h, w, generator=gen) < ignore_fraction] = 255
+    return logits, target
+
+
+def related_scales(logits, num_scales, seed=0):
+    """Scale maps that agree in part (like a network's outputs at three input sizes)."""
+    gen = torch.Generator().manual_seed(seed + 100)
+    return [logits] + [
+        logits * 0.7 + torch.randn(logits.shape, generator=gen) for _ in range(num_scales - 1)
+    ]
+
+
+def seeded_arm(seed=0):
+    torch.manual_seed(seed)
+    arm = ARM()
+    with torch.no_grad():  # spread the weights so ARM is far from constant
+        for p in arm.parameters():
+            p.mul_(3.0)
+    return arm
+
+
+def evaluate(module, name, logits_list, target, arm, grad_output=1.0, **kwargs):
+    """Loss value, gradient of every logit map and of every ARM parameter for one backend."""
+    leaves = [z.detach().clone().requires_grad_(True) for z in logits_list]
+    if arm is not None:
+        arm.zero_grad()
+    if name == "arm_cross_entropy":
+        loss = module.arm_cross_entropy(leaves[0], target, arm, **kwargs)
+    elif name == "multiscale_consistency":
+        loss = module.multiscale_consistency(leaves, target, **kwargs)
+    else:
+        loss = module.adele_arm_loss(leaves, target, arm, **kwargs)
+    (loss * grad_output).backward()
+    # An all-ignored batch leaves the reference's ARM outside the graph: no gradient means zero.
+    arm_grads = (
+        [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in arm.parameters()]
+        if arm is not None
+        else []
+    )
+    return loss.detach(), [z.grad for z in leaves], arm_grads
+
+
+def assert_matches_reference(name, logits_list, target, arm, tol=FP32, grad_output=1.0, **kwargs):
+    want = evaluate(reference, name, logits_list, target, arm, grad_output, **kwargs)
+    got = evaluate(fused, name, logits_list, target, arm, grad_output, **kwargs)
+    assert got[0].dtype == want[0].dtype
+    torch.testing.assert_close(got[0], want[0], rtol=tol["rtol"], atol=tol["value_atol"])
+    for got_grad, want_grad in zip(got[1], want[1]):
+        assert got_grad.dtype == want_grad.dtype and got_grad.shape == want_grad.shape
+        torch.testing.assert_close(got_grad, want_grad, rtol=tol["rtol"], atol=tol["grad_atol"])
+    # ARM's gradient sums terms that cancel (exactly 0 for a single valid pixel): its absolute
+    # tolerance also scales with the largest entry.
+    arm_scale = max((g.abs().max().item() for g in want[2]), default=0.0)
+    for got_grad, want_grad in zip(got[2], want[2]):
+        torch.testing.assert_close(
+            got_grad, want_grad, rtol=tol["rtol"], atol=tol["arm_atol"] + 1e-4 * arm_scale
+        )
+    return got
+
+
+SHAPES = [(3, 17, 23), (2, 16, 16)]
+
+
+@pytest.mark.parametrize("num_classes", [2, 5, 19, 21, 150])
+@pytest.mark.parametrize("shape", SHAPES, ids=["odd", "pow2"])
+@pytest.mark.parametrize("with_arm", [True, False], ids=["arm", "uniform"])
+def test_arm_cross_entropy_matches_reference(num_classes, shape, with_arm):
+    n, h, w = shape
+    logits, target = make_batch(n, num_classes, h, w, seed=num_classes)
+    arm = seeded_arm(num_classes) if with_arm else None
+    assert_matches_reference("arm_cross_entropy", [logits], target, arm)
+
+
+@pytest.mark.parametrize("num_classes", [2, 19])
+@pytest.mark.parametrize("num_scales", [2, 3])
+@pytest.mark.parametrize("mask, rho", [("image", 0.3), ("pixel", 0.5)])
+@pytest.mark.parametrize("shape", SHAPES, ids=["odd", "pow2"])
+def test_multiscale_consistency_matches_reference(num_classes, num_scales, mask, rho, shape):
+    n, h, w = shape
+    logits, target = make_batch(n, num_classes, h, w, seed=num_scales)
+    scales = related_scales(logits, num_scales)
+    assert_matches_reference("multiscale_consistency", scales, target, None, rho=rho, mask=mask)
+
+
+def test_image_mask_drops_the_images_below_rho():
+    """Image 0 confident, image 1 near-uniform: rho between them keeps only image 0."""
+    logits, target = make_batch(n=2, c=5, h=8, w=9, seed=3)
+    logits[0] *= 6.0
+    logits[1] *= 0.01
+    scales = related_scales(logits, 3)
+    scales[1][1] *= 0.01
+    scales[2][1] *= 0.01
+    loss, _, _ = assert_matches_reference(
+        "multiscale_consistency", scales, target, None, rho=0.6, mask="image"
+    )
+    assert 0.0 < loss.item()
+
+
+def test_consistency_survives_probabilities_that_underflow_in_every_scale():
+    """Logits spread over hundreds: some p_k are 0 in fp32 at every scale; log q stays finite."""
+    logits, target = make_batch(n=2, c=5, h=6, w=7, seed=4, scale=80.0)
+    scales = [logits, logits * 1.1, logits * 0.9]
+    got = assert_matches_reference(
+        "multiscale_consistency", scales, target, None, rho=0.0, mask="pixel"
+    )
+    assert torch.isfinite(got[0]) and all(torch.isfinite(g).all() for g in got[1])
+
+
+@pytest.mark.parametrize("num_scales", [2, 3])
+@pytest.mark.parametrize("with_arm", [True, False], ids=["arm", "uniform"])
+@pytest.mark.parametrize("mask", ["image", "pixel"])
+def test_adele_arm_loss_matches_reference(num_scales, with_arm, mask):
+    logits, target = make_batch(3, 21, 17, 23, seed=5)
+    arm = seeded_arm(5) if with_arm else None
+    scales = related_scales(logits, num_scales)
+    assert_matches_reference("adele_arm_loss", scales, target, arm, lam=0.7, rho=0.4, mask=mask)
+
+
+@pytest.mark.parametrize("name", ["arm_cross_entropy", "multiscale_consistency", "adele_arm_loss"])
+def test_grad_output_other_than_one_is_honoured(name):
+    logits, target = make_batch(seed=6)
+    arm = None if name == "multiscale_consistency" else seeded_arm(6)
+    if name == "arm_cross_entropy":
+        assert_matches_reference(name, [logits], target, arm, grad_output=-2.5)
+    else:
+        assert_matches_reference(
+            name, related_scales(logits, 3), target, arm, grad_output=-2.5, rho=0.3
+        )
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        lambda z: z.contiguous(memory_format=torch.channels_last),
+        lambda z: torch.cat([z, z], dim=3)[..., ::2],
+        lambda z: z.transpose(2, 3).contiguous().transpose(2, 3),
+    ],
+    ids=["channels_last", "strided_slice", "transposed"],
+)
+def test_non_contiguous_inputs(layout):
+    logits, target = make_batch(seed=7)
+    strided = layout(logits)
+    assert not strided.is_contiguous()
+    arm = seeded_arm(7)
+    assert_matches_reference("arm_cross_entropy", [strided], target, arm)
+    assert_matches_reference(
+        "adele_arm_loss", [strided, layout(logits * 0.5)], target, arm, rho=0.3
+    )
+
+
+def test_logits_without_two_spatial_dimensions():
+    """(N, C, L) and (N, C) logits, as the reference accepts them."""
+    logits, target = make_batch(n=2, c=6, h=1, w=29, seed=8)
+    arm = seeded_arm(8)
+    assert_matches_reference("arm_cross_entropy", [logits[:, :, 0]], target[:, 0], arm)
+    assert_matches_reference(
+        "adele_arm_loss", [logits[:, :, 0, 0]] * 2, target[:, 0, 0], arm, rho=0.2
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs(dtype):
+    logits, target = make_batch(seed=9)
+    arm = seeded_arm(9)
+    scales = [z.to(dtype) for z in related_scales(logits, 3)]
+    assert_matches_reference(
+        "adele_arm_loss", scales, target, arm, tol=LOW_PRECISION[dtype], rho=0.3
+    )
+    assert_matches_reference("arm_cross_entropy", scales[:1], target, arm, tol=LOW_PRECISION[dtype])
+
+
+@pytest.mark.parametrize("name", ["arm_cross_entropy", "multiscale_consistency", "adele_arm_loss"])
+@pytest.mark.parametrize("with_arm", [True, False], ids=["arm", "uniform"])
+def test_all_ignored_batch_gives_zero_and_zero_gradients(name, with_arm):
+    logits, _ = make_batch(seed=10)
+    target = torch.full((3, 17, 23), 255)
+    arm = seeded_arm(10) if with_arm and name != "multiscale_consistency" else None
+    if name == "arm_cross_entropy":
+        loss, grads, arm_grads = evaluate(fused, name, [logits], target, arm)
+    else:
+        loss, grads, arm_grads = evaluate(fused, name, [logits, logits * 2], target, arm, rho=0.0)
+    assert loss.item() == 0.0
+    for grad in [*grads, *arm_grads]:
+        assert torch.all(grad == 0)
+
+
+def test_ignored_pixels_get_zero_gradient_and_do_not_change_the_loss():
+    logits, target = make_batch(seed=11)
+    arm = seeded_arm(11)
+    ignored = (target == 255).unsqueeze(1).expand_as(logits)
+    changed = torch.where(ignored, torch.randn_like(logits) * 10, logits)
+    first = evaluate(fused, "adele_arm_loss", [logits, logits * 0.5], target, arm, rho=0.0)
+    second = evaluate(fused, "adele_arm_loss", [changed, changed * 0.5], target, arm, rho=0.0)
+    torch.testing.assert_close(first[0], second[0])
+    assert torch.all(first[1][0][ignored] == 0)
+
+
+def test_other_ignore_index():
+    logits, target = make_batch(seed=12)
+    target[target == 255] = -1
+    assert_matches_reference(
+        "adele_arm_loss",
+        [logits, logits.flip(-1)],
+        target,
+        seeded_arm(12),
+        rho=0.3,
+        ignore_index=-1,
+    )
+
+
+def test_results_are_deterministic():
+    logits, target = make_batch(n=2, c=19, h=40, w=50, seed=13)
+    arm = seeded_arm(13)
+    first = evaluate(fused, "adele_arm_loss", [logits, logits * 0.5, logits.flip(-1)], target, arm)
+    second = evaluate(fused, "adele_arm_loss", [logits, logits * 0.5, logits.flip(-1)], target, arm)
+    assert torch.equal(first[0], second[0])
+    assert all(torch.equal(a, b) for a, b in zip(first[1] + first[2], second[1] + second[2]))
+
+
+def test_forward_without_gradients_gives_the_same_value():
+    logits, target = make_batch(seed=14)
+    arm = seeded_arm(14)
+    with torch.no_grad():
+        value = fused.adele_arm_loss([logits, logits * 0.5], target, arm, rho=0.3)
+    torch.testing.assert_close(
+        value,
+        reference.adele_arm_loss([logits, logits * 0.5], target, arm, rho=0.3).detach(),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda: fused.arm_cross_entropy(torch.randn(1, 3, 2), torch.tensor([[0, 7]]), None),
+            r"class ids must be in \[0, 3\)",
+        ),
+        (
+            lambda: fused.arm_cross_entropy(torch.randn(1, 3, 2), torch.tensor([[-3, 0]]), ARM()),
+            r"class ids must be in \[0, 3\)",
+        ),
+        (
+            lambda: fused.arm_cross_entropy(
+                torch.randn(2, 3, 4), torch.zeros(2, 5, dtype=torch.long), None
+            ),
+            "target: expected shape",
+        ),
+        (
+            lambda: fused.multiscale_consistency(
+                [torch.randn(1, 3, 2), torch.randn(1, 3, 3)], torch.zeros(1, 2, dtype=torch.long)
+            ),
+            "logits_per_scale",
+        ),
+        (
+            lambda: fused.adele_arm_loss(
+                [torch.randn(1, 3, 2)], torch.zeros(1, 2, dtype=torch.long), None, mask="global"
+            ),
+            "mask",
+        ),
+    ],
+)
+def test_bad_inputs_raise_the_reference_errors(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_dispatch_through_the_public_registry(monkeypatch):
+    monkeypatch.setitem(functional.BACKEND_MODULES, "numba", "noisyseg.kernels.numba_backend")
+    logits, target = make_batch(seed=15)
+    arm = seeded_arm(15)
+    got = functional.adele_arm_loss([logits, logits * 0.5], target, arm, rho=0.3, backend="numba")
+    torch.testing.assert_close(
+        got,
+        reference.adele_arm_loss([logits, logits * 0.5], target, arm, rho=0.3).detach(),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_vectorised_exp_and_log_against_numpy():
+    values = np.linspace(-87.0, 88.0, 4001, dtype=np.float32)
+    exps = values.copy()
+    fused._exp_inplace(exps, exps.size, np.empty(exps.size, np.int32))
+    np.testing.assert_allclose(exps, np.exp(values.astype(np.float64)), rtol=3e-7)
+    positives = np.exp(np.linspace(-69.0, 69.0, 4001)).astype(np.float32)
+    logs = positives.copy()
+    fused._log_inplace(logs, logs.size, np.empty(logs.size, np.int32))
+    np.testing.assert_allclose(logs, np.log(positives.astype(np.float64)), rtol=3e-7, atol=3e-7)
+
+
+def test_block_size_bounds():
+    assert fused.block_size(1, 2) == 1024
+    assert fused.block_size(3, 150) == 64
+    assert fused.block_size(3, 4000) == 16
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 3),
+    c=st.integers(2, 12),
+    h=st.integers(1, 9),
+    w=st.integers(1, 40),
+    num_scales=st.integers(1, 3),
+    ignore_fraction=st.sampled_from([0.0, 0.3, 0.9, 1.0]),
+    with_arm=st.booleans(),
+    mask=st.sampled_from(["image", "pixel"]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_adele_arm_loss_matches_reference(
+    n, c, h, w, num_scales, ignore_fraction, with_arm, mask, seed
+):
+    logits, target = make_batch(n, c, h, w, ignore_fraction, seed)
+    arm = seeded_arm(seed) if with_arm else None
+    scales = related_scales(logits, num_scales, seed)
+    assert_matches_reference("adele_arm_loss", scales, target, arm, lam=0.5, rho=0.4, mask=mask)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    c=st.integers(2, 30),
+    length=st.integers(1, 3000),
+    ignore_fraction=st.sampled_from([0.0, 0.5, 1.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_arm_cross_entropy_over_pixel_counts(c, length, ignore_fraction, seed):
+    """Pixel counts around and across block boundaries, in (N, C, L) form."""
+    logits, target = make_batch(2, c, 1, length, ignore_fraction, seed)
+    assert_matches_reference("arm_cross_entropy", [logits[:, :, 0]], target[:, 0], seeded_arm(seed))
+
+
+@pytest.mark.parametrize("num_scales", [1, 3])
+def test_repeated_backward_with_retained_graph(num_scales):
+    """Backward rescales the gradient buffer in place: a second backward with another
+    grad_output must give its own right gradient and leave the first one's untouched."""
+    logits, target = make_batch(seed=16)
+    arm = seeded_arm(16)
+    scales = related_scales(logits, num_scales)
+    leaves = [z.clone().requires_grad_(True) for z in scales]
+    loss = fused.adele_arm_loss(leaves, target, arm, rho=0.3)
+    grads = {}
+    for upstream in (0.0, 3.0, -0.5):
+        grads[upstream] = torch.autograd.grad(
+            loss, leaves, torch.tensor(upstream), retain_graph=True
+        )
+    want = evaluate(reference, "adele_arm_loss", scales, target, arm, grad_output=-0.5, rho=0.3)[1]
+    for got, expected in zip(grads[-0.5], want):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    assert all(torch.all(g == 0) for g in grads[0.0])
+    for scaled, base in zip(grads[3.0], grads[-0.5]):
+        torch.testing.assert_close(scaled, base * -6.0, rtol=1e-5, atol=1e-8)
