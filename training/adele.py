@@ -1,0 +1,184 @@
+"""ADELE's class-adaptive trigger and its label-correction rule (method-spec sections 2 and 3).
+
+Trigger. For each foreground class, the training IoU against the labels currently trained on
+(one value per epoch, epochs 1-based) is fitted with the paper's model
+
+    f(t) = a (1 - exp(-b t^c)),  0 < a <= 1, b >= 0, c >= 0,   f'(t) = a b c exp(-b t^c) t^(c-1)
+
+by bounded least squares (scipy `curve_fit`, method `trf`), on every epoch seen so far with equal
+weights. Correction of the class starts at epoch t when the slope has *fallen* by the fraction r:
+
+    f'(t) <= (1 - r) f'(1),  f'(1) > 0
+
+which is |f'(1) - f'(t)| / |f'(1)| > r restricted to a falling slope, so a curve that is still
+accelerating never triggers. Unlike the reference code there is no rule that drops slowly rising
+leading epochs: a slowly rising curve is fitted on all its points and triggers once its slope has
+fallen enough. Fewer than `min_points` finite values, or a failed fit, never trigger.
+
+One guard of noisyseg's own (the papers never meet the case): the fitted curve must have risen
+by at least `min_rise` (0.05 IoU) between epoch 1 and now, f(t) - f(1) >= min_rise. Without it a
+class the network has not started to predict (training IoU stuck near 0, common in the first
+epochs of a small network) fits a curve that is "saturated" from epoch 1, triggers at once, and
+correction then turns every label of that class into background: there was no early learning
+whose end could be detected.
+
+Correction. A pixel's label becomes the prediction's argmax when the confidence exceeds tau, the
+current label is background or a triggered class, and the predicted class is background or a
+triggered class; optionally an organ absent from the slice's current label is never added.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.optimize import OptimizeWarning, curve_fit
+
+log = logging.getLogger(__name__)
+
+MIN_FIT_POINTS = 3
+# Smallest rise of the fitted training-IoU curve since epoch 1 that counts as early learning.
+MIN_RISE = 0.05
+
+
+@dataclass(frozen=True)
+class CurveFit:
+    """Fitted parameters of f(t) = a (1 - exp(-b t^c))."""
+
+    a: float
+    b: float
+    c: float
+
+    def value(self, t: float | np.ndarray) -> float | np.ndarray:
+        return curve_value(t, self.a, self.b, self.c)
+
+    def slope(self, t: float) -> float:
+        """f'(t) = a b c exp(-b t^c) t^(c-1)."""
+        return float(self.a * self.b * self.c * math.exp(-self.b * t**self.c) * t ** (self.c - 1.0))
+
+    def as_dict(self) -> dict[str, float]:
+        return {"a": self.a, "b": self.b, "c": self.c}
+
+
+def curve_value(t: float | np.ndarray, a: float, b: float, c: float) -> float | np.ndarray:
+    return a * (1.0 - np.exp(-b * np.power(t, c)))
+
+
+def _finite_points(iou_history: Sequence[float | None]) -> tuple[np.ndarray, np.ndarray]:
+    """(epochs, values) of the finite entries; epochs are 1-based positions in the history."""
+    values = np.array([math.nan if v is None else float(v) for v in iou_history], dtype=np.float64)
+    epochs = np.arange(1, len(values) + 1, dtype=np.float64)
+    finite = np.isfinite(values)
+    return epochs[finite], values[finite]
+
+
+def fit_iou_curve(iou_history: Sequence[float | None], min_points: int = MIN_FIT_POINTS) -> CurveFit | None:
+    """Least-squares fit of the paper's curve to a training-IoU history (None/NaN entries skipped).
+
+    Returns None when fewer than `min_points` finite values exist or the solver fails (logged).
+    """
+    epochs, values = _finite_points(iou_history)
+    if len(values) < max(min_points, MIN_FIT_POINTS):
+        return None
+    # Start near a saturating curve through the data: a at the highest value seen, c = 1 and b
+    # from the first point, which puts the solver close to the fast-saturating shapes.
+    a0 = float(np.clip(values.max(), 1e-3, 1.0))
+    ratio = float(np.clip(values[0] / a0, 1e-3, 1 - 1e-3))
+    b0 = float(np.clip(-math.log(1.0 - ratio) / epochs[0], 1e-3, 50.0))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", OptimizeWarning)
+            params, _ = curve_fit(
+                curve_value,
+                epochs,
+                values,
+                p0=(a0, b0, 1.0),
+                bounds=([1e-9, 0.0, 0.0], [1.0, np.inf, np.inf]),
+                method="trf",
+                maxfev=5000,
+            )
+    except (RuntimeError, ValueError) as err:
+        log.warning("IoU curve fit failed on %d points (%s); no trigger from this fit", len(values), err)
+        return None
+    if not np.all(np.isfinite(params)):
+        log.warning("IoU curve fit gave non-finite parameters %s; no trigger from this fit", params)
+        return None
+    return CurveFit(a=float(params[0]), b=float(params[1]), c=float(params[2]))
+
+
+def slope_has_fallen(fit: CurveFit, epoch: float, r: float = 0.9) -> bool:
+    """True when f'(epoch) <= (1 - r) f'(1) with f'(1) > 0: the slope dropped by the fraction r."""
+    initial = fit.slope(1.0)
+    current = fit.slope(float(epoch))
+    if not (math.isfinite(initial) and math.isfinite(current)) or initial <= 0.0:
+        return False
+    return current <= (1.0 - r) * initial
+
+
+def curve_has_risen(fit: CurveFit, epoch: float, min_rise: float = MIN_RISE) -> bool:
+    """True when the fitted curve rose by at least `min_rise` from epoch 1 to `epoch`."""
+    return float(fit.value(float(epoch))) - float(fit.value(1.0)) >= min_rise
+
+
+def fit_triggers(fit: CurveFit | None, epoch: int, r: float = 0.9, min_rise: float = MIN_RISE) -> bool:
+    """The trigger rule on a fit: slope fallen by the fraction r, after a rise of `min_rise`."""
+    return fit is not None and slope_has_fallen(fit, epoch, r) and curve_has_risen(fit, epoch, min_rise)
+
+
+def correction_started(
+    iou_history: Sequence[float | None],
+    r: float = 0.9,
+    min_points: int = MIN_FIT_POINTS,
+    min_rise: float = MIN_RISE,
+) -> bool:
+    """Whether label correction of a class starts now, at the last epoch of `iou_history`.
+
+    `iou_history[t - 1]` is the class's training IoU at epoch t (1-based). Fits the paper's curve
+    (`fit_iou_curve`) and triggers when the fitted slope at the current epoch has fallen by the
+    fraction `r` of the slope at epoch 1, provided the fitted curve has risen by `min_rise` since
+    epoch 1. Never triggers on fewer than `min_points` finite values or on a failed fit. The
+    caller keeps a triggered class triggered (sticky).
+    """
+    return fit_triggers(fit_iou_curve(iou_history, min_points), len(iou_history), r, min_rise)
+
+
+def correct_labels(
+    labels: torch.Tensor,
+    probs: torch.Tensor,
+    triggered: torch.Tensor,
+    tau: float = 0.7,
+    refuse_absent_classes: bool = True,
+    ignore_index: int = 255,
+) -> torch.Tensor:
+    """The corrected labels of a batch (a new tensor; `labels` is not modified).
+
+    labels: (N, H, W) integer class ids, `ignore_index` never changes.
+    probs: (N, C, H, W) class probabilities used for correction.
+    triggered: (C,) bool, the classes whose correction has started (background is always
+        allowed: index 0 is treated as True).
+    A pixel takes argmax(probs) when max(probs) > tau, its current label is background or
+    triggered, and the predicted class is background or triggered; with
+    `refuse_absent_classes`, a predicted organ must already occur in that slice's label.
+    """
+    if probs.dim() != 4 or labels.shape != (probs.shape[0], *probs.shape[2:]):
+        raise ValueError(f"probs (N, C, H, W) and labels (N, H, W) must agree, got {tuple(probs.shape)} and {tuple(labels.shape)}")
+    num_classes = probs.shape[1]
+    if triggered.shape != (num_classes,):
+        raise ValueError(f"triggered: expected ({num_classes},) bools, got shape {tuple(triggered.shape)}")
+    allowed = triggered.to(device=labels.device, dtype=torch.bool).clone()
+    allowed[0] = True
+    confidence, prediction = probs.max(dim=1)
+    valid = labels != ignore_index
+    safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    change = valid & (confidence > tau) & allowed[safe_labels] & allowed[prediction]
+    if refuse_absent_classes:
+        # (N, C): which classes each slice's current label holds; background may always be written.
+        present = torch.stack([(labels == c).flatten(1).any(dim=1) for c in range(num_classes)], dim=1)
+        present[:, 0] = True
+        change &= present.gather(1, prediction.flatten(1)).reshape(prediction.shape)
+    return torch.where(change, prediction.to(labels.dtype), labels)

@@ -1,0 +1,323 @@
+"""Training configuration: typed dataclasses, read from YAML, overridden by `key.sub=value`.
+
+Every hyperparameter of the ADELE and ARM papers is a field with the paper's default; where the
+paper is silent the default follows the ADELE reference code and the docstring says so (see
+`docs/architecture.md` and the shared method specification, sections 2 to 5).
+
+A YAML file mirrors the dataclasses::
+
+    method: adele
+    epochs: 100
+    adele: {r: 0.9, tau: 0.7, correction_timing: iteration}
+    model: {architecture: unet, kwargs: {base_width: 16}}
+
+and overrides use dotted keys: `adele.r=0.8`, `optim.lr=0.005`, `model.kwargs.base_width=8`.
+Unknown keys and values of the wrong type are errors naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHODS = (
+    "baseline",
+    "baseline-ms",
+    "adele",
+    "adele-nonadaptive",
+    "arm",
+    "adele+arm",
+    "gce",
+    "ohem",
+    "gce+arm",
+)
+# Fields that may differ between a run and its resumption: they change nothing already computed.
+RESUMABLE_FIELDS = ("epochs", "quiet", "out", "threads")
+
+
+@dataclass
+class ModelConfig:
+    """The network: a `noisyseg.training.models` name and its constructor arguments.
+
+    The default is a CPU-sized UNet (the paper's is base_width 64 at 256 px).
+    """
+
+    architecture: str = "unet"
+    kwargs: dict[str, Any] = field(default_factory=lambda: {"base_width": 16, "depth": 4})
+
+
+@dataclass
+class OptimConfig:
+    """SGD for the network. lr 0.01 is the ADELE paper's (searched) value. Momentum 0.9 (the
+    ARM paper's and ADELE's VOC setting); the ADELE SegTHOR reference code uses 0.99, which made
+    the CPU-sized UNet diverge on the phantom (training loss rising from epoch 2 on, where 0.9
+    falls steadily). No weight decay, as the ADELE reference code.
+
+    schedule: `constant` (ADELE SegTHOR) or `poly` (lr * (1 - it / T)^poly_power).
+    """
+
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    poly_power: float = 0.9
+
+
+@dataclass
+class AdeleConfig:
+    """ADELE (method-spec sections 2 to 4); defaults are the paper's SegTHOR values (Table 7).
+
+    lam, rho: consistency weight and confidence threshold; rho_mask `image` (paper and reference
+        code) or `pixel`.
+    scales: input scales for multiscale training (the paper's 1.0, 0.7, 1.5).
+    r: relative slope drop that starts correction of a class; min_fit_points: fewest epochs fitted;
+    min_rise: the fitted curve must have risen this much since epoch 1 (noisyseg's guard against
+        triggering on a class the network does not predict yet; 0 = the papers' rule alone).
+    tau: confidence above which a pixel's label may be replaced by the prediction.
+    correction_timing: `iteration` (paper, SegTHOR: the batch's own outputs after each step) or
+        `epoch` (outputs recomputed at the end of the epoch without augmentation).
+    correction_every: correct at every epoch after the trigger (1, the paper) or only at the
+        trigger epoch and at epochs that are multiples of this (10 in the reference code).
+    correction_prediction: `multiscale` (paper: the average of the scales' softmax) or `single`
+        (reference code: the scale-1.0 softmax).
+    refuse_absent_classes: never add an organ that is absent from the slice's current label
+        (reference code behaviour, on by default).
+    logit_divisor: the reference code divides logits by 3 before its CE (a temperature the paper
+        never mentions); 1.0 = off, the default.
+    """
+
+    lam: float = 1.0
+    rho: float = 0.8
+    rho_mask: str = "image"
+    scales: list[float] = field(default_factory=lambda: [1.0, 0.7, 1.5])
+    r: float = 0.9
+    min_fit_points: int = 3
+    min_rise: float = 0.05
+    tau: float = 0.7
+    correction_timing: str = "iteration"
+    correction_every: int = 1
+    correction_prediction: str = "multiscale"
+    refuse_absent_classes: bool = True
+    logit_divisor: float = 1.0
+
+
+@dataclass
+class ArmConfig:
+    """ARM (method-spec section 5). Its SGD ascends (`maximize=True`) with the network's lr.
+
+    warmup_fraction: the first fraction of all iterations trains network and ARM in isolation.
+    momentum: ARM's SGD momentum; None = the network's (the ARM paper gives no separate value).
+    """
+
+    warmup_fraction: float = 0.05
+    momentum: float | None = None
+
+
+@dataclass
+class LossConfig:
+    """Loss alternatives and the loss backend passed to `noisyseg.kernels` (`auto`, `torch`, ...)."""
+
+    backend: str = "auto"
+    gce_q: float = 0.7
+    ohem_threshold: float = 0.7
+    # Per image; 15% of a 256x256 slice as in `noisyseg.training.losses`.
+    ohem_min_kept: int = 10_000
+
+
+@dataclass
+class TrainConfig:
+    """One training run. `data`: the data folder; `labels`: a folder of training masks replacing
+    those in `data` (which then serve as clean references); `out`: the run directory.
+
+    batch_size 5 and 100 epochs are the ADELE paper's SegTHOR values. `threads`: torch CPU
+    threads; 1 by default because on a shared 2-core machine a second (spinning) thread made
+    training steps several times slower; 0 keeps torch's default.
+    """
+
+    data: str = ""
+    out: str = ""
+    labels: str | None = None
+    method: str = "adele"
+    epochs: int = 100
+    batch_size: int = 5
+    eval_batch_size: int = 16
+    seed: int = 0
+    deterministic: bool = True
+    threads: int = 1
+    quiet: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    adele: AdeleConfig = field(default_factory=AdeleConfig)
+    arm: ArmConfig = field(default_factory=ArmConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def validate(self) -> TrainConfig:
+        """Raise ValueError naming the first field with an impossible value; return self."""
+        checks = [
+            (self.method in METHODS, "method", f"one of {', '.join(METHODS)}"),
+            (bool(self.data), "data", "a data folder"),
+            (bool(self.out), "out", "a run directory"),
+            (self.epochs >= 1, "epochs", "at least 1"),
+            (self.batch_size >= 1, "batch_size", "at least 1"),
+            (self.eval_batch_size >= 1, "eval_batch_size", "at least 1"),
+            (self.threads >= 0, "threads", "0 (torch default) or more"),
+            (self.optim.lr > 0, "optim.lr", "positive"),
+            (self.optim.schedule in ("constant", "poly"), "optim.schedule", "'constant' or 'poly'"),
+            (1.0 in self.adele.scales and all(s > 0 for s in self.adele.scales), "adele.scales", "positive scales including 1.0 (the unscaled view)"),
+            (0.0 <= self.adele.r < 1.0, "adele.r", "in [0, 1)"),
+            (self.adele.min_fit_points >= 3, "adele.min_fit_points", "at least 3"),
+            (0.0 <= self.adele.min_rise < 1.0, "adele.min_rise", "in [0, 1)"),
+            (0.0 <= self.adele.tau < 1.0, "adele.tau", "in [0, 1)"),
+            (self.adele.rho_mask in ("image", "pixel"), "adele.rho_mask", "'image' or 'pixel'"),
+            (self.adele.correction_timing in ("iteration", "epoch"), "adele.correction_timing", "'iteration' or 'epoch'"),
+            (self.adele.correction_every >= 1, "adele.correction_every", "at least 1"),
+            (self.adele.correction_prediction in ("multiscale", "single"), "adele.correction_prediction", "'multiscale' or 'single'"),
+            (self.adele.logit_divisor > 0, "adele.logit_divisor", "positive"),
+            (0.0 <= self.arm.warmup_fraction <= 1.0, "arm.warmup_fraction", "in [0, 1]"),
+            (0.0 < self.loss.gce_q <= 1.0, "loss.gce_q", "in (0, 1]"),
+        ]
+        for ok, name, expected in checks:
+            if not ok:
+                raise ValueError(f"config field '{name}': expected {expected}, got {_lookup(self, name)!r}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def semantic_hash(self) -> str:
+        """Hash of every field that shapes the results (all but RESUMABLE_FIELDS)."""
+        return hashlib.sha256(json.dumps(semantic_fields(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def semantic_fields(config: TrainConfig) -> dict[str, Any]:
+    values = config.to_dict()
+    for name in RESUMABLE_FIELDS:
+        values.pop(name)
+    return values
+
+
+def _lookup(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check (and gently convert) `value` to the field type `annotation`; ValueError names `key`."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _coerce(value, option, key)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(errors[0])
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ValueError(f"config key '{key}': expected a mapping, got {value!r}")
+        return _build(annotation, value, prefix=f"{key}.")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # a path or name YAML happened to read as a number
+    elif origin is list:
+        if isinstance(value, (list, tuple)):
+            (item_type,) = typing.get_args(annotation)
+            return [_coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    else:  # pragma: no cover - a field type this module does not know is a programming error
+        raise TypeError(f"config key '{key}': unsupported field type {annotation!r}")
+    raise ValueError(f"config key '{key}': expected {getattr(annotation, '__name__', annotation)}, got {value!r}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; known: {', '.join(sorted(prefix + n for n in names))}")
+    return cls(**{name: _coerce(value, hints[name], prefix + name) for name, value in values.items()})
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from a (possibly partial) nested mapping; missing fields keep defaults."""
+    if not isinstance(values, dict):
+        raise ValueError(f"configuration must be a mapping of keys to values, got {type(values).__name__}")
+    return _build(TrainConfig, values)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """The nested mapping of a YAML (or JSON) configuration file."""
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: configuration file not found") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({err})") from err
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of config keys at the top level, got {type(values).__name__}")
+    return values
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`adele.r=0.8` -> (["adele", "r"], 0.8); the value is read as YAML (numbers, bools, lists)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"override '{text}': expected KEY=VALUE, for example adele.r=0.8")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ValueError(f"override '{text}': value is not valid YAML ({err})") from err
+    return key.strip().split("."), value
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted keys in a copy of the nested mapping `values` (validated later by the types)."""
+    result = json.loads(json.dumps(values))
+    for text in overrides:
+        path, value = parse_override(text)
+        node = result
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"override '{text}': '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def build_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Defaults <- YAML file <- overrides, then validated.
+
+    Overrides apply to the complete configuration, so `model.kwargs.base_width=8` changes one
+    constructor argument and keeps the others.
+    """
+    from_file = config_from_dict(load_config_file(config_file) if config_file else {})
+    return config_from_dict(apply_overrides(from_file.to_dict(), overrides or [])).validate()
