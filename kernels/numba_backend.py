@@ -32,6 +32,7 @@ is cast back to the input dtype. float64 inputs are computed in fp32.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -50,6 +51,13 @@ from noisyseg.kernels.reference import (
     check_scales,
     pack_arm_parameters,
 )
+
+# numba's OpenMP layer keeps its worker threads spinning after a parallel region; on a machine
+# whose cores torch's own thread pool also uses, that made the next torch operators of a training
+# step up to 25x slower (measured on 2 cores). The workqueue layer does not spin. A user's own
+# NUMBA_THREADING_LAYER still wins.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
 
 _JIT = {"parallel": True, "fastmath": False, "cache": True}
 _HELPER_JIT = {"fastmath": False, "cache": True}
