@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     config = train_config_from_args(args)
     summary = train(config, resume=bool(args.resume))
-    print(json.dumps({"out": config.out, **summary}, indent=2))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns the summary
+        print(json.dumps({"out": config.out, **summary}, indent=2))
     return 0
 
 

@@ -40,7 +40,7 @@ METHODS = (
     "gce+arm",
 )
 # Fields that may differ between a run and its resumption: they change nothing already computed.
-RESUMABLE_FIELDS = ("epochs", "quiet", "out", "threads")
+RESUMABLE_FIELDS = ("epochs", "quiet", "out", "threads", "distributed.timeout_s", "distributed.verify_replicas")
 
 
 @dataclass
@@ -133,6 +133,24 @@ class LossConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Multi-process training under torchrun (`docs/distributed.md`); ignored by one process.
+
+    backend: `auto` (nccl when CUDA is available, else gloo), `gloo` or `nccl`.
+    timeout_s: bound on every collective; a rank that dies or hangs makes the others stop with
+        an error after at most this long instead of waiting forever.
+    sync_batchnorm: normalise batch-norm layers over the global batch instead of each rank's shard.
+    verify_replicas: after every epoch, check that all ranks hold identical weights, ARM, trigger
+        state and label store (a digest each; a mismatch stops the run).
+    """
+
+    backend: str = "auto"
+    timeout_s: float = 300.0
+    sync_batchnorm: bool = False
+    verify_replicas: bool = True
+
+
+@dataclass
 class TrainConfig:
     """One training run. `data`: the data folder; `labels`: a folder of training masks replacing
     those in `data` (which then serve as clean references); `out`: the run directory.
@@ -158,6 +176,7 @@ class TrainConfig:
     adele: AdeleConfig = field(default_factory=AdeleConfig)
     arm: ArmConfig = field(default_factory=ArmConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def validate(self) -> TrainConfig:
         """Raise ValueError naming the first field with an impossible value; return self."""
@@ -183,6 +202,8 @@ class TrainConfig:
             (self.adele.logit_divisor > 0, "adele.logit_divisor", "positive"),
             (0.0 <= self.arm.warmup_fraction <= 1.0, "arm.warmup_fraction", "in [0, 1]"),
             (0.0 < self.loss.gce_q <= 1.0, "loss.gce_q", "in (0, 1]"),
+            (self.distributed.backend in ("auto", "gloo", "nccl"), "distributed.backend", "'auto', 'gloo' or 'nccl'"),
+            (self.distributed.timeout_s > 0, "distributed.timeout_s", "positive (seconds)"),
         ]
         for ok, name, expected in checks:
             if not ok:
@@ -198,9 +219,14 @@ class TrainConfig:
 
 
 def semantic_fields(config: TrainConfig) -> dict[str, Any]:
+    """The configuration without RESUMABLE_FIELDS (dotted names reach into sections)."""
     values = config.to_dict()
     for name in RESUMABLE_FIELDS:
-        values.pop(name)
+        *sections, key = name.split(".")
+        node = values
+        for section in sections:
+            node = node[section]
+        node.pop(key)
     return values
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from noisyseg.training.distributed import fault_point
 from noisyseg.training.io import atomic_write_bytes, atomic_write_json
 
 ARRAY_FILE = "labels.npy"
@@ -63,6 +64,7 @@ class LabelStore:
 
     def update(self, rows: np.ndarray, labels: np.ndarray) -> None:
         """Replace the labels of the slices at positions `rows`."""
+        fault_point("label-store-update")
         self.labels[rows] = labels
 
     def changed_fraction(self, original: np.ndarray) -> float:
@@ -75,6 +77,7 @@ class LabelStore:
         buffer = io.BytesIO()
         np.save(buffer, self.labels, allow_pickle=False)
         atomic_write_bytes(directory / ARRAY_FILE, buffer.getvalue())
+        fault_point("label-store-write")
         atomic_write_json(
             directory / INFO_FILE,
             {

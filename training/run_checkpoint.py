@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
+from noisyseg.training.distributed import fault_point
 from noisyseg.training.io import _fsync_directory, atomic_write_bytes, atomic_write_json
 
 CHECKPOINT_DIR = "checkpoint"
@@ -86,14 +87,21 @@ def write_checkpoint(run_dir: str | Path, tensors: dict[str, torch.Tensor], stat
     run_dir = Path(run_dir)
     final, staging, previous = (run_dir / n for n in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".tmp", CHECKPOINT_DIR + ".old"))
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    atomic_write_bytes(staging / STATE_TENSORS, save(tensors))
-    write_extra(staging)
-    atomic_write_json(staging / STATE_JSON, {"format_version": FORMAT_VERSION, **state})
+    try:
+        staging.mkdir(parents=True)
+        atomic_write_bytes(staging / STATE_TENSORS, save(tensors))
+        fault_point("checkpoint-write")
+        write_extra(staging)
+        atomic_write_json(staging / STATE_JSON, {"format_version": FORMAT_VERSION, **state})
+    except OSError:
+        # A full disk, say: drop the partial staging copy; `checkpoint/` is untouched.
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if final.exists():
         if previous.exists():
             shutil.rmtree(previous)
         os.replace(final, previous)
+        fault_point("checkpoint-swap")
     os.replace(staging, final)
     _fsync_directory(run_dir)
     shutil.rmtree(previous, ignore_errors=True)

@@ -28,6 +28,9 @@ Design decisions (method-spec sections 2 to 5; the config docstrings give the de
   weighted losses while ARM ascends the reweighted detached per-pixel losses; then jointly.
 - The trigger and the fits are computed only for methods that correct labels (fits are logged
   for every method, for the curves); model selection is by validation mIoU with background.
+- Several processes (torchrun): DDP with global batches sharded over the ranks, training and
+  evaluation counts, losses and label corrections exchanged so every rank decides the same;
+  only rank 0 writes (`training/distributed.py`, `docs/distributed.md`).
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +58,26 @@ from noisyseg.training import adele
 from noisyseg.training.checkpoint import ModelInfo, save_model
 from noisyseg.training.config import TrainConfig, config_from_dict, semantic_fields
 from noisyseg.training.data import DatasetInfo, SplitArrays, load_split, read_dataset_info
+from noisyseg.training.distributed import (
+    SINGLE_PROCESS,
+    DistContext,
+    agree_on_error,
+    all_gather_rows,
+    all_reduce_counts,
+    all_reduce_sum,
+    average_gradients,
+    broadcast_buffers,
+    convert_sync_batchnorm,
+    fault_point,
+    init_distributed,
+    peer_errors,
+    reset_fault_counts,
+    shard_batch,
+    shard_indices,
+    shutdown,
+    state_digest,
+    verify_agreement,
+)
 from noisyseg.training.io import atomic_write_json, atomic_write_text
 from noisyseg.training.label_store import LabelStore
 from noisyseg.training.metrics import (
@@ -162,6 +187,17 @@ def forward_scales(model: nn.Module, images: torch.Tensor, scales: list[float]) 
     return outputs
 
 
+class MultiScaleNetwork(nn.Module):
+    """`forward_scales` as one module call, so DDP sees one forward (one all-reduce) per step."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, scales: list[float]) -> list[torch.Tensor]:
+        return forward_scales(self.model, images, scales)
+
+
 def mean_probabilities(logits_per_scale: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([torch.softmax(z.detach().float(), dim=1) for z in logits_per_scale]).mean(dim=0)
 
@@ -180,25 +216,37 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 @torch.no_grad()
 def predict_batches(model: nn.Module, images: torch.Tensor, batch_size: int, scales: list[float] | None = None) -> torch.Tensor:
     """Class probabilities (N, C, H, W) in eval mode, averaged over `scales` (default: 1.0 only)."""
+    device = model_device(model)
     with eval_mode(model):
-        chunks = [mean_probabilities(forward_scales(model, images[i : i + batch_size], scales or [1.0])) for i in range(0, len(images), batch_size)]
+        chunks = [mean_probabilities(forward_scales(model, images[i : i + batch_size].to(device), scales or [1.0])) for i in range(0, len(images), batch_size)]
     return torch.cat(chunks)
 
 
 @torch.no_grad()
-def evaluate_split(model: nn.Module, split: SplitArrays, num_classes: int, ignore_index: int, batch_size: int) -> dict[str, Any]:
-    """Single-scale evaluation: {"per_class_iou", "miou", "miou_fg"} (NaN as None), dataset-level."""
+def evaluate_split(model: nn.Module, split: SplitArrays, num_classes: int, ignore_index: int, batch_size: int, ctx: DistContext = SINGLE_PROCESS) -> dict[str, Any]:
+    """Single-scale evaluation: {"per_class_iou", "miou", "miou_fg"} (NaN as None), dataset-level.
+
+    With several ranks each evaluates its block of slices and the confusion counts are summed.
+    """
     meter = ConfusionMeter(num_classes, ignore_index)
     images = torch.from_numpy(split.images)
+    block = shard_indices(len(images), ctx.rank, ctx.world_size)
+    device = model_device(model)
     with eval_mode(model):
-        for start in range(0, len(images), batch_size):
-            prediction = model(images[start : start + batch_size]).argmax(dim=1)
-            meter.update(prediction, torch.from_numpy(split.masks[start : start + batch_size]))
+        for start in range(block.start, block.stop, batch_size):
+            stop = min(start + batch_size, block.stop)
+            prediction = model(images[start:stop].to(device)).argmax(dim=1)
+            meter.update(prediction, torch.from_numpy(split.masks[start:stop]))
+    matrix = all_reduce_counts(ctx, meter.matrix, "evaluation")
     return {
-        "per_class_iou": json_floats(iou_per_class(meter.matrix)),
-        "miou": json_float(mean_iou(meter.matrix, include_background=True)),
-        "miou_fg": json_float(mean_iou(meter.matrix, include_background=False)),
+        "per_class_iou": json_floats(iou_per_class(matrix)),
+        "miou": json_float(mean_iou(matrix, include_background=True)),
+        "miou_fg": json_float(mean_iou(matrix, include_background=False)),
     }
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def json_float(value: float) -> float | None:
@@ -314,8 +362,9 @@ class EpochCounters:
 class Trainer:
     """Holds the model, optimisers, ARM, label store and histories of one run."""
 
-    def __init__(self, config: TrainConfig, data: RunData) -> None:
+    def __init__(self, config: TrainConfig, data: RunData, ctx: DistContext = SINGLE_PROCESS) -> None:
         self.config = config
+        self.ctx = ctx
         self.data = data
         self.spec = METHOD_SPECS[config.method]
         self.run_dir = Path(config.out)
@@ -326,12 +375,15 @@ class Trainer:
         random.seed(config.seed)
         self.model_kwargs = {**config.model.kwargs, "in_channels": int(data.train_images.shape[1]), "num_classes": data.num_classes}
         # channels_last: about 20% faster convolutions on CPU (measured on the UNet, 1 thread).
-        self.model = create_model(config.model.architecture, **self.model_kwargs).to(memory_format=torch.channels_last)
+        model = create_model(config.model.architecture, **self.model_kwargs)
+        if config.distributed.sync_batchnorm:
+            model = convert_sync_batchnorm(model, ctx)
+        self.model = model.to(device=ctx.device, memory_format=torch.channels_last)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.optim.lr, momentum=config.optim.momentum, weight_decay=config.optim.weight_decay)
         self.arm: nn.Module | None = None
         self.arm_optimizer: torch.optim.Optimizer | None = None
         if self.spec.arm:
-            self.arm = ARM()
+            self.arm = ARM().to(ctx.device)
             momentum = config.optim.momentum if config.arm.momentum is None else config.arm.momentum
             self.arm_optimizer = torch.optim.SGD(self.arm.parameters(), lr=config.optim.lr, momentum=momentum, maximize=True)
         self.shuffle = torch.Generator().manual_seed(config.seed)
@@ -342,6 +394,19 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.best_val: float | None = None
         self.best_epoch: int | None = None
+        self.saved_epoch = 0  # the epoch of the last complete checkpoint
+        self.network = self.distributed_network()
+        # This rank's label corrections of the current epoch, for the other ranks.
+        self.pending_corrections: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def distributed_network(self) -> nn.Module:
+        """The multiscale forward, in DDP when several ranks train."""
+        network = MultiScaleNetwork(self.model)
+        if not self.ctx.enabled:
+            return network
+        device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+        with peer_errors(self.ctx, "the initial weight broadcast"):
+            return nn.parallel.DistributedDataParallel(network, device_ids=device_ids)
 
     # ---- schedule
 
@@ -429,34 +494,85 @@ class Trainer:
     def correct_rows(self, rows: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor, classes: torch.Tensor) -> int:
         """Correct the label-store rows `rows` from `probs`; returns the number of changed pixels."""
         corrected = adele.correct_labels(labels, probs, classes, self.config.adele.tau, self.config.adele.refuse_absent_classes, self.ignore_index)
-        changed = int((corrected != labels).sum())
+        differs = corrected != labels
+        changed = int(differs.sum())
         if changed:
-            self.store.update(rows.numpy(), corrected.to(torch.uint8).numpy())
+            new_labels = corrected.to(torch.uint8).cpu().numpy()
+            self.store.update(rows.numpy(), new_labels)
+            if self.ctx.enabled:
+                changed_rows = differs.flatten(1).any(dim=1).cpu().numpy()
+                self.pending_corrections.append((rows.numpy()[changed_rows], new_labels[changed_rows]))
         return changed
 
-    def train_step(self, rows: torch.Tensor, counters: EpochCounters, correct: torch.Tensor | None) -> None:
-        images = self.data.train_images[rows].contiguous(memory_format=torch.channels_last)
-        target = torch.from_numpy(self.store.labels[rows.numpy()]).long()
+    def share_corrections(self) -> None:
+        """Apply every rank's corrections of this epoch to this rank's copy of the store.
+
+        Within an epoch each slice belongs to exactly one rank's shard, so the rows are disjoint
+        and no rank has read a row that another corrected: the copies end equal to the store a
+        single process would build.
+        """
+        if not self.ctx.enabled:
+            return
+        height, width = self.store.labels.shape[1:]
+        rows = np.concatenate([r for r, _ in self.pending_corrections] or [np.zeros(0, dtype=np.int64)])
+        labels = np.concatenate([lab for _, lab in self.pending_corrections] or [np.zeros((0, height, width), dtype=np.uint8)])
+        self.pending_corrections = []
+        all_rows, all_labels = all_gather_rows(self.ctx, rows.astype(np.int64), labels, "the label-store exchange")
+        if len(all_rows):
+            self.store.update(all_rows, all_labels)
+
+    def train_step(self, rows: torch.Tensor, counters: EpochCounters, correct: torch.Tensor | None, loss_weight: float = 1.0, padding: bool = False) -> None:
+        """One step on `rows`: this rank's shard of a global batch (all of it for one process).
+
+        `loss_weight` rescales this rank's mean loss so that DDP's gradient average is the
+        global batch mean; `padding` rows (weight 0) are neither counted nor corrected.
+        """
+        fault_point("train-step")
+        images = self.data.train_images[rows].to(self.ctx.device).contiguous(memory_format=torch.channels_last)
+        target = torch.from_numpy(self.store.labels[rows.numpy()]).long().to(self.ctx.device)
         self.set_learning_rate()
-        logits = forward_scales(self.model, images, self.scales)
+        with peer_errors(self.ctx, "the forward pass (DDP's buffer broadcast)"):
+            logits = self.network(images, self.scales)
         loss, terms = self.loss_terms(logits, target)
-        if not math.isfinite(loss.item()):
+        if loss_weight != 1.0:
+            loss = loss * loss_weight
+        loss_value, terms = self.global_loss(loss, terms, loss_weight)
+        if not math.isfinite(loss_value):
             raise RuntimeError(
-                f"non-finite loss ({loss.item()}) at epoch {self.epoch + 1}, iteration {self.iteration + 1}: "
+                f"non-finite loss ({loss_value}) at epoch {self.epoch + 1}, iteration {self.iteration + 1}: "
                 f"training stopped, the last complete checkpoint in {self.run_dir} is kept (try a lower optim.lr)"
             )
         self.optimise(loss)
         counters.add_losses(terms)
+        if padding:
+            return
         self.count_training_pass(rows, logits[self.scales.index(1.0)].detach().argmax(dim=1), target, counters)
         if correct is not None and self.config.adele.correction_timing == "iteration":
             counters.corrected_pixels += self.correct_rows(rows, target, self.correction_probs(logits), correct)
 
+    def global_loss(self, loss: torch.Tensor, terms: dict[str, float], loss_weight: float) -> tuple[float, dict[str, float]]:
+        """(backpropagated loss, logged terms) of the global batch: this rank's for one process,
+        else the mean over ranks of the weighted values, so every rank logs and judges the same."""
+        if not self.ctx.enabled:
+            return loss.item(), terms
+        names = sorted(terms)
+        local = torch.tensor([loss.item()] + [terms[n] * loss_weight for n in names], dtype=torch.float64)
+        mean = (all_reduce_sum(self.ctx, local, "the loss all-reduce") / self.ctx.world_size).tolist()
+        return mean[0], dict(zip(names, mean[1:], strict=True))
+
     def optimise(self, loss: torch.Tensor) -> None:
-        """One step: the network descends, ARM (when present) ascends (`maximize=True`)."""
+        """One step: the network descends, ARM (when present) ascends (`maximize=True`).
+
+        With several ranks DDP averages the network's gradients during the backward pass and
+        ARM's are averaged here, so every replica takes the same step.
+        """
         optimizers = [o for o in (self.optimizer, self.arm_optimizer) if o is not None]
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with peer_errors(self.ctx, "the gradient all-reduce"):
+            loss.backward()
+        if self.arm is not None:
+            average_gradients(self.ctx, list(self.arm.parameters()), "the ARM gradient all-reduce")
         for optimizer in optimizers:
             optimizer.step()
         self.iteration += 1
@@ -483,11 +599,30 @@ class Trainer:
         order = torch.randperm(len(self.data.train_ids), generator=self.shuffle)
         self.model.train()
         batches = order.split(self.config.batch_size)
-        with tqdm(batches, desc=f"{self.config.method} epoch {epoch}/{self.config.epochs}", unit="batch", disable=self.config.quiet, leave=False) as progress:
-            for rows in progress:
-                self.train_step(rows, counters, correct)
+        with tqdm(batches, desc=f"{self.config.method} epoch {epoch}/{self.config.epochs}", unit="batch", disable=self.config.quiet or not self.ctx.is_main, leave=False) as progress:
+            for batch in progress:
+                shard = shard_batch(batch, self.ctx.rank, self.ctx.world_size)
+                self.train_step(shard.rows, counters, correct, shard.loss_weight, shard.padding)
                 progress.set_postfix(loss=f"{counters.loss_sums['total'] / counters.steps:.4f}")
+        broadcast_buffers(self.ctx, self.model, "the batch-norm statistics broadcast")
+        self.share_corrections()
+        self.reduce_counters(counters)
         return counters
+
+    def reduce_counters(self, counters: EpochCounters) -> None:
+        """Sum the epoch's training-pass counts over ranks (what the trigger fits)."""
+        if not self.ctx.enabled:
+            return
+        counters.train_meter.matrix = all_reduce_counts(self.ctx, counters.train_meter.matrix, "the training-IoU all-reduce")
+        if counters.noise is not None:
+            counters.noise = NoiseCounts(
+                all_reduce_counts(self.ctx, counters.noise.pred_vs_clean, "the IoU_el all-reduce"),
+                all_reduce_counts(self.ctx, counters.noise.pred_vs_noisy, "the IoU_m all-reduce"),
+            )
+        counters.corrected_pixels = self.total_over_ranks(counters.corrected_pixels)
+
+    def total_over_ranks(self, count: int) -> int:
+        return int(all_reduce_sum(self.ctx, torch.tensor([count], dtype=torch.int64), "a count all-reduce").item())
 
     def correct_after_epoch(self, epoch: int) -> int:
         """`epoch` timing: recompute predictions on the whole train split, then correct."""
@@ -495,9 +630,14 @@ class Trainer:
         if classes is None or self.config.adele.correction_timing != "epoch":
             return 0
         scales = self.scales if self.config.adele.correction_prediction == "multiscale" else [1.0]
-        probs = predict_batches(self.model, self.data.train_images, self.config.eval_batch_size, scales)
-        rows = torch.arange(len(self.data.train_ids))
-        return self.correct_rows(rows, torch.from_numpy(self.store.labels.copy()).long(), probs, classes)
+        block = shard_indices(len(self.data.train_ids), self.ctx.rank, self.ctx.world_size)
+        changed = 0
+        if len(block):
+            probs = predict_batches(self.model, self.data.train_images[block.start : block.stop], self.config.eval_batch_size, scales)
+            labels = torch.from_numpy(self.store.labels[block.start : block.stop].copy()).long().to(self.ctx.device)
+            changed = self.correct_rows(torch.arange(block.start, block.stop), labels, probs, classes)
+        self.share_corrections()
+        return self.total_over_ranks(changed)
 
     def finish_epoch(self, counters: EpochCounters) -> dict[str, Any]:
         """Trigger, end-of-epoch correction, evaluation; returns the epoch's metrics record."""
@@ -517,8 +657,8 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"],
             "loss": counters.mean_losses(),
             "train_iou": foreground_dict(train_iou),
-            "val": evaluate_split(self.model, self.data.val, self.data.num_classes, self.ignore_index, self.config.eval_batch_size),
-            "test": evaluate_split(self.model, self.data.test, self.data.num_classes, self.ignore_index, self.config.eval_batch_size),
+            "val": evaluate_split(self.model, self.data.val, self.data.num_classes, self.ignore_index, self.config.eval_batch_size, self.ctx),
+            "test": evaluate_split(self.model, self.data.test, self.data.num_classes, self.ignore_index, self.config.eval_batch_size, self.ctx),
             "trigger": self.triggers.record(),
             "labels_changed_fraction": self.store.changed_fraction(self.data.train_labels),
             "corrected_pixels": corrected,
@@ -570,8 +710,10 @@ class Trainer:
             "triggers": self.triggers.to_json(),
             "history": self.history,
             "best": {"val_miou": self.best_val, "epoch": self.best_epoch},
+            "world_size": self.ctx.world_size,
         }
         write_checkpoint(self.run_dir, tensors, state, self.store.save)
+        self.saved_epoch = self.epoch
 
     def load_checkpoint(self, directory: Path) -> None:
         tensors, state = read_checkpoint(directory)
@@ -594,9 +736,14 @@ class Trainer:
         self.epoch, self.iteration = int(state["epoch"]), int(state["iteration"])
         self.history = list(state["history"])
         self.best_val, self.best_epoch = state["best"]["val_miou"], state["best"]["epoch"]
+        self.saved_epoch = self.epoch
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.ctx.world_size:
+            log.warning("%s was written by %d rank(s), resuming with %d: batches are sharded differently from here on", directory, saved_world, self.ctx.world_size)
 
     def write_metrics(self) -> None:
         """Rewrite metrics.jsonl from the history (so it always matches the checkpoint)."""
+        fault_point("metrics-write")
         atomic_write_text(self.run_dir / METRICS_FILE, "".join(json_line(r) + "\n" for r in self.history))
 
     def summary(self) -> dict[str, Any]:
@@ -611,14 +758,47 @@ class Trainer:
         while self.epoch < self.config.epochs:
             record = self.finish_epoch(self.run_epoch())
             self.history.append(record)
-            self.track_best(record)
-            self.save_checkpoint()
-            self.write_metrics()
+            self.verify_replicas()
+            self.persist(record)
             log.info("epoch %d: loss %.4f, val mIoU %s, test mIoU %s, labels changed %.4f", record["epoch"], record["loss"]["total"], percent(record["val"]["miou"]), percent(record["test"]["miou"]), record["labels_changed_fraction"])
         summary = self.summary()
-        atomic_write_json(self.run_dir / SUMMARY_FILE, summary)
-        plot_curves(self.run_dir)
+        if self.ctx.is_main:
+            atomic_write_json(self.run_dir / SUMMARY_FILE, summary)
+            plot_curves(self.run_dir)
         return summary
+
+    def persist(self, record: dict[str, Any]) -> None:
+        """Rank 0 writes the best model, the checkpoint and the metrics; a failed write (a full
+        disk) stops every rank with one clear error and leaves the last complete checkpoint."""
+        error = None
+        if self.ctx.is_main:
+            try:
+                self.track_best(record)
+                self.save_checkpoint()
+                self.write_metrics()
+            except OSError as err:
+                kept = f"the last complete checkpoint (epoch {self.saved_epoch}) is kept" if self.saved_epoch else "no checkpoint was completed"
+                error = RuntimeError(f"{self.run_dir}: could not write the outputs of epoch {record['epoch']} ({err}); training stopped, {kept}; free space and continue with --resume {self.run_dir}")
+        agree_on_error(self.ctx, error, f"writing the outputs of epoch {record['epoch']}")
+
+    def verify_replicas(self) -> None:
+        """Stop unless every rank holds the same weights, ARM, trigger state and label store."""
+        if not (self.ctx.enabled and self.config.distributed.verify_replicas):
+            return
+        tensors = [*self.model.state_dict().values(), *(self.arm.state_dict().values() if self.arm is not None else [])]
+        digest = state_digest(tensors, [self.store.labels], json.dumps(self.triggers.to_json(), sort_keys=True))
+        verify_agreement(self.ctx, digest, f"the state after epoch {self.epoch}")
+        if self.ctx.is_main:
+            log.info("epoch %d: replicas agree across %d ranks (weights, ARM, triggers, label store: sha256 %s)", self.epoch, self.ctx.world_size, digest[:16])
+
+    def check_free_space(self) -> None:
+        """Refuse to start when the run directory cannot hold two checkpoints (old and new)."""
+        tensors = [*self.model.state_dict().values(), *(self.arm.state_dict().values() if self.arm is not None else [])]
+        # Weights, SGD momentum of the same size, the best model file, the label store.
+        checkpoint_bytes = 3 * sum(t.numel() * t.element_size() for t in tensors) + self.store.labels.nbytes
+        free = shutil.disk_usage(self.run_dir).free
+        if free < 2 * checkpoint_bytes:
+            raise ValueError(f"{self.run_dir}: only {free / 1e6:.1f} MB free, a checkpoint needs about {checkpoint_bytes / 1e6:.1f} MB and twice that while it replaces the previous one; free space or choose another --out")
 
 
 def percent(value: float | None) -> str:
@@ -708,12 +888,60 @@ def prepare_run_dir(config: TrainConfig, resume: bool) -> None:
             raise ValueError(f"{run_dir}: run directory holds a run with another configuration (differs in {', '.join(differences)}); use another --out")
         if not resume:
             raise FileExistsError(f"{run_dir}: run directory already holds this run; continue it with --resume {run_dir} or choose another --out")
+        probe_run_dir(run_dir)
         return
     if resume:
         raise FileNotFoundError(f"{config_path}: nothing to resume (no run configuration in {run_dir})")
     if run_dir.exists() and any(run_dir.iterdir()):
         raise FileExistsError(f"{run_dir}: run directory exists and is not empty; choose another --out")
+    probe_run_dir(run_dir)
     atomic_write_json(config_path, {"config": config.to_dict(), "config_hash": config.semantic_hash()})
+
+
+def probe_run_dir(run_dir: Path) -> None:
+    """Create the run directory and write and remove a file in it: fail now, not after an epoch."""
+    probe = run_dir / ".write-probe"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as handle:
+            handle.write(b"noisyseg write probe\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"{run_dir}: run directory is not writable ({err.strerror or err}); choose another --out") from err
+
+
+def set_up_run(config: TrainConfig, resume: bool, ctx: DistContext) -> Trainer:
+    """Prepare the run directory (rank 0), load the data, build the trainer, restore the
+    checkpoint; a failure on any rank stops all of them with its message."""
+    error: BaseException | None = None
+    if ctx.is_main:
+        try:
+            prepare_run_dir(config, resume)
+        except (ValueError, OSError) as err:
+            error = err
+    agree_on_error(ctx, error, "preparing the run directory")
+    data, error = None, None
+    try:
+        data = load_run_data(config)
+    except (ValueError, OSError) as err:
+        error = err
+    agree_on_error(ctx, error, "loading the data")
+    assert data is not None
+    trainer = Trainer(config, data, ctx)
+    error = None
+    try:
+        checkpoint = find_checkpoint(config.out) if resume else None
+        if checkpoint is not None:
+            trainer.load_checkpoint(checkpoint)
+            log.info("resuming %s after epoch %d", config.out, trainer.epoch)
+        if ctx.is_main:
+            trainer.check_free_space()
+    except (ValueError, OSError) as err:
+        error = err
+    agree_on_error(ctx, error, "restoring the checkpoint")
+    return trainer
 
 
 def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
@@ -722,21 +950,24 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     With `resume=True` the run in `config.out` continues from its last checkpoint (its stored
     configuration must equal `config` except for `epochs`, `quiet`, `threads` and `out`). A
     resumed run with more epochs follows the new total for the ARM warm-up and the poly lr.
+
+    Under torchrun (several ranks) every rank calls this; they train one model with DDP and only
+    rank 0 writes files (`docs/distributed.md`). Every rank returns the same summary.
     """
     config.validate()
-    prepare_run_dir(config, resume)
+    reset_fault_counts()
+    ctx = init_distributed(config.distributed.backend, config.distributed.timeout_s)
+    if not ctx.is_main:
+        logging.getLogger("noisyseg").setLevel(logging.WARNING)  # progress is rank 0's to report
     previous_threads, previous_deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     try:
         # Process-wide torch settings, restored afterwards so callers are not surprised.
         if config.threads:
             torch.set_num_threads(config.threads)
         torch.use_deterministic_algorithms(config.deterministic)
-        trainer = Trainer(config, load_run_data(config))
-        checkpoint = find_checkpoint(config.out) if resume else None
-        if checkpoint is not None:
-            trainer.load_checkpoint(checkpoint)
-            log.info("resuming %s after epoch %d", config.out, trainer.epoch)
-        return trainer.fit()
+        summary = set_up_run(config, resume, ctx).fit()
+        shutdown(ctx)
+        return summary
     finally:
         torch.set_num_threads(previous_threads)
         torch.use_deterministic_algorithms(previous_deterministic)
