@@ -13,6 +13,9 @@ from noisyseg import __version__
 # `func(args) -> int | None` as its handler. Imported lazily so `noisyseg --help` stays fast.
 COMMAND_MODULES = [
     "noisyseg.training.data_commands",
+    "noisyseg.training.commands",
+    "noisyseg.export.commands",
+    "noisyseg.serve.commands",
 ]
 
 
