@@ -14,8 +14,10 @@ from noisyseg import __version__
 COMMAND_MODULES = [
     "noisyseg.training.data_commands",
     "noisyseg.training.commands",
-    "noisyseg.export.commands",
     "noisyseg.serve.commands",
+    "noisyseg.export.commands",
+    "noisyseg.training.experiment_commands",
+    "noisyseg.demo",
 ]
 
 

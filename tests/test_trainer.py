@@ -192,6 +192,14 @@ def test_every_method_trains(folders: tuple[Path, Path], tmp_path: Path, method:
     assert ("consistency" in record["loss"]) == method.startswith("adele")
 
 
+def test_deeplab_trains(folders: tuple[Path, Path], tmp_path: Path) -> None:
+    """The coarse-label setting's network (regression: channels_last crashed its backward)."""
+    config = tiny_config(folders, tmp_path / "deeplab", "method=gce+arm", "epochs=1", "model.architecture=deeplabv3plus", "model.kwargs={base_width: 4}")
+    summary = train(config)
+    assert np.isfinite(read_records(tmp_path / "deeplab")[0]["loss"]["total"])
+    assert 0.0 <= summary["test_miou"]["last"] <= 1.0
+
+
 def test_arm_warm_up_trains_the_network_on_plain_ce_and_arm_alone(folders: tuple[Path, Path], tmp_path: Path) -> None:
     config = tiny_config(folders, tmp_path / "arm", "method=arm", "epochs=1")
     trainer = Trainer(config, load_run_data(config))

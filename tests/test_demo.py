@@ -1,0 +1,79 @@
+"""`noisyseg demo --quick` end to end through the console entry point."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from noisyseg.cli import main
+
+DEMO_METHODS = ("baseline-ms", "adele", "arm")
+THREE = ("best_val", "last", "max")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("demo")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(["demo", "--quick", "--out", str(out)]) == 0
+    return out, stdout.getvalue()
+
+
+def _is_fraction(value: object) -> bool:
+    return isinstance(value, float) and 0.0 <= value <= 1.0
+
+
+def test_summary_has_one_run_summary_per_method_with_fractions(demo_run: tuple[Path, str]) -> None:
+    out, _ = demo_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(summary["methods"]) == sorted(DEMO_METHODS)
+    for method, run in summary["methods"].items():
+        for key in ("test_miou", "test_miou_fg"):
+            assert sorted(run[key]) == sorted(THREE)
+            assert all(_is_fraction(run[key][which]) for which in THREE), (method, key, run[key])
+            assert run[key]["max"] >= run[key]["last"] and run[key]["max"] >= run[key]["best_val"]
+        assert sorted(run["trigger_epoch"]) == ["1", "2", "3", "4"]
+        for epoch in run["trigger_epoch"].values():
+            assert epoch is None or (isinstance(epoch, int) and 1 <= epoch <= summary["scale"]["epochs"])
+        if method != "adele":  # only ADELE corrects labels
+            assert set(run["trigger_epoch"].values()) == {None}
+        assert (Path(run["run_dir"]) / "curves.png").is_file()
+    assert _is_fraction(summary["noise"]["annotation_miou"])
+
+
+def test_the_table_is_printed(demo_run: tuple[Path, str]) -> None:
+    out, stdout = demo_run
+    summary = json.loads((out / "summary.json").read_text())
+    for method in DEMO_METHODS:
+        row = next(line for line in stdout.splitlines() if line.startswith(method + " "))
+        last = summary["methods"][method]["test_miou"]["last"]
+        assert f"{100 * last:.1f}" in row.split()
+    assert "Label correction start" in stdout and "Per-class test IoU" in stdout
+
+
+def test_best_model_is_exported_and_onnx_runtime_agrees(demo_run: tuple[Path, str]) -> None:
+    out, _ = demo_run
+    onnx = json.loads((out / "summary.json").read_text())["onnx"]
+    assert Path(onnx["path"]).is_file()
+    assert onnx["test_argmax_agreement"] >= 0.999
+    assert onnx["test_miou_onnxruntime"] == pytest.approx(onnx["test_miou_pytorch"], abs=0.01)
+
+
+def test_a_second_demo_reuses_the_finished_runs(demo_run: tuple[Path, str], capsys: pytest.CaptureFixture[str]) -> None:
+    out, _ = demo_run
+    before = {m: (out / "runs" / "demo").rglob(f"{m}/summary.json") for m in DEMO_METHODS}
+    stamps = {m: next(paths).stat().st_mtime_ns for m, paths in before.items()}
+    assert main(["demo", "--quick", "--no-export", "--out", str(out)]) == 0
+    for method, stamp in stamps.items():
+        assert next((out / "runs" / "demo").rglob(f"{method}/summary.json")).stat().st_mtime_ns == stamp
+    assert "baseline-ms" in capsys.readouterr().out
+
+
+def test_bad_epochs_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--quick", "--epochs", "0", "--out", str(tmp_path)]) == 2
+    assert "--epochs: expected at least 1" in capsys.readouterr().err

@@ -1,0 +1,132 @@
+"""The experiment runner: skipping, resuming, locking between processes, and the results document,
+on tiny real runs of the trainer."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from noisyseg.training.experiment import (
+    NoiseSpec,
+    RunSpec,
+    Scale,
+    data_paths,
+    experiment_runs,
+    run_experiment_step,
+    run_experiments,
+    run_lock,
+)
+from noisyseg.training.experiment_report import mean_std, write_results
+from noisyseg.training.trainer import train
+
+TINY = Scale(patients=5, size=32, slices_per_patient=4, epochs=2, batch_size=8, unet={"base_width": 4, "depth": 2})
+SPECS = [RunSpec("table1", "baseline-ms", NoiseSpec(seed=0)), RunSpec("table1", "adele", NoiseSpec(seed=0))]
+
+
+class RecordingTrain:
+    """The real trainer, recording each call's (method, resume)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bool]] = []
+
+    def __call__(self, config, resume):
+        self.calls.append((config.method, resume))
+        return train(config, resume)
+
+
+@pytest.fixture(scope="module")
+def finished_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("experiment")
+    trainer = RecordingTrain()
+    counts = run_experiments(root, SPECS, TINY, trainer)
+    assert counts == {"done": 0, "trained": 2, "busy": 0}
+    assert trainer.calls == [("baseline-ms", False), ("adele", False)]
+    return root
+
+
+def test_finished_runs_are_skipped(finished_root: Path) -> None:
+    trainer = RecordingTrain()
+    assert run_experiments(finished_root, SPECS, TINY, trainer) == {"done": 2, "trained": 0, "busy": 0}
+    assert trainer.calls == []
+    run_dir = finished_root / "runs" / SPECS[0].relative_dir
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert 0.0 <= summary["test_miou"]["last"] <= 1.0
+    timing = json.loads((run_dir / "experiment_timing.json").read_text())
+    assert timing["cpu_seconds"] > 0
+
+
+def test_an_interrupted_run_is_resumed(finished_root: Path) -> None:
+    # A run killed after its checkpoint but before its summary: the runner resumes it.
+    run_dir = finished_root / "runs" / SPECS[0].relative_dir
+    (run_dir / "summary.json").unlink()
+    trainer = RecordingTrain()
+    assert run_experiment_step(SPECS[0], finished_root, TINY, trainer) == "trained"
+    assert trainer.calls == [("baseline-ms", True)]
+    assert (run_dir / "summary.json").is_file()
+
+
+def test_data_is_built_once_per_scale_and_noise(finished_root: Path) -> None:
+    phantom, labels = data_paths(finished_root, TINY, NoiseSpec(seed=0))
+    assert (phantom / "dataset.json").is_file() and (labels / "noise.json").is_file()
+    assert sorted(p.name for p in (finished_root / "data").iterdir()) == sorted([phantom.name, labels.name])
+
+
+def test_a_run_held_by_a_live_process_is_left_to_it(tmp_path: Path) -> None:
+    spec = RunSpec("table1", "arm", NoiseSpec(seed=5))
+    lock = tmp_path / "runs" / spec.relative_dir.parent / ".arm.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(f"{os.getpid()}\n")  # this test process: alive
+
+    def must_not_train(config, resume):
+        raise AssertionError("trained a run another process holds")
+
+    assert run_experiment_step(spec, tmp_path, TINY, must_not_train) == "busy"
+    assert lock.read_text() == f"{os.getpid()}\n"
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path: Path) -> None:
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    lock = tmp_path / ".run.lock"
+    lock.write_text(finished.stdout)
+    with run_lock(lock) as acquired:
+        assert acquired
+        assert lock.read_text() == f"{os.getpid()}\n"
+    assert not lock.exists()
+
+
+def test_results_document_holds_the_measured_numbers(finished_root: Path, tmp_path: Path) -> None:
+    out = write_results(finished_root, tmp_path / "docs" / "results.md", TINY, SPECS, [0], "noisyseg experiment --out X")
+    text = out.read_text()
+    summaries = {s.method: json.loads((finished_root / "runs" / s.relative_dir / "summary.json").read_text()) for s in SPECS}
+    for method, summary in summaries.items():
+        row = next(line for line in text.splitlines() if line.startswith(f"| {method} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] == "1"  # one seed finished
+        assert cells[2] == f"{100 * summary['test_miou']['best_val']:.1f}"
+        assert cells[4] == f"{100 * summary['test_miou']['last']:.1f}"
+    assert "| adele-nonadaptive | 0 |" in text  # planned elsewhere, not run here: shown as missing
+    assert "noisyseg experiment --out X" in text
+    assert (tmp_path / "docs" / "results" / "table1_dynamics.png").is_file()
+    assert (tmp_path / "docs" / "results" / "table1_adele_curves.png").is_file()
+
+
+def test_mean_std_formats_percentages() -> None:
+    assert mean_std([0.5, 0.7]) == "60.0 ± 14.1"
+    assert mean_std([0.123]) == "12.3"
+    assert mean_std([None]) == "-"
+
+
+def test_experiment_plans() -> None:
+    assert len(experiment_runs("table1", [0, 1, 2], [0])) == 18
+    ladder = experiment_runs("ladder", [7, 8], [0, 3])
+    assert [(s.method, s.noise.level, s.noise.seed) for s in ladder] == [
+        ("baseline-ms", 0, 7), ("adele", 0, 7), ("baseline-ms", 3, 7), ("adele", 3, 7)
+    ]
+    assert {s.architecture for s in experiment_runs("coarse", [0], [])} == {"deeplabv3plus"}
+    with pytest.raises(ValueError, match="unknown experiment 'table9'"):
+        experiment_runs("table9", [0], [0])
