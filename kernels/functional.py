@@ -37,7 +37,17 @@ def resolve_backend(backend: str, example: torch.Tensor) -> str:
 
 
 def _backend_module(backend: str, example: torch.Tensor) -> ModuleType:
-    return importlib.import_module(BACKEND_MODULES[resolve_backend(backend, example)])
+    name = resolve_backend(backend, example)
+    try:
+        return importlib.import_module(BACKEND_MODULES[name])
+    except ImportError as error:
+        package = (error.name or "").split(".")[0]
+        if package in ("triton", "numba"):
+            raise RuntimeError(
+                f"backend {name!r} needs the {package!r} package, which is not installed here; "
+                "use backend='torch' (the reference) instead"
+            ) from error
+        raise
 
 
 def arm_cross_entropy(

@@ -328,3 +328,16 @@ def test_auto_backend_picks_fused_kernels_by_device_and_the_reference_for_fp64()
     assert resolve_backend("triton", torch.zeros(1)) == "triton"
     with pytest.raises(ValueError, match="backend: expected one of"):
         resolve_backend("cuda", torch.zeros(1))
+
+
+def test_a_backend_whose_package_is_missing_is_named(monkeypatch):
+    import sys
+
+    from noisyseg.kernels import functional
+
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
+    monkeypatch.delitem(sys.modules, "noisyseg.kernels.triton_backend", raising=False)
+    monkeypatch.delitem(sys.modules, "noisyseg.kernels.triton_adele_arm", raising=False)
+    logits, target = make_batch()
+    with pytest.raises(RuntimeError, match="backend 'triton' needs the 'triton' package"):
+        functional.arm_cross_entropy(logits, target, None, backend="triton")
