@@ -10,7 +10,8 @@ import sys
 from noisyseg import __version__
 
 # Each module exposes `register(subparsers)`, adding its subcommands; each subcommand sets
-# `func(args) -> int | None` as its handler. Imported lazily so `noisyseg --help` stays fast.
+# `func(args) -> int | None` as its handler. Every module is imported to build the parser, so
+# start-up pays for torch (about 1.8 s here) even for `--help`.
 COMMAND_MODULES = [
     "noisyseg.training.data_commands",
     "noisyseg.training.commands",
