@@ -11,7 +11,8 @@ from noisyseg import __version__
 
 # Each module exposes `register(subparsers)`, adding its subcommands; each subcommand sets
 # `func(args) -> int | None` as its handler. Every module is imported to build the parser, so
-# start-up pays for torch (about 1.8 s here) even for `--help`.
+# they import heavy packages (torch, numpy, scipy, onnx, ...) in their handlers, keeping
+# `noisyseg --help` fast; tests/test_cli_imports.py checks it.
 COMMAND_MODULES = [
     "noisyseg.training.data_commands",
     "noisyseg.training.commands",

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import onnx
 
-from noisyseg.export.onnx_export import read_metadata
 from noisyseg.training.io import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -116,6 +115,9 @@ def model_name_from(path: Path) -> str:
 
 def make_triton_repo(onnx_path: str | Path, out: str | Path, engine: str | Path | None = None, config: TritonRepoConfig | None = None) -> Path:
     """`noisyseg export triton-repo`: write the model directory; returns the config.pbtxt path."""
+    # Imported here as onnx_export loads torch; the server imports this module for model_name_from.
+    from noisyseg.export.onnx_export import read_metadata
+
     config = config or TritonRepoConfig()
     onnx_path, out = Path(onnx_path), Path(out)
     if not onnx_path.is_file():

@@ -12,15 +12,16 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import safe_open
-from safetensors.torch import save as safetensors_save
 
 from noisyseg import __version__
 from noisyseg.training.io import atomic_write_bytes
-from noisyseg.training.models import create_model
+
+# torch is imported where a model is built or saved: serving an ONNX model needs only the names here.
+if TYPE_CHECKING:
+    import torch
 
 METADATA_KEY = "noisyseg.model"
 RUN_MODEL_FILE = "model.safetensors"
@@ -48,11 +49,15 @@ class ModelInfo:
         return int(self.model_kwargs.get("in_channels", 1))
 
     def build(self) -> torch.nn.Module:
+        from noisyseg.training.models import create_model
+
         return create_model(self.architecture, **self.model_kwargs)
 
 
 def save_model(path: str | Path, model: torch.nn.Module, info: ModelInfo) -> None:
     """Write `model`'s weights and `info` atomically to a safetensors file."""
+    from safetensors.torch import save as safetensors_save
+
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     payload = safetensors_save(tensors, metadata={METADATA_KEY: json.dumps(asdict(info))})
     atomic_write_bytes(path, payload)

@@ -9,9 +9,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-from tqdm import tqdm
-
 from noisyseg.training.config import (
     METHODS,
     TrainConfig,
@@ -19,6 +16,8 @@ from noisyseg.training.config import (
     config_from_dict,
     load_config_file,
 )
+
+# torch, tqdm and the training code are imported by the handlers, so `noisyseg --help` stays fast.
 
 log = logging.getLogger(__name__)
 
@@ -173,12 +172,14 @@ def image_files(folder: str | Path) -> list[Path]:
     return files
 
 
-@torch.no_grad()
 def predict_folder(run: str | Path, input_dir: str | Path, out_dir: str | Path, quiet: bool = False) -> list[Path]:
     """Write `out_dir/<name>.png` (class ids) for every image in `input_dir`; returns the paths.
 
     Images are z-scored per slice exactly as the training loader does.
     """
+    import torch
+    from tqdm import tqdm
+
     from noisyseg.training.checkpoint import load_model
     from noisyseg.training.data import normalize_image, read_image, write_mask
 
@@ -187,7 +188,8 @@ def predict_folder(run: str | Path, input_dir: str | Path, out_dir: str | Path, 
     for path in tqdm(image_files(input_dir), desc="predict", unit="image", disable=quiet):
         image = read_image(path)
         check_channels(image.shape[0], info.in_channels, path)
-        logits = model(torch.from_numpy(normalize_image(image))[None])
+        with torch.no_grad():
+            logits = model(torch.from_numpy(normalize_image(image))[None])
         target = Path(out_dir) / f"{path.stem}.png"
         write_mask(target, logits.argmax(dim=1)[0].to(torch.uint8).numpy())
         written.append(target)

@@ -33,6 +33,7 @@ from noisyseg.training.data import (
 )
 from noisyseg.training.io import atomic_write_json
 from noisyseg.training.metrics import confusion_matrix, iou_per_class, mean_iou
+from noisyseg.training.noise_options import LEVEL_ITERATIONS, NOISE_FAMILIES
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,6 @@ REFERENCE_ORGAN_ORDER = (1, 3, 4, 2)
 # The reference rescales every organ to about this many pixels before eroding/dilating it.
 REFERENCE_AREA = 1000.0
 REFERENCE_ITERATIONS = (2, 3, 4)
-# ADELE Table 6: level L erodes/dilates LEVEL_ITERATIONS[L] times (annotation mIoU in the paper
-# 1.00, 0.91, 0.73, 0.61, 0.52, 0.39, 0.28).
-LEVEL_ITERATIONS = (0, 1, 2, 3, 4, 6, 8)
 SQUARE_3X3 = np.ones((3, 3), dtype=bool)
 
 
@@ -271,7 +269,6 @@ class MarkovNoise:
         return ndimage.gaussian_filter(current.astype(np.float32), sigma=self.blur_sigma, truncate=1.0) > 0.5
 
 
-NOISE_FAMILIES = ("erode-dilate", "coarse", "markov")
 # A noise family: `apply(mask, rng)` turns one clean mask into a noisy one.
 NoiseModel = ErodeDilateNoise | CoarseNoise | MarkovNoise
 
