@@ -59,8 +59,8 @@ from noisyseg.kernels.reference import (
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 
-_JIT = {"parallel": True, "fastmath": False, "cache": True}
-_HELPER_JIT = {"fastmath": False, "cache": True}
+_JIT = {"parallel": True, "fastmath": False, "cache": True, "error_model": "numpy"}
+_HELPER_JIT = {"fastmath": False, "cache": True, "error_model": "numpy"}
 
 # ARM's layout (reference.ARM_PARAMETER_OFFSETS) as compile-time constants for the kernels.
 _W0, _B0 = ARM_PARAMETER_OFFSETS["layers.0.weight"][0], ARM_PARAMETER_OFFSETS["layers.0.bias"][0]
@@ -107,20 +107,26 @@ _EXP_POLY = tuple(
 
 
 @numba.njit(**_HELPER_JIT)
+def _exp_mantissa(x):
+    """exp(x) = mantissa * 2**exponent for x clamped to [-87.3, 88.3]: (mantissa, biased
+    exponent bits of 2**exponent as int32), so callers build 2**n through a float32 view."""
+    x = min(max(x, _EXP_LOW), _EXP_HIGH)
+    k = np.floor(x * _LOG2E + np.float32(0.5))
+    r = x - k * _LN2_HI - k * _LN2_LO
+    poly = _EXP_POLY[0]
+    poly = poly * r + _EXP_POLY[1]
+    poly = poly * r + _EXP_POLY[2]
+    poly = poly * r + _EXP_POLY[3]
+    poly = poly * r + _EXP_POLY[4]
+    poly = poly * r + _EXP_POLY[5]
+    return poly * r * r + r + np.float32(1.0), (np.int32(k) + np.int32(127)) << np.int32(23)
+
+
+@numba.njit(**_HELPER_JIT)
 def _exp_inplace(values, width, bits):
     """values[:width] = exp(values[:width]); `bits` is int32 scratch of at least `width`."""
     for j in range(width):
-        x = min(max(values[j], _EXP_LOW), _EXP_HIGH)
-        k = np.floor(x * _LOG2E + np.float32(0.5))
-        r = x - k * _LN2_HI - k * _LN2_LO
-        poly = _EXP_POLY[0]
-        poly = poly * r + _EXP_POLY[1]
-        poly = poly * r + _EXP_POLY[2]
-        poly = poly * r + _EXP_POLY[3]
-        poly = poly * r + _EXP_POLY[4]
-        poly = poly * r + _EXP_POLY[5]
-        values[j] = poly * r * r + r + np.float32(1.0)
-        bits[j] = (np.int32(k) + np.int32(127)) << np.int32(23)
+        values[j], bits[j] = _exp_mantissa(values[j])
     power_of_two = bits.view(np.float32)
     for j in range(width):
         values[j] *= power_of_two[j]
@@ -128,11 +134,12 @@ def _exp_inplace(values, width, bits):
 
 @numba.njit(**_HELPER_JIT)
 def _sigmoid_into(source, target, width, bits):
+    """target[:width] = 1 / (1 + exp(-source[:width])); source and target may be the same."""
     for j in range(width):
-        target[j] = -source[j]
-    _exp_inplace(target, width, bits)
+        target[j], bits[j] = _exp_mantissa(-source[j])
+    power_of_two = bits.view(np.float32)
     for j in range(width):
-        target[j] = np.float32(1.0) / (np.float32(1.0) + target[j])
+        target[j] = np.float32(1.0) / (np.float32(1.0) + target[j] * power_of_two[j])
 
 
 _SQRT_HALF = np.float32(0.707106781186547524)
@@ -196,53 +203,52 @@ def _block_arm_forward(params, confidence, width, pre, sig, weight, bits):
     _sigmoid_into(weight, weight, width, bits)
 
 
-# Reductions over a block's pixels in float64 with four interleaved partial sums: one running
-# sum is bound by the add latency, four independent ones are not (fixed order: deterministic).
+# Reductions over a block's pixels: pairwise folding of a float32 buffer down to _LANES partial
+# sums, then float64. Each fold is an element-wise add that vectorises (a running sum would not,
+# since fastmath is off), and the order is fixed: deterministic.
+_LANES = 16
 
 
 @numba.njit(**_HELPER_JIT)
-def _dot3(a, b, c, width):
-    """sum_j a[j] b[j] c[j]."""
-    acc0 = acc1 = acc2 = acc3 = 0.0
-    quads = width - width % 4
-    for j in range(0, quads, 4):
-        acc0 += a[j] * b[j] * c[j]
-        acc1 += a[j + 1] * b[j + 1] * c[j + 1]
-        acc2 += a[j + 2] * b[j + 2] * c[j + 2]
-        acc3 += a[j + 3] * b[j + 3] * c[j + 3]
-    for j in range(quads, width):
-        acc0 += a[j] * b[j] * c[j]
-    return (acc0 + acc1) + (acc2 + acc3)
+def _fold_sum(values, width):
+    """sum(values[:width]); overwrites values."""
+    n = width
+    while n > _LANES:
+        if n % 2:
+            values[0] += values[n - 1]
+            n -= 1
+        half = n // 2
+        for j in range(half):
+            values[j] += values[j + half]
+        n = half
+    total = 0.0
+    for j in range(n):
+        total += values[j]
+    return total
 
 
 @numba.njit(**_HELPER_JIT)
-def _dot(a, b, width):
+def _dot3(a, b, c, width, tmp):
+    """sum_j a[j] b[j] c[j]; `tmp` is float32 scratch of at least `width`."""
+    for j in range(width):
+        tmp[j] = a[j] * b[j] * c[j]
+    return _fold_sum(tmp, width)
+
+
+@numba.njit(**_HELPER_JIT)
+def _dot(a, b, width, tmp):
     """sum_j a[j] b[j]."""
-    acc0 = acc1 = acc2 = acc3 = 0.0
-    quads = width - width % 4
-    for j in range(0, quads, 4):
-        acc0 += a[j] * b[j]
-        acc1 += a[j + 1] * b[j + 1]
-        acc2 += a[j + 2] * b[j + 2]
-        acc3 += a[j + 3] * b[j + 3]
-    for j in range(quads, width):
-        acc0 += a[j] * b[j]
-    return (acc0 + acc1) + (acc2 + acc3)
+    for j in range(width):
+        tmp[j] = a[j] * b[j]
+    return _fold_sum(tmp, width)
 
 
 @numba.njit(**_HELPER_JIT)
-def _total(a, width):
+def _total(a, width, tmp):
     """sum_j a[j]."""
-    acc0 = acc1 = acc2 = acc3 = 0.0
-    quads = width - width % 4
-    for j in range(0, quads, 4):
-        acc0 += a[j]
-        acc1 += a[j + 1]
-        acc2 += a[j + 2]
-        acc3 += a[j + 3]
-    for j in range(quads, width):
-        acc0 += a[j]
-    return (acc0 + acc1) + (acc2 + acc3)
+    for j in range(width):
+        tmp[j] = a[j]
+    return _fold_sum(tmp, width)
 
 
 @numba.njit(**_HELPER_JIT)
@@ -254,7 +260,7 @@ def _silu_slope_times(values, pre, sig, width):
 
 
 @numba.njit(**_HELPER_JIT)
-def _block_arm_backward(params, confidence, width, pre, sig, weight, upstream, grad, delta, back):
+def _block_arm_backward(params, confidence, width, pre, sig, weight, upstream, grad, delta, back, tmp):
     """Add sum_j upstream[j] * d weight[j] / d params to `grad` (53, float64).
 
     delta[o] holds dL/d(pre-activation) of the layer being processed; `back` the layer below.
@@ -262,9 +268,9 @@ def _block_arm_backward(params, confidence, width, pre, sig, weight, upstream, g
     out = back[0]
     for j in range(width):
         out[j] = upstream[j] * weight[j] * (np.float32(1.0) - weight[j])
-    grad[_B3] += _total(out, width)
+    grad[_B3] += _total(out, width, tmp)
     for i in range(_HIDDEN):
-        grad[_W3 + i] += _dot3(out, pre[2, i], sig[2, i], width)
+        grad[_W3 + i] += _dot3(out, pre[2, i], sig[2, i], width, tmp)
     for i in range(_HIDDEN):
         coeff = params[_W3 + i]
         for j in range(width):
@@ -272,10 +278,10 @@ def _block_arm_backward(params, confidence, width, pre, sig, weight, upstream, g
         _silu_slope_times(delta[i], pre[2, i], sig[2, i], width)
     for layer, w_at, b_at in ((2, _W2, _B2), (1, _W1, _B1)):
         for o in range(_HIDDEN):
-            grad[b_at + o] += _total(delta[o], width)
+            grad[b_at + o] += _total(delta[o], width, tmp)
             for i in range(_HIDDEN):
                 grad[w_at + o * _HIDDEN + i] += _dot3(
-                    delta[o], pre[layer - 1, i], sig[layer - 1, i], width
+                    delta[o], pre[layer - 1, i], sig[layer - 1, i], width, tmp
                 )
         for i in range(_HIDDEN):
             for j in range(width):
@@ -289,8 +295,8 @@ def _block_arm_backward(params, confidence, width, pre, sig, weight, upstream, g
             for j in range(width):
                 delta[i, j] = back[i, j]
     for o in range(_HIDDEN):
-        grad[_W0 + o] += _dot(delta[o], confidence, width)
-        grad[_B0 + o] += _total(delta[o], width)
+        grad[_W0 + o] += _dot(delta[o], confidence, width, tmp)
+        grad[_B0 + o] += _total(delta[o], width, tmp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,7 +324,10 @@ def _block_softmax(z, n, start, width, exps, peak, total, total_sq, lse, bits):
             total[j] += row[j]
             total_sq[j] += row[j] * row[j]
     for j in range(width):
-        lse[j] = peak[j] + np.log(total[j])
+        lse[j] = total[j]
+    _log_inplace(lse, width, bits)  # total >= 1: a positive normal number
+    for j in range(width):
+        lse[j] += peak[j]
 
 
 @numba.njit(**_HELPER_JIT)
@@ -448,6 +457,7 @@ def _fused_pass(
             sig = np.empty((3, _HIDDEN, block), np.float32)
             delta = np.empty((_HIDDEN, block), np.float32)
             back = np.empty((_HIDDEN, block), np.float32)
+            tmp = np.empty(block, np.float32)
             arm_grad = np.zeros(ARM_NUM_PARAMETERS, np.float64)
             for k in range(num_scales):
                 z = logits[k]
@@ -490,6 +500,7 @@ def _fused_pass(
                         arm_grad,
                         delta,
                         back,
+                        tmp,
                     )
             if use_arm and write_grad and not defer_ce_scale:
                 arm_partials[index, :] = arm_grad
@@ -573,6 +584,7 @@ def _arm_gradient_pass(
         upstream = np.empty(block, np.float32)
         delta = np.empty((_HIDDEN, block), np.float32)
         back = np.empty((_HIDDEN, block), np.float32)
+        tmp = np.empty(block, np.float32)
         bits = np.empty(block, np.int32)
         arm_grad = np.zeros(ARM_NUM_PARAMETERS, np.float64)
         pixels = confidence[n, start : start + width]
@@ -581,7 +593,7 @@ def _arm_gradient_pass(
             gain = upstream_loss * loss[n, start + j] - upstream_weight * weight[j]
             upstream[j] = gain if target[n, start + j] != ignore_index else np.float32(0.0)
         _block_arm_backward(
-            arm_params, pixels, width, pre, sig, weight, upstream, arm_grad, delta, back
+            arm_params, pixels, width, pre, sig, weight, upstream, arm_grad, delta, back, tmp
         )
         arm_partials[index, :] = arm_grad
         for c in range(grad.shape[1]):
