@@ -107,7 +107,7 @@ def read_records(run_dir: Path) -> list[dict]:
 
 # Forces ADELE's trigger at epoch 3 (the first epoch with 3 points: r = 0 and no minimum rise
 # fire on any fitted curve whose slope is not rising) and makes corrections likely (low tau).
-EARLY_CORRECTION = ["adele.r=0.0", "adele.min_rise=0.0", "adele.tau=0.3", "arm.warmup_fraction=0.1"]
+EARLY_CORRECTION = ["adele.r=0.0", "adele.min_rise=0.0", "adele.min_fit_points=3", "adele.tau=0.3", "arm.warmup_fraction=0.1"]
 
 
 @pytest.fixture(scope="module")
@@ -224,6 +224,17 @@ def test_arm_warm_up_trains_the_network_on_plain_ce_and_arm_alone(folders: tuple
     loss, _ = trainer.loss_terms([trainer.model(images)], target)
     net_joint, arm_joint = gradients(loss)
     assert not torch.allclose(net_joint, net_ce, atol=1e-6) and arm_joint.abs().sum() > 0
+
+
+def test_adam_option_builds_adam_for_network_and_ascending_arm(folders: tuple[Path, Path], tmp_path: Path) -> None:
+    config = tiny_config(folders, tmp_path / "adam", "method=arm", "epochs=1", "optim.optimizer=adam", "optim.lr=0.001", "optim.momentum=0.8")
+    trainer = Trainer(config, load_run_data(config))
+    assert isinstance(trainer.optimizer, torch.optim.Adam) and trainer.optimizer.defaults["betas"] == (0.8, 0.999)
+    assert isinstance(trainer.arm_optimizer, torch.optim.Adam) and trainer.arm_optimizer.defaults["maximize"]
+    summary = train(config)
+    assert 0.0 <= summary["test_miou"]["last"] <= 1.0
+    with pytest.raises(ValueError, match="optim.optimizer"):
+        tiny_config(folders, tmp_path / "bad", "optim.optimizer=rmsprop").validate()
 
 
 def saturating(a: float, b: float, epochs: int) -> list[float]:

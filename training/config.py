@@ -62,8 +62,11 @@ class OptimConfig:
     falls steadily). No weight decay, as the ADELE reference code.
 
     schedule: `constant` (ADELE SegTHOR) or `poly` (lr * (1 - it / T)^poly_power).
+    optimizer: `sgd` (both papers) or `adam` (momentum then sets Adam's beta1; beta2 0.999).
+        ARM's optimiser is of the same kind, ascending (`maximize=True`).
     """
 
+    optimizer: str = "sgd"
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -78,9 +81,12 @@ class AdeleConfig:
     lam, rho: consistency weight and confidence threshold; rho_mask `image` (paper and reference
         code) or `pixel`.
     scales: input scales for multiscale training (the paper's 1.0, 0.7, 1.5).
-    r: relative slope drop that starts correction of a class; min_fit_points: fewest epochs fitted;
-    min_rise: the fitted curve must have risen this much since epoch 1 (noisyseg's guard against
-        triggering on a class the network does not predict yet; 0 = the papers' rule alone).
+    r: relative slope drop that starts correction of a class; min_fit_points: fewest epochs fitted
+        in a class's current rise (at least 3; 6 by default because per-epoch IoUs of small data
+        are noisy: on the phantom 4 points of a short plateau fitted as saturation);
+    min_rise: noisyseg's guard for classes the network predicts late (0 = the papers' rule
+        alone): the fit covers the epochs after the last training IoU below min_rise, and its
+        curve must have risen by min_rise since then (`training.adele` explains why).
     tau: confidence above which a pixel's label may be replaced by the prediction.
     correction_timing: `iteration` (paper, SegTHOR: the batch's own outputs after each step) or
         `epoch` (outputs recomputed at the end of the epoch without augmentation).
@@ -99,7 +105,7 @@ class AdeleConfig:
     rho_mask: str = "image"
     scales: list[float] = field(default_factory=lambda: [1.0, 0.7, 1.5])
     r: float = 0.9
-    min_fit_points: int = 3
+    min_fit_points: int = 6
     min_rise: float = 0.05
     tau: float = 0.7
     correction_timing: str = "iteration"
@@ -190,6 +196,8 @@ class TrainConfig:
             (self.threads >= 0, "threads", "0 (torch default) or more"),
             (self.optim.lr > 0, "optim.lr", "positive"),
             (self.optim.schedule in ("constant", "poly"), "optim.schedule", "'constant' or 'poly'"),
+            (self.optim.optimizer in ("sgd", "adam"), "optim.optimizer", "'sgd' or 'adam'"),
+            (0.0 <= self.optim.momentum < 1.0, "optim.momentum", "in [0, 1)"),
             (1.0 in self.adele.scales and all(s > 0 for s in self.adele.scales), "adele.scales", "positive scales including 1.0 (the unscaled view)"),
             (0.0 <= self.adele.r < 1.0, "adele.r", "in [0, 1)"),
             (self.adele.min_fit_points >= 3, "adele.min_fit_points", "at least 3"),

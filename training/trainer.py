@@ -42,8 +42,8 @@ import math
 import os
 import random
 import shutil
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ from tqdm import tqdm
 from noisyseg.kernels import ARM, arm_cross_entropy, arm_reweighted_loss, multiscale_consistency
 from noisyseg.training import adele
 from noisyseg.training.checkpoint import ModelInfo, save_model
-from noisyseg.training.config import TrainConfig, config_from_dict, semantic_fields
+from noisyseg.training.config import OptimConfig, TrainConfig, config_from_dict, semantic_fields
 from noisyseg.training.data import DatasetInfo, SplitArrays, load_split, read_dataset_info
 from noisyseg.training.distributed import (
     SINGLE_PROCESS,
@@ -285,7 +285,7 @@ class TriggerState:
         """Add this epoch's IoUs, refit, trigger; returns the classes that triggered now."""
         for c in range(1, self.num_classes):
             self.iou_history[c].append(json_float(float(train_iou[c])))
-            fit = adele.fit_iou_curve(self.iou_history[c], min_points)
+            fit = adele.fit_current_rise(self.iou_history[c], min_points, min_rise)
             self.fits[c] = fit.as_dict() if fit else None
         if not detect:
             return []
@@ -368,6 +368,13 @@ def training_memory_format(architecture: str) -> torch.memory_format:
     return torch.channels_last if architecture == "unet" else torch.contiguous_format
 
 
+def make_optimizer(parameters: Iterable[nn.Parameter], optim: OptimConfig, maximize: bool = False) -> torch.optim.Optimizer:
+    """SGD (the papers) or Adam with `optim.momentum` as beta1; `maximize` for ARM's ascent."""
+    if optim.optimizer == "adam":
+        return torch.optim.Adam(parameters, lr=optim.lr, betas=(optim.momentum, 0.999), weight_decay=optim.weight_decay, maximize=maximize)
+    return torch.optim.SGD(parameters, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay, maximize=maximize)
+
+
 class Trainer:
     """Holds the model, optimisers, ARM, label store and histories of one run."""
 
@@ -388,13 +395,13 @@ class Trainer:
         if config.distributed.sync_batchnorm:
             model = convert_sync_batchnorm(model, ctx)
         self.model = model.to(device=ctx.device, memory_format=self.memory_format)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.optim.lr, momentum=config.optim.momentum, weight_decay=config.optim.weight_decay)
+        self.optimizer = make_optimizer(self.model.parameters(), config.optim)
         self.arm: nn.Module | None = None
         self.arm_optimizer: torch.optim.Optimizer | None = None
         if self.spec.arm:
             self.arm = ARM().to(ctx.device)
             momentum = config.optim.momentum if config.arm.momentum is None else config.arm.momentum
-            self.arm_optimizer = torch.optim.SGD(self.arm.parameters(), lr=config.optim.lr, momentum=momentum, maximize=True)
+            self.arm_optimizer = make_optimizer(self.arm.parameters(), replace(config.optim, momentum=momentum, weight_decay=0.0), maximize=True)
         self.shuffle = torch.Generator().manual_seed(config.seed)
         self.store = LabelStore.from_original(data.train_labels, data.train_ids)
         self.triggers = TriggerState(data.num_classes)
