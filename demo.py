@@ -13,7 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,22 +28,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEMO_METHODS = ("baseline-ms", "adele", "arm")
-FULL_EPOCHS = 60
+# Longest first, so two workers finish together: adele on one core, baseline-ms then arm on the other.
+DEMO_METHODS = ("adele", "baseline-ms", "arm")
 QUICK_EPOCHS = 4
 ONNX_FILE = "model.onnx"
 
 
 def demo_scale(quick: bool, epochs: int | None = None) -> Scale:
-    """The full demo (the experiment's default scale: minutes on two CPU cores), or the quick
-    one (tiny slices and network, a few epochs: checks the pipeline, not the method)."""
+    """The full demo (the experiment's default scale, 100 epochs: minutes on two CPU cores), or
+    the quick one (tiny slices and network, a few epochs: checks the pipeline, not the method)."""
     from noisyseg.training.experiment import Scale
 
     if epochs is not None and epochs < 1:
         raise ValueError(f"--epochs: expected at least 1, got {epochs}")
     if quick:
         return Scale(patients=5, size=64, slices_per_patient=8, epochs=epochs or QUICK_EPOCHS, batch_size=8, unet={"base_width": 4, "depth": 3})
-    return Scale(epochs=epochs or FULL_EPOCHS)
+    return Scale() if epochs is None else Scale(epochs=epochs)
 
 
 def register(subparsers: Any) -> None:
@@ -48,7 +51,7 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("demo", help="end-to-end demo: phantom, noisy labels, baseline-ms vs ADELE vs ARM")
     parser.add_argument("--out", default="runs/demo", help="folder for data, runs, table and summary (default runs/demo)")
     parser.add_argument("--quick", action="store_true", help="a 1-2 minute version (tiny data and network, 4 epochs)")
-    parser.add_argument("--epochs", type=int, help=f"override the number of epochs (default {FULL_EPOCHS}, quick {QUICK_EPOCHS})")
+    parser.add_argument("--epochs", type=int, help=f"override the number of epochs (default: the experiment scale's, quick {QUICK_EPOCHS})")
     parser.add_argument("--no-export", action="store_true", help="skip the ONNX export and ONNX Runtime check")
     parser.add_argument("--progress", action="store_true", help="show per-epoch progress bars")
     parser.set_defaults(func=run_demo)
@@ -61,23 +64,29 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def demo(out: Path, scale: Scale, export: bool = True, quiet: bool = True) -> dict[str, Any]:
-    """Run the demo into `out` and return what `out/summary.json` holds."""
+def demo(out: Path, scale: Scale, export: bool = True, quiet: bool = True, workers: int | None = None) -> dict[str, Any]:
+    """Run the demo into `out` and return what `out/summary.json` holds. The methods train in
+    `workers` processes of one torch thread each (default: one per CPU core, at most one per
+    method); each run is locked and resumable, so workers never train the same run."""
     from noisyseg.training.data import read_dataset_info
-    from noisyseg.training.experiment import NoiseSpec, RunSpec, data_paths, run_experiment_step
+    from noisyseg.training.experiment import NoiseSpec, RunSpec, ensure_data
     from noisyseg.training.io import atomic_write_json
-    from noisyseg.training.trainer import train
 
     started = time.monotonic()
     noise = NoiseSpec(family="erode-dilate", level=None, seed=0)  # the reference setting
+    phantom, _ = ensure_data(out, scale, noise)  # once, before the workers start
+    specs = [RunSpec("demo", method, noise) for method in DEMO_METHODS]
+    workers = workers or min(len(specs), os.cpu_count() or 1)
+    if workers == 1:
+        seconds = [_train_one(spec, out, scale, quiet) for spec in specs]
+    else:
+        context = multiprocessing.get_context("spawn")  # torch's thread pools do not survive fork
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            seconds = list(pool.map(_train_one, specs, [out] * len(specs), [scale] * len(specs), [quiet] * len(specs)))
     methods: dict[str, Any] = {}
-    for method in DEMO_METHODS:
-        spec = RunSpec("demo", method, noise)
-        run_started = time.monotonic()
-        run_experiment_step(spec, out, scale, train, quiet=quiet)
-        methods[method] = _run_summary(out / "runs" / spec.relative_dir)
-        log.info("%s finished in %.0f s", method, time.monotonic() - run_started)
-    phantom, _ = data_paths(out, scale, noise)
+    for spec, run_seconds in zip(specs, seconds, strict=True):
+        methods[spec.method] = _run_summary(out / "runs" / spec.relative_dir)
+        log.info("%s finished in %.0f s", spec.method, run_seconds)
     summary: dict[str, Any] = {
         "methods": methods,
         "noise": _noise_record(out, scale, noise),
@@ -89,6 +98,17 @@ def demo(out: Path, scale: Scale, export: bool = True, quiet: bool = True) -> di
     summary["seconds"] = round(time.monotonic() - started, 1)
     atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+def _train_one(spec: Any, out: Path, scale: Scale, quiet: bool) -> float:
+    """Train (or skip, or resume) one demo run (the trainer's default: one torch thread); its
+    wall time in seconds."""
+    from noisyseg.training.experiment import run_experiment_step
+    from noisyseg.training.trainer import train
+
+    run_started = time.monotonic()
+    run_experiment_step(spec, out, scale, train, quiet=quiet)
+    return time.monotonic() - run_started
 
 
 def _run_summary(run_dir: Path) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,17 @@ def test_organ_sizes_and_contrasts_follow_the_anatomy() -> None:
     assert interior_mean(AORTA) - surround_hu > 100
 
 
+def test_a_smaller_field_of_view_magnifies_the_organs() -> None:
+    """Same anatomy, 0.6 of the field of view: every organ covers about 1/0.6^2 times the pixels
+    (organs lie well inside the cropped field), and the mediastinum stays in the picture."""
+    base = PhantomConfig(size=96, slices_per_patient=16, noise_hu=0.0, texture_hu=0.0)
+    _, full_masks = render(11, base)
+    _, zoomed_masks = render(11, replace(base, field_of_view=0.6))
+    for organ in (ESOPHAGUS, HEART, TRACHEA, AORTA):
+        ratio = (zoomed_masks == organ).sum() / (full_masks == organ).sum()
+        assert 2.3 < ratio < 3.3, (organ, ratio)  # 1 / 0.36 = 2.8, up to pixelisation
+
+
 def test_folder_round_trip_matches_rendering(phantom_dir: Path) -> None:
     # Patient P000 is rendered from the first child of SeedSequence(3).
     rng = np.random.default_rng(np.random.SeedSequence(3).spawn(5)[0])
@@ -117,7 +129,7 @@ def test_folder_round_trip_matches_rendering(phantom_dir: Path) -> None:
 
 def test_phantom_command_prints_json_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
-    code = main(["data", "phantom", "--out", str(out), "--patients", "3", "--size", "32", "--slices-per-patient", "6", "--seed", "1"])
+    code = main(["data", "phantom", "--out", str(out), "--patients", "3", "--size", "32", "--slices-per-patient", "6", "--seed", "1", "--field-of-view", "0.8"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     for split in ("train", "val", "test"):
@@ -136,3 +148,5 @@ def test_phantom_command_refuses_a_non_empty_folder(tmp_path: Path, capsys: pyte
 def test_bad_config_is_rejected() -> None:
     with pytest.raises(ValueError, match="size must be at least 16"):
         PhantomConfig(size=8)
+    with pytest.raises(ValueError, match="field_of_view must be in"):
+        PhantomConfig(field_of_view=1.5)

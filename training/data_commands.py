@@ -9,25 +9,26 @@ import argparse
 import json
 from typing import Any
 
-from noisyseg.training.nifti import SegthorConfig, convert_segthor
-from noisyseg.training.noise import LEVEL_ITERATIONS, NOISE_FAMILIES, corrupt_dataset
-from noisyseg.training.phantom import PhantomConfig, generate_phantom
+from noisyseg.training.noise_options import LEVEL_ITERATIONS, NOISE_FAMILIES
+
+# The dataset code (numpy, scipy, torch) is imported by the handlers, so `noisyseg --help` stays fast.
 
 
 def register(subparsers: Any) -> None:
     """Add `data phantom`, `data segthor` and `data corrupt`."""
     data = subparsers.add_parser("data", help="build, convert and corrupt datasets")
     commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
-    defaults = PhantomConfig()
 
     phantom = commands.add_parser("phantom", help="write the synthetic SegTHOR-like CT phantom")
     phantom.add_argument("--out", required=True, help="new dataset folder (must not exist or be empty)")
     phantom.add_argument("--patients", type=int, default=20, help="number of patients (default 20)")
-    phantom.add_argument("--size", type=int, default=defaults.size, help=f"slice size in pixels (default {defaults.size})")
-    phantom.add_argument("--slices-per-patient", type=int, default=defaults.slices_per_patient, help=f"axial slices rendered per patient (default {defaults.slices_per_patient})")
+    # Unset phantom options keep PhantomConfig's defaults (run_phantom fills in only those given).
+    phantom.add_argument("--size", type=int, help="slice size in pixels (default: the phantom's)")
+    phantom.add_argument("--slices-per-patient", type=int, help="axial slices rendered per patient (default: the phantom's)")
     phantom.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    phantom.add_argument("--noise-hu", type=float, default=defaults.noise_hu, help=f"acquisition noise std in HU (default {defaults.noise_hu})")
-    phantom.add_argument("--contrast", type=float, default=defaults.soft_tissue_contrast, help=f"soft-tissue contrast of heart/esophagus (default {defaults.soft_tissue_contrast})")
+    phantom.add_argument("--noise-hu", type=float, help="acquisition noise std in HU (default: the phantom's)")
+    phantom.add_argument("--contrast", type=float, help="soft-tissue contrast of heart/esophagus (default: the phantom's)")
+    phantom.add_argument("--field-of-view", type=float, help="fraction of the body's field of view rendered, centred on the mediastinum (default: the phantom's, the whole body)")
     phantom.add_argument("--all-slices", action="store_true", help="also keep slices without foreground")
     phantom.set_defaults(func=run_phantom)
 
@@ -53,23 +54,30 @@ def print_json(summary: dict[str, Any]) -> None:
 
 
 def run_phantom(args: argparse.Namespace) -> int:
-    config = PhantomConfig(
-        size=args.size,
-        slices_per_patient=args.slices_per_patient,
-        noise_hu=args.noise_hu,
-        soft_tissue_contrast=args.contrast,
-        foreground_only=not args.all_slices,
-    )
+    from noisyseg.training.phantom import PhantomConfig, generate_phantom
+
+    given = {
+        "size": args.size,
+        "slices_per_patient": args.slices_per_patient,
+        "noise_hu": args.noise_hu,
+        "soft_tissue_contrast": args.contrast,
+        "field_of_view": args.field_of_view,
+    }
+    config = PhantomConfig(foreground_only=not args.all_slices, **{name: value for name, value in given.items() if value is not None})
     print_json(generate_phantom(args.out, num_patients=args.patients, seed=args.seed, config=config))
     return 0
 
 
 def run_segthor(args: argparse.Namespace) -> int:
+    from noisyseg.training.nifti import SegthorConfig, convert_segthor
+
     config = SegthorConfig(size=args.size, foreground_only=not args.all_slices, seed=args.seed)
     print_json(convert_segthor(args.root, args.out, config))
     return 0
 
 
 def run_corrupt(args: argparse.Namespace) -> int:
+    from noisyseg.training.noise import corrupt_dataset
+
     print_json(corrupt_dataset(args.data, args.out, args.noise, level=args.level, seed=args.seed))
     return 0

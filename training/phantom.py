@@ -39,6 +39,9 @@ HU_AORTA = 200.0
 HU_BONE = 700.0
 HU_MARROW = 250.0
 
+# Where a reduced field of view is centred: the middle of the organs' vertical extent.
+MEDIASTINUM_Y = 0.05
+
 
 @dataclass
 class PhantomConfig:
@@ -52,6 +55,9 @@ class PhantomConfig:
     soft_tissue_contrast: scales how far heart (+60 HU) and esophagus (+12 HU) stand out from
         the surrounding soft tissue; lower is harder.
     texture_hu: amplitude of smooth per-patient tissue texture inside the body.
+    field_of_view: fraction of the full field of view rendered, centred on the mediastinum (1
+        shows the whole body; 0.6 crops to the organs and lung hila, as a cardiac or mediastinal
+        reconstruction does, so organs cover 1/0.6 times as many pixels per side at the same size).
     noise_hu: standard deviation of the acquisition noise (white Gaussian, per pixel).
     blur_sigma: Gaussian blur (output pixels) mimicking the scanner's point spread.
     foreground_only: keep only slices that contain at least one organ (the paper's setup).
@@ -63,6 +69,7 @@ class PhantomConfig:
     supersample: int = 1
     soft_tissue_contrast: float = 1.0
     texture_hu: float = 15.0
+    field_of_view: float = 1.0
     noise_hu: float = 20.0
     blur_sigma: float = 0.6
     foreground_only: bool = True
@@ -73,6 +80,8 @@ class PhantomConfig:
             raise ValueError(f"phantom size must be at least 16 pixels, got {self.size}")
         if self.slices_per_patient < 1 or self.supersample < 1:
             raise ValueError("phantom slices_per_patient and supersample must be at least 1")
+        if not 0.0 < self.field_of_view <= 1.0:
+            raise ValueError(f"phantom field_of_view must be in (0, 1], got {self.field_of_view}")
         if min(self.noise_hu, self.texture_hu, self.blur_sigma, self.soft_tissue_contrast) < 0:
             raise ValueError("phantom noise_hu, texture_hu, blur_sigma and soft_tissue_contrast must be non-negative")
 
@@ -157,9 +166,10 @@ def render_patient(anatomy: Anatomy, config: PhantomConfig, rng: np.random.Gener
     n_hi = config.size * config.supersample
     # z runs from the thoracic inlet (0) to below the heart (1); organs live in about [0.05, 0.95].
     z = np.linspace(-0.05, 1.05, config.slices_per_patient, dtype=np.float32)[:, None, None]
-    coords = ((np.arange(n_hi) + 0.5) / n_hi * 2.0 - 1.0).astype(np.float32)
+    coords = ((np.arange(n_hi) + 0.5) / n_hi * 2.0 - 1.0) * config.field_of_view
     # Broadcastable grids: shapes that do not change with z are computed once, in 2D.
-    y, x = coords[None, :, None], coords[None, None, :]
+    y = (coords + MEDIASTINUM_Y * (1.0 - config.field_of_view)).astype(np.float32)[None, :, None]
+    x = coords.astype(np.float32)[None, None, :]
     shape = (len(z), n_hi, n_hi)
     wobble = 0.03 * np.sin(2 * np.pi * z + anatomy.phase)  # smooth left-right drift along z
 
