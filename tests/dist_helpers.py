@@ -15,7 +15,7 @@ from noisyseg.training.phantom import PhantomConfig, generate_phantom
 # minimum rise trigger at epoch 3 (the first fit), iteration timing corrects labels in epoch 4.
 TRAIN_OPTIONS = [
     "--method", "adele+arm", "--epochs", "4", "--batch-size", "4", "--quiet",
-    *(f"--set={o}" for o in ("model.kwargs.base_width=4", "model.kwargs.depth=2", "optim.momentum=0.9", "adele.r=0.0", "adele.min_rise=0.0", "adele.min_fit_points=3", "adele.tau=0.3", "arm.warmup_fraction=0.1")),
+    *(f"--set={o}" for o in ("model.kwargs.base_width=4", "model.kwargs.depth=2", "optim.momentum=0.9", "adele.r=0.0", "adele.min_rise=0.0", "adele.tau=0.3", "arm.warmup_fraction=0.1")),
 ]
 
 

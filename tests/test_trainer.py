@@ -107,7 +107,7 @@ def read_records(run_dir: Path) -> list[dict]:
 
 # Forces ADELE's trigger at epoch 3 (the first epoch with 3 points: r = 0 and no minimum rise
 # fire on any fitted curve whose slope is not rising) and makes corrections likely (low tau).
-EARLY_CORRECTION = ["adele.r=0.0", "adele.min_rise=0.0", "adele.min_fit_points=3", "adele.tau=0.3", "arm.warmup_fraction=0.1"]
+EARLY_CORRECTION = ["adele.r=0.0", "adele.min_rise=0.0", "adele.tau=0.3", "arm.warmup_fraction=0.1"]
 
 
 @pytest.fixture(scope="module")

@@ -15,19 +15,12 @@ accelerating never triggers. Unlike the reference code there is no rule that dro
 leading epochs: a slowly rising curve is fitted on all its points and triggers once its slope has
 fallen enough. Fewer than `min_points` finite values, or a failed fit, never trigger.
 
-One guard of noisyseg's own, `min_rise` (0.05 IoU; 0 gives the papers' rule alone), in two
-parts. The papers' curves rise from epoch 1; a small network on small data instead predicts a
-class not at all for its first epochs (IoU near 0), then jumps. (1) The fit covers the class's
-current rise only: the epochs up to the last one whose IoU was below `min_rise` are dropped and
-the curve's time axis starts after them (`CurveFit.offset`), so f'(1) is the slope where the
-rise began. Fitted over the flat start, the curve is a step whose slope has "fallen" as soon as
-the jump is over (measured on the phantom: the heart triggered at epoch 10 of 100 at training
-IoU 0.4, and correction froze that early prediction into the labels). (2) The fitted curve must
-have risen by `min_rise` since the rise began, f(t) - f(1) >= min_rise: a class whose IoU
-stays flat (a plateau right after the jump, or never learned) shows no early learning whose end
-could be detected. Unlike the reference code's rule (drop leading epochs rising by less than
-0.1 per epoch), a slowly rising curve keeps every point from its first value above `min_rise`
-on, so it is never left with a one-point fit.
+One guard of noisyseg's own (the papers never meet the case): the fitted curve must have risen
+by at least `min_rise` (0.05 IoU) between epoch 1 and now, f(t) - f(1) >= min_rise. Without it a
+class the network has not started to predict (training IoU stuck near 0, common in the first
+epochs of a small network) fits a curve that is "saturated" from epoch 1, triggers at once, and
+correction then turns every label of that class into background: there was no early learning
+whose end could be detected.
 
 Correction. A pixel's label becomes the prediction's argmax when the confidence exceeds tau, the
 current label is background or a triggered class, and the predicted class is background or a
@@ -55,28 +48,21 @@ MIN_RISE = 0.05
 
 @dataclass(frozen=True)
 class CurveFit:
-    """Fitted parameters of f(t) = a (1 - exp(-b t^c)) with t = epoch - offset: the curve's
-    epoch 1 is the first epoch after the `offset` dropped ones."""
+    """Fitted parameters of f(t) = a (1 - exp(-b t^c))."""
 
     a: float
     b: float
     c: float
-    offset: int = 0
 
-    def value(self, epoch: float | np.ndarray) -> float | np.ndarray:
-        return curve_value(np.asarray(epoch, dtype=np.float64) - self.offset, self.a, self.b, self.c)
+    def value(self, t: float | np.ndarray) -> float | np.ndarray:
+        return curve_value(t, self.a, self.b, self.c)
 
-    def slope(self, epoch: float) -> float:
-        """f'(t) = a b c exp(-b t^c) t^(c-1) at t = epoch - offset."""
-        t = epoch - self.offset
+    def slope(self, t: float) -> float:
+        """f'(t) = a b c exp(-b t^c) t^(c-1)."""
         return float(self.a * self.b * self.c * math.exp(-self.b * t**self.c) * t ** (self.c - 1.0))
 
-    @property
-    def first_epoch(self) -> int:
-        return self.offset + 1
-
     def as_dict(self) -> dict[str, float]:
-        return {"a": self.a, "b": self.b, "c": self.c, "offset": self.offset}
+        return {"a": self.a, "b": self.b, "c": self.c}
 
 
 def curve_value(t: float | np.ndarray, a: float, b: float, c: float) -> float | np.ndarray:
@@ -91,22 +77,12 @@ def _finite_points(iou_history: Sequence[float | None]) -> tuple[np.ndarray, np.
     return epochs[finite], values[finite]
 
 
-def rise_onset(iou_history: Sequence[float | None], min_rise: float = MIN_RISE) -> int:
-    """Epochs before the current rise: the 1-based epoch of the last finite IoU below `min_rise`
-    (0 when there is none)."""
-    below = [t for t, v in enumerate(iou_history, start=1) if v is not None and math.isfinite(v) and v < min_rise]
-    return below[-1] if below else 0
+def fit_iou_curve(iou_history: Sequence[float | None], min_points: int = MIN_FIT_POINTS) -> CurveFit | None:
+    """Least-squares fit of the paper's curve to a training-IoU history (None/NaN entries skipped).
 
-
-def fit_iou_curve(iou_history: Sequence[float | None], min_points: int = MIN_FIT_POINTS, offset: int = 0) -> CurveFit | None:
-    """Least-squares fit of the paper's curve to a training-IoU history (None/NaN entries
-    skipped), on the epochs after the first `offset` ones, whose time axis starts there.
-
-    Returns None when fewer than `min_points` finite values remain or the solver fails (logged).
+    Returns None when fewer than `min_points` finite values exist or the solver fails (logged).
     """
     epochs, values = _finite_points(iou_history)
-    kept = epochs > offset
-    epochs, values = epochs[kept] - offset, values[kept]
     if len(values) < max(min_points, MIN_FIT_POINTS):
         return None
     # Start near a saturating curve through the data: a at the highest value seen, c = 1 and b
@@ -132,18 +108,12 @@ def fit_iou_curve(iou_history: Sequence[float | None], min_points: int = MIN_FIT
     if not np.all(np.isfinite(params)):
         log.warning("IoU curve fit gave non-finite parameters %s; no trigger from this fit", params)
         return None
-    return CurveFit(a=float(params[0]), b=float(params[1]), c=float(params[2]), offset=offset)
-
-
-def fit_current_rise(iou_history: Sequence[float | None], min_points: int = MIN_FIT_POINTS, min_rise: float = MIN_RISE) -> CurveFit | None:
-    """The fit the trigger uses: `fit_iou_curve` over the class's current rise (`rise_onset`)."""
-    return fit_iou_curve(iou_history, min_points, rise_onset(iou_history, min_rise))
+    return CurveFit(a=float(params[0]), b=float(params[1]), c=float(params[2]))
 
 
 def slope_has_fallen(fit: CurveFit, epoch: float, r: float = 0.9) -> bool:
-    """True when f'(epoch) <= (1 - r) f'(1) with f'(1) > 0 (the curve's first epoch): the slope
-    dropped by the fraction r."""
-    initial = fit.slope(float(fit.first_epoch))
+    """True when f'(epoch) <= (1 - r) f'(1) with f'(1) > 0: the slope dropped by the fraction r."""
+    initial = fit.slope(1.0)
     current = fit.slope(float(epoch))
     if not (math.isfinite(initial) and math.isfinite(current)) or initial <= 0.0:
         return False
@@ -151,8 +121,8 @@ def slope_has_fallen(fit: CurveFit, epoch: float, r: float = 0.9) -> bool:
 
 
 def curve_has_risen(fit: CurveFit, epoch: float, min_rise: float = MIN_RISE) -> bool:
-    """True when the fitted curve rose by at least `min_rise` from its first epoch to `epoch`."""
-    return float(fit.value(float(epoch))) - float(fit.value(float(fit.first_epoch))) >= min_rise
+    """True when the fitted curve rose by at least `min_rise` from epoch 1 to `epoch`."""
+    return float(fit.value(float(epoch))) - float(fit.value(1.0)) >= min_rise
 
 
 def fit_triggers(fit: CurveFit | None, epoch: int, r: float = 0.9, min_rise: float = MIN_RISE) -> bool:
@@ -169,13 +139,12 @@ def correction_started(
     """Whether label correction of a class starts now, at the last epoch of `iou_history`.
 
     `iou_history[t - 1]` is the class's training IoU at epoch t (1-based). Fits the paper's curve
-    to the class's current rise (`fit_current_rise`: the epochs after the last IoU below
-    `min_rise`) and triggers when the fitted slope at the current epoch has fallen by the
-    fraction `r` of the slope at the rise's first epoch, provided the fitted curve has risen by
-    `min_rise` since then. Never triggers on fewer than `min_points` finite values in the rise or
-    on a failed fit. The caller keeps a triggered class triggered (sticky).
+    (`fit_iou_curve`) and triggers when the fitted slope at the current epoch has fallen by the
+    fraction `r` of the slope at epoch 1, provided the fitted curve has risen by `min_rise` since
+    epoch 1. Never triggers on fewer than `min_points` finite values or on a failed fit. The
+    caller keeps a triggered class triggered (sticky).
     """
-    return fit_triggers(fit_current_rise(iou_history, min_points, min_rise), len(iou_history), r, min_rise)
+    return fit_triggers(fit_iou_curve(iou_history, min_points), len(iou_history), r, min_rise)
 
 
 def correct_labels(

@@ -81,12 +81,9 @@ class AdeleConfig:
     lam, rho: consistency weight and confidence threshold; rho_mask `image` (paper and reference
         code) or `pixel`.
     scales: input scales for multiscale training (the paper's 1.0, 0.7, 1.5).
-    r: relative slope drop that starts correction of a class; min_fit_points: fewest epochs fitted
-        in a class's current rise (at least 3; 6 by default because per-epoch IoUs of small data
-        are noisy: on the phantom 4 points of a short plateau fitted as saturation);
-    min_rise: noisyseg's guard for classes the network predicts late (0 = the papers' rule
-        alone): the fit covers the epochs after the last training IoU below min_rise, and its
-        curve must have risen by min_rise since then (`training.adele` explains why).
+    r: relative slope drop that starts correction of a class; min_fit_points: fewest epochs fitted;
+    min_rise: the fitted curve must have risen this much since epoch 1 (noisyseg's guard against
+        triggering on a class the network does not predict yet; 0 = the papers' rule alone).
     tau: confidence above which a pixel's label may be replaced by the prediction.
     correction_timing: `iteration` (paper, SegTHOR: the batch's own outputs after each step) or
         `epoch` (outputs recomputed at the end of the epoch without augmentation).
@@ -105,7 +102,7 @@ class AdeleConfig:
     rho_mask: str = "image"
     scales: list[float] = field(default_factory=lambda: [1.0, 0.7, 1.5])
     r: float = 0.9
-    min_fit_points: int = 6
+    min_fit_points: int = 3
     min_rise: float = 0.05
     tau: float = 0.7
     correction_timing: str = "iteration"

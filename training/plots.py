@@ -130,9 +130,8 @@ def _plot_fit_panel(ax: Axes, curves: RunCurves, class_id: str, title: str) -> N
     ax.plot(curves.epochs, curves.train_iou[class_id], "o", markersize=3, label="IoU vs current labels")
     fit = curves.fit[class_id]
     if fit is not None:
-        curve = CurveFit(**fit)  # drawn from the first epoch of the rise it was fitted to
-        t = np.linspace(curve.first_epoch, max(int(curves.epochs.max()), curve.first_epoch + 1), 200)
-        ax.plot(t, curve.value(t), "-", label="fitted a(1-exp(-b t^c))")
+        t = np.linspace(1, max(int(curves.epochs.max()), 2), 200)
+        ax.plot(t, CurveFit(fit["a"], fit["b"], fit["c"]).value(t), "-", label="fitted a(1-exp(-b t^c))")
     trigger = curves.trigger_epoch[class_id]
     if trigger is not None:
         ax.axvline(trigger, color="tab:red", linestyle="--", label=f"correction from epoch {trigger}")

@@ -285,7 +285,7 @@ class TriggerState:
         """Add this epoch's IoUs, refit, trigger; returns the classes that triggered now."""
         for c in range(1, self.num_classes):
             self.iou_history[c].append(json_float(float(train_iou[c])))
-            fit = adele.fit_current_rise(self.iou_history[c], min_points, min_rise)
+            fit = adele.fit_iou_curve(self.iou_history[c], min_points)
             self.fits[c] = fit.as_dict() if fit else None
         if not detect:
             return []
