@@ -283,7 +283,8 @@ def write_results(root: Path, out: Path, scale: Scale, specs: Sequence[RunSpec],
         f"{len(results)} of {len(specs)} planned.",
         "",
         f"Scale: {scale.patients} phantom patients, "
-        f"{scale.slices_per_patient} slices each rendered at {scale.size} px (slices without organs dropped), "
+        f"{scale.slices_per_patient} slices each rendered at {scale.size} px over {scale.field_of_view:g} of the body's "
+        "field of view, centred on the mediastinum (slices without organs dropped), "
         f"UNet {scale.unet}, DeepLabv3+ {scale.deeplab}, {scale.epochs} epochs, batch {scale.batch_size}, "
         f"SGD lr {scale.lr}, momentum {scale.momentum}. "
         "The papers: 256 px SegTHOR slices of 40 patients, UNet width 64, 100 epochs.",
