@@ -77,3 +77,15 @@ def test_a_second_demo_reuses_the_finished_runs(demo_run: tuple[Path, str], caps
 def test_bad_epochs_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--quick", "--epochs", "0", "--out", str(tmp_path)]) == 2
     assert "--epochs: expected at least 1" in capsys.readouterr().err
+
+
+def test_one_worker_trains_the_same_runs_as_the_parallel_demo(demo_run: tuple[Path, str], tmp_path: Path) -> None:
+    """The methods train deterministically whether the demo runs them in worker processes (the
+    console run above, one per core) or one after another in this process."""
+    from noisyseg.demo import demo, demo_scale
+
+    parallel = json.loads((demo_run[0] / "summary.json").read_text())
+    sequential = demo(tmp_path, demo_scale(quick=True), export=False, workers=1)
+    for method in DEMO_METHODS:
+        for key in ("test_miou", "test_miou_fg", "trigger_epoch"):
+            assert sequential["methods"][method][key] == parallel["methods"][method][key], (method, key)
