@@ -1,7 +1,9 @@
 """Fused loss kernels against the reference: forward+backward time and peak memory.
 
 Run: ``.venv/bin/python -m pytest benchmarks/bench_kernels.py --benchmark-only``
-(``--benchmark-json=FILE`` keeps the figures). Shapes (N, C, H, W): Cityscapes-like
+(``--benchmark-json=FILE`` keeps the figures); as a script
+(``.venv/bin/python benchmarks/bench_kernels.py --shape cityscapes --calls 20``) it prints the time
+of each of consecutive calls of one case. Shapes (N, C, H, W): Cityscapes-like
 (4, 19, 256, 256), ADE20K-like (2, 150, 128, 128), SegTHOR-like (5, 5, 256, 256); single scale
 (ARM-weighted cross-entropy) and S = 3 (the ADELE+ARM loss), for the eager reference,
 `torch.compile` of it, the numba fused kernels (CPU), the Triton fused kernels (CUDA only) and,
@@ -250,3 +252,32 @@ def test_training_step_images_per_second(benchmark, impl):
     median = record_side_by_side(benchmark, ("train", 3), impl)
     if median is not None:
         benchmark.extra_info["images_per_second"] = round(images.shape[0] / median, 2)
+
+
+def time_calls(shape_name: str, num_scales: int, impl: str, calls: int) -> list[float]:
+    """Milliseconds of each of `calls` consecutive forward+backward calls (after one warm-up):
+    the round-to-round spread the medians above hide. Run as a script, so that numba's
+    threading layer (NUMBA_THREADING_LAYER, NUMBA_NUM_THREADS) can differ between processes."""
+    loss = loss_function(impl, num_scales)
+    logits, target = make_inputs(SHAPES[shape_name], num_scales)
+    arm = seeded_arm()
+    forward_backward(loss, logits, target, arm)
+    times = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        forward_backward(loss, logits, target, arm)
+        times.append(1e3 * (time.perf_counter() - started))
+    return times
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="time consecutive calls of one case")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="cityscapes")
+    parser.add_argument("--scales", type=int, default=1)
+    parser.add_argument("--impl", default="numba", choices=["numba", "eager", "cross_entropy"])
+    parser.add_argument("--calls", type=int, default=20)
+    args = parser.parse_args()
+    times = time_calls(args.shape, args.scales, args.impl, args.calls)
+    print(f"{args.impl} {args.shape} S={args.scales}: ms per call " + " ".join(f"{t:.1f}" for t in times))

@@ -59,8 +59,10 @@ from noisyseg.kernels.reference import (
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 
-_JIT = {"parallel": True, "fastmath": False, "cache": True, "error_model": "numpy"}
+# error_model "numpy": IEEE division. numba's default checks every float division for zero and
+# raises, and that branch keeps the loops from vectorising.
 _HELPER_JIT = {"fastmath": False, "cache": True, "error_model": "numpy"}
+_JIT = {**_HELPER_JIT, "parallel": True}
 
 # ARM's layout (reference.ARM_PARAMETER_OFFSETS) as compile-time constants for the kernels.
 _W0, _B0 = ARM_PARAMETER_OFFSETS["layers.0.weight"][0], ARM_PARAMETER_OFFSETS["layers.0.bias"][0]
