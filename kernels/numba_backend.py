@@ -31,6 +31,8 @@ is cast back to the input dtype. float64 inputs are computed in fp32.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -39,7 +41,9 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 import torch
-from numba import prange
+from llvmlite import ir as llvm_ir
+from numba import prange, types
+from numba.extending import intrinsic
 from torch import nn
 
 from noisyseg.kernels.reference import (
@@ -58,6 +62,47 @@ from noisyseg.kernels.reference import (
 # NUMBA_THREADING_LAYER still wins.
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
+
+# The workqueue workers sleep between parallel regions. On waking them, Linux put both on one core
+# for stretches of calls on the 2-core machine (seen with sched_getcpu inside the workers), and
+# each such call took twice as long. Binding each worker to a CPU of its own ends that; done only
+# when the workers are exactly the process's CPUs (fewer threads mean the machine is shared, and
+# binding would stack every process's first worker on one CPU). Opt out with NOISYSEG_BIND_NUMBA_THREADS=0.
+BIND_THREADS_VARIABLE = "NOISYSEG_BIND_NUMBA_THREADS"
+
+
+@functools.cache
+def bind_worker_threads(num_threads: int) -> bool:
+    """Bind numba's `num_threads` workqueue workers to one CPU each, once per thread count;
+    returns whether they are bound."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    gettid = getattr(ctypes.CDLL(None), "gettid", None)  # glibc >= 2.30
+    if os.environ.get(BIND_THREADS_VARIABLE, "1") == "0" or gettid is None:
+        return False
+    if num_threads < 2 or num_threads != len(cpus):
+        return False
+    thread_ids = _worker_thread_ids(gettid, num_threads)
+    if numba.threading_layer() != "workqueue" or len(set(thread_ids)) != num_threads:
+        return False  # OpenMP's and TBB's workers spin or come and go: left to their runtime
+    for thread_id, cpu in zip(thread_ids, cpus):
+        os.sched_setaffinity(thread_id, {cpu})
+    return True
+
+
+def _worker_thread_ids(gettid, num_threads: int) -> list[int]:
+    """The OS thread id of each worker, in worker order (a prange of num_threads iterations gives
+    worker i iteration i). Compiled per process: numba cannot cache code holding a C pointer."""
+    gettid.restype, gettid.argtypes = ctypes.c_int, []
+
+    @numba.njit(parallel=True)
+    def record(out):
+        for worker in prange(out.shape[0]):
+            out[worker] = gettid()
+
+    ids = np.zeros(num_threads, np.int64)
+    record(ids)
+    return [int(i) for i in ids]
+
 
 # error_model "numpy": IEEE division. numba's default checks every float division for zero and
 # raises, and that branch keeps the loops from vectorising.
@@ -86,10 +131,38 @@ _TINY = np.float32(1e-30)
 
 
 # ---------------------------------------------------------------------------------------------
-# Vectorisable exp: libm's expf is a scalar call that stops LLVM from vectorising the class and
-# pixel loops, so exponentials use Cephes' expf polynomial (about 1 ulp) with 2^n built from its
-# exponent bits. Inputs are clamped to [-87.3, 88.3], where 2^n stays a normal fp32 number:
-# exp(-87.3) ~ 1e-38 stands in for 0, far below every tolerance.
+# Vectorisable exp and log: libm's expf and logf are scalar calls that stop LLVM from vectorising
+# the class and pixel loops, so they are Cephes' polynomials (about 1 ulp), with 2^n and the
+# exponent split done on the float's bits through a register bitcast. exp clamps its input to
+# [-87.3, 88.3], where 2^n stays a normal fp32 number: exp(-87.3) ~ 1e-38 stands in for 0, far
+# below every tolerance. log takes positive normal numbers.
+
+
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """The low 32 bits of the integer `bits` read as a float32 (a bitcast, no memory round
+    trip; numba widens int32 arithmetic to int64, hence the truncation)."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        low = builder.trunc(args[0], llvm_ir.IntType(32)) if bits.bitwidth > 32 else args[0]
+        return builder.bitcast(low, llvm_ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def _bits_of_float32(typingctx, value):
+    """The bits of the float32 `value` as an int32."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], llvm_ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
 
 _LOG2E = np.float32(1.4426950408889634)
 _LN2_HI = np.float32(0.693359375)
@@ -109,39 +182,21 @@ _EXP_POLY = tuple(
 
 
 @numba.njit(**_HELPER_JIT)
-def _exp_mantissa(x):
-    """exp(x) = mantissa * 2**exponent for x clamped to [-87.3, 88.3]: (mantissa, biased
-    exponent bits of 2**exponent as int32), so callers build 2**n through a float32 view."""
+def _exp(x):
+    """exp of a float32."""
     x = min(max(x, _EXP_LOW), _EXP_HIGH)
     k = np.floor(x * _LOG2E + np.float32(0.5))
     r = x - k * _LN2_HI - k * _LN2_LO
     poly = _EXP_POLY[0]
-    poly = poly * r + _EXP_POLY[1]
-    poly = poly * r + _EXP_POLY[2]
-    poly = poly * r + _EXP_POLY[3]
-    poly = poly * r + _EXP_POLY[4]
-    poly = poly * r + _EXP_POLY[5]
-    return poly * r * r + r + np.float32(1.0), (np.int32(k) + np.int32(127)) << np.int32(23)
+    for coeff in _EXP_POLY[1:]:
+        poly = poly * r + coeff
+    power_of_two = _float32_from_bits((np.int32(k) + np.int32(127)) << np.int32(23))
+    return (poly * r * r + r + np.float32(1.0)) * power_of_two
 
 
 @numba.njit(**_HELPER_JIT)
-def _exp_inplace(values, width, bits):
-    """values[:width] = exp(values[:width]); `bits` is int32 scratch of at least `width`."""
-    for j in range(width):
-        values[j], bits[j] = _exp_mantissa(values[j])
-    power_of_two = bits.view(np.float32)
-    for j in range(width):
-        values[j] *= power_of_two[j]
-
-
-@numba.njit(**_HELPER_JIT)
-def _sigmoid_into(source, target, width, bits):
-    """target[:width] = 1 / (1 + exp(-source[:width])); source and target may be the same."""
-    for j in range(width):
-        target[j], bits[j] = _exp_mantissa(-source[j])
-    power_of_two = bits.view(np.float32)
-    for j in range(width):
-        target[j] = np.float32(1.0) / (np.float32(1.0) + target[j] * power_of_two[j])
+def _sigmoid(x):
+    return np.float32(1.0) / (np.float32(1.0) + _exp(-x))
 
 
 _SQRT_HALF = np.float32(0.707106781186547524)
@@ -153,27 +208,21 @@ _LOG_POLY = tuple(
 
 
 @numba.njit(**_HELPER_JIT)
-def _log_inplace(values, width, bits):
-    """values[:width] = log(values[:width]) for positive normal fp32 values (Cephes' logf,
-    vectorisable like `_exp_inplace`); `bits` is int32 scratch of at least `width`."""
-    as_float = bits.view(np.float32)
-    for j in range(width):
-        as_float[j] = values[j]
-    for j in range(width):  # split into exponent (kept in values) and mantissa in [0.5, 1)
-        values[j] = np.float32(((bits[j] >> np.int32(23)) & np.int32(0xFF)) - np.int32(126))
-        bits[j] = (bits[j] & np.int32(-2139095041)) | np.int32(0x3F000000)  # 0x807FFFFF
-    for j in range(width):
-        mantissa = as_float[j]
-        exponent = values[j]
-        small = mantissa < _SQRT_HALF
-        exponent = exponent - np.float32(1.0) if small else exponent
-        x = (mantissa + mantissa if small else mantissa) - np.float32(1.0)
-        square = x * x
-        poly = _LOG_POLY[0]
-        for coeff in _LOG_POLY[1:]:
-            poly = poly * x + coeff
-        y = poly * x * square + exponent * _LN2_LO - np.float32(0.5) * square
-        values[j] = x + y + exponent * _LN2_HI
+def _log(value):
+    """log of a positive normal float32."""
+    bits = _bits_of_float32(value)
+    exponent = np.float32(((bits >> np.int32(23)) & np.int32(0xFF)) - np.int32(126))
+    # mantissa in [0.5, 1): the exponent field replaced by 126's (0x807FFFFF keeps sign, fraction)
+    mantissa = _float32_from_bits((bits & np.int32(-2139095041)) | np.int32(0x3F000000))
+    small = mantissa < _SQRT_HALF
+    exponent = exponent - np.float32(1.0) if small else exponent
+    x = (mantissa + mantissa if small else mantissa) - np.float32(1.0)
+    square = x * x
+    poly = _LOG_POLY[0]
+    for coeff in _LOG_POLY[1:]:
+        poly = poly * x + coeff
+    y = poly * x * square + exponent * _LN2_LO - np.float32(0.5) * square
+    return x + y + exponent * _LN2_HI
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,11 +231,12 @@ def _log_inplace(values, width, bits):
 
 
 @numba.njit(**_HELPER_JIT)
-def _block_arm_forward(params, confidence, width, pre, sig, weight, bits):
+def _block_arm_forward(params, confidence, width, pre, sig, weight):
     for o in range(_HIDDEN):
         for j in range(width):
-            pre[0, o, j] = params[_W0 + o] * confidence[j] + params[_B0 + o]
-        _sigmoid_into(pre[0, o], sig[0, o], width, bits)
+            value = params[_W0 + o] * confidence[j] + params[_B0 + o]
+            pre[0, o, j] = value
+            sig[0, o, j] = _sigmoid(value)
     for layer, w_at, b_at in ((1, _W1, _B1), (2, _W2, _B2)):
         for o in range(_HIDDEN):
             for j in range(width):
@@ -195,14 +245,16 @@ def _block_arm_forward(params, confidence, width, pre, sig, weight, bits):
                 coeff = params[w_at + o * _HIDDEN + i]
                 for j in range(width):
                     pre[layer, o, j] += coeff * pre[layer - 1, i, j] * sig[layer - 1, i, j]
-            _sigmoid_into(pre[layer, o], sig[layer, o], width, bits)
+            for j in range(width):
+                sig[layer, o, j] = _sigmoid(pre[layer, o, j])
     for j in range(width):
         weight[j] = params[_B3]
     for i in range(_HIDDEN):
         coeff = params[_W3 + i]
         for j in range(width):
             weight[j] += coeff * pre[2, i, j] * sig[2, i, j]
-    _sigmoid_into(weight, weight, width, bits)
+    for j in range(width):
+        weight[j] = _sigmoid(weight[j])
 
 
 # Reductions over a block's pixels: pairwise folding of a float32 buffer down to _LANES partial
@@ -306,35 +358,35 @@ def _block_arm_backward(params, confidence, width, pre, sig, weight, upstream, g
 
 
 @numba.njit(**_HELPER_JIT)
-def _block_softmax(z, n, start, width, exps, peak, total, total_sq, lse, bits):
+def _block_softmax(z, n, start, width, exps, peak, total, total_sq, lse):
     """exp(z - max) per class into `exps` (C x B), their sum, sum of squares and logsumexp."""
     num_classes = z.shape[1]
+    end = start + width
+    first = z[n, 0, start:end]
     for j in range(width):
-        peak[j] = z[n, 0, start + j]
+        peak[j] = first[j]
     for c in range(1, num_classes):
+        logit = z[n, c, start:end]
         for j in range(width):
-            peak[j] = max(peak[j], z[n, c, start + j])
+            peak[j] = max(peak[j], logit[j])
     for j in range(width):
         total[j] = 0.0
         total_sq[j] = 0.0
     for c in range(num_classes):
         row = exps[c]
+        logit = z[n, c, start:end]
         for j in range(width):
-            row[j] = z[n, c, start + j] - peak[j]
-        _exp_inplace(row, width, bits)
-        for j in range(width):
-            total[j] += row[j]
-            total_sq[j] += row[j] * row[j]
+            e = _exp(logit[j] - peak[j])
+            row[j] = e
+            total[j] += e
+            total_sq[j] += e * e
     for j in range(width):
-        lse[j] = total[j]
-    _log_inplace(lse, width, bits)  # total >= 1: a positive normal number
-    for j in range(width):
-        lse[j] += peak[j]
+        lse[j] = _log(total[j]) + peak[j]  # total >= 1: a positive normal number
 
 
 @numba.njit(**_HELPER_JIT)
 def _block_log_q(
-    logits, num_scales, n, start, width, exps, inv_total, lse, log_q, pixel_max_q, underflow, bits
+    logits, num_scales, n, start, width, exps, inv_total, lse, log_q, pixel_max_q, underflow
 ):
     """log q per class (C x B) for q = mean_k p_k, and max_c q per pixel."""
     num_classes = exps.shape[1]
@@ -352,10 +404,7 @@ def _block_log_q(
         for j in range(width):
             pixel_max_q[j] = max(pixel_max_q[j], row[j] * inv_scales)
             underflow[j] = row[j] <= _TINY
-            row[j] = max(row[j], _TINY)
-        _log_inplace(row, width, bits)
-        for j in range(width):
-            row[j] -= log_scales
+            row[j] = _log(max(row[j], _TINY)) - log_scales
         for j in range(width):
             if underflow[j]:  # every p_k underflowed: logsumexp of the log-probabilities
                 row[j] = _stable_log_mean(logits, num_scales, n, c, start + j, j, lse)
@@ -381,9 +430,10 @@ def _block_kl(logits, num_scales, n, start, width, exps, inv_total, lse, log_q, 
         for j in range(width):
             kl[k, j] = 0.0
         for c in range(num_classes):
+            logit = z[n, c, start : start + width]
             for j in range(width):
                 p = exps[k, c, j] * inv_total[k, j]
-                kl[k, j] += p * (z[n, c, start + j] - lse[k, j] - log_q[c, j])
+                kl[k, j] += p * (logit[j] - lse[k, j] - log_q[c, j])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,6 +452,7 @@ def _fused_pass(
     mask_mode,  # MASK_OFF / MASK_IMAGE / MASK_PIXEL
     rho,
     block,
+    chunks,  # parallel work items, each a run of consecutive blocks with its own buffers
     write_grad,
     ce_grad_scale,  # (S,) float32: factor on w_i (p - onehot) per scale
     arm_upstream,  # (S, 2) float64: dQ/dw_i = a_k l_i - b_k w_i
@@ -420,141 +471,152 @@ def _fused_pass(
     tiles = (num_pixels + block - 1) // block
     confidence_gain = np.float32(2.0 * num_classes / max(num_classes - 1, 1))
     inv_classes = np.float32(1.0 / num_classes)
-    for index in prange(num_images * tiles):
-        n = index // tiles
-        start = (index % tiles) * block
-        width = min(block, num_pixels - start)
+    blocks = num_images * tiles
+    for chunk in prange(chunks):
+        # Per-block buffers, allocated once per chunk of consecutive blocks: an allocation per
+        # block cost a malloc/free of up to ~100 KiB each time, an mmap/munmap when glibc maps it.
         exps = np.empty((num_scales, num_classes, block), np.float32)
         peak = np.empty(block, np.float32)
         total = np.empty((num_scales, block), np.float32)
         total_sq = np.empty((num_scales, block), np.float32)
         lse = np.empty((num_scales, block), np.float32)
-        bits = np.empty(block, np.int32)
+        inv_total = np.empty((num_scales, block), np.float32)
         labels = np.empty(block, np.int64)
         valid = np.empty(block, np.bool_)
-        bad_labels = 0
-        for j in range(width):
-            label = target[n, start + j]
-            in_range = label >= 0 and label < num_classes
-            bad_labels += label != ignore_index and not in_range
-            valid[j] = in_range and label != ignore_index
-            labels[j] = label if valid[j] else -1
-        bad_label_partials[index] = bad_labels
-        inv_total = np.empty((num_scales, block), np.float32)
-        for k in range(num_scales):
-            _block_softmax(
-                logits[k], n, start, width, exps[k], peak, total[k], total_sq[k], lse[k], bits
-            )
-            for j in range(width):
-                inv_total[k, j] = np.float32(1.0) / total[k, j]
-
-        # Cross-entropy and ARM weights: ce_coeff[k, j] multiplies (p - onehot) in the gradient.
-        ce_coeff = np.zeros((num_scales, block), np.float32)
-        if use_ce:
-            loss = np.zeros(block, np.float32)
-            weight = np.ones(block, np.float32)
-            confidence = np.empty(block, np.float32)
-            upstream = np.empty(block, np.float32)
-            pre = np.empty((3, _HIDDEN, block), np.float32)
-            sig = np.empty((3, _HIDDEN, block), np.float32)
-            delta = np.empty((_HIDDEN, block), np.float32)
-            back = np.empty((_HIDDEN, block), np.float32)
-            tmp = np.empty(block, np.float32)
-            arm_grad = np.zeros(ARM_NUM_PARAMETERS, np.float64)
-            for k in range(num_scales):
-                z = logits[k]
-                for j in range(width):
-                    if valid[j]:
-                        loss[j] = lse[k, j] - z[n, labels[j], start + j]
-                if use_arm:
-                    for j in range(width):
-                        sum_p2 = total_sq[k, j] * inv_total[k, j] * inv_total[k, j]
-                        confidence[j] = confidence_gain * (sum_p2 - inv_classes) - np.float32(1.0)
-                    _block_arm_forward(arm_params, confidence, width, pre, sig, weight, bits)
-                sum_w = 0.0
-                sum_w2 = 0.0
-                sum_wl = 0.0
-                for j in range(width):
-                    if valid[j]:
-                        sum_w += weight[j]
-                        sum_w2 += weight[j] * weight[j]
-                        sum_wl += weight[j] * loss[j]
-                        ce_coeff[k, j] = ce_grad_scale[k] * weight[j]
-                ce_partials[index, k, 0] = sum_w
-                ce_partials[index, k, 1] = sum_w2
-                ce_partials[index, k, 2] = sum_wl
-                if use_arm and defer_ce_scale:  # ARM's gradient comes later, from this scratch
-                    for j in range(width):
-                        scratch_confidence[n, start + j] = confidence[j]
-                        scratch_loss[n, start + j] = loss[j] if valid[j] else np.float32(0.0)
-                elif use_arm and write_grad:
-                    for j in range(width):
-                        gain = arm_upstream[k, 0] * loss[j] - arm_upstream[k, 1] * weight[j]
-                        upstream[j] = gain if valid[j] else np.float32(0.0)
-                    _block_arm_backward(
-                        arm_params,
-                        confidence,
-                        width,
-                        pre,
-                        sig,
-                        weight,
-                        upstream,
-                        arm_grad,
-                        delta,
-                        back,
-                        tmp,
-                    )
-            if use_arm and write_grad and not defer_ce_scale:
-                arm_partials[index, :] = arm_grad
-
-        # Multiscale consistency: kl_coeff[j] multiplies the KL gradient of pixel j.
-        kl_coeff = np.zeros(block, np.float32)
+        ce_coeff = np.empty((num_scales, block), np.float32)
+        loss = np.zeros(block, np.float32)
+        weight = np.ones(block, np.float32)  # stays 1 without ARM
+        confidence = np.empty(block, np.float32)
+        upstream = np.empty(block, np.float32)
+        pre = np.empty((3, _HIDDEN, block), np.float32)
+        sig = np.empty((3, _HIDDEN, block), np.float32)
+        delta = np.empty((_HIDDEN, block), np.float32)
+        back = np.empty((_HIDDEN, block), np.float32)
+        tmp = np.empty(block, np.float32)
+        arm_grad = np.empty(ARM_NUM_PARAMETERS, np.float64)
+        kl_coeff = np.empty(block, np.float32)
         log_q = np.empty((num_classes, block), np.float32)
         kl = np.empty((num_scales, block), np.float32)
-        if mask_mode != MASK_OFF:
-            pixel_max_q = np.empty(block, np.float32)
-            underflow = np.empty(block, np.bool_)
-            _block_log_q(
-                logits,
-                num_scales,
-                n,
-                start,
-                width,
-                exps,
-                inv_total,
-                lse,
-                log_q,
-                pixel_max_q,
-                underflow,
-                bits,
-            )
-            _block_kl(logits, num_scales, n, start, width, exps, inv_total, lse, log_q, kl)
-            kl_sum = 0.0
-            max_q = np.float32(-np.inf)
+        pixel_max_q = np.empty(block, np.float32)
+        underflow = np.empty(block, np.bool_)
+        for index in range(chunk * blocks // chunks, (chunk + 1) * blocks // chunks):
+            n = index // tiles
+            start = (index % tiles) * block
+            width = min(block, num_pixels - start)
+            end = start + width
+            bad_labels = 0
+            target_row = target[n, start:end]
             for j in range(width):
-                if not valid[j]:
-                    continue
-                max_q = max(max_q, pixel_max_q[j])
-                if mask_mode == MASK_PIXEL and not pixel_max_q[j] > rho:
-                    continue
-                for k in range(num_scales):
-                    kl_sum += kl[k, j]
-                kl_coeff[j] = kl_grad_scale[n]
-            kl_partials[index] = kl_sum
-            max_q_partials[index] = max_q
-
-        if write_grad:
+                label = target_row[j]
+                in_range = label >= 0 and label < num_classes
+                bad_labels += label != ignore_index and not in_range
+                valid[j] = in_range and label != ignore_index
+                labels[j] = label if valid[j] else -1
+            bad_label_partials[index] = bad_labels
             for k in range(num_scales):
-                z = logits[k]
-                for c in range(num_classes):
+                _block_softmax(
+                    logits[k], n, start, width, exps[k], peak, total[k], total_sq[k], lse[k]
+                )
+                for j in range(width):
+                    inv_total[k, j] = np.float32(1.0) / total[k, j]
+
+            # Cross-entropy and ARM weights: ce_coeff[k, j] multiplies (p - onehot) in the gradient.
+            ce_coeff[:] = 0.0
+            if use_ce:
+                arm_grad[:] = 0.0
+                for k in range(num_scales):
+                    z = logits[k]
                     for j in range(width):
-                        p = exps[k, c, j] * inv_total[k, j]
-                        onehot = np.float32(1.0) if labels[j] == c else np.float32(0.0)
-                        g = ce_coeff[k, j] * (p - onehot)
-                        if mask_mode != MASK_OFF:
-                            log_p = z[n, c, start + j] - lse[k, j]
-                            g += kl_coeff[j] * p * (log_p - log_q[c, j] - kl[k, j])
-                        grad[k, n, c, start + j] = g
+                        if valid[j]:
+                            loss[j] = lse[k, j] - z[n, labels[j], start + j]
+                    if use_arm:
+                        for j in range(width):
+                            sum_p2 = total_sq[k, j] * inv_total[k, j] * inv_total[k, j]
+                            confidence[j] = confidence_gain * (sum_p2 - inv_classes) - np.float32(1.0)
+                        _block_arm_forward(arm_params, confidence, width, pre, sig, weight)
+                    sum_w = 0.0
+                    sum_w2 = 0.0
+                    sum_wl = 0.0
+                    for j in range(width):
+                        if valid[j]:
+                            sum_w += weight[j]
+                            sum_w2 += weight[j] * weight[j]
+                            sum_wl += weight[j] * loss[j]
+                            ce_coeff[k, j] = ce_grad_scale[k] * weight[j]
+                    ce_partials[index, k, 0] = sum_w
+                    ce_partials[index, k, 1] = sum_w2
+                    ce_partials[index, k, 2] = sum_wl
+                    if use_arm and defer_ce_scale:  # ARM's gradient comes later, from this scratch
+                        confidence_row = scratch_confidence[n, start:end]
+                        loss_row = scratch_loss[n, start:end]
+                        for j in range(width):
+                            confidence_row[j] = confidence[j]
+                            loss_row[j] = loss[j] if valid[j] else np.float32(0.0)
+                    elif use_arm and write_grad:
+                        for j in range(width):
+                            gain = arm_upstream[k, 0] * loss[j] - arm_upstream[k, 1] * weight[j]
+                            upstream[j] = gain if valid[j] else np.float32(0.0)
+                        _block_arm_backward(
+                            arm_params,
+                            confidence,
+                            width,
+                            pre,
+                            sig,
+                            weight,
+                            upstream,
+                            arm_grad,
+                            delta,
+                            back,
+                            tmp,
+                        )
+                if use_arm and write_grad and not defer_ce_scale:
+                    arm_partials[index, :] = arm_grad
+
+            # Multiscale consistency: kl_coeff[j] multiplies the KL gradient of pixel j.
+            kl_coeff[:] = 0.0
+            if mask_mode != MASK_OFF:
+                _block_log_q(
+                    logits,
+                    num_scales,
+                    n,
+                    start,
+                    width,
+                    exps,
+                    inv_total,
+                    lse,
+                    log_q,
+                    pixel_max_q,
+                    underflow,
+                )
+                _block_kl(logits, num_scales, n, start, width, exps, inv_total, lse, log_q, kl)
+                kl_sum = 0.0
+                max_q = np.float32(-np.inf)
+                for j in range(width):
+                    if not valid[j]:
+                        continue
+                    max_q = max(max_q, pixel_max_q[j])
+                    if mask_mode == MASK_PIXEL and not pixel_max_q[j] > rho:
+                        continue
+                    for k in range(num_scales):
+                        kl_sum += kl[k, j]
+                    kl_coeff[j] = kl_grad_scale[n]
+                kl_partials[index] = kl_sum
+                max_q_partials[index] = max_q
+
+            if write_grad:
+                for k in range(num_scales):
+                    z = logits[k]
+                    for c in range(num_classes):
+                        logit = z[n, c, start:end]
+                        grad_row = grad[k, n, c, start:end]
+                        for j in range(width):
+                            p = exps[k, c, j] * inv_total[k, j]
+                            onehot = np.float32(1.0) if labels[j] == c else np.float32(0.0)
+                            g = ce_coeff[k, j] * (p - onehot)
+                            if mask_mode != MASK_OFF:
+                                log_p = logit[j] - lse[k, j]
+                                g += kl_coeff[j] * p * (log_p - log_q[c, j] - kl[k, j])
+                            grad_row[j] = g
 
 
 @numba.njit(**_JIT)
@@ -567,6 +629,7 @@ def _arm_gradient_pass(
     upstream_loss,
     upstream_weight,
     block,
+    chunks,
     arm_partials,
     grad,
     grad_scale,
@@ -576,10 +639,8 @@ def _arm_gradient_pass(
     loop applies the now known 1/sum(w) to the logit gradient `grad` (N, C, L) in place."""
     num_images, num_pixels = confidence.shape
     tiles = (num_pixels + block - 1) // block
-    for index in prange(num_images * tiles):
-        n = index // tiles
-        start = (index % tiles) * block
-        width = min(block, num_pixels - start)
+    blocks = num_images * tiles
+    for chunk in prange(chunks):
         pre = np.empty((3, _HIDDEN, block), np.float32)
         sig = np.empty((3, _HIDDEN, block), np.float32)
         weight = np.empty(block, np.float32)
@@ -587,20 +648,27 @@ def _arm_gradient_pass(
         delta = np.empty((_HIDDEN, block), np.float32)
         back = np.empty((_HIDDEN, block), np.float32)
         tmp = np.empty(block, np.float32)
-        bits = np.empty(block, np.int32)
-        arm_grad = np.zeros(ARM_NUM_PARAMETERS, np.float64)
-        pixels = confidence[n, start : start + width]
-        _block_arm_forward(arm_params, pixels, width, pre, sig, weight, bits)
-        for j in range(width):
-            gain = upstream_loss * loss[n, start + j] - upstream_weight * weight[j]
-            upstream[j] = gain if target[n, start + j] != ignore_index else np.float32(0.0)
-        _block_arm_backward(
-            arm_params, pixels, width, pre, sig, weight, upstream, arm_grad, delta, back, tmp
-        )
-        arm_partials[index, :] = arm_grad
-        for c in range(grad.shape[1]):
-            for j in range(start, start + width):
-                grad[n, c, j] *= grad_scale
+        arm_grad = np.empty(ARM_NUM_PARAMETERS, np.float64)
+        for index in range(chunk * blocks // chunks, (chunk + 1) * blocks // chunks):
+            n = index // tiles
+            start = (index % tiles) * block
+            width = min(block, num_pixels - start)
+            arm_grad[:] = 0.0
+            pixels = confidence[n, start : start + width]
+            loss_row = loss[n, start : start + width]
+            target_row = target[n, start : start + width]
+            _block_arm_forward(arm_params, pixels, width, pre, sig, weight)
+            for j in range(width):
+                gain = upstream_loss * loss_row[j] - upstream_weight * weight[j]
+                upstream[j] = gain if target_row[j] != ignore_index else np.float32(0.0)
+            _block_arm_backward(
+                arm_params, pixels, width, pre, sig, weight, upstream, arm_grad, delta, back, tmp
+            )
+            arm_partials[index, :] = arm_grad
+            for c in range(grad.shape[1]):
+                grad_row = grad[n, c, start : start + width]
+                for j in range(width):
+                    grad_row[j] *= grad_scale
 
 
 # ---------------------------------------------------------------------------------------------
@@ -620,6 +688,12 @@ class LossTerms:
     @property
     def mask_mode(self) -> int:
         return _MASK_CODES[self.mask] if self.kl_coef != 0.0 else MASK_OFF
+
+
+def _parallel_chunks(blocks: int) -> int:
+    """One run of consecutive blocks per numba thread (the threading layers split a prange
+    statically anyway)."""
+    return max(min(blocks, numba.get_num_threads()), 1)
 
 
 def block_size(num_scales: int, num_classes: int) -> int:
@@ -692,15 +766,15 @@ class _FusedCall:
             if not write_grad:
                 return self._value(partials), None, None
         grad = (
-            np.empty((len(self.logits), *self.logits[0].shape), np.float32) if write_grad else None
+            _float32_buffer((len(self.logits), *self.logits[0].shape)) if write_grad else None
         )
         final = self._pass(self._normalisers(partials), write_grad, grad)
         arm_grad = final.arm.sum(axis=0) if (write_grad and self.use_arm) else None
         return self._value(partials if partials is not None else final), grad, arm_grad
 
     def _run_deferred(self) -> tuple[float, np.ndarray, np.ndarray]:
-        grad = np.empty((1, *self.logits[0].shape), np.float32)
-        scratch = (np.empty(self.target.shape, np.float32), np.empty(self.target.shape, np.float32))
+        grad = _float32_buffer((1, *self.logits[0].shape))
+        scratch = (_float32_buffer(self.target.shape), _float32_buffer(self.target.shape))
         unnormalised = _Normalisers(
             np.full(1, self.terms.ce_coef, np.float32),
             np.zeros((1, 2)),
@@ -708,12 +782,12 @@ class _FusedCall:
         )
         partials = self._pass(unnormalised, True, grad, scratch)
         norm = self._normalisers(partials)
-        arm_partials = np.zeros(
-            (self.shape[0] * -(-self.target.shape[1] // _MAX_BLOCK), ARM_NUM_PARAMETERS)
-        )
+        blocks = self.shape[0] * -(-self.target.shape[1] // _MAX_BLOCK)
+        arm_partials = np.zeros((blocks, ARM_NUM_PARAMETERS))
         _arm_gradient_pass(
             *scratch, self.target, self.terms.ignore_index, self.arm_params,
-            norm.arm_upstream[0, 0], norm.arm_upstream[0, 1], _MAX_BLOCK, arm_partials,
+            norm.arm_upstream[0, 0], norm.arm_upstream[0, 1], _MAX_BLOCK, _parallel_chunks(blocks),
+            arm_partials,
             grad[0], np.float32(norm.ce_grad_scale[0] / self.terms.ce_coef),
         )  # fmt: skip
         return self._value(partials), grad, arm_partials.sum(axis=0)
@@ -736,7 +810,7 @@ class _FusedCall:
         _fused_pass(
             self._padded_logits(), len(self.logits), self.target, self.terms.ignore_index,
             self.terms.ce_coef != 0.0, self.arm_params, self.use_arm, self.terms.mask_mode,
-            np.float32(self.terms.rho), self.block,
+            np.float32(self.terms.rho), self.block, _parallel_chunks(self.shape[0] * self.tiles),
             write_grad, norm.ce_grad_scale, norm.arm_upstream, norm.kl_grad_scale,
             grad if grad is not None else np.empty((1, 1, 1, 1), np.float32),
             partials.ce, partials.kl, partials.max_q, partials.arm, partials.bad_labels,
@@ -788,6 +862,13 @@ class _FusedCall:
         return self.terms.ce_coef * ce + self.terms.kl_coef * kl
 
 
+def _float32_buffer(shape: tuple[int, ...]) -> np.ndarray:
+    """An uninitialised fp32 array from torch's allocator. numpy's would advise the kernel to
+    back large arrays with transparent huge pages; first touching a fresh one in the kernel then
+    took 18 or 35 ms per call at random (Cityscapes shape), 4 KiB pages a steady 22 ms."""
+    return torch.empty(shape, dtype=torch.float32).numpy()
+
+
 def _as_float32_pixels(logits: torch.Tensor) -> np.ndarray:
     """(N, C, L) fp32 C-contiguous numpy view (a copy only for other dtypes or layouts)."""
     flat = logits.detach().reshape(logits.shape[0], logits.shape[1], -1)
@@ -807,6 +888,7 @@ class _FusedLoss(torch.autograd.Function):
         *logits: torch.Tensor,
     ) -> torch.Tensor:  # type: ignore[override]
         write_grad = any(ctx.needs_input_grad[2:])
+        bind_worker_threads(numba.get_num_threads())
         call = _FusedCall(logits, target, arm_params, terms)
         value, grad, arm_grad = call.run(write_grad)
         ctx.scaled_in_place = False

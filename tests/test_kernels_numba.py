@@ -11,6 +11,12 @@ rounded to the input dtype, the reference sees the same rounded logits).
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -315,13 +321,13 @@ def test_dispatch_through_the_public_registry(monkeypatch):
 
 def test_vectorised_exp_and_log_against_numpy():
     values = np.linspace(-87.0, 88.0, 4001, dtype=np.float32)
-    exps = values.copy()
-    fused._exp_inplace(exps, exps.size, np.empty(exps.size, np.int32))
+    exps = np.array([fused._exp(v) for v in values], np.float32)
     np.testing.assert_allclose(exps, np.exp(values.astype(np.float64)), rtol=3e-7)
     positives = np.exp(np.linspace(-69.0, 69.0, 4001)).astype(np.float32)
-    logs = positives.copy()
-    fused._log_inplace(logs, logs.size, np.empty(logs.size, np.int32))
+    logs = np.array([fused._log(v) for v in positives], np.float32)
     np.testing.assert_allclose(logs, np.log(positives.astype(np.float64)), rtol=3e-7, atol=3e-7)
+    sigmoids = np.array([fused._sigmoid(v) for v in values[::40]], np.float32)
+    np.testing.assert_allclose(sigmoids, 1 / (1 + np.exp(-values[::40].astype(np.float64))), rtol=3e-7)
 
 
 def test_block_size_bounds():
@@ -384,3 +390,44 @@ def test_repeated_backward_with_retained_graph(num_scales):
     assert all(torch.all(g == 0) for g in grads[0.0])
     for scaled, base in zip(grads[3.0], grads[-0.5]):
         torch.testing.assert_close(scaled, base * -6.0, rtol=1e-5, atol=1e-8)
+
+
+_BINDING_PROBE = """
+import json, os, sys
+import numba
+from noisyseg.kernels import numba_backend
+threads = int(sys.argv[1])
+numba.set_num_threads(threads)
+bound = numba_backend.bind_worker_threads(threads)
+single_cpu = []
+for tid in os.listdir("/proc/self/task"):
+    status = open(f"/proc/self/task/{tid}/status").read()
+    allowed = next(line.split()[1] for line in status.splitlines() if line.startswith("Cpus_allowed_list"))
+    if allowed.isdigit():
+        single_cpu.append(int(allowed))
+print(json.dumps({"bound": bound, "single_cpu": sorted(single_cpu)}))
+"""
+
+
+def _probe_binding(threads: int, **env: str) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-c", _BINDING_PROBE, str(threads)],
+        capture_output=True, text=True, check=True, env={**os.environ, **env},
+    )  # fmt: skip
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2
+    or not Path("/proc/self/task").exists(),
+    reason="binding numba's workers needs Linux and at least 2 CPUs",
+)  # fmt: skip
+def test_workers_bound_one_per_cpu_only_when_they_fill_the_cpus():
+    cpus = sorted(os.sched_getaffinity(0))
+    environment = {"NUMBA_NUM_THREADS": str(len(cpus)), "NUMBA_THREADING_LAYER": "workqueue"}
+    # the kernel's view of each thread's CPU set (/proc), not the backend's own bookkeeping
+    full = _probe_binding(len(cpus), **environment)
+    assert full == {"bound": True, "single_cpu": cpus}
+    assert _probe_binding(1, **environment) == {"bound": False, "single_cpu": []}
+    opted_out = _probe_binding(len(cpus), **environment, NOISYSEG_BIND_NUMBA_THREADS="0")
+    assert opted_out == {"bound": False, "single_cpu": []}
