@@ -12,12 +12,16 @@ and each implementation's speed-up over the ones measured before it is stored in
 `benchmark.extra_info` (and summarised in the file named by ``NOISYSEG_BENCH_SUMMARY``, default
 ``.benchmarks/kernels_summary.md``), so ratios compare figures measured side by side.
 
+Allocator state: times are taken with glibc's large-buffer thresholds fixed where its own dynamic
+adjustment settles in a training loop after the first large free (buffers up to 32 MiB come back
+from the heap, not as fresh zero-filled pages), the same for every implementation.
+
 Peak memory: torch's CPU allocator keeps no statistics and tracemalloc does not see it, so the
 extra peak is measured as the process's resident high-water mark (VmHWM, reset through
 /proc/self/clear_refs) minus the resident size before the call, with glibc's mmap threshold
-pinned at 64 KiB so every large buffer is mapped and unmapped (a freed tensor leaves RSS at
-once). It counts everything the call allocates, the returned gradients included, and is given
-as a multiple of the bytes of the logits (all scales).
+pinned at 64 KiB for that call so every large buffer is mapped and unmapped (a freed tensor
+leaves RSS at once). It counts everything the call allocates, the returned gradients included,
+and is given as a multiple of the bytes of the logits (all scales).
 """
 
 from __future__ import annotations
@@ -61,17 +65,26 @@ _MEMORY: dict[tuple[str, int], dict[str, float]] = {}
 # ------------------------------------------------------------------------------------------
 # Peak memory.
 
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+# Where glibc's dynamic thresholds end up once a 32 MiB buffer was freed (its maximum), and its
+# static defaults, used while measuring memory.
+_STEADY_THRESHOLDS = (32 << 20, 64 << 20)
+_MEASURING_THRESHOLDS = (64 << 10, 128 << 10)
 
 
-def _pin_mmap_threshold() -> bool:
+def _set_malloc_thresholds(mmap_bytes: int, trim_bytes: int) -> bool:
     try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 64 * 1024))
+        libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
+    return bool(
+        libc.mallopt(_M_MMAP_THRESHOLD, mmap_bytes) and libc.mallopt(_M_TRIM_THRESHOLD, trim_bytes)
+    )
 
 
-_MEMORY_MEASURABLE = _pin_mmap_threshold() and Path("/proc/self/clear_refs").exists()
+_MEMORY_MEASURABLE = (
+    _set_malloc_thresholds(*_STEADY_THRESHOLDS) and Path("/proc/self/clear_refs").exists()
+)
 
 
 def _status_kib(field: str) -> int:
@@ -85,11 +98,16 @@ def extra_peak_bytes(fn: Callable[[], object]) -> int | None:
     """Resident high-water mark of one call of `fn` above the resident size before it."""
     if not _MEMORY_MEASURABLE:
         return None
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
-    before = _status_kib("VmRSS")
-    result = fn()
-    peak = _status_kib("VmHWM")
-    del result
+    _set_malloc_thresholds(*_MEASURING_THRESHOLDS)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand back what the timed rounds left cached
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+        before = _status_kib("VmRSS")
+        result = fn()
+        peak = _status_kib("VmHWM")
+        del result
+    finally:
+        _set_malloc_thresholds(*_STEADY_THRESHOLDS)
     return (peak - before) * 1024
 
 

@@ -431,3 +431,19 @@ def test_workers_bound_one_per_cpu_only_when_they_fill_the_cpus():
     assert _probe_binding(1, **environment) == {"bound": False, "single_cpu": []}
     opted_out = _probe_binding(len(cpus), **environment, NOISYSEG_BIND_NUMBA_THREADS="0")
     assert opted_out == {"bound": False, "single_cpu": []}
+
+
+def test_kernels_use_no_more_threads_than_torch():
+    import numba
+
+    previous_torch, previous_numba = torch.get_num_threads(), numba.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with fused._threads_like_torch():
+            assert numba.get_num_threads() == 1
+        assert numba.get_num_threads() == previous_numba  # the caller's setting is restored
+        torch.set_num_threads(max(previous_numba, 1) + 4)  # numba's own setting caps it
+        with fused._threads_like_torch():
+            assert numba.get_num_threads() == previous_numba
+    finally:
+        torch.set_num_threads(previous_torch)
