@@ -57,18 +57,19 @@ from noisyseg.kernels.reference import (
     pack_arm_parameters,
 )
 
-# numba's OpenMP layer keeps its worker threads spinning after a parallel region; on a machine
-# whose cores torch's own thread pool also uses, that made the next torch operators of a training
-# step up to 25x slower (measured on 2 cores). The workqueue layer does not spin. A user's own
-# NUMBA_THREADING_LAYER still wins.
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
+# numba picks its threading layer as usual (TBB, else OpenMP, else workqueue). Measured on the
+# 2-core machine: the workqueue layer's threads poll for work with 1 us naps, which here
+# stretched to milliseconds for stretches of calls (ARM CE at the Cityscapes shape 9 or 16 ms a
+# call); OpenMP's were steady, and training steps took the same time with either (one or two
+# threads, one or two processes). OpenMP's spinning workers once slowed torch's operators down,
+# but only while numba ran more threads than torch; `_threads_like_torch` now prevents that.
 
-# The workqueue workers sleep between parallel regions. On waking them, Linux put both on one core
-# for stretches of calls on the 2-core machine (seen with sched_getcpu inside the workers), and
-# each such call took twice as long. Binding each worker to a CPU of its own ends that; done only
-# when the workers are exactly the process's CPUs (fewer threads mean the machine is shared, and
-# binding would stack every process's first worker on one CPU). Opt out with NOISYSEG_BIND_NUMBA_THREADS=0.
+# Where the workqueue layer is used (chosen, or the only one installed): its workers sleep between
+# parallel regions, and on waking them Linux put both on one core for stretches of calls on the
+# 2-core machine (seen with sched_getcpu inside the workers), each such call taking twice as long.
+# Binding each worker to a CPU of its own ends that; done only when the workers are exactly the
+# process's CPUs (fewer threads mean the machine is shared, and binding would stack every
+# process's first worker on one CPU). Opt out with NOISYSEG_BIND_NUMBA_THREADS=0.
 BIND_THREADS_VARIABLE = "NOISYSEG_BIND_NUMBA_THREADS"
 
 
@@ -82,9 +83,12 @@ def bind_worker_threads(num_threads: int) -> bool:
         return False
     if num_threads < 2 or num_threads != len(cpus):
         return False
-    thread_ids = _worker_thread_ids(gettid, num_threads)
-    if numba.threading_layer() != "workqueue" or len(set(thread_ids)) != num_threads:
+    numba.get_num_threads()  # starts numba's threads, so the layer is known
+    if numba.threading_layer() != "workqueue":
         return False  # OpenMP's and TBB's workers spin or come and go: left to their runtime
+    thread_ids = _worker_thread_ids(gettid, num_threads)
+    if len(set(thread_ids)) != num_threads:
+        return False
     for thread_id, cpu in zip(thread_ids, cpus):
         os.sched_setaffinity(thread_id, {cpu})
     return True
@@ -95,14 +99,17 @@ def _threads_like_torch() -> Iterator[None]:
     """Run the kernels on no more threads than torch's intra-op pool (torch.set_num_threads), so
     one setting governs a training process: two processes of one thread each then keep one
     numba thread each instead of four on two cores. numba's own setting still caps it."""
-    previous = numba.get_num_threads()
-    threads = max(1, min(torch.get_num_threads(), previous))
+    torch_threads, previous = torch.get_num_threads(), numba.get_num_threads()
+    threads = max(1, min(torch_threads, previous))
     numba.set_num_threads(threads)
     try:
         bind_worker_threads(threads)
         yield
     finally:
         numba.set_num_threads(previous)
+        # numba's OpenMP layer and torch share one OpenMP runtime (one libgomp.so.1 is loaded),
+        # so numba's setting just moved torch's too.
+        torch.set_num_threads(torch_threads)
 
 
 def _worker_thread_ids(gettid, num_threads: int) -> list[int]:

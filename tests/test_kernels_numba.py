@@ -442,6 +442,9 @@ def test_kernels_use_no_more_threads_than_torch():
         with fused._threads_like_torch():
             assert numba.get_num_threads() == 1
         assert numba.get_num_threads() == previous_numba  # the caller's setting is restored
+        logits, target = make_batch(seed=3)
+        fused.arm_cross_entropy(logits.requires_grad_(True), target, seeded_arm(3)).backward()
+        assert torch.get_num_threads() == 1  # and torch's, which shares numba's OpenMP runtime
         torch.set_num_threads(max(previous_numba, 1) + 4)  # numba's own setting caps it
         with fused._threads_like_torch():
             assert numba.get_num_threads() == previous_numba
