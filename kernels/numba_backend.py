@@ -1,12 +1,15 @@
 """Fused CPU loss kernels (numba): ARM-weighted cross-entropy, multiscale consistency and the
 combined ADELE+ARM loss, forward and backward, without softmax/weight/loss maps of logits size.
 
-One kernel, `_fused_pass`, serves all three losses. It runs in parallel over blocks of pixels
-of one image (a block never straddles two images) and, per block, computes the softmax of every
+One kernel, `_fused_pass`, serves all three losses. It works on blocks of pixels of one image
+(a block never straddles two images), one run of consecutive blocks per thread, and, per
+block, computes the softmax of every
 scale in fp32 (the exponentials kept in a block-local buffer), the per-pixel cross-entropy,
 ARM's confidence and weight, the KL terms against q = mean_k p_k, and optionally writes the
 gradient of every logit. Sums over pixels are written per block and reduced in block order
-(deterministic, no atomics).
+(deterministic whatever the thread count, no atomics). Pixel loops index row views
+(`z[n, c, start:end][j]`): numba's negative-index handling on `z[n, c, start + j]` kept LLVM
+from vectorising them.
 
 The loss normalisers (sum of ARM weights per scale, which images pass the rho mask) are only
 known after every pixel was seen. Three schedules, picked per call by `_FusedCall.run`:
