@@ -449,6 +449,14 @@ def _block_kl(logits, num_scales, n, start, width, exps, inv_total, lse, log_q, 
                 kl[k, j] += p * (logit[j] - lse[k, j] - log_q[c, j])
 
 
+@numba.njit(**_HELPER_JIT)
+def _block_span(index, tiles, block, num_pixels):
+    """Block `index` of an (images x tiles) grid: its image, first pixel and width (the last
+    tile of an image may be narrower)."""
+    start = (index % tiles) * block
+    return index // tiles, start, min(block, num_pixels - start)
+
+
 # ---------------------------------------------------------------------------------------------
 # The kernel.
 
@@ -512,9 +520,7 @@ def _fused_pass(
         pixel_max_q = np.empty(block, np.float32)
         underflow = np.empty(block, np.bool_)
         for index in range(chunk * blocks // chunks, (chunk + 1) * blocks // chunks):
-            n = index // tiles
-            start = (index % tiles) * block
-            width = min(block, num_pixels - start)
+            n, start, width = _block_span(index, tiles, block, num_pixels)
             end = start + width
             bad_labels = 0
             target_row = target[n, start:end]
@@ -660,9 +666,7 @@ def _arm_gradient_pass(
         back = np.empty((_HIDDEN, block), np.float32)
         arm_grad = np.empty(ARM_NUM_PARAMETERS, np.float64)
         for index in range(chunk * blocks // chunks, (chunk + 1) * blocks // chunks):
-            n = index // tiles
-            start = (index % tiles) * block
-            width = min(block, num_pixels - start)
+            n, start, width = _block_span(index, tiles, block, num_pixels)
             arm_grad[:] = 0.0
             pixels = confidence[n, start : start + width]
             loss_row = loss[n, start : start + width]
