@@ -1,20 +1,23 @@
 # Two entry points for a fresh machine: `make demo` and `make test`. Both create .venv when it
-# is missing and install into it; the stamp file makes a second run quick.
+# is missing and install into it the tested package set of constraints.txt; the stamp file
+# makes a second run quick. `make lock` resolves pyproject.toml's ranges anew into that file.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.noisyseg-installed
+LOCK := constraints.txt
+PIP_LOCKED := $(BIN)/python -m pip install --quiet -c $(LOCK)
 
-.PHONY: demo test install bench lint clean
+.PHONY: demo test install bench lint lock gpu-check clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# The CPU wheel first, so nothing below pulls CUDA builds of torch.
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev,serve]'
+	$(PIP_LOCKED) torch
+	$(PIP_LOCKED) -e '.[dev,serve]'
 	# tensorrt-stubs declares a dependency on tensorrt itself, which cannot install without an
 	# NVIDIA driver: install the stubs alone, for mypy.
-	$(BIN)/python -m pip install --quiet --no-deps tensorrt-stubs==10.13.0.35.1
+	$(PIP_LOCKED) --no-deps tensorrt-stubs
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -30,6 +33,17 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# A fresh venv resolves pyproject.toml's ranges (torch pinned to the CPU wheel) and its
+# `pip freeze` becomes constraints.txt; run `make test` on it before committing the file.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet torch==2.13.0
+	.lock-venv/bin/python -m pip install --quiet '.[dev,serve]'
+	.lock-venv/bin/python -m pip install --quiet --no-deps tensorrt-stubs
+	{ sed -n '/^#/p' $(LOCK); .lock-venv/bin/python -m pip freeze --exclude noisyseg | sed 's/+cpu$$//'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf .lock-venv build
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .benchmarks
