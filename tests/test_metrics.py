@@ -177,3 +177,20 @@ def test_noise_diagnostics_match_boolean_masks_on_random_labels() -> None:
 def test_noise_diagnostics_reject_mismatched_shapes() -> None:
     with pytest.raises(ValueError, match="pred, noisy and clean must have the same shape"):
         noise_diagnostics(PRED[:4], NOISY, CLEAN, 3)
+
+
+def test_meter_defers_the_range_check_to_reading_the_counts() -> None:
+    meter = ConfusionMeter(num_classes=3)
+    meter.update(torch.tensor([0, 1, 2]), torch.tensor([0, 255, 7]))  # no error while updating
+    with pytest.raises(ValueError, match="1 pixel\\(s\\) had class ids outside \\[0, 2\\]"):
+        _ = meter.matrix
+
+
+def test_meter_matches_confusion_matrix_on_random_labels_with_ignored_pixels() -> None:
+    rng = np.random.default_rng(3)
+    pred = rng.integers(0, 5, size=(4, 17, 9))
+    target = np.where(rng.random((4, 17, 9)) < 0.2, 255, rng.integers(0, 5, size=(4, 17, 9)))
+    meter = ConfusionMeter(num_classes=5)
+    for i in range(4):
+        meter.update(torch.as_tensor(pred[i]), torch.as_tensor(target[i]))
+    np.testing.assert_array_equal(meter.matrix, confusion_matrix(pred, target, 5))

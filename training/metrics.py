@@ -100,26 +100,56 @@ def _json_float(value: float) -> float | None:
 
 
 class ConfusionMeter:
-    """Accumulates a confusion matrix over batches; `summary()` gives JSON-ready scores."""
+    """Accumulates a confusion matrix over batches; `summary()` gives JSON-ready scores.
 
-    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
+    The counts live on `device` as a torch tensor and `update` never waits for the host (no
+    boolean indexing, no range check per batch), so a GPU training step can feed it without a
+    synchronisation. Ids outside [0, C-1] that are not `ignore_index` land in an overflow slot,
+    and reading `matrix` raises then: the range check is deferred, not dropped.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = 255, device: torch.device | str | None = None) -> None:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
-        self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+        # C*C cells, then one slot for ignored pixels and one for out-of-range ids.
+        self.counts = torch.zeros(num_classes * num_classes + 2, dtype=torch.int64, device=device)
 
     def update(self, pred: ArrayLike, target: ArrayLike) -> None:
-        self.matrix += confusion_matrix(pred, target, self.num_classes, self.ignore_index)
+        if tuple(pred.shape) != tuple(target.shape):
+            raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
+        target_flat = _as_flat_long(target, "target").to(self.counts.device, non_blocking=True)
+        pred_flat = _as_flat_long(pred, "pred").to(self.counts.device, non_blocking=True)
+        cells = self.num_classes * self.num_classes
+        in_range = (target_flat >= 0) & (target_flat < self.num_classes) & (pred_flat >= 0) & (pred_flat < self.num_classes)
+        index = torch.where(in_range, target_flat * self.num_classes + pred_flat, cells + 1)
+        index = torch.where(target_flat == self.ignore_index, cells, index)
+        self.counts.index_add_(0, index, torch.ones_like(index))
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """(C, C) int64 counts on the host (a synchronisation point on a GPU)."""
+        counts = self.counts.cpu().numpy()
+        if counts[-1]:
+            raise ValueError(f"pred/target: {int(counts[-1])} pixel(s) had class ids outside [0, {self.num_classes - 1}] (and not {self.ignore_index} = ignore)")
+        return counts[:-2].reshape(self.num_classes, self.num_classes).astype(np.int64)
+
+    @matrix.setter
+    def matrix(self, value: np.ndarray) -> None:
+        """Replace the counts (for example by their sum over ranks)."""
+        self.counts.zero_()
+        self.counts[:-2] = torch.as_tensor(np.asarray(value, dtype=np.int64).reshape(-1), device=self.counts.device)
 
     def reset(self) -> None:
-        self.matrix[:] = 0
+        self.counts.zero_()
 
     def summary(self) -> dict[str, Any]:
         """Per-class IoU and Dice, mIoU with and without background; NaN (absent) as None."""
+        matrix = self.matrix
         return {
-            "iou": _json_floats(iou_per_class(self.matrix)),
-            "miou": _json_float(mean_iou(self.matrix, include_background=True)),
-            "miou_no_background": _json_float(mean_iou(self.matrix, include_background=False)),
-            "dice": _json_floats(dice_per_class(self.matrix)),
+            "iou": _json_floats(iou_per_class(matrix)),
+            "miou": _json_float(mean_iou(matrix, include_background=True)),
+            "miou_no_background": _json_float(mean_iou(matrix, include_background=False)),
+            "dice": _json_floats(dice_per_class(matrix)),
         }
 
 
@@ -156,18 +186,34 @@ def noise_diagnostics(
     matrices restricted to those pixels (noisy != clean, neither label `ignore_index`);
     `early_learning_memorization_iou` turns accumulated counts into the per-class curves.
     """
-    shapes = {"pred": tuple(pred.shape), "noisy": tuple(noisy.shape), "clean": tuple(clean.shape)}
-    if len(set(shapes.values())) != 1:
-        raise ValueError(f"pred, noisy and clean must have the same shape, got {shapes}")
-    noisy_flat = _as_flat_long(noisy, "noisy")
-    clean_flat = _as_flat_long(clean, "clean").to(noisy_flat.device)
-    pred_flat = _as_flat_long(pred, "pred").to(noisy_flat.device)
-    wrong = (noisy_flat != clean_flat) & (noisy_flat != ignore_index) & (clean_flat != ignore_index)
-    pred_wrong = pred_flat[wrong]
-    return NoiseCounts(
-        pred_vs_clean=confusion_matrix(pred_wrong, clean_flat[wrong], num_classes, ignore_index),
-        pred_vs_noisy=confusion_matrix(pred_wrong, noisy_flat[wrong], num_classes, ignore_index),
-    )
+    meter = NoiseMeter(num_classes, ignore_index, device=noisy.device if isinstance(noisy, torch.Tensor) else None)
+    meter.update(pred, noisy, clean)
+    return meter.counts()
+
+
+class NoiseMeter:
+    """`noise_diagnostics` accumulated over batches on a device, without host synchronisation."""
+
+    def __init__(self, num_classes: int, ignore_index: int = 255, device: torch.device | str | None = None) -> None:
+        self.ignore_index = ignore_index
+        self.vs_clean = ConfusionMeter(num_classes, ignore_index, device)
+        self.vs_noisy = ConfusionMeter(num_classes, ignore_index, device)
+
+    def update(self, pred: ArrayLike, noisy: ArrayLike, clean: ArrayLike) -> None:
+        shapes = {"pred": tuple(pred.shape), "noisy": tuple(noisy.shape), "clean": tuple(clean.shape)}
+        if len(set(shapes.values())) != 1:
+            raise ValueError(f"pred, noisy and clean must have the same shape, got {shapes}")
+        device = self.vs_clean.counts.device
+        noisy_flat = _as_flat_long(noisy, "noisy").to(device, non_blocking=True)
+        clean_flat = _as_flat_long(clean, "clean").to(device, non_blocking=True)
+        pred_flat = _as_flat_long(pred, "pred").to(device, non_blocking=True)
+        wrong = (noisy_flat != clean_flat) & (noisy_flat != self.ignore_index) & (clean_flat != self.ignore_index)
+        ignored = torch.full_like(noisy_flat, self.ignore_index)
+        self.vs_clean.update(pred_flat, torch.where(wrong, clean_flat, ignored))
+        self.vs_noisy.update(pred_flat, torch.where(wrong, noisy_flat, ignored))
+
+    def counts(self) -> NoiseCounts:
+        return NoiseCounts(self.vs_clean.matrix, self.vs_noisy.matrix)
 
 
 def early_learning_memorization_iou(counts: NoiseCounts) -> tuple[np.ndarray, np.ndarray]:
