@@ -16,7 +16,7 @@ import logging
 import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 # Longest first, so two workers finish together: adele on one core, baseline-ms then arm on the other.
 DEMO_METHODS = ("adele", "baseline-ms", "arm")
 QUICK_EPOCHS = 4
+# How often the parent prints the workers' progress (their own bars are off: two processes
+# drawing on one terminal garble it).
+PROGRESS_INTERVAL_S = 20.0
 ONNX_FILE = "model.onnx"
 
 
@@ -77,12 +80,16 @@ def demo(out: Path, scale: Scale, export: bool = True, quiet: bool = True, worke
     phantom, _ = ensure_data(out, scale, noise)  # once, before the workers start
     specs = [RunSpec("demo", method, noise) for method in DEMO_METHODS]
     workers = workers or min(len(specs), os.cpu_count() or 1)
+    progress = TrainingProgress({spec.method: out / "runs" / spec.relative_dir for spec in specs}, scale.epochs, started)
     if workers == 1:
         seconds = [_train_one(spec, out, scale, quiet) for spec in specs]
     else:
         context = multiprocessing.get_context("spawn")  # torch's thread pools do not survive fork
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            seconds = list(pool.map(_train_one, specs, [out] * len(specs), [scale] * len(specs), [quiet] * len(specs)))
+            futures = [pool.submit(_train_one, spec, out, scale, quiet) for spec in specs]
+            while wait(futures, timeout=PROGRESS_INTERVAL_S, return_when=FIRST_EXCEPTION).not_done:
+                progress.report()
+            seconds = [future.result() for future in futures]
     methods: dict[str, Any] = {}
     for spec, run_seconds in zip(specs, seconds, strict=True):
         methods[spec.method] = _run_summary(out / "runs" / spec.relative_dir)
@@ -98,6 +105,33 @@ def demo(out: Path, scale: Scale, export: bool = True, quiet: bool = True, worke
     summary["seconds"] = round(time.monotonic() - started, 1)
     atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+class TrainingProgress:
+    """One status line per interval while worker processes train: each method's last finished
+    epoch, mean training loss and validation mIoU, read from its run directory's metrics."""
+
+    def __init__(self, run_dirs: dict[str, Path], epochs: int, started: float) -> None:
+        self.run_dirs, self.epochs, self.started = run_dirs, epochs, started
+        self.last_line = ""
+
+    def method_status(self, method: str) -> str:
+        from noisyseg.training.plots import read_metrics
+
+        run_dir = self.run_dirs[method]
+        if (run_dir / "summary.json").is_file():
+            return f"{method} done"
+        try:
+            record = read_metrics(run_dir / "metrics.jsonl")[-1]
+        except (FileNotFoundError, ValueError):  # not started, or between its atomic rewrites
+            return f"{method} starting"
+        return f"{method} epoch {record['epoch']}/{self.epochs} loss {record['loss']['total']:.3f} val mIoU {_pct(record['val']['miou'])}%"
+
+    def report(self) -> None:
+        line = " | ".join(self.method_status(m) for m in self.run_dirs)
+        if line != self.last_line:
+            print(f"[{time.monotonic() - self.started:5.0f} s] {line}", flush=True)
+            self.last_line = line
 
 
 def _train_one(spec: Any, out: Path, scale: Scale, quiet: bool) -> float:

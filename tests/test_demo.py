@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from noisyseg import demo as demo_module
 from noisyseg.cli import main
 
 DEMO_METHODS = ("baseline-ms", "adele", "arm")
@@ -89,3 +90,19 @@ def test_one_worker_trains_the_same_runs_as_the_parallel_demo(demo_run: tuple[Pa
     for method in DEMO_METHODS:
         for key in ("test_miou", "test_miou_fg", "trigger_epoch"):
             assert sequential["methods"][method][key] == parallel["methods"][method][key], (method, key)
+
+
+def test_progress_line_shows_each_workers_last_epoch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runs = {name: tmp_path / name for name in ("adele", "arm", "baseline-ms")}
+    runs["adele"].mkdir()
+    (runs["adele"] / "metrics.jsonl").write_text(
+        json.dumps({"epoch": 3, "loss": {"total": 0.5}, "val": {"miou": 0.6134}}) + "\n", encoding="utf-8"
+    )
+    runs["arm"].mkdir()
+    (runs["arm"] / "summary.json").write_text("{}", encoding="utf-8")
+    progress = demo_module.TrainingProgress(runs, epochs=10, started=0.0)
+    progress.report()
+    progress.report()  # unchanged: printed once
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1
+    assert lines[0].endswith("adele epoch 3/10 loss 0.500 val mIoU 61.3% | arm done | baseline-ms starting")

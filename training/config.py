@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from noisyseg.training.device import DEVICES, PRECISIONS, valid_device_name
+
 METHODS = (
     "baseline",
     "baseline-ms",
@@ -40,18 +42,23 @@ METHODS = (
     "gce+arm",
 )
 # Fields that may differ between a run and its resumption: they change nothing already computed.
-RESUMABLE_FIELDS = ("epochs", "quiet", "out", "threads", "distributed.timeout_s", "distributed.verify_replicas")
+# A checkpoint written on one device or precision resumes on another (`device`, `precision`,
+# `model.compile` change speed and rounding, not the method).
+RESUMABLE_FIELDS = ("epochs", "quiet", "out", "threads", "device", "precision", "model.compile", "distributed.timeout_s", "distributed.verify_replicas")
 
 
 @dataclass
 class ModelConfig:
     """The network: a `noisyseg.training.models` name and its constructor arguments.
 
-    The default is a CPU-sized UNet (the paper's is base_width 64 at 256 px).
+    The default is a CPU-sized UNet (the paper's is base_width 64 at 256 px). `compile` runs the
+    network through `torch.compile` (off by default: compiling costs tens of seconds up front,
+    and on the CPU it measured slower than eager for this UNet, docs/benchmarks.md).
     """
 
     architecture: str = "unet"
     kwargs: dict[str, Any] = field(default_factory=lambda: {"base_width": 16, "depth": 4})
+    compile: bool = False
 
 
 @dataclass
@@ -161,6 +168,10 @@ class TrainConfig:
     batch_size 5 and 100 epochs are the ADELE paper's SegTHOR values. `threads`: torch CPU
     threads; 1 by default because on a shared 2-core machine a second (spinning) thread made
     training steps several times slower; 0 keeps torch's default.
+
+    device: `auto` (CUDA when this torch sees a GPU, else the CPU; the local rank's GPU under
+        torchrun), `cpu`, `cuda` or `cuda:N`. precision: `auto` (bf16 on a CUDA GPU that has it,
+        else fp32), `fp32`, `bf16` or `fp16` (autocast for the network; `training/device.py`).
     """
 
     data: str = ""
@@ -174,6 +185,8 @@ class TrainConfig:
     deterministic: bool = True
     threads: int = 1
     quiet: bool = False
+    device: str = "auto"
+    precision: str = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     adele: AdeleConfig = field(default_factory=AdeleConfig)
@@ -191,6 +204,8 @@ class TrainConfig:
             (self.batch_size >= 1, "batch_size", "at least 1"),
             (self.eval_batch_size >= 1, "eval_batch_size", "at least 1"),
             (self.threads >= 0, "threads", "0 (torch default) or more"),
+            (valid_device_name(self.device), "device", f"one of {', '.join(DEVICES)}"),
+            (self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}"),
             (self.optim.lr > 0, "optim.lr", "positive"),
             (self.optim.schedule in ("constant", "poly"), "optim.schedule", "'constant' or 'poly'"),
             (self.optim.optimizer in ("sgd", "adam"), "optim.optimizer", "'sgd' or 'adam'"),
