@@ -31,7 +31,7 @@ def parse_nchw(text: str) -> tuple[int, int, int, int]:
 def run_onnx(args: argparse.Namespace) -> int:
     from noisyseg.export.onnx_export import ExportConfig, export_checkpoint
 
-    config = ExportConfig(opset=args.opset, output=args.output, static_size=args.static, exporter=args.exporter)
+    config = ExportConfig(opset=args.opset, output=args.output, static_size=args.static, exporter=args.exporter, device=args.device)
     report = export_checkpoint(args.checkpoint, args.out, config)
     print(f"wrote {args.out}: {report.describe()}")
     return 0
@@ -119,6 +119,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     onnx_cmd.add_argument("--output", choices=["logits", "probs", "labels"], default="logits", help="what the graph returns (default logits)")
     onnx_cmd.add_argument("--static", type=parse_size, metavar="HxW", help="fixed input size (default: dynamic height and width)")
     onnx_cmd.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo", help="PyTorch exporter (default dynamo)")
+    onnx_cmd.add_argument("--device", default="cpu", help="where to trace and compute the reference outputs: cpu (default), auto, cuda or cuda:N")
     onnx_cmd.set_defaults(func=run_onnx)
 
     quantize = commands.add_parser("quantize", help="ONNX -> static INT8 QDQ model, calibrated on training images")

@@ -35,6 +35,7 @@ from torch import nn
 
 from noisyseg.training.checkpoint import ModelInfo, file_sha256, load_model, resolve_model_file
 from noisyseg.training.data import NORMALIZATION_EPS
+from noisyseg.training.device import resolve_device
 from noisyseg.training.io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
@@ -123,6 +124,9 @@ class ExportConfig:
     exporter: Literal["dynamo", "torchscript"] = "dynamo"
     tolerance: ValidationTolerance = field(default_factory=ValidationTolerance)
     validation_seed: int = 0
+    # Where the model is traced and its reference outputs computed (`auto`, `cpu`, `cuda[:N]`);
+    # the exported graph is the same, ONNX Runtime validates it on the CPU either way.
+    device: str = "cpu"
 
 
 @dataclass
@@ -373,11 +377,12 @@ def validate_export(
     from noisyseg.export.onnxruntime_runner import OnnxRuntimeRunner
 
     runner = OnnxRuntimeRunner(onnx_bytes, providers=["CPUExecutionProvider"])
+    device = next(wrapper.parameters()).device
     max_error, max_reference, matching, pixels = 0.0, 0.0, 0.0, 0
     for index, shape in enumerate(shapes):
         images = sample_images(shape, seed=config.validation_seed + index)
         with torch.inference_mode():
-            reference = wrapper(torch.from_numpy(images)).numpy()
+            reference = wrapper(torch.from_numpy(images).to(device)).cpu().numpy()
         candidate = runner.run(images)[config.output]
         error, shape_matching, shape_pixels = compare_outputs(reference, candidate, config.output)
         max_error = max(max_error, error)
@@ -403,9 +408,10 @@ def export_model(
     stride = model_stride(model)
     if config.static_size is not None:
         check_static_size(config.static_size, stride)
-    wrapper = DeployableSegmenter(model.eval(), info.normalization, config.output).eval()
+    device = resolve_device(config.device, field="--device")
+    wrapper = DeployableSegmenter(model.eval(), info.normalization, config.output).eval().to(device)
     shapes = validation_shapes(info.in_channels, stride, config.static_size)
-    example = torch.from_numpy(sample_images((1, *shapes[0][1:]), seed=config.validation_seed))
+    example = torch.from_numpy(sample_images((1, *shapes[0][1:]), seed=config.validation_seed)).to(device)
     proto = export_to_proto(wrapper, example, config)
     set_metadata(proto, model_metadata(info, config.output, checkpoint_sha256, stride))
     try:

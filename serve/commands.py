@@ -39,6 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--request-timeout-s", type=float, default=60.0, help="per-request timeout (default 60 s)")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per model (default: one per core)")
+    parser.add_argument("--device", default="cpu", help="device of a served run directory or .safetensors model: cpu (default), auto, cuda or cuda:N")
     parser.set_defaults(func=run_serve)
 
 
@@ -68,7 +69,7 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if not settings.is_loopback and settings.api_key is None:
         logger.warning("listening on %s without an API key: anyone who can reach this port can use the models", settings.host)
-    runtimes = open_runtimes(args.model, name=args.name, intra_op_threads=settings.intra_op_threads)
+    runtimes = open_runtimes(args.model, name=args.name, intra_op_threads=settings.intra_op_threads, device=args.device)
     app = create_app(runtimes, settings)
     config = uvicorn.Config(
         app,

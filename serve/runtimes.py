@@ -238,17 +238,24 @@ class OnnxRuntimeBackend(_RunnerRuntime):
 
 
 class PyTorchBackend(Runtime):
-    """A training checkpoint (run directory or `.safetensors`), wrapped exactly as export wraps it."""
+    """A training checkpoint (run directory or `.safetensors`), wrapped exactly as export wraps it,
+    on `device` (`cpu`, `auto`, `cuda` or `cuda:N`)."""
 
     platform = "pytorch_libtorch"
     backend = "pytorch"
 
+    def __init__(self, path: str | Path, name: str, version: str = "1", device: str = "cpu") -> None:
+        super().__init__(path, name, version)
+        self.device_name = device
+
     def _load(self) -> None:
         from noisyseg.export.onnx_export import INPUT_NAME, DeployableSegmenter, model_stride
         from noisyseg.training.checkpoint import load_model
+        from noisyseg.training.device import resolve_device
 
+        self.device = resolve_device(self.device_name, field="--device")
         model, info = load_model(self.path)
-        self.module = DeployableSegmenter(model, info.normalization, output="logits").eval()
+        self.module = DeployableSegmenter(model, info.normalization, output="logits").eval().to(self.device)
         self.native_output = "logits"
         self.class_names = list(info.class_names)
         self.input_name = INPUT_NAME
@@ -259,8 +266,8 @@ class PyTorchBackend(Runtime):
         import torch
 
         with torch.inference_mode():
-            output = self.module(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)))
-        return {self.native_output: output.numpy()}
+            output = self.module(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device))
+        return {self.native_output: output.cpu().numpy()}
 
 
 class TensorRTBackend(_RunnerRuntime):
@@ -295,16 +302,17 @@ REPOSITORY_CONFIG = "config.pbtxt"
 REPOSITORY_MODEL_FILES = ("model.onnx", "model.plan")
 
 
-def open_runtimes(path: str | Path, name: str | None = None, intra_op_threads: int | None = None) -> list[Runtime]:
+def open_runtimes(path: str | Path, name: str | None = None, intra_op_threads: int | None = None, device: str = "cpu") -> list[Runtime]:
     """Load what `path` holds: an ONNX model, a TensorRT plan, a PyTorch checkpoint (file or run
-    directory) or a Triton model repository (every model in it). `name` renames a single model.
+    directory, run on `device`) or a Triton model repository (every model in it). `name` renames
+    a single model.
     """
     from noisyseg.export.triton_repo import model_name_from
     from noisyseg.training.checkpoint import RUN_MODEL_FILE
 
     path = Path(path)
     if path.is_dir() and (path / RUN_MODEL_FILE).is_file():
-        return [PyTorchBackend(path, name or model_name_from(path.resolve())).load()]
+        return [PyTorchBackend(path, name or model_name_from(path.resolve()), device=device).load()]
     if path.is_dir():
         if name is not None:
             raise ValueError(f"{path}: --name renames a single model, but a model repository serves each model under its own name")
@@ -317,12 +325,14 @@ def open_runtimes(path: str | Path, name: str | None = None, intra_op_threads: i
             f"{path}: unknown model type '{path.suffix}'; expected {', '.join(BACKENDS_BY_SUFFIX)}, "
             f"a run directory holding {RUN_MODEL_FILE}, or a model repository"
         )
-    return [_create(backend, path, name or model_name_from(path), "1", intra_op_threads).load()]
+    return [_create(backend, path, name or model_name_from(path), "1", intra_op_threads, device).load()]
 
 
-def _create(backend: type[Runtime], path: Path, name: str, version: str, intra_op_threads: int | None) -> Runtime:
+def _create(backend: type[Runtime], path: Path, name: str, version: str, intra_op_threads: int | None, device: str = "cpu") -> Runtime:
     if issubclass(backend, OnnxRuntimeBackend):
         return backend(path, name, version, intra_op_threads=intra_op_threads)
+    if issubclass(backend, PyTorchBackend):
+        return backend(path, name, version, device=device)
     return backend(path, name, version)
 
 

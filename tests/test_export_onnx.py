@@ -166,6 +166,22 @@ def test_static_size_must_fit_the_stride(checkpoint, tmp_path) -> None:
         export_checkpoint(checkpoint, tmp_path / "m.onnx", ExportConfig(static_size=(100, 64)))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_tracing_on_a_missing_gpu_is_refused_before_anything_is_written(checkpoint, tmp_path) -> None:
+    with pytest.raises(ValueError, match="^--device: 'cuda' asks for a CUDA GPU"):
+        export_checkpoint(checkpoint, tmp_path / "m.onnx", ExportConfig(device="cuda", exporter="torchscript"))
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: torch.cuda.is_available() is False here")
+def test_tracing_on_the_gpu_exports_a_graph_that_matches_pytorch_on_the_cpu(checkpoint, tmp_path) -> None:
+    out = tmp_path / "cuda.onnx"
+    export_checkpoint(checkpoint, out, ExportConfig(device="cuda", exporter="torchscript"))
+    images = sample_images((2, 1, 64, 64), seed=7)
+    (logits,) = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"image": images})
+    np.testing.assert_allclose(logits, reference_logits(checkpoint, images), rtol=1e-3, atol=1e-3)
+
+
 def run_cli(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> int:
     # Only this part's commands: the other parts' command modules are not needed here.
     monkeypatch.setattr(cli, "COMMAND_MODULES", ["noisyseg.export.commands"])

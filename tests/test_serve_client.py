@@ -124,6 +124,16 @@ def test_pytorch_checkpoint_gives_the_onnx_answers(exported) -> None:
     assert (result.as_numpy("labels") == expected.argmax(1)).mean() >= 0.999
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: torch.cuda.is_available() is False here"))])
+def test_pytorch_checkpoint_runs_on_the_requested_device(exported, device: str) -> None:
+    run_dir, onnx_path = exported
+    (runtime,) = open_runtimes(run_dir, device=device)
+    assert runtime.device.type == device
+    images = sample_images((1, 1, 64, 48), seed=9)
+    expected = OnnxRuntimeRunner(onnx_path).run(images)["logits"]
+    np.testing.assert_allclose(runtime._run(images)["logits"], expected, rtol=1e-3, atol=1e-3)
+
+
 def test_model_repository_serves_every_model_with_its_batching_config(exported, tmp_path: Path) -> None:
     _, onnx_path = exported
     make_triton_repo(onnx_path, tmp_path, config=TritonRepoConfig(model_name="seg_a", max_batch_size=4))
