@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from noisyseg.training.config import (
-    METHODS,
     TrainConfig,
     apply_overrides,
     config_from_dict,
     load_config_file,
 )
+from noisyseg.training.methods import METHODS
 
 # torch, tqdm and the training code are imported by the handlers, so `noisyseg --help` stays fast.
 

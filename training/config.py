@@ -28,17 +28,8 @@ from typing import Any
 
 import yaml
 
-METHODS = (
-    "baseline",
-    "baseline-ms",
-    "adele",
-    "adele-nonadaptive",
-    "arm",
-    "adele+arm",
-    "gce",
-    "ohem",
-    "gce+arm",
-)
+from noisyseg.training.methods import METHODS
+
 # Fields that may differ between a run and its resumption: they change nothing already computed.
 RESUMABLE_FIELDS = ("epochs", "quiet", "out", "threads", "distributed.timeout_s", "distributed.verify_replicas")
 

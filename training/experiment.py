@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from noisyseg.training.config import ModelConfig, OptimConfig, TrainConfig
 from noisyseg.training.io import atomic_write_json
+from noisyseg.training.methods import method_names
 from noisyseg.training.noise import LEVEL_ITERATIONS, NOISE_FILE, corrupt_dataset
 from noisyseg.training.phantom import PhantomConfig, generate_phantom
 
@@ -53,9 +54,9 @@ TIMING_FILE = "experiment_timing.json"  # written beside a run's files by this m
 EXPERIMENTS = ("table1", "ladder", "coarse")
 
 # `baseline` (single-scale CE) is not in ADELE's Table 1; it is the reference ARM improves on.
-TABLE1_METHODS = ("baseline-ms", "adele-nonadaptive", "adele", "arm", "adele+arm", "baseline")
-LADDER_METHODS = ("baseline-ms", "adele")
-COARSE_METHODS = ("baseline", "gce", "ohem", "arm", "gce+arm")
+TABLE1_METHODS = method_names(["baseline-ms", "adele-nonadaptive", "adele", "arm", "adele+arm", "baseline"])
+LADDER_METHODS = method_names(["baseline-ms", "adele"])
+COARSE_METHODS = method_names(["baseline", "gce", "ohem", "arm", "gce+arm"])
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,7 @@ from noisyseg.training.distributed import (
 )
 from noisyseg.training.io import atomic_write_json, atomic_write_text
 from noisyseg.training.label_store import LabelStore
+from noisyseg.training.methods import METHOD_SPECS
 from noisyseg.training.metrics import (
     ConfusionMeter,
     NoiseCounts,
@@ -105,31 +106,6 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 MODEL_FILE = "model.safetensors"
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """What a `--method` switches on."""
-
-    multiscale: bool = False
-    consistency: bool = False
-    correction: bool = False
-    adaptive: bool = True
-    arm: bool = False
-    pixel_loss: str = "ce"
-
-
-METHOD_SPECS = {
-    "baseline": MethodSpec(),
-    "baseline-ms": MethodSpec(multiscale=True),
-    "adele": MethodSpec(multiscale=True, consistency=True, correction=True),
-    "adele-nonadaptive": MethodSpec(multiscale=True, consistency=True, correction=True, adaptive=False),
-    "arm": MethodSpec(arm=True),
-    "adele+arm": MethodSpec(multiscale=True, consistency=True, correction=True, arm=True),
-    "gce": MethodSpec(pixel_loss="gce"),
-    "ohem": MethodSpec(pixel_loss="ohem"),
-    "gce+arm": MethodSpec(pixel_loss="gce", arm=True),
-}
 
 
 # ----------------------------------------------------------------------------- data
