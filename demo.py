@@ -11,7 +11,6 @@ settings reuses the data and finished runs, and resumes an interrupted one.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import multiprocessing
 import os
@@ -147,14 +146,15 @@ def _train_one(spec: Any, out: Path, scale: Scale, quiet: bool) -> float:
 
 def _run_summary(run_dir: Path) -> dict[str, Any]:
     """The run's summary.json, plus the last epoch's per-class test IoU for the table."""
-    from noisyseg.training.plots import read_metrics
+    from noisyseg.training.run_dir import RunDir
 
-    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    records = read_metrics(run_dir / "metrics.jsonl")
+    run = RunDir(run_dir)
+    summary = run.read_summary()
+    records = run.read_metrics()
     summary["last_test_per_class_iou"] = records[-1]["test"]["per_class_iou"]
     summary["best_val_miou"] = max((r["val"]["miou"] for r in records if r["val"]["miou"] is not None), default=None)
     summary["run_dir"] = str(run_dir)
-    summary["curves"] = str(run_dir / "curves.png")
+    summary["curves"] = str(run.curves_file)
     return summary
 
 

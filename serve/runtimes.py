@@ -308,10 +308,10 @@ def open_runtimes(path: str | Path, name: str | None = None, intra_op_threads: i
     a single model.
     """
     from noisyseg.export.triton_repo import model_name_from
-    from noisyseg.training.checkpoint import RUN_MODEL_FILE
+    from noisyseg.training.run_dir import MODEL_FILE, RunDir
 
     path = Path(path)
-    if path.is_dir() and (path / RUN_MODEL_FILE).is_file():
+    if path.is_dir() and RunDir(path).model_file.is_file():
         return [PyTorchBackend(path, name or model_name_from(path.resolve()), device=device).load()]
     if path.is_dir():
         if name is not None:
@@ -323,7 +323,7 @@ def open_runtimes(path: str | Path, name: str | None = None, intra_op_threads: i
     if backend is None:
         raise ValueError(
             f"{path}: unknown model type '{path.suffix}'; expected {', '.join(BACKENDS_BY_SUFFIX)}, "
-            f"a run directory holding {RUN_MODEL_FILE}, or a model repository"
+            f"a run directory holding {MODEL_FILE}, or a model repository"
         )
     return [_create(backend, path, name or model_name_from(path), "1", intra_op_threads, device).load()]
 

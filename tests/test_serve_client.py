@@ -21,8 +21,9 @@ from noisyseg.export.triton_repo import TritonRepoConfig, make_triton_repo
 from noisyseg.serve.loadgen import ServerProcess
 from noisyseg.serve.runtimes import open_runtimes
 from noisyseg.serve.settings import ServerSettings
-from noisyseg.training.checkpoint import RUN_MODEL_FILE, ModelInfo, save_model
+from noisyseg.training.checkpoint import ModelInfo, save_model
 from noisyseg.training.models import create_model
+from noisyseg.training.run_dir import RunDir
 
 CLASSES = ["background", "esophagus", "heart", "trachea", "aorta"]
 
@@ -33,7 +34,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     torch.manual_seed(0)
     run_dir = tmp_path_factory.mktemp("run")
     model = create_model("unet", base_width=4)
-    save_model(run_dir / RUN_MODEL_FILE, model, ModelInfo("unet", {"base_width": 4}, CLASSES, method="adele+arm"))
+    save_model(RunDir(run_dir).model_file, model, ModelInfo("unet", {"base_width": 4}, CLASSES, method="adele+arm"))
     onnx_path = run_dir / "model.onnx"
     # Exported by the command a user runs (the faster tracer keeps the test short).
     assert cli.main(["export", "onnx", "--checkpoint", str(run_dir), "--out", str(onnx_path), "--exporter", "torchscript"]) == 0

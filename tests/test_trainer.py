@@ -16,17 +16,18 @@ from scipy import ndimage
 
 from noisyseg.cli import main
 from noisyseg.training import adele
-from noisyseg.training import trainer as trainer_module
 from noisyseg.training.checkpoint import load_model
 from noisyseg.training.config import METHODS, TrainConfig, build_config
-from noisyseg.training.data import load_split
-from noisyseg.training.run_checkpoint import (
-    CHECKPOINT_DIR,
-    find_checkpoint,
-    read_checkpoint,
-    write_checkpoint,
+from noisyseg.training.data import RunData, load_run_data, load_split
+from noisyseg.training.metrics import (
+    ConfusionMeter,
+    NoiseCounts,
+    early_learning_memorization_iou,
+    iou_per_class,
 )
-from noisyseg.training.trainer import RunData, Trainer, load_run_data, train
+from noisyseg.training.run_checkpoint import find_checkpoint, read_checkpoint, write_checkpoint
+from noisyseg.training.run_dir import CHECKPOINT_DIR, RunDir
+from noisyseg.training.trainer import EpochCounters, Trainer, train
 
 SIZE = 32
 CLASSES = ["background", "a", "b", "c", "d"]
@@ -247,7 +248,7 @@ def test_trigger_state_fires_per_class_or_all_at_once(adaptive: bool) -> None:
     # classes 3 and 4 in between (0.5 -> 6). The mean of the four curves decides for all classes.
     rates = {1: 1.0, 2: 0.25, 3: 0.5, 4: 0.5}
     curves = {c: saturating(0.8, b, 15) for c, b in rates.items()}
-    state = trainer_module.TriggerState(num_classes=5)
+    state = adele.TriggerState(num_classes=5)
     for epoch in range(1, 16):
         state.update(epoch, np.array([0.9, *(curves[c][epoch - 1] for c in range(1, 5))]), r=0.9, min_points=3, min_rise=0.05, detect=True, adaptive=adaptive)
     if adaptive:
@@ -289,10 +290,10 @@ def test_noise_diagnostics_of_the_training_pass_on_a_hand_made_case(folders: tup
     noisy = np.array([[[0, 0, 0, 0]], [[1, 0, 1, 0]]], dtype=np.uint8)
     tiny = RunData(data.info, torch.zeros(2, 1, 1, 4), noisy, ["x", "y"], clean, data.val, data.test)
     trainer = Trainer(config, tiny)
-    counters = trainer_module.EpochCounters(train_meter=trainer_module.ConfusionMeter(5), noise=trainer_module.NoiseCounts.zeros(5))
+    counters = EpochCounters(train_meter=ConfusionMeter(5), noise=NoiseCounts.zeros(5))
     prediction = torch.tensor([[[1, 1, 1, 0]]])  # predicts class 1 on both wrong pixels
     trainer.count_training_pass(torch.tensor([1]), prediction, torch.from_numpy(noisy[1:]).long(), counters)
-    iou_el, iou_m = trainer_module.early_learning_memorization_iou(counters.noise)
+    iou_el, iou_m = early_learning_memorization_iou(counters.noise)
     # vs clean on wrong pixels: pixel 1 pred 1 = clean 1 (hit), pixel 2 pred 1 vs clean 0:
     # class 1: intersection 1, union |pred 1| 2 + |clean 1| 1 - 1 = 2 -> 0.5.
     assert iou_el[1] == pytest.approx(0.5)
@@ -300,7 +301,7 @@ def test_noise_diagnostics_of_the_training_pass_on_a_hand_made_case(folders: tup
     # class 1: intersection 1, union 2 + 1 - 1 = 2 -> 0.5; class 0: |noisy 0| 1, |pred 0| 0 -> 0.
     assert iou_m[1] == pytest.approx(0.5) and iou_m[0] == 0.0
     # Training IoU against the labels trained on (noisy), whole slice: class 1 pred {0,1,2}, label {0,2}.
-    assert trainer_module.iou_per_class(counters.train_meter.matrix)[1] == pytest.approx(2 / 3)
+    assert iou_per_class(counters.train_meter.matrix)[1] == pytest.approx(2 / 3)
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(folders: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -334,7 +335,7 @@ def test_cli_train_resume_and_refusals(folders: tuple[Path, Path], tmp_path: Pat
     config_file.write_text("method: baseline-ms\nepochs: 5\nadele: {scales: [1.0, 0.5]}\n", encoding="utf-8")
     assert cli_train(folders, out, "--config", str(config_file)) == 0  # --epochs 1 beats the file
     assert json.loads(capsys.readouterr().out)["epochs"] == 1
-    stored = trainer_module.read_run_config(out)
+    stored = RunDir(out).read_config()
     assert (stored.method, stored.adele.scales, stored.model.kwargs["base_width"]) == ("baseline-ms", [1.0, 0.5], 4)
     # Resume with more epochs continues from the checkpoint.
     assert main(["train", "--resume", str(out), "--epochs", "2", "--quiet"]) == 0

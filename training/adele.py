@@ -33,11 +33,14 @@ import logging
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from scipy.optimize import OptimizeWarning, curve_fit
+
+from noisyseg.training.io import json_float
 
 log = logging.getLogger(__name__)
 
@@ -182,3 +185,87 @@ def correct_labels(
         present[:, 0] = True
         change &= present.gather(1, prediction.flatten(1)).reshape(prediction.shape)
     return torch.where(change, prediction.to(labels.dtype), labels)
+
+
+@dataclass
+class TriggerState:
+    """Per foreground class: training-IoU history, last fit, trigger epoch (sticky)."""
+
+    num_classes: int
+    iou_history: dict[int, list[float | None]] = field(default_factory=dict)
+    fits: dict[int, dict[str, float] | None] = field(default_factory=dict)
+    trigger_epoch: dict[int, int | None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for c in range(1, self.num_classes):
+            self.iou_history.setdefault(c, [])
+            self.fits.setdefault(c, None)
+            self.trigger_epoch.setdefault(c, None)
+
+    def update(self, epoch: int, train_iou: np.ndarray, r: float, min_points: int, min_rise: float, detect: bool, adaptive: bool) -> list[int]:
+        """Add this epoch's IoUs, refit, trigger; returns the classes that triggered now."""
+        for c in range(1, self.num_classes):
+            self.iou_history[c].append(json_float(float(train_iou[c])))
+            fit = fit_iou_curve(self.iou_history[c], min_points)
+            self.fits[c] = fit.as_dict() if fit else None
+        if not detect:
+            return []
+        pending = [c for c in range(1, self.num_classes) if self.trigger_epoch[c] is None]
+        if adaptive:
+            fired = [c for c in pending if self._class_fires(c, epoch, r, min_rise)]
+        else:
+            fired = pending if pending and correction_started(self.mean_history(), r, min_points, min_rise) else []
+        for c in fired:
+            self.trigger_epoch[c] = epoch
+        return fired
+
+    def _class_fires(self, c: int, epoch: int, r: float, min_rise: float) -> bool:
+        fit = self.fits[c]
+        return fit is not None and fit_triggers(CurveFit(**fit), epoch, r, min_rise)
+
+    def mean_history(self) -> list[float | None]:
+        """Mean foreground training IoU per epoch (the non-adaptive ablation's single curve)."""
+        columns = zip(*(self.iou_history[c] for c in range(1, self.num_classes)), strict=True)
+        means = []
+        for values in columns:
+            present = [v for v in values if v is not None]
+            means.append(sum(present) / len(present) if present else None)
+        return means
+
+    def triggered_mask(self, before_or_at: int) -> torch.Tensor:
+        """(C,) bools: classes triggered at or before epoch `before_or_at` (index 0 False)."""
+        mask = torch.zeros(self.num_classes, dtype=torch.bool)
+        for c, epoch in self.trigger_epoch.items():
+            mask[c] = epoch is not None and epoch <= before_or_at
+        return mask
+
+    def correction_classes(self, epoch: int, timing: str, every: int) -> torch.Tensor | None:
+        """(C,) bools of the classes corrected during/at the end of `epoch`, or None if none.
+
+        A class is corrected from its start epoch on: the trigger epoch itself for `epoch`
+        timing (the end-of-epoch pass follows the trigger), the next epoch for `iteration`
+        timing. With `every` k > 1, only at start epochs and multiples of k.
+        """
+        delay = 1 if timing == "iteration" else 0
+        starts = {e + delay for e in self.trigger_epoch.values() if e is not None}
+        active = self.triggered_mask(epoch - delay)
+        due = every == 1 or epoch % every == 0 or epoch in starts
+        return active if due and bool(active.any()) else None
+
+    def record(self) -> dict[str, Any]:
+        return {
+            str(c): {"triggered": self.trigger_epoch[c] is not None, "epoch": self.trigger_epoch[c], "fit": self.fits[c]}
+            for c in range(1, self.num_classes)
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {"iou_history": {str(c): h for c, h in self.iou_history.items()}, "fits": {str(c): f for c, f in self.fits.items()}, "trigger_epoch": {str(c): e for c, e in self.trigger_epoch.items()}}
+
+    @classmethod
+    def from_json(cls, num_classes: int, raw: dict[str, Any]) -> TriggerState:
+        return cls(
+            num_classes,
+            iou_history={int(c): list(h) for c, h in raw["iou_history"].items()},
+            fits={int(c): f for c, f in raw["fits"].items()},
+            trigger_epoch={int(c): e for c, e in raw["trigger_epoch"].items()},
+        )

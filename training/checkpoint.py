@@ -18,13 +18,13 @@ from safetensors import safe_open
 
 from noisyseg import __version__
 from noisyseg.training.io import atomic_write_bytes
+from noisyseg.training.run_dir import MODEL_FILE, RunDir
 
 # torch is imported where a model is built or saved: serving an ONNX model needs only the names here.
 if TYPE_CHECKING:
     import torch
 
 METADATA_KEY = "noisyseg.model"
-RUN_MODEL_FILE = "model.safetensors"
 
 
 @dataclass
@@ -67,9 +67,9 @@ def resolve_model_file(path: str | Path) -> Path:
     """A model file, or a run directory holding `model.safetensors`."""
     path = Path(path)
     if path.is_dir():
-        path = path / RUN_MODEL_FILE
+        path = RunDir(path).model_file
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no model checkpoint (expected a .safetensors file or a run directory holding {RUN_MODEL_FILE})")
+        raise FileNotFoundError(f"{path}: no model checkpoint (expected a .safetensors file or a run directory holding {MODEL_FILE})")
     return path
 
 

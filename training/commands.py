@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from noisyseg.training.config import (
-    METHODS,
     TrainConfig,
     apply_overrides,
     config_from_dict,
     load_config_file,
 )
+from noisyseg.training.methods import METHODS
 
 # torch, tqdm and the training code are imported by the handlers, so `noisyseg --help` stays fast.
 
@@ -56,11 +56,11 @@ def register_train(subparsers: argparse._SubParsersAction) -> None:
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Stored run config (with --resume) or defaults <- --config <- --set <- explicit options."""
     if args.resume:
-        from noisyseg.training.trainer import read_run_config
+        from noisyseg.training.run_dir import RunDir
 
         if args.config:
             raise ValueError("--config cannot be combined with --resume: a resumed run keeps its stored configuration")
-        base = read_run_config(args.resume).to_dict()
+        base = RunDir(args.resume).read_config().to_dict()
         base["out"] = args.resume
     else:
         base = config_from_dict(load_config_file(args.config) if args.config else {}).to_dict()
@@ -110,9 +110,10 @@ def evaluate_run(run_dir: str | Path, split: str = "test", data: str | None = No
     """Single-scale IoU of `RUN_DIR/model.safetensors` on `split` of the run's data folder."""
     from noisyseg.training.checkpoint import load_model
     from noisyseg.training.data import load_split
-    from noisyseg.training.trainer import evaluate_split, read_run_config
+    from noisyseg.training.evaluation import evaluate_split
+    from noisyseg.training.run_dir import RunDir
 
-    config = read_run_config(run_dir)
+    config = RunDir(run_dir).read_config()
     model, info = load_model(run_dir)
     data_root = data or config.data
     split_arrays = load_split(data_root, split)

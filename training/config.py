@@ -29,18 +29,8 @@ from typing import Any
 import yaml
 
 from noisyseg.training.device import DEVICES, PRECISIONS, valid_device_name
+from noisyseg.training.methods import METHODS
 
-METHODS = (
-    "baseline",
-    "baseline-ms",
-    "adele",
-    "adele-nonadaptive",
-    "arm",
-    "adele+arm",
-    "gce",
-    "ohem",
-    "gce+arm",
-)
 # Fields that may differ between a run and its resumption: they change nothing already computed.
 # A checkpoint written on one device or precision resumes on another (`device`, `precision`,
 # `model.compile` change speed and rounding, not the method).

@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from noisyseg.training.config import TrainConfig
 from noisyseg.training.io import atomic_write_bytes, atomic_write_json
 
 IGNORE_INDEX = 255
@@ -378,3 +379,36 @@ class DatasetWriter:
             "pixels_per_class": dict(zip(self.classes, (int(n) for n in self.pixels_per_class), strict=True)),
             "patients": patient_splits,
         }
+
+
+@dataclass
+class RunData:
+    """Everything a run reads, in memory."""
+
+    info: DatasetInfo
+    train_images: torch.Tensor  # (N, C, H, W) float32
+    train_labels: np.ndarray  # (N, H, W) uint8, the (noisy) annotations trained on, never modified
+    train_ids: list[str]
+    clean_train_labels: np.ndarray | None  # the data folder's masks when --labels replaces them
+    val: SplitArrays
+    test: SplitArrays
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+
+def load_run_data(config: TrainConfig) -> RunData:
+    """Load the train split (labels from `config.labels` if set) and the clean val/test splits."""
+    info = read_dataset_info(config.data)
+    train = load_split(config.data, "train", labels_root=config.labels)
+    clean = load_split(config.data, "train").masks if config.labels else None
+    return RunData(
+        info=info,
+        train_images=torch.from_numpy(train.images),
+        train_labels=train.masks,
+        train_ids=train.ids,
+        clean_train_labels=clean,
+        val=load_split(config.data, "val"),
+        test=load_split(config.data, "test"),
+    )

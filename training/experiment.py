@@ -42,20 +42,20 @@ from tqdm import tqdm
 
 from noisyseg.training.config import ModelConfig, OptimConfig, TrainConfig
 from noisyseg.training.io import atomic_write_json
+from noisyseg.training.methods import method_names
 from noisyseg.training.noise import LEVEL_ITERATIONS, NOISE_FILE, corrupt_dataset
 from noisyseg.training.phantom import PhantomConfig, generate_phantom
+from noisyseg.training.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
-SUMMARY_FILE = "summary.json"
-CONFIG_FILE = "config.json"
 TIMING_FILE = "experiment_timing.json"  # written beside a run's files by this module
 EXPERIMENTS = ("table1", "ladder", "coarse")
 
 # `baseline` (single-scale CE) is not in ADELE's Table 1; it is the reference ARM improves on.
-TABLE1_METHODS = ("baseline-ms", "adele-nonadaptive", "adele", "arm", "adele+arm", "baseline")
-LADDER_METHODS = ("baseline-ms", "adele")
-COARSE_METHODS = ("baseline", "gce", "ohem", "arm", "gce+arm")
+TABLE1_METHODS = method_names(["baseline-ms", "adele-nonadaptive", "adele", "arm", "adele+arm", "baseline"])
+LADDER_METHODS = method_names(["baseline-ms", "adele"])
+COARSE_METHODS = method_names(["baseline", "gce", "ohem", "arm", "gce+arm"])
 
 
 @dataclass(frozen=True)
@@ -262,17 +262,17 @@ RunStatus = Literal["done", "trained", "busy"]
 def run_experiment_step(spec: RunSpec, root: Path, scale: Scale, train: Callable[[TrainConfig, bool], Any], quiet: bool = True) -> RunStatus:
     """Make sure `spec` has a summary: skip it, resume it, or train it; `train(config, resume)`."""
     run_dir = root / "runs" / spec.relative_dir
-    if (run_dir / SUMMARY_FILE).is_file():
+    if RunDir(run_dir).is_finished():
         return "done"
     with run_lock(run_dir.parent / f".{spec.method}.lock") as acquired:
         if not acquired:
             log.info("%s: another process is training it; skipped", run_dir)
             return "busy"
-        if (run_dir / SUMMARY_FILE).is_file():  # finished while we waited for the lock
+        if RunDir(run_dir).is_finished():  # finished while we waited for the lock
             return "done"
         phantom, labels = ensure_data(root, scale, spec.noise)
         config = train_config(scale, spec.method, phantom, labels, run_dir, spec.architecture, quiet)
-        resume = (run_dir / CONFIG_FILE).is_file()
+        resume = RunDir(run_dir).has_config()
         log.info("%s %s", "resuming" if resume else "training", run_dir)
         train(config, resume)
         return "trained"

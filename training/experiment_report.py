@@ -25,7 +25,6 @@ from noisyseg.training.data import read_dataset_info
 from noisyseg.training.experiment import (
     COARSE_METHODS,
     LADDER_METHODS,
-    SUMMARY_FILE,
     TABLE1_METHODS,
     TIMING_FILE,
     RunSpec,
@@ -35,7 +34,7 @@ from noisyseg.training.experiment import (
 )
 from noisyseg.training.io import atomic_open, atomic_write_text
 from noisyseg.training.noise import LEVEL_ITERATIONS
-from noisyseg.training.plots import read_metrics
+from noisyseg.training.run_dir import RunDir
 
 THREE = (("best_val", "best val"), ("max", "max test"), ("last", "last epoch"))
 # ADELE Table 1 (SegTHOR, last-epoch test mIoU, 5 noise draws) and ARM Table 4/5 (Cityscapes
@@ -71,15 +70,15 @@ def load_results(root: Path, specs: Sequence[RunSpec]) -> list[RunResult]:
     """The finished runs among `specs` (those with a summary.json)."""
     results = []
     for spec in specs:
-        run_dir = root / "runs" / spec.relative_dir
-        if not (run_dir / SUMMARY_FILE).is_file():
+        run = RunDir(root / "runs" / spec.relative_dir)
+        if not run.is_finished():
             continue
-        timing_path = run_dir / TIMING_FILE
+        timing_path = run.path / TIMING_FILE
         results.append(
             RunResult(
                 spec=spec,
-                summary=json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8")),
-                records=read_metrics(run_dir / "metrics.jsonl"),
+                summary=run.read_summary(),
+                records=run.read_metrics(),
                 timing=json.loads(timing_path.read_text(encoding="utf-8")) if timing_path.is_file() else None,
             )
         )
@@ -354,7 +353,7 @@ def _copy_run_curves(root: Path, results: list[RunResult], experiment: str, figu
     for result in results:
         if result.spec.experiment != experiment or result.spec.method in seen:
             continue
-        source = root / "runs" / result.spec.relative_dir / "curves.png"
+        source = RunDir(root / "runs" / result.spec.relative_dir).curves_file
         if source.is_file():
             seen.add(result.spec.method)
             name = f"{experiment}_{result.spec.method.replace('+', '_')}_curves.png"

@@ -1,9 +1,11 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Atomic file writes (a reader sees the old file or the new one, never half of one) and the
+JSON-safe numbers written into them."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -54,3 +56,12 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def json_float(value: float) -> float | None:
+    """NaN/inf as None (JSON null)."""
+    return None if not math.isfinite(value) else float(value)
+
+
+def json_floats(values: Any) -> list[float | None]:
+    return [json_float(float(v)) for v in values]

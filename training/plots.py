@@ -11,7 +11,6 @@ Layout: one column per foreground class plus a summary column.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -25,13 +24,12 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from noisyseg.training.adele import CurveFit
-from noisyseg.training.checkpoint import RUN_MODEL_FILE, read_model_info
+from noisyseg.training.checkpoint import read_model_info
 from noisyseg.training.io import atomic_open
+from noisyseg.training.run_dir import RunDir
 
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
-CURVES_FILE = "curves.png"
 PANEL_SIZE = (3.2, 2.6)  # inches per panel
 
 
@@ -50,26 +48,6 @@ class RunCurves:
     trigger_epoch: dict[str, int | None]
     fit: dict[str, dict[str, float] | None]
     method: str
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a `metrics.jsonl`, one per epoch in epoch order (a later line for the same
-    epoch, as a resumed run may write, replaces the earlier one)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no metrics file (a run directory holds {METRICS_FILE})")
-    by_epoch: dict[int, dict[str, Any]] = {}
-    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            by_epoch[int(record["epoch"])] = record
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{path}:{line_number}: not a metrics record with an 'epoch' ({err})") from err
-    if not by_epoch:
-        raise ValueError(f"{path}: holds no epoch record")
-    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
 
 
 def _value(x: Any) -> float:
@@ -196,16 +174,16 @@ def build_run_figure(records: list[dict[str, Any]], class_names: list[str] | Non
     return figure
 
 
-def _class_names(run_dir: Path) -> list[str] | None:
-    model_file = run_dir / RUN_MODEL_FILE
+def _class_names(run: RunDir) -> list[str] | None:
+    model_file = run.model_file
     return read_model_info(model_file).class_names if model_file.is_file() else None
 
 
 def plot_run_curves(run_dir: str | Path) -> Path:
     """Write `RUN_DIR/curves.png` from `RUN_DIR/metrics.jsonl` (atomically) and return its path."""
-    run_dir = Path(run_dir)
-    figure = build_run_figure(read_metrics(run_dir / METRICS_FILE), _class_names(run_dir))
-    out = run_dir / CURVES_FILE
+    run = RunDir(run_dir)
+    figure = build_run_figure(run.read_metrics(), _class_names(run))
+    out = run.curves_file
     with atomic_open(out, "wb") as handle:
         figure.savefig(handle, format="png", dpi=110)
     logger.info("wrote %s", out)

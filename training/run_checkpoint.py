@@ -30,8 +30,8 @@ from safetensors.torch import load_file, save
 
 from noisyseg.training.distributed import fault_point
 from noisyseg.training.io import _fsync_directory, atomic_write_bytes, atomic_write_json
+from noisyseg.training.run_dir import RunDir
 
-CHECKPOINT_DIR = "checkpoint"
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
 FORMAT_VERSION = 1
@@ -75,8 +75,8 @@ def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch
 
 def find_checkpoint(run_dir: str | Path) -> Path | None:
     """The complete checkpoint directory of a run, or None when it has none."""
-    for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old"):
-        candidate = Path(run_dir) / name
+    final = RunDir(run_dir).checkpoint_dir
+    for candidate in (final, final.with_name(final.name + ".old")):
         if (candidate / STATE_JSON).is_file():
             return candidate
     return None
@@ -85,7 +85,8 @@ def find_checkpoint(run_dir: str | Path) -> Path | None:
 def write_checkpoint(run_dir: str | Path, tensors: dict[str, torch.Tensor], state: dict[str, Any], write_extra: Any) -> Path:
     """Write a checkpoint crash-safely; `write_extra(directory)` adds files (the label store)."""
     run_dir = Path(run_dir)
-    final, staging, previous = (run_dir / n for n in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".tmp", CHECKPOINT_DIR + ".old"))
+    final = RunDir(run_dir).checkpoint_dir
+    staging, previous = (final.with_name(final.name + suffix) for suffix in (".tmp", ".old"))
     shutil.rmtree(staging, ignore_errors=True)
     try:
         staging.mkdir(parents=True)

@@ -1,18 +1,9 @@
 """The trainer: ADELE, ARM and the comparison losses on in-memory CPU data, resumable.
 
-`train(config)` trains `config.method` on `config.data` (training masks from `config.labels`
-when given) and writes into `config.out`:
-
-    config.json          the configuration (a rerun or resume must match it)
-    metrics.jsonl        one JSON object per epoch: epoch, iteration, method, lr, loss terms,
-                         train_iou (foreground, vs the labels trained on), val/test per-class IoU
-                         and mIoU with/without background, trigger state and fits,
-                         labels_changed_fraction, corrected_pixels, and iou_el/iou_m when clean
-                         training labels are known; NaN written as null
-    summary.json         test mIoU at the best validation epoch / last / max, trigger epochs
-    model.safetensors    the model at the best validation epoch (`checkpoint.save_model`)
-    checkpoint/          full training state, every epoch (`run_checkpoint.py`)
-    curves.png           from `noisyseg.training.plots.plot_run_curves` when that module exists
+`train(config)` trains `config.method` (`methods.py`) on `config.data` (training masks from
+`config.labels` when given) and writes into the run directory `config.out` (its files:
+`run_dir.py`). The trainer owns the loop, the step, the optimisers and the checkpoint state;
+evaluation passes are in `evaluation.py`, the ADELE trigger state in `adele.py`.
 
 Design decisions (method-spec sections 2 to 5; the config docstrings give the defaults):
 - Data: each split lives in memory (`load_split`, per-slice z-score). Batches are drawn from a
@@ -35,29 +26,26 @@ Design decisions (method-spec sections 2 to 5; the config docstrings give the de
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import os
 import random
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from noisyseg.kernels import ARM, arm_cross_entropy, arm_reweighted_loss, multiscale_consistency
 from noisyseg.training import adele
 from noisyseg.training.checkpoint import ModelInfo, save_model
-from noisyseg.training.config import OptimConfig, TrainConfig, config_from_dict, semantic_fields
-from noisyseg.training.data import DatasetInfo, SplitArrays, load_split, read_dataset_info
+from noisyseg.training.config import OptimConfig, TrainConfig
+from noisyseg.training.data import RunData, load_run_data
 from noisyseg.training.distributed import (
     SINGLE_PROCESS,
     DistContext,
@@ -78,14 +66,20 @@ from noisyseg.training.distributed import (
     state_digest,
     verify_agreement,
 )
-from noisyseg.training.io import atomic_write_json, atomic_write_text
+from noisyseg.training.evaluation import (
+    evaluate_split,
+    foreground_dict,
+    forward_scales,
+    mean_probabilities,
+    predict_batches,
+)
 from noisyseg.training.label_store import LabelStore
+from noisyseg.training.methods import METHOD_SPECS
 from noisyseg.training.metrics import (
     ConfusionMeter,
     NoiseCounts,
     early_learning_memorization_iou,
     iou_per_class,
-    mean_iou,
     noise_diagnostics,
 )
 from noisyseg.training.models import create_model
@@ -98,243 +92,9 @@ from noisyseg.training.run_checkpoint import (
     unprefixed,
     write_checkpoint,
 )
+from noisyseg.training.run_dir import RunDir, build_summary
 
 log = logging.getLogger(__name__)
-
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-MODEL_FILE = "model.safetensors"
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """What a `--method` switches on."""
-
-    multiscale: bool = False
-    consistency: bool = False
-    correction: bool = False
-    adaptive: bool = True
-    arm: bool = False
-    pixel_loss: str = "ce"
-
-
-METHOD_SPECS = {
-    "baseline": MethodSpec(),
-    "baseline-ms": MethodSpec(multiscale=True),
-    "adele": MethodSpec(multiscale=True, consistency=True, correction=True),
-    "adele-nonadaptive": MethodSpec(multiscale=True, consistency=True, correction=True, adaptive=False),
-    "arm": MethodSpec(arm=True),
-    "adele+arm": MethodSpec(multiscale=True, consistency=True, correction=True, arm=True),
-    "gce": MethodSpec(pixel_loss="gce"),
-    "ohem": MethodSpec(pixel_loss="ohem"),
-    "gce+arm": MethodSpec(pixel_loss="gce", arm=True),
-}
-
-
-# ----------------------------------------------------------------------------- data
-
-
-@dataclass
-class RunData:
-    """Everything a run reads, in memory."""
-
-    info: DatasetInfo
-    train_images: torch.Tensor  # (N, C, H, W) float32
-    train_labels: np.ndarray  # (N, H, W) uint8, the (noisy) annotations trained on, never modified
-    train_ids: list[str]
-    clean_train_labels: np.ndarray | None  # the data folder's masks when --labels replaces them
-    val: SplitArrays
-    test: SplitArrays
-
-    @property
-    def num_classes(self) -> int:
-        return self.info.num_classes
-
-
-def load_run_data(config: TrainConfig) -> RunData:
-    """Load the train split (labels from `config.labels` if set) and the clean val/test splits."""
-    info = read_dataset_info(config.data)
-    train = load_split(config.data, "train", labels_root=config.labels)
-    clean = load_split(config.data, "train").masks if config.labels else None
-    return RunData(
-        info=info,
-        train_images=torch.from_numpy(train.images),
-        train_labels=train.masks,
-        train_ids=train.ids,
-        clean_train_labels=clean,
-        val=load_split(config.data, "val"),
-        test=load_split(config.data, "test"),
-    )
-
-
-# ----------------------------------------------------------------------------- network passes
-
-
-def resize(tensor: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    if tuple(tensor.shape[-2:]) == size:
-        return tensor
-    return F.interpolate(tensor, size=size, mode="bilinear", align_corners=True)
-
-
-def forward_scales(model: nn.Module, images: torch.Tensor, scales: list[float]) -> list[torch.Tensor]:
-    """Logits at label resolution for each input scale (bilinear, align_corners=True both ways)."""
-    height, width = images.shape[-2:]
-    outputs = []
-    for scale in scales:
-        scaled_size = (max(1, round(height * scale)), max(1, round(width * scale)))
-        outputs.append(resize(model(resize(images, scaled_size)), (height, width)))
-    return outputs
-
-
-class MultiScaleNetwork(nn.Module):
-    """`forward_scales` as one module call, so DDP sees one forward (one all-reduce) per step."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor, scales: list[float]) -> list[torch.Tensor]:
-        return forward_scales(self.model, images, scales)
-
-
-def mean_probabilities(logits_per_scale: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack([torch.softmax(z.detach().float(), dim=1) for z in logits_per_scale]).mean(dim=0)
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode (BatchNorm running statistics) for the block, then the previous mode again."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-@torch.no_grad()
-def predict_batches(model: nn.Module, images: torch.Tensor, batch_size: int, scales: list[float] | None = None) -> torch.Tensor:
-    """Class probabilities (N, C, H, W) in eval mode, averaged over `scales` (default: 1.0 only)."""
-    device = model_device(model)
-    with eval_mode(model):
-        chunks = [mean_probabilities(forward_scales(model, images[i : i + batch_size].to(device), scales or [1.0])) for i in range(0, len(images), batch_size)]
-    return torch.cat(chunks)
-
-
-@torch.no_grad()
-def evaluate_split(model: nn.Module, split: SplitArrays, num_classes: int, ignore_index: int, batch_size: int, ctx: DistContext = SINGLE_PROCESS) -> dict[str, Any]:
-    """Single-scale evaluation: {"per_class_iou", "miou", "miou_fg"} (NaN as None), dataset-level.
-
-    With several ranks each evaluates its block of slices and the confusion counts are summed.
-    """
-    meter = ConfusionMeter(num_classes, ignore_index)
-    images = torch.from_numpy(split.images)
-    block = shard_indices(len(images), ctx.rank, ctx.world_size)
-    device = model_device(model)
-    with eval_mode(model):
-        for start in range(block.start, block.stop, batch_size):
-            stop = min(start + batch_size, block.stop)
-            prediction = model(images[start:stop].to(device)).argmax(dim=1)
-            meter.update(prediction, torch.from_numpy(split.masks[start:stop]))
-    matrix = all_reduce_counts(ctx, meter.matrix, "evaluation")
-    return {
-        "per_class_iou": json_floats(iou_per_class(matrix)),
-        "miou": json_float(mean_iou(matrix, include_background=True)),
-        "miou_fg": json_float(mean_iou(matrix, include_background=False)),
-    }
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def json_float(value: float) -> float | None:
-    """NaN/inf as None (JSON null)."""
-    return None if not math.isfinite(value) else float(value)
-
-
-def json_floats(values: Any) -> list[float | None]:
-    return [json_float(float(v)) for v in values]
-
-
-def foreground_dict(values: Any) -> dict[str, float | None]:
-    """{"1": v1, ...}: the foreground entries of a per-class sequence, JSON keys."""
-    return {str(c): json_float(float(values[c])) for c in range(1, len(values))}
-
-
-# ----------------------------------------------------------------------------- trigger state
-
-
-@dataclass
-class TriggerState:
-    """Per foreground class: training-IoU history, last fit, trigger epoch (sticky)."""
-
-    num_classes: int
-    iou_history: dict[int, list[float | None]] = field(default_factory=dict)
-    fits: dict[int, dict[str, float] | None] = field(default_factory=dict)
-    trigger_epoch: dict[int, int | None] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for c in range(1, self.num_classes):
-            self.iou_history.setdefault(c, [])
-            self.fits.setdefault(c, None)
-            self.trigger_epoch.setdefault(c, None)
-
-    def update(self, epoch: int, train_iou: np.ndarray, r: float, min_points: int, min_rise: float, detect: bool, adaptive: bool) -> list[int]:
-        """Add this epoch's IoUs, refit, trigger; returns the classes that triggered now."""
-        for c in range(1, self.num_classes):
-            self.iou_history[c].append(json_float(float(train_iou[c])))
-            fit = adele.fit_iou_curve(self.iou_history[c], min_points)
-            self.fits[c] = fit.as_dict() if fit else None
-        if not detect:
-            return []
-        pending = [c for c in range(1, self.num_classes) if self.trigger_epoch[c] is None]
-        if adaptive:
-            fired = [c for c in pending if self._class_fires(c, epoch, r, min_rise)]
-        else:
-            fired = pending if pending and adele.correction_started(self.mean_history(), r, min_points, min_rise) else []
-        for c in fired:
-            self.trigger_epoch[c] = epoch
-        return fired
-
-    def _class_fires(self, c: int, epoch: int, r: float, min_rise: float) -> bool:
-        fit = self.fits[c]
-        return fit is not None and adele.fit_triggers(adele.CurveFit(**fit), epoch, r, min_rise)
-
-    def mean_history(self) -> list[float | None]:
-        """Mean foreground training IoU per epoch (the non-adaptive ablation's single curve)."""
-        columns = zip(*(self.iou_history[c] for c in range(1, self.num_classes)), strict=True)
-        means = []
-        for values in columns:
-            present = [v for v in values if v is not None]
-            means.append(sum(present) / len(present) if present else None)
-        return means
-
-    def triggered_mask(self, before_or_at: int) -> torch.Tensor:
-        """(C,) bools: classes triggered at or before epoch `before_or_at` (index 0 False)."""
-        mask = torch.zeros(self.num_classes, dtype=torch.bool)
-        for c, epoch in self.trigger_epoch.items():
-            mask[c] = epoch is not None and epoch <= before_or_at
-        return mask
-
-    def record(self) -> dict[str, Any]:
-        return {
-            str(c): {"triggered": self.trigger_epoch[c] is not None, "epoch": self.trigger_epoch[c], "fit": self.fits[c]}
-            for c in range(1, self.num_classes)
-        }
-
-    def to_json(self) -> dict[str, Any]:
-        return {"iou_history": {str(c): h for c, h in self.iou_history.items()}, "fits": {str(c): f for c, f in self.fits.items()}, "trigger_epoch": {str(c): e for c, e in self.trigger_epoch.items()}}
-
-    @classmethod
-    def from_json(cls, num_classes: int, raw: dict[str, Any]) -> TriggerState:
-        return cls(
-            num_classes,
-            iou_history={int(c): list(h) for c, h in raw["iou_history"].items()},
-            fits={int(c): f for c, f in raw["fits"].items()},
-            trigger_epoch={int(c): e for c, e in raw["trigger_epoch"].items()},
-        )
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -375,6 +135,17 @@ def make_optimizer(parameters: Iterable[nn.Parameter], optim: OptimConfig, maxim
     return torch.optim.SGD(parameters, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay, maximize=maximize)
 
 
+class MultiScaleNetwork(nn.Module):
+    """`forward_scales` as one module call, so DDP sees one forward (one all-reduce) per step."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, scales: list[float]) -> list[torch.Tensor]:
+        return forward_scales(self.model, images, scales)
+
+
 class Trainer:
     """Holds the model, optimisers, ARM, label store and histories of one run."""
 
@@ -383,7 +154,7 @@ class Trainer:
         self.ctx = ctx
         self.data = data
         self.spec = METHOD_SPECS[config.method]
-        self.run_dir = Path(config.out)
+        self.run_dir = RunDir(config.out)
         self.ignore_index = data.info.ignore_index
         self.scales = list(config.adele.scales) if self.spec.multiscale else [1.0]
         torch.manual_seed(config.seed)
@@ -404,7 +175,7 @@ class Trainer:
             self.arm_optimizer = make_optimizer(self.arm.parameters(), replace(config.optim, momentum=momentum, weight_decay=0.0), maximize=True)
         self.shuffle = torch.Generator().manual_seed(config.seed)
         self.store = LabelStore.from_original(data.train_labels, data.train_ids)
-        self.triggers = TriggerState(data.num_classes)
+        self.triggers = adele.TriggerState(data.num_classes)
         self.epoch = 0
         self.iteration = 0
         self.history: list[dict[str, Any]] = []
@@ -492,20 +263,10 @@ class Trainer:
     # ---- one epoch
 
     def correction_classes(self, epoch: int) -> torch.Tensor | None:
-        """(C,) bools of the classes corrected during/at the end of `epoch`, or None if none.
-
-        A class is corrected from its start epoch on: the trigger epoch itself for `epoch`
-        timing (the end-of-epoch pass follows the trigger), the next epoch for `iteration`
-        timing. With `correction_every` k > 1, only at start epochs and multiples of k.
-        """
+        """(C,) bools of the classes corrected during/at the end of `epoch`, or None if none."""
         if not self.spec.correction:
             return None
-        delay = 1 if self.config.adele.correction_timing == "iteration" else 0
-        starts = {e + delay for e in self.triggers.trigger_epoch.values() if e is not None}
-        active = self.triggers.triggered_mask(epoch - delay)
-        every = self.config.adele.correction_every
-        due = every == 1 or epoch % every == 0 or epoch in starts
-        return active if due and bool(active.any()) else None
+        return self.triggers.correction_classes(epoch, self.config.adele.correction_timing, self.config.adele.correction_every)
 
     def correct_rows(self, rows: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor, classes: torch.Tensor) -> int:
         """Correct the label-store rows `rows` from `probs`; returns the number of changed pixels."""
@@ -701,7 +462,7 @@ class Trainer:
         val_miou = record["val"]["miou"]
         if val_miou is not None and (self.best_val is None or val_miou > self.best_val):
             self.best_val, self.best_epoch = val_miou, record["epoch"]
-            save_model(self.run_dir / MODEL_FILE, self.model, self.model_info())
+            save_model(self.run_dir.model_file, self.model, self.model_info())
 
     def save_checkpoint(self) -> None:
         tensors = {**prefixed("model", self.model.state_dict()), "rng.torch": torch.get_rng_state(), "rng.shuffle": self.shuffle.get_state()}
@@ -728,7 +489,7 @@ class Trainer:
             "best": {"val_miou": self.best_val, "epoch": self.best_epoch},
             "world_size": self.ctx.world_size,
         }
-        write_checkpoint(self.run_dir, tensors, state, self.store.save)
+        write_checkpoint(self.run_dir.path, tensors, state, self.store.save)
         self.saved_epoch = self.epoch
 
     def load_checkpoint(self, directory: Path) -> None:
@@ -748,7 +509,7 @@ class Trainer:
         python_state = state["rng"]["python"]
         random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
         self.store = LabelStore.load(directory, self.data.train_labels, self.data.train_ids)
-        self.triggers = TriggerState.from_json(self.data.num_classes, state["triggers"])
+        self.triggers = adele.TriggerState.from_json(self.data.num_classes, state["triggers"])
         self.epoch, self.iteration = int(state["epoch"]), int(state["iteration"])
         self.history = list(state["history"])
         self.best_val, self.best_epoch = state["best"]["val_miou"], state["best"]["epoch"]
@@ -760,7 +521,7 @@ class Trainer:
     def write_metrics(self) -> None:
         """Rewrite metrics.jsonl from the history (so it always matches the checkpoint)."""
         fault_point("metrics-write")
-        atomic_write_text(self.run_dir / METRICS_FILE, "".join(json_line(r) + "\n" for r in self.history))
+        self.run_dir.write_metrics(self.history)
 
     def summary(self) -> dict[str, Any]:
         """Test mIoU at the best validation epoch, the last epoch and the maximum; trigger epochs."""
@@ -779,8 +540,8 @@ class Trainer:
             log.info("epoch %d: loss %.4f, val mIoU %s, test mIoU %s, labels changed %.4f", record["epoch"], record["loss"]["total"], percent(record["val"]["miou"]), percent(record["test"]["miou"]), record["labels_changed_fraction"])
         summary = self.summary()
         if self.ctx.is_main:
-            atomic_write_json(self.run_dir / SUMMARY_FILE, summary)
-            plot_curves(self.run_dir)
+            self.run_dir.write_summary(summary)
+            plot_curves(self.run_dir.path)
         return summary
 
     def persist(self, record: dict[str, Any]) -> None:
@@ -812,7 +573,7 @@ class Trainer:
         tensors = [*self.model.state_dict().values(), *(self.arm.state_dict().values() if self.arm is not None else [])]
         # Weights, SGD momentum of the same size, the best model file, the label store.
         checkpoint_bytes = 3 * sum(t.numel() * t.element_size() for t in tensors) + self.store.labels.nbytes
-        free = shutil.disk_usage(self.run_dir).free
+        free = shutil.disk_usage(self.run_dir.path).free
         if free < 2 * checkpoint_bytes:
             raise ValueError(f"{self.run_dir}: only {free / 1e6:.1f} MB free, a checkpoint needs about {checkpoint_bytes / 1e6:.1f} MB and twice that while it replaces the previous one; free space or choose another --out")
 
@@ -826,30 +587,6 @@ def json_ready(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return [json_ready(v) for v in value]
     return value
-
-
-def json_line(record: dict[str, Any]) -> str:
-    """One JSON line, keys sorted (as in the checkpoint it is rebuilt from); never NaN."""
-    return json.dumps(record, allow_nan=False, sort_keys=True)
-
-
-def build_summary(history: list[dict[str, Any]], trigger_epoch: dict[int, int | None], best_epoch: int | None) -> dict[str, Any]:
-    """The `summary.json` shape: {"test_miou": {best_val,last,max}, "test_miou_fg": {...}, "trigger_epoch": {...}}."""
-    by_epoch = {r["epoch"]: r for r in history}
-
-    def three(key: str) -> dict[str, float | None]:
-        values = [r["test"][key] for r in history if r["test"][key] is not None]
-        best = by_epoch[best_epoch]["test"][key] if best_epoch in by_epoch else None
-        return {"best_val": best, "last": history[-1]["test"][key] if history else None, "max": max(values) if values else None}
-
-    return {
-        "test_miou": three("miou"),
-        "test_miou_fg": three("miou_fg"),
-        "trigger_epoch": {str(c): e for c, e in sorted(trigger_epoch.items())},
-        "best_val_epoch": best_epoch,
-        "epochs": len(history),
-        "method": history[-1]["method"] if history else None,
-    }
 
 
 def plot_curves(run_dir: Path) -> None:
@@ -867,74 +604,13 @@ def plot_curves(run_dir: Path) -> None:
 # ----------------------------------------------------------------------------- entry points
 
 
-def read_run_config(run_dir: str | Path) -> TrainConfig:
-    """The configuration stored in `RUN_DIR/config.json`."""
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not a noisyseg run directory (no {CONFIG_FILE})")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as err:
-        raise ValueError(f"{path}: unreadable run configuration ({err})") from err
-    return config_from_dict(raw["config"])
-
-
-def config_differences(stored: TrainConfig, given: TrainConfig) -> list[str]:
-    """Dotted names of the fields (other than RESUMABLE_FIELDS) whose values differ."""
-    def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        flat: dict[str, Any] = {}
-        for key, value in values.items():
-            if isinstance(value, dict) and key != "kwargs":
-                flat.update(flatten(value, f"{prefix}{key}."))
-            else:
-                flat[prefix + key] = value
-        return flat
-
-    old, new = flatten(semantic_fields(stored)), flatten(semantic_fields(given))
-    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-
-
-def prepare_run_dir(config: TrainConfig, resume: bool) -> None:
-    """Refuse a run directory that holds another configuration (or any run, unless resuming)."""
-    run_dir = Path(config.out)
-    config_path = run_dir / CONFIG_FILE
-    if config_path.is_file():
-        differences = config_differences(read_run_config(run_dir), config)
-        if differences:
-            raise ValueError(f"{run_dir}: run directory holds a run with another configuration (differs in {', '.join(differences)}); use another --out")
-        if not resume:
-            raise FileExistsError(f"{run_dir}: run directory already holds this run; continue it with --resume {run_dir} or choose another --out")
-        probe_run_dir(run_dir)
-        return
-    if resume:
-        raise FileNotFoundError(f"{config_path}: nothing to resume (no run configuration in {run_dir})")
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise FileExistsError(f"{run_dir}: run directory exists and is not empty; choose another --out")
-    probe_run_dir(run_dir)
-    atomic_write_json(config_path, {"config": config.to_dict(), "config_hash": config.semantic_hash()})
-
-
-def probe_run_dir(run_dir: Path) -> None:
-    """Create the run directory and write and remove a file in it: fail now, not after an epoch."""
-    probe = run_dir / ".write-probe"
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with open(probe, "wb") as handle:
-            handle.write(b"noisyseg write probe\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        probe.unlink()
-    except OSError as err:
-        raise ValueError(f"{run_dir}: run directory is not writable ({err.strerror or err}); choose another --out") from err
-
-
 def set_up_run(config: TrainConfig, resume: bool, ctx: DistContext) -> Trainer:
     """Prepare the run directory (rank 0), load the data, build the trainer, restore the
     checkpoint; a failure on any rank stops all of them with its message."""
     error: BaseException | None = None
     if ctx.is_main:
         try:
-            prepare_run_dir(config, resume)
+            RunDir(config.out).prepare(config, resume)
         except (ValueError, OSError) as err:
             error = err
     agree_on_error(ctx, error, "preparing the run directory")
