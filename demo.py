@@ -115,13 +115,13 @@ class TrainingProgress:
         self.last_line = ""
 
     def method_status(self, method: str) -> str:
-        from noisyseg.training.plots import read_metrics
+        from noisyseg.training.run_dir import RunDir
 
-        run_dir = self.run_dirs[method]
-        if (run_dir / "summary.json").is_file():
+        run = RunDir(self.run_dirs[method])
+        if run.is_finished():
             return f"{method} done"
         try:
-            record = read_metrics(run_dir / "metrics.jsonl")[-1]
+            record = run.read_metrics()[-1]
         except (FileNotFoundError, ValueError):  # not started, or between its atomic rewrites
             return f"{method} starting"
         return f"{method} epoch {record['epoch']}/{self.epochs} loss {record['loss']['total']:.3f} val mIoU {_pct(record['val']['miou'])}%"
