@@ -20,8 +20,6 @@ from noisyseg.training.checkpoint import load_model
 from noisyseg.training.config import METHODS, TrainConfig, build_config
 from noisyseg.training.data import RunData, load_run_data, load_split
 from noisyseg.training.metrics import (
-    ConfusionMeter,
-    NoiseCounts,
     early_learning_memorization_iou,
     iou_per_class,
 )
@@ -290,10 +288,10 @@ def test_noise_diagnostics_of_the_training_pass_on_a_hand_made_case(folders: tup
     noisy = np.array([[[0, 0, 0, 0]], [[1, 0, 1, 0]]], dtype=np.uint8)
     tiny = RunData(data.info, torch.zeros(2, 1, 1, 4), noisy, ["x", "y"], clean, data.val, data.test)
     trainer = Trainer(config, tiny)
-    counters = EpochCounters(train_meter=ConfusionMeter(5), noise=NoiseCounts.zeros(5))
+    counters = EpochCounters.zeros(5, 255, torch.device("cpu"), noise=True)
     prediction = torch.tensor([[[1, 1, 1, 0]]])  # predicts class 1 on both wrong pixels
     trainer.count_training_pass(torch.tensor([1]), prediction, torch.from_numpy(noisy[1:]).long(), counters)
-    iou_el, iou_m = early_learning_memorization_iou(counters.noise)
+    iou_el, iou_m = early_learning_memorization_iou(counters.noise.counts())
     # vs clean on wrong pixels: pixel 1 pred 1 = clean 1 (hit), pixel 2 pred 1 vs clean 0:
     # class 1: intersection 1, union |pred 1| 2 + |clean 1| 1 - 1 = 2 -> 0.5.
     assert iou_el[1] == pytest.approx(0.5)

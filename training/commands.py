@@ -44,7 +44,9 @@ def register_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--epochs", type=int, help="number of epochs (default 100)")
     parser.add_argument("--batch-size", type=int, help="batch size (default 5)")
     parser.add_argument("--seed", type=int, help="random seed (default 0)")
-    parser.add_argument("--loss-backend", help="loss backend of noisyseg.kernels (default auto)")
+    parser.add_argument("--loss-backend", help="loss backend of noisyseg.kernels (default auto: Triton on CUDA, numba on the CPU)")
+    parser.add_argument("--device", help="auto (default: CUDA when available, else the CPU), cpu, cuda or cuda:N")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), help="autocast precision of the network (default auto: bf16 on CUDA, fp32 on the CPU)")
     parser.add_argument("--config", help="YAML configuration file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="set a configuration field (repeatable)")
     parser.add_argument("--out", help="run directory to create")
@@ -73,6 +75,8 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         "batch_size": args.batch_size,
         "seed": args.seed,
         "out": args.out,
+        "device": args.device,
+        "precision": args.precision,
     }
     values.update({key: value for key, value in explicit.items() if value is not None})
     if args.loss_backend:
@@ -103,18 +107,22 @@ def register_eval(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--split", default="test", choices=("train", "val", "test"), help="split to evaluate (default test; train uses the data folder's own masks)")
     parser.add_argument("--data", help="data folder (default: the one recorded in the run)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--device", default="auto", help="auto (default: CUDA when available, else the CPU), cpu, cuda or cuda:N")
     parser.set_defaults(func=run_eval)
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test", data: str | None = None) -> dict[str, Any]:
-    """Single-scale IoU of `RUN_DIR/model.safetensors` on `split` of the run's data folder."""
+def evaluate_run(run_dir: str | Path, split: str = "test", data: str | None = None, device: str = "auto") -> dict[str, Any]:
+    """Single-scale IoU of `RUN_DIR/model.safetensors` on `split` of the run's data folder,
+    computed in fp32 on `device`."""
     from noisyseg.training.checkpoint import load_model
     from noisyseg.training.data import load_split
+    from noisyseg.training.device import resolve_device
     from noisyseg.training.evaluation import evaluate_split
     from noisyseg.training.run_dir import RunDir
 
     config = RunDir(run_dir).read_config()
     model, info = load_model(run_dir)
+    model.to(resolve_device(device, field="--device"))
     data_root = data or config.data
     split_arrays = load_split(data_root, split)
     check_channels(split_arrays.images.shape[1], info.in_channels, data_root)
@@ -144,7 +152,7 @@ def format_scores(result: dict[str, Any]) -> str:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    result = evaluate_run(args.run, args.split, args.data)
+    result = evaluate_run(args.run, args.split, args.data, args.device)
     print(json.dumps(result, indent=2) if args.json else format_scores(result))
     return 0
 
@@ -158,6 +166,7 @@ def register_predict(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--input", required=True, help="folder of images (.npy raw values or .png)")
     parser.add_argument("--out", required=True, help="folder for the masks (<image name>.png)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--device", default="auto", help="auto (default: CUDA when available, else the CPU), cpu, cuda or cuda:N")
     parser.set_defaults(func=run_predict)
 
 
@@ -173,32 +182,36 @@ def image_files(folder: str | Path) -> list[Path]:
     return files
 
 
-def predict_folder(run: str | Path, input_dir: str | Path, out_dir: str | Path, quiet: bool = False) -> list[Path]:
+def predict_folder(run: str | Path, input_dir: str | Path, out_dir: str | Path, quiet: bool = False, device: str = "auto") -> list[Path]:
     """Write `out_dir/<name>.png` (class ids) for every image in `input_dir`; returns the paths.
 
-    Images are z-scored per slice exactly as the training loader does.
+    Images are z-scored per slice exactly as the training loader does; the network runs in fp32
+    on `device`.
     """
     import torch
     from tqdm import tqdm
 
     from noisyseg.training.checkpoint import load_model
     from noisyseg.training.data import normalize_image, read_image, write_mask
+    from noisyseg.training.device import resolve_device
 
     model, info = load_model(run)
+    target_device = resolve_device(device, field="--device")
+    model.to(target_device)
     written = []
     for path in tqdm(image_files(input_dir), desc="predict", unit="image", disable=quiet):
         image = read_image(path)
         check_channels(image.shape[0], info.in_channels, path)
         with torch.no_grad():
-            logits = model(torch.from_numpy(normalize_image(image))[None])
+            logits = model(torch.from_numpy(normalize_image(image))[None].to(target_device))
         target = Path(out_dir) / f"{path.stem}.png"
-        write_mask(target, logits.argmax(dim=1)[0].to(torch.uint8).numpy())
+        write_mask(target, logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy())
         written.append(target)
     log.info("wrote %d masks to %s", len(written), out_dir)
     return written
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    written = predict_folder(args.run, args.input, args.out, args.quiet)
+    written = predict_folder(args.run, args.input, args.out, args.quiet, args.device)
     print(f"wrote {len(written)} masks to {args.out}")
     return 0

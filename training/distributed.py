@@ -33,7 +33,7 @@ import logging
 import os
 import signal
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -41,6 +41,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from noisyseg.training.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -174,43 +176,43 @@ def env_ranks() -> tuple[int, int, int]:
     return rank, world_size, local_rank
 
 
-def resolve_backend(backend: str) -> str:
-    """`auto` -> nccl when CUDA is available, else gloo."""
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """`auto` -> nccl when the ranks train on GPUs, else gloo."""
     if backend not in BACKENDS:
         raise ValueError(f"distributed backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl" and not torch.cuda.is_available():
-        raise ValueError("distributed backend 'nccl' needs CUDA GPUs; use 'gloo' on CPU")
+        return "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise ValueError("distributed backend 'nccl' needs the ranks on CUDA GPUs; use 'gloo' with --device cpu")
     return backend
 
 
-def init_distributed(backend: str = "auto", timeout_s: float = 300.0) -> DistContext:
+def init_distributed(backend: str = "auto", timeout_s: float = 300.0, device: str = "auto") -> DistContext:
     """Join the process group described by the torchrun environment (no-op for one process).
 
-    `timeout_s` bounds every collective: a rank that dies or stalls makes the others fail with
-    an error after at most this long instead of hanging.
+    `device` (`training/device.py`) is resolved per rank: `auto` and `cuda` give each rank its
+    local GPU. `timeout_s` bounds every collective: a rank that dies or stalls makes the others
+    fail with an error after at most this long instead of hanging.
     """
     rank, world_size, local_rank = env_ranks()
+    resolved = resolve_device(device, local_rank)
+    if resolved.type == "cuda":
+        torch.cuda.set_device(resolved)
     if world_size == 1:
-        return SINGLE_PROCESS
+        return replace(SINGLE_PROCESS, device=resolved)
     for name in ("MASTER_ADDR", "MASTER_PORT"):
         if not os.environ.get(name):
             raise ValueError(f"environment variable {name} is not set: start distributed runs with torchrun")
-    backend = resolve_backend(backend)
-    device = torch.device("cpu")
-    if backend == "nccl":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
+    backend = resolve_backend(backend, resolved)
     endpoint = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
     if not dist.is_initialized():
         try:
             # device_id binds nccl's communicator to this rank's GPU at once (None on CPU).
-            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), device_id=device if backend == "nccl" else None)
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), device_id=resolved if backend == "nccl" else None)
         except dist.DistError as err:
             raise RuntimeError(f"rank {rank} of {world_size}: could not join the {backend} process group at {endpoint} within distributed.timeout_s={timeout_s:g} s ({_first_line(err)})") from err
     log.info("rank %d of %d (local rank %d) joined the %s process group at %s", rank, world_size, local_rank, backend, endpoint)
-    return DistContext(rank, world_size, local_rank, backend, device, timeout_s)
+    return DistContext(rank, world_size, local_rank, backend, resolved, timeout_s)
 
 
 def shutdown(ctx: DistContext) -> None:

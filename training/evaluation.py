@@ -75,10 +75,10 @@ def evaluate_split(model: nn.Module, split: SplitArrays, num_classes: int, ignor
 
     With several ranks each evaluates its block of slices and the confusion counts are summed.
     """
-    meter = ConfusionMeter(num_classes, ignore_index)
+    device = model_device(model)
+    meter = ConfusionMeter(num_classes, ignore_index, device)  # counts on the model's device
     images = torch.from_numpy(split.images)
     block = shard_indices(len(images), ctx.rank, ctx.world_size)
-    device = model_device(model)
     with eval_mode(model):
         for start in range(block.start, block.stop, batch_size):
             stop = min(start + batch_size, block.stop)

@@ -1,4 +1,4 @@
-"""The trainer: ADELE, ARM and the comparison losses on in-memory CPU data, resumable.
+"""The trainer: ADELE, ARM and the comparison losses on in-memory data, on a CPU or GPU, resumable.
 
 `train(config)` trains `config.method` (`methods.py`) on `config.data` (training masks from
 `config.labels` when given) and writes into the run directory `config.out` (its files:
@@ -6,9 +6,20 @@
 evaluation passes are in `evaluation.py`, the ADELE trigger state in `adele.py`.
 
 Design decisions (method-spec sections 2 to 5; the config docstrings give the defaults):
-- Data: each split lives in memory (`load_split`, per-slice z-score). Batches are drawn from a
-  permutation of a seeded `torch.Generator`, whose state is checkpointed, so an interrupted and
-  resumed run gives the same weights as an uninterrupted one (deterministic CPU algorithms).
+- Data: each split lives in memory (`load_split`, per-slice z-score); the training split, its
+  annotations and the current (corrected) labels are copied to the training device once. Batches
+  are drawn from a permutation of a seeded `torch.Generator`, whose state is checkpointed, so an
+  interrupted and resumed run gives the same weights as an uninterrupted one (deterministic CPU
+  algorithms; on CUDA deterministic kernels are asked for where PyTorch has them).
+- Device and precision (`device.py`): the network's forward runs under autocast (bf16 by
+  default on CUDA); the loss reads the half-precision logits (the fused kernels accumulate in
+  fp32) and ARM stays fp32; fp16 scales the loss with a GradScaler.
+- Host synchronisation: a step queues its work and returns. Loss terms, confusion counts,
+  corrected-pixel counts, the first non-finite loss and the label corrections (into a device copy
+  of the label store) stay on the device. The host waits only at logging points (every
+  `SYNC_EVERY` steps: the progress bar's loss and the non-finite check), at the epoch's end
+  (the label store, the trigger, evaluation, the checkpoint), and inside fp16's GradScaler (which
+  must read whether a gradient overflowed before it steps).
 - Multiscale: the input is resized by each scale (bilinear, align_corners=True) and each
   output's logits back to label size. `baseline-ms` (the ADELE paper's baseline, "multiscale
   input augmentation") averages the CE of all scales at every step: ADELE's loss without the
@@ -29,6 +40,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import shutil
 from collections.abc import Iterable
@@ -46,6 +58,7 @@ from noisyseg.training import adele
 from noisyseg.training.checkpoint import ModelInfo, save_model
 from noisyseg.training.config import OptimConfig, TrainConfig
 from noisyseg.training.data import RunData, load_run_data
+from noisyseg.training.device import resolve_precision
 from noisyseg.training.distributed import (
     SINGLE_PROCESS,
     DistContext,
@@ -77,10 +90,9 @@ from noisyseg.training.label_store import LabelStore
 from noisyseg.training.methods import METHOD_SPECS
 from noisyseg.training.metrics import (
     ConfusionMeter,
-    NoiseCounts,
+    NoiseMeter,
     early_learning_memorization_iou,
     iou_per_class,
-    noise_diagnostics,
 )
 from noisyseg.training.models import create_model
 from noisyseg.training.run_checkpoint import (
@@ -96,27 +108,48 @@ from noisyseg.training.run_dir import RunDir, build_summary
 
 log = logging.getLogger(__name__)
 
+# Steps between the host's looks at the device (progress bar loss, non-finite check): each look
+# waits for the queued GPU work, so looking every step would serialise host and GPU.
+SYNC_EVERY = 10
+
 
 # ----------------------------------------------------------------------------- the trainer
 
 
 @dataclass
 class EpochCounters:
-    """What one epoch's training passes accumulate."""
+    """What one epoch's training passes accumulate, on the training device (no host waits)."""
 
     train_meter: ConfusionMeter
-    noise: NoiseCounts | None
-    loss_sums: dict[str, float] = field(default_factory=dict)
+    noise: NoiseMeter | None
+    corrected_pixels: torch.Tensor  # () int64
+    first_nonfinite: torch.Tensor  # () int64: the first iteration with a non-finite loss, or -1
+    loss_sums: dict[str, torch.Tensor] = field(default_factory=dict)
     steps: int = 0
-    corrected_pixels: int = 0
 
-    def add_losses(self, values: dict[str, float]) -> None:
+    @classmethod
+    def zeros(cls, num_classes: int, ignore_index: int, device: torch.device, noise: bool) -> EpochCounters:
+        return cls(
+            train_meter=ConfusionMeter(num_classes, ignore_index, device),
+            noise=NoiseMeter(num_classes, ignore_index, device) if noise else None,
+            corrected_pixels=torch.zeros((), dtype=torch.int64, device=device),
+            first_nonfinite=torch.full((), -1, dtype=torch.int64, device=device),
+        )
+
+    def add_losses(self, values: dict[str, torch.Tensor], weight: float = 1.0) -> None:
+        """Add one step's (detached) loss terms, scaled by this rank's share of the batch."""
         for key, value in values.items():
-            self.loss_sums[key] = self.loss_sums.get(key, 0.0) + value
+            term = value.float() * weight
+            self.loss_sums[key] = self.loss_sums[key] + term if key in self.loss_sums else term
         self.steps += 1
 
+    def note_nonfinite(self, loss: torch.Tensor, iteration: int) -> None:
+        """Remember `iteration` if `loss` is not finite and none was before (on the device)."""
+        first = (~torch.isfinite(loss.detach())) & (self.first_nonfinite < 0)
+        self.first_nonfinite = torch.where(first, iteration, self.first_nonfinite)
+
     def mean_losses(self) -> dict[str, float]:
-        return {key: total / max(self.steps, 1) for key, total in self.loss_sums.items()}
+        return {key: float(total) / max(self.steps, 1) for key, total in self.loss_sums.items()}
 
 
 def training_memory_format(architecture: str) -> torch.memory_format:
@@ -152,6 +185,9 @@ class Trainer:
     def __init__(self, config: TrainConfig, data: RunData, ctx: DistContext = SINGLE_PROCESS) -> None:
         self.config = config
         self.ctx = ctx
+        self.device = ctx.device
+        self.precision = resolve_precision(config.precision, self.device)
+        self.scaler = self.precision.grad_scaler(self.device)
         self.data = data
         self.spec = METHOD_SPECS[config.method]
         self.run_dir = RunDir(config.out)
@@ -165,16 +201,23 @@ class Trainer:
         model = create_model(config.model.architecture, **self.model_kwargs)
         if config.distributed.sync_batchnorm:
             model = convert_sync_batchnorm(model, ctx)
-        self.model = model.to(device=ctx.device, memory_format=self.memory_format)
+        self.model = model.to(device=self.device, memory_format=self.memory_format)
         self.optimizer = make_optimizer(self.model.parameters(), config.optim)
         self.arm: nn.Module | None = None
         self.arm_optimizer: torch.optim.Optimizer | None = None
         if self.spec.arm:
-            self.arm = ARM().to(ctx.device)
+            self.arm = ARM().to(self.device)
             momentum = config.optim.momentum if config.arm.momentum is None else config.arm.momentum
             self.arm_optimizer = make_optimizer(self.arm.parameters(), replace(config.optim, momentum=momentum, weight_decay=0.0), maximize=True)
         self.shuffle = torch.Generator().manual_seed(config.seed)
         self.store = LabelStore.from_original(data.train_labels, data.train_ids)
+        # The training split on the device, once (on the CPU these share the arrays' memory):
+        # images, the annotations trained on (never modified), the clean masks when known, and
+        # `labels`, the device copy of the label store that corrections write into.
+        self.train_images = data.train_images.to(self.device)
+        self.annotations = torch.from_numpy(data.train_labels).to(self.device)
+        self.clean_labels = None if data.clean_train_labels is None else torch.from_numpy(data.clean_train_labels).to(self.device)
+        self.labels = self.device_copy_of_store()
         self.triggers = adele.TriggerState(data.num_classes)
         self.epoch = 0
         self.iteration = 0
@@ -183,15 +226,17 @@ class Trainer:
         self.best_epoch: int | None = None
         self.saved_epoch = 0  # the epoch of the last complete checkpoint
         self.network = self.distributed_network()
-        # This rank's label corrections of the current epoch, for the other ranks.
-        self.pending_corrections: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def device_copy_of_store(self) -> torch.Tensor:
+        return torch.from_numpy(self.store.labels).to(self.device, copy=True)
 
     def distributed_network(self) -> nn.Module:
-        """The multiscale forward, in DDP when several ranks train."""
-        network = MultiScaleNetwork(self.model)
+        """The multiscale forward (through `torch.compile` with `model.compile`), in DDP when
+        several ranks train. `self.model` stays the plain module that checkpoints and evaluation use."""
+        network = MultiScaleNetwork(torch.compile(self.model) if self.config.model.compile else self.model)
         if not self.ctx.enabled:
             return network
-        device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
         with peer_errors(self.ctx, "the initial weight broadcast"):
             return nn.parallel.DistributedDataParallel(network, device_ids=device_ids)
 
@@ -219,24 +264,25 @@ class Trainer:
 
     # ---- losses
 
-    def loss_terms(self, logits_per_scale: list[torch.Tensor], target: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """(what to backpropagate, logged terms). The network minimises the method's loss;
-        with ARM, ARM ascends the same loss, or during warm-up its own detached objective."""
+    def loss_terms(self, logits_per_scale: list[torch.Tensor], target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(what to backpropagate, logged terms as detached tensors). The network minimises the
+        method's loss; with ARM, ARM ascends the same loss, or during warm-up its own detached
+        objective."""
         arm = None if self.arm is None or self.arm_warming_up() else self.arm
         divisor = self.config.adele.logit_divisor
         logits = [z / divisor for z in logits_per_scale] if divisor != 1.0 else logits_per_scale
         supervised = torch.stack([self.pixel_loss_mean(z, target, arm) for z in logits]).mean()
-        terms = {self.spec.pixel_loss: supervised.item()}
+        terms = {self.spec.pixel_loss: supervised.detach()}
         network_loss = supervised
         if self.spec.consistency:
             consistency = multiscale_consistency(logits, target, self.config.adele.rho, self.config.adele.rho_mask, self.ignore_index, backend=self.config.loss.backend)
             # (sum_k CE_k + lambda L_ms) / S, method-spec section 4.
             network_loss = supervised + self.config.adele.lam * consistency / len(logits)
-            terms["consistency"] = consistency.item()
-        terms["total"] = network_loss.item()
+            terms["consistency"] = consistency.detach()
+        terms["total"] = network_loss.detach()
         if self.arm is not None and arm is None:
             objective = self.arm_warmup_objective(logits, target)
-            terms["arm_objective"] = objective.item()
+            terms["arm_objective"] = objective.detach()
             return network_loss + objective, terms
         return network_loss, terms
 
@@ -268,35 +314,27 @@ class Trainer:
             return None
         return self.triggers.correction_classes(epoch, self.config.adele.correction_timing, self.config.adele.correction_every)
 
-    def correct_rows(self, rows: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor, classes: torch.Tensor) -> int:
-        """Correct the label-store rows `rows` from `probs`; returns the number of changed pixels."""
+    def correct_rows(self, rows: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """Correct rows `rows` of the device label copy from `probs`; the number of changed
+        pixels as a device tensor (`sync_label_store` brings the rows into the store)."""
         corrected = adele.correct_labels(labels, probs, classes, self.config.adele.tau, self.config.adele.refuse_absent_classes, self.ignore_index)
-        differs = corrected != labels
-        changed = int(differs.sum())
-        if changed:
-            new_labels = corrected.to(torch.uint8).cpu().numpy()
-            self.store.update(rows.numpy(), new_labels)
-            if self.ctx.enabled:
-                changed_rows = differs.flatten(1).any(dim=1).cpu().numpy()
-                self.pending_corrections.append((rows.numpy()[changed_rows], new_labels[changed_rows]))
-        return changed
+        self.labels[rows] = corrected.to(torch.uint8)
+        return (corrected != labels).sum()
 
-    def share_corrections(self) -> None:
-        """Apply every rank's corrections of this epoch to this rank's copy of the store.
+    def sync_label_store(self) -> None:
+        """Bring the corrections made on the device into the label store (what checkpoints hold).
 
-        Within an epoch each slice belongs to exactly one rank's shard, so the rows are disjoint
-        and no rank has read a row that another corrected: the copies end equal to the store a
-        single process would build.
+        With several ranks each rank's changed rows go to every rank: within an epoch each slice
+        belongs to exactly one rank's shard, so the rows are disjoint and no rank has read a row
+        that another corrected; the copies end equal to the store a single process would build.
         """
-        if not self.ctx.enabled:
-            return
-        height, width = self.store.labels.shape[1:]
-        rows = np.concatenate([r for r, _ in self.pending_corrections] or [np.zeros(0, dtype=np.int64)])
-        labels = np.concatenate([lab for _, lab in self.pending_corrections] or [np.zeros((0, height, width), dtype=np.uint8)])
-        self.pending_corrections = []
-        all_rows, all_labels = all_gather_rows(self.ctx, rows.astype(np.int64), labels, "the label-store exchange")
-        if len(all_rows):
-            self.store.update(all_rows, all_labels)
+        current = self.labels.cpu().numpy()
+        changed = np.flatnonzero((current != self.store.labels).reshape(len(current), -1).any(axis=1))
+        rows, labels = all_gather_rows(self.ctx, changed.astype(np.int64), current[changed], "the label-store exchange")
+        if len(rows):
+            self.store.update(rows, labels)
+            if self.ctx.enabled:
+                self.labels[torch.from_numpy(rows).to(self.device)] = torch.from_numpy(labels).to(self.device)
 
     def train_step(self, rows: torch.Tensor, counters: EpochCounters, correct: torch.Tensor | None, loss_weight: float = 1.0, padding: bool = False) -> None:
         """One step on `rows`: this rank's shard of a global batch (all of it for one process).
@@ -305,37 +343,34 @@ class Trainer:
         global batch mean; `padding` rows (weight 0) are neither counted nor corrected.
         """
         fault_point("train-step")
-        images = self.data.train_images[rows].to(self.ctx.device).contiguous(memory_format=self.memory_format)
-        target = torch.from_numpy(self.store.labels[rows.numpy()]).long().to(self.ctx.device)
+        rows = rows.to(self.device)
+        images = self.train_images[rows].contiguous(memory_format=self.memory_format)
+        target = self.labels[rows].long()
         self.set_learning_rate()
-        with peer_errors(self.ctx, "the forward pass (DDP's buffer broadcast)"):
+        with peer_errors(self.ctx, "the forward pass (DDP's buffer broadcast)"), self.precision.autocast(self.device):
             logits = self.network(images, self.scales)
         loss, terms = self.loss_terms(logits, target)
         if loss_weight != 1.0:
             loss = loss * loss_weight
-        loss_value, terms = self.global_loss(loss, terms, loss_weight)
-        if not math.isfinite(loss_value):
-            raise RuntimeError(
-                f"non-finite loss ({loss_value}) at epoch {self.epoch + 1}, iteration {self.iteration + 1}: "
-                f"training stopped, the last complete checkpoint in {self.run_dir} is kept (try a lower optim.lr)"
-            )
+        counters.note_nonfinite(loss, self.iteration + 1)
         self.optimise(loss)
-        counters.add_losses(terms)
+        counters.add_losses(terms, loss_weight)
         if padding:
             return
         self.count_training_pass(rows, logits[self.scales.index(1.0)].detach().argmax(dim=1), target, counters)
         if correct is not None and self.config.adele.correction_timing == "iteration":
             counters.corrected_pixels += self.correct_rows(rows, target, self.correction_probs(logits), correct)
 
-    def global_loss(self, loss: torch.Tensor, terms: dict[str, float], loss_weight: float) -> tuple[float, dict[str, float]]:
-        """(backpropagated loss, logged terms) of the global batch: this rank's for one process,
-        else the mean over ranks of the weighted values, so every rank logs and judges the same."""
-        if not self.ctx.enabled:
-            return loss.item(), terms
-        names = sorted(terms)
-        local = torch.tensor([loss.item()] + [terms[n] * loss_weight for n in names], dtype=torch.float64)
-        mean = (all_reduce_sum(self.ctx, local, "the loss all-reduce") / self.ctx.world_size).tolist()
-        return mean[0], dict(zip(names, mean[1:], strict=True))
+    def check_finite(self, counters: EpochCounters) -> None:
+        """Stop (every rank) if a step of this epoch had a non-finite loss (a host wait)."""
+        first = int(counters.first_nonfinite)
+        anywhere = self.total_over_ranks(torch.tensor(int(first >= 0)))
+        if anywhere:
+            where = f"iteration {first}" if first >= 0 else f"another rank, by iteration {self.iteration}"
+            raise RuntimeError(
+                f"non-finite loss at epoch {self.epoch + 1}, {where}: "
+                f"training stopped, the last complete checkpoint in {self.run_dir} is kept (try a lower optim.lr)"
+            )
 
     def optimise(self, loss: torch.Tensor) -> None:
         """One step: the network descends, ARM (when present) ascends (`maximize=True`).
@@ -347,11 +382,12 @@ class Trainer:
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         with peer_errors(self.ctx, "the gradient all-reduce"):
-            loss.backward()
+            self.scaler.scale(loss).backward()
         if self.arm is not None:
             average_gradients(self.ctx, list(self.arm.parameters()), "the ARM gradient all-reduce")
         for optimizer in optimizers:
-            optimizer.step()
+            self.scaler.step(optimizer)  # a plain step unless fp16 scales the loss
+        self.scaler.update()
         self.iteration += 1
 
     def correction_probs(self, logits_per_scale: list[torch.Tensor]) -> torch.Tensor:
@@ -361,28 +397,27 @@ class Trainer:
 
     def count_training_pass(self, rows: torch.Tensor, prediction: torch.Tensor, target: torch.Tensor, counters: EpochCounters) -> None:
         counters.train_meter.update(prediction, target)
-        if counters.noise is not None and self.data.clean_train_labels is not None:
-            index = rows.numpy()
-            counters.noise += noise_diagnostics(prediction, self.data.train_labels[index], self.data.clean_train_labels[index], self.data.num_classes, self.ignore_index)
+        if counters.noise is not None and self.clean_labels is not None:
+            counters.noise.update(prediction, self.annotations[rows], self.clean_labels[rows])
 
     def run_epoch(self) -> EpochCounters:
         """Train one epoch (self.epoch is the number of completed epochs before it)."""
         epoch = self.epoch + 1
-        counters = EpochCounters(
-            train_meter=ConfusionMeter(self.data.num_classes, self.ignore_index),
-            noise=NoiseCounts.zeros(self.data.num_classes) if self.data.clean_train_labels is not None else None,
-        )
+        counters = EpochCounters.zeros(self.data.num_classes, self.ignore_index, self.device, noise=self.clean_labels is not None)
         correct = self.correction_classes(epoch)
         order = torch.randperm(len(self.data.train_ids), generator=self.shuffle)
         self.model.train()
         batches = order.split(self.config.batch_size)
         with tqdm(batches, desc=f"{self.config.method} epoch {epoch}/{self.config.epochs}", unit="batch", disable=self.config.quiet or not self.ctx.is_main, leave=False) as progress:
-            for batch in progress:
+            for step, batch in enumerate(progress, start=1):
                 shard = shard_batch(batch, self.ctx.rank, self.ctx.world_size)
                 self.train_step(shard.rows, counters, correct, shard.loss_weight, shard.padding)
-                progress.set_postfix(loss=f"{counters.loss_sums['total'] / counters.steps:.4f}")
+                if step % SYNC_EVERY == 0:
+                    self.check_finite(counters)
+                    progress.set_postfix(loss=f"{float(counters.loss_sums['total']) / counters.steps:.4f}")
+        self.check_finite(counters)
         broadcast_buffers(self.ctx, self.model, "the batch-norm statistics broadcast")
-        self.share_corrections()
+        self.sync_label_store()
         self.reduce_counters(counters)
         return counters
 
@@ -392,14 +427,16 @@ class Trainer:
             return
         counters.train_meter.matrix = all_reduce_counts(self.ctx, counters.train_meter.matrix, "the training-IoU all-reduce")
         if counters.noise is not None:
-            counters.noise = NoiseCounts(
-                all_reduce_counts(self.ctx, counters.noise.pred_vs_clean, "the IoU_el all-reduce"),
-                all_reduce_counts(self.ctx, counters.noise.pred_vs_noisy, "the IoU_m all-reduce"),
-            )
-        counters.corrected_pixels = self.total_over_ranks(counters.corrected_pixels)
+            counters.noise.vs_clean.matrix = all_reduce_counts(self.ctx, counters.noise.vs_clean.matrix, "the IoU_el all-reduce")
+            counters.noise.vs_noisy.matrix = all_reduce_counts(self.ctx, counters.noise.vs_noisy.matrix, "the IoU_m all-reduce")
+        counters.corrected_pixels = torch.tensor(self.total_over_ranks(counters.corrected_pixels))
+        # The mean over ranks of the weighted terms: every rank logs the global batch's loss.
+        for key, total in counters.loss_sums.items():
+            counters.loss_sums[key] = all_reduce_sum(self.ctx, total.double().reshape(1), "the loss all-reduce")[0] / self.ctx.world_size
 
-    def total_over_ranks(self, count: int) -> int:
-        return int(all_reduce_sum(self.ctx, torch.tensor([count], dtype=torch.int64), "a count all-reduce").item())
+    def total_over_ranks(self, count: torch.Tensor) -> int:
+        """Sum of an integer count over ranks, on the host."""
+        return int(all_reduce_sum(self.ctx, count.reshape(1).to(torch.int64), "a count all-reduce").item())
 
     def correct_after_epoch(self, epoch: int) -> int:
         """`epoch` timing: recompute predictions on the whole train split, then correct."""
@@ -408,12 +445,13 @@ class Trainer:
             return 0
         scales = self.scales if self.config.adele.correction_prediction == "multiscale" else [1.0]
         block = shard_indices(len(self.data.train_ids), self.ctx.rank, self.ctx.world_size)
-        changed = 0
+        changed = torch.zeros((), dtype=torch.int64, device=self.device)
         if len(block):
-            probs = predict_batches(self.model, self.data.train_images[block.start : block.stop], self.config.eval_batch_size, scales)
-            labels = torch.from_numpy(self.store.labels[block.start : block.stop].copy()).long().to(self.ctx.device)
-            changed = self.correct_rows(torch.arange(block.start, block.stop), labels, probs, classes)
-        self.share_corrections()
+            with self.precision.autocast(self.device):
+                probs = predict_batches(self.model, self.train_images[block.start : block.stop], self.config.eval_batch_size, scales)
+            rows = torch.arange(block.start, block.stop, device=self.device)
+            changed = self.correct_rows(rows, self.labels[rows].long(), probs, classes)
+        self.sync_label_store()
         return self.total_over_ranks(changed)
 
     def finish_epoch(self, counters: EpochCounters) -> dict[str, Any]:
@@ -424,7 +462,7 @@ class Trainer:
         fired = self.triggers.update(epoch, train_iou, self.config.adele.r, self.config.adele.min_fit_points, self.config.adele.min_rise, detect=self.spec.correction, adaptive=self.spec.adaptive)
         for c in fired:
             log.info("epoch %d: label correction triggered for class %d (%s)", epoch, c, self.data.info.classes[c])
-        corrected = counters.corrected_pixels + self.correct_after_epoch(epoch)
+        corrected = int(counters.corrected_pixels) + self.correct_after_epoch(epoch)
         if corrected:
             log.info("epoch %d: %d training label pixels corrected", epoch, corrected)
         record: dict[str, Any] = {
@@ -434,16 +472,20 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"],
             "loss": counters.mean_losses(),
             "train_iou": foreground_dict(train_iou),
-            "val": evaluate_split(self.model, self.data.val, self.data.num_classes, self.ignore_index, self.config.eval_batch_size, self.ctx),
-            "test": evaluate_split(self.model, self.data.test, self.data.num_classes, self.ignore_index, self.config.eval_batch_size, self.ctx),
+            "val": self.evaluate(self.data.val),
+            "test": self.evaluate(self.data.test),
             "trigger": self.triggers.record(),
             "labels_changed_fraction": self.store.changed_fraction(self.data.train_labels),
             "corrected_pixels": corrected,
         }
         if counters.noise is not None:
-            iou_el, iou_m = early_learning_memorization_iou(counters.noise)
+            iou_el, iou_m = early_learning_memorization_iou(counters.noise.counts())
             record["iou_el"], record["iou_m"] = foreground_dict(iou_el), foreground_dict(iou_m)
         return record
+
+    def evaluate(self, split: Any) -> dict[str, Any]:
+        with self.precision.autocast(self.device):
+            return evaluate_split(self.model, split, self.data.num_classes, self.ignore_index, self.config.eval_batch_size, self.ctx)
 
     # ---- bookkeeping
 
@@ -466,6 +508,8 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         tensors = {**prefixed("model", self.model.state_dict()), "rng.torch": torch.get_rng_state(), "rng.shuffle": self.shuffle.get_state()}
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         optimizers: dict[str, Any] = {}
         for name, optimizer in (("net", self.optimizer), ("arm", self.arm_optimizer)):
             if optimizer is not None:
@@ -488,6 +532,7 @@ class Trainer:
             "history": self.history,
             "best": {"val_miou": self.best_val, "epoch": self.best_epoch},
             "world_size": self.ctx.world_size,
+            "grad_scaler": self.scaler.state_dict(),
         }
         write_checkpoint(self.run_dir.path, tensors, state, self.store.save)
         self.saved_epoch = self.epoch
@@ -502,6 +547,8 @@ class Trainer:
                 self.arm_optimizer.load_state_dict(unflatten_optimizer("arm", tensors, state["optimizers"]["arm"]))
             torch.set_rng_state(tensors["rng.torch"])
             self.shuffle.set_state(tensors["rng.shuffle"])
+            if self.device.type == "cuda" and "rng.cuda" in tensors:  # a CPU checkpoint has none
+                torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         except (KeyError, RuntimeError) as err:
             raise ValueError(f"{directory}: checkpoint does not match this run's model/method ({err})") from err
         numpy_state = state["rng"]["numpy"]
@@ -509,6 +556,9 @@ class Trainer:
         python_state = state["rng"]["python"]
         random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
         self.store = LabelStore.load(directory, self.data.train_labels, self.data.train_ids)
+        self.labels = self.device_copy_of_store()
+        if self.scaler.is_enabled() and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.triggers = adele.TriggerState.from_json(self.data.num_classes, state["triggers"])
         self.epoch, self.iteration = int(state["epoch"]), int(state["iteration"])
         self.history = list(state["history"])
@@ -531,7 +581,7 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train from the current epoch to `config.epochs`; writes outputs; returns the summary."""
-        log.info("training %s for %d epochs (%d batches each) into %s", self.config.method, self.config.epochs, self.batches_per_epoch, self.run_dir)
+        log.info("training %s for %d epochs (%d batches each) on %s in %s into %s", self.config.method, self.config.epochs, self.batches_per_epoch, self.device, self.precision.name, self.run_dir)
         while self.epoch < self.config.epochs:
             record = self.finish_epoch(self.run_epoch())
             self.history.append(record)
@@ -648,7 +698,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """
     config.validate()
     reset_fault_counts()
-    ctx = init_distributed(config.distributed.backend, config.distributed.timeout_s)
+    ctx = init_distributed(config.distributed.backend, config.distributed.timeout_s, config.device)
     if not ctx.is_main:
         logging.getLogger("noisyseg").setLevel(logging.WARNING)  # progress is rank 0's to report
     previous_threads, previous_deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
@@ -656,7 +706,12 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
         # Process-wide torch settings, restored afterwards so callers are not surprised.
         if config.threads:
             torch.set_num_threads(config.threads)
-        torch.use_deterministic_algorithms(config.deterministic)
+        if ctx.device.type == "cuda" and config.deterministic:
+            # cuBLAS is deterministic only with a fixed workspace (read when its handle is made);
+            # some CUDA kernels (bilinear upsampling's backward) have no deterministic version,
+            # so CUDA runs warn about those instead of stopping: exact resume is a CPU guarantee.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(config.deterministic, warn_only=ctx.device.type == "cuda")
         summary = set_up_run(config, resume, ctx).fit()
         shutdown(ctx)
         return summary
