@@ -425,3 +425,67 @@ def test_checkpoint_survives_a_crash_between_the_directory_renames(tmp_path: Pat
     write(3)  # the next save cleans up both leftovers
     assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_DIR]
     assert read_checkpoint(find_checkpoint(tmp_path))[1]["epoch"] == 3
+
+
+# ----------------------------------------------------------------------------- device and precision
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: torch.cuda.is_available() is False here")
+
+
+def spy_logit_dtypes(monkeypatch: pytest.MonkeyPatch) -> list[torch.dtype]:
+    """Record the dtype of the logits each training step hands to the loss."""
+    seen: list[torch.dtype] = []
+    terms = Trainer.loss_terms
+
+    def recording(self: Trainer, logits: list[torch.Tensor], target: torch.Tensor):  # type: ignore[no-untyped-def]
+        seen.append(logits[0].dtype)
+        return terms(self, logits, target)
+
+    monkeypatch.setattr(Trainer, "loss_terms", recording)
+    return seen
+
+
+def test_bf16_autocast_trains_on_the_cpu_close_to_fp32(folders: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = spy_logit_dtypes(monkeypatch)
+    fp32 = train(tiny_config(folders, tmp_path / "fp32", "method=adele+arm", "epochs=1", "precision=fp32"))
+    assert set(seen) == {torch.float32}
+    seen.clear()
+    bf16 = train(tiny_config(folders, tmp_path / "bf16", "method=adele+arm", "epochs=1", "precision=bf16"))
+    assert set(seen) == {torch.bfloat16}
+    loss32, loss16 = (read_records(tmp_path / name)[0]["loss"]["total"] for name in ("fp32", "bf16"))
+    # Same seed, same batches: bf16 rounds activations to 8 bits of mantissa (about 0.4%), so the
+    # first epoch's mean loss moves by a few percent at most.
+    assert loss16 == pytest.approx(loss32, rel=0.05)
+    assert bf16["test_miou"]["last"] is not None and fp32["test_miou"]["last"] is not None
+    weights = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float32}
+
+
+def test_a_run_resumes_in_another_precision_and_fp16_keeps_its_loss_scale(folders: tuple[Path, Path], tmp_path: Path) -> None:
+    out = tmp_path / "fp16"
+    train(tiny_config(folders, out, "method=baseline", "epochs=1", "precision=fp16"))
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["grad_scaler"]["scale"] > 0  # torch.amp.GradScaler's own state
+    summary = train(tiny_config(folders, out, "method=baseline", "epochs=2", "precision=fp32"), resume=True)
+    assert summary["epochs"] == 2 and [r["epoch"] for r in read_records(out)] == [1, 2]
+
+
+def test_compiled_network_trains_and_saves_the_plain_modules_weights(folders: tuple[Path, Path], tmp_path: Path) -> None:
+    out = tmp_path / "compiled"
+    train(tiny_config(folders, out, "method=baseline", "epochs=1", "model.compile=true"))
+    model, _ = load_model(out)  # keys without torch.compile's `_orig_mod.` prefix
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@CUDA
+def test_cuda_bf16_run_uses_the_triton_loss_and_resumes_on_the_cpu(folders: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from noisyseg.kernels import functional
+
+    backends: list[str] = []
+    resolve = functional.resolve_backend
+    monkeypatch.setattr(functional, "resolve_backend", lambda name, example: backends.append(resolve(name, example)) or backends[-1])
+    out = tmp_path / "cuda"
+    train(tiny_config(folders, out, "method=adele+arm", "epochs=1", "device=cuda", "precision=auto", "loss.backend=auto"))
+    assert "triton" in backends and "numba" not in backends
+    summary = train(tiny_config(folders, out, "method=adele+arm", "epochs=2", "device=cpu", "precision=auto", "loss.backend=auto"), resume=True)
+    assert summary["epochs"] == 2
