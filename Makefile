@@ -45,5 +45,13 @@ lock:
 	mv $(LOCK).new $(LOCK)
 	rm -rf .lock-venv build
 
+# The GPU path in one go (kernel tests compiled, kernel benchmark with roofline, bf16 training at
+# the paper's scale, ONNX export, TensorRT tests), at most 8 minutes: benchmarks/gpu_check.py.
+# It runs the system interpreter ($(PYTHON), with its own torch), not .venv, on an install of
+# this tree into a temporary target; without CUDA it says so and exits 2.
+OUT ?= runs/gpu-check
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py $(OUT)
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache .benchmarks

@@ -16,6 +16,12 @@ Allocator state: times are taken with glibc's large-buffer thresholds fixed wher
 adjustment settles in a training loop after the first large free (buffers up to 32 MiB come back
 from the heap, not as fresh zero-filled pages), the same for every implementation.
 
+On a machine with CUDA every implementation but numba runs on the GPU (the timed call ends with
+`torch.cuda.synchronize()`), and each CUDA case also stores its roofline in `extra_info`: the
+fewest bytes a forward + backward must move (read the logits and the target once, write the
+logits' gradient) over the median time, as a fraction of the device-to-device copy bandwidth
+(read + write bytes of a 1 GiB `copy_`, best of 20) measured once in the same session.
+
 Peak memory: torch's CPU allocator keeps no statistics and tracemalloc does not see it, so the
 extra peak is measured as the process's resident high-water mark (VmHWM, reset through
 /proc/self/clear_refs) minus the resident size before the call, with glibc's mmap threshold
@@ -112,6 +118,45 @@ def extra_peak_bytes(fn: Callable[[], object]) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------
+# GPU roofline.
+
+CUDA = torch.cuda.is_available()
+_COPY_BANDWIDTH: list[float] = []
+
+
+def copy_bandwidth_bytes_per_s() -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second), measured once: the
+    best of 20 copies of a 1 GiB buffer, far larger than the L2 cache."""
+    if not _COPY_BANDWIDTH:
+        source = torch.empty(1 << 28, dtype=torch.float32, device="cuda")
+        destination = torch.empty_like(source)
+        times = []
+        for _ in range(23):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            destination.copy_(source)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        _COPY_BANDWIDTH.append(2 * source.numel() * source.element_size() / min(times[3:]))
+        del source, destination
+        torch.cuda.empty_cache()
+    return _COPY_BANDWIDTH[0]
+
+
+def record_roofline(benchmark, logits: list[torch.Tensor], target: torch.Tensor, median: float) -> None:
+    """Achieved bytes/s of the fewest bytes a forward + backward moves, and its fraction of the
+    copy bandwidth."""
+    logits_bytes = sum(z.numel() * z.element_size() for z in logits)
+    min_bytes = 2 * logits_bytes + target.numel() * target.element_size()
+    bandwidth = copy_bandwidth_bytes_per_s()
+    benchmark.extra_info["min_bytes"] = min_bytes
+    benchmark.extra_info["achieved_gb_s"] = round(min_bytes / median / 1e9, 1)
+    benchmark.extra_info["copy_bandwidth_gb_s"] = round(bandwidth / 1e9, 1)
+    benchmark.extra_info["roofline_fraction"] = round(min_bytes / median / bandwidth, 4)
+
+
+# ------------------------------------------------------------------------------------------
 # The implementations under test.
 
 
@@ -138,7 +183,7 @@ def loss_function(impl: str, num_scales: int) -> Callable:
     if impl == "cross_entropy":
         return lambda logits, target, arm: F.cross_entropy(logits[0], target, ignore_index=255)
     if impl == "triton":
-        if not torch.cuda.is_available():
+        if not CUDA:
             pytest.skip("triton fused kernels are benchmarked on CUDA only (no GPU here)")
         module = _backend_module("triton_backend")
     elif impl == "numba":
@@ -201,7 +246,7 @@ def summary():
 
 @pytest.mark.parametrize("shape_name, num_scales, impl", CASES)
 def test_loss_forward_backward(benchmark, shape_name, num_scales, impl):
-    device = "cuda" if impl == "triton" else "cpu"
+    device = "cpu" if impl == "numba" or not CUDA else "cuda"
     loss = loss_function(impl, num_scales)
     logits, target = make_inputs(SHAPES[shape_name], num_scales, device)
     arm = seeded_arm().to(device)
@@ -217,7 +262,9 @@ def test_loss_forward_backward(benchmark, shape_name, num_scales, impl):
     benchmark.pedantic(
         forward_backward, args=(loss, logits, target, arm), rounds=ROUNDS, warmup_rounds=1
     )
-    record_side_by_side(benchmark, (shape_name, num_scales), impl)
+    median = record_side_by_side(benchmark, (shape_name, num_scales), impl)
+    if median is not None and device == "cuda":
+        record_roofline(benchmark, logits, target, median)
 
     logits_bytes = sum(z.numel() * z.element_size() for z in logits)
     extra = (

@@ -414,3 +414,43 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     assert result.stdout.split() == sorted(
         ["_arm_cross_entropy_forward_kernel", "_rescale_kernel", "arm_backward_kernel", "_statistics_kernel", "_gradient_kernel"]
     )
+
+
+# ------------------------------------------------ larger shapes and bf16, compiled (CUDA only)
+
+needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="larger shapes run compiled on CUDA only (too slow for the interpreter)")
+# The benchmark's shapes (benchmarks/bench_kernels.py). Sums over 10^5 pixels instead of 10^2:
+# ten times the fp32 tolerances; bf16 as above (inputs rounded alike for both sides).
+LARGE_SHAPES = {"cityscapes": (4, 19, 256, 256), "ade20k": (2, 150, 128, 128), "segthor": (5, 5, 256, 256)}
+LARGE_TOLERANCES = {torch.float32: {name: 10 * value for name, value in FP32.items()}, torch.bfloat16: BF16}
+large_cases = pytest.mark.parametrize(
+    "shape_name, dtype",
+    [(name, dtype) for name in LARGE_SHAPES for dtype in LARGE_TOLERANCES],
+    ids=[f"{name}-{str(dtype).removeprefix('torch.')}" for name in LARGE_SHAPES for dtype in LARGE_TOLERANCES],
+)
+
+
+@needs_cuda
+@large_cases
+def test_arm_cross_entropy_large_shapes_compiled(shape_name, dtype):
+    shape = LARGE_SHAPES[shape_name]
+    logits = make_logits(*shape, seed=40, dtype=dtype)
+    target = make_target(*shape, seed=40, ignore_fraction=0.05)
+    assert_matches_reference(*ce_pair(target), [logits], seeded_arm(), tolerances=LARGE_TOLERANCES[dtype])
+
+
+@needs_cuda
+@large_cases
+def test_adele_arm_loss_large_shapes_compiled(shape_name, dtype):
+    n, c, h, w = LARGE_SHAPES[shape_name]
+    logits = [z.to(dtype) for z in mixed_confidence_scales(n, c, h, w, 3, seed=41)]
+    target = make_target(n, c, h, w, seed=41, ignore_fraction=0.05)
+    assert_matches_reference(*adele_pair(target, 1.0, 0.8), logits, seeded_arm(), tolerances=LARGE_TOLERANCES[dtype])
+
+
+@needs_cuda
+@pytest.mark.parametrize("mask", ["image", "pixel"])
+def test_multiscale_consistency_bfloat16_compiled(mask):
+    logits = [z.bfloat16() for z in mixed_confidence_scales(4, 19, 64, 96, 2, seed=42)]
+    target = make_target(4, 19, 64, 96, seed=42)
+    assert_matches_reference(*ms_pair(target, 0.8, mask), logits, None, tolerances=BF16)
