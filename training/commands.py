@@ -203,7 +203,7 @@ def predict_folder(run: str | Path, input_dir: str | Path, out_dir: str | Path, 
         image = read_image(path)
         check_channels(image.shape[0], info.in_channels, path)
         with torch.no_grad():
-            logits = model(torch.from_numpy(normalize_image(image))[None].to(target_device))
+            logits = model(torch.from_numpy(normalize_image(image, info.normalization))[None].to(target_device))
         target = Path(out_dir) / f"{path.stem}.png"
         write_mask(target, logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy())
         written.append(target)

@@ -45,6 +45,9 @@ IMAGE_SUFFIXES = (".npy", ".png")
 MASK_SUFFIXES = (".png", ".npy")
 # Guards the z-score against constant slices (for example an all-air slice).
 NORMALIZATION_EPS = 1e-6
+NORMALIZATIONS = ("zscore", "imagenet")
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
+IMAGENET_STD = np.array([0.229, 0.224, 0.225])
 
 
 @dataclass
@@ -57,6 +60,10 @@ class DatasetInfo:
     modality: str = "CT"
     image_format: str = "npy"
     patients: dict[str, list[str]] = field(default_factory=dict)
+    # How images are normalised before the network (`normalize_image`): "zscore" per image and
+    # channel (CT slices, the default) or "imagenet" (RGB 0-255 scaled to [0, 1], then the
+    # ImageNet mean/std that pretrained backbones expect).
+    normalization: str = "zscore"
 
     @property
     def num_classes(self) -> int:
@@ -94,7 +101,14 @@ def read_dataset_info(root: str | Path) -> DatasetInfo:
         modality=str(raw.get("modality", "unknown")),
         image_format=str(raw.get("image_format", "npy")),
         patients={str(k): list(v) for k, v in dict(raw.get("patients", {})).items()},
+        normalization=_normalization_field(raw.get("normalization", "zscore"), path),
     )
+
+
+def _normalization_field(value: object, path: Path) -> str:
+    if value not in NORMALIZATIONS:
+        raise ValueError(f"{path}: field 'normalization' must be one of {', '.join(NORMALIZATIONS)}, got {value!r}")
+    return str(value)
 
 
 def write_dataset_info(root: str | Path, info: DatasetInfo) -> None:
@@ -270,8 +284,13 @@ def has_foreground(mask: np.ndarray, ignore_index: int = IGNORE_INDEX) -> bool:
     return bool(((mask != 0) & (mask != ignore_index)).any())
 
 
-def normalize_image(image: np.ndarray) -> np.ndarray:
-    """Z-score each channel of a (C, H, W) image over its pixels."""
+def normalize_image(image: np.ndarray, normalization: str = "zscore") -> np.ndarray:
+    """A (C, H, W) image as the network sees it: z-scored per channel over its pixels, or
+    ImageNet-normalised (0-255 RGB to [0, 1], minus the mean, over the standard deviation)."""
+    if normalization == "imagenet":
+        if image.shape[0] != 3:
+            raise ValueError(f"image: 'imagenet' normalisation needs 3 (RGB) channels, got shape {image.shape}")
+        return ((image / 255.0 - IMAGENET_MEAN[:, None, None]) / IMAGENET_STD[:, None, None]).astype(np.float32)
     mean = image.mean(axis=(1, 2), keepdims=True)
     std = image.std(axis=(1, 2), keepdims=True)
     return ((image - mean) / (std + NORMALIZATION_EPS)).astype(np.float32)
@@ -300,7 +319,7 @@ class SliceReader:
                 f"{mask_path}: mask size {mask.shape} does not match image {image_path} size {image.shape[1:]}"
             )
         check_mask_values(mask, self.info.num_classes, self.info.ignore_index, mask_path)
-        return normalize_image(image), mask
+        return normalize_image(image, self.info.normalization), mask
 
 
 class SegmentationFolderDataset(Dataset):

@@ -494,7 +494,7 @@ class Trainer:
             architecture=self.config.model.architecture,
             model_kwargs=self.model_kwargs,
             class_names=list(self.data.info.classes),
-            normalization="zscore",
+            normalization=self.data.info.normalization,
             method=self.config.method,
             extra={"epoch": self.epoch, "val_miou": self.best_val, "config_hash": self.config.semantic_hash()},
         )
