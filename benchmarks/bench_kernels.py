@@ -33,7 +33,6 @@ and is given as a multiple of the bytes of the logits (all scales).
 from __future__ import annotations
 
 import ctypes
-import importlib
 import logging
 import os
 import time
@@ -44,7 +43,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from noisyseg.kernels import reference
+from noisyseg.kernels import functional, reference
 from noisyseg.kernels.reference import ARM
 
 LOGGER = logging.getLogger(__name__)
@@ -174,10 +173,6 @@ def make_inputs(shape: tuple[int, int, int, int], num_scales: int, device: str =
     return [z.to(device) for z in logits], target.to(device)
 
 
-def _backend_module(name: str):
-    return importlib.import_module(f"noisyseg.kernels.{name}")
-
-
 def loss_function(impl: str, num_scales: int) -> Callable:
     """loss(logits_list, target, arm) for one implementation (raises pytest.skip if absent)."""
     if impl == "cross_entropy":
@@ -185,9 +180,9 @@ def loss_function(impl: str, num_scales: int) -> Callable:
     if impl == "triton":
         if not CUDA:
             pytest.skip("triton fused kernels are benchmarked on CUDA only (no GPU here)")
-        module = _backend_module("triton_backend")
+        module = functional.losses_on("triton")
     elif impl == "numba":
-        module = _backend_module("numba_backend")
+        module = functional.losses_on("numba")
     else:
         module = reference
     if num_scales == 1:
@@ -303,7 +298,7 @@ def test_training_step_images_per_second(benchmark, impl):
     arm_optimiser = torch.optim.SGD(arm.parameters(), lr=1e-3, maximize=True)
     images = torch.randn(5, 1, 256, 256)
     _, target = make_inputs((5, 5, 256, 256), 1)
-    loss_fn = (_backend_module("numba_backend") if impl == "numba" else reference).adele_arm_loss
+    loss_fn = (functional.losses_on("numba") if impl == "numba" else reference).adele_arm_loss
 
     def step():
         optimiser.zero_grad()

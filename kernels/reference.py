@@ -19,7 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ARM_WIDTHS = (1, 4, 4, 4, 1)
+from noisyseg.kernels.contract import (
+    ARM_WIDTHS,
+    check_class_ids,
+    check_logits_and_target,
+    check_mask,
+    check_scales,
+)
 
 
 class ARM(nn.Module):
@@ -105,30 +111,6 @@ def _accumulation_precision(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.dtype == torch.float64 else tensor.float()
 
 
-def check_logits_and_target(logits: torch.Tensor, target: torch.Tensor, name: str = "logits") -> None:
-    """Clear errors for the shape and dtype mistakes a caller can make."""
-    if logits.dim() < 2:
-        raise ValueError(f"{name}: expected (N, C, *spatial), got shape {tuple(logits.shape)}")
-    if not logits.is_floating_point():
-        raise ValueError(f"{name}: expected a floating-point tensor, got {logits.dtype}")
-    if target.dtype.is_floating_point or target.dtype == torch.bool:
-        raise ValueError(f"target: expected integer class ids, got {target.dtype}")
-    expected = (logits.shape[0], *logits.shape[2:])
-    if tuple(target.shape) != expected:
-        raise ValueError(f"target: expected shape {expected} to match {name} {tuple(logits.shape)}, got {tuple(target.shape)}")
-
-
-def check_class_ids(target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
-    """The valid-pixel mask; a ValueError when a non-ignored id is outside [0, num_classes)."""
-    valid = target != ignore_index
-    if valid.any():
-        ids = target[valid]
-        low, high = int(ids.min()), int(ids.max())
-        if low < 0 or high >= num_classes:
-            raise ValueError(f"target: class ids must be in [0, {num_classes}) or {ignore_index} (ignored), found {low if low < 0 else high}")
-    return valid
-
-
 def arm_cross_entropy(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -148,15 +130,6 @@ def arm_cross_entropy(
     return arm_reweighted_loss(pixel_loss, probs, valid, arm)
 
 
-MASK_MODES = ("image", "pixel")
-
-
-def check_mask(mask: str) -> None:
-    """The consistency term's mask modes, checked before any work is done."""
-    if mask not in MASK_MODES:
-        raise ValueError(f"mask: expected one of {MASK_MODES}, got {mask!r}")
-
-
 def consistency_mask(q: torch.Tensor, valid: torch.Tensor, rho: float, mask: str) -> torch.Tensor:
     """Pixels the consistency term applies to, from the mean prediction q ``(N, C, *)``.
 
@@ -172,20 +145,6 @@ def consistency_mask(q: torch.Tensor, valid: torch.Tensor, rho: float, mask: str
     image_max = masked.reshape(masked.shape[0], -1).amax(dim=1)
     keep_image = (image_max > rho).reshape(-1, *([1] * (valid.dim() - 1)))
     return valid & keep_image
-
-
-def check_scales(logits_per_scale: Sequence[torch.Tensor], target: torch.Tensor) -> None:
-    """Every scale's logits match the target and each other (all at label resolution)."""
-    if len(logits_per_scale) == 0:
-        raise ValueError("logits_per_scale: expected at least one logits tensor, got none")
-    first = logits_per_scale[0]
-    for index, logits in enumerate(logits_per_scale):
-        check_logits_and_target(logits, target, name=f"logits_per_scale[{index}]")
-        if logits.shape != first.shape:
-            raise ValueError(
-                f"logits_per_scale[{index}]: every scale must be resized to label resolution "
-                f"{tuple(first.shape)}, got {tuple(logits.shape)}"
-            )
 
 
 def multiscale_consistency(
@@ -225,26 +184,3 @@ def adele_arm_loss(
     cross_entropy = sum(arm_cross_entropy(z, target, arm, ignore_index) for z in logits_per_scale)
     consistency = multiscale_consistency(logits_per_scale, target, rho, mask, ignore_index)
     return (cross_entropy + lam * consistency) / len(logits_per_scale)
-
-
-def pack_arm_parameters(arm: nn.Module) -> torch.Tensor:
-    """ARM's 53 parameters as one flat fp32 vector, differentiable (gradients flow back to
-    the module's parameters through the concatenation).
-
-    Layout, layer by layer: weight (out x in, row-major) then bias; offsets in
-    `ARM_PARAMETER_OFFSETS`. This is the form the fused kernels read.
-    """
-    return torch.cat([p.reshape(-1).float() for p in arm.parameters()])
-
-
-def _parameter_offsets() -> dict[str, tuple[int, int]]:
-    offsets, start = {}, 0
-    for layer, (width_in, width_out) in enumerate(zip(ARM_WIDTHS[:-1], ARM_WIDTHS[1:])):
-        for name, size in (("weight", width_in * width_out), ("bias", width_out)):
-            offsets[f"layers.{layer}.{name}"] = (start, start + size)
-            start += size
-    return offsets
-
-
-ARM_PARAMETER_OFFSETS = _parameter_offsets()
-ARM_NUM_PARAMETERS = max(end for _, end in ARM_PARAMETER_OFFSETS.values())

@@ -17,15 +17,18 @@ afterwards cannot carry two factors, so:
 
 That moves the logits three times (read, read, write the gradient) against four for a
 single pass plus a rescale, and no gradient buffer is held between forward and backward.
-The multiscale term alone (`triton_multiscale_consistency`) is the same kernels with the
-cross-entropy compiled out.
+The multiscale term alone (`functional.multiscale_consistency`, ``LossTerms.consistency``) is
+the same kernels with the cross-entropy compiled out (constexpr HAS_CE=False): the forward
+kernel reads the S maps of a block of pixels once and writes per-block partial sums (masked KL,
+max of q over valid pixels, valid count), the per-image rho mask is a reduction over those
+partials, and the backward kernel writes dL/dz_k = p_k (log p_k - log q - KL_k) with the mask,
+1/valid and grad_output folded in. What the kernels compute comes as `contract.LossTerms`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,9 +36,14 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from noisyseg.kernels.reference import check_class_ids, check_mask, check_scales
-from noisyseg.kernels.triton_common import (
+from noisyseg.kernels.contract import (
     MAX_SCALES,
+    LossTerms,
+    check_arm_classes,
+    check_class_ids,
+    check_fused_scales,
+)
+from noisyseg.kernels.triton_common import (
     MULTISCALE_NUM_WARPS,
     MULTISCALE_TILE_ELEMENTS,
     LaunchGeometry,
@@ -43,7 +51,6 @@ from noisyseg.kernels.triton_common import (
     arm_parameter_gradient,
     arm_parameter_vector,
     channel_block,
-    check_arm_classes,
     check_device,
     check_dtype,
     column,
@@ -62,20 +69,6 @@ from noisyseg.kernels.triton_common import (
     select_scale,
     softmax_statistics,
 )
-
-
-@dataclass(frozen=True)
-class FusedLossConfig:
-    """What the fused multiscale kernels compute: ce_weight * sum_k CE_k + kl_weight * L_ms."""
-
-    ce_weight: float
-    kl_weight: float
-    has_cross_entropy: bool
-    has_arm: bool
-    has_consistency: bool
-    rho: float
-    pixel_mask: bool
-    ignore_index: int
 
 
 @triton.jit
@@ -201,12 +194,12 @@ def _gradient_kernel(
             tl.store(pointers, g.to(grad.dtype.element_ty), mask=in_range[:, None] & channel_mask[None, :])
 
 
-def _kernel_flags(config: FusedLossConfig, num_scales: int) -> dict[str, int | bool]:
+def _kernel_flags(config: LossTerms, has_arm: bool, num_scales: int) -> dict[str, int | bool]:
     return {
         "NUM_SCALES": num_scales,
         "SCALES": max(2, triton.next_power_of_2(num_scales)),
         "HAS_CE": config.has_cross_entropy,
-        "HAS_ARM": config.has_arm,
+        "HAS_ARM": has_arm,
         "HAS_KL": config.has_consistency,
         "PIXEL_MASK": config.pixel_mask,
     }
@@ -218,18 +211,23 @@ def _padded_scales(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 
 class FusedMultiscaleLossFunction(torch.autograd.Function):
-    """``forward(ctx, target (N, L), arm_params (53,), config, *logits (N, C, L) each)``; the
-    logits share one dtype and one stride layout (see `prepare_scales`)."""
+    """``forward(ctx, target (N, L), arm_params (53,), config, has_arm, *logits (N, C, L) each)``;
+    the logits share one dtype and one stride layout (see `prepare_scales`)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, target: torch.Tensor, arm_params: torch.Tensor, config: FusedLossConfig, *logits: torch.Tensor
+        ctx: Any,
+        target: torch.Tensor,
+        arm_params: torch.Tensor,
+        config: LossTerms,
+        has_arm: bool,
+        *logits: torch.Tensor,
     ) -> torch.Tensor:
         num_scales = len(logits)
         num_images, num_classes, num_pixels = logits[0].shape
         geometry = LaunchGeometry.for_shape(num_classes, num_pixels, MULTISCALE_TILE_ELEMENTS)
         device = logits[0].device
-        scratch_shape = (num_scales, num_images, num_pixels) if config.has_arm else (1, 1, 1)
+        scratch_shape = (num_scales, num_images, num_pixels) if has_arm else (1, 1, 1)
         confidence = torch.empty(scratch_shape, dtype=torch.float32, device=device)
         pixel_loss = torch.empty(scratch_shape, dtype=torch.float32, device=device)
         ce_partials = torch.zeros(num_images, geometry.num_blocks, num_scales, 3, dtype=torch.float32, device=device)
@@ -239,7 +237,7 @@ class FusedMultiscaleLossFunction(torch.autograd.Function):
             *_padded_scales(logits), *logits[0].stride(), target, *target.stride(),
             arm_params.detach(), confidence, pixel_loss, ce_partials, kl_partials,
             num_classes, num_pixels, geometry.num_blocks, config.ignore_index, inv_c, confidence_scale,
-            math.log(num_scales), config.rho, **_kernel_flags(config, num_scales),
+            math.log(num_scales), config.rho, **_kernel_flags(config, has_arm, num_scales),
             BLOCK_P=geometry.block_p, BLOCK_C=geometry.block_c, num_warps=MULTISCALE_NUM_WARPS,
         )
         ce_sums = reduce_partials(ce_partials, (0, 1))  # (S, 3): sum w, sum w^2, sum w l
@@ -251,6 +249,7 @@ class FusedMultiscaleLossFunction(torch.autograd.Function):
         loss = config.ce_weight * cross_entropy + config.kl_weight * consistency
         ctx.save_for_backward(target, arm_params.detach(), confidence, pixel_loss, ce_sums, kept_images, valid_count, *logits)
         ctx.config = config
+        ctx.has_arm = has_arm
         ctx.geometry = geometry
         return loss.float()
 
@@ -260,15 +259,17 @@ class FusedMultiscaleLossFunction(torch.autograd.Function):
         config = ctx.config
         upstream = grad_output.double()
         grads: list[torch.Tensor | None] = [None] * len(logits)
-        if any(ctx.needs_input_grad[3:]):
+        if any(ctx.needs_input_grad[4:]):
             ce_factors = (upstream * config.ce_weight * safe_reciprocal(ce_sums[:, 0])).float()
             kl_factors = (upstream * config.kl_weight * kept_images * safe_reciprocal(valid_count)).float()
-            grads = list(_logit_gradients(logits, target, arm_params, ce_factors, kl_factors, config, ctx.geometry))
+            grads = list(
+                _logit_gradients(logits, target, arm_params, ce_factors, kl_factors, config, ctx.has_arm, ctx.geometry)
+            )
         grad_params = None
-        if ctx.needs_input_grad[1] and config.has_arm:
+        if ctx.needs_input_grad[1] and ctx.has_arm:
             coefficients = arm_backward_coefficients(ce_sums, upstream * config.ce_weight)
             grad_params = arm_parameter_gradient(confidence, pixel_loss, target, coefficients, arm_params, config.ignore_index)
-        return None, grad_params, None, *grads
+        return None, grad_params, None, None, *grads
 
 
 def _logit_gradients(
@@ -277,7 +278,8 @@ def _logit_gradients(
     arm_params: torch.Tensor,
     ce_factors: torch.Tensor,
     kl_factors: torch.Tensor,
-    config: FusedLossConfig,
+    config: LossTerms,
+    has_arm: bool,
     geometry: LaunchGeometry,
 ) -> list[torch.Tensor]:
     """Launch `_gradient_kernel`: one gradient buffer per scale, in the logits' dtype and layout."""
@@ -287,13 +289,13 @@ def _logit_gradients(
     _gradient_kernel[(num_images, geometry.num_blocks)](
         *_padded_scales(logits), *_padded_scales(grads), *logits[0].stride(), target, *target.stride(),
         arm_params, ce_factors, kl_factors, num_classes, num_pixels, config.ignore_index, inv_c,
-        confidence_scale, math.log(len(logits)), config.rho, **_kernel_flags(config, len(logits)),
+        confidence_scale, math.log(len(logits)), config.rho, **_kernel_flags(config, has_arm, len(logits)),
         BLOCK_P=geometry.block_p, BLOCK_C=geometry.block_c, num_warps=MULTISCALE_NUM_WARPS,
     )
     return grads
 
 
-def _kept_images(image_max_partials: torch.Tensor, config: FusedLossConfig) -> torch.Tensor:
+def _kept_images(image_max_partials: torch.Tensor, config: LossTerms) -> torch.Tensor:
     """Per image 1.0 if the rho mask keeps it (image mode: max of q over its valid pixels
     exceeds rho; pixel mode decides per pixel in the kernels, so every image counts)."""
     if config.pixel_mask:
@@ -304,9 +306,7 @@ def _kept_images(image_max_partials: torch.Tensor, config: FusedLossConfig) -> t
 def prepare_scales(logits_per_scale: Sequence[torch.Tensor], target: torch.Tensor, ignore_index: int) -> list[torch.Tensor]:
     """Validate the scales against the reference's rules and flatten them to (N, C, L) views
     sharing one dtype and one stride layout (the kernels take a single set of strides)."""
-    check_scales(logits_per_scale, target)
-    if len(logits_per_scale) > MAX_SCALES:
-        raise ValueError(f"logits_per_scale: the triton backend fuses at most {MAX_SCALES} scales, got {len(logits_per_scale)}")
+    check_fused_scales(logits_per_scale, target, "triton")
     dtype = logits_per_scale[0].dtype
     for index, logits in enumerate(logits_per_scale):
         name = f"logits_per_scale[{index}]"
@@ -325,36 +325,12 @@ def fused_multiscale_loss(
     logits_per_scale: Sequence[torch.Tensor],
     target: torch.Tensor,
     arm: nn.Module | None,
-    config: FusedLossConfig,
+    config: LossTerms,
 ) -> torch.Tensor:
-    """Validate, flatten and run `FusedMultiscaleLossFunction`."""
+    """`functional.multiscale_consistency` and `functional.adele_arm_loss` on the Triton backend:
+    validate, flatten and run `FusedMultiscaleLossFunction`."""
     flat = prepare_scales(logits_per_scale, target, config.ignore_index)
-    if config.has_cross_entropy:
-        check_arm_classes(arm, flat[0].shape[1], "logits_per_scale[0]")
-    arm_params = arm_parameter_vector(arm if config.has_cross_entropy else None, flat[0])
-    return FusedMultiscaleLossFunction.apply(flatten_target(target), arm_params, config, *flat)
-
-
-def adele_arm_loss(
-    logits_per_scale: Sequence[torch.Tensor],
-    target: torch.Tensor,
-    arm: nn.Module | None,
-    lam: float = 1.0,
-    rho: float = 0.8,
-    mask: str = "image",
-    ignore_index: int = 255,
-) -> torch.Tensor:
-    """The combined loss on the Triton backend; semantics of `reference.adele_arm_loss`."""
-    check_mask(mask)
-    num_scales = len(logits_per_scale)
-    config = FusedLossConfig(
-        ce_weight=1.0 / max(num_scales, 1),
-        kl_weight=lam / max(num_scales, 1),
-        has_cross_entropy=True,
-        has_arm=arm is not None,
-        has_consistency=True,
-        rho=rho,
-        pixel_mask=mask == "pixel",
-        ignore_index=ignore_index,
-    )
-    return fused_multiscale_loss(logits_per_scale, target, arm, config)
+    arm = arm if config.has_cross_entropy else None
+    check_arm_classes(arm, flat[0].shape[1], "logits_per_scale[0]")
+    arm_params = arm_parameter_vector(arm, flat[0])
+    return FusedMultiscaleLossFunction.apply(flatten_target(target), arm_params, config, arm is not None, *flat)

@@ -11,6 +11,7 @@ scratch (v_hat, l). With ``arm=None`` every valid pixel has weight 1: the plain 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -18,7 +19,12 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from noisyseg.kernels.reference import check_class_ids, check_logits_and_target
+from noisyseg.kernels.contract import (
+    LossTerms,
+    check_arm_classes,
+    check_class_ids,
+    check_logits_and_target,
+)
 from noisyseg.kernels.triton_common import (
     CE_NUM_WARPS,
     CE_TILE_ELEMENTS,
@@ -27,7 +33,6 @@ from noisyseg.kernels.triton_common import (
     arm_parameter_gradient,
     arm_parameter_vector,
     channel_block,
-    check_arm_classes,
     check_device,
     check_dtype,
     confidence_constants,
@@ -146,17 +151,18 @@ class ArmCrossEntropyFunction(torch.autograd.Function):
 
 
 def arm_cross_entropy(
-    logits: torch.Tensor,
+    logits_per_scale: Sequence[torch.Tensor],
     target: torch.Tensor,
     arm: nn.Module | None,
-    ignore_index: int = 255,
+    config: LossTerms,
 ) -> torch.Tensor:
-    """ARM-weighted cross-entropy on the Triton backend; semantics of `reference.arm_cross_entropy`."""
+    """`functional.arm_cross_entropy` on the Triton backend: one scale, ``LossTerms.cross_entropy``."""
+    logits = logits_per_scale[0]
     check_logits_and_target(logits, target)
     check_dtype(logits, "logits")
     check_device(logits, "logits")
-    check_class_ids(target, logits.shape[1], ignore_index)
+    check_class_ids(target, logits.shape[1], config.ignore_index)
     check_arm_classes(arm, logits.shape[1], "logits")
     flat_logits = flatten_logits(logits)
     arm_params = arm_parameter_vector(arm, logits)
-    return ArmCrossEntropyFunction.apply(flat_logits, flatten_target(target), arm_params, arm is not None, ignore_index)
+    return ArmCrossEntropyFunction.apply(flat_logits, flatten_target(target), arm_params, arm is not None, config.ignore_index)

@@ -23,31 +23,12 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from noisyseg.kernels.reference import (
-    ARM_NUM_PARAMETERS,
-    ARM_PARAMETER_OFFSETS,
-    ARM_WIDTHS,
-    pack_arm_parameters,
-)
+from noisyseg.kernels import contract
+from noisyseg.kernels.contract import ARM_NUM_PARAMETERS, FUSED_DTYPES, pack_arm_parameters
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# The multiscale kernels take one pointer argument per scale (no pointer arrays in Triton).
-MAX_SCALES = 4
-
-# ARM parameter layout (offsets into the flat vector of `pack_arm_parameters`), as constexpr
-# globals the kernels can read. The kernels hard-code the 1-4-4-4-1 shape, so check it.
-if ARM_WIDTHS != (1, 4, 4, 4, 1) or ARM_NUM_PARAMETERS != 53:
-    raise RuntimeError(f"the Triton ARM kernels are written for widths (1, 4, 4, 4, 1), got {ARM_WIDTHS}")
-ARM_W1 = tl.constexpr(ARM_PARAMETER_OFFSETS["layers.0.weight"][0])
-ARM_B1 = tl.constexpr(ARM_PARAMETER_OFFSETS["layers.0.bias"][0])
-ARM_W2 = tl.constexpr(ARM_PARAMETER_OFFSETS["layers.1.weight"][0])
-ARM_B2 = tl.constexpr(ARM_PARAMETER_OFFSETS["layers.1.bias"][0])
-ARM_W3 = tl.constexpr(ARM_PARAMETER_OFFSETS["layers.2.weight"][0])
-ARM_B3 = tl.constexpr(ARM_PARAMETER_OFFSETS["layers.2.bias"][0])
-ARM_W4 = tl.constexpr(ARM_PARAMETER_OFFSETS["layers.3.weight"][0])
-ARM_B4 = tl.constexpr(ARM_PARAMETER_OFFSETS["layers.3.bias"][0])
-ARM_PARAMS = tl.constexpr(ARM_NUM_PARAMETERS)
-ARM_HIDDEN = tl.constexpr(4)
+# ARM's parameter layout: the kernels read `contract.ARM_W0` ... `contract.ARM_B3` (offsets into
+# the flat vector of `pack_arm_parameters`) as attributes of the module, which Triton takes as
+# compile-time constants (a plain int global would have to be wrapped in tl.constexpr).
 
 # GPU launch parameters, chosen from ptxas' register report for sm_90 (Triton 3.9; no GPU was
 # available to time them). Pixels are the fast (coalesced) axis of a (BLOCK_P x BLOCK_C) tile
@@ -98,7 +79,7 @@ def check_device(tensor: torch.Tensor, name: str) -> None:
 
 def check_dtype(tensor: torch.Tensor, name: str) -> None:
     """The kernels accumulate in fp32 and read fp32/fp16/bf16; anything else is refused."""
-    if tensor.dtype not in SUPPORTED_DTYPES:
+    if tensor.dtype not in FUSED_DTYPES:
         raise ValueError(f"{name}: the triton backend takes float32, float16 or bfloat16 logits, got {tensor.dtype}")
 
 
@@ -122,8 +103,6 @@ def arm_parameter_vector(arm: nn.Module | None, like: torch.Tensor) -> torch.Ten
     if arm is None:
         return torch.zeros(ARM_NUM_PARAMETERS, dtype=torch.float32, device=like.device)
     arm_params = pack_arm_parameters(arm)
-    if arm_params.numel() != ARM_NUM_PARAMETERS:
-        raise ValueError(f"arm: expected {ARM_NUM_PARAMETERS} parameters (widths {ARM_WIDTHS}), got {arm_params.numel()}")
     if arm_params.device != like.device:
         raise ValueError(f"arm: parameters on {arm_params.device}, logits on {like.device}")
     return arm_params
@@ -137,12 +116,6 @@ def confidence_constants(num_classes: int) -> tuple[float, float]:
     if num_classes < 2:
         return 1.0, 0.0
     return 1.0 / num_classes, 2.0 * num_classes / (num_classes - 1)
-
-
-def check_arm_classes(arm: nn.Module | None, num_classes: int, name: str) -> None:
-    """The reference's rule: ARM's confidence is undefined for fewer than two classes."""
-    if arm is not None and num_classes < 2:
-        raise ValueError(f"{name}: ARM's confidence needs at least 2 classes, got C={num_classes}")
 
 
 def reduce_partials(partials: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
@@ -260,8 +233,8 @@ def cross_entropy_gradient(p, channels, labels):
 @triton.jit
 def _arm_hidden_layer(hidden, arm_params, W_OFFSET: tl.constexpr, B_OFFSET: tl.constexpr):
     """(P, 4) -> (P, 4) pre-activation of a 4x4 layer (weight row-major, out x in)."""
-    j = tl.arange(0, ARM_HIDDEN)
-    weight = tl.load(arm_params + W_OFFSET + j[:, None] * ARM_HIDDEN + j[None, :])
+    j = tl.arange(0, contract.ARM_HIDDEN)
+    weight = tl.load(arm_params + W_OFFSET + j[:, None] * contract.ARM_HIDDEN + j[None, :])
     bias = tl.load(arm_params + B_OFFSET + j)
     return tl.sum(hidden[:, None, :] * weight[None, :, :], axis=2) + bias[None, :]
 
@@ -270,11 +243,11 @@ def _arm_hidden_layer(hidden, arm_params, W_OFFSET: tl.constexpr, B_OFFSET: tl.c
 def arm_forward_intermediates(x, arm_params):
     """ARM 1-4-4-4-1 on a vector of confidences: pre-activations of the three hidden layers
     and the output weight in (0, 1)."""
-    j = tl.arange(0, ARM_HIDDEN)
-    u1 = x[:, None] * tl.load(arm_params + ARM_W1 + j)[None, :] + tl.load(arm_params + ARM_B1 + j)[None, :]
-    u2 = _arm_hidden_layer(silu(u1), arm_params, ARM_W2, ARM_B2)
-    u3 = _arm_hidden_layer(silu(u2), arm_params, ARM_W3, ARM_B3)
-    u4 = tl.sum(silu(u3) * tl.load(arm_params + ARM_W4 + j)[None, :], axis=1) + tl.load(arm_params + ARM_B4)
+    j = tl.arange(0, contract.ARM_HIDDEN)
+    u1 = x[:, None] * tl.load(arm_params + contract.ARM_W0 + j)[None, :] + tl.load(arm_params + contract.ARM_B0 + j)[None, :]
+    u2 = _arm_hidden_layer(silu(u1), arm_params, contract.ARM_W1, contract.ARM_B1)
+    u3 = _arm_hidden_layer(silu(u2), arm_params, contract.ARM_W2, contract.ARM_B2)
+    u4 = tl.sum(silu(u3) * tl.load(arm_params + contract.ARM_W3 + j)[None, :], axis=1) + tl.load(arm_params + contract.ARM_B3)
     return u1, u2, u3, sigmoid(u4)
 
 
@@ -286,17 +259,17 @@ def arm_forward(x, arm_params):
 
 @triton.jit
 def _store_hidden_layer_gradient(out, upstream, hidden_in, W_OFFSET: tl.constexpr, B_OFFSET: tl.constexpr):
-    j = tl.arange(0, ARM_HIDDEN)
+    j = tl.arange(0, contract.ARM_HIDDEN)
     weight_grad = tl.sum(upstream[:, :, None] * hidden_in[:, None, :], axis=0)
-    tl.store(out + W_OFFSET + j[:, None] * ARM_HIDDEN + j[None, :], weight_grad)
+    tl.store(out + W_OFFSET + j[:, None] * contract.ARM_HIDDEN + j[None, :], weight_grad)
     tl.store(out + B_OFFSET + j, tl.sum(upstream, axis=0))
 
 
 @triton.jit
 def _backprop_hidden_layer(upstream, arm_params, W_OFFSET: tl.constexpr):
     """Gradient w.r.t. a 4x4 layer's input: upstream (P, out) @ weight (out, in)."""
-    j = tl.arange(0, ARM_HIDDEN)
-    weight = tl.load(arm_params + W_OFFSET + j[:, None] * ARM_HIDDEN + j[None, :])
+    j = tl.arange(0, contract.ARM_HIDDEN)
+    weight = tl.load(arm_params + W_OFFSET + j[:, None] * contract.ARM_HIDDEN + j[None, :])
     return tl.sum(upstream[:, :, None] * weight[None, :, :], axis=1)
 
 
@@ -304,20 +277,20 @@ def _backprop_hidden_layer(upstream, arm_params, W_OFFSET: tl.constexpr):
 def store_arm_gradient(out, x, upstream, arm_params):
     """Backpropagate per-pixel upstream gradients (dQ/dw_i, 0 for excluded pixels) through
     ARM and store the block's sum of the 53 parameter gradients at ``out``."""
-    j = tl.arange(0, ARM_HIDDEN)
+    j = tl.arange(0, contract.ARM_HIDDEN)
     u1, u2, u3, weight = arm_forward_intermediates(x, arm_params)
     h1 = silu(u1)
     h2 = silu(u2)
     d4 = upstream * weight * (1.0 - weight)
-    tl.store(out + ARM_W4 + j, tl.sum(d4[:, None] * silu(u3), axis=0))
-    tl.store(out + ARM_B4, tl.sum(d4, axis=0))
-    d3 = d4[:, None] * tl.load(arm_params + ARM_W4 + j)[None, :] * silu_derivative(u3)
-    _store_hidden_layer_gradient(out, d3, h2, ARM_W3, ARM_B3)
-    d2 = _backprop_hidden_layer(d3, arm_params, ARM_W3) * silu_derivative(u2)
-    _store_hidden_layer_gradient(out, d2, h1, ARM_W2, ARM_B2)
-    d1 = _backprop_hidden_layer(d2, arm_params, ARM_W2) * silu_derivative(u1)
-    tl.store(out + ARM_W1 + j, tl.sum(d1 * x[:, None], axis=0))
-    tl.store(out + ARM_B1 + j, tl.sum(d1, axis=0))
+    tl.store(out + contract.ARM_W3 + j, tl.sum(d4[:, None] * silu(u3), axis=0))
+    tl.store(out + contract.ARM_B3, tl.sum(d4, axis=0))
+    d3 = d4[:, None] * tl.load(arm_params + contract.ARM_W3 + j)[None, :] * silu_derivative(u3)
+    _store_hidden_layer_gradient(out, d3, h2, contract.ARM_W2, contract.ARM_B2)
+    d2 = _backprop_hidden_layer(d3, arm_params, contract.ARM_W2) * silu_derivative(u2)
+    _store_hidden_layer_gradient(out, d2, h1, contract.ARM_W1, contract.ARM_B1)
+    d1 = _backprop_hidden_layer(d2, arm_params, contract.ARM_W1) * silu_derivative(u1)
+    tl.store(out + contract.ARM_W0 + j, tl.sum(d1 * x[:, None], axis=0))
+    tl.store(out + contract.ARM_B0 + j, tl.sum(d1, axis=0))
 
 
 @triton.jit
@@ -349,7 +322,7 @@ def arm_backward_kernel(
     upstream = tl.load(coefficients + 2 * scale) * (loss - weight * tl.load(coefficients + 2 * scale + 1))
     upstream = tl.where(valid, upstream, 0.0)
     row = (scale * num_images + image) * num_blocks + tl.program_id(1).to(tl.int64)
-    store_arm_gradient(partials + row * ARM_PARAMS, x, upstream, arm_params)
+    store_arm_gradient(partials + row * contract.ARM_NUM_PARAMETERS, x, upstream, arm_params)
 
 
 def arm_parameter_gradient(

@@ -25,9 +25,10 @@ from fp32_tolerance import assert_within, fp32_tolerance
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from noisyseg.kernels import functional, reference
-from noisyseg.kernels import numba_backend as fused
+from noisyseg.kernels import functional, numba_common, reference
 from noisyseg.kernels.reference import ARM
+
+fused = functional.losses_on("numba")
 
 FP32 = None  # derived per comparison: fp32_tolerance.fp32_tolerance
 LOW_PRECISION = {
@@ -320,8 +321,7 @@ def test_bad_inputs_raise_the_reference_errors(call, message):
         call()
 
 
-def test_dispatch_through_the_public_registry(monkeypatch):
-    monkeypatch.setitem(functional.BACKEND_MODULES, "numba", "noisyseg.kernels.numba_backend")
+def test_dispatch_through_the_public_registry():
     logits, target = make_batch(seed=15)
     arm = seeded_arm(15)
     got = functional.adele_arm_loss([logits, logits * 0.5], target, arm, rho=0.3, backend="numba")
@@ -335,19 +335,19 @@ def test_dispatch_through_the_public_registry(monkeypatch):
 
 def test_vectorised_exp_and_log_against_numpy():
     values = np.linspace(-87.0, 88.0, 4001, dtype=np.float32)
-    exps = np.array([fused._exp(v) for v in values], np.float32)
+    exps = np.array([numba_common.fast_exp(v) for v in values], np.float32)
     np.testing.assert_allclose(exps, np.exp(values.astype(np.float64)), rtol=3e-7)
     positives = np.exp(np.linspace(-69.0, 69.0, 4001)).astype(np.float32)
-    logs = np.array([fused._log(v) for v in positives], np.float32)
+    logs = np.array([numba_common.fast_log(v) for v in positives], np.float32)
     np.testing.assert_allclose(logs, np.log(positives.astype(np.float64)), rtol=3e-7, atol=3e-7)
-    sigmoids = np.array([fused._sigmoid(v) for v in values[::40]], np.float32)
+    sigmoids = np.array([numba_common.fast_sigmoid(v) for v in values[::40]], np.float32)
     np.testing.assert_allclose(sigmoids, 1 / (1 + np.exp(-values[::40].astype(np.float64))), rtol=3e-7)
 
 
 def test_block_size_bounds():
-    assert fused.block_size(1, 2) == 1024
-    assert fused.block_size(3, 150) == 64
-    assert fused.block_size(3, 4000) == 16
+    assert numba_common.block_size(1, 2) == 1024
+    assert numba_common.block_size(3, 150) == 64
+    assert numba_common.block_size(3, 4000) == 16
 
 
 @settings(max_examples=25, deadline=None)
@@ -409,10 +409,10 @@ def test_repeated_backward_with_retained_graph(num_scales):
 _BINDING_PROBE = """
 import json, os, sys
 import numba
-from noisyseg.kernels import numba_backend
+from noisyseg.kernels import numba_common
 threads = int(sys.argv[1])
 numba.set_num_threads(threads)
-bound = numba_backend.bind_worker_threads(threads)
+bound = numba_common.bind_worker_threads(threads)
 single_cpu = []
 for tid in os.listdir("/proc/self/task"):
     status = open(f"/proc/self/task/{tid}/status").read()
@@ -453,14 +453,14 @@ def test_kernels_use_no_more_threads_than_torch():
     previous_torch, previous_numba = torch.get_num_threads(), numba.get_num_threads()
     try:
         torch.set_num_threads(1)
-        with fused._threads_like_torch():
+        with numba_common.threads_like_torch():
             assert numba.get_num_threads() == 1
         assert numba.get_num_threads() == previous_numba  # the caller's setting is restored
         logits, target = make_batch(seed=3)
         fused.arm_cross_entropy(logits.requires_grad_(True), target, seeded_arm(3)).backward()
         assert torch.get_num_threads() == 1  # and torch's, which shares numba's OpenMP runtime
         torch.set_num_threads(max(previous_numba, 1) + 4)  # numba's own setting caps it
-        with fused._threads_like_torch():
+        with numba_common.threads_like_torch():
             assert numba.get_num_threads() == previous_numba
     finally:
         torch.set_num_threads(previous_torch)

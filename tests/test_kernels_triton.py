@@ -28,7 +28,8 @@ import torch
 from fp32_tolerance import assert_within, fp32_tolerance
 
 from noisyseg.kernels import functional, reference
-from noisyseg.kernels import triton_backend as fused
+
+fused = functional.losses_on("triton")
 
 pytestmark = pytest.mark.triton
 
@@ -339,8 +340,7 @@ def test_adele_arm_loss_all_ignored_gives_zero_not_nan():
     assert all(torch.equal(g, torch.zeros_like(g)) for g in grads + arm_grads)
 
 
-def test_registered_through_the_public_dispatch(monkeypatch):
-    monkeypatch.setitem(functional.BACKEND_MODULES, "triton", "noisyseg.kernels.triton_backend")
+def test_registered_through_the_public_dispatch():
     logits = mixed_confidence_scales(2, 5, 4, 6, 2, seed=34)
     target = make_target(2, 5, 4, 6, seed=34)
     arm = seeded_arm()
@@ -384,16 +384,17 @@ COMPILE_SCRIPT = textwrap.dedent(
         return launch
     jit.JITFunction.__getitem__ = compile_only
 
-    from noisyseg.kernels import reference, triton_backend
+    from noisyseg.kernels import functional, reference
     from noisyseg.kernels import triton_adele_arm, triton_arm_cross_entropy  # noqa: F401 (build the kernels)
+    fused = functional.losses_on("triton")
     os.environ["TRITON_INTERPRET"] = "1"  # from here on only read by check_device: accept CPU tensors
     arm = reference.ARM()
     target = torch.randint(0, 19, (2, 8, 8))
     logits = torch.randn(2, 19, 8, 8, dtype=torch.float16, requires_grad=True)
-    triton_backend.arm_cross_entropy(logits, target, arm).backward()
+    fused.arm_cross_entropy(logits, target, arm).backward()
     scales = [torch.randn(2, 19, 8, 8, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
-    triton_backend.adele_arm_loss(scales, target, arm).backward()
-    triton_backend.multiscale_consistency(scales[:2], target, mask="pixel").backward()
+    fused.adele_arm_loss(scales, target, arm).backward()
+    fused.multiscale_consistency(scales[:2], target, mask="pixel").backward()
     print(" ".join(sorted(compiled)))
     """
 )

@@ -302,7 +302,7 @@ def test_bad_inputs_are_named(call, message):
 
 
 def test_packed_parameters_follow_the_documented_layout_and_carry_gradients():
-    from noisyseg.kernels.reference import (
+    from noisyseg.kernels.contract import (
         ARM_NUM_PARAMETERS,
         ARM_PARAMETER_OFFSETS,
         pack_arm_parameters,
@@ -336,7 +336,7 @@ def test_a_backend_whose_package_is_missing_is_named(monkeypatch):
     from noisyseg.kernels import functional
 
     monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
-    monkeypatch.delitem(sys.modules, "noisyseg.kernels.triton_backend", raising=False)
+    monkeypatch.delitem(sys.modules, "noisyseg.kernels.triton_arm_cross_entropy", raising=False)
     monkeypatch.delitem(sys.modules, "noisyseg.kernels.triton_adele_arm", raising=False)
     logits, target = make_batch()
     with pytest.raises(RuntimeError, match="backend 'triton' needs the 'triton' package"):

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from noisyseg.kernels import arm_reweighted_loss
-from noisyseg.kernels.reference import check_class_ids, check_logits_and_target
+from noisyseg.kernels.contract import check_class_ids, check_logits_and_target
 
 Reduction = Literal["mean", "sum", "none"]
 

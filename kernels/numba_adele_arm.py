@@ -1,5 +1,8 @@
 """Fused CPU loss kernels (numba): ARM-weighted cross-entropy, multiscale consistency and the
 combined ADELE+ARM loss, forward and backward, without softmax/weight/loss maps of logits size.
+This module holds the fused pass, the host scheduler and the autograd Function; ARM's MLP is in
+`numba_arm`, threads, exp/log and block scheduling in `numba_common`, and what the loss is
+(`contract.LossTerms`) comes from `noisyseg.kernels.functional`.
 
 One kernel, `_fused_pass`, serves all three losses. It works on blocks of pixels of one image
 (a block never straddles two images), one run of consecutive blocks per thread, and, per
@@ -34,119 +37,41 @@ is cast back to the input dtype. float64 inputs are computed in fp32.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import functools
 import math
-import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numba
 import numpy as np
 import torch
-from llvmlite import ir as llvm_ir
-from numba import prange, types
-from numba.extending import intrinsic
+from numba import prange
 from torch import nn
 
-from noisyseg.kernels.reference import (
+from noisyseg.kernels.contract import (
+    ARM_HIDDEN,
     ARM_NUM_PARAMETERS,
-    ARM_PARAMETER_OFFSETS,
+    LossTerms,
+    check_arm_classes,
     check_class_ids,
+    check_fused_scales,
     check_logits_and_target,
-    check_mask,
-    check_scales,
     pack_arm_parameters,
 )
-
-# numba picks its threading layer as usual (TBB, else OpenMP, else workqueue). Measured on the
-# 2-core machine: the workqueue layer's threads poll for work with 1 us naps, which here
-# stretched to milliseconds for stretches of calls (ARM CE at the Cityscapes shape 9 or 16 ms a
-# call); OpenMP's were steady, and training steps took the same time with either (one or two
-# threads, one or two processes). OpenMP's spinning workers once slowed torch's operators down,
-# but only while numba ran more threads than torch; `_threads_like_torch` now prevents that.
-
-# Where the workqueue layer is used (chosen, or the only one installed): its workers sleep between
-# parallel regions, and on waking them Linux put both on one core for stretches of calls on the
-# 2-core machine (seen with sched_getcpu inside the workers), each such call taking twice as long.
-# Binding each worker to a CPU of its own ends that; done only when the workers are exactly the
-# process's CPUs (fewer threads mean the machine is shared, and binding would stack every
-# process's first worker on one CPU). Opt out with NOISYSEG_BIND_NUMBA_THREADS=0.
-BIND_THREADS_VARIABLE = "NOISYSEG_BIND_NUMBA_THREADS"
-
-
-@functools.cache
-def bind_worker_threads(num_threads: int) -> bool:
-    """Bind numba's `num_threads` workqueue workers to one CPU each, once per thread count;
-    returns whether they are bound."""
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    gettid = getattr(ctypes.CDLL(None), "gettid", None)  # glibc >= 2.30
-    if os.environ.get(BIND_THREADS_VARIABLE, "1") == "0" or gettid is None:
-        return False
-    if num_threads < 2 or num_threads != len(cpus):
-        return False
-    numba.get_num_threads()  # starts numba's threads, so the layer is known
-    if numba.threading_layer() != "workqueue":
-        return False  # OpenMP's and TBB's workers spin or come and go: left to their runtime
-    thread_ids = _worker_thread_ids(gettid, num_threads)
-    if len(set(thread_ids)) != num_threads:
-        return False
-    for thread_id, cpu in zip(thread_ids, cpus):
-        os.sched_setaffinity(thread_id, {cpu})
-    return True
-
-
-@contextlib.contextmanager
-def _threads_like_torch() -> Iterator[None]:
-    """Run the kernels on no more threads than torch's intra-op pool (torch.set_num_threads), so
-    one setting governs a training process: two processes of one thread each then keep one
-    numba thread each instead of four on two cores. numba's own setting still caps it."""
-    torch_threads, previous = torch.get_num_threads(), numba.get_num_threads()
-    threads = max(1, min(torch_threads, previous))
-    numba.set_num_threads(threads)
-    try:
-        bind_worker_threads(threads)
-        yield
-    finally:
-        numba.set_num_threads(previous)
-        # numba's OpenMP layer and torch share one OpenMP runtime (one libgomp.so.1 is loaded),
-        # so numba's setting just moved torch's too.
-        torch.set_num_threads(torch_threads)
-
-
-def _worker_thread_ids(gettid, num_threads: int) -> list[int]:
-    """The OS thread id of each worker, in worker order (a prange of num_threads iterations gives
-    worker i iteration i). Compiled per process: numba cannot cache code holding a C pointer."""
-    gettid.restype, gettid.argtypes = ctypes.c_int, []
-
-    @numba.njit(parallel=True)
-    def record(out):
-        for worker in prange(out.shape[0]):
-            out[worker] = gettid()
-
-    ids = np.zeros(num_threads, np.int64)
-    record(ids)
-    return [int(i) for i in ids]
-
-
-# error_model "numpy": IEEE division. numba's default checks every float division for zero and
-# raises, and that branch keeps the loops from vectorising.
-_HELPER_JIT = {"fastmath": False, "cache": True, "error_model": "numpy"}
-_JIT = {**_HELPER_JIT, "parallel": True}
-
-# ARM's layout (reference.ARM_PARAMETER_OFFSETS) as compile-time constants for the kernels.
-_W0, _B0 = ARM_PARAMETER_OFFSETS["layers.0.weight"][0], ARM_PARAMETER_OFFSETS["layers.0.bias"][0]
-_W1, _B1 = ARM_PARAMETER_OFFSETS["layers.1.weight"][0], ARM_PARAMETER_OFFSETS["layers.1.bias"][0]
-_W2, _B2 = ARM_PARAMETER_OFFSETS["layers.2.weight"][0], ARM_PARAMETER_OFFSETS["layers.2.bias"][0]
-_W3, _B3 = ARM_PARAMETER_OFFSETS["layers.3.weight"][0], ARM_PARAMETER_OFFSETS["layers.3.bias"][0]
-_HIDDEN = 4
+from noisyseg.kernels.numba_arm import arm_gradient_pass, block_arm_backward, block_arm_forward
+from noisyseg.kernels.numba_common import (
+    HELPER_JIT,
+    MAX_BLOCK,
+    PARALLEL_JIT,
+    block_size,
+    block_span,
+    fast_exp,
+    fast_log,
+    float32_buffer,
+    parallel_chunks,
+    threads_like_torch,
+)
 
 MASK_OFF, MASK_IMAGE, MASK_PIXEL = 0, 1, 2
-_MASK_CODES = {"image": MASK_IMAGE, "pixel": MASK_PIXEL}
-# Per-block buffer of exponentials: scales x classes x pixels, kept near L2-cache size.
-_BLOCK_FLOATS = 32768
-_MIN_BLOCK, _MAX_BLOCK = 16, 1024
 _PACKED_SCALES = 3
 _NO_SCRATCH = np.empty((1, 1), np.float32)
 # Deferred scaling keeps 2 floats per pixel: at most 0.2x the logits from 10 classes on. Below,
@@ -157,220 +82,10 @@ _TINY = np.float32(1e-30)
 
 
 # ---------------------------------------------------------------------------------------------
-# Vectorisable exp and log: libm's expf and logf are scalar calls that stop LLVM from vectorising
-# the class and pixel loops, so they are Cephes' polynomials (about 1 ulp), with 2^n and the
-# exponent split done on the float's bits through a register bitcast. exp clamps its input to
-# [-87.3, 88.3], where 2^n stays a normal fp32 number: exp(-87.3) ~ 1e-38 stands in for 0, far
-# below every tolerance. log takes positive normal numbers.
-
-
-@intrinsic
-def _float32_from_bits(typingctx, bits):
-    """The low 32 bits of the integer `bits` read as a float32 (a bitcast, no memory round
-    trip; numba widens int32 arithmetic to int64, hence the truncation)."""
-    if not isinstance(bits, types.Integer):
-        return None
-
-    def codegen(context, builder, signature, args):
-        low = builder.trunc(args[0], llvm_ir.IntType(32)) if bits.bitwidth > 32 else args[0]
-        return builder.bitcast(low, llvm_ir.FloatType())
-
-    return types.float32(bits), codegen
-
-
-@intrinsic
-def _bits_of_float32(typingctx, value):
-    """The bits of the float32 `value` as an int32."""
-    if value != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], llvm_ir.IntType(32))
-
-    return types.int32(types.float32), codegen
-
-
-_LOG2E = np.float32(1.4426950408889634)
-_LN2_HI = np.float32(0.693359375)
-_LN2_LO = np.float32(-2.12194440e-4)
-_EXP_LOW, _EXP_HIGH = np.float32(-87.3), np.float32(88.3)
-_EXP_POLY = tuple(
-    np.float32(c)
-    for c in (
-        1.9875691500e-4,
-        1.3981999507e-3,
-        8.3334519073e-3,
-        4.1665795894e-2,
-        1.6666665459e-1,
-        5.0000001201e-1,
-    )
-)
-
-
-@numba.njit(**_HELPER_JIT)
-def _exp(x):
-    """exp of a float32."""
-    x = min(max(x, _EXP_LOW), _EXP_HIGH)
-    k = np.floor(x * _LOG2E + np.float32(0.5))
-    r = x - k * _LN2_HI - k * _LN2_LO
-    poly = _EXP_POLY[0]
-    for coeff in _EXP_POLY[1:]:
-        poly = poly * r + coeff
-    power_of_two = _float32_from_bits((np.int32(k) + np.int32(127)) << np.int32(23))
-    return (poly * r * r + r + np.float32(1.0)) * power_of_two
-
-
-@numba.njit(**_HELPER_JIT)
-def _sigmoid(x):
-    return np.float32(1.0) / (np.float32(1.0) + _exp(-x))
-
-
-_SQRT_HALF = np.float32(0.707106781186547524)
-_LOG_POLY = tuple(
-    np.float32(c)
-    for c in (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1,
-              -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1)
-)  # fmt: skip
-
-
-@numba.njit(**_HELPER_JIT)
-def _log(value):
-    """log of a positive normal float32."""
-    bits = _bits_of_float32(value)
-    exponent = np.float32(((bits >> np.int32(23)) & np.int32(0xFF)) - np.int32(126))
-    # mantissa in [0.5, 1): the exponent field replaced by 126's (0x807FFFFF keeps sign, fraction)
-    mantissa = _float32_from_bits((bits & np.int32(-2139095041)) | np.int32(0x3F000000))
-    small = mantissa < _SQRT_HALF
-    exponent = exponent - np.float32(1.0) if small else exponent
-    x = (mantissa + mantissa if small else mantissa) - np.float32(1.0)
-    square = x * x
-    poly = _LOG_POLY[0]
-    for coeff in _LOG_POLY[1:]:
-        poly = poly * x + coeff
-    y = poly * x * square + exponent * _LN2_LO - np.float32(0.5) * square
-    return x + y + exponent * _LN2_HI
-
-
-# ---------------------------------------------------------------------------------------------
-# ARM's MLP over a block of pixels: 1 -> 4 -> 4 -> 4 -> 1, Swish between layers, sigmoid last.
-# pre[l, o, j] is hidden layer l's pre-activation, sig[l, o, j] its sigmoid (Swish = pre * sig).
-
-
-@numba.njit(**_HELPER_JIT)
-def _block_arm_forward(params, confidence, width, pre, sig, weight):
-    for o in range(_HIDDEN):
-        for j in range(width):
-            value = params[_W0 + o] * confidence[j] + params[_B0 + o]
-            pre[0, o, j] = value
-            sig[0, o, j] = _sigmoid(value)
-    for layer, w_at, b_at in ((1, _W1, _B1), (2, _W2, _B2)):
-        for o in range(_HIDDEN):
-            for j in range(width):
-                pre[layer, o, j] = params[b_at + o]
-            for i in range(_HIDDEN):
-                coeff = params[w_at + o * _HIDDEN + i]
-                for j in range(width):
-                    pre[layer, o, j] += coeff * pre[layer - 1, i, j] * sig[layer - 1, i, j]
-            for j in range(width):
-                sig[layer, o, j] = _sigmoid(pre[layer, o, j])
-    for j in range(width):
-        weight[j] = params[_B3]
-    for i in range(_HIDDEN):
-        coeff = params[_W3 + i]
-        for j in range(width):
-            weight[j] += coeff * pre[2, i, j] * sig[2, i, j]
-    for j in range(width):
-        weight[j] = _sigmoid(weight[j])
-
-
-# Reductions over a block's pixels: float32 running sums that LLVM may reassociate (fastmath
-# "reassoc" on these helpers alone), so they vectorise into per-lane partial sums: 2.5x faster
-# than the pairwise folds of a scratch buffer they replace. The compiled order is fixed, so the
-# sums are deterministic from run to run on a machine (the last bits may differ between vector
-# widths).
-_REDUCE_JIT = {**_HELPER_JIT, "fastmath": {"reassoc"}}
-
-
-@numba.njit(**_REDUCE_JIT)
-def _dot3(a, b, c, width):
-    """sum_j a[j] b[j] c[j]."""
-    total = np.float32(0.0)
-    for j in range(width):
-        total += a[j] * b[j] * c[j]
-    return total
-
-
-@numba.njit(**_REDUCE_JIT)
-def _dot(a, b, width):
-    """sum_j a[j] b[j]."""
-    total = np.float32(0.0)
-    for j in range(width):
-        total += a[j] * b[j]
-    return total
-
-
-@numba.njit(**_REDUCE_JIT)
-def _total(a, width):
-    """sum_j a[j]."""
-    total = np.float32(0.0)
-    for j in range(width):
-        total += a[j]
-    return total
-
-
-@numba.njit(**_HELPER_JIT)
-def _silu_slope_times(values, pre, sig, width):
-    """values *= d Swish(pre) / d pre = s (1 + pre (1 - s))."""
-    for j in range(width):
-        s = sig[j]
-        values[j] *= s * (np.float32(1.0) + pre[j] * (np.float32(1.0) - s))
-
-
-@numba.njit(**_HELPER_JIT)
-def _block_arm_backward(params, confidence, width, pre, sig, weight, upstream, grad, delta, back):
-    """Add sum_j upstream[j] * d weight[j] / d params to `grad` (53, float64).
-
-    delta[o] holds dL/d(pre-activation) of the layer being processed; `back` the layer below.
-    """
-    out = back[0]
-    for j in range(width):
-        out[j] = upstream[j] * weight[j] * (np.float32(1.0) - weight[j])
-    grad[_B3] += _total(out, width)
-    for i in range(_HIDDEN):
-        grad[_W3 + i] += _dot3(out, pre[2, i], sig[2, i], width)
-    for i in range(_HIDDEN):
-        coeff = params[_W3 + i]
-        for j in range(width):
-            delta[i, j] = out[j] * coeff
-        _silu_slope_times(delta[i], pre[2, i], sig[2, i], width)
-    for layer, w_at, b_at in ((2, _W2, _B2), (1, _W1, _B1)):
-        for o in range(_HIDDEN):
-            grad[b_at + o] += _total(delta[o], width)
-            for i in range(_HIDDEN):
-                grad[w_at + o * _HIDDEN + i] += _dot3(
-                    delta[o], pre[layer - 1, i], sig[layer - 1, i], width
-                )
-        for i in range(_HIDDEN):
-            for j in range(width):
-                back[i, j] = 0.0
-            for o in range(_HIDDEN):
-                coeff = params[w_at + o * _HIDDEN + i]
-                for j in range(width):
-                    back[i, j] += delta[o, j] * coeff
-            _silu_slope_times(back[i], pre[layer - 1, i], sig[layer - 1, i], width)
-        for i in range(_HIDDEN):
-            for j in range(width):
-                delta[i, j] = back[i, j]
-    for o in range(_HIDDEN):
-        grad[_W0 + o] += _dot(delta[o], confidence, width)
-        grad[_B0 + o] += _total(delta[o], width)
-
-
-# ---------------------------------------------------------------------------------------------
 # Block steps. A block is `width` pixels starting at `start` in image `n`.
 
 
-@numba.njit(**_HELPER_JIT)
+@numba.njit(**HELPER_JIT)
 def _block_softmax(z, n, start, width, exps, peak, total, total_sq, lse):
     """exp(z - max) per class into `exps` (C x B), their sum, sum of squares and logsumexp."""
     num_classes = z.shape[1]
@@ -389,15 +104,15 @@ def _block_softmax(z, n, start, width, exps, peak, total, total_sq, lse):
         row = exps[c]
         logit = z[n, c, start:end]
         for j in range(width):
-            e = _exp(logit[j] - peak[j])
+            e = fast_exp(logit[j] - peak[j])
             row[j] = e
             total[j] += e
             total_sq[j] += e * e
     for j in range(width):
-        lse[j] = _log(total[j]) + peak[j]  # total >= 1: a positive normal number
+        lse[j] = fast_log(total[j]) + peak[j]  # total >= 1: a positive normal number
 
 
-@numba.njit(**_HELPER_JIT)
+@numba.njit(**HELPER_JIT)
 def _block_log_q(
     logits, num_scales, n, start, width, exps, inv_total, lse, log_q, pixel_max_q, underflow
 ):
@@ -417,7 +132,7 @@ def _block_log_q(
         for j in range(width):
             pixel_max_q[j] = max(pixel_max_q[j], row[j] * inv_scales)
             underflow[j] = row[j] <= _TINY
-            row[j] = _log(max(row[j], _TINY)) - log_scales
+            row[j] = fast_log(max(row[j], _TINY)) - log_scales
         for j in range(width):
             if underflow[j]:  # every p_k underflowed: logsumexp of the log-probabilities
                 row[j] = _stable_log_mean(logits, num_scales, n, c, start + j, j, lse)
@@ -434,7 +149,7 @@ def _stable_log_mean(logits, num_scales, n, c, pixel, j, lse):
     return top + np.log(acc) - np.float32(math.log(num_scales))
 
 
-@numba.njit(**_HELPER_JIT)
+@numba.njit(**HELPER_JIT)
 def _block_kl(logits, num_scales, n, start, width, exps, inv_total, lse, log_q, kl):
     """KL(p_k || q) per scale and pixel into `kl` (S x B); a term with p = 0 adds 0."""
     num_classes = exps.shape[1]
@@ -449,19 +164,12 @@ def _block_kl(logits, num_scales, n, start, width, exps, inv_total, lse, log_q, 
                 kl[k, j] += p * (logit[j] - lse[k, j] - log_q[c, j])
 
 
-@numba.njit(**_HELPER_JIT)
-def _block_span(index, tiles, block, num_pixels):
-    """Block `index` of an (images x tiles) grid: its image, first pixel and width (the last
-    tile of an image may be narrower)."""
-    start = (index % tiles) * block
-    return index // tiles, start, min(block, num_pixels - start)
-
 
 # ---------------------------------------------------------------------------------------------
 # The kernel.
 
 
-@numba.njit(**_JIT)
+@numba.njit(**PARALLEL_JIT)
 def _fused_pass(
     logits,  # tuple of arrays (N, C, L) float32, C-contiguous; the first num_scales are used
     num_scales,
@@ -484,7 +192,7 @@ def _fused_pass(
     max_q_partials,  # (blocks,) float32: max over valid pixels of max_c q
     arm_partials,  # (blocks, 53) float64: ARM's gradient, written when write_grad and use_arm
     bad_label_partials,  # (blocks,) int64: targets neither ignored nor in [0, C)
-    defer_ce_scale,  # one scale, no KL: ARM's gradient left to _arm_gradient_pass
+    defer_ce_scale,  # one scale, no KL: ARM's gradient left to arm_gradient_pass
     scratch_confidence,  # (N, L) float32, written when defer_ce_scale and use_arm
     scratch_loss,  # (N, L) float32, likewise (0 at ignored pixels)
 ):
@@ -504,23 +212,23 @@ def _fused_pass(
         inv_total = np.empty((num_scales, block), np.float32)
         labels = np.empty(block, np.int64)
         valid = np.empty(block, np.bool_)
-        ce_coeff = np.empty((num_scales, block), np.float32)
+        ce_weightf = np.empty((num_scales, block), np.float32)
         loss = np.zeros(block, np.float32)
         weight = np.ones(block, np.float32)  # stays 1 without ARM
         confidence = np.empty(block, np.float32)
         upstream = np.empty(block, np.float32)
-        pre = np.empty((3, _HIDDEN, block), np.float32)
-        sig = np.empty((3, _HIDDEN, block), np.float32)
-        delta = np.empty((_HIDDEN, block), np.float32)
-        back = np.empty((_HIDDEN, block), np.float32)
+        pre = np.empty((3, ARM_HIDDEN, block), np.float32)
+        sig = np.empty((3, ARM_HIDDEN, block), np.float32)
+        delta = np.empty((ARM_HIDDEN, block), np.float32)
+        back = np.empty((ARM_HIDDEN, block), np.float32)
         arm_grad = np.empty(ARM_NUM_PARAMETERS, np.float64)
-        kl_coeff = np.empty(block, np.float32)
+        kl_weightf = np.empty(block, np.float32)
         log_q = np.empty((num_classes, block), np.float32)
         kl = np.empty((num_scales, block), np.float32)
         pixel_max_q = np.empty(block, np.float32)
         underflow = np.empty(block, np.bool_)
         for index in range(chunk * blocks // chunks, (chunk + 1) * blocks // chunks):
-            n, start, width = _block_span(index, tiles, block, num_pixels)
+            n, start, width = block_span(index, tiles, block, num_pixels)
             end = start + width
             bad_labels = 0
             target_row = target[n, start:end]
@@ -538,8 +246,8 @@ def _fused_pass(
                 for j in range(width):
                     inv_total[k, j] = np.float32(1.0) / total[k, j]
 
-            # Cross-entropy and ARM weights: ce_coeff[k, j] multiplies (p - onehot) in the gradient.
-            ce_coeff[:] = 0.0
+            # Cross-entropy and ARM weights: ce_weightf[k, j] multiplies (p - onehot) in the gradient.
+            ce_weightf[:] = 0.0
             if use_ce:
                 arm_grad[:] = 0.0
                 for k in range(num_scales):
@@ -551,7 +259,7 @@ def _fused_pass(
                         for j in range(width):
                             sum_p2 = total_sq[k, j] * inv_total[k, j] * inv_total[k, j]
                             confidence[j] = confidence_gain * (sum_p2 - inv_classes) - np.float32(1.0)
-                        _block_arm_forward(arm_params, confidence, width, pre, sig, weight)
+                        block_arm_forward(arm_params, confidence, width, pre, sig, weight)
                     sum_w = 0.0
                     sum_w2 = 0.0
                     sum_wl = 0.0
@@ -560,7 +268,7 @@ def _fused_pass(
                             sum_w += weight[j]
                             sum_w2 += weight[j] * weight[j]
                             sum_wl += weight[j] * loss[j]
-                            ce_coeff[k, j] = ce_grad_scale[k] * weight[j]
+                            ce_weightf[k, j] = ce_grad_scale[k] * weight[j]
                     ce_partials[index, k, 0] = sum_w
                     ce_partials[index, k, 1] = sum_w2
                     ce_partials[index, k, 2] = sum_wl
@@ -574,7 +282,7 @@ def _fused_pass(
                         for j in range(width):
                             gain = arm_upstream[k, 0] * loss[j] - arm_upstream[k, 1] * weight[j]
                             upstream[j] = gain if valid[j] else np.float32(0.0)
-                        _block_arm_backward(
+                        block_arm_backward(
                             arm_params,
                             confidence,
                             width,
@@ -589,8 +297,8 @@ def _fused_pass(
                 if use_arm and write_grad and not defer_ce_scale:
                     arm_partials[index, :] = arm_grad
 
-            # Multiscale consistency: kl_coeff[j] multiplies the KL gradient of pixel j.
-            kl_coeff[:] = 0.0
+            # Multiscale consistency: kl_weightf[j] multiplies the KL gradient of pixel j.
+            kl_weightf[:] = 0.0
             if mask_mode != MASK_OFF:
                 _block_log_q(
                     logits,
@@ -616,7 +324,7 @@ def _fused_pass(
                         continue
                     for k in range(num_scales):
                         kl_sum += kl[k, j]
-                    kl_coeff[j] = kl_grad_scale[n]
+                    kl_weightf[j] = kl_grad_scale[n]
                 kl_partials[index] = kl_sum
                 max_q_partials[index] = max_q
 
@@ -629,91 +337,15 @@ def _fused_pass(
                         for j in range(width):
                             p = exps[k, c, j] * inv_total[k, j]
                             onehot = np.float32(1.0) if labels[j] == c else np.float32(0.0)
-                            g = ce_coeff[k, j] * (p - onehot)
+                            g = ce_weightf[k, j] * (p - onehot)
                             if mask_mode != MASK_OFF:
                                 log_p = logit[j] - lse[k, j]
-                                g += kl_coeff[j] * p * (log_p - log_q[c, j] - kl[k, j])
+                                g += kl_weightf[j] * p * (log_p - log_q[c, j] - kl[k, j])
                             grad_row[j] = g
-
-
-@numba.njit(**_JIT)
-def _arm_gradient_pass(
-    confidence,
-    loss,
-    target,
-    ignore_index,
-    arm_params,
-    upstream_loss,
-    upstream_weight,
-    block,
-    chunks,
-    arm_partials,
-    grad,
-    grad_scale,
-):
-    """ARM's gradient from per-pixel scratch (confidence, loss) once the weight sums are known:
-    sum_i (a l_i - b w_i) dw_i/dparams over the valid pixels, one partial per block. The same
-    loop applies the now known 1/sum(w) to the logit gradient `grad` (N, C, L) in place."""
-    num_images, num_pixels = confidence.shape
-    tiles = (num_pixels + block - 1) // block
-    blocks = num_images * tiles
-    for chunk in prange(chunks):
-        pre = np.empty((3, _HIDDEN, block), np.float32)
-        sig = np.empty((3, _HIDDEN, block), np.float32)
-        weight = np.empty(block, np.float32)
-        upstream = np.empty(block, np.float32)
-        delta = np.empty((_HIDDEN, block), np.float32)
-        back = np.empty((_HIDDEN, block), np.float32)
-        arm_grad = np.empty(ARM_NUM_PARAMETERS, np.float64)
-        for index in range(chunk * blocks // chunks, (chunk + 1) * blocks // chunks):
-            n, start, width = _block_span(index, tiles, block, num_pixels)
-            arm_grad[:] = 0.0
-            pixels = confidence[n, start : start + width]
-            loss_row = loss[n, start : start + width]
-            target_row = target[n, start : start + width]
-            _block_arm_forward(arm_params, pixels, width, pre, sig, weight)
-            for j in range(width):
-                gain = upstream_loss * loss_row[j] - upstream_weight * weight[j]
-                upstream[j] = gain if target_row[j] != ignore_index else np.float32(0.0)
-            _block_arm_backward(
-                arm_params, pixels, width, pre, sig, weight, upstream, arm_grad, delta, back
-            )
-            arm_partials[index, :] = arm_grad
-            for c in range(grad.shape[1]):
-                grad_row = grad[n, c, start : start + width]
-                for j in range(width):
-                    grad_row[j] *= grad_scale
 
 
 # ---------------------------------------------------------------------------------------------
 # Host side: normalisers between the passes, autograd.
-
-
-@dataclass(frozen=True)
-class LossTerms:
-    """Which terms a fused call computes: ce_coef * sum_k CE_k + kl_coef * L_ms."""
-
-    ce_coef: float
-    kl_coef: float
-    rho: float = 0.8
-    mask: str = "image"
-    ignore_index: int = 255
-
-    @property
-    def mask_mode(self) -> int:
-        return _MASK_CODES[self.mask] if self.kl_coef != 0.0 else MASK_OFF
-
-
-def _parallel_chunks(blocks: int) -> int:
-    """One run of consecutive blocks per numba thread (the threading layers split a prange
-    statically anyway)."""
-    return max(min(blocks, numba.get_num_threads()), 1)
-
-
-def block_size(num_scales: int, num_classes: int) -> int:
-    """Pixels per block: a power of two keeping the exponential buffer near _BLOCK_FLOATS."""
-    fitting = max(_BLOCK_FLOATS // (num_scales * num_classes), 1)
-    return int(min(max(1 << (fitting.bit_length() - 1), _MIN_BLOCK), _MAX_BLOCK))
 
 
 @dataclass
@@ -745,11 +377,12 @@ class _FusedCall:
         terms: LossTerms,
     ) -> None:
         self.terms = terms
+        self.mask_mode = _mask_mode(terms)
         self.shape = logits[0].shape
         num_images, num_classes = self.shape[0], self.shape[1]
         self.logits = tuple(_as_float32_pixels(z) for z in logits)
         self.target = target.reshape(num_images, -1).long().contiguous().numpy()
-        self.use_arm = arm_params is not None and terms.ce_coef != 0.0
+        self.use_arm = arm_params is not None and terms.ce_weight != 0.0
         self.arm_params = (
             arm_params.detach().float().contiguous().numpy()
             if self.use_arm
@@ -760,14 +393,14 @@ class _FusedCall:
         self.tiles = -(-self.target.shape[1] // self.block)
 
     def needs_statistics_pass(self) -> bool:
-        return self.use_arm or self.terms.mask_mode == MASK_IMAGE
+        return self.use_arm or self.mask_mode == MASK_IMAGE
 
     def defers_ce_scale(self) -> bool:
         """ARM-weighted CE alone: one pass writes w_i (p - onehot) and keeps (confidence, loss)
         per pixel; a light pass over that scratch gives ARM's gradient and applies 1/sum(w) to
         the logit gradient, so the logits are read once instead of twice. With few classes the
         scratch (2/C of the logits) costs more memory than the second read costs time."""
-        single_ce = self.use_arm and self.terms.mask_mode == MASK_OFF and len(self.logits) == 1
+        single_ce = self.use_arm and self.mask_mode == MASK_OFF and len(self.logits) == 1
         return single_ce and self.shape[1] >= _MIN_CLASSES_TO_DEFER
 
     def run(self, write_grad: bool) -> tuple[float, np.ndarray | None, np.ndarray | None]:
@@ -780,29 +413,29 @@ class _FusedCall:
             if not write_grad:
                 return self._value(partials), None, None
         grad = (
-            _float32_buffer((len(self.logits), *self.logits[0].shape)) if write_grad else None
+            float32_buffer((len(self.logits), *self.logits[0].shape)) if write_grad else None
         )
         final = self._pass(self._normalisers(partials), write_grad, grad)
         arm_grad = final.arm.sum(axis=0) if (write_grad and self.use_arm) else None
         return self._value(partials if partials is not None else final), grad, arm_grad
 
     def _run_deferred(self) -> tuple[float, np.ndarray, np.ndarray]:
-        grad = _float32_buffer((1, *self.logits[0].shape))
-        scratch = (_float32_buffer(self.target.shape), _float32_buffer(self.target.shape))
+        grad = float32_buffer((1, *self.logits[0].shape))
+        scratch = (float32_buffer(self.target.shape), float32_buffer(self.target.shape))
         unnormalised = _Normalisers(
-            np.full(1, self.terms.ce_coef, np.float32),
+            np.full(1, self.terms.ce_weight, np.float32),
             np.zeros((1, 2)),
             np.zeros(self.shape[0], np.float32),
         )
         partials = self._pass(unnormalised, True, grad, scratch)
         norm = self._normalisers(partials)
-        blocks = self.shape[0] * -(-self.target.shape[1] // _MAX_BLOCK)
+        blocks = self.shape[0] * -(-self.target.shape[1] // MAX_BLOCK)
         arm_partials = np.zeros((blocks, ARM_NUM_PARAMETERS))
-        _arm_gradient_pass(
+        arm_gradient_pass(
             *scratch, self.target, self.terms.ignore_index, self.arm_params,
-            norm.arm_upstream[0, 0], norm.arm_upstream[0, 1], _MAX_BLOCK, _parallel_chunks(blocks),
+            norm.arm_upstream[0, 0], norm.arm_upstream[0, 1], MAX_BLOCK, parallel_chunks(blocks),
             arm_partials,
-            grad[0], np.float32(norm.ce_grad_scale[0] / self.terms.ce_coef),
+            grad[0], np.float32(norm.ce_grad_scale[0] / self.terms.ce_weight),
         )  # fmt: skip
         return self._value(partials), grad, arm_partials.sum(axis=0)
 
@@ -823,8 +456,8 @@ class _FusedCall:
         )
         _fused_pass(
             self._padded_logits(), len(self.logits), self.target, self.terms.ignore_index,
-            self.terms.ce_coef != 0.0, self.arm_params, self.use_arm, self.terms.mask_mode,
-            np.float32(self.terms.rho), self.block, _parallel_chunks(self.shape[0] * self.tiles),
+            self.terms.ce_weight != 0.0, self.arm_params, self.use_arm, self.mask_mode,
+            np.float32(self.terms.rho), self.block, parallel_chunks(self.shape[0] * self.tiles),
             write_grad, norm.ce_grad_scale, norm.arm_upstream, norm.kl_grad_scale,
             grad if grad is not None else np.empty((1, 1, 1, 1), np.float32),
             partials.ce, partials.kl, partials.max_q, partials.arm, partials.bad_labels,
@@ -847,7 +480,7 @@ class _FusedCall:
 
     def _kept_images(self, partials: _Partials | None) -> np.ndarray:
         num_images = self.shape[0]
-        if self.terms.mask_mode != MASK_IMAGE or partials is None:
+        if self.mask_mode != MASK_IMAGE or partials is None:
             return np.ones(num_images)
         image_max_q = partials.max_q.reshape(num_images, self.tiles).max(axis=1)
         return (image_max_q > np.float32(self.terms.rho)).astype(np.float64)
@@ -857,30 +490,23 @@ class _FusedCall:
         sum_w, sum_w2, sum_wl = sums[:, 0], sums[:, 1], sums[:, 2]
         has_pixels = sum_w > 0
         safe_w = np.where(has_pixels, sum_w, 1.0)
-        ce_scale = np.where(has_pixels, self.terms.ce_coef / safe_w, 0.0)
+        ce_scale = np.where(has_pixels, self.terms.ce_weight / safe_w, 0.0)
         # dQ/dw_i = (l_i - w_i sum(w l) / sum(w^2)) / sum(w): w / ||w||_2 differentiable, the L1
         # normaliser constant.
         arm_upstream = np.stack(
             [ce_scale, ce_scale * sum_wl / np.where(has_pixels, sum_w2, 1.0)], axis=1
         )
-        kl_scale = self.terms.kl_coef * self._kept_images(partials) / max(self.num_valid, 1)
+        kl_scale = self.terms.kl_weight * self._kept_images(partials) / max(self.num_valid, 1)
         return _Normalisers(ce_scale.astype(np.float32), arm_upstream, kl_scale.astype(np.float32))
 
     def _value(self, partials: _Partials) -> float:
         sums = partials.ce.sum(axis=0)
-        ce = sum(wl / w for w, _, wl in sums if w > 0) if self.terms.ce_coef != 0.0 else 0.0
+        ce = sum(wl / w for w, _, wl in sums if w > 0) if self.terms.ce_weight != 0.0 else 0.0
         kl = 0.0
-        if self.terms.mask_mode != MASK_OFF:
+        if self.mask_mode != MASK_OFF:
             per_image = partials.kl.reshape(self.shape[0], self.tiles).sum(axis=1)
             kl = float((per_image * self._kept_images(partials)).sum()) / max(self.num_valid, 1)
-        return self.terms.ce_coef * ce + self.terms.kl_coef * kl
-
-
-def _float32_buffer(shape: tuple[int, ...]) -> np.ndarray:
-    """An uninitialised fp32 array from torch's allocator. numpy's would advise the kernel to
-    back large arrays with transparent huge pages; first touching a fresh one in the kernel then
-    took 18 or 35 ms per call at random (Cityscapes shape), 4 KiB pages a steady 22 ms."""
-    return torch.empty(shape, dtype=torch.float32).numpy()
+        return self.terms.ce_weight * ce + self.terms.kl_weight * kl
 
 
 def _as_float32_pixels(logits: torch.Tensor) -> np.ndarray:
@@ -903,7 +529,7 @@ class _FusedLoss(torch.autograd.Function):
     ) -> torch.Tensor:  # type: ignore[override]
         write_grad = any(ctx.needs_input_grad[2:])
         call = _FusedCall(logits, target, arm_params, terms)
-        with _threads_like_torch():
+        with threads_like_torch():
             value, grad, arm_grad = call.run(write_grad)
         ctx.scaled_in_place = False
         ctx.logit_dtypes = [z.dtype for z in logits]
@@ -947,59 +573,39 @@ def _scaled_logit_grads(ctx, scale: float) -> list[torch.Tensor | None]:
     ]
 
 
+def _mask_mode(terms: LossTerms) -> int:
+    """The kernel's encoding of the consistency term: off, per-image or per-pixel rho mask."""
+    if not terms.has_consistency:
+        return MASK_OFF
+    return MASK_PIXEL if terms.pixel_mask else MASK_IMAGE
+
+
 def _fused_loss(
     logits: Sequence[torch.Tensor], target: torch.Tensor, arm: nn.Module | None, terms: LossTerms
 ) -> torch.Tensor:
-    if arm is not None and logits[0].shape[1] < 2:
-        raise ValueError(
-            f"logits: ARM's confidence needs at least 2 classes, got shape {tuple(logits[0].shape)}"
-        )
+    check_arm_classes(arm, logits[0].shape[1], "logits")
     arm_params = pack_arm_parameters(arm) if arm is not None else None
     return _FusedLoss.apply(terms, target, arm_params, *logits)
 
 
 def arm_cross_entropy(
-    logits: torch.Tensor, target: torch.Tensor, arm: nn.Module | None, ignore_index: int = 255
-) -> torch.Tensor:
-    """Fused `reference.arm_cross_entropy` (same signature and semantics)."""
-    check_logits_and_target(logits, target)
-    return _fused_loss(
-        [logits], target, arm, LossTerms(ce_coef=1.0, kl_coef=0.0, ignore_index=ignore_index)
-    )
-
-
-def multiscale_consistency(
-    logits_per_scale: Sequence[torch.Tensor],
-    target: torch.Tensor,
-    rho: float = 0.8,
-    mask: str = "image",
-    ignore_index: int = 255,
-) -> torch.Tensor:
-    """Fused `reference.multiscale_consistency` (same signature and semantics)."""
-    check_scales(logits_per_scale, target)
-    check_mask(mask)
-    terms = LossTerms(ce_coef=0.0, kl_coef=1.0, rho=rho, mask=mask, ignore_index=ignore_index)
-    return _fused_loss(list(logits_per_scale), target, None, terms)
-
-
-def adele_arm_loss(
     logits_per_scale: Sequence[torch.Tensor],
     target: torch.Tensor,
     arm: nn.Module | None,
-    lam: float = 1.0,
-    rho: float = 0.8,
-    mask: str = "image",
-    ignore_index: int = 255,
+    terms: LossTerms,
 ) -> torch.Tensor:
-    """Fused `reference.adele_arm_loss`: every scale's CE and the KL term in one pass per call."""
-    check_scales(logits_per_scale, target)
-    check_mask(mask)
-    num_scales = len(logits_per_scale)
-    terms = LossTerms(
-        ce_coef=1.0 / num_scales,
-        kl_coef=lam / num_scales,
-        rho=rho,
-        mask=mask,
-        ignore_index=ignore_index,
-    )
-    return _fused_loss(list(logits_per_scale), target, arm, terms)
+    """`functional.arm_cross_entropy` on the numba backend: one scale, ``LossTerms.cross_entropy``."""
+    check_logits_and_target(logits_per_scale[0], target)
+    return _fused_loss(list(logits_per_scale[:1]), target, arm, terms)
+
+
+def multiscale_loss(
+    logits_per_scale: Sequence[torch.Tensor],
+    target: torch.Tensor,
+    arm: nn.Module | None,
+    terms: LossTerms,
+) -> torch.Tensor:
+    """`functional.multiscale_consistency` and `functional.adele_arm_loss` on the numba backend:
+    every scale's CE and the KL term of `terms` in one pass per call."""
+    check_fused_scales(logits_per_scale, target, "numba")
+    return _fused_loss(list(logits_per_scale), target, arm if terms.has_cross_entropy else None, terms)

@@ -1,0 +1,232 @@
+"""What the numba loss kernels share: threads, vectorisable exp/log/sigmoid, block scheduling.
+
+* Threads: the kernels run on no more threads than torch's intra-op pool
+  (`threads_like_torch`, restoring both settings after), and the workqueue layer's workers are
+  bound one per CPU when they fill the process's CPUs (`bind_worker_threads`).
+* `fast_exp`, `fast_log`, `fast_sigmoid`: float32 polynomials that LLVM can vectorise (libm's
+  expf/logf are scalar calls).
+* Scheduling: pixels are processed in blocks of one image (`block_size`, `block_span`), one run
+  of consecutive blocks per thread (`parallel_chunks`); host buffers come from torch's
+  allocator (`float32_buffer`).
+* `HELPER_JIT` / `PARALLEL_JIT`: the numba options every kernel and helper compiles with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import os
+from collections.abc import Iterator
+
+import numba
+import numpy as np
+import torch
+from llvmlite import ir as llvm_ir
+from numba import prange, types
+from numba.extending import intrinsic
+
+# numba picks its threading layer as usual (TBB, else OpenMP, else workqueue). Measured on the
+# 2-core machine: the workqueue layer's threads poll for work with 1 us naps, which here
+# stretched to milliseconds for stretches of calls (ARM CE at the Cityscapes shape 9 or 16 ms a
+# call); OpenMP's were steady, and training steps took the same time with either (one or two
+# threads, one or two processes). OpenMP's spinning workers once slowed torch's operators down,
+# but only while numba ran more threads than torch; `threads_like_torch` now prevents that.
+
+# Where the workqueue layer is used (chosen, or the only one installed): its workers sleep between
+# parallel regions, and on waking them Linux put both on one core for stretches of calls on the
+# 2-core machine (seen with sched_getcpu inside the workers), each such call taking twice as long.
+# Binding each worker to a CPU of its own ends that; done only when the workers are exactly the
+# process's CPUs (fewer threads mean the machine is shared, and binding would stack every
+# process's first worker on one CPU). Opt out with NOISYSEG_BIND_NUMBA_THREADS=0.
+BIND_THREADS_VARIABLE = "NOISYSEG_BIND_NUMBA_THREADS"
+
+
+@functools.cache
+def bind_worker_threads(num_threads: int) -> bool:
+    """Bind numba's `num_threads` workqueue workers to one CPU each, once per thread count;
+    returns whether they are bound."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    gettid = getattr(ctypes.CDLL(None), "gettid", None)  # glibc >= 2.30
+    if os.environ.get(BIND_THREADS_VARIABLE, "1") == "0" or gettid is None:
+        return False
+    if num_threads < 2 or num_threads != len(cpus):
+        return False
+    numba.get_num_threads()  # starts numba's threads, so the layer is known
+    if numba.threading_layer() != "workqueue":
+        return False  # OpenMP's and TBB's workers spin or come and go: left to their runtime
+    thread_ids = _worker_thread_ids(gettid, num_threads)
+    if len(set(thread_ids)) != num_threads:
+        return False
+    for thread_id, cpu in zip(thread_ids, cpus):
+        os.sched_setaffinity(thread_id, {cpu})
+    return True
+
+
+@contextlib.contextmanager
+def threads_like_torch() -> Iterator[None]:
+    """Run the kernels on no more threads than torch's intra-op pool (torch.set_num_threads), so
+    one setting governs a training process: two processes of one thread each then keep one
+    numba thread each instead of four on two cores. numba's own setting still caps it."""
+    torch_threads, previous = torch.get_num_threads(), numba.get_num_threads()
+    threads = max(1, min(torch_threads, previous))
+    numba.set_num_threads(threads)
+    try:
+        bind_worker_threads(threads)
+        yield
+    finally:
+        numba.set_num_threads(previous)
+        # numba's OpenMP layer and torch share one OpenMP runtime (one libgomp.so.1 is loaded),
+        # so numba's setting just moved torch's too.
+        torch.set_num_threads(torch_threads)
+
+
+def _worker_thread_ids(gettid, num_threads: int) -> list[int]:
+    """The OS thread id of each worker, in worker order (a prange of num_threads iterations gives
+    worker i iteration i). Compiled per process: numba cannot cache code holding a C pointer."""
+    gettid.restype, gettid.argtypes = ctypes.c_int, []
+
+    @numba.njit(parallel=True)
+    def record(out):
+        for worker in prange(out.shape[0]):
+            out[worker] = gettid()
+
+    ids = np.zeros(num_threads, np.int64)
+    record(ids)
+    return [int(i) for i in ids]
+
+
+# error_model "numpy": IEEE division. numba's default checks every float division for zero and
+# raises, and that branch keeps the loops from vectorising.
+HELPER_JIT = {"fastmath": False, "cache": True, "error_model": "numpy"}
+PARALLEL_JIT = {**HELPER_JIT, "parallel": True}
+
+# Per-block buffer of exponentials: scales x classes x pixels, kept near L2-cache size.
+BLOCK_FLOATS = 32768
+MIN_BLOCK, MAX_BLOCK = 16, 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# Vectorisable exp and log: libm's expf and logf are scalar calls that stop LLVM from vectorising
+# the class and pixel loops, so they are Cephes' polynomials (about 1 ulp), with 2^n and the
+# exponent split done on the float's bits through a register bitcast. exp clamps its input to
+# [-87.3, 88.3], where 2^n stays a normal fp32 number: exp(-87.3) ~ 1e-38 stands in for 0, far
+# below every tolerance. log takes positive normal numbers.
+
+
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """The low 32 bits of the integer `bits` read as a float32 (a bitcast, no memory round
+    trip; numba widens int32 arithmetic to int64, hence the truncation)."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        low = builder.trunc(args[0], llvm_ir.IntType(32)) if bits.bitwidth > 32 else args[0]
+        return builder.bitcast(low, llvm_ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def _bits_of_float32(typingctx, value):
+    """The bits of the float32 `value` as an int32."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], llvm_ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693359375)
+_LN2_LO = np.float32(-2.12194440e-4)
+_EXP_LOW, _EXP_HIGH = np.float32(-87.3), np.float32(88.3)
+_EXP_POLY = tuple(
+    np.float32(c)
+    for c in (
+        1.9875691500e-4,
+        1.3981999507e-3,
+        8.3334519073e-3,
+        4.1665795894e-2,
+        1.6666665459e-1,
+        5.0000001201e-1,
+    )
+)
+
+
+@numba.njit(**HELPER_JIT)
+def fast_exp(x):
+    """exp of a float32."""
+    x = min(max(x, _EXP_LOW), _EXP_HIGH)
+    k = np.floor(x * _LOG2E + np.float32(0.5))
+    r = x - k * _LN2_HI - k * _LN2_LO
+    poly = _EXP_POLY[0]
+    for coeff in _EXP_POLY[1:]:
+        poly = poly * r + coeff
+    power_of_two = _float32_from_bits((np.int32(k) + np.int32(127)) << np.int32(23))
+    return (poly * r * r + r + np.float32(1.0)) * power_of_two
+
+
+@numba.njit(**HELPER_JIT)
+def fast_sigmoid(x):
+    return np.float32(1.0) / (np.float32(1.0) + fast_exp(-x))
+
+
+_SQRT_HALF = np.float32(0.707106781186547524)
+_LOG_POLY = tuple(
+    np.float32(c)
+    for c in (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1,
+              -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1)
+)  # fmt: skip
+
+
+@numba.njit(**HELPER_JIT)
+def fast_log(value):
+    """log of a positive normal float32."""
+    bits = _bits_of_float32(value)
+    exponent = np.float32(((bits >> np.int32(23)) & np.int32(0xFF)) - np.int32(126))
+    # mantissa in [0.5, 1): the exponent field replaced by 126's (0x807FFFFF keeps sign, fraction)
+    mantissa = _float32_from_bits((bits & np.int32(-2139095041)) | np.int32(0x3F000000))
+    small = mantissa < _SQRT_HALF
+    exponent = exponent - np.float32(1.0) if small else exponent
+    x = (mantissa + mantissa if small else mantissa) - np.float32(1.0)
+    square = x * x
+    poly = _LOG_POLY[0]
+    for coeff in _LOG_POLY[1:]:
+        poly = poly * x + coeff
+    y = poly * x * square + exponent * _LN2_LO - np.float32(0.5) * square
+    return x + y + exponent * _LN2_HI
+
+
+# ---------------------------------------------------------------------------------------------
+# Block scheduling.
+
+
+@numba.njit(**HELPER_JIT)
+def block_span(index, tiles, block, num_pixels):
+    """Block `index` of an (images x tiles) grid: its image, first pixel and width (the last
+    tile of an image may be narrower)."""
+    start = (index % tiles) * block
+    return index // tiles, start, min(block, num_pixels - start)
+
+
+def parallel_chunks(blocks: int) -> int:
+    """One run of consecutive blocks per numba thread (the threading layers split a prange
+    statically anyway)."""
+    return max(min(blocks, numba.get_num_threads()), 1)
+
+
+def block_size(num_scales: int, num_classes: int) -> int:
+    """Pixels per block: a power of two keeping the exponential buffer near BLOCK_FLOATS."""
+    fitting = max(BLOCK_FLOATS // (num_scales * num_classes), 1)
+    return int(min(max(1 << (fitting.bit_length() - 1), MIN_BLOCK), MAX_BLOCK))
+
+
+def float32_buffer(shape: tuple[int, ...]) -> np.ndarray:
+    """An uninitialised fp32 array from torch's allocator. numpy's would advise the kernel to
+    back large arrays with transparent huge pages; first touching a fresh one in the kernel then
+    took 18 or 35 ms per call at random (Cityscapes shape), 4 KiB pages a steady 22 ms."""
+    return torch.empty(shape, dtype=torch.float32).numpy()
