@@ -231,7 +231,7 @@ def summary():
         for impl, seconds in medians.items():
             memory = _MEMORY.get((shape, scales), {}).get(impl)
             memory_text = "" if memory is None else f"{memory:.2f}x"
-            label = f"{shape} {SHAPES.get(shape, '(UNet step)')}"
+            label = f"{shape} {SHAPES[shape]}"
             lines.append(f"| {label} | {scales} | {impl} | {seconds * 1e3:.1f} | {memory_text} |")
     path = Path(os.environ.get("NOISYSEG_BENCH_SUMMARY", ".benchmarks/kernels_summary.md"))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -277,41 +277,6 @@ def test_loss_forward_backward(benchmark, shape_name, num_scales, impl):
         benchmark.extra_info["extra_peak_over_logits"] = round(
             (torch.cuda.max_memory_allocated() - base) / logits_bytes, 3
         )
-
-
-# ------------------------------------------------------------------------------------------
-# End to end: one training step of a UNet on 5 x 1 x 256 x 256 with the ADELE+ARM loss.
-
-TRAIN_SCALES = [1.0, 0.7, 1.5]
-
-
-@pytest.mark.parametrize("impl", ["eager", "numba"])
-def test_training_step_images_per_second(benchmark, impl):
-    from noisyseg.training.models import create_model
-    from noisyseg.training.trainer import forward_scales
-
-    torch.manual_seed(0)
-    # base_width 16: the reference UNet (64) takes minutes per step on a 2-core CPU.
-    model = create_model("unet", in_channels=1, num_classes=5, base_width=16)
-    arm = seeded_arm()
-    optimiser = torch.optim.SGD(model.parameters(), lr=1e-3)
-    arm_optimiser = torch.optim.SGD(arm.parameters(), lr=1e-3, maximize=True)
-    images = torch.randn(5, 1, 256, 256)
-    _, target = make_inputs((5, 5, 256, 256), 1)
-    loss_fn = (functional.losses_on("numba") if impl == "numba" else reference).adele_arm_loss
-
-    def step():
-        optimiser.zero_grad()
-        arm_optimiser.zero_grad()
-        loss_fn(forward_scales(model, images, TRAIN_SCALES), target, arm).backward()
-        optimiser.step()
-        arm_optimiser.step()
-
-    benchmark.group = "training step (UNet, 5x1x256x256, S=3)"
-    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1)
-    median = record_side_by_side(benchmark, ("train", 3), impl)
-    if median is not None:
-        benchmark.extra_info["images_per_second"] = round(images.shape[0] / median, 2)
 
 
 def time_calls(shape_name: str, num_scales: int, impl: str, calls: int) -> list[float]:
