@@ -296,64 +296,38 @@ def normalize_image(image: np.ndarray, normalization: str = "zscore") -> np.ndar
     return ((image - mean) / (std + NORMALIZATION_EPS)).astype(np.float32)
 
 
-class SliceReader:
-    """Resolves and reads the image and mask files of slices of one data folder."""
-
-    def __init__(self, root: str | Path, labels_root: str | Path | None = None) -> None:
-        self.root = Path(root)
-        self.info = read_dataset_info(self.root)
-        self.image_dir = self.root / IMAGE_DIR
-        self.mask_dir = Path(labels_root if labels_root is not None else root) / MASK_DIR
-        for directory in (self.image_dir, self.mask_dir):
-            if not directory.is_dir():
-                raise FileNotFoundError(f"{directory}: folder not found")
-
-    def read(self, slice_id: str) -> tuple[np.ndarray, np.ndarray]:
-        """(normalised image (C, H, W) float32, mask (H, W) uint8) of one slice, validated."""
-        image_path = find_slice_file(self.image_dir, slice_id, IMAGE_SUFFIXES, "image")
-        mask_path = find_slice_file(self.mask_dir, slice_id, MASK_SUFFIXES, "mask")
-        image = read_image(image_path)
-        mask = read_mask(mask_path)
-        if image.shape[1:] != mask.shape:
-            raise ValueError(
-                f"{mask_path}: mask size {mask.shape} does not match image {image_path} size {image.shape[1:]}"
-            )
-        check_mask_values(mask, self.info.num_classes, self.info.ignore_index, mask_path)
-        return normalize_image(image, self.info.normalization), mask
-
-
 class SegmentationFolderDataset(Dataset):
     """One split of a data folder: items are (image (C, H, W) float32, mask (H, W) int64, slice id)."""
 
     def __init__(self, root: str | Path, split: str, labels_root: str | Path | None = None) -> None:
-        self.reader = SliceReader(root, labels_root)
+        from noisyseg.training.datasets.folder import FolderSource  # datasets builds on this module
+
+        self.source = FolderSource(root, split, labels_root)
         self.split = split
-        self.ids = read_split_ids(root, split)
+        self.ids = self.source.ids
 
     @property
     def info(self) -> DatasetInfo:
-        return self.reader.info
+        return self.source.info
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-        slice_id = self.ids[index]
-        image, mask = self.reader.read(slice_id)
-        return torch.from_numpy(image), torch.from_numpy(mask.astype(np.int64)), slice_id
+        image, mask = self.source.read(index)
+        return torch.from_numpy(normalize_image(image, self.info.normalization)), torch.from_numpy(mask.astype(np.int64)), self.ids[index]
 
 
 def load_split(root: str | Path, split: str, labels_root: str | Path | None = None) -> SplitArrays:
     """Load a whole split into memory (CPU training keeps everything there)."""
-    reader = SliceReader(root, labels_root)
-    ids = read_split_ids(root, split)
-    pairs = [reader.read(slice_id) for slice_id in ids]
+    dataset = SegmentationFolderDataset(root, split, labels_root)
+    pairs = [dataset.source.read(index) for index in range(len(dataset))]
     shapes = {image.shape for image, _ in pairs}
     if len(shapes) > 1:
         raise ValueError(f"{split_file(root, split)}: slices of split '{split}' differ in size/channels {sorted(shapes)}; stacking needs one size")
-    images = np.stack([image for image, _ in pairs])
+    images = np.stack([normalize_image(image, dataset.info.normalization) for image, _ in pairs])
     masks = np.stack([mask for _, mask in pairs])
-    return SplitArrays(images=images, masks=masks, ids=ids)
+    return SplitArrays(images=images, masks=masks, ids=dataset.ids)
 
 
 class DatasetWriter:

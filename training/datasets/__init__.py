@@ -1,0 +1,11 @@
+"""Dataset layouts: one reader class per layout, all implementing `SegmentationSource`.
+
+`open_source(root, split)` detects the layout of `root` (or takes the one named) and returns a
+source whose items are read from disk when asked; `LAYOUTS` is the registry, so adding a layout
+touches its own module and one line here.
+"""
+
+from noisyseg.training.datasets.base import LAYOUTS, SegmentationSource, detect_layout, open_source
+from noisyseg.training.datasets.folder import FolderSource
+
+__all__ = ["LAYOUTS", "FolderSource", "SegmentationSource", "detect_layout", "open_source"]
