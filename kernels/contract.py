@@ -147,8 +147,16 @@ def check_logits_and_target(logits: torch.Tensor, target: torch.Tensor, name: st
 
 
 def check_class_ids(target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
-    """The valid-pixel mask; a ValueError when a non-ignored id is outside [0, num_classes)."""
+    """The valid-pixel mask; a ValueError when a non-ignored id is outside [0, num_classes).
+
+    On a GPU the check is an asynchronous device assertion instead: reading the ids' range on the
+    host would make every loss call wait for the GPU (the trainer's step avoids such waits).
+    """
     valid = target != ignore_index
+    if target.is_cuda:
+        in_range = (target >= 0) & (target < num_classes)
+        torch._assert_async((in_range | ~valid).all(), f"target: class ids must be in [0, {num_classes}) or {ignore_index} (ignored)")
+        return valid
     if valid.any():
         ids = target[valid]
         low, high = int(ids.min()), int(ids.max())
