@@ -6,6 +6,13 @@ touches its own module and one line here.
 """
 
 from noisyseg.training.datasets.base import LAYOUTS, SegmentationSource, detect_layout, open_source
-from noisyseg.training.datasets.folder import FolderSource
 
-__all__ = ["LAYOUTS", "FolderSource", "SegmentationSource", "detect_layout", "open_source"]
+# Importing a layout registers it, so this order is `detect_layout`'s order.
+# isort: off
+from noisyseg.training.datasets.folder import FolderSource
+from noisyseg.training.datasets.cityscapes import CityscapesSource
+from noisyseg.training.datasets.voc import VocSource
+
+# isort: on
+
+__all__ = ["LAYOUTS", "CityscapesSource", "FolderSource", "SegmentationSource", "VocSource", "detect_layout", "open_source"]

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from noisyseg.training.data import DatasetInfo, check_mask_values
+from noisyseg.training.data import SPLITS, DatasetInfo, check_mask_values
 
 
 class SegmentationSource(ABC):
@@ -34,6 +35,12 @@ class SegmentationSource(ABC):
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @classmethod
+    def splits(cls, root: str | Path, **options: Any) -> list[str]:
+        """The splits `root` holds in this layout (`data inspect` walks them); by default the
+        standard three."""
+        return list(SPLITS)
 
     @abstractmethod
     def read_image(self, index: int) -> np.ndarray:
@@ -58,6 +65,34 @@ class SegmentationSource(ABC):
             raise ValueError(f"{self.mask_path(index)}: mask size {mask.shape} does not match image {self.image_path(index)} size {image.shape[1:]}")
         check_mask_values(mask, self.info.num_classes, self.info.ignore_index, self.mask_path(index))
         return image, mask
+
+
+def read_rgb_image(path: Path) -> np.ndarray:
+    """An 8-bit image file (PNG, JPEG) as float32 (3, H, W) RGB, 0-255; greyscale is expanded."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: image not found")
+    try:
+        with Image.open(path) as img:
+            array = np.asarray(img.convert("RGB"))
+    except Exception as err:  # PIL raises many error types for damaged files
+        raise ValueError(f"{path}: unreadable image ({err})") from err
+    return np.ascontiguousarray(np.moveaxis(array, -1, 0), dtype=np.float32)
+
+
+def read_index_png(path: Path, what: str) -> np.ndarray:
+    """A PNG of indices (greyscale `L` or palette `P`, whose pixel values are the indices, never
+    converted to colours) as uint8 (H, W); `what` names the file's role in errors."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} not found")
+    try:
+        with Image.open(path) as img:
+            mode = img.mode
+            array = np.asarray(img) if mode in ("L", "P") else None
+    except Exception as err:
+        raise ValueError(f"{path}: unreadable {what} ({err})") from err
+    if array is None:
+        raise ValueError(f"{path}: {what} must be a greyscale (L) or palette (P) PNG of indices, got mode {mode}")
+    return np.ascontiguousarray(array, dtype=np.uint8)
 
 
 # Layout name -> (class, detector: does this root hold the layout?), in detection order.
