@@ -162,6 +162,11 @@ class TrainConfig:
     device: `auto` (CUDA when this torch sees a GPU, else the CPU; the local rank's GPU under
         torchrun), `cpu`, `cuda` or `cuda:N`. precision: `auto` (bf16 on a CUDA GPU that has it,
         else fp32), `fp32`, `bf16` or `fp16` (autocast for the network; `training/device.py`).
+    layout: the layout of `data`: `auto` (detected from its structure) or a name in
+        `noisyseg.training.datasets.LAYOUTS` (`folder`, `cityscapes`, `voc`).
+    layout_options: keyword arguments of that layout's reader, for example
+        `{annotations: gtCoarse}` (Cityscapes: train on the coarse masks), `{aug: true}` (VOC:
+        SBD's SegmentationClassAug with trainaug.txt) or `{pseudo_labels: DIR}` (VOC).
     """
 
     data: str = ""
@@ -177,6 +182,8 @@ class TrainConfig:
     quiet: bool = False
     device: str = "auto"
     precision: str = "auto"
+    layout: str = "auto"
+    layout_options: dict[str, Any] = field(default_factory=dict)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     adele: AdeleConfig = field(default_factory=AdeleConfig)
@@ -186,6 +193,8 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Raise ValueError naming the first field with an impossible value; return self."""
+        from noisyseg.training.datasets import LAYOUTS  # the readers import this module
+
         checks = [
             (self.method in METHODS, "method", f"one of {', '.join(METHODS)}"),
             (bool(self.data), "data", "a data folder"),
@@ -196,6 +205,8 @@ class TrainConfig:
             (self.threads >= 0, "threads", "0 (torch default) or more"),
             (valid_device_name(self.device), "device", f"one of {', '.join(DEVICES)}"),
             (self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}"),
+            (self.layout == "auto" or self.layout in LAYOUTS, "layout", f"auto or one of {', '.join(LAYOUTS)}"),
+            (all(isinstance(key, str) for key in self.layout_options), "layout_options", "a mapping of option names to values"),
             (self.optim.lr > 0, "optim.lr", "positive"),
             (self.optim.schedule in ("constant", "poly"), "optim.schedule", "'constant' or 'poly'"),
             (self.optim.optimizer in ("sgd", "adam"), "optim.optimizer", "'sgd' or 'adam'"),
