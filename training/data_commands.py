@@ -1,4 +1,4 @@
-"""`noisyseg data ...`: build the phantom, convert SegTHOR, corrupt training labels.
+"""`noisyseg data ...`: build the phantom, convert SegTHOR, corrupt training labels, inspect a dataset.
 
 Each subcommand prints a JSON summary to stdout (logs and progress bars go to stderr).
 """
@@ -15,7 +15,7 @@ from noisyseg.training.noise_options import LEVEL_ITERATIONS, NOISE_FAMILIES
 
 
 def register(subparsers: Any) -> None:
-    """Add `data phantom`, `data segthor` and `data corrupt`."""
+    """Add `data phantom`, `data segthor`, `data corrupt` and `data inspect`."""
     data = subparsers.add_parser("data", help="build, convert and corrupt datasets")
     commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
 
@@ -47,6 +47,13 @@ def register(subparsers: Any) -> None:
     corrupt.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     corrupt.add_argument("--out", required=True, help="new noisy-label folder (must not exist or be empty)")
     corrupt.set_defaults(func=run_corrupt)
+
+    inspect = commands.add_parser("inspect", help="summarise a dataset folder in any supported layout and check every file")
+    inspect.add_argument("--data", required=True, help="dataset root: a noisyseg folder, a Cityscapes root or a VOC2012 (or VOCdevkit) folder")
+    inspect.add_argument("--layout", default="auto", help="auto (detected, the default), folder, cityscapes or voc")
+    inspect.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a layout option as in the config's layout_options (value read as YAML), for example annotations=gtCoarse or aug=true; repeatable")
+    inspect.add_argument("--quiet", action="store_true", help="no progress bar")
+    inspect.set_defaults(func=run_inspect)
 
 
 def print_json(summary: dict[str, Any]) -> None:
@@ -80,4 +87,16 @@ def run_corrupt(args: argparse.Namespace) -> int:
     from noisyseg.training.noise import corrupt_dataset
 
     print_json(corrupt_dataset(args.data, args.out, args.noise, level=args.level, seed=args.seed))
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from noisyseg.training.config import parse_override
+    from noisyseg.training.datasets.inspection import inspect_dataset
+
+    options = {}
+    for text in args.option:
+        path, value = parse_override(text)
+        options[".".join(path)] = value
+    print_json(inspect_dataset(args.data, args.layout, options, quiet=args.quiet))
     return 0
