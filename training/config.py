@@ -28,10 +28,23 @@ from typing import Any
 
 import yaml
 
-from noisyseg.training.device import DEVICES, PRECISIONS, valid_device_name
 from noisyseg.training.methods import METHODS
 
 # Fields that may differ between a run and its resumption: they change nothing already computed.
+# `--device` and `--precision` values (resolved to torch objects by `training/device.py`; kept
+# here so that reading a configuration does not import torch).
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def valid_device_name(name: str) -> bool:
+    """`auto`, `cpu`, `cuda` or `cuda:N` (syntax only; availability is checked when resolved)."""
+    if name in ("auto", "cpu", "cuda"):
+        return True
+    prefix, _, index = name.partition(":")
+    return prefix == "cuda" and index.isdigit()
+
+
 # A checkpoint written on one device or precision resumes on another (`device`, `precision`,
 # `model.compile` change speed and rounding, not the method).
 RESUMABLE_FIELDS = ("epochs", "quiet", "out", "threads", "device", "precision", "model.compile", "distributed.timeout_s", "distributed.verify_replicas")

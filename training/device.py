@@ -18,16 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-DEVICES = ("auto", "cpu", "cuda", "cuda:N")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-def valid_device_name(name: str) -> bool:
-    """`auto`, `cpu`, `cuda` or `cuda:N` (syntax only; availability is checked when resolved)."""
-    if name in ("auto", "cpu", "cuda"):
-        return True
-    prefix, _, index = name.partition(":")
-    return prefix == "cuda" and index.isdigit()
+from noisyseg.training.config import DEVICES, PRECISIONS, valid_device_name
 
 
 def resolve_device(name: str, local_rank: int = 0, field: str = "device") -> torch.device:
