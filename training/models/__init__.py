@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from noisyseg.training.models.deeplab import DeepLabV3Plus, deeplabv3plus
-from noisyseg.training.models.timm_deeplab import TimmDeepLabV3Plus, deeplabv3plus_timm
+from noisyseg.training.models.timm_deeplab import TimmDeepLabV3Plus
 from noisyseg.training.models.unet import UNet, unet
 
 # The one table of model families: name -> constructor (its keyword arguments are the model's
@@ -21,7 +21,8 @@ from noisyseg.training.models.unet import UNet, unet
 MODEL_CONSTRUCTORS: dict[str, Callable[..., nn.Module]] = {
     "unet": unet,
     "deeplabv3plus": deeplabv3plus,
-    "deeplabv3plus_timm": deeplabv3plus_timm,
+    # The class itself: its __init__ arguments are the model's kwargs.
+    "deeplabv3plus_timm": TimmDeepLabV3Plus,
 }
 
 
@@ -48,6 +49,5 @@ __all__ = [
     "UNet",
     "create_model",
     "deeplabv3plus",
-    "deeplabv3plus_timm",
     "unet",
 ]

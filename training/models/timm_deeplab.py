@@ -138,21 +138,3 @@ class TimmDeepLabV3Plus(DeepLabV3PlusHead):
         features = self.backbone(x)
         return self.decode(features[self.low_level_index], features[-1], x.shape[-2:])
 
-
-def deeplabv3plus_timm(
-    in_channels: int = 3,
-    num_classes: int = 19,
-    backbone: str = "resnet50",
-    output_stride: int = 16,
-    pretrained: bool | str = False,
-    aspp_channels: int = 256,
-) -> TimmDeepLabV3Plus:
-    """DeepLabv3+ on the timm backbone `backbone` (`resnet50`, `resnet101`, any features model)."""
-    return TimmDeepLabV3Plus(
-        in_channels=in_channels,
-        num_classes=num_classes,
-        backbone=backbone,
-        output_stride=output_stride,
-        pretrained=pretrained,
-        aspp_channels=aspp_channels,
-    )
