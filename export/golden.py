@@ -119,11 +119,14 @@ class CheckReport:
         return "\n".join(lines + [f"  {output.describe()}" for output in self.outputs])
 
 
-def golden_inputs(shapes: list[tuple[int, int, int, int]], seed: int, data_dir: Path | None, split: str) -> list[np.ndarray]:
-    """One input batch per shape: synthetic raw images, or the first images of a data split."""
+def golden_inputs(
+    shapes: list[tuple[int, int, int, int]], seed: int, data_dir: Path | None, split: str, normalization: str = "zscore"
+) -> list[np.ndarray]:
+    """One input batch per shape: synthetic raw images (in the value range `normalization`
+    expects), or the first images of a data split, raw (the model normalises them)."""
     if data_dir is None:
-        return [sample_images(shape, seed=seed + index) for index, shape in enumerate(shapes)]
-    images = load_split(data_dir, split).images
+        return [sample_images(shape, seed=seed + index, normalization=normalization) for index, shape in enumerate(shapes)]
+    images = load_split(data_dir, split, normalize=False).images
     batch = shapes[0][0] if shapes else DEFAULT_BATCH
     return [images[start : start + batch] for start in range(0, min(len(images), batch * max(1, len(shapes))), batch)]
 
@@ -146,7 +149,10 @@ def make_golden(
     """`noisyseg export golden`: save inputs and ONNX Runtime (CPU, fp32) outputs; returns the meta."""
     onnx_path = Path(onnx_path)
     runner = OnnxRuntimeRunner(onnx_path, providers=["CPUExecutionProvider"])
-    inputs = golden_inputs(shapes or default_shapes(runner), seed, Path(data_dir) if data_dir else None, split)
+    inputs = golden_inputs(
+        shapes or default_shapes(runner), seed, Path(data_dir) if data_dir else None, split,
+        runner.metadata.get("normalization", "zscore"),
+    )
     arrays: dict[str, np.ndarray] = {}
     for index, images in enumerate(inputs):
         arrays[f"case{index}.input"] = images

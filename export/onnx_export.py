@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from noisyseg.training.checkpoint import ModelInfo, file_sha256, load_model, resolve_model_file
-from noisyseg.training.data import NORMALIZATION_EPS
+from noisyseg.training.data import IMAGENET_MEAN, IMAGENET_STD, NORMALIZATION_EPS
 from noisyseg.training.device import resolve_device
 from noisyseg.training.io import atomic_write_bytes
 
@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 OutputKind = Literal["logits", "probs", "labels"]
 OUTPUT_KINDS: tuple[str, ...] = ("logits", "probs", "labels")
-NORMALIZATIONS = ("zscore", "none")
+NORMALIZATIONS = ("zscore", "imagenet", "none")
 INPUT_NAME = "image"
 # 18: the lowest opset the dynamo exporter emits natively (it cannot down-convert this graph's
 # ReduceMean to 17); TensorRT 10 parses opsets 9 to 20.
@@ -66,10 +66,12 @@ METADATA_KEYS = (
 class DeployableSegmenter(nn.Module):
     """A segmentation network packaged for deployment: raw pixels in, one output kind out.
 
-    `normalization` is the checkpoint's `ModelInfo.normalization`: "zscore" standardises each
-    image and channel over its pixels exactly as `noisyseg.training.data.normalize_image` does
-    at training time; "none" passes pixels through. `output` picks what `forward` returns (see
-    the module docstring). Used by the ONNX export and by the server's PyTorch backend.
+    `normalization` is the checkpoint's `ModelInfo.normalization`, applied exactly as
+    `noisyseg.training.data.normalize_image` does at training time: "zscore" standardises each
+    image and channel over its pixels; "imagenet" takes 0-255 RGB (3 channels), scales it to
+    [0, 1] and subtracts the ImageNet mean and divides by its std per channel (constants in the
+    graph); "none" passes pixels through. `output` picks what `forward` returns (see the module
+    docstring). Used by the ONNX export and by the server's PyTorch backend.
     """
 
     def __init__(self, model: nn.Module, normalization: str = "zscore", output: OutputKind = "logits") -> None:
@@ -81,10 +83,17 @@ class DeployableSegmenter(nn.Module):
         self.model = model
         self.normalization = normalization
         self.output = output
+        # (1, 3, 1, 1) constants; not persistent, so the wrapper's state dict is the model's.
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         if self.normalization == "none":
             return images
+        if self.normalization == "imagenet":
+            if images.shape[1] != self.mean.shape[1]:
+                raise ValueError(f"'imagenet' normalisation needs 3 (RGB) channels, got images of shape {list(images.shape)}")
+            return (images / 255.0 - self.mean) / self.std
         mean = images.mean(dim=(2, 3), keepdim=True)
         centered = images - mean
         # Population standard deviation (numpy's default), written out so it exports as plain
@@ -156,8 +165,9 @@ def model_stride(model: nn.Module) -> int:
     return int(getattr(model, "stride", 1))
 
 
-def sample_images(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
-    """Deterministic raw test images: smooth blobs on a CT-like intensity range, plus noise.
+def sample_images(shape: tuple[int, ...], seed: int = 0, normalization: str = "zscore") -> np.ndarray:
+    """Deterministic raw test images: smooth blobs plus noise, on a CT-like intensity range, or
+    on 0-255 pixel values for "imagenet" (RGB photographs' range).
 
     Smooth structure (rather than white noise) gives the network confident, realistic
     decisions, so argmax agreement measures export fidelity rather than coin flips.
@@ -167,6 +177,8 @@ def sample_images(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     coarse = torch.from_numpy(rng.normal(size=(n, c, max(2, h // 16), max(2, w // 16))).astype(np.float32))
     smooth = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False).numpy()
     noise = rng.normal(scale=0.05, size=shape).astype(np.float32)
+    if normalization == "imagenet":
+        return np.clip(127.5 + 80.0 * (smooth + noise), 0.0, 255.0).astype(np.float32)
     return (400.0 * (smooth + noise) - 200.0).astype(np.float32)
 
 
@@ -380,7 +392,7 @@ def validate_export(
     device = next(wrapper.parameters()).device
     max_error, max_reference, matching, pixels = 0.0, 0.0, 0.0, 0
     for index, shape in enumerate(shapes):
-        images = sample_images(shape, seed=config.validation_seed + index)
+        images = sample_images(shape, seed=config.validation_seed + index, normalization=wrapper.normalization)
         with torch.inference_mode():
             reference = wrapper(torch.from_numpy(images).to(device)).cpu().numpy()
         candidate = runner.run(images)[config.output]
@@ -411,7 +423,7 @@ def export_model(
     device = resolve_device(config.device, field="--device")
     wrapper = DeployableSegmenter(model.eval(), info.normalization, config.output).eval().to(device)
     shapes = validation_shapes(info.in_channels, stride, config.static_size)
-    example = torch.from_numpy(sample_images((1, *shapes[0][1:]), seed=config.validation_seed)).to(device)
+    example = torch.from_numpy(sample_images((1, *shapes[0][1:]), seed=config.validation_seed, normalization=info.normalization)).to(device)
     proto = export_to_proto(wrapper, example, config)
     set_metadata(proto, model_metadata(info, config.output, checkpoint_sha256, stride))
     try:

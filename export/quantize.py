@@ -9,14 +9,16 @@ Choices, and why:
 - Signed int8 for weights and activations, symmetric (zero point 0): TensorRT only accepts
   zero-point-0 Q/DQ, so the same file serves ONNX Runtime and a TensorRT `--int8` build.
 - Per-channel weight scales: convolutions with very different channel norms keep accuracy.
-- Only the network's compute is quantised (`QUANTIZED_OPS`): the in-graph z-score normalisation
-  sees raw intensities (hundreds of HU), which one int8 scale cannot cover without ruining it.
+- Only the network's compute is quantised (`QUANTIZED_OPS`): the in-graph normalisation sees
+  raw intensities (hundreds of HU, or 0-255 pixels), which one int8 scale cannot cover without
+  ruining it.
 - The final classifier convolution stays fp32 by default (`keep_classifier_fp32`): its output
   is the logits, whose small margins decide the argmax; it is 1x1 and cheap.
 
-Calibration images come from `noisyseg.training.data.load_split`, which returns them already
-z-scored; the graph normalises them again, which changes nothing (a z-scored image has mean 0
-and std 1), so the network sees exactly the input it sees at deployment.
+Calibration and evaluation images come from `noisyseg.training.data.load_split(...,
+normalize=False)`: raw pixels, as a client sends them, which the graph normalises itself (z-score
+per image, or ImageNet mean/std for RGB models), so the network sees exactly the input it sees
+at deployment.
 """
 
 from __future__ import annotations
@@ -117,7 +119,8 @@ class ImageBatchReader(CalibrationDataReader):
 
 def calibration_images(data_dir: str | Path, config: QuantizeConfig) -> np.ndarray:
     """Up to `max_calibration_images` images of the calibration split, a fixed random subset."""
-    images = load_split(data_dir, config.calibration_split).images
+    # Raw pixels: the model normalises inside its graph (z-score or ImageNet), as in serving.
+    images = load_split(data_dir, config.calibration_split, normalize=False).images
     if len(images) == 0:
         raise ValueError(f"{data_dir}: split '{config.calibration_split}' has no images to calibrate on")
     if len(images) > config.max_calibration_images:
@@ -226,7 +229,7 @@ def evaluate_quantized(
 ) -> QuantizeReport:
     """Test-split mIoU and latency of the fp32 and int8 models, side by side."""
     info = read_dataset_info(data_dir)
-    split = load_split(data_dir, config.eval_split)
+    split = load_split(data_dir, config.eval_split, normalize=False)
     if len(split.images) == 0:
         raise ValueError(f"{data_dir}: split '{config.eval_split}' has no images to evaluate on")
     fp32 = OnnxRuntimeRunner(onnx_path)

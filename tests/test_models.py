@@ -118,7 +118,7 @@ def test_gradient_reaches_every_parameter(name: str, kwargs: dict) -> None:
 
 
 def test_unknown_model_and_bad_arguments_are_clear_errors() -> None:
-    with pytest.raises(ValueError, match="known models: deeplabv3plus, unet"):
+    with pytest.raises(ValueError, match="known models: deeplabv3plus, deeplabv3plus_timm, unet"):
         create_model("segformer")
     with pytest.raises(ValueError, match="model 'unet': bad arguments"):
         create_model("unet", widths=[1, 2])

@@ -116,3 +116,50 @@ def test_histogram_calibration_handles_a_ragged_last_batch(dataset, fp32_model) 
     quantized = onnx.load_from_string(quantized_bytes)
     assert len(images) == 5 and any(node.op_type == "QuantizeLinear" for node in quantized.graph.node)
     assert tensorrt_compatibility_problems(quantized) == []
+
+
+@pytest.fixture(scope="module")
+def rgb_dataset(dataset, tmp_path_factory: pytest.TempPathFactory):
+    """The phantom as 0-255 RGB PNG photographs with ImageNet normalisation (a channel per window)."""
+    import dataclasses
+    import shutil
+
+    from PIL import Image
+
+    from noisyseg.training.data import write_dataset_info
+
+    root = tmp_path_factory.mktemp("rgb") / "data"
+    shutil.copytree(dataset, root)
+    for path in sorted((root / "images").glob("*.npy")):
+        hu = np.load(path)
+        rgb = np.stack([np.clip((hu - low) / width * 255, 0, 255) for low, width in ((-200, 400), (-400, 800), (-100, 300))], axis=-1)
+        Image.fromarray(rgb.astype(np.uint8), "RGB").save(path.with_suffix(".png"))
+        path.unlink()
+    write_dataset_info(root, dataclasses.replace(read_dataset_info(root), image_format="png", normalization="imagenet"))
+    return root
+
+
+def test_rgb_imagenet_model_calibrates_and_evaluates_on_raw_pixels(rgb_dataset, tmp_path) -> None:
+    """The graph normalises (ImageNet mean/std), so calibration and evaluation feed it raw 0-255
+    pixels: the fp32 mIoU through ONNX Runtime equals PyTorch on the loader's normalised images."""
+    from noisyseg.export.quantize import calibration_images
+
+    torch.manual_seed(0)
+    kwargs = {"base_width": 8, "depth": 3, "in_channels": 3}
+    model = create_model("unet", **kwargs).eval()
+    info = ModelInfo("unet", kwargs, read_dataset_info(rgb_dataset).classes, normalization="imagenet")
+    fp32_path = tmp_path / "model.onnx"
+    export_model(model, info, fp32_path, ExportConfig(exporter="torchscript"))
+
+    images = calibration_images(rgb_dataset, QuantizeConfig())
+    raw = load_split(rgb_dataset, "train", normalize=False).images
+    assert images.shape[1] == 3 and images.max() > 200 and np.array_equal(images, raw[: len(images)])
+
+    report = quantize_onnx(fp32_path, rgb_dataset, tmp_path / "model.int8.onnx", QuantizeConfig(timing_runs=1, max_miou_drop=100.0))
+    split = load_split(rgb_dataset, "test")  # ImageNet-normalised by the training loader
+    assert split.images.max() < 3.0
+    with torch.inference_mode():
+        labels = model(torch.from_numpy(split.images)).argmax(dim=1).numpy()
+    expected = 100 * mean_iou(confusion_matrix(labels, split.masks, read_dataset_info(rgb_dataset).num_classes))
+    assert report.fp32_miou == pytest.approx(expected, abs=0.05)
+    assert report.calibration_images == len(images)

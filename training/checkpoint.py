@@ -34,7 +34,9 @@ class ModelInfo:
     architecture: str
     model_kwargs: dict[str, Any]
     class_names: list[str]
-    # How images are normalised before the network sees them ("zscore": per image, per channel).
+    # How images are normalised before the network sees them: "zscore" per image and channel
+    # (CT slices), "imagenet" (RGB 0-255 to [0, 1], minus the ImageNet mean, over its std; the
+    # constants of `noisyseg.training.data`), "none" (as is).
     normalization: str = "zscore"
     method: str = "unknown"
     noisyseg_version: str = __version__
@@ -49,9 +51,18 @@ class ModelInfo:
         return int(self.model_kwargs.get("in_channels", 1))
 
     def build(self) -> torch.nn.Module:
+        """The network at random initialisation (`load_model` then loads the checkpoint's weights).
+
+        A `pretrained` argument (a backbone's ImageNet weights: hub or file) is turned off, since
+        the checkpoint's own weights replace them: serving a model needs neither network nor the
+        file it was trained from.
+        """
         from noisyseg.training.models import create_model
 
-        return create_model(self.architecture, **self.model_kwargs)
+        kwargs = dict(self.model_kwargs)
+        if "pretrained" in kwargs:
+            kwargs["pretrained"] = False
+        return create_model(self.architecture, **kwargs)
 
 
 def save_model(path: str | Path, model: torch.nn.Module, info: ModelInfo) -> None:

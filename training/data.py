@@ -318,14 +318,16 @@ class SegmentationFolderDataset(Dataset):
         return torch.from_numpy(normalize_image(image, self.info.normalization)), torch.from_numpy(mask.astype(np.int64)), self.ids[index]
 
 
-def load_split(root: str | Path, split: str, labels_root: str | Path | None = None) -> SplitArrays:
-    """Load a whole split into memory (CPU training keeps everything there)."""
+def load_split(root: str | Path, split: str, labels_root: str | Path | None = None, normalize: bool = True) -> SplitArrays:
+    """Load a whole split into memory (CPU training keeps everything there): images normalised
+    as the dataset says (`normalize_image`), or raw pixels with `normalize=False`, which is what
+    an exported model takes (it normalises inside its graph)."""
     dataset = SegmentationFolderDataset(root, split, labels_root)
     pairs = [dataset.source.read(index) for index in range(len(dataset))]
     shapes = {image.shape for image, _ in pairs}
     if len(shapes) > 1:
         raise ValueError(f"{split_file(root, split)}: slices of split '{split}' differ in size/channels {sorted(shapes)}; stacking needs one size")
-    images = np.stack([normalize_image(image, dataset.info.normalization) for image, _ in pairs])
+    images = np.stack([normalize_image(image, dataset.info.normalization) if normalize else image.astype(np.float32) for image, _ in pairs])
     masks = np.stack([mask for _, mask in pairs])
     return SplitArrays(images=images, masks=masks, ids=dataset.ids)
 

@@ -13,16 +13,21 @@ from typing import Any
 from torch import nn
 
 from noisyseg.training.models.deeplab import DeepLabV3Plus, deeplabv3plus
+from noisyseg.training.models.timm_deeplab import TimmDeepLabV3Plus
 from noisyseg.training.models.unet import UNet, unet
 
+# The one table of model families: name -> constructor (its keyword arguments are the model's
+# `model.kwargs`). `deeplabv3plus_timm` needs the `timm` extra; it is imported when built.
 MODEL_CONSTRUCTORS: dict[str, Callable[..., nn.Module]] = {
     "unet": unet,
     "deeplabv3plus": deeplabv3plus,
+    # The class itself: its __init__ arguments are the model's kwargs.
+    "deeplabv3plus_timm": TimmDeepLabV3Plus,
 }
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build the model `name` ("unet" or "deeplabv3plus") with its constructor's arguments."""
+    """Build the model `name` (a key of `MODEL_CONSTRUCTORS`) with its constructor's arguments."""
     if name not in MODEL_CONSTRUCTORS:
         raise ValueError(
             f"unknown model '{name}'; known models: {', '.join(sorted(MODEL_CONSTRUCTORS))}"
@@ -37,4 +42,12 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     return constructor(**kwargs)
 
 
-__all__ = ["MODEL_CONSTRUCTORS", "DeepLabV3Plus", "UNet", "create_model", "deeplabv3plus", "unet"]
+__all__ = [
+    "MODEL_CONSTRUCTORS",
+    "DeepLabV3Plus",
+    "TimmDeepLabV3Plus",
+    "UNet",
+    "create_model",
+    "deeplabv3plus",
+    "unet",
+]

@@ -95,7 +95,48 @@ class ASPP(nn.Module):
         return self.project(torch.cat(outputs, dim=1))
 
 
-class DeepLabV3Plus(nn.Module):
+class DeepLabV3PlusHead(nn.Module):
+    """DeepLabv3+'s head over any backbone: ASPP on the deepest features, fused with projected
+    stride-4 low-level features in the decoder, then the classifier. Subclasses build their
+    backbone, call `build_head` and run `decode` (the attribute names stay those of the original
+    model, so checkpoints keep their keys)."""
+
+    stride: int
+
+    def build_head(
+        self, high_channels: int, low_channels: int, aspp_channels: int, num_classes: int, output_stride: int
+    ) -> None:
+        self.aspp = ASPP(high_channels, aspp_channels, ASPP_RATES[output_stride])
+        # The low-level projection is narrow (48 of 256 in the paper) so ASPP features dominate.
+        low_level_channels = max(8, aspp_channels * 3 // 16)
+        self.low_level_project = conv_bn_relu(low_channels, low_level_channels, kernel_size=1)
+        self.decoder = nn.Sequential(
+            conv_bn_relu(aspp_channels + low_level_channels, aspp_channels),
+            conv_bn_relu(aspp_channels, aspp_channels),
+        )
+        self.classifier = nn.Conv2d(aspp_channels, num_classes, kernel_size=1)
+
+    def decode(
+        self, low_level: torch.Tensor, high_level: torch.Tensor, size: tuple[int, int] | torch.Size
+    ) -> torch.Tensor:
+        """Logits at `size` from the stride-4 features and the deepest (stride 8 or 16) ones."""
+        features = self.aspp(high_level)
+        features = F.interpolate(
+            features, size=low_level.shape[-2:], mode="bilinear", align_corners=False
+        )
+        features = self.decoder(torch.cat([self.low_level_project(low_level), features], dim=1))
+        logits = self.classifier(features)
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+def check_output_stride(name: str, output_stride: int) -> None:
+    if output_stride not in ASPP_RATES:
+        raise ValueError(
+            f"{name}: output_stride must be one of {sorted(ASPP_RATES)}, got {output_stride}"
+        )
+
+
+class DeepLabV3Plus(DeepLabV3PlusHead):
     """DeepLabv3+ mapping (N, in_channels, H, W) to logits (N, num_classes, H, W)."""
 
     def __init__(
@@ -108,10 +149,7 @@ class DeepLabV3Plus(nn.Module):
         aspp_channels: int | None = None,
     ) -> None:
         super().__init__()
-        if output_stride not in ASPP_RATES:
-            raise ValueError(
-                f"deeplabv3plus: output_stride must be one of {sorted(ASPP_RATES)}, got {output_stride}"
-            )
+        check_output_stride("deeplabv3plus", output_stride)
         if len(blocks) != 4 or min(blocks) < 1:
             raise ValueError(
                 f"deeplabv3plus: blocks must be four positive stage depths, got {list(blocks)}"
@@ -133,25 +171,11 @@ class DeepLabV3Plus(nn.Module):
             widths[1], widths[2], blocks[2], stage3_stride, stage3_dilation
         )
         self.layer4 = residual_stage(widths[2], widths[3], blocks[3], 1, stage4_dilation)
-        self.aspp = ASPP(widths[3], aspp_channels, ASPP_RATES[output_stride])
-        # The low-level projection is narrow (48 of 256 in the paper) so ASPP features dominate.
-        low_level_channels = max(8, aspp_channels * 3 // 16)
-        self.low_level_project = conv_bn_relu(widths[0], low_level_channels, kernel_size=1)
-        self.decoder = nn.Sequential(
-            conv_bn_relu(aspp_channels + low_level_channels, aspp_channels),
-            conv_bn_relu(aspp_channels, aspp_channels),
-        )
-        self.classifier = nn.Conv2d(aspp_channels, num_classes, kernel_size=1)
+        self.build_head(widths[3], widths[0], aspp_channels, num_classes, output_stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         low_level = self.layer1(self.stem(x))
-        features = self.aspp(self.layer4(self.layer3(self.layer2(low_level))))
-        features = F.interpolate(
-            features, size=low_level.shape[-2:], mode="bilinear", align_corners=False
-        )
-        features = self.decoder(torch.cat([self.low_level_project(low_level), features], dim=1))
-        logits = self.classifier(features)
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return self.decode(low_level, self.layer4(self.layer3(self.layer2(low_level))), x.shape[-2:])
 
 
 def deeplabv3plus(
