@@ -79,7 +79,8 @@ def pad_to_stride(images: torch.Tensor, stride: int) -> torch.Tensor:
 def whole_image_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Logits of images of any size: padded to the network's stride, cropped back."""
     height, width = images.shape[-2:]
-    return model(pad_to_stride(images, int(getattr(model, "stride", 1))))[..., :height, :width]
+    stride = getattr(model, "stride", 1)  # noisyseg's models' total stride (a bare layer's is a tuple)
+    return model(pad_to_stride(images, stride if isinstance(stride, int) else 1))[..., :height, :width]
 
 
 def sliding_window_probabilities(model: nn.Module, image: torch.Tensor, window: int, overlap: float) -> torch.Tensor:

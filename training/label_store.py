@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -121,6 +122,23 @@ class LabelMaps:
     def chunks(self) -> Iterable[np.ndarray]:
         for start in range(0, len(self.flat), CHUNK):
             yield self.flat[start : start + CHUNK]
+        self.release()
+
+    def release(self, index: int | None = None) -> None:
+        """Drop this process's mapping of the pages of map `index` (all maps: None) from its
+        resident set; the bytes stay in the file and the page cache. Without this every page
+        a pass touched would count in the process's RSS, which would grow with the dataset."""
+        handle = getattr(self.flat, "_mmap", None)
+        if handle is None or not len(self.flat):
+            return
+        base = self.flat.ctypes.data - np.frombuffer(handle, dtype=np.uint8, count=1).ctypes.data  # the maps' start in the mapping
+        start, stop = (0, len(self.flat)) if index is None else (int(self.offsets[index]), int(self.offsets[index + 1]))
+        start, stop = base + start, base + stop
+        page = mmap.PAGESIZE
+        first = start // page * page
+        length = min(-(-stop // page) * page, len(handle)) - first
+        if length > 0:
+            handle.madvise(mmap.MADV_DONTNEED, first, length)
 
     def digest(self) -> str:
         digest = hashlib.sha256()
@@ -145,6 +163,8 @@ class LabelMaps:
         result = LabelMaps.allocate(self.shapes, workdir)
         for start in range(0, len(self.flat), CHUNK):
             result.flat[start : start + CHUNK] = self.flat[start : start + CHUNK]
+        self.release()
+        result.release()
         return result
 
 

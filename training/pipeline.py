@@ -125,11 +125,14 @@ class TrainingItems(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         epoch, index = key
         image = normalize_image(self.source.read_image(index), self.source.info.normalization)
-        maps = [self.store.maps[index], self.annotations[index], *([] if self.clean is None else [self.clean[index]])]
-        if image.shape[1:] != maps[0].shape:
-            raise ValueError(f"{self.source.image_path(index)}: image size {image.shape[1:]} does not match its label map {maps[0].shape}")
+        sources = [self.store.maps, self.annotations, *([] if self.clean is None else [self.clean])]
+        maps = np.stack([source[index] for source in sources])
+        for source in sources:
+            source.release(index)  # read once per epoch: keep no page of it resident
+        if image.shape[1:] != maps.shape[1:]:
+            raise ValueError(f"{self.source.image_path(index)}: image size {image.shape[1:]} does not match its label map {maps.shape[1:]}")
         rng = np.random.default_rng([self.seed, epoch, index])
-        image, labels, geometry = self.augmenter(image, np.stack(maps), rng)
+        image, labels, geometry = self.augmenter(image, maps, rng)
         return torch.from_numpy(image), torch.from_numpy(labels), torch.tensor([index, *geometry], dtype=torch.int64)
 
 
@@ -163,6 +166,10 @@ def training_loader(items: TrainingItems, loader: LoaderConfig, device: torch.de
         pin_memory=loader.pin_memory and device.type == "cuda",
         persistent_workers=workers > 0,
         worker_init_fn=_one_thread if workers > 0 else None,
+        # Its own generator: the base seed the DataLoader draws for its workers must not come
+        # from torch's global RNG (part of the checkpoint), which a resumed run would draw from
+        # once more. Items draw from their own (seed, epoch, index) generators anyway.
+        generator=torch.Generator().manual_seed(0),
     )
     return data_loader, sampler
 
@@ -180,6 +187,7 @@ def paste_back(store: LabelStore, corrected: np.ndarray, geometry: np.ndarray) -
     if np.array_equal(target, crop):
         return False
     target[...] = crop
+    store.maps.release(index)
     return True
 
 

@@ -395,6 +395,7 @@ class Trainer:
             height, width = self.store.maps.shapes[row]
             self.store.maps[row] = all_flat[offset : offset + height * width, 0].reshape(height, width)
             offset += height * width
+            self.store.maps.release(row)
 
     def train_step(self, rows: torch.Tensor, counters: EpochCounters, correct: torch.Tensor | None, loss_weight: float = 1.0, padding: bool = False, batch: Any = None) -> None:
         """One step on `rows`: this rank's shard of a global batch (all of it for one process).
@@ -553,6 +554,7 @@ class Trainer:
                 if int(count):
                     self.store.maps[index] = corrected[0].to(torch.uint8).cpu().numpy()
                     self.changed_rows.add(index)
+                self.store.maps.release(index)
                 changed += count
         elif len(block):
             with self.precision.autocast(self.device):
