@@ -34,7 +34,7 @@ from noisyseg.training.io import atomic_open, atomic_write_json
 ARRAY_FILE = "labels.npy"
 INFO_FILE = "labels.json"
 FORMAT_VERSION = 2
-CHUNK = 1 << 24  # bytes hashed, compared or written at a time
+CHUNK = 1 << 20  # bytes hashed, compared or written at a time (a bounded transient)
 
 
 class LabelMaps:
@@ -143,7 +143,7 @@ class LabelMaps:
     def digest(self) -> str:
         digest = hashlib.sha256()
         for chunk in self.chunks():
-            digest.update(chunk.tobytes())
+            digest.update(memoryview(chunk))
         return digest.hexdigest()
 
     def fingerprint(self, ids: Sequence[str]) -> str:
@@ -153,7 +153,7 @@ class LabelMaps:
         shape = [len(self.shapes), *self.shapes[0]] if self.uniform else [list(s) for s in self.shapes]
         digest.update(json.dumps({"ids": list(ids), "shape": shape}).encode())
         for chunk in self.chunks():
-            digest.update(chunk.tobytes())
+            digest.update(memoryview(chunk))
         return digest.hexdigest()
 
     def count_different(self, other: LabelMaps) -> int:
@@ -219,7 +219,7 @@ class LabelStore:
         with atomic_open(directory / ARRAY_FILE) as handle:
             np.lib.format.write_array_header_1_0(handle, {"descr": "|u1", "fortran_order": False, "shape": shape})
             for chunk in self.maps.chunks():
-                handle.write(chunk.tobytes())
+                handle.write(memoryview(chunk))
         fault_point("label-store-write")
         atomic_write_json(
             directory / INFO_FILE,

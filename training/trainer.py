@@ -6,11 +6,16 @@
 evaluation passes are in `evaluation.py`, the ADELE trigger state in `adele.py`.
 
 Design decisions (method-spec sections 2 to 5; the config docstrings give the defaults):
-- Data: each split lives in memory (`load_split`, per-slice z-score); the training split, its
-  annotations and the current (corrected) labels are copied to the training device once. Batches
-  are drawn from a permutation of a seeded `torch.Generator`, whose state is checkpointed, so an
-  interrupted and resumed run gives the same weights as an uninterrupted one (deterministic CPU
-  algorithms; on CUDA deterministic kernels are asked for where PyTorch has them).
+- Data: cached (`loader.cache`, the folder layout's default without augmentation) each split
+  lives in memory (`load_split`, per-slice z-score) and the training split, its annotations and
+  the current (corrected) labels are copied to the training device once; streamed, a DataLoader
+  (`pipeline.py`) reads and augments each batch's items and the label store stays on the host,
+  one memory-mapped map per image (corrections of crops are written back through each crop's
+  flip and crop at the host's looks). Batches are drawn from a permutation of a seeded
+  `torch.Generator`, whose state is checkpointed, and augmentation draws from generators seeded by
+  (seed, epoch, item), so an interrupted and resumed run gives the same weights as an
+  uninterrupted one, with or without workers (deterministic CPU algorithms; on CUDA
+  deterministic kernels are asked for where PyTorch has them).
 - Device and precision (`device.py`): the network's forward runs under autocast (bf16 by
   default on CUDA); the loss reads the half-precision logits (the fused kernels accumulate in
   fp32) and ARM stays fp32; fp16 scales the loss with a GradScaler.
