@@ -203,7 +203,7 @@ def test_arm_warm_up_trains_the_network_on_plain_ce_and_arm_alone(folders: tuple
     config = tiny_config(folders, tmp_path / "arm", "method=arm", "epochs=1")
     trainer = Trainer(config, load_run_data(config))
     images = trainer.data.train_images[:2]
-    target = torch.from_numpy(trainer.data.train_labels[:2]).long()
+    target = torch.from_numpy(trainer.data.train_labels.stacked()[:2]).long()
     assert trainer.arm_warming_up() and trainer.arm_optimizer.defaults["maximize"]
 
     def gradients(loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -96,7 +96,14 @@ class AdeleConfig:
         triggering on a class the network does not predict yet; 0 = the papers' rule alone).
     tau: confidence above which a pixel's label may be replaced by the prediction.
     correction_timing: `iteration` (paper, SegTHOR: the batch's own outputs after each step) or
-        `epoch` (outputs recomputed at the end of the epoch without augmentation).
+        `epoch` (outputs recomputed at the end of the epoch without augmentation). `auto` (the
+        default) is `iteration` without random augmentation and `epoch` with it: that is the
+        ADELE paper's rule (its VOC experiments correct after the epoch), because an augmented
+        view's prediction is of a rescaled, cropped, jittered image, so it is less confident and
+        covers only part of the image, while the clean whole-image multiscale pass corrects every
+        pixel from the view the correction is meant for. `iteration` with augmentation maps each
+        crop's corrections back through its flip and crop (exact); with random rescaling that
+        inversion would resample the labels, so it is refused with a clear message.
     correction_every: correct at every epoch after the trigger (1, the paper) or only at the
         trigger epoch and at epochs that are multiples of this (10 in the reference code).
     correction_prediction: `multiscale` (paper: the average of the scales' softmax) or `single`
@@ -115,7 +122,7 @@ class AdeleConfig:
     min_fit_points: int = 3
     min_rise: float = 0.05
     tau: float = 0.7
-    correction_timing: str = "iteration"
+    correction_timing: str = "auto"
     correction_every: int = 1
     correction_prediction: str = "multiscale"
     refuse_absent_classes: bool = True
@@ -143,6 +150,60 @@ class LossConfig:
     ohem_threshold: float = 0.7
     # Per image; 15% of a 256x256 slice as in `noisyseg.training.losses`.
     ohem_min_kept: int = 10_000
+
+
+@dataclass
+class AugmentConfig:
+    """Random augmentation of training items (mmsegmentation's recipe; every switch off by
+    default, so the phantom trains on whole, untouched slices as before).
+
+    rescale: resize by a factor drawn uniformly from `scale_range` (bilinear image, nearest
+        labels), as mmsegmentation's `RandomResize` with `ratio_range`.
+    crop_size: [height, width] of a random crop; an image smaller than that is padded (image with
+        0 after normalisation, labels with the ignore index). Needed when the images of the
+        training split differ in size (batches are stacked crops). Empty = no crop.
+    flip: horizontal flip with probability 0.5.
+    jitter: photometric jitter after normalisation: brightness (an added offset up to
+        `brightness`) and contrast (a factor in [1 - contrast, 1 + contrast]), per image.
+    """
+
+    rescale: bool = False
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    crop_size: list[int] = field(default_factory=list)
+    flip: bool = False
+    jitter: bool = False
+    brightness: float = 0.2
+    contrast: float = 0.2
+
+    @property
+    def random(self) -> bool:
+        """Whether any random augmentation is switched on."""
+        return self.rescale or bool(self.crop_size) or self.flip or self.jitter
+
+
+@dataclass
+class LoaderConfig:
+    """How training items reach the network (`training/pipeline.py`).
+
+    cache: `true` loads each split into memory once (every image of one size, no random
+        augmentation; the training split then lives on the training device as one array, the
+        fastest path for small sets); `false` reads every item from disk when a batch needs it,
+        through a `torch.utils.data.DataLoader`, so memory does not grow with the dataset.
+        Empty (the default): cached for noisyseg's folder layout (the phantom and SegTHOR slices)
+        unless augmentation is on, streamed for every other layout.
+    num_workers: DataLoader worker processes; -1 (the default) = the CPU count minus one, at
+        most 8; 0 reads in the training process. Workers persist across epochs.
+    pin_memory: page-locked batches for faster copies to a CUDA device (ignored on the CPU).
+    eval_window: evaluate images larger than this (height or width, pixels) with a sliding
+        window of this size (overlap `eval_overlap`, probabilities averaged); 0 = whole images.
+    """
+
+    cache: bool | None = None
+    num_workers: int = -1
+    pin_memory: bool = True
+    eval_window: int = 0
+    eval_overlap: float = 0.33
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
@@ -203,6 +264,16 @@ class TrainConfig:
     arm: ArmConfig = field(default_factory=ArmConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    # The dataset layout of `data` (`training/datasets`: auto = detected) and its options.
+    layout: str = "auto"
+    layout_options: dict[str, Any] = field(default_factory=dict)
+
+    def correction_timing(self) -> str:
+        """`adele.correction_timing` with `auto` resolved (`epoch` under random augmentation)."""
+        if self.adele.correction_timing != "auto":
+            return self.adele.correction_timing
+        return "epoch" if self.loader.augment.random else "iteration"
 
     def validate(self) -> TrainConfig:
         """Raise ValueError naming the first field with an impossible value; return self."""
@@ -230,7 +301,7 @@ class TrainConfig:
             (0.0 <= self.adele.min_rise < 1.0, "adele.min_rise", "in [0, 1)"),
             (0.0 <= self.adele.tau < 1.0, "adele.tau", "in [0, 1)"),
             (self.adele.rho_mask in ("image", "pixel"), "adele.rho_mask", "'image' or 'pixel'"),
-            (self.adele.correction_timing in ("iteration", "epoch"), "adele.correction_timing", "'iteration' or 'epoch'"),
+            (self.adele.correction_timing in ("auto", "iteration", "epoch"), "adele.correction_timing", "'auto', 'iteration' or 'epoch'"),
             (self.adele.correction_every >= 1, "adele.correction_every", "at least 1"),
             (self.adele.correction_prediction in ("multiscale", "single"), "adele.correction_prediction", "'multiscale' or 'single'"),
             (self.adele.logit_divisor > 0, "adele.logit_divisor", "positive"),
@@ -238,6 +309,14 @@ class TrainConfig:
             (0.0 < self.loss.gce_q <= 1.0, "loss.gce_q", "in (0, 1]"),
             (self.distributed.backend in ("auto", "gloo", "nccl"), "distributed.backend", "'auto', 'gloo' or 'nccl'"),
             (self.distributed.timeout_s > 0, "distributed.timeout_s", "positive (seconds)"),
+            (self.loader.num_workers >= -1, "loader.num_workers", "-1 (from the CPU count), 0 or more"),
+            (self.loader.eval_window >= 0, "loader.eval_window", "0 (whole images) or a window size in pixels"),
+            (0.0 <= self.loader.eval_overlap < 1.0, "loader.eval_overlap", "in [0, 1)"),
+            (len(self.loader.augment.scale_range) == 2 and 0 < self.loader.augment.scale_range[0] <= self.loader.augment.scale_range[1], "loader.augment.scale_range", "[low, high] with 0 < low <= high"),
+            (len(self.loader.augment.crop_size) in (0, 2) and all(s > 0 for s in self.loader.augment.crop_size), "loader.augment.crop_size", "[] or [height, width], positive"),
+            (self.loader.augment.brightness >= 0 and 0 <= self.loader.augment.contrast < 1, "loader.augment.brightness", "brightness >= 0 and contrast in [0, 1)"),
+            (not (self.loader.cache and self.loader.augment.random), "loader.cache", "false (or empty) when random augmentation is on: the cached split is the unaugmented one"),
+            (not (self.correction_timing() == "iteration" and self.loader.augment.rescale), "adele.correction_timing", "'epoch' (or 'auto') with loader.augment.rescale: a rescaled crop's predictions cannot be mapped back onto the stored labels without resampling them"),
         ]
         for ok, name, expected in checks:
             if not ok:

@@ -78,6 +78,13 @@ class SplitArrays:
     masks: np.ndarray  # (N, H, W) uint8 class ids, 255 = ignore
     ids: list[str]
 
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image (C, H, W) float32, mask (H, W) int64): the item protocol evaluation reads."""
+        return torch.from_numpy(self.images[index]), torch.from_numpy(self.masks[index].astype(np.int64))
+
 
 def read_dataset_info(root: str | Path) -> DatasetInfo:
     """Read `root/dataset.json`, checking the fields the loaders rely on."""
@@ -378,32 +385,83 @@ class DatasetWriter:
 
 @dataclass
 class RunData:
-    """Everything a run reads, in memory."""
+    """Everything a run reads: in memory (`loader.cache`) or as sources read on demand.
+
+    Cached: `train_images` holds the normalised training split and `val`/`test` are in-memory
+    `SplitArrays`. Streamed: `train_images` is None, `train_source` reads the training items and
+    `val`/`test` are `pipeline.ImageDataset`s; the label maps are memory-mapped from the run
+    directory. Either way `val`/`test` are sequences of (image, mask) tensors.
+    """
 
     info: DatasetInfo
-    train_images: torch.Tensor  # (N, C, H, W) float32
-    train_labels: np.ndarray  # (N, H, W) uint8, the (noisy) annotations trained on, never modified
+    train_images: torch.Tensor | None  # (N, C, H, W) float32 when cached
+    train_labels: Any  # label_store.LabelMaps (an (N, H, W) uint8 array is converted): the annotations, never modified
     train_ids: list[str]
-    clean_train_labels: np.ndarray | None  # the data folder's masks when --labels replaces them
-    val: SplitArrays
-    test: SplitArrays
+    clean_train_labels: Any  # LabelMaps or None: the data folder's masks when --labels replaces them
+    val: Any
+    test: Any
+    train_source: Any = None  # datasets.SegmentationSource when streamed
+    in_channels: int = 0
+
+    def __post_init__(self) -> None:
+        from noisyseg.training.label_store import as_label_maps
+
+        self.train_labels = as_label_maps(self.train_labels)
+        if self.clean_train_labels is not None:
+            self.clean_train_labels = as_label_maps(self.clean_train_labels)
+        if not self.in_channels and self.train_images is not None:
+            self.in_channels = int(self.train_images.shape[1])
 
     @property
     def num_classes(self) -> int:
         return self.info.num_classes
 
+    @property
+    def cached(self) -> bool:
+        return self.train_images is not None
 
-def load_run_data(config: TrainConfig) -> RunData:
-    """Load the train split (labels from `config.labels` if set) and the clean val/test splits."""
-    info = read_dataset_info(config.data)
-    train = load_split(config.data, "train", labels_root=config.labels)
-    clean = load_split(config.data, "train").masks if config.labels else None
+
+def use_cache(config: TrainConfig, layout: str) -> bool:
+    """`loader.cache`, or when empty: cached for the folder layout without random augmentation."""
+    if config.loader.cache is not None:
+        return config.loader.cache
+    return layout == "folder" and not config.loader.augment.random
+
+
+def load_run_data(config: TrainConfig, workdir: str | Path | None = None) -> RunData:
+    """The train split (labels from `config.labels` if set) and the clean val/test splits,
+    cached in memory or as sources read on demand (`use_cache`); streamed label maps are
+    memory-mapped from unlinked files in `workdir` (the run directory)."""
+    from noisyseg.training.datasets import detect_layout, open_source
+    from noisyseg.training.pipeline import ImageDataset, read_label_maps
+
+    layout = detect_layout(config.data) if config.layout == "auto" else config.layout
+    options = dict(config.layout_options)
+    labels_options = {**options, "labels_root": config.labels} if config.labels and layout == "folder" else options
+    if use_cache(config, layout):
+        if layout != "folder":
+            raise ValueError(f"loader.cache: the in-memory mode reads noisyseg's folder layout only, {config.data} is '{layout}'; set loader.cache=false")
+        train = load_split(config.data, "train", labels_root=config.labels)
+        return RunData(
+            info=read_dataset_info(config.data),
+            train_images=torch.from_numpy(train.images),
+            train_labels=train.masks,
+            train_ids=train.ids,
+            clean_train_labels=load_split(config.data, "train").masks if config.labels else None,
+            val=load_split(config.data, "val"),
+            test=load_split(config.data, "test"),
+        )
+    workdir = None if workdir is None else str(workdir)
+    train_source = open_source(config.data, "train", layout, **labels_options)
+    clean = read_label_maps(open_source(config.data, "train", layout, **options), workdir) if config.labels else None
     return RunData(
-        info=info,
-        train_images=torch.from_numpy(train.images),
-        train_labels=train.masks,
-        train_ids=train.ids,
+        info=train_source.info,
+        train_images=None,
+        train_labels=read_label_maps(train_source, workdir),
+        train_ids=list(train_source.ids),
         clean_train_labels=clean,
-        val=load_split(config.data, "val"),
-        test=load_split(config.data, "test"),
+        val=ImageDataset(open_source(config.data, "val", layout, **options)),
+        test=ImageDataset(open_source(config.data, "test", layout, **options)),
+        train_source=train_source,
+        in_channels=int(train_source.read_image(0).shape[0]),
     )

@@ -6,11 +6,16 @@
 evaluation passes are in `evaluation.py`, the ADELE trigger state in `adele.py`.
 
 Design decisions (method-spec sections 2 to 5; the config docstrings give the defaults):
-- Data: each split lives in memory (`load_split`, per-slice z-score); the training split, its
-  annotations and the current (corrected) labels are copied to the training device once. Batches
-  are drawn from a permutation of a seeded `torch.Generator`, whose state is checkpointed, so an
-  interrupted and resumed run gives the same weights as an uninterrupted one (deterministic CPU
-  algorithms; on CUDA deterministic kernels are asked for where PyTorch has them).
+- Data: cached (`loader.cache`, the folder layout's default without augmentation) each split
+  lives in memory (`load_split`, per-slice z-score) and the training split, its annotations and
+  the current (corrected) labels are copied to the training device once; streamed, a DataLoader
+  (`pipeline.py`) reads and augments each batch's items and the label store stays on the host,
+  one memory-mapped map per image (corrections of crops are written back through each crop's
+  flip and crop at the host's looks). Batches are drawn from a permutation of a seeded
+  `torch.Generator`, whose state is checkpointed, and augmentation draws from generators seeded by
+  (seed, epoch, item), so an interrupted and resumed run gives the same weights as an
+  uninterrupted one, with or without workers (deterministic CPU algorithms; on CUDA
+  deterministic kernels are asked for where PyTorch has them).
 - Device and precision (`device.py`): the network's forward runs under autocast (bf16 by
   default on CUDA); the loss reads the half-precision logits (the fused kernels accumulate in
   fp32) and ARM stays fp32; fp16 scales the loss with a GradScaler.
@@ -43,7 +48,7 @@ import math
 import os
 import random
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -51,6 +56,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from noisyseg.kernels import ARM, arm_cross_entropy, arm_reweighted_loss, multiscale_consistency
@@ -85,6 +91,8 @@ from noisyseg.training.evaluation import (
     forward_scales,
     mean_probabilities,
     predict_batches,
+    predict_image,
+    split_items,
 )
 from noisyseg.training.label_store import LabelStore
 from noisyseg.training.methods import METHOD_SPECS
@@ -95,6 +103,15 @@ from noisyseg.training.metrics import (
     iou_per_class,
 )
 from noisyseg.training.models import create_model
+from noisyseg.training.pipeline import (
+    EpochBatches,
+    ImageDataset,
+    TrainingItems,
+    check_stackable,
+    paste_back,
+    training_loader,
+    worker_count,
+)
 from noisyseg.training.run_checkpoint import (
     find_checkpoint,
     flatten_optimizer,
@@ -196,7 +213,8 @@ class Trainer:
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
         random.seed(config.seed)
-        self.model_kwargs = {**config.model.kwargs, "in_channels": int(data.train_images.shape[1]), "num_classes": data.num_classes}
+        self.model_kwargs = {**config.model.kwargs, "in_channels": data.in_channels, "num_classes": data.num_classes}
+        self.timing = config.correction_timing()
         self.memory_format = training_memory_format(config.model.architecture)
         model = create_model(config.model.architecture, **self.model_kwargs)
         if config.distributed.sync_batchnorm:
@@ -210,14 +228,26 @@ class Trainer:
             momentum = config.optim.momentum if config.arm.momentum is None else config.arm.momentum
             self.arm_optimizer = make_optimizer(self.arm.parameters(), replace(config.optim, momentum=momentum, weight_decay=0.0), maximize=True)
         self.shuffle = torch.Generator().manual_seed(config.seed)
-        self.store = LabelStore.from_original(data.train_labels, data.train_ids)
-        # The training split on the device, once (on the CPU these share the arrays' memory):
-        # images, the annotations trained on (never modified), the clean masks when known, and
-        # `labels`, the device copy of the label store that corrections write into.
-        self.train_images = data.train_images.to(self.device)
-        self.annotations = torch.from_numpy(data.train_labels).to(self.device)
-        self.clean_labels = None if data.clean_train_labels is None else torch.from_numpy(data.clean_train_labels).to(self.device)
-        self.labels = self.device_copy_of_store()
+        self.workdir = str(config.out) if not data.cached and Path(config.out).is_dir() else None
+        self.store = LabelStore.from_original(data.train_labels, data.train_ids, self.workdir)
+        self.has_clean = data.clean_train_labels is not None
+        # Cached: the training split on the device, once (on the CPU these share the arrays'
+        # memory): images, the annotations trained on (never modified), the clean masks when
+        # known, and `labels`, the device copy of the label store that corrections write into.
+        # Streamed: items come from `training_loader` and corrections go into the host store
+        # (memory-mapped), gathered on the device and written at the host's looks (`flush_corrections`).
+        self.train_images = self.annotations = self.clean_labels = self.labels = None
+        if data.cached:
+            self.train_images = data.train_images.to(self.device)
+            self.annotations = torch.from_numpy(data.train_labels.stacked()).to(self.device)
+            self.clean_labels = None if data.clean_train_labels is None else torch.from_numpy(data.clean_train_labels.stacked()).to(self.device)
+            self.labels = self.device_copy_of_store()
+        else:
+            check_stackable(data.train_labels.shapes, config.loader.augment, f"{config.data} (training split)")
+        self.loader: DataLoader | None = None
+        self.sampler: EpochBatches | None = None
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (geometry, corrected crops) not yet in the store
+        self.changed_rows: set[int] = set()  # items this rank corrected since the last exchange
         self.triggers = adele.TriggerState(data.num_classes)
         self.epoch = 0
         self.iteration = 0
@@ -312,7 +342,7 @@ class Trainer:
         """(C,) bools of the classes corrected during/at the end of `epoch`, or None if none."""
         if not self.spec.correction:
             return None
-        return self.triggers.correction_classes(epoch, self.config.adele.correction_timing, self.config.adele.correction_every)
+        return self.triggers.correction_classes(epoch, self.timing, self.config.adele.correction_every)
 
     def correct_rows(self, rows: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """Correct rows `rows` of the device label copy from `probs`; the number of changed
@@ -321,6 +351,21 @@ class Trainer:
         self.labels[rows] = corrected.to(torch.uint8)
         return (corrected != labels).sum()
 
+    def correct_crops(self, geometry: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """Correct a streamed batch's crops; queued on the device until `flush_corrections`."""
+        corrected = adele.correct_labels(labels, probs, classes, self.config.adele.tau, self.config.adele.refuse_absent_classes, self.ignore_index)
+        self.pending.append((geometry, corrected.to(torch.uint8)))
+        return (corrected != labels).sum()
+
+    def flush_corrections(self) -> None:
+        """Write the queued crop corrections into the host store through each crop's geometry
+        (a host wait; done at the logging points and at the epoch's end)."""
+        for geometry, corrected in self.pending:
+            for item, crop in zip(geometry.numpy(), corrected.cpu().numpy(), strict=True):
+                if paste_back(self.store, crop, item):
+                    self.changed_rows.add(int(item[0]))
+        self.pending = []
+
     def sync_label_store(self) -> None:
         """Bring the corrections made on the device into the label store (what checkpoints hold).
 
@@ -328,6 +373,9 @@ class Trainer:
         belongs to exactly one rank's shard, so the rows are disjoint and no rank has read a row
         that another corrected; the copies end equal to the store a single process would build.
         """
+        if self.labels is None:
+            self.exchange_streamed_corrections()
+            return
         current = self.labels.cpu().numpy()
         changed = np.flatnonzero((current != self.store.labels).reshape(len(current), -1).any(axis=1))
         rows, labels = all_gather_rows(self.ctx, changed.astype(np.int64), current[changed], "the label-store exchange")
@@ -336,16 +384,43 @@ class Trainer:
             if self.ctx.enabled:
                 self.labels[torch.from_numpy(rows).to(self.device)] = torch.from_numpy(labels).to(self.device)
 
-    def train_step(self, rows: torch.Tensor, counters: EpochCounters, correct: torch.Tensor | None, loss_weight: float = 1.0, padding: bool = False) -> None:
+    def exchange_streamed_corrections(self) -> None:
+        """Streamed store: every rank applies every rank's corrected maps (disjoint items)."""
+        self.flush_corrections()
+        rows = np.array(sorted(self.changed_rows), dtype=np.int64)
+        self.changed_rows = set()
+        if not self.ctx.enabled:
+            return
+        what = "the label-store exchange"
+        flat = np.concatenate([self.store.maps[r].reshape(-1) for r in rows]) if len(rows) else np.zeros(0, np.uint8)
+        all_rows, _ = all_gather_rows(self.ctx, rows, np.zeros((len(rows), 1), np.uint8), what)
+        _, all_flat = all_gather_rows(self.ctx, np.zeros(len(flat), np.int64), flat[:, None], what)
+        offset = 0
+        for row in all_rows.tolist():
+            height, width = self.store.maps.shapes[row]
+            self.store.maps[row] = all_flat[offset : offset + height * width, 0].reshape(height, width)
+            offset += height * width
+            self.store.maps.release(row)
+
+    def train_step(self, rows: torch.Tensor, counters: EpochCounters, correct: torch.Tensor | None, loss_weight: float = 1.0, padding: bool = False, batch: Any = None) -> None:
         """One step on `rows`: this rank's shard of a global batch (all of it for one process).
 
         `loss_weight` rescales this rank's mean loss so that DDP's gradient average is the
-        global batch mean; `padding` rows (weight 0) are neither counted nor corrected.
+        global batch mean; `padding` rows (weight 0) are neither counted nor corrected. `batch`:
+        the streamed (images, label maps, geometry) of `rows` (None: rows of the cached split).
         """
         fault_point("train-step")
-        rows = rows.to(self.device)
-        images = self.train_images[rows].contiguous(memory_format=self.memory_format)
-        target = self.labels[rows].long()
+        annotations = clean = geometry = None
+        if batch is None:
+            rows = rows.to(self.device)
+            images = self.train_images[rows].contiguous(memory_format=self.memory_format)
+            target = self.labels[rows].long()
+        else:
+            images, maps, geometry = batch
+            images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+            maps = maps.to(self.device, non_blocking=True)
+            target, annotations = maps[:, 0].long(), maps[:, 1]
+            clean = maps[:, 2] if maps.shape[1] > 2 else None
         self.set_learning_rate()
         with peer_errors(self.ctx, "the forward pass (DDP's buffer broadcast)"), self.precision.autocast(self.device):
             logits = self.network(images, self.scales)
@@ -357,9 +432,12 @@ class Trainer:
         counters.add_losses(terms, loss_weight)
         if padding:
             return
-        self.count_training_pass(rows, logits[self.scales.index(1.0)].detach().argmax(dim=1), target, counters)
-        if correct is not None and self.config.adele.correction_timing == "iteration":
-            counters.corrected_pixels += self.correct_rows(rows, target, self.correction_probs(logits), correct)
+        self.count_training_pass(rows, logits[self.scales.index(1.0)].detach().argmax(dim=1), target, counters, annotations, clean)
+        if correct is not None and self.timing == "iteration":
+            if geometry is None:
+                counters.corrected_pixels += self.correct_rows(rows, target, self.correction_probs(logits), correct)
+            else:
+                counters.corrected_pixels += self.correct_crops(geometry, target, self.correction_probs(logits), correct)
 
     def check_finite(self, counters: EpochCounters) -> None:
         """Stop (every rank) if a step of this epoch had a non-finite loss (a host wait)."""
@@ -395,31 +473,54 @@ class Trainer:
             return torch.softmax(logits_per_scale[self.scales.index(1.0)].detach().float(), dim=1)
         return mean_probabilities(logits_per_scale)
 
-    def count_training_pass(self, rows: torch.Tensor, prediction: torch.Tensor, target: torch.Tensor, counters: EpochCounters) -> None:
+    def count_training_pass(self, rows: torch.Tensor, prediction: torch.Tensor, target: torch.Tensor, counters: EpochCounters, annotations: torch.Tensor | None = None, clean: torch.Tensor | None = None) -> None:
+        """Dataset-level counts: the prediction against the labels trained on (the training IoU
+        the trigger fits) and, when clean masks are known, the noise diagnostics. Streamed
+        batches bring their (cropped) annotations and clean masks; cached rows index them."""
         counters.train_meter.update(prediction, target)
-        if counters.noise is not None and self.clean_labels is not None:
-            counters.noise.update(prediction, self.annotations[rows], self.clean_labels[rows])
+        if counters.noise is None:
+            return
+        if annotations is None and self.clean_labels is not None:
+            annotations, clean = self.annotations[rows], self.clean_labels[rows]
+        if clean is not None:
+            counters.noise.update(prediction, annotations, clean)
 
     def run_epoch(self) -> EpochCounters:
         """Train one epoch (self.epoch is the number of completed epochs before it)."""
         epoch = self.epoch + 1
-        counters = EpochCounters.zeros(self.data.num_classes, self.ignore_index, self.device, noise=self.clean_labels is not None)
+        counters = EpochCounters.zeros(self.data.num_classes, self.ignore_index, self.device, noise=self.has_clean)
         correct = self.correction_classes(epoch)
         order = torch.randperm(len(self.data.train_ids), generator=self.shuffle)
         self.model.train()
-        batches = order.split(self.config.batch_size)
-        with tqdm(batches, desc=f"{self.config.method} epoch {epoch}/{self.config.epochs}", unit="batch", disable=self.config.quiet or not self.ctx.is_main, leave=False) as progress:
-            for step, batch in enumerate(progress, start=1):
-                shard = shard_batch(batch, self.ctx.rank, self.ctx.world_size)
-                self.train_step(shard.rows, counters, correct, shard.loss_weight, shard.padding)
+        shards = [shard_batch(batch, self.ctx.rank, self.ctx.world_size) for batch in order.split(self.config.batch_size)]
+        streamed = None if self.data.cached else self.streamed_batches(epoch, shards)
+        with tqdm(shards, desc=f"{self.config.method} epoch {epoch}/{self.config.epochs}", unit="batch", disable=self.config.quiet or not self.ctx.is_main, leave=False) as progress:
+            for step, shard in enumerate(progress, start=1):
+                self.train_step(shard.rows, counters, correct, shard.loss_weight, shard.padding, None if streamed is None else next(streamed))
                 if step % SYNC_EVERY == 0:
                     self.check_finite(counters)
+                    self.flush_corrections()
                     progress.set_postfix(loss=f"{float(counters.loss_sums['total']) / counters.steps:.4f}")
         self.check_finite(counters)
         broadcast_buffers(self.ctx, self.model, "the batch-norm statistics broadcast")
         self.sync_label_store()
         self.reduce_counters(counters)
         return counters
+
+    def streamed_batches(self, epoch: int, shards: list[Any]) -> Iterator[Any]:
+        """This epoch's batches (this rank's shards) from the DataLoader (built once, after any
+        checkpoint was restored, so its workers map the store that training continues from)."""
+        if self.loader is None:
+            items = TrainingItems(self.data.train_source, self.store, self.data.train_labels, self.data.clean_train_labels, self.config.loader.augment, self.config.seed)
+            self.loader, self.sampler = training_loader(items, self.config.loader, self.device)
+        assert self.sampler is not None
+        self.sampler.epoch = epoch
+        self.sampler.batches = [shard.rows.tolist() for shard in shards]
+        return iter(self.loader)
+
+    def close(self) -> None:
+        """Stop the DataLoader's workers."""
+        self.loader = self.sampler = None
 
     def reduce_counters(self, counters: EpochCounters) -> None:
         """Sum the epoch's training-pass counts over ranks (what the trigger fits)."""
@@ -446,7 +547,21 @@ class Trainer:
         scales = self.scales if self.config.adele.correction_prediction == "multiscale" else [1.0]
         block = shard_indices(len(self.data.train_ids), self.ctx.rank, self.ctx.world_size)
         changed = torch.zeros((), dtype=torch.int64, device=self.device)
-        if len(block):
+        if not self.data.cached:
+            # Streamed: each whole training image, unaugmented, at its own size.
+            items = split_items(ImageDataset(self.data.train_source), block, worker_count(self.config.loader.num_workers))
+            for index, (image, _) in zip(block, items, strict=True):
+                with self.precision.autocast(self.device):
+                    probs = predict_image(self.model, image[None].to(self.device), scales)
+                labels = torch.from_numpy(self.store.maps[index]).to(self.device).long()[None]
+                corrected = adele.correct_labels(labels, probs, classes, self.config.adele.tau, self.config.adele.refuse_absent_classes, self.ignore_index)
+                count = (corrected != labels).sum()
+                if int(count):
+                    self.store.maps[index] = corrected[0].to(torch.uint8).cpu().numpy()
+                    self.changed_rows.add(index)
+                self.store.maps.release(index)
+                changed += count
+        elif len(block):
             with self.precision.autocast(self.device):
                 probs = predict_batches(self.model, self.train_images[block.start : block.stop], self.config.eval_batch_size, scales)
             rows = torch.arange(block.start, block.stop, device=self.device)
@@ -485,7 +600,9 @@ class Trainer:
 
     def evaluate(self, split: Any) -> dict[str, Any]:
         with self.precision.autocast(self.device):
-            return evaluate_split(self.model, split, self.data.num_classes, self.ignore_index, self.config.eval_batch_size, self.ctx)
+            loader = self.config.loader
+            workers = 0 if self.data.cached else worker_count(loader.num_workers)
+            return evaluate_split(self.model, split, self.data.num_classes, self.ignore_index, self.config.eval_batch_size, self.ctx, loader.eval_window, loader.eval_overlap, workers)
 
     # ---- bookkeeping
 
@@ -555,8 +672,9 @@ class Trainer:
         np.random.set_state((numpy_state[0], np.array(numpy_state[1], dtype=np.uint32), *numpy_state[2:]))
         python_state = state["rng"]["python"]
         random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
-        self.store = LabelStore.load(directory, self.data.train_labels, self.data.train_ids)
-        self.labels = self.device_copy_of_store()
+        self.store = LabelStore.load(directory, self.data.train_labels, self.data.train_ids, self.workdir)
+        if self.data.cached:
+            self.labels = self.device_copy_of_store()
         if self.scaler.is_enabled() and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
         self.triggers = adele.TriggerState.from_json(self.data.num_classes, state["triggers"])
@@ -582,17 +700,23 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train from the current epoch to `config.epochs`; writes outputs; returns the summary."""
         log.info("training %s for %d epochs (%d batches each) on %s in %s into %s", self.config.method, self.config.epochs, self.batches_per_epoch, self.device, self.precision.name, self.run_dir)
+        try:
+            self.train_epochs()
+        finally:
+            self.close()
+        summary = self.summary()
+        if self.ctx.is_main:
+            self.run_dir.write_summary(summary)
+            plot_curves(self.run_dir.path)
+        return summary
+
+    def train_epochs(self) -> None:
         while self.epoch < self.config.epochs:
             record = self.finish_epoch(self.run_epoch())
             self.history.append(record)
             self.verify_replicas()
             self.persist(record)
             log.info("epoch %d: loss %.4f, val mIoU %s, test mIoU %s, labels changed %.4f", record["epoch"], record["loss"]["total"], percent(record["val"]["miou"]), percent(record["test"]["miou"]), record["labels_changed_fraction"])
-        summary = self.summary()
-        if self.ctx.is_main:
-            self.run_dir.write_summary(summary)
-            plot_curves(self.run_dir.path)
-        return summary
 
     def persist(self, record: dict[str, Any]) -> None:
         """Rank 0 writes the best model, the checkpoint and the metrics; a failed write (a full
@@ -613,7 +737,7 @@ class Trainer:
         if not (self.ctx.enabled and self.config.distributed.verify_replicas):
             return
         tensors = [*self.model.state_dict().values(), *(self.arm.state_dict().values() if self.arm is not None else [])]
-        digest = state_digest(tensors, [self.store.labels], json.dumps(self.triggers.to_json(), sort_keys=True))
+        digest = state_digest(tensors, [self.store.maps.flat], json.dumps(self.triggers.to_json(), sort_keys=True))
         verify_agreement(self.ctx, digest, f"the state after epoch {self.epoch}")
         if self.ctx.is_main:
             log.info("epoch %d: replicas agree across %d ranks (weights, ARM, triggers, label store: sha256 %s)", self.epoch, self.ctx.world_size, digest[:16])
@@ -622,7 +746,7 @@ class Trainer:
         """Refuse to start when the run directory cannot hold two checkpoints (old and new)."""
         tensors = [*self.model.state_dict().values(), *(self.arm.state_dict().values() if self.arm is not None else [])]
         # Weights, SGD momentum of the same size, the best model file, the label store.
-        checkpoint_bytes = 3 * sum(t.numel() * t.element_size() for t in tensors) + self.store.labels.nbytes
+        checkpoint_bytes = 3 * sum(t.numel() * t.element_size() for t in tensors) + self.store.maps.flat.nbytes
         free = shutil.disk_usage(self.run_dir.path).free
         if free < 2 * checkpoint_bytes:
             raise ValueError(f"{self.run_dir}: only {free / 1e6:.1f} MB free, a checkpoint needs about {checkpoint_bytes / 1e6:.1f} MB and twice that while it replaces the previous one; free space or choose another --out")
@@ -666,7 +790,7 @@ def set_up_run(config: TrainConfig, resume: bool, ctx: DistContext) -> Trainer:
     agree_on_error(ctx, error, "preparing the run directory")
     data, error = None, None
     try:
-        data = load_run_data(config)
+        data = load_run_data(config, workdir=config.out)
     except (ValueError, OSError) as err:
         error = err
     agree_on_error(ctx, error, "loading the data")
