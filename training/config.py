@@ -265,9 +265,6 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
-    # The dataset layout of `data` (`training/datasets`: auto = detected) and its options.
-    layout: str = "auto"
-    layout_options: dict[str, Any] = field(default_factory=dict)
 
     def correction_timing(self) -> str:
         """`adele.correction_timing` with `auto` resolved (`epoch` under random augmentation)."""
