@@ -250,7 +250,9 @@ def test_eval_scores_predict_output_with_run_classes(run: Path, segthor: Path, t
         for c in range(len(CLASS_NAMES)):
             both, total = np.sum((pred == c) & (truth == c)), np.sum(pred == c) + np.sum(truth == c)
             assert row["dice"][c] == (None if total == 0 else pytest.approx(2 * both / total))
-    # Without --classes/--run/--data: SegTHOR's class names.
+    # From the data folder's dataset.json, and without --classes/--run/--data: SegTHOR's class names.
+    data = RunDir(run).read_config().data
+    assert eval_json(capsys, "--pred", str(out), "--gt", str(segthor), "--data", data)["classes"] == list(CLASS_NAMES)
     assert eval_json(capsys, "--pred", str(out), "--gt", str(segthor))["classes"] == list(CLASS_NAMES)
 
 
