@@ -144,9 +144,10 @@ def training_size(run: str | Path, size: int | None) -> int:
     run_dir = RunDir(run)
     if not run_dir.has_config():
         raise ValueError(f"{run}: a model file does not record the slice size it was trained at; pass --size (the `data segthor --size` of its data)")
-    data = run_dir.read_config().data
+    config = run_dir.read_config()
+    data = config.data
     try:
-        image = open_source(data, "train").read_image(0)
+        image = open_source(data, "train", config.layout, **config.layout_options).read_image(0)
     except (FileNotFoundError, ValueError) as err:
         raise ValueError(f"{run}: cannot read the trained slice size from its data folder {data} ({err}); pass --size") from err
     height, width = image.shape[1:]
