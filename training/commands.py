@@ -102,10 +102,20 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def register_eval(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("eval", help="evaluate a run's selected model on a split of its data")
-    parser.add_argument("--run", required=True, help="run directory (holds model.safetensors and config.json)")
+    parser = subparsers.add_parser(
+        "eval",
+        help="evaluate a run's selected model on a split of its data, or score label volumes against ground truth",
+        description="With --run: IoU of the run's model on a split of its data folder. With --pred and --gt: "
+        "per-patient, per-class 3D Dice and IoU of NIfTI label volumes against ground-truth volumes, paired by "
+        "name (NAME.nii.gz, or Patient_XX/GT.nii.gz in the SegTHOR layout; two files pair whatever their names); "
+        "class names from --classes, --run's model, --data's dataset.json, or SegTHOR's by default.",
+    )
+    parser.add_argument("--run", help="run directory (holds model.safetensors and config.json); with --pred, only names the classes")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"), help="split to evaluate (default test; train uses the data folder's own masks)")
-    parser.add_argument("--data", help="data folder (default: the one recorded in the run)")
+    parser.add_argument("--data", help="data folder (default: the one recorded in the run); with --pred, its dataset.json names the classes")
+    parser.add_argument("--pred", help="predicted label volume (.nii/.nii.gz) or a folder of them (as `predict` writes)")
+    parser.add_argument("--gt", help="ground-truth label volume or folder (NAME.nii.gz or SegTHOR Patient_XX/GT.nii.gz)")
+    parser.add_argument("--classes", help="comma-separated class names, index = class id (volume scoring)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--device", default="auto", help="auto (default: CUDA when available, else the CPU), cpu, cuda or cuda:N")
     parser.set_defaults(func=run_eval)
@@ -152,8 +162,48 @@ def format_scores(result: dict[str, Any]) -> str:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    if args.pred or args.gt:
+        return run_eval_volumes(args)
+    if not args.run:
+        raise ValueError("eval needs --run RUN_DIR (a split of the run's data) or --pred and --gt (label volumes)")
     result = evaluate_run(args.run, args.split, args.data, args.device)
     print(json.dumps(result, indent=2) if args.json else format_scores(result))
+    return 0
+
+
+def volume_classes(args: argparse.Namespace) -> tuple[list[str], int]:
+    """(class names, ignore index) for volume scoring: --classes, --run's model, --data's
+    dataset.json, else SegTHOR's classes (those `data segthor` writes)."""
+    from noisyseg.training.data import IGNORE_INDEX, read_dataset_info
+
+    given = [name for name, value in (("--classes", args.classes), ("--run", args.run), ("--data", args.data)) if value]
+    if len(given) > 1:
+        raise ValueError(f"eval --pred: class names come from one of --classes, --run or --data, got {' and '.join(given)}")
+    if args.classes:
+        names = [name.strip() for name in args.classes.split(",")]
+        if len(names) < 2 or not all(names):
+            raise ValueError(f"--classes: expected at least two comma-separated names, got {args.classes!r}")
+        return names, IGNORE_INDEX
+    if args.run:
+        from noisyseg.training.checkpoint import read_model_info
+
+        return read_model_info(args.run).class_names, IGNORE_INDEX
+    if args.data:
+        info = read_dataset_info(args.data)
+        return info.classes, info.ignore_index
+    from noisyseg.training.phantom import CLASS_NAMES
+
+    return list(CLASS_NAMES), IGNORE_INDEX
+
+
+def run_eval_volumes(args: argparse.Namespace) -> int:
+    from noisyseg.training.volumes import evaluate_volumes, format_volume_scores
+
+    if not (args.pred and args.gt):
+        raise ValueError("eval: --pred and --gt go together (predicted and ground-truth label volumes)")
+    classes, ignore_index = volume_classes(args)
+    result = evaluate_volumes(args.pred, args.gt, classes, ignore_index)
+    print(json.dumps(result, indent=2) if args.json else format_volume_scores(result))
     return 0
 
 
@@ -161,10 +211,18 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def register_predict(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("predict", help="segment every image (.npy/.png) of a folder into PNG masks")
+    parser = subparsers.add_parser(
+        "predict",
+        help="segment every image (.npy/.png) of a folder into PNG masks, or CT volumes (.nii.gz) into label volumes",
+        description="A folder of images gives OUT/<image name>.png masks. A .nii/.nii.gz volume, or a folder of them "
+        "(NAME.nii.gz, or the SegTHOR layout Patient_XX/Patient_XX.nii.gz), gives OUT/<input file name>: a uint8 label "
+        "volume with the input's shape, affine and header; slices are resized to the trained size as `data segthor` "
+        "does and the labels back with nearest neighbour.",
+    )
     parser.add_argument("--run", required=True, help="run directory (or a model .safetensors file)")
-    parser.add_argument("--input", required=True, help="folder of images (.npy raw values or .png)")
-    parser.add_argument("--out", required=True, help="folder for the masks (<image name>.png)")
+    parser.add_argument("--input", required=True, help="folder of images (.npy raw values or .png), or a NIfTI volume or folder of volumes")
+    parser.add_argument("--out", required=True, help="folder for the masks (<image name>.png) or label volumes (<input file name>)")
+    parser.add_argument("--size", type=int, help="volumes only: slice size the model was trained at (default: read from the run's data folder)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--device", default="auto", help="auto (default: CUDA when available, else the CPU), cpu, cuda or cuda:N")
     parser.set_defaults(func=run_predict)
@@ -212,6 +270,14 @@ def predict_folder(run: str | Path, input_dir: str | Path, out_dir: str | Path, 
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    from noisyseg.training.volumes import find_volumes, predict_volumes
+
+    if find_volumes(args.input, "image"):
+        written = predict_volumes(args.run, args.input, args.out, args.size, args.quiet, args.device)
+        print(f"wrote {len(written)} label volumes to {args.out}")
+        return 0
+    if args.size is not None:
+        raise ValueError(f"--size applies to NIfTI volumes; {args.input} holds none (images are segmented at their own size)")
     written = predict_folder(args.run, args.input, args.out, args.quiet, args.device)
     print(f"wrote {len(written)} masks to {args.out}")
     return 0

@@ -68,8 +68,9 @@ def find_segthor_patients(root: str | Path) -> list[SegthorPatient]:
     return patients
 
 
-def load_volume(path: Path) -> np.ndarray:
-    """A NIfTI volume as a (Z, H, W) array: axial slices along the third voxel axis."""
+def read_volume(path: str | Path) -> tuple[nib.spatialimages.SpatialImage, np.ndarray]:
+    """(the NIfTI image, its voxels as a (Z, H, W) array): axial slices along the third voxel
+    axis, rows following the second; the file's scaling (HU for CT) is applied."""
     try:
         image = nib.load(str(path))
         if not isinstance(image, nib.spatialimages.SpatialImage):
@@ -79,7 +80,12 @@ def load_volume(path: Path) -> np.ndarray:
         raise ValueError(f"{path}: unreadable NIfTI file ({err})") from err
     if data.ndim != 3:
         raise ValueError(f"{path}: expected a 3D volume, got shape {data.shape}")
-    return np.transpose(data, (2, 1, 0))
+    return image, np.transpose(data, (2, 1, 0))
+
+
+def load_volume(path: Path) -> np.ndarray:
+    """A NIfTI volume as a (Z, H, W) array: axial slices along the third voxel axis."""
+    return read_volume(path)[1]
 
 
 def resize_images(images: np.ndarray, size: int) -> np.ndarray:
@@ -90,10 +96,12 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
     return tensor[:, 0].numpy()
 
 
-def resize_masks(masks: np.ndarray, size: int) -> np.ndarray:
-    """(Z, H, W) label volume to (Z, size, size), nearest neighbour at pixel centres."""
-    rows = ((np.arange(size) + 0.5) * masks.shape[1] / size).astype(np.int64)
-    cols = ((np.arange(size) + 0.5) * masks.shape[2] / size).astype(np.int64)
+def resize_masks(masks: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """(Z, H, W) label volume to (Z, size, size) (or (Z, *size) for a (height, width) pair),
+    nearest neighbour at pixel centres."""
+    height, width = (size, size) if isinstance(size, int) else size
+    rows = ((np.arange(height) + 0.5) * masks.shape[1] / height).astype(np.int64)
+    cols = ((np.arange(width) + 0.5) * masks.shape[2] / width).astype(np.int64)
     return masks[:, rows[:, None], cols[None, :]]
 
 
