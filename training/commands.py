@@ -125,25 +125,22 @@ def evaluate_run(run_dir: str | Path, split: str = "test", data: str | None = No
     """Single-scale IoU of `RUN_DIR/model.safetensors` on `split` of the run's data folder,
     computed in fp32 on `device`."""
     from noisyseg.training.checkpoint import load_model
-    from noisyseg.training.data import load_split
+    from noisyseg.training.datasets import open_source
     from noisyseg.training.device import resolve_device
     from noisyseg.training.evaluation import evaluate_split
+    from noisyseg.training.pipeline import ImageDataset
     from noisyseg.training.run_dir import RunDir
 
     config = RunDir(run_dir).read_config()
     model, info = load_model(run_dir)
     model.to(resolve_device(device, field="--device"))
     data_root = data or config.data
-    split_arrays = load_split(data_root, split)
-    check_channels(split_arrays.images.shape[1], info.in_channels, data_root)
-    scores = evaluate_split(model, split_arrays, info.num_classes, ignore_index_of(data_root), config.eval_batch_size)
+    # The run's layout and options, clean masks (never the noisy `--labels`).
+    source = open_source(data_root, split, config.layout, **config.layout_options)
+    items = ImageDataset(source)
+    check_channels(int(items[0][0].shape[0]), info.in_channels, data_root)
+    scores = evaluate_split(model, items, info.num_classes, source.info.ignore_index, config.eval_batch_size, window=config.loader.eval_window, overlap=config.loader.eval_overlap)
     return {"run": str(run_dir), "data": str(data_root), "split": split, "classes": info.class_names, **scores}
-
-
-def ignore_index_of(data_root: str | Path) -> int:
-    from noisyseg.training.data import read_dataset_info
-
-    return read_dataset_info(data_root).ignore_index
 
 
 def check_channels(found: int, expected: int, source: str | Path) -> None:
@@ -229,7 +226,7 @@ def register_predict(subparsers: argparse._SubParsersAction) -> None:
 
 
 def image_files(folder: str | Path) -> list[Path]:
-    from noisyseg.training.data import IMAGE_SUFFIXES
+    from noisyseg.training.data import PREDICT_SUFFIXES as IMAGE_SUFFIXES
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -252,8 +249,10 @@ def predict_folder(run: str | Path, input_dir: str | Path, out_dir: str | Path, 
     from noisyseg.training.checkpoint import load_model
     from noisyseg.training.data import normalize_image, read_image, write_mask
     from noisyseg.training.device import resolve_device
+    from noisyseg.training.evaluation import whole_image_logits
 
     model, info = load_model(run)
+    model.eval()
     target_device = resolve_device(device, field="--device")
     model.to(target_device)
     written = []
@@ -261,7 +260,7 @@ def predict_folder(run: str | Path, input_dir: str | Path, out_dir: str | Path, 
         image = read_image(path)
         check_channels(image.shape[0], info.in_channels, path)
         with torch.no_grad():
-            logits = model(torch.from_numpy(normalize_image(image, info.normalization))[None].to(target_device))
+            logits = whole_image_logits(model, torch.from_numpy(normalize_image(image, info.normalization))[None].to(target_device))
         target = Path(out_dir) / f"{path.stem}.png"
         write_mask(target, logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy())
         written.append(target)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import random
 import shutil
@@ -35,6 +36,8 @@ from torch.utils.data import Dataset
 from noisyseg.training.config import TrainConfig
 from noisyseg.training.io import atomic_write_bytes, atomic_write_json
 
+log = logging.getLogger(__name__)
+
 IGNORE_INDEX = 255
 SPLITS = ("train", "val", "test")
 DATASET_FILE = "dataset.json"
@@ -42,6 +45,8 @@ IMAGE_DIR = "images"
 MASK_DIR = "masks"
 SPLIT_DIR = "splits"
 IMAGE_SUFFIXES = (".npy", ".png")
+# What `predict` reads from a folder: the folder layout's images and the RGB layouts' JPEGs.
+PREDICT_SUFFIXES = (*IMAGE_SUFFIXES, ".jpg", ".jpeg")
 MASK_SUFFIXES = (".png", ".npy")
 # Guards the z-score against constant slices (for example an all-air slice).
 NORMALIZATION_EPS = 1e-6
@@ -428,6 +433,17 @@ def use_cache(config: TrainConfig, layout: str) -> bool:
     return layout == "folder" and not config.loader.augment.random
 
 
+def test_split(root: str | Path, layout: str, options: dict[str, Any]) -> str:
+    """`test`, or `val` for a dataset without a labelled test split (PASCAL VOC keeps its test
+    masks private): the run's test metrics then repeat the validation split's, and say so."""
+    from noisyseg.training.datasets import LAYOUTS
+
+    if "test" in LAYOUTS[layout][0].splits(root, **options):
+        return "test"
+    log.warning("%s: no labelled test split in this %s dataset; the run's test metrics are computed on val", root, layout)
+    return "val"
+
+
 def load_run_data(config: TrainConfig, workdir: str | Path | None = None) -> RunData:
     """The train split (labels from `config.labels` if set) and the clean val/test splits,
     cached in memory or as sources read on demand (`use_cache`); streamed label maps are
@@ -461,7 +477,7 @@ def load_run_data(config: TrainConfig, workdir: str | Path | None = None) -> Run
         train_ids=list(train_source.ids),
         clean_train_labels=clean,
         val=ImageDataset(open_source(config.data, "val", layout, **options)),
-        test=ImageDataset(open_source(config.data, "test", layout, **options)),
+        test=ImageDataset(open_source(config.data, test_split(config.data, layout, options), layout, **options)),
         train_source=train_source,
         in_channels=int(train_source.read_image(0).shape[0]),
     )
