@@ -210,7 +210,7 @@ class LoaderConfig:
 class DistributedConfig:
     """Multi-process training under torchrun (`docs/distributed.md`); ignored by one process.
 
-    backend: `auto` (nccl when CUDA is available, else gloo), `gloo` or `nccl`.
+    backend: `auto` (nccl when the ranks train on CUDA GPUs, else gloo), `gloo` or `nccl`.
     timeout_s: bound on every collective; a rank that dies or hangs makes the others stop with
         an error after at most this long instead of waiting forever.
     sync_batchnorm: normalise batch-norm layers over the global batch instead of each rank's shard.
