@@ -59,7 +59,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from noisyseg.kernels import ARM, arm_cross_entropy, arm_reweighted_loss, multiscale_consistency
+from noisyseg.kernels import ARM
 from noisyseg.training import adele
 from noisyseg.training.checkpoint import ModelInfo, save_model
 from noisyseg.training.config import OptimConfig, TrainConfig
@@ -103,6 +103,7 @@ from noisyseg.training.metrics import (
     iou_per_class,
 )
 from noisyseg.training.models import create_model
+from noisyseg.training.objective import MethodObjective
 from noisyseg.training.pipeline import (
     EpochBatches,
     ImageDataset,
@@ -207,6 +208,7 @@ class Trainer:
         self.scaler = self.precision.grad_scaler(self.device)
         self.data = data
         self.spec = METHOD_SPECS[config.method]
+        self.objective = MethodObjective(config, data.info.ignore_index)
         self.run_dir = RunDir(config.out)
         self.ignore_index = data.info.ignore_index
         self.scales = list(config.adele.scales) if self.spec.multiscale else [1.0]
@@ -295,46 +297,8 @@ class Trainer:
     # ---- losses
 
     def loss_terms(self, logits_per_scale: list[torch.Tensor], target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(what to backpropagate, logged terms as detached tensors). The network minimises the
-        method's loss; with ARM, ARM ascends the same loss, or during warm-up its own detached
-        objective."""
-        arm = None if self.arm is None or self.arm_warming_up() else self.arm
-        divisor = self.config.adele.logit_divisor
-        logits = [z / divisor for z in logits_per_scale] if divisor != 1.0 else logits_per_scale
-        supervised = torch.stack([self.pixel_loss_mean(z, target, arm) for z in logits]).mean()
-        terms = {self.spec.pixel_loss: supervised.detach()}
-        network_loss = supervised
-        if self.spec.consistency:
-            consistency = multiscale_consistency(logits, target, self.config.adele.rho, self.config.adele.rho_mask, self.ignore_index, backend=self.config.loss.backend)
-            # (sum_k CE_k + lambda L_ms) / S, method-spec section 4.
-            network_loss = supervised + self.config.adele.lam * consistency / len(logits)
-            terms["consistency"] = consistency.detach()
-        terms["total"] = network_loss.detach()
-        if self.arm is not None and arm is None:
-            objective = self.arm_warmup_objective(logits, target)
-            terms["arm_objective"] = objective.detach()
-            return network_loss + objective, terms
-        return network_loss, terms
-
-    def pixel_loss_mean(self, logits: torch.Tensor, target: torch.Tensor, arm: nn.Module | None) -> torch.Tensor:
-        if self.spec.pixel_loss == "ce":
-            return arm_cross_entropy(logits, target, arm, self.ignore_index, backend=self.config.loss.backend)
-        from noisyseg.training.losses import segmentation_loss
-
-        loss = self.config.loss
-        return segmentation_loss(self.spec.pixel_loss, logits, target, arm, self.ignore_index, gce_q=loss.gce_q, ohem_threshold=loss.ohem_threshold, ohem_min_kept=loss.ohem_min_kept)
-
-    def arm_warmup_objective(self, logits_per_scale: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-        """ARM's objective on detached per-pixel losses: only ARM's parameters get a gradient."""
-        from noisyseg.training.losses import pixel_loss
-
-        loss = self.config.loss
-        objectives = []
-        for logits in logits_per_scale:
-            detached = logits.detach()
-            losses, counted = pixel_loss(self.spec.pixel_loss, detached, target, self.ignore_index, gce_q=loss.gce_q, ohem_threshold=loss.ohem_threshold, ohem_min_kept=loss.ohem_min_kept)
-            objectives.append(arm_reweighted_loss(losses.detach(), torch.softmax(detached.float(), dim=1), counted, self.arm))
-        return torch.stack(objectives).mean()
+        """The method's loss and its logged terms (`objective.py`), with ARM warming up or not."""
+        return self.objective(logits_per_scale, target, self.arm, self.arm is not None and self.arm_warming_up())
 
     # ---- one epoch
 
