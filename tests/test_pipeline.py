@@ -149,10 +149,11 @@ def test_images_of_different_sizes_train_from_crops_and_need_a_crop(mixed: Path,
     assert config(mixed, tmp_path / "x", "loader.augment.flip=true").correction_timing() == "epoch"
 
 
-@pytest.mark.parametrize("timing", ["epoch", "iteration"])
+# `auto` resolves to epoch timing under random augmentation (checked by the corrections below).
+@pytest.mark.parametrize("timing", ["auto", "iteration"])
 def test_streamed_run_with_workers_and_augmentation_resumes_exactly(mixed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, timing: str) -> None:
     augment = ["loader.num_workers=2", "loader.augment.crop_size=[24,24]", "loader.augment.flip=true", "loader.augment.jitter=true"]
-    augment += ["loader.augment.rescale=true", "loader.augment.scale_range=[0.75,1.25]"] if timing == "epoch" else []
+    augment += ["loader.augment.rescale=true", "loader.augment.scale_range=[0.75,1.25]"] if timing == "auto" else []
     overrides = ["method=adele", "epochs=5", f"adele.correction_timing={timing}", *EARLY_CORRECTION, *augment]
     straight = tmp_path / "straight"
     train(config(mixed, straight, *overrides))

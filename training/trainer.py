@@ -506,7 +506,7 @@ class Trainer:
     def correct_after_epoch(self, epoch: int) -> int:
         """`epoch` timing: recompute predictions on the whole train split, then correct."""
         classes = self.correction_classes(epoch)
-        if classes is None or self.config.adele.correction_timing != "epoch":
+        if classes is None or self.timing != "epoch":
             return 0
         scales = self.scales if self.config.adele.correction_prediction == "multiscale" else [1.0]
         block = shard_indices(len(self.data.train_ids), self.ctx.rank, self.ctx.world_size)
