@@ -63,13 +63,13 @@ from noisyseg.kernels import ARM
 from noisyseg.training import adele
 from noisyseg.training.checkpoint import ModelInfo, save_model
 from noisyseg.training.config import OptimConfig, TrainConfig
+from noisyseg.training.correction import LabelCorrections
 from noisyseg.training.data import RunData, load_run_data
 from noisyseg.training.device import resolve_precision
 from noisyseg.training.distributed import (
     SINGLE_PROCESS,
     DistContext,
     agree_on_error,
-    all_gather_rows,
     all_reduce_counts,
     all_reduce_sum,
     average_gradients,
@@ -109,7 +109,6 @@ from noisyseg.training.pipeline import (
     ImageDataset,
     TrainingItems,
     check_stackable,
-    paste_back,
     training_loader,
     worker_count,
 )
@@ -231,25 +230,22 @@ class Trainer:
             self.arm_optimizer = make_optimizer(self.arm.parameters(), replace(config.optim, momentum=momentum, weight_decay=0.0), maximize=True)
         self.shuffle = torch.Generator().manual_seed(config.seed)
         self.workdir = str(config.out) if not data.cached and Path(config.out).is_dir() else None
-        self.store = LabelStore.from_original(data.train_labels, data.train_ids, self.workdir)
+        store = LabelStore.from_original(data.train_labels, data.train_ids, self.workdir)
         self.has_clean = data.clean_train_labels is not None
         # Cached: the training split on the device, once (on the CPU these share the arrays'
         # memory): images, the annotations trained on (never modified), the clean masks when
-        # known, and `labels`, the device copy of the label store that corrections write into.
-        # Streamed: items come from `training_loader` and corrections go into the host store
-        # (memory-mapped), gathered on the device and written at the host's looks (`flush_corrections`).
-        self.train_images = self.annotations = self.clean_labels = self.labels = None
+        # known; corrections write into a device copy of the store (`correction.py`).
+        # Streamed: items come from `training_loader`, corrections go into the host store.
+        self.corrections = LabelCorrections(store, ctx, self.device, data.cached, config.adele, self.ignore_index)
+        self.train_images = self.annotations = self.clean_labels = None
         if data.cached:
             self.train_images = data.train_images.to(self.device)
             self.annotations = torch.from_numpy(data.train_labels.stacked()).to(self.device)
             self.clean_labels = None if data.clean_train_labels is None else torch.from_numpy(data.clean_train_labels.stacked()).to(self.device)
-            self.labels = self.device_copy_of_store()
         else:
             check_stackable(data.train_labels.shapes, config.loader.augment, f"{config.data} (training split)")
         self.loader: DataLoader | None = None
         self.sampler: EpochBatches | None = None
-        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (geometry, corrected crops) not yet in the store
-        self.changed_rows: set[int] = set()  # items this rank corrected since the last exchange
         self.triggers = adele.TriggerState(data.num_classes)
         self.epoch = 0
         self.iteration = 0
@@ -259,8 +255,9 @@ class Trainer:
         self.saved_epoch = 0  # the epoch of the last complete checkpoint
         self.network = self.distributed_network()
 
-    def device_copy_of_store(self) -> torch.Tensor:
-        return torch.from_numpy(self.store.labels).to(self.device, copy=True)
+    @property
+    def store(self) -> LabelStore:
+        return self.corrections.store
 
     def distributed_network(self) -> nn.Module:
         """The multiscale forward (through `torch.compile` with `model.compile`), in DDP when
@@ -308,64 +305,6 @@ class Trainer:
             return None
         return self.triggers.correction_classes(epoch, self.timing, self.config.adele.correction_every)
 
-    def correct_rows(self, rows: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        """Correct rows `rows` of the device label copy from `probs`; the number of changed
-        pixels as a device tensor (`sync_label_store` brings the rows into the store)."""
-        corrected = adele.correct_labels(labels, probs, classes, self.config.adele.tau, self.config.adele.refuse_absent_classes, self.ignore_index)
-        self.labels[rows] = corrected.to(torch.uint8)
-        return (corrected != labels).sum()
-
-    def correct_crops(self, geometry: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        """Correct a streamed batch's crops; queued on the device until `flush_corrections`."""
-        corrected = adele.correct_labels(labels, probs, classes, self.config.adele.tau, self.config.adele.refuse_absent_classes, self.ignore_index)
-        self.pending.append((geometry, corrected.to(torch.uint8)))
-        return (corrected != labels).sum()
-
-    def flush_corrections(self) -> None:
-        """Write the queued crop corrections into the host store through each crop's geometry
-        (a host wait; done at the logging points and at the epoch's end)."""
-        for geometry, corrected in self.pending:
-            for item, crop in zip(geometry.numpy(), corrected.cpu().numpy(), strict=True):
-                if paste_back(self.store, crop, item):
-                    self.changed_rows.add(int(item[0]))
-        self.pending = []
-
-    def sync_label_store(self) -> None:
-        """Bring the corrections made on the device into the label store (what checkpoints hold).
-
-        With several ranks each rank's changed rows go to every rank: within an epoch each slice
-        belongs to exactly one rank's shard, so the rows are disjoint and no rank has read a row
-        that another corrected; the copies end equal to the store a single process would build.
-        """
-        if self.labels is None:
-            self.exchange_streamed_corrections()
-            return
-        current = self.labels.cpu().numpy()
-        changed = np.flatnonzero((current != self.store.labels).reshape(len(current), -1).any(axis=1))
-        rows, labels = all_gather_rows(self.ctx, changed.astype(np.int64), current[changed], "the label-store exchange")
-        if len(rows):
-            self.store.update(rows, labels)
-            if self.ctx.enabled:
-                self.labels[torch.from_numpy(rows).to(self.device)] = torch.from_numpy(labels).to(self.device)
-
-    def exchange_streamed_corrections(self) -> None:
-        """Streamed store: every rank applies every rank's corrected maps (disjoint items)."""
-        self.flush_corrections()
-        rows = np.array(sorted(self.changed_rows), dtype=np.int64)
-        self.changed_rows = set()
-        if not self.ctx.enabled:
-            return
-        what = "the label-store exchange"
-        flat = np.concatenate([self.store.maps[r].reshape(-1) for r in rows]) if len(rows) else np.zeros(0, np.uint8)
-        all_rows, _ = all_gather_rows(self.ctx, rows, np.zeros((len(rows), 1), np.uint8), what)
-        _, all_flat = all_gather_rows(self.ctx, np.zeros(len(flat), np.int64), flat[:, None], what)
-        offset = 0
-        for row in all_rows.tolist():
-            height, width = self.store.maps.shapes[row]
-            self.store.maps[row] = all_flat[offset : offset + height * width, 0].reshape(height, width)
-            offset += height * width
-            self.store.maps.release(row)
-
     def train_step(self, rows: torch.Tensor, counters: EpochCounters, correct: torch.Tensor | None, loss_weight: float = 1.0, padding: bool = False, batch: Any = None) -> None:
         """One step on `rows`: this rank's shard of a global batch (all of it for one process).
 
@@ -378,7 +317,7 @@ class Trainer:
         if batch is None:
             rows = rows.to(self.device)
             images = self.train_images[rows].contiguous(memory_format=self.memory_format)
-            target = self.labels[rows].long()
+            target = self.corrections.labels[rows].long()
         else:
             images, maps, geometry = batch
             images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
@@ -399,9 +338,9 @@ class Trainer:
         self.count_training_pass(rows, logits[self.scales.index(1.0)].detach().argmax(dim=1), target, counters, annotations, clean)
         if correct is not None and self.timing == "iteration":
             if geometry is None:
-                counters.corrected_pixels += self.correct_rows(rows, target, self.correction_probs(logits), correct)
+                counters.corrected_pixels += self.corrections.correct_rows(rows, target, self.correction_probs(logits), correct)
             else:
-                counters.corrected_pixels += self.correct_crops(geometry, target, self.correction_probs(logits), correct)
+                counters.corrected_pixels += self.corrections.correct_crops(geometry, target, self.correction_probs(logits), correct)
 
     def check_finite(self, counters: EpochCounters) -> None:
         """Stop (every rank) if a step of this epoch had a non-finite loss (a host wait)."""
@@ -463,11 +402,11 @@ class Trainer:
                 self.train_step(shard.rows, counters, correct, shard.loss_weight, shard.padding, None if streamed is None else next(streamed))
                 if step % SYNC_EVERY == 0:
                     self.check_finite(counters)
-                    self.flush_corrections()
+                    self.corrections.flush()
                     progress.set_postfix(loss=f"{float(counters.loss_sums['total']) / counters.steps:.4f}")
         self.check_finite(counters)
         broadcast_buffers(self.ctx, self.model, "the batch-norm statistics broadcast")
-        self.sync_label_store()
+        self.corrections.sync()
         self.reduce_counters(counters)
         return counters
 
@@ -517,20 +456,13 @@ class Trainer:
             for index, (image, _) in zip(block, items, strict=True):
                 with self.precision.autocast(self.device):
                     probs = predict_image(self.model, image[None].to(self.device), scales)
-                labels = torch.from_numpy(self.store.maps[index]).to(self.device).long()[None]
-                corrected = adele.correct_labels(labels, probs, classes, self.config.adele.tau, self.config.adele.refuse_absent_classes, self.ignore_index)
-                count = (corrected != labels).sum()
-                if int(count):
-                    self.store.maps[index] = corrected[0].to(torch.uint8).cpu().numpy()
-                    self.changed_rows.add(index)
-                self.store.maps.release(index)
-                changed += count
+                changed += self.corrections.correct_item(index, probs, classes)
         elif len(block):
             with self.precision.autocast(self.device):
                 probs = predict_batches(self.model, self.train_images[block.start : block.stop], self.config.eval_batch_size, scales)
             rows = torch.arange(block.start, block.stop, device=self.device)
-            changed = self.correct_rows(rows, self.labels[rows].long(), probs, classes)
-        self.sync_label_store()
+            changed = self.corrections.correct_rows(rows, self.corrections.labels[rows].long(), probs, classes)
+        self.corrections.sync()
         return self.total_over_ranks(changed)
 
     def finish_epoch(self, counters: EpochCounters) -> dict[str, Any]:
@@ -636,9 +568,7 @@ class Trainer:
         np.random.set_state((numpy_state[0], np.array(numpy_state[1], dtype=np.uint32), *numpy_state[2:]))
         python_state = state["rng"]["python"]
         random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
-        self.store = LabelStore.load(directory, self.data.train_labels, self.data.train_ids, self.workdir)
-        if self.data.cached:
-            self.labels = self.device_copy_of_store()
+        self.corrections.replace_store(LabelStore.load(directory, self.data.train_labels, self.data.train_ids, self.workdir))
         if self.scaler.is_enabled() and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
         self.triggers = adele.TriggerState.from_json(self.data.num_classes, state["triggers"])
