@@ -157,16 +157,18 @@ def test_collectives_match_the_single_process_computation(tmp_path: Path) -> Non
 # ----------------------------------------------------------------------------- torchrun training
 
 
-@pytest.mark.parametrize("timing", ["iteration", "epoch"])
-def test_two_process_training_matches_the_single_process_run(tmp_path: Path, timing: str) -> None:
+@pytest.mark.parametrize(("timing", "streamed"), [("iteration", False), ("epoch", False), ("iteration", True), ("epoch", True)], ids=["iteration", "epoch", "iteration-streamed", "epoch-streamed"])
+def test_two_process_training_matches_the_single_process_run(tmp_path: Path, timing: str, streamed: bool) -> None:
     """torchrun, 2 gloo ranks, global batch 5 (12 slices: batches of 5, 5, 2, so shards of 3 and
     2 rows with loss weights 1.2 and 0.8, then 1 and 1), synchronised batch norm: the same
     trigger epochs as one process with batch 5, the same weights up to float32 reduction order,
     and a label store that differs in at most a few pixels (see the bound below). `iteration`
     timing corrects each rank's shard after its steps, `epoch` timing in a sharded prediction
-    pass at the end of the epoch."""
+    pass at the end of the epoch. `streamed`: items read from disk through the DataLoader into
+    a memory-mapped store, corrected maps exchanged between ranks at the epoch's end."""
     phantom = make_phantom(tmp_path / "phantom")
-    options = ("--batch-size", "5", "--set=distributed.sync_batchnorm=true", f"--set=adele.correction_timing={timing}")
+    streaming = ("--set=loader.cache=false", "--set=loader.num_workers=0") if streamed else ()
+    options = ("--batch-size", "5", "--set=distributed.sync_batchnorm=true", f"--set=adele.correction_timing={timing}", *streaming)
     ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "noisyseg", "--log-level", "INFO"]
     result = subprocess.run([*launcher, *train_args(phantom, ddp_out, *options)], env=child_env(), capture_output=True, timeout=200)
