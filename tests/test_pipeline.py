@@ -18,7 +18,7 @@ from torch import nn
 from noisyseg.training.config import AugmentConfig, build_config
 from noisyseg.training.data import load_split
 from noisyseg.training.datasets import open_source
-from noisyseg.training.evaluation import evaluate_split
+from noisyseg.training.evaluation import evaluate_split, predict_batches, predict_image
 from noisyseg.training.label_store import LabelMaps, LabelStore
 from noisyseg.training.pipeline import Augmenter, ImageDataset, paste_back
 from noisyseg.training.trainer import Trainer, train
@@ -201,3 +201,16 @@ def test_peak_rss_does_not_grow_with_the_number_of_images(tmp_path: Path) -> Non
     rss_small, rss_large = peak_rss_kib(small, tmp_path / "run_small"), peak_rss_kib(large, tmp_path / "run_large")
     print(f"peak RSS: 200 images {rss_small / 1024:.0f} MiB, 2000 images {rss_large / 1024:.0f} MiB")
     assert rss_large / rss_small < 1.1, (rss_small, rss_large)
+
+
+def test_flipped_views_average_with_the_unflipped_ones(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    model = nn.Conv2d(1, 3, (1, 3), padding=(0, 1))  # not symmetric left-right
+    images = torch.randn(2, 1, 8, 12)
+    plain = torch.softmax(model(images), dim=1)
+    mirrored = torch.softmax(model(images.flip(-1)), dim=1).flip(-1)
+    expected = (plain + mirrored) / 2
+    assert not torch.allclose(plain, mirrored, atol=1e-3)
+    torch.testing.assert_close(predict_batches(model, images, batch_size=2, flip=True), expected)
+    torch.testing.assert_close(predict_image(model, images[:1], [1.0], flip=True), expected[:1])
+    torch.testing.assert_close(predict_batches(model, images, batch_size=2), plain)

@@ -108,6 +108,8 @@ class AdeleConfig:
         trigger epoch and at epochs that are multiples of this (10 in the reference code).
     correction_prediction: `multiscale` (paper: the average of the scales' softmax) or `single`
         (reference code: the scale-1.0 softmax).
+    correction_flip: `epoch` timing also averages each scale's horizontally flipped view (as
+        multiscale-and-flip testing does; off by default: the SegTHOR setting has no flips).
     refuse_absent_classes: never add an organ that is absent from the slice's current label
         (reference code behaviour, on by default).
     logit_divisor: the reference code divides logits by 3 before its CE (a temperature the paper
@@ -125,6 +127,7 @@ class AdeleConfig:
     correction_timing: str = "auto"
     correction_every: int = 1
     correction_prediction: str = "multiscale"
+    correction_flip: bool = False
     refuse_absent_classes: bool = True
     logit_divisor: float = 1.0
 

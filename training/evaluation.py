@@ -61,11 +61,17 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def predict_batches(model: nn.Module, images: torch.Tensor, batch_size: int, scales: list[float] | None = None) -> torch.Tensor:
-    """Class probabilities (N, C, H, W) in eval mode, averaged over `scales` (default: 1.0 only)."""
+def predict_batches(model: nn.Module, images: torch.Tensor, batch_size: int, scales: list[float] | None = None, flip: bool = False) -> torch.Tensor:
+    """Class probabilities (N, C, H, W) in eval mode, averaged over `scales` (default: 1.0 only)
+    and, with `flip`, over each scale's horizontally flipped view too (flipped back)."""
     device = model_device(model)
+
+    def views(batch: torch.Tensor) -> list[torch.Tensor]:
+        logits = forward_scales(model, batch, scales or [1.0])
+        return logits + [z.flip(-1) for z in forward_scales(model, batch.flip(-1), scales or [1.0])] if flip else logits
+
     with eval_mode(model):
-        chunks = [mean_probabilities(forward_scales(model, images[i : i + batch_size].to(device), scales or [1.0])) for i in range(0, len(images), batch_size)]
+        chunks = [mean_probabilities(views(images[i : i + batch_size].to(device))) for i in range(0, len(images), batch_size)]
     return torch.cat(chunks)
 
 
@@ -153,15 +159,18 @@ def evaluate_split(model: nn.Module, split: Sequence[Any], num_classes: int, ign
 
 
 @torch.no_grad()
-def predict_image(model: nn.Module, image: torch.Tensor, scales: list[float]) -> torch.Tensor:
+def predict_image(model: nn.Module, image: torch.Tensor, scales: list[float], flip: bool = False) -> torch.Tensor:
     """Class probabilities (1, K, H, W) of one image of any size, in eval mode, averaged over
-    `scales` (each scaled input padded to the network's stride, its logits cropped and resized back)."""
+    `scales` (each scaled input padded to the network's stride, its logits cropped and resized
+    back) and, with `flip`, over each scale's horizontally flipped view too (flipped back)."""
     height, width = image.shape[-2:]
     with eval_mode(model):
         logits = []
-        for scale in scales:
-            size = (max(1, round(height * scale)), max(1, round(width * scale)))
-            logits.append(resize(whole_image_logits(model, resize(image, size)), (height, width)))
+        for view, flipped in [(image, False), *([(image.flip(-1), True)] if flip else [])]:
+            for scale in scales:
+                size = (max(1, round(height * scale)), max(1, round(width * scale)))
+                z = resize(whole_image_logits(model, resize(view, size)), (height, width))
+                logits.append(z.flip(-1) if flipped else z)
         return mean_probabilities(logits)
 
 

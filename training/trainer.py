@@ -455,11 +455,11 @@ class Trainer:
             items = split_items(ImageDataset(self.data.train_source), block, worker_count(self.config.loader.num_workers))
             for index, (image, _) in zip(block, items, strict=True):
                 with self.precision.autocast(self.device):
-                    probs = predict_image(self.model, image[None].to(self.device), scales)
+                    probs = predict_image(self.model, image[None].to(self.device), scales, self.config.adele.correction_flip)
                 changed += self.corrections.correct_item(index, probs, classes)
         elif len(block):
             with self.precision.autocast(self.device):
-                probs = predict_batches(self.model, self.train_images[block.start : block.stop], self.config.eval_batch_size, scales)
+                probs = predict_batches(self.model, self.train_images[block.start : block.stop], self.config.eval_batch_size, scales, self.config.adele.correction_flip)
             rows = torch.arange(block.start, block.stop, device=self.device)
             changed = self.corrections.correct_rows(rows, self.corrections.labels[rows].long(), probs, classes)
         self.corrections.sync()
