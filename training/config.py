@@ -111,7 +111,8 @@ class AdeleConfig:
     correction_flip: `epoch` timing also averages each scale's horizontally flipped view (as
         multiscale-and-flip testing does; off by default: the SegTHOR setting has no flips).
     refuse_absent_classes: never add an organ that is absent from the slice's current label
-        (reference code behaviour, on by default).
+        (reference code behaviour, on by default). With `iteration` timing on random crops the
+        check sees the crop, not the whole image: stricter (a class outside the crop is refused).
     logit_divisor: the reference code divides logits by 3 before its CE (a temperature the paper
         never mentions); 1.0 = off, the default.
     """
