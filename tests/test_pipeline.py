@@ -214,3 +214,14 @@ def test_flipped_views_average_with_the_unflipped_ones(tmp_path: Path) -> None:
     torch.testing.assert_close(predict_batches(model, images, batch_size=2, flip=True), expected)
     torch.testing.assert_close(predict_image(model, images[:1], [1.0], flip=True), expected[:1])
     torch.testing.assert_close(predict_batches(model, images, batch_size=2), plain)
+
+
+def test_a_broken_file_read_by_a_worker_is_named_in_one_line(tmp_path: Path) -> None:
+    data = write_folder(tmp_path / "data", {"train": [(32, 32)] * 4, "val": [(32, 32)] * 2, "test": [(32, 32)] * 2})
+    last = (data / "splits" / "train.txt").read_text().split()[-1]
+    broken = next((data / "images").glob(f"{last}.*"))
+    broken.write_bytes(b"not an image")
+    with pytest.raises(ValueError) as caught:
+        train(config(data, tmp_path / "run", "loader.cache=false", "loader.num_workers=1", "epochs=1"))
+    message = str(caught.value)
+    assert message.startswith(f"{broken}: unreadable image") and "\n" not in message

@@ -127,7 +127,21 @@ def split_items(split: Sequence[Any], block: range, num_workers: int = 0) -> Ite
     """Items `block` of a split (in memory, or read by `num_workers` DataLoader workers)."""
     if num_workers == 0:
         return (split[i] for i in block)
-    return iter(DataLoader(Subset(split, list(block)), batch_size=None, num_workers=num_workers))
+    return worker_errors_as_raised(iter(DataLoader(Subset(split, list(block)), batch_size=None, num_workers=num_workers)))
+
+
+def worker_errors_as_raised(items: Iterator[Any]) -> Iterator[Any]:
+    """`items` of a DataLoader, with a worker's ValueError or OSError (a reader's one-line error
+    naming the file) raised with its own message: torch re-raises it with the worker's traceback
+    folded into the message, which the command line would print whole."""
+    try:
+        yield from items
+    except (ValueError, OSError) as err:
+        text = str(err)
+        _, sep, message = text.strip().splitlines()[-1].partition(": ")
+        if "DataLoader worker" not in text or not sep:
+            raise
+        raise type(err)(message) from err
 
 
 @torch.no_grad()

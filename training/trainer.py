@@ -93,6 +93,7 @@ from noisyseg.training.evaluation import (
     predict_batches,
     predict_image,
     split_items,
+    worker_errors_as_raised,
 )
 from noisyseg.training.label_store import LabelStore
 from noisyseg.training.methods import METHOD_SPECS
@@ -419,7 +420,7 @@ class Trainer:
         assert self.sampler is not None
         self.sampler.epoch = epoch
         self.sampler.batches = [shard.rows.tolist() for shard in shards]
-        return iter(self.loader)
+        return worker_errors_as_raised(iter(self.loader))
 
     def close(self) -> None:
         """Stop the DataLoader's workers."""
