@@ -6,6 +6,8 @@ import argparse
 from dataclasses import asdict
 from pathlib import Path
 
+from noisyseg.training.data_commands import add_layout_arguments, layout_options
+
 
 def parse_size(text: str) -> tuple[int, int]:
     """'256x320' -> (256, 320)."""
@@ -46,6 +48,8 @@ def run_quantize(args: argparse.Namespace) -> int:
         calibration_method=args.method,
         keep_classifier_fp32=not args.quantize_classifier,
         max_miou_drop=args.max_miou_drop,
+        layout=args.layout,
+        layout_options=layout_options(args.option),
     )
     report = quantize_onnx(args.onnx, args.calib_data, args.out, config)
     if args.report:
@@ -80,7 +84,8 @@ def run_engine(args: argparse.Namespace) -> int:
 def run_golden(args: argparse.Namespace) -> int:
     from noisyseg.export.golden import make_golden
 
-    meta = make_golden(args.onnx, args.out, shapes=args.shape or None, seed=args.seed, data_dir=args.data, split=args.split)
+    meta = make_golden(args.onnx, args.out, shapes=args.shape or None, seed=args.seed, data_dir=args.data, split=args.split,
+                       layout=args.layout, layout_options=layout_options(args.option))
     print(f"wrote {args.out}: {meta['cases']} case(s) of {meta['onnx_file']} (sha256 {meta['onnx_sha256'][:12]}...)")
     return 0
 
@@ -124,13 +129,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
     quantize = commands.add_parser("quantize", help="ONNX -> static INT8 QDQ model, calibrated on training images")
     quantize.add_argument("--onnx", required=True, help="fp32 .onnx model from `export onnx`")
-    quantize.add_argument("--calib-data", required=True, help="dataset folder: train split calibrates, test split evaluates")
+    quantize.add_argument("--calib-data", required=True, help="dataset root in any supported layout: its train split calibrates, its test split (val where there is none) evaluates")
     quantize.add_argument("--out", required=True, help="output .onnx file")
     quantize.add_argument("--calib-images", type=int, default=64, help="calibration images (default 64)")
     quantize.add_argument("--method", choices=["minmax", "percentile", "entropy"], default="minmax", help="calibration method (default minmax)")
     quantize.add_argument("--quantize-classifier", action="store_true", help="also quantise the final classifier (kept fp32 by default)")
     quantize.add_argument("--max-miou-drop", type=float, default=1.0, help="refuse to write if test mIoU drops more (points, default 1)")
     quantize.add_argument("--report", help="write the measurements to this JSON file")
+    add_layout_arguments(quantize)
     quantize.set_defaults(func=run_quantize)
 
     engine = commands.add_parser("engine", help="ONNX -> TensorRT plan + metadata (needs a GPU and the gpu extra)")
@@ -150,8 +156,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     golden.add_argument("--onnx", required=True, help="reference .onnx model")
     golden.add_argument("--out", required=True, help="output .npz")
     golden.add_argument("--shape", type=parse_nchw, action="append", metavar="NxCxHxW", help="input shape (repeatable; default batch 2 at 256x256)")
-    golden.add_argument("--data", help="use images of this dataset folder instead of synthetic ones")
+    golden.add_argument("--data", help="use images of this dataset root (any supported layout) instead of synthetic ones")
     golden.add_argument("--split", default="test", help="split of --data (default test)")
+    add_layout_arguments(golden)
     golden.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs")
     golden.set_defaults(func=run_golden)
 

@@ -25,10 +25,10 @@ import onnx
 import onnxruntime as ort
 
 from noisyseg import __version__
+from noisyseg.export.data_inputs import metadata_stride, open_data, shape_batches, source_pairs
 from noisyseg.export.onnx_export import sample_images
 from noisyseg.export.onnxruntime_runner import OnnxRuntimeRunner
 from noisyseg.training.checkpoint import file_sha256
-from noisyseg.training.data import load_split
 from noisyseg.training.io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
@@ -120,15 +120,24 @@ class CheckReport:
 
 
 def golden_inputs(
-    shapes: list[tuple[int, int, int, int]], seed: int, data_dir: Path | None, split: str, normalization: str = "zscore"
+    shapes: list[tuple[int, int, int, int]],
+    seed: int,
+    data_dir: Path | None,
+    split: str,
+    normalization: str = "zscore",
+    stride: int = 1,
+    layout: str = "auto",
+    layout_options: dict[str, Any] | None = None,
 ) -> list[np.ndarray]:
     """One input batch per shape: synthetic raw images (in the value range `normalization`
-    expects), or the first images of a data split, raw (the model normalises them)."""
+    expects), or the first images of a data split in any layout, raw (the model normalises them):
+    consecutive images of one size batched, zero-padded on the bottom and right to `stride`."""
     if data_dir is None:
         return [sample_images(shape, seed=seed + index, normalization=normalization) for index, shape in enumerate(shapes)]
-    images = load_split(data_dir, split, normalize=False).images
+    source = open_data(data_dir, split, layout, layout_options)
     batch = shapes[0][0] if shapes else DEFAULT_BATCH
-    return [images[start : start + batch] for start in range(0, min(len(images), batch * max(1, len(shapes))), batch)]
+    first = range(min(len(source), batch * max(1, len(shapes))))
+    return [chunk.images for chunk in shape_batches(source_pairs(source, first), batch, stride)]
 
 
 def default_shapes(runner: OnnxRuntimeRunner) -> list[tuple[int, int, int, int]]:
@@ -145,13 +154,15 @@ def make_golden(
     seed: int = 0,
     data_dir: str | Path | None = None,
     split: str = "test",
+    layout: str = "auto",
+    layout_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`noisyseg export golden`: save inputs and ONNX Runtime (CPU, fp32) outputs; returns the meta."""
     onnx_path = Path(onnx_path)
     runner = OnnxRuntimeRunner(onnx_path, providers=["CPUExecutionProvider"])
     inputs = golden_inputs(
         shapes or default_shapes(runner), seed, Path(data_dir) if data_dir else None, split,
-        runner.metadata.get("normalization", "zscore"),
+        runner.metadata.get("normalization", "zscore"), metadata_stride(runner.metadata), layout, layout_options,
     )
     arrays: dict[str, np.ndarray] = {}
     for index, images in enumerate(inputs):

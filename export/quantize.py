@@ -15,10 +15,14 @@ Choices, and why:
 - The final classifier convolution stays fp32 by default (`keep_classifier_fp32`): its output
   is the logits, whose small margins decide the argmax; it is 1x1 and cheap.
 
-Calibration and evaluation images come from `noisyseg.training.data.load_split(...,
-normalize=False)`: raw pixels, as a client sends them, which the graph normalises itself (z-score
-per image, or ImageNet mean/std for RGB models), so the network sees exactly the input it sees
-at deployment.
+Calibration and evaluation images come from a dataset in any supported layout
+(`noisyseg.training.datasets.open_source`, read on demand): raw pixels, as a client sends them,
+which the graph normalises itself (z-score per image, or ImageNet mean/std for RGB models), so
+the network sees exactly the input it sees at deployment. Images may differ in size: consecutive
+images of one size are batched together (`export.data_inputs.shape_batches`), zero-padded on the
+bottom and right to the model's stride, and predictions are cropped back before they enter the
+confusion matrix. Data of one size (a multiple of the stride) is batched exactly as a stacked
+split would be.
 """
 
 from __future__ import annotations
@@ -27,9 +31,9 @@ import logging
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -43,9 +47,17 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from tqdm import tqdm
 
+from noisyseg.export.data_inputs import (
+    ImageBatch,
+    metadata_stride,
+    open_data,
+    shape_batches,
+    source_pairs,
+)
 from noisyseg.export.onnx_export import read_metadata, set_metadata, tensorrt_compatibility_problems
 from noisyseg.export.onnxruntime_runner import OnnxRuntimeRunner
-from noisyseg.training.data import SplitArrays, load_split, read_dataset_info
+from noisyseg.training.data import test_split
+from noisyseg.training.datasets import SegmentationSource, detect_layout
 from noisyseg.training.io import atomic_write_bytes
 from noisyseg.training.metrics import confusion_matrix, mean_iou
 
@@ -64,7 +76,11 @@ class QuantizeConfig:
     """Options of `noisyseg export quantize`."""
 
     calibration_split: str = "train"
-    eval_split: str = "test"
+    # None: `test`, or `val` for a layout without a labelled test split (PASCAL VOC).
+    eval_split: str | None = None
+    # The data's layout (`auto`: detected) and its options, as `open_source` takes them.
+    layout: str = "auto"
+    layout_options: dict[str, Any] = field(default_factory=dict)
     max_calibration_images: int = 64
     batch_size: int = 8
     calibration_method: Literal["minmax", "percentile", "entropy"] = "minmax"
@@ -104,9 +120,9 @@ class QuantizeReport:
 class ImageBatchReader(CalibrationDataReader):
     """Feeds image batches to the calibrator as {input name: batch}."""
 
-    def __init__(self, input_name: str, images: np.ndarray, batch_size: int) -> None:
+    def __init__(self, input_name: str, batches: list[np.ndarray]) -> None:
         self.input_name = input_name
-        self.batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+        self.batches = batches
         self._iterator: Iterator[np.ndarray] = iter(self.batches)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -117,16 +133,29 @@ class ImageBatchReader(CalibrationDataReader):
         self._iterator = iter(self.batches)
 
 
-def calibration_images(data_dir: str | Path, config: QuantizeConfig) -> np.ndarray:
-    """Up to `max_calibration_images` images of the calibration split, a fixed random subset."""
+def open_split(data_dir: str | Path, split: str, config: QuantizeConfig) -> SegmentationSource:
+    return open_data(data_dir, split, config.layout, config.layout_options)
+
+
+def calibration_images(data_dir: str | Path, config: QuantizeConfig) -> list[np.ndarray]:
+    """Up to `max_calibration_images` raw images (C, H, W) of the calibration split, a fixed
+    random subset in split order."""
     # Raw pixels: the model normalises inside its graph (z-score or ImageNet), as in serving.
-    images = load_split(data_dir, config.calibration_split, normalize=False).images
-    if len(images) == 0:
-        raise ValueError(f"{data_dir}: split '{config.calibration_split}' has no images to calibrate on")
-    if len(images) > config.max_calibration_images:
+    source = open_split(data_dir, config.calibration_split, config)
+    indices = np.arange(len(source))
+    if len(source) > config.max_calibration_images:
         rng = np.random.default_rng(config.seed)
-        images = images[np.sort(rng.choice(len(images), config.max_calibration_images, replace=False))]
-    return images
+        indices = np.sort(rng.choice(len(source), config.max_calibration_images, replace=False))
+    return [source.read_image(int(index)).astype(np.float32, copy=False) for index in indices]
+
+
+def calibration_batches(images: list[np.ndarray], batch_size: int, stride: int, method: str) -> list[np.ndarray]:
+    """The calibrator's input batches: images of one size together, padded to the stride."""
+    batches = [batch.images for batch in shape_batches(((image, None) for image in images), batch_size, stride)]
+    if method != "minmax" and len({batch.shape for batch in batches}) > 1:
+        # ORT's histogram calibrators stack all batches' activations into one array.
+        raise ValueError(f"calibration method '{method}' needs images of one size (padded to the stride); these give {sorted({batch.shape[-2:] for batch in batches})}: use minmax")
+    return batches
 
 
 def classifier_node(model: onnx.ModelProto) -> str:
@@ -147,12 +176,15 @@ def predicted_labels(outputs: dict[str, np.ndarray]) -> np.ndarray:
     raise ValueError(f"model outputs {sorted(outputs)}; expected one of labels, logits, probs")
 
 
-def split_miou(runner: OnnxRuntimeRunner, split: SplitArrays, num_classes: int, ignore_index: int, batch_size: int) -> float:
-    """mIoU in points (0-100) of `runner` on a whole split (one confusion matrix over it)."""
-    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-    for start in tqdm(range(0, len(split.images), batch_size), desc=f"evaluating {runner.model_path.name}", unit="batch", leave=False):
-        labels = predicted_labels(runner.run(split.images[start : start + batch_size]))
-        matrix += confusion_matrix(labels, split.masks[start : start + batch_size], num_classes, ignore_index)
+def split_miou(runner: OnnxRuntimeRunner, source: SegmentationSource, batch_size: int, stride: int) -> float:
+    """mIoU in points (0-100) of `runner` on a whole split (one confusion matrix over it): images
+    of one size batched, padded to the stride, predictions cropped back to each image's size."""
+    info = source.info
+    matrix = np.zeros((info.num_classes, info.num_classes), dtype=np.int64)
+    batches = shape_batches(source_pairs(source), batch_size, stride)
+    for batch in tqdm(batches, desc=f"evaluating {runner.model_path.name}", unit="batch", leave=False):
+        labels = batch.crop(predicted_labels(runner.run(batch.images)))
+        matrix += confusion_matrix(labels, np.stack(batch.items), info.num_classes, info.ignore_index)
     return 100.0 * mean_iou(matrix)
 
 
@@ -166,14 +198,15 @@ def median_latency_ms(runner: OnnxRuntimeRunner, batch: np.ndarray, runs: int) -
     return 1000.0 * float(np.median(times))
 
 
-def quantize_to_bytes(onnx_path: Path, images: np.ndarray, config: QuantizeConfig) -> tuple[bytes, list[str]]:
+def quantize_to_bytes(onnx_path: Path, images: list[np.ndarray], config: QuantizeConfig) -> tuple[bytes, list[str]]:
     """Run ORT static quantisation; returns the QDQ model (with the fp32 model's metadata)."""
     model = onnx.load(str(onnx_path))
     excluded = [classifier_node(model)] if config.keep_classifier_fp32 else []
     # ORT's histogram calibrators (percentile, entropy) stack per-batch activations, so every
     # batch must have the same shape: one image per batch; min-max takes any batching.
     batch_size = config.batch_size if config.calibration_method == "minmax" else 1
-    reader = ImageBatchReader(model.graph.input[0].name, images, batch_size)
+    batches = calibration_batches(images, batch_size, metadata_stride(read_metadata(model)), config.calibration_method)
+    reader = ImageBatchReader(model.graph.input[0].name, batches)
     with tempfile.TemporaryDirectory(prefix="noisyseg-quantize-") as scratch:
         # ORT's recommended preparation: graph optimisation (constants become initializers, so
         # biases can be quantised too) and ONNX shape inference. Its symbolic shape inference
@@ -228,20 +261,23 @@ def evaluate_quantized(
     onnx_path: Path, quantized_bytes: bytes, data_dir: str | Path, config: QuantizeConfig, calibration_count: int, excluded: list[str]
 ) -> QuantizeReport:
     """Test-split mIoU and latency of the fp32 and int8 models, side by side."""
-    info = read_dataset_info(data_dir)
-    split = load_split(data_dir, config.eval_split, normalize=False)
-    if len(split.images) == 0:
-        raise ValueError(f"{data_dir}: split '{config.eval_split}' has no images to evaluate on")
+    eval_split = config.eval_split
+    if eval_split is None:
+        layout = detect_layout(data_dir) if config.layout == "auto" else config.layout
+        eval_split = test_split(data_dir, layout, config.layout_options)
+    source = open_split(data_dir, eval_split, config)
     fp32 = OnnxRuntimeRunner(onnx_path)
     int8 = OnnxRuntimeRunner(quantized_bytes)
-    fp32_miou = split_miou(fp32, split, info.num_classes, info.ignore_index, config.batch_size)
-    int8_miou = split_miou(int8, split, info.num_classes, info.ignore_index, config.batch_size)
-    batch = split.images[: config.timing_batch]
+    stride = metadata_stride(fp32.metadata)
+    fp32_miou = split_miou(fp32, source, config.batch_size, stride)
+    int8_miou = split_miou(int8, source, config.batch_size, stride)
+    first: ImageBatch[np.ndarray] = next(shape_batches(source_pairs(source), config.timing_batch, stride))
+    batch = first.images
     fp32_ms = median_latency_ms(fp32, batch, config.timing_runs)
     int8_ms = median_latency_ms(int8, batch, config.timing_runs)
     return QuantizeReport(
         calibration_images=calibration_count,
-        eval_images=len(split.images),
+        eval_images=len(source),
         excluded_nodes=excluded,
         fp32_miou=fp32_miou,
         int8_miou=int8_miou,

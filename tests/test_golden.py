@@ -117,3 +117,28 @@ def test_golden_from_dataset_images(onnx_model, tmp_path) -> None:
     np.testing.assert_array_equal(inputs[0], test_images[: len(inputs[0])])
     assert outputs[0]["logits"].shape == (len(inputs[0]), 5, 32, 32)
     assert check_golden(onnx_model, golden).passed
+
+
+def test_golden_from_a_voc_tree_pads_images_to_the_stride(tmp_path) -> None:
+    """`--data` in any layout: VOC images of different sizes become batches of one size, padded to the stride."""
+    from test_datasets import VOC_TREE, voc_mask, write_palette, write_rgb
+
+    from noisyseg.export.golden import golden_inputs
+    from noisyseg.training.datasets import open_source
+
+    root = tmp_path / "VOC2012"
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    for split in ("train", "val"):
+        items = VOC_TREE[split]
+        (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("".join(f"{i}\n" for i, _, _ in items))
+        for n, (image_id, height, width) in enumerate(items):
+            write_rgb(root / "JPEGImages" / f"{image_id}.jpg", height, width, seed=n, fmt="JPEG")
+            write_palette(root / "SegmentationClass" / f"{image_id}.png", voc_mask(height, width, 12))
+    source = open_source(root, "val")
+    inputs = golden_inputs([(2, 3, 8, 8)] * 2, 0, root, "val", stride=8, layout="voc")
+    images = [source.read_image(index) for index in range(min(len(source), 4))]
+    assert sum(len(batch) for batch in inputs) == len(images)
+    flat = [image for batch in inputs for image in batch]
+    for image, padded in zip(images, flat, strict=True):
+        assert padded.shape[-2] % 8 == 0 and padded.shape[-1] % 8 == 0
+        assert np.array_equal(padded[:, : image.shape[1], : image.shape[2]], image)

@@ -7,6 +7,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from test_datasets import voc  # noqa: F401  (fixture: a tiny VOC tree, images of different sizes)
 
 from noisyseg import cli
 from noisyseg.export.onnx_export import (
@@ -151,7 +152,7 @@ def test_rgb_imagenet_model_calibrates_and_evaluates_on_raw_pixels(rgb_dataset, 
     fp32_path = tmp_path / "model.onnx"
     export_model(model, info, fp32_path, ExportConfig(exporter="torchscript"))
 
-    images = calibration_images(rgb_dataset, QuantizeConfig())
+    images = np.stack(calibration_images(rgb_dataset, QuantizeConfig()))
     raw = load_split(rgb_dataset, "train", normalize=False).images
     assert images.shape[1] == 3 and images.max() > 200 and np.array_equal(images, raw[: len(images)])
 
@@ -163,3 +164,46 @@ def test_rgb_imagenet_model_calibrates_and_evaluates_on_raw_pixels(rgb_dataset, 
     expected = 100 * mean_iou(confusion_matrix(labels, split.masks, read_dataset_info(rgb_dataset).num_classes))
     assert report.fp32_miou == pytest.approx(expected, abs=0.05)
     assert report.calibration_images == len(images)
+
+
+def test_voc_tree_of_different_sizes_calibrates_and_evaluates_per_image(voc, tmp_path, monkeypatch, capsys) -> None:  # noqa: F811
+    """Any layout through `open_source`: a VOC tree (images of different sizes, no test split, so
+    val evaluates) calibrates an RGB model in batches of one size padded to the stride; the
+    reported fp32 mIoU equals ONNX Runtime run image by image (padded, cropped back)."""
+    import json
+
+    from noisyseg.training.datasets import open_source
+
+    torch.manual_seed(0)
+    source = open_source(voc, "val")
+    kwargs = {"base_width": 4, "depth": 2, "in_channels": 3}
+    model = create_model("unet", num_classes=source.info.num_classes, **kwargs).eval()
+    info = ModelInfo("unet", {**kwargs, "num_classes": source.info.num_classes}, source.info.classes, normalization="imagenet")
+    fp32_path = tmp_path / "model.onnx"
+    export_model(model, info, fp32_path, ExportConfig(exporter="torchscript"))
+    stride = model.stride
+    sizes = {source.read_image(index).shape for index in range(len(source))}
+    assert len(sizes) > 1 and any(h % stride or w % stride for _, h, w in sizes)
+
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["noisyseg.export.commands"])
+    out, report_path = tmp_path / "q.onnx", tmp_path / "q.json"
+    argv = ["export", "quantize", "--onnx", str(fp32_path), "--calib-data", str(voc), "--out", str(out), "--layout", "voc",
+            "--option", "aug=false", "--max-miou-drop", "100", "--report", str(report_path)]
+    assert cli.main(argv) == 0 and out.is_file()
+    report = json.loads(report_path.read_text())
+    assert report["calibration_images"] == len(open_source(voc, "train")) and report["eval_images"] == len(source)
+
+    session = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
+    matrix = np.zeros((source.info.num_classes,) * 2, dtype=np.int64)
+    for index in range(len(source)):
+        image, mask = source.read(index)
+        height, width = mask.shape
+        padded = np.zeros((1, 3, -(-height // stride) * stride, -(-width // stride) * stride), dtype=np.float32)
+        padded[0, :, :height, :width] = image
+        (logits,) = session.run(None, {"image": padded})
+        matrix += confusion_matrix(logits.argmax(axis=1)[:, :height, :width], mask[None].copy(), source.info.num_classes, source.info.ignore_index)
+    assert report["fp32_miou"] == pytest.approx(100 * mean_iou(matrix), abs=1e-9)
+
+    # The histogram calibrators stack all activations: images of several sizes are refused by name.
+    with pytest.raises(ValueError, match="needs images of one size"):
+        quantize_onnx(fp32_path, voc, tmp_path / "p.onnx", QuantizeConfig(calibration_method="percentile", layout="voc"))

@@ -50,10 +50,26 @@ def register(subparsers: Any) -> None:
 
     inspect = commands.add_parser("inspect", help="summarise a dataset folder in any supported layout and check every file")
     inspect.add_argument("--data", required=True, help="dataset root: a noisyseg folder, a Cityscapes root or a VOC2012 (or VOCdevkit) folder")
-    inspect.add_argument("--layout", default="auto", help="auto (detected, the default), folder, cityscapes or voc")
-    inspect.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a layout option as in the config's layout_options (value read as YAML), for example annotations=gtCoarse or aug=true; repeatable")
+    add_layout_arguments(inspect)
     inspect.add_argument("--quiet", action="store_true", help="no progress bar")
     inspect.set_defaults(func=run_inspect)
+
+
+def add_layout_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--layout` and repeatable `--option KEY=VALUE` (read with `layout_options`)."""
+    parser.add_argument("--layout", default="auto", help="auto (detected, the default), folder, cityscapes or voc")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a layout option as in the config's layout_options (value read as YAML), for example annotations=gtCoarse or aug=true; repeatable")
+
+
+def layout_options(texts: list[str]) -> dict[str, Any]:
+    """`--option KEY=VALUE` arguments as the layout's keyword options (values read as YAML)."""
+    from noisyseg.training.config import parse_override
+
+    options = {}
+    for text in texts:
+        path, value = parse_override(text)
+        options[".".join(path)] = value
+    return options
 
 
 def print_json(summary: dict[str, Any]) -> None:
@@ -91,12 +107,7 @@ def run_corrupt(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from noisyseg.training.config import parse_override
     from noisyseg.training.datasets.inspection import inspect_dataset
 
-    options = {}
-    for text in args.option:
-        path, value = parse_override(text)
-        options[".".join(path)] = value
-    print_json(inspect_dataset(args.data, args.layout, options, quiet=args.quiet))
+    print_json(inspect_dataset(args.data, args.layout, layout_options(args.option), quiet=args.quiet))
     return 0
