@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from test_trainer import train_until_crash
 from torch import nn
 
 from noisyseg.training.config import AugmentConfig, build_config
@@ -21,7 +22,7 @@ from noisyseg.training.datasets import open_source
 from noisyseg.training.evaluation import evaluate_split, predict_batches, predict_image
 from noisyseg.training.label_store import LabelMaps, LabelStore
 from noisyseg.training.pipeline import Augmenter, ImageDataset, paste_back
-from noisyseg.training.trainer import Trainer, train
+from noisyseg.training.trainer import train
 
 CLASSES = ["background", "a", "b"]
 TINY = ["model.kwargs.base_width=4", "model.kwargs.depth=2", "loss.backend=torch", "quiet=true"]
@@ -158,17 +159,7 @@ def test_streamed_run_with_workers_and_augmentation_resumes_exactly(mixed: Path,
     straight = tmp_path / "straight"
     train(config(mixed, straight, *overrides))
     out = tmp_path / "resumed"
-    save = Trainer.save_checkpoint
-
-    def crash_after_epoch_3(self: Trainer) -> None:
-        save(self)
-        if self.epoch == 3:
-            raise KeyboardInterrupt("simulated crash")
-
-    monkeypatch.setattr(Trainer, "save_checkpoint", crash_after_epoch_3)
-    with pytest.raises(KeyboardInterrupt):
-        train(config(mixed, out, *overrides))
-    monkeypatch.setattr(Trainer, "save_checkpoint", save)
+    train_until_crash(config(mixed, out, *overrides), 3, monkeypatch)
     train(config(mixed, out, *overrides), resume=True)
     records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["labels_changed_fraction"] > 0.0

@@ -154,20 +154,25 @@ def test_label_correction_changes_the_store_but_never_the_files(folders: tuple[P
     assert tree_digest(*folders) == before
 
 
-def test_interrupted_and_resumed_run_ends_with_the_same_state(folders: tuple[Path, Path], straight_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    out = tmp_path / "run"
-    config = tiny_config(folders, out, "method=adele+arm", "epochs=5", *EARLY_CORRECTION)
+def train_until_crash(config: TrainConfig, epoch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Train `config` and stop it as a crash would, right after the checkpoint of `epoch`."""
     save = Trainer.save_checkpoint
 
-    def crash_after_epoch_4(self: Trainer) -> None:
+    def crash_after(self: Trainer) -> None:
         save(self)
-        if self.epoch == 4:
+        if self.epoch == epoch:
             raise KeyboardInterrupt("simulated crash")
 
-    monkeypatch.setattr(Trainer, "save_checkpoint", crash_after_epoch_4)
+    monkeypatch.setattr(Trainer, "save_checkpoint", crash_after)
     with pytest.raises(KeyboardInterrupt):
         train(config)
     monkeypatch.setattr(Trainer, "save_checkpoint", save)
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_state(folders: tuple[Path, Path], straight_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "run"
+    config = tiny_config(folders, out, "method=adele+arm", "epochs=5", *EARLY_CORRECTION)
+    train_until_crash(config, 4, monkeypatch)
     interrupted = json.loads((out / "checkpoint" / "state.json").read_text())
     assert interrupted["epoch"] == 4
     assert interrupted["history"][-1]["labels_changed_fraction"] > 0.0  # the store is part of what resumes
