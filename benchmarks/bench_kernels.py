@@ -42,6 +42,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from side_by_side import record_side_by_side
 
 from noisyseg.kernels import functional, reference
 from noisyseg.kernels.reference import ARM
@@ -204,19 +205,6 @@ def forward_backward(
     return [z.grad for z in leaves]
 
 
-def record_side_by_side(benchmark, key: tuple[str, int], impl: str) -> float | None:
-    """Store this case's median and its speed-up over every case of `key` measured before it;
-    None under --benchmark-disable (the cases then run once, as a smoke test)."""
-    if benchmark.stats is None:
-        return None
-    median = benchmark.stats.stats.median
-    measured = _MEDIANS.setdefault(key, {})
-    for baseline, seconds in measured.items():
-        benchmark.extra_info[f"speedup_vs_{baseline}"] = round(seconds / median, 2)
-    measured[impl] = median
-    return median
-
-
 @pytest.fixture(scope="module", autouse=True)
 def summary():
     """Write the side-by-side table once every case of the module ran."""
@@ -257,7 +245,7 @@ def test_loss_forward_backward(benchmark, shape_name, num_scales, impl):
     benchmark.pedantic(
         forward_backward, args=(loss, logits, target, arm), rounds=ROUNDS, warmup_rounds=1
     )
-    median = record_side_by_side(benchmark, (shape_name, num_scales), impl)
+    median = record_side_by_side(_MEDIANS, benchmark, (shape_name, num_scales), impl)
     if median is not None and device == "cuda":
         record_roofline(benchmark, logits, target, median)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from side_by_side import record_side_by_side
 
 from noisyseg.training.config import build_config
 from noisyseg.training.data import load_run_data
@@ -103,12 +104,7 @@ def test_training_step_images_per_second(benchmark, phantom: Path, tmp_path: Pat
         assert torch.isfinite(counters.loss_sums["total"]), "the benchmarked steps must train"
     finally:
         torch.set_num_threads(previous_threads)
-    if benchmark.stats is None:  # --benchmark-disable: run once as a smoke test
-        return
-    median = benchmark.stats.stats.median
     name = f"{precision} {'compile' if compiled else 'eager'} {'fused' if backend == 'auto' else 'reference'} loss"
-    measured = _MEDIANS.setdefault(device, {})
-    for baseline, seconds in measured.items():
-        benchmark.extra_info[f"speedup_vs_{baseline.replace(' ', '_')}"] = round(seconds / median, 2)
-    measured[name] = median
-    benchmark.extra_info["images_per_second"] = round(BATCH / median, 2)
+    median = record_side_by_side(_MEDIANS, benchmark, device, name)
+    if median is not None:
+        benchmark.extra_info["images_per_second"] = round(BATCH / median, 2)

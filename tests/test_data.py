@@ -14,7 +14,6 @@ from PIL import Image
 from noisyseg.cli import main
 from noisyseg.training.data import (
     DatasetInfo,
-    SegmentationFolderDataset,
     load_split,
     read_dataset_info,
     read_mask,
@@ -24,7 +23,9 @@ from noisyseg.training.data import (
     write_mask,
     write_split_ids,
 )
+from noisyseg.training.datasets import FolderSource
 from noisyseg.training.nifti import SegthorConfig, convert_segthor
+from noisyseg.training.pipeline import ImageDataset
 
 CLASSES = ["background", "esophagus", "heart", "trachea", "aorta"]
 
@@ -54,9 +55,9 @@ def folder(tmp_path: Path) -> tuple[Path, dict[str, tuple[np.ndarray, np.ndarray
 
 def test_dataset_items_are_normalised_images_and_int64_masks(folder: tuple[Path, dict]) -> None:
     root, slices = folder
-    dataset = SegmentationFolderDataset(root, "train")
+    dataset = ImageDataset(FolderSource(root, "train"))
     assert len(dataset) == 2
-    image, mask, slice_id = dataset[1]
+    (image, mask), slice_id = dataset[1], dataset.ids[1]
     raw, raw_mask = slices["P000_001"]
     assert slice_id == "P000_001" and image.dtype == torch.float32 and mask.dtype == torch.int64
     assert image.shape == (1, 8, 8) and mask.shape == (8, 8)
@@ -98,7 +99,7 @@ def test_png_images_and_npy_masks_are_accepted(tmp_path: Path) -> None:
     mask = np.eye(8, dtype=np.uint8) * 3
     (root / "masks" / "A_000.png").unlink()
     np.save(root / "masks" / "A_000.npy", mask)
-    image, loaded_mask, _ = SegmentationFolderDataset(root, "train")[0]
+    image, loaded_mask = ImageDataset(FolderSource(root, "train"))[0]
     assert image.shape == (3, 8, 8)
     channel = rgb[..., 2].astype(np.float64)
     np.testing.assert_allclose(image[2].numpy(), (channel - channel.mean()) / channel.std(), atol=1e-4)
@@ -140,7 +141,7 @@ def test_class_id_out_of_range_is_named_but_ignore_index_is_fine(folder: tuple[P
     mask[1, 1] = 7
     write_mask(root / "masks" / "P002_000.png", mask)
     with pytest.raises(ValueError, match=r"P002_000\.png: class id\(s\) \[7\] out of range"):
-        SegmentationFolderDataset(root, "test")[0]
+        ImageDataset(FolderSource(root, "test"))[0]
 
 
 def test_empty_split_is_named(folder: tuple[Path, dict]) -> None:
@@ -153,7 +154,7 @@ def test_empty_split_is_named(folder: tuple[Path, dict]) -> None:
 def test_missing_list_file_is_named(folder: tuple[Path, dict]) -> None:
     root, _ = folder
     with pytest.raises(FileNotFoundError, match=r"splits/extra\.txt: split list file not found"):
-        SegmentationFolderDataset(root, "extra")
+        FolderSource(root, "extra")
 
 
 def test_missing_mask_is_named(folder: tuple[Path, dict], tmp_path: Path) -> None:

@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
 from noisyseg.training.config import TrainConfig
 from noisyseg.training.io import atomic_write_bytes, atomic_write_json
@@ -308,40 +307,20 @@ def normalize_image(image: np.ndarray, normalization: str = "zscore") -> np.ndar
     return ((image - mean) / (std + NORMALIZATION_EPS)).astype(np.float32)
 
 
-class SegmentationFolderDataset(Dataset):
-    """One split of a data folder: items are (image (C, H, W) float32, mask (H, W) int64, slice id)."""
-
-    def __init__(self, root: str | Path, split: str, labels_root: str | Path | None = None) -> None:
-        from noisyseg.training.datasets.folder import FolderSource  # datasets builds on this module
-
-        self.source = FolderSource(root, split, labels_root)
-        self.split = split
-        self.ids = self.source.ids
-
-    @property
-    def info(self) -> DatasetInfo:
-        return self.source.info
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-        image, mask = self.source.read(index)
-        return torch.from_numpy(normalize_image(image, self.info.normalization)), torch.from_numpy(mask.astype(np.int64)), self.ids[index]
-
-
 def load_split(root: str | Path, split: str, labels_root: str | Path | None = None, normalize: bool = True) -> SplitArrays:
     """Load a whole split into memory (CPU training keeps everything there): images normalised
     as the dataset says (`normalize_image`), or raw pixels with `normalize=False`, which is what
     an exported model takes (it normalises inside its graph)."""
-    dataset = SegmentationFolderDataset(root, split, labels_root)
-    pairs = [dataset.source.read(index) for index in range(len(dataset))]
+    from noisyseg.training.datasets.folder import FolderSource  # datasets builds on this module
+
+    source = FolderSource(root, split, labels_root)
+    pairs = [source.read(index) for index in range(len(source))]
     shapes = {image.shape for image, _ in pairs}
     if len(shapes) > 1:
         raise ValueError(f"{split_file(root, split)}: slices of split '{split}' differ in size/channels {sorted(shapes)}; stacking needs one size")
-    images = np.stack([normalize_image(image, dataset.info.normalization) if normalize else image.astype(np.float32) for image, _ in pairs])
+    images = np.stack([normalize_image(image, source.info.normalization) if normalize else image.astype(np.float32) for image, _ in pairs])
     masks = np.stack([mask for _, mask in pairs])
-    return SplitArrays(images=images, masks=masks, ids=dataset.ids)
+    return SplitArrays(images=images, masks=masks, ids=source.ids)
 
 
 class DatasetWriter:

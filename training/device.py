@@ -75,8 +75,3 @@ def resolve_precision(name: str, device: torch.device, field: str = "precision")
         raise ValueError(f"{field}: bf16 is not supported by {torch.cuda.get_device_name(device)}; use fp16 or fp32")
     return Precision(name, _DTYPES[name])
 
-
-def synchronize(device: torch.device) -> None:
-    """Wait for `device`'s queued work (a no-op on the CPU): only for timing and logging points."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -43,7 +43,8 @@ def confusion_matrix(
     """(C, C) int64 counts, rows = target class, columns = predicted class.
 
     `pred` and `target` are numpy arrays or torch tensors (any device) of the same shape, any
-    number of dimensions. Pixels whose target is `ignore_index` are left out.
+    number of dimensions. Pixels whose target is `ignore_index` are left out. Unlike
+    `ConfusionMeter.update`, out-of-range ids are refused at once, naming `pred` or `target`.
     """
     if tuple(pred.shape) != tuple(target.shape):
         raise ValueError(
@@ -52,13 +53,11 @@ def confusion_matrix(
     target_flat = _as_flat_long(target, "target")
     pred_flat = _as_flat_long(pred, "pred").to(target_flat.device)
     keep = target_flat != ignore_index
-    target_flat, pred_flat = target_flat[keep], pred_flat[keep]
-    _check_class_range(target_flat, num_classes, "target", ignore_index)
-    _check_class_range(pred_flat, num_classes, "pred", ignore_index)
-    counts = torch.bincount(
-        target_flat * num_classes + pred_flat, minlength=num_classes * num_classes
-    )
-    return counts.reshape(num_classes, num_classes).cpu().numpy().astype(np.int64)
+    _check_class_range(target_flat[keep], num_classes, "target", ignore_index)
+    _check_class_range(pred_flat[keep], num_classes, "pred", ignore_index)
+    meter = ConfusionMeter(num_classes, ignore_index, target_flat.device)
+    meter.update(pred_flat, target_flat)
+    return meter.matrix
 
 
 def _ratio_or_nan(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
