@@ -113,8 +113,9 @@ class AdeleConfig:
     refuse_absent_classes: never add an organ that is absent from the slice's current label
         (reference code behaviour, on by default). With `iteration` timing on random crops the
         check sees the crop, not the whole image: stricter (a class outside the crop is refused).
-    logit_divisor: the reference code divides logits by 3 before its CE (a temperature the paper
-        never mentions); 1.0 = off, the default.
+    logit_divisor: the reference code divides logits by 3 before its CE, and only there (the
+        consistency term, its rho mask and the correction see the undivided logits; a temperature
+        the paper never mentions); 1.0 = off, the default.
     """
 
     lam: float = 1.0

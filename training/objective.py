@@ -30,13 +30,15 @@ class MethodObjective:
         method's loss; `arm` ascends the same loss, or while `arm_warming_up` its own detached
         objective (the network then sees uniform weights)."""
         weighting = None if arm_warming_up else arm
+        # The reference code's temperature divides the logits inside its CE only: the consistency
+        # term and its rho mask see the undivided logits (method-spec section 4).
         divisor = self.adele.logit_divisor
         logits = [z / divisor for z in logits_per_scale] if divisor != 1.0 else logits_per_scale
         supervised = torch.stack([self.pixel_loss_mean(z, target, weighting) for z in logits]).mean()
         terms = {self.spec.pixel_loss: supervised.detach()}
         network_loss = supervised
         if self.spec.consistency:
-            consistency = multiscale_consistency(logits, target, self.adele.rho, self.adele.rho_mask, self.ignore_index, backend=self.loss.backend)
+            consistency = multiscale_consistency(logits_per_scale, target, self.adele.rho, self.adele.rho_mask, self.ignore_index, backend=self.loss.backend)
             # (sum_k CE_k + lambda L_ms) / S, method-spec section 4.
             network_loss = supervised + self.adele.lam * consistency / len(logits)
             terms["consistency"] = consistency.detach()
