@@ -199,3 +199,15 @@ def test_corrupt_refuses_the_data_folder_itself(phantom_dir: Path, capsys: pytes
 def test_level_is_only_for_erode_dilate(phantom_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="erode-dilate noise only"):
         corrupt_dataset(phantom_dir, tmp_path / "x", "markov", level=2)
+
+
+def test_erosion_does_not_erode_an_organ_from_the_image_border() -> None:
+    # OpenCV's erosion (the reference code's) treats the outside of the image as part of the
+    # organ: an organ touching the border shrinks only from its sides inside the image.
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[0:20, 0:40] = HEART  # 800 pixels: the morphology runs at ~1.1x
+    noisy = erode_dilate(mask, "under", 3)
+    assert (noisy[0, :34] == HEART).all() and (noisy[:14, 0] == HEART).all()
+    # ... while the sides inside the image lose about three pixels.
+    assert not (noisy[17:20] == HEART).any() and not (noisy[:, 37:40] == HEART).any()
+    assert (noisy[:16, :36] == HEART).all()

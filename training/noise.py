@@ -84,8 +84,14 @@ def erode_or_dilate_organ(organ: np.ndarray, mode: str, iterations: int) -> np.n
     rows, cols = (slice(max(int(a.min()) - pad, 0), int(a.max()) + pad + 1) for a in np.nonzero(organ))
     box = organ[rows, cols]
     work_shape = (max(1, round(box.shape[0] * scale)), max(1, round(box.shape[1] * scale)))
-    morphology = ndimage.binary_erosion if mode == "under" else ndimage.binary_dilation
-    work = morphology(resize_binary(box, work_shape), structure=SQUARE_3X3, iterations=iterations)
+    work = resize_binary(box, work_shape)
+    if mode == "under":
+        # OpenCV's erosion (the reference code's) counts the outside of the image as organ, so an
+        # organ touching the image border is not eroded from it; box sides inside the image are
+        # padded with background, which border_value=1 cannot reach.
+        work = ndimage.binary_erosion(work, structure=SQUARE_3X3, iterations=iterations, border_value=1)
+    else:
+        work = ndimage.binary_dilation(work, structure=SQUARE_3X3, iterations=iterations)
     result = np.zeros_like(organ)
     result[rows, cols] = resize_binary(work, box.shape)
     return result
