@@ -80,3 +80,9 @@ def test_semantic_hash_ignores_only_resumable_fields() -> None:
 def test_round_trip_through_dict() -> None:
     config = build_config(None, [*REQUIRED, "arm.momentum=0.5", "labels=/noisy"])
     assert config_from_dict(config.to_dict()) == config
+
+
+def test_exponent_notation_reads_as_a_float() -> None:
+    # YAML 1.1 reads 1e-6 (no dot) as a string; a float field takes it as the number it is.
+    config = build_config(None, [*REQUIRED, "optim.lr=1e-6", "adele.tau=7E-1"])
+    assert config.optim.lr == 1e-6 and config.adele.tau == 0.7

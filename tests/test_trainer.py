@@ -284,6 +284,33 @@ def test_epoch_timing_corrects_at_the_end_of_the_trigger_epoch(folders: tuple[Pa
     assert records[1]["labels_changed_fraction"] == 0.0
 
 
+def collapse_onto_background(model: torch.nn.Module, num_classes: int) -> None:
+    """The failure of ladder level 4: the network's prediction of every organ collapses to a
+    confident background (the classifier answers background at 0.98 everywhere)."""
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.out_channels == num_classes][-1]
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([5.0] + [0.0] * (num_classes - 1)))
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_guard_stops_and_undoes_a_correction_that_erases_a_class(folders: tuple[Path, Path], tmp_path: Path, guard: bool) -> None:
+    config = tiny_config(folders, tmp_path / "guard", "method=adele", "epochs=1", "optim.lr=1e-6", "adele.correction_timing=epoch", f"adele.guard={str(guard).lower()}")
+    trainer = Trainer(config, load_run_data(config))
+    collapse_onto_background(trainer.model, trainer.data.num_classes)
+    trainer.triggers.trigger_epoch[2] = 1  # class 2 triggered, then its prediction collapsed
+    annotated = trainer.data.train_labels.class_counts(trainer.data.num_classes)
+    record = trainer.finish_epoch(trainer.run_epoch())
+    areas = trainer.store.maps.class_counts(trainer.data.num_classes)
+    assert areas[1] == annotated[1] and areas[3] == annotated[3]  # untriggered classes untouched
+    if guard:
+        assert areas[2] == annotated[2] and int(trainer.corrections.labels.eq(2).sum()) == annotated[2]
+        assert record["trigger"]["2"]["guard_epoch"] == 1
+        assert trainer.correction_classes(2) is None  # stopped for good
+    else:
+        assert areas[2] == 0 and record["trigger"]["2"]["guard_epoch"] is None
+
+
 def test_noise_diagnostics_of_the_training_pass_on_a_hand_made_case(folders: tuple[Path, Path], tmp_path: Path) -> None:
     config = tiny_config(folders, tmp_path / "diag", "method=baseline")
     data = load_run_data(config)

@@ -29,6 +29,16 @@ epochs of a small network) fits a curve that is "saturated" from epoch 1, trigge
 correction then turns every label of that class into background: there was no early learning
 whose end could be detected.
 
+Guard (noisyseg's, method-spec section 3). Correction must never erase a class the network has
+learned: when a corrected class's labelled area in the store falls below `guard_min_area` (0.5)
+of its annotated area, its correction stops for good and the pixels correction turned from it to
+background are given back. Why the area and why a half: the failure seen (ladder level 4: the
+heart's prediction collapsed after its trigger and correction turned its labels into background)
+drives the area towards zero, while a faithful correction moves it little: erode-dilate noise
+erodes half the slices and dilates the other half, and even at 8 iterations a correct label is
+about 0.8 of the annotated area (an organ rescaled to 1000 pixels, radius about 18, loses or
+gains 8 pixels of radius).
+
 Correction. A pixel's label becomes the prediction's argmax when the confidence exceeds tau, the
 current label is background or a triggered class, and the predicted class is background or a
 triggered class; optionally an organ absent from the slice's current label is never added.
@@ -178,6 +188,12 @@ def correction_started(
     return fit_triggers(fit_iou_curve(iou_history, min_points), len(iou_history), r, min_rise)
 
 
+def collapsed_classes(areas: np.ndarray, annotated: np.ndarray, corrected: Sequence[int], min_area: float) -> list[int]:
+    """The classes among `corrected` whose labelled area fell below `min_area` of the annotated
+    area (classes the annotation does not hold are never reported)."""
+    return [c for c in corrected if annotated[c] > 0 and areas[c] < min_area * annotated[c]]
+
+
 def correct_labels(
     labels: torch.Tensor,
     probs: torch.Tensor,
@@ -223,12 +239,14 @@ class TriggerState:
     iou_history: dict[int, list[float | None]] = field(default_factory=dict)
     fits: dict[int, dict[str, float] | None] = field(default_factory=dict)
     trigger_epoch: dict[int, int | None] = field(default_factory=dict)
+    guard_epoch: dict[int, int | None] = field(default_factory=dict)  # correction stopped by the guard
 
     def __post_init__(self) -> None:
         for c in range(1, self.num_classes):
             self.iou_history.setdefault(c, [])
             self.fits.setdefault(c, None)
             self.trigger_epoch.setdefault(c, None)
+            self.guard_epoch.setdefault(c, None)
 
     def update(self, epoch: int, train_iou: np.ndarray, r: float, min_points: int, min_rise: float, detect: bool, adaptive: bool) -> list[int]:
         """Add this epoch's IoUs, refit, trigger; returns the classes that triggered now."""
@@ -261,11 +279,20 @@ class TriggerState:
         return means
 
     def triggered_mask(self, before_or_at: int) -> torch.Tensor:
-        """(C,) bools: classes triggered at or before epoch `before_or_at` (index 0 False)."""
+        """(C,) bools: classes triggered at or before epoch `before_or_at` and not stopped by the
+        guard (index 0 False)."""
         mask = torch.zeros(self.num_classes, dtype=torch.bool)
         for c, epoch in self.trigger_epoch.items():
-            mask[c] = epoch is not None and epoch <= before_or_at
+            mask[c] = epoch is not None and epoch <= before_or_at and self.guard_epoch[c] is None
         return mask
+
+    def corrected_classes(self) -> list[int]:
+        """The classes correction works on now: triggered and not stopped by the guard."""
+        return [c for c in range(1, self.num_classes) if self.trigger_epoch[c] is not None and self.guard_epoch[c] is None]
+
+    def stop(self, c: int, epoch: int) -> None:
+        """The guard stops class `c`'s correction for good."""
+        self.guard_epoch[c] = epoch
 
     def correction_classes(self, epoch: int, timing: str, every: int) -> torch.Tensor | None:
         """(C,) bools of the classes corrected during/at the end of `epoch`, or None if none.
@@ -282,12 +309,17 @@ class TriggerState:
 
     def record(self) -> dict[str, Any]:
         return {
-            str(c): {"triggered": self.trigger_epoch[c] is not None, "epoch": self.trigger_epoch[c], "fit": self.fits[c]}
+            str(c): {"triggered": self.trigger_epoch[c] is not None, "epoch": self.trigger_epoch[c], "fit": self.fits[c], "guard_epoch": self.guard_epoch[c]}
             for c in range(1, self.num_classes)
         }
 
     def to_json(self) -> dict[str, Any]:
-        return {"iou_history": {str(c): h for c, h in self.iou_history.items()}, "fits": {str(c): f for c, f in self.fits.items()}, "trigger_epoch": {str(c): e for c, e in self.trigger_epoch.items()}}
+        return {
+            "iou_history": {str(c): h for c, h in self.iou_history.items()},
+            "fits": {str(c): f for c, f in self.fits.items()},
+            "trigger_epoch": {str(c): e for c, e in self.trigger_epoch.items()},
+            "guard_epoch": {str(c): e for c, e in self.guard_epoch.items()},
+        }
 
     @classmethod
     def from_json(cls, num_classes: int, raw: dict[str, Any]) -> TriggerState:
@@ -296,4 +328,6 @@ class TriggerState:
             iou_history={int(c): list(h) for c, h in raw["iou_history"].items()},
             fits={int(c): f for c, f in raw["fits"].items()},
             trigger_epoch={int(c): e for c, e in raw["trigger_epoch"].items()},
+            # Checkpoints written before the guard existed have no guard epochs.
+            guard_epoch={int(c): e for c, e in raw.get("guard_epoch", {}).items()},
         )

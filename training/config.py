@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -113,6 +114,9 @@ class AdeleConfig:
     refuse_absent_classes: never add an organ that is absent from the slice's current label
         (reference code behaviour, on by default). With `iteration` timing on random crops the
         check sees the crop, not the whole image: stricter (a class outside the crop is refused).
+    guard: stop a class's correction for good, and give back the pixels it erased, when the
+        class's labelled area falls below `guard_min_area` of its annotated area (noisyseg's guard
+        against erasing a class the network has learned; on by default, `adele.py` says why).
     logit_divisor: the reference code divides logits by 3 before its CE, and only there (the
         consistency term, its rho mask and the correction see the undivided logits; a temperature
         the paper never mentions); 1.0 = off, the default.
@@ -131,6 +135,8 @@ class AdeleConfig:
     correction_prediction: str = "multiscale"
     correction_flip: bool = False
     refuse_absent_classes: bool = True
+    guard: bool = True
+    guard_min_area: float = 0.5
     logit_divisor: float = 1.0
 
 
@@ -307,6 +313,7 @@ class TrainConfig:
             (self.adele.correction_every >= 1, "adele.correction_every", "at least 1"),
             (self.adele.correction_prediction in ("multiscale", "single"), "adele.correction_prediction", "'multiscale' or 'single'"),
             (self.adele.logit_divisor > 0, "adele.logit_divisor", "positive"),
+            (0.0 < self.adele.guard_min_area < 1.0, "adele.guard_min_area", "in (0, 1)"),
             (0.0 <= self.arm.warmup_fraction <= 1.0, "arm.warmup_fraction", "in [0, 1]"),
             (0.0 < self.loss.gce_q <= 1.0, "loss.gce_q", "in (0, 1]"),
             (self.distributed.backend in ("auto", "gloo", "nccl"), "distributed.backend", "'auto', 'gloo' or 'nccl'"),
@@ -377,6 +384,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return value
     elif annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads exponent notation without a dot (1e-6) as a string.
+        if isinstance(value, str) and re.fullmatch(r"[-+]?\d+[eE][-+]?\d+", value.strip()):
             return float(value)
     elif annotation is str:
         if isinstance(value, str):

@@ -17,7 +17,7 @@ import torch
 from noisyseg.training import adele
 from noisyseg.training.config import AdeleConfig
 from noisyseg.training.distributed import DistContext, all_gather_rows
-from noisyseg.training.label_store import LabelStore
+from noisyseg.training.label_store import LabelMaps, LabelStore
 from noisyseg.training.pipeline import paste_back
 
 
@@ -72,6 +72,15 @@ class LabelCorrections:
                 if paste_back(self.store, crop, item):
                     self.changed_rows.add(int(item[0]))
         self.pending = []
+
+    def give_back(self, class_id: int, original: np.ndarray | LabelMaps) -> int:
+        """Restore the pixels correction erased from `class_id` (`LabelStore.give_back`), in the
+        store and the device copy. Call after `sync`: every rank holds the same store and
+        restores the same pixels, so nothing needs exchanging."""
+        restored = self.store.give_back(class_id, original)
+        if self.labels is not None and restored:
+            self.labels.copy_(torch.from_numpy(self.store.labels))
+        return restored
 
     def sync(self) -> None:
         """Bring every correction into the store (what checkpoints hold), on every rank."""

@@ -156,6 +156,13 @@ class LabelMaps:
             digest.update(memoryview(chunk))
         return digest.hexdigest()
 
+    def class_counts(self, num_classes: int) -> np.ndarray:
+        """(num_classes,) int64: pixels of each class id over all maps (ignored pixels not counted)."""
+        counts = np.zeros(256, dtype=np.int64)
+        for chunk in self.chunks():
+            counts += np.bincount(chunk, minlength=256)
+        return counts[:num_classes]
+
     def count_different(self, other: LabelMaps) -> int:
         return sum(int(np.count_nonzero(a != b)) for a, b in zip(self.chunks(), other.chunks(), strict=True))
 
@@ -207,6 +214,19 @@ class LabelStore:
         fault_point("label-store-update")
         for row, value in zip(np.asarray(rows).tolist(), labels, strict=True):
             self.maps[row] = value
+
+    def give_back(self, class_id: int, original: np.ndarray | LabelMaps) -> int:
+        """Undo correction's erasure of `class_id`: every pixel the original labels as the class
+        and the store as background takes the class again. Returns the pixels restored."""
+        original_flat = as_label_maps(original).flat
+        restored = 0
+        for start in range(0, len(self.maps.flat), CHUNK):
+            current = self.maps.flat[start : start + CHUNK]
+            erased = (original_flat[start : start + CHUNK] == class_id) & (current == 0)
+            current[erased] = class_id
+            restored += int(np.count_nonzero(erased))
+        self.maps.release()
+        return restored
 
     def changed_fraction(self, original: np.ndarray | LabelMaps) -> float:
         """Fraction of all training pixels whose current label differs from the original."""

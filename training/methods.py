@@ -27,6 +27,8 @@ METHOD_SPECS = {
     "baseline": MethodSpec("single-scale cross-entropy"),
     "baseline-ms": MethodSpec("cross-entropy averaged over the input scales (ADELE's baseline)", multiscale=True),
     "adele": MethodSpec("ADELE: multiscale consistency and class-adaptive label correction", multiscale=True, consistency=True, correction=True),
+    "adele-correction": MethodSpec("ADELE's label correction alone, on the multiscale baseline (Table 6's ablation)", multiscale=True, correction=True),
+    "adele-consistency": MethodSpec("ADELE's multiscale consistency alone, without correction (Table 6's ablation)", multiscale=True, consistency=True),
     "adele-nonadaptive": MethodSpec("ADELE with one trigger for all classes (the paper's ablation)", multiscale=True, consistency=True, correction=True, adaptive=False),
     "arm": MethodSpec("cross-entropy reweighted by ARM", arm=True),
     "adele+arm": MethodSpec("ADELE with ARM-reweighted cross-entropy", multiscale=True, consistency=True, correction=True, arm=True),

@@ -248,6 +248,7 @@ class Trainer:
         self.loader: DataLoader | None = None
         self.sampler: EpochBatches | None = None
         self.triggers = adele.TriggerState(data.num_classes)
+        self.annotated_area: np.ndarray | None = None  # pixels per class in the annotations (the guard's reference)
         self.epoch = 0
         self.iteration = 0
         self.history: list[dict[str, Any]] = []
@@ -477,6 +478,7 @@ class Trainer:
         corrected = int(counters.corrected_pixels) + self.correct_after_epoch(epoch)
         if corrected:
             log.info("epoch %d: %d training label pixels corrected", epoch, corrected)
+        self.guard_classes(epoch)
         record: dict[str, Any] = {
             "epoch": epoch,
             "iteration": self.iteration,
@@ -494,6 +496,23 @@ class Trainer:
             iou_el, iou_m = early_learning_memorization_iou(counters.noise.counts())
             record["iou_el"], record["iou_m"] = foreground_dict(iou_el), foreground_dict(iou_m)
         return record
+
+    def guard_classes(self, epoch: int) -> None:
+        """The guard (`adele.py`): stop and undo the correction of a class whose labelled area
+        collapsed. Reads the store after the epoch's corrections are in it (same on every rank)."""
+        corrected = self.triggers.corrected_classes()
+        if not (self.config.adele.guard and corrected):
+            return
+        if self.annotated_area is None:
+            self.annotated_area = self.data.train_labels.class_counts(self.data.num_classes)
+        areas = self.store.maps.class_counts(self.data.num_classes)
+        for c in adele.collapsed_classes(areas, self.annotated_area, corrected, self.config.adele.guard_min_area):
+            self.triggers.stop(c, epoch)
+            restored = self.corrections.give_back(c, self.data.train_labels)
+            log.warning(
+                "epoch %d: class %d (%s) kept %d of its %d annotated pixels under correction; the guard stopped its correction and restored %d pixels",
+                epoch, c, self.data.info.classes[c], areas[c], self.annotated_area[c], restored,
+            )
 
     def evaluate(self, split: Any) -> dict[str, Any]:
         with self.precision.autocast(self.device):
