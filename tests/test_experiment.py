@@ -21,7 +21,7 @@ from noisyseg.training.experiment import (
     run_experiments,
     run_lock,
 )
-from noisyseg.training.experiment_report import mean_std, write_results
+from noisyseg.training.experiment_report import RunResult, erased_classes, mean_std, write_results
 from noisyseg.training.trainer import train
 
 TINY = Scale(patients=5, size=32, slices_per_patient=4, epochs=2, batch_size=8, unet={"base_width": 4, "depth": 2})
@@ -124,9 +124,25 @@ def test_mean_std_formats_percentages() -> None:
 def test_experiment_plans() -> None:
     assert len(experiment_runs("table1", [0, 1, 2], [0])) == 18
     ladder = experiment_runs("ladder", [7, 8], [0, 3])
-    assert [(s.method, s.noise.level, s.noise.seed) for s in ladder] == [
-        ("baseline-ms", 0, 7), ("adele", 0, 7), ("baseline-ms", 3, 7), ("adele", 3, 7)
-    ]
+    methods = ["baseline-ms", "adele-correction", "adele-consistency", "adele"]
+    # Seed-major: a first seed over every level finishes before the next seed starts.
+    assert [(s.method, s.noise.level, s.noise.seed) for s in ladder] == [(m, level, seed) for seed in (7, 8) for level in (0, 3) for m in methods]
     assert {s.architecture for s in experiment_runs("coarse", [0], [])} == {"deeplabv3plus"}
     with pytest.raises(ValueError, match="unknown experiment 'table9'"):
         experiment_runs("table9", [0], [0])
+
+
+def fake_result(method: str, seed: int, per_class: list[float | None]) -> RunResult:
+    summary = {"test_miou": {"best_val": 0.5, "last": 0.5, "max": 0.5}}
+    return RunResult(RunSpec("ladder", method, NoiseSpec(level=4, seed=seed)), summary, [{"test": {"per_class_iou": per_class}}], None)
+
+
+def test_erased_classes_compare_with_the_same_settings_baseline() -> None:
+    results = [
+        fake_result("baseline-ms", 0, [0.97, 0.30, 0.80, 0.10]),
+        fake_result("adele", 0, [0.97, 0.04, 0.82, 0.00]),  # class 1 learned by the baseline, erased here
+        fake_result("baseline-ms", 1, [0.97, 0.30, 0.80, 0.60]),
+        fake_result("adele", 1, [0.97, 0.25, 0.81, 0.06]),  # nothing below 5
+        fake_result("adele-correction", 0, [0.97, 0.0, 0.0, 0.0]),  # not a method the target covers
+    ]
+    assert erased_classes(results, ["bg", "a", "b", "c"]) == ["ladder/erode-dilate-L4-s0/adele: a 4.0 (baseline-ms 30.0)"]

@@ -4,7 +4,8 @@ Three experiments (the issue's "Reproduce the papers, measured"):
 
 - `table1`: ADELE's Table 1 on the phantom with the reference `erode-dilate` noise:
   baseline-ms, adele-nonadaptive, adele, arm and adele+arm over several noise seeds.
-- `ladder`: ADELE's Table 6: baseline-ms against adele over erode-dilate noise levels.
+- `ladder`: ADELE's Table 6: baseline-ms, each half of ADELE (adele-correction,
+  adele-consistency) and adele over erode-dilate noise levels and noise seeds.
 - `coarse`: the ARM paper's coarse-label setting: the DeepLab-style model on `coarse` noise
   with plain CE (`baseline`), gce, ohem, arm and gce+arm.
 
@@ -54,7 +55,8 @@ EXPERIMENTS = ("table1", "ladder", "coarse")
 
 # `baseline` (single-scale CE) is not in ADELE's Table 1; it is the reference ARM improves on.
 TABLE1_METHODS = method_names(["baseline-ms", "adele-nonadaptive", "adele", "arm", "adele+arm", "baseline"])
-LADDER_METHODS = method_names(["baseline-ms", "adele"])
+# Table 6's columns: the multiscale baseline, each half of ADELE alone, and ADELE.
+LADDER_METHODS = method_names(["baseline-ms", "adele-correction", "adele-consistency", "adele"])
 COARSE_METHODS = method_names(["baseline", "gce", "ohem", "arm", "gce+arm"])
 
 
@@ -140,7 +142,7 @@ def experiment_runs(experiment: str, seeds: Sequence[int], levels: Sequence[int]
     if experiment == "table1":
         return [RunSpec("table1", m, NoiseSpec(seed=s)) for s in seeds for m in TABLE1_METHODS]
     if experiment == "ladder":
-        return [RunSpec("ladder", m, NoiseSpec(level=lv, seed=seeds[0])) for lv in levels for m in LADDER_METHODS]
+        return [RunSpec("ladder", m, NoiseSpec(level=lv, seed=s)) for s in seeds for lv in levels for m in LADDER_METHODS]
     if experiment == "coarse":
         return [RunSpec("coarse", m, NoiseSpec("coarse", seed=s), "deeplabv3plus") for s in seeds for m in COARSE_METHODS]
     raise ValueError(f"unknown experiment {experiment!r}; choose from {', '.join(EXPERIMENTS)}")
