@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from noisyseg.training.metrics import (
+    ConfidenceMeter,
     ConfusionMeter,
     NoiseCounts,
     confusion_matrix,
@@ -194,3 +195,18 @@ def test_meter_matches_confusion_matrix_on_random_labels_with_ignored_pixels() -
     for i in range(4):
         meter.update(torch.as_tensor(pred[i]), torch.as_tensor(target[i]))
     np.testing.assert_array_equal(meter.matrix, confusion_matrix(pred, target, 5))
+
+
+def test_confidence_meter_bins_arms_input_by_label_correctness() -> None:
+    # Three classes. A one-hot pixel has v^ = 1 (last bin), a uniform one v^ = -1 (first bin).
+    probs = torch.tensor([[1.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3], [0.0, 1.0, 0.0], [0.5, 0.5, 0.0]]).T.reshape(1, 3, 1, 4)
+    target = torch.tensor([[[0, 1, 255, 2]]])
+    clean = torch.tensor([[[0, 2, 1, 2]]])
+    meter = ConfidenceMeter(device="cpu")
+    meter.update(probs, target, clean)
+    right, wrong = meter.histogram()
+    # [0.5, 0.5, 0]: v = ((1/6)^2 * 2 + (1/3)^2) / 3 = 1/18; v^ = 2 * 9 / 2 * v - 1 = -0.5 -> bin 10 of 40.
+    assert right.sum() == 2 and right[39] == 1 and right[10] == 1
+    assert wrong.sum() == 1 and wrong[0] == 1  # the uniform pixel, labelled 1 where clean says 2
+    meter.update(probs, target)  # clean unknown: every valid pixel counts as right
+    assert meter.histogram()[0].sum() == 5

@@ -15,10 +15,12 @@ from safetensors.torch import load_file
 from scipy import ndimage
 
 from noisyseg.cli import main
+from noisyseg.kernels.reference import ARM
 from noisyseg.training import adele
 from noisyseg.training.checkpoint import load_model
 from noisyseg.training.config import METHODS, TrainConfig, build_config
 from noisyseg.training.data import RunData, load_run_data, load_split
+from noisyseg.training.methods import METHOD_SPECS
 from noisyseg.training.metrics import (
     early_learning_memorization_iou,
     iou_per_class,
@@ -193,7 +195,33 @@ def test_every_method_trains(folders: tuple[Path, Path], tmp_path: Path, method:
     record = read_records(tmp_path / method)[0]
     assert np.isfinite(record["loss"]["total"])
     assert 0.0 <= summary["test_miou"]["last"] <= 1.0
-    assert ("consistency" in record["loss"]) == method.startswith("adele")
+    assert ("consistency" in record["loss"]) == METHOD_SPECS[method].consistency
+    assert ("arm" in record) == METHOD_SPECS[method].arm
+
+
+def test_arm_runs_record_the_weight_function_and_its_inputs(folders: tuple[Path, Path], tmp_path: Path) -> None:
+    out = tmp_path / "arm"
+    train(tiny_config(folders, out, "method=arm", "epochs=1"))
+    record = read_records(out)[0]["arm"]
+    # Every valid training pixel is counted once; wrong = the noisy label differs from the clean mask.
+    data, labels = folders
+    ids = (data / "splits" / "train.txt").read_text().split()
+    noisy = np.stack([np.asarray(Image.open(labels / "masks" / f"{i}.png")) for i in ids])
+    clean = np.stack([np.asarray(Image.open(data / "masks" / f"{i}.png")) for i in ids])
+    assert sum(record["pixels"]) + sum(record["pixels_wrong"]) == noisy.size
+    assert sum(record["pixels_wrong"]) == int((noisy != clean).sum())
+    # w(v^) is the trained ARM's output at the bin centres.
+    tensors, _ = read_checkpoint(find_checkpoint(out))
+    arm = checkpoint_arm(tensors)
+    expected = arm(torch.tensor(record["v"])).tolist()
+    assert record["w"] == pytest.approx(expected, abs=1e-6)
+
+
+def checkpoint_arm(tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The reference ARM with the checkpoint's `arm.*` parameters."""
+    arm = ARM()
+    arm.load_state_dict({k.removeprefix("arm."): v for k, v in tensors.items() if k.startswith("arm.")})
+    return arm
 
 
 def test_deeplab_trains(folders: tuple[Path, Path], tmp_path: Path) -> None:

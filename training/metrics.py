@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from noisyseg.kernels import normalized_confidence
+
 ArrayLike = np.ndarray | torch.Tensor
 
 
@@ -218,3 +220,33 @@ class NoiseMeter:
 def early_learning_memorization_iou(counts: NoiseCounts) -> tuple[np.ndarray, np.ndarray]:
     """Per-class (IoU_el, IoU_m) on the incorrectly labelled pixels; NaN where a class is absent."""
     return iou_per_class(counts.pred_vs_clean), iou_per_class(counts.pred_vs_noisy)
+
+
+class ConfidenceMeter:
+    """Histogram of ARM's input, the normalised confidence v^ in [-1, 1] (method-spec section 5),
+    over a training pass's valid pixels: row 0 pixels whose label is right (or not known to be
+    wrong), row 1 pixels whose label differs from the clean mask. With ARM's w(v^) at the bin
+    centres it gives the weight distribution and the share of the weight wrong labels get."""
+
+    BINS = 40
+
+    def __init__(self, ignore_index: int = 255, device: torch.device | str | None = None) -> None:
+        self.ignore_index = ignore_index
+        self.counts = torch.zeros(2 * self.BINS, dtype=torch.int64, device=device)
+
+    @classmethod
+    def centres(cls) -> torch.Tensor:
+        return torch.linspace(-1.0, 1.0, 2 * cls.BINS + 1)[1::2]
+
+    def update(self, probs: torch.Tensor, target: torch.Tensor, clean: torch.Tensor | None = None) -> None:
+        """probs (N, C, H, W), target (N, H, W) the labels trained on, clean (N, H, W) or None."""
+        bins = ((normalized_confidence(probs.float()) + 1.0) * (self.BINS / 2)).long().clamp_(0, self.BINS - 1)
+        valid = target != self.ignore_index
+        if clean is not None:
+            wrong = (target != clean) & (clean != self.ignore_index)
+            bins = bins + self.BINS * wrong.long()
+        self.counts += torch.bincount(bins[valid], minlength=2 * self.BINS)
+
+    def histogram(self) -> np.ndarray:
+        """(2, BINS) pixel counts: right (or unknown), wrong."""
+        return self.counts.cpu().numpy().reshape(2, self.BINS)

@@ -98,6 +98,7 @@ from noisyseg.training.evaluation import (
 from noisyseg.training.label_store import LabelStore
 from noisyseg.training.methods import METHOD_SPECS
 from noisyseg.training.metrics import (
+    ConfidenceMeter,
     ConfusionMeter,
     NoiseMeter,
     early_learning_memorization_iou,
@@ -140,16 +141,18 @@ class EpochCounters:
 
     train_meter: ConfusionMeter
     noise: NoiseMeter | None
+    confidence: ConfidenceMeter | None  # ARM's inputs over the pass (ARM methods only)
     corrected_pixels: torch.Tensor  # () int64
     first_nonfinite: torch.Tensor  # () int64: the first iteration with a non-finite loss, or -1
     loss_sums: dict[str, torch.Tensor] = field(default_factory=dict)
     steps: int = 0
 
     @classmethod
-    def zeros(cls, num_classes: int, ignore_index: int, device: torch.device, noise: bool) -> EpochCounters:
+    def zeros(cls, num_classes: int, ignore_index: int, device: torch.device, noise: bool, confidence: bool = False) -> EpochCounters:
         return cls(
             train_meter=ConfusionMeter(num_classes, ignore_index, device),
             noise=NoiseMeter(num_classes, ignore_index, device) if noise else None,
+            confidence=ConfidenceMeter(ignore_index, device) if confidence else None,
             corrected_pixels=torch.zeros((), dtype=torch.int64, device=device),
             first_nonfinite=torch.full((), -1, dtype=torch.int64, device=device),
         )
@@ -337,7 +340,7 @@ class Trainer:
         counters.add_losses(terms, loss_weight)
         if padding:
             return
-        self.count_training_pass(rows, logits[self.scales.index(1.0)].detach().argmax(dim=1), target, counters, annotations, clean)
+        self.count_training_pass(rows, logits[self.scales.index(1.0)].detach(), target, counters, annotations, clean)
         if correct is not None and self.timing == "iteration":
             if geometry is None:
                 counters.corrected_pixels += self.corrections.correct_rows(rows, target, self.correction_probs(logits), correct)
@@ -378,22 +381,24 @@ class Trainer:
             return torch.softmax(logits_per_scale[self.scales.index(1.0)].detach().float(), dim=1)
         return mean_probabilities(logits_per_scale)
 
-    def count_training_pass(self, rows: torch.Tensor, prediction: torch.Tensor, target: torch.Tensor, counters: EpochCounters, annotations: torch.Tensor | None = None, clean: torch.Tensor | None = None) -> None:
-        """Dataset-level counts: the prediction against the labels trained on (the training IoU
-        the trigger fits) and, when clean masks are known, the noise diagnostics. Streamed
-        batches bring their (cropped) annotations and clean masks; cached rows index them."""
+    def count_training_pass(self, rows: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, counters: EpochCounters, annotations: torch.Tensor | None = None, clean: torch.Tensor | None = None) -> None:
+        """Dataset-level counts of the scale-1.0 `logits`: the prediction against the labels
+        trained on (the training IoU the trigger fits) and, when clean masks are known, the noise
+        diagnostics; with ARM, the histogram of its confidence input. Streamed batches bring
+        their (cropped) annotations and clean masks; cached rows index them."""
+        prediction = logits.argmax(dim=1)
         counters.train_meter.update(prediction, target)
-        if counters.noise is None:
-            return
         if annotations is None and self.clean_labels is not None:
             annotations, clean = self.annotations[rows], self.clean_labels[rows]
-        if clean is not None:
+        if counters.noise is not None and clean is not None:
             counters.noise.update(prediction, annotations, clean)
+        if counters.confidence is not None:
+            counters.confidence.update(torch.softmax(logits.float(), dim=1), target, clean)
 
     def run_epoch(self) -> EpochCounters:
         """Train one epoch (self.epoch is the number of completed epochs before it)."""
         epoch = self.epoch + 1
-        counters = EpochCounters.zeros(self.data.num_classes, self.ignore_index, self.device, noise=self.has_clean)
+        counters = EpochCounters.zeros(self.data.num_classes, self.ignore_index, self.device, noise=self.has_clean, confidence=self.arm is not None)
         correct = self.correction_classes(epoch)
         order = torch.randperm(len(self.data.train_ids), generator=self.shuffle)
         self.model.train()
@@ -435,6 +440,8 @@ class Trainer:
         if counters.noise is not None:
             counters.noise.vs_clean.matrix = all_reduce_counts(self.ctx, counters.noise.vs_clean.matrix, "the IoU_el all-reduce")
             counters.noise.vs_noisy.matrix = all_reduce_counts(self.ctx, counters.noise.vs_noisy.matrix, "the IoU_m all-reduce")
+        if counters.confidence is not None:
+            counters.confidence.counts = all_reduce_sum(self.ctx, counters.confidence.counts, "the ARM confidence all-reduce")
         counters.corrected_pixels = torch.tensor(self.total_over_ranks(counters.corrected_pixels))
         # The mean over ranks of the weighted terms: every rank logs the global batch's loss.
         for key, total in counters.loss_sums.items():
@@ -495,7 +502,19 @@ class Trainer:
         if counters.noise is not None:
             iou_el, iou_m = early_learning_memorization_iou(counters.noise.counts())
             record["iou_el"], record["iou_m"] = foreground_dict(iou_el), foreground_dict(iou_m)
+        if counters.confidence is not None:
+            record["arm"] = self.arm_record(counters.confidence)
         return record
+
+    def arm_record(self, meter: ConfidenceMeter) -> dict[str, Any]:
+        """ARM's weight function w(v^) at the histogram's bin centres (before the batch
+        normalisation) and the epoch's pixel counts per bin, right and wrong labels."""
+        assert self.arm is not None
+        centres = ConfidenceMeter.centres()
+        with torch.no_grad():
+            weights = self.arm(centres.to(self.device)).float().cpu()
+        right, wrong = meter.histogram()
+        return {"v": [round(float(v), 4) for v in centres], "w": [float(w) for w in weights], "pixels": right.tolist(), "pixels_wrong": wrong.tolist()}
 
     def guard_classes(self, epoch: int) -> None:
         """The guard (`adele.py`): stop and undo the correction of a class whose labelled area
