@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from noisyseg.training.arm_analysis import arm_epoch
 from noisyseg.training.experiment import (
     NoiseSpec,
     RunSpec,
@@ -25,7 +26,7 @@ from noisyseg.training.experiment_report import RunResult, erased_classes, mean_
 from noisyseg.training.trainer import train
 
 TINY = Scale(patients=5, size=32, slices_per_patient=4, epochs=2, batch_size=8, unet={"base_width": 4, "depth": 2})
-SPECS = [RunSpec("table1", "baseline-ms", NoiseSpec(seed=0)), RunSpec("table1", "adele", NoiseSpec(seed=0))]
+SPECS = [RunSpec("table1", m, NoiseSpec(seed=0)) for m in ("baseline-ms", "adele", "arm")]
 
 
 class RecordingTrain:
@@ -44,14 +45,14 @@ def finished_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("experiment")
     trainer = RecordingTrain()
     counts = run_experiments(root, SPECS, TINY, trainer)
-    assert counts == {"done": 0, "trained": 2, "busy": 0}
-    assert trainer.calls == [("baseline-ms", False), ("adele", False)]
+    assert counts == {"done": 0, "trained": 3, "busy": 0}
+    assert trainer.calls == [("baseline-ms", False), ("adele", False), ("arm", False)]
     return root
 
 
 def test_finished_runs_are_skipped(finished_root: Path) -> None:
     trainer = RecordingTrain()
-    assert run_experiments(finished_root, SPECS, TINY, trainer) == {"done": 2, "trained": 0, "busy": 0}
+    assert run_experiments(finished_root, SPECS, TINY, trainer) == {"done": 3, "trained": 0, "busy": 0}
     assert trainer.calls == []
     run_dir = finished_root / "runs" / SPECS[0].relative_dir
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -113,6 +114,11 @@ def test_results_document_holds_the_measured_numbers(finished_root: Path, tmp_pa
     assert "noisyseg experiment --out X" in text
     assert (tmp_path / "docs" / "results" / "table1_dynamics.png").is_file()
     assert (tmp_path / "docs" / "results" / "table1_adele_curves.png").is_file()
+    # The ARM section: the last epoch's statistics of the arm run's own record.
+    arm_record = json.loads((finished_root / "runs" / SPECS[2].relative_dir / "metrics.jsonl").read_text().splitlines()[-1])["arm"]
+    row = next(line for line in text.splitlines() if line.startswith("| table1 | arm |"))
+    assert row.split("|")[6].strip() == f"{arm_epoch(arm_record).wrong_relative_weight:.2f}"
+    assert (tmp_path / "docs" / "results" / "arm_table1_arm.png").is_file()
 
 
 def test_mean_std_formats_percentages() -> None:
@@ -146,3 +152,16 @@ def test_erased_classes_compare_with_the_same_settings_baseline() -> None:
         fake_result("adele-correction", 0, [0.97, 0.0, 0.0, 0.0]),  # not a method the target covers
     ]
     assert erased_classes(results, ["bg", "a", "b", "c"]) == ["ladder/erode-dilate-L4-s0/adele: a 4.0 (baseline-ms 30.0)"]
+
+
+def test_arm_statistics_on_a_hand_made_record() -> None:
+    # Two bins: 30 right + 10 wrong pixels at v^ = -0.5 with weight 0.2, 60 right at 0.5 with 0.8.
+    record = {"v": [-0.5, 0.5], "w": [0.2, 0.8], "pixels": [30, 60], "pixels_wrong": [10, 0]}
+    epoch = arm_epoch(record)
+    assert epoch.wrong_pixel_share == pytest.approx(0.1)
+    assert epoch.wrong_weight_share == pytest.approx(0.2 * 10 / (0.2 * 40 + 0.8 * 60))
+    assert epoch.wrong_relative_weight == pytest.approx((2 / 56) / 0.1)
+    # (sum w n)^2 / (sum w^2 n * sum n) = 56^2 / ((0.04 * 40 + 0.64 * 60) * 100)
+    assert epoch.effective_fraction == pytest.approx(56**2 / (40.0 * 100))
+    uniform = arm_epoch({**record, "w": [0.5, 0.5]})
+    assert uniform.wrong_relative_weight == pytest.approx(1.0) and uniform.effective_fraction == pytest.approx(1.0)

@@ -21,6 +21,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from noisyseg.training.arm_analysis import arm_series, plot_weight_function
 from noisyseg.training.data import read_dataset_info
 from noisyseg.training.experiment import (
     COARSE_METHODS,
@@ -222,6 +223,52 @@ def target_lines(root: Path, scale: Scale, results: list[RunResult], levels: Seq
     return lines
 
 
+ARM_RUNS = (("table1", "arm"), ("table1", "adele+arm"), ("coarse", "arm"), ("coarse", "gce+arm"))
+
+
+def arm_table(results: list[RunResult]) -> list[str]:
+    """Markdown rows: per ARM run group, what ARM's weights do to wrong labels (`arm_analysis`)."""
+    lines = [
+        "| experiment | method | seeds | wrong-label pixel share | wrong-label weight share | relative weight of a wrong label | effective sample fraction | same, mean over epochs |",
+        "|" + " --- |" * 8,
+    ]
+    for experiment, method in ARM_RUNS:
+        series = [arm_series(r.records) for r in _by_method(results, experiment, method)]
+        series = [s for s in series if s]
+        if not series:
+            continue
+        last = [s[-1] for s in series]
+        over_epochs = [float(np.nanmean([e.wrong_relative_weight for e in s])) for s in series]
+        lines.append(
+            f"| {experiment} | {method} | {len(series)} | {mean_std([e.wrong_pixel_share for e in last])} | {mean_std([e.wrong_weight_share for e in last])} "
+            f"| {_ratio(e.wrong_relative_weight for e in last)} | {mean_std([e.effective_fraction for e in last])} | {_ratio(over_epochs)} |"
+        )
+    return lines
+
+
+def _ratio(values: Any) -> str:
+    finite = [v for v in values if np.isfinite(v)]
+    if not finite:
+        return "-"
+    return f"{statistics.mean(finite):.2f}" + (f" ± {statistics.stdev(finite):.2f}" if len(finite) > 1 else "")
+
+
+def plot_arm_runs(results: list[RunResult], figures: Path) -> list[str]:
+    """The first seed's weight function of each ARM run group, as figures linked from the document."""
+    lines = []
+    for experiment, method in ARM_RUNS:
+        runs = [r for r in _by_method(results, experiment, method) if arm_series(r.records)]
+        if not runs:
+            continue
+        name = f"arm_{experiment}_{method.replace('+', '_')}.png"
+        figure = Figure(figsize=(10, 3.8), layout="constrained")
+        FigureCanvasAgg(figure)
+        plot_weight_function(runs[0].records, f"{method}, {experiment} ({runs[0].spec.noise.name})", figure)
+        _save(figure, figures / name)
+        lines += [f"![{method} on {experiment}: w(v^) over training and the last epoch's inputs](results/{name})", ""]
+    return lines
+
+
 # ----------------------------------------------------------------------------- plots
 
 
@@ -397,6 +444,16 @@ def write_results(root: Path, out: Path, scale: Scale, specs: Sequence[RunSpec],
             "",
             "![test mIoU against annotation mIoU](results/ladder.png)",
             "",
+        ]
+    if any(_by_method(results, e, m) for e, m in ARM_RUNS):
+        lines += [
+            "## ARM: what its weights do",
+            "",
+            "At the last epoch (the relative weight of a wrong label is its weight share over its pixel share: 1 = uniform, below 1 = ARM turns wrong labels down):",
+            "",
+            *arm_table(results),
+            "",
+            *plot_arm_runs(results, figures),
         ]
     lines += ["## Targets", "", *target_lines(root, scale, results, levels if "ladder" in experiments else [], class_names), ""]
     if "coarse" in experiments:
