@@ -117,7 +117,7 @@ def test_results_document_holds_the_measured_numbers(finished_root: Path, tmp_pa
     # The ARM section: the last epoch's statistics of the arm run's own record.
     arm_record = json.loads((finished_root / "runs" / SPECS[2].relative_dir / "metrics.jsonl").read_text().splitlines()[-1])["arm"]
     row = next(line for line in text.splitlines() if line.startswith("| table1 | arm |"))
-    assert row.split("|")[6].strip() == f"{arm_epoch(arm_record).wrong_relative_weight:.2f}"
+    assert row.split("|")[7].strip() == f"{arm_epoch(arm_record).wrong_relative_weight:.2f}"
     assert (tmp_path / "docs" / "results" / "arm_table1_arm.png").is_file()
 
 
@@ -134,6 +134,26 @@ def test_experiment_plans() -> None:
     # Seed-major: a first seed over every level finishes before the next seed starts.
     assert [(s.method, s.noise.level, s.noise.seed) for s in ladder] == [(m, level, seed) for seed in (7, 8) for level in (0, 3) for m in methods]
     assert {s.architecture for s in experiment_runs("coarse", [0], [])} == {"deeplabv3plus"}
+    study = experiment_runs("armstudy", [0], [])
+    assert [s.relative_dir.name for s in study] == ["arm@arm.lr=0.01", "arm@arm.warmup_fraction=0.2", "arm@arm.momentum=0.0"]
+
+
+def test_a_variant_run_trains_with_its_overrides(tmp_path: Path) -> None:
+    spec = RunSpec("armstudy", "arm", NoiseSpec("coarse"), "unet", ("arm.lr=0.01",))
+    trainer = RecordingConfigs()
+    run_experiments(tmp_path, [spec], TINY, trainer)
+    assert [(c.method, c.arm.lr, c.out) for c in trainer.configs] == [("arm", 0.01, str(tmp_path / "runs" / spec.relative_dir))]
+
+
+class RecordingConfigs:
+    """Records the configurations the runner would train with (trains nothing)."""
+
+    def __init__(self) -> None:
+        self.configs: list = []
+
+    def __call__(self, config, resume):
+        self.configs.append(config)
+        return None
     with pytest.raises(ValueError, match="unknown experiment 'table9'"):
         experiment_runs("table9", [0], [0])
 

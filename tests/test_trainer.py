@@ -269,6 +269,16 @@ def test_adam_option_builds_adam_for_network_and_ascending_arm(folders: tuple[Pa
         tiny_config(folders, tmp_path / "bad", "optim.optimizer=rmsprop").validate()
 
 
+def test_arm_learning_rate_option_follows_the_networks_schedule(folders: tuple[Path, Path], tmp_path: Path) -> None:
+    config = tiny_config(folders, tmp_path / "armlr", "method=arm", "optim.lr=0.2", "arm.lr=0.01", "optim.schedule=poly", "epochs=4")
+    trainer = Trainer(config, load_run_data(config))
+    trainer.iteration = trainer.total_iterations // 2
+    factor = 0.5**config.optim.poly_power
+    assert trainer.set_learning_rate() == pytest.approx(0.2 * factor)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.2 * factor)
+    assert trainer.arm_optimizer is not None and trainer.arm_optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * factor)
+
+
 def saturating(a: float, b: float, epochs: int) -> list[float]:
     return [a * (1 - np.exp(-b * t)) for t in range(1, epochs + 1)]
 

@@ -145,10 +145,14 @@ class ArmConfig:
     """ARM (method-spec section 5). Its SGD ascends (`maximize=True`) with the network's lr.
 
     warmup_fraction: the first fraction of all iterations trains network and ARM in isolation.
+    lr: ARM's learning rate (following the network's schedule); None = the network's (the ARM
+        paper's rule, with its DeepLab lr 0.01). A network lr raised for a small model raises
+        ARM's steps with it; this keeps them where the paper had them.
     momentum: ARM's SGD momentum; None = the network's (the ARM paper gives no separate value).
     """
 
     warmup_fraction: float = 0.05
+    lr: float | None = None
     momentum: float | None = None
 
 
@@ -315,6 +319,7 @@ class TrainConfig:
             (self.adele.logit_divisor > 0, "adele.logit_divisor", "positive"),
             (0.0 < self.adele.guard_min_area < 1.0, "adele.guard_min_area", "in (0, 1)"),
             (0.0 <= self.arm.warmup_fraction <= 1.0, "arm.warmup_fraction", "in [0, 1]"),
+            (self.arm.lr is None or self.arm.lr > 0, "arm.lr", "positive (or null: the network's)"),
             (0.0 < self.loss.gce_q <= 1.0, "loss.gce_q", "in (0, 1]"),
             (self.distributed.backend in ("auto", "gloo", "nccl"), "distributed.backend", "'auto', 'gloo' or 'nccl'"),
             (self.distributed.timeout_s > 0, "distributed.timeout_s", "positive (seconds)"),

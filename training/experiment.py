@@ -8,12 +8,13 @@ Three experiments (the issue's "Reproduce the papers, measured"):
   adele-consistency) and adele over erode-dilate noise levels and noise seeds.
 - `coarse`: the ARM paper's coarse-label setting: the DeepLab-style model on `coarse` noise
   with plain CE (`baseline`), gce, ohem, arm and gce+arm.
+- `armstudy`: `arm` in the coarse setting with ARM's optimiser changed (`ARM_VARIANTS`).
 
 Layout under the experiment root `ROOT`:
 
     ROOT/data/phantom-<scale>/                  the phantom (one per scale)
     ROOT/data/phantom-<scale>-<noise>-<level>-s<seed>/  its noisy training labels
-    ROOT/runs/<experiment>/<setting>/<method>/  one training run (the trainer's run directory)
+    ROOT/runs/<experiment>/<setting>/<method>[@<override>...]/  one training run (the trainer's run directory)
 
 Every step is idempotent: a dataset folder is built in a temporary folder and renamed into place
 (a concurrent builder that loses the race discards its copy), a run whose `summary.json` exists is
@@ -41,7 +42,13 @@ from typing import Any, Literal
 import torch
 from tqdm import tqdm
 
-from noisyseg.training.config import ModelConfig, OptimConfig, TrainConfig
+from noisyseg.training.config import (
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    apply_overrides,
+    config_from_dict,
+)
 from noisyseg.training.io import atomic_write_json
 from noisyseg.training.methods import method_names
 from noisyseg.training.noise import LEVEL_ITERATIONS, NOISE_FILE, corrupt_dataset
@@ -51,13 +58,16 @@ from noisyseg.training.run_dir import RunDir
 log = logging.getLogger(__name__)
 
 TIMING_FILE = "experiment_timing.json"  # written beside a run's files by this module
-EXPERIMENTS = ("table1", "ladder", "coarse")
+EXPERIMENTS = ("table1", "ladder", "coarse", "armstudy")
 
 # `baseline` (single-scale CE) is not in ADELE's Table 1; it is the reference ARM improves on.
 TABLE1_METHODS = method_names(["baseline-ms", "adele-nonadaptive", "adele", "arm", "adele+arm", "baseline"])
 # Table 6's columns: the multiscale baseline, each half of ADELE alone, and ADELE.
 LADDER_METHODS = method_names(["baseline-ms", "adele-correction", "adele-consistency", "adele"])
 COARSE_METHODS = method_names(["baseline", "gce", "ohem", "arm", "gce+arm"])
+# How ARM's optimiser shapes what it learns, on the coarse setting (compare with coarse's arm):
+# the paper's absolute ARM lr (its DeepLab lr), a longer warm-up, no momentum.
+ARM_VARIANTS = (("arm.lr=0.01",), ("arm.warmup_fraction=0.2",), ("arm.momentum=0.0",))
 
 
 @dataclass(frozen=True)
@@ -128,10 +138,16 @@ class RunSpec:
     method: str
     noise: NoiseSpec
     architecture: str = "unet"
+    overrides: tuple[str, ...] = ()  # configuration overrides of a variant (`--set` syntax)
+
+    @property
+    def name(self) -> str:
+        """The method, with a variant's overrides: `arm` or `arm@arm.lr=0.01`."""
+        return "@".join([self.method, *self.overrides])
 
     @property
     def relative_dir(self) -> Path:
-        return Path(self.experiment) / self.noise.name / self.method
+        return Path(self.experiment) / self.noise.name / self.name
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -145,6 +161,8 @@ def experiment_runs(experiment: str, seeds: Sequence[int], levels: Sequence[int]
         return [RunSpec("ladder", m, NoiseSpec(level=lv, seed=s)) for s in seeds for lv in levels for m in LADDER_METHODS]
     if experiment == "coarse":
         return [RunSpec("coarse", m, NoiseSpec("coarse", seed=s), "deeplabv3plus") for s in seeds for m in COARSE_METHODS]
+    if experiment == "armstudy":
+        return [RunSpec("armstudy", "arm", NoiseSpec("coarse", seed=s), "deeplabv3plus", v) for s in seeds for v in ARM_VARIANTS]
     raise ValueError(f"unknown experiment {experiment!r}; choose from {', '.join(EXPERIMENTS)}")
 
 
@@ -274,6 +292,8 @@ def run_experiment_step(spec: RunSpec, root: Path, scale: Scale, train: Callable
             return "done"
         phantom, labels = ensure_data(root, scale, spec.noise)
         config = train_config(scale, spec.method, phantom, labels, run_dir, spec.architecture, quiet)
+        if spec.overrides:
+            config = config_from_dict(apply_overrides(config.to_dict(), list(spec.overrides)))
         resume = RunDir(run_dir).has_config()
         log.info("%s %s", "resuming" if resume else "training", run_dir)
         train(config, resume)

@@ -16,7 +16,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 # Noise seeds per experiment: ADELE's Table 1 averages 5 noise realisations; 3 for the rest.
-DEFAULT_SEEDS = {"table1": (0, 1, 2, 3, 4), "ladder": (0, 1, 2), "coarse": (0, 1, 2)}
+DEFAULT_SEEDS = {"table1": (0, 1, 2, 3, 4), "ladder": (0, 1, 2), "coarse": (0, 1, 2), "armstudy": (0, 1, 2)}
 DEFAULT_LEVELS = (0, 1, 2, 3, 4, 5, 6)
 
 
@@ -29,7 +29,7 @@ def register(subparsers: Any) -> None:
         "paper's coarse-label comparison (coarse) at a CPU scale, then writes the results document.",
     )
     parser.add_argument("--out", default="runs/experiment", help="experiment folder: data and runs (default runs/experiment)")
-    parser.add_argument("--experiments", nargs="+", default=["table1", "ladder", "coarse"], choices=["table1", "ladder", "coarse"], help="which experiments (default all)")
+    parser.add_argument("--experiments", nargs="+", default=list(DEFAULT_SEEDS), choices=list(DEFAULT_SEEDS), help="which experiments (default all)")
     parser.add_argument("--seeds", nargs="+", type=int, help="noise seeds of every chosen experiment (default: 0-4 for table1, 0-2 for ladder and coarse)")
     parser.add_argument("--levels", nargs="+", type=int, default=list(DEFAULT_LEVELS), help="erode-dilate levels of the ladder, 0..6 (default all: 0, 1, 2, 3, 4, 6, 8 iterations)")
     parser.add_argument("--methods", nargs="+", help="train only these methods of the chosen experiments (default all; the document lists all)")

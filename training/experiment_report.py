@@ -24,10 +24,12 @@ from matplotlib.figure import Figure
 from noisyseg.training.arm_analysis import arm_series, plot_weight_function
 from noisyseg.training.data import read_dataset_info
 from noisyseg.training.experiment import (
+    ARM_VARIANTS,
     COARSE_METHODS,
     LADDER_METHODS,
     TABLE1_METHODS,
     TIMING_FILE,
+    NoiseSpec,
     RunSpec,
     Scale,
     annotation_quality,
@@ -101,9 +103,10 @@ def _cell(runs: list[RunResult], key: str, which: str) -> str:
 
 
 def _by_method(results: list[RunResult], experiment: str, method: str, level: int | None = None, match_level: bool = False) -> list[RunResult]:
+    """The runs of `method` (a variant: `RunSpec.name`, e.g. `arm@arm.lr=0.01`) in `experiment`."""
     return [
         r for r in results
-        if r.spec.experiment == experiment and r.spec.method == method and (not match_level or r.spec.noise.level == level)
+        if r.spec.experiment == experiment and r.spec.name == method and (not match_level or r.spec.noise.level == level)
     ]
 
 
@@ -223,24 +226,30 @@ def target_lines(root: Path, scale: Scale, results: list[RunResult], levels: Seq
     return lines
 
 
-ARM_RUNS = (("table1", "arm"), ("table1", "adele+arm"), ("coarse", "arm"), ("coarse", "gce+arm"))
+ARM_RUNS = (
+    ("table1", "arm"),
+    ("table1", "adele+arm"),
+    ("coarse", "arm"),
+    ("coarse", "gce+arm"),
+    *(("armstudy", RunSpec("armstudy", "arm", NoiseSpec("coarse"), overrides=v).name) for v in ARM_VARIANTS),
+)
 
 
 def arm_table(results: list[RunResult]) -> list[str]:
     """Markdown rows: per ARM run group, what ARM's weights do to wrong labels (`arm_analysis`)."""
     lines = [
-        "| experiment | method | seeds | wrong-label pixel share | wrong-label weight share | relative weight of a wrong label | effective sample fraction | same, mean over epochs |",
-        "|" + " --- |" * 8,
+        "| experiment | method | seeds | test mIoU best val | wrong-label pixel share | wrong-label weight share | relative weight of a wrong label | effective sample fraction | same, mean over epochs |",
+        "|" + " --- |" * 9,
     ]
     for experiment, method in ARM_RUNS:
-        series = [arm_series(r.records) for r in _by_method(results, experiment, method)]
-        series = [s for s in series if s]
-        if not series:
+        runs = [r for r in _by_method(results, experiment, method) if arm_series(r.records)]
+        if not runs:
             continue
+        series = [arm_series(r.records) for r in runs]
         last = [s[-1] for s in series]
         over_epochs = [float(np.nanmean([e.wrong_relative_weight for e in s])) for s in series]
         lines.append(
-            f"| {experiment} | {method} | {len(series)} | {mean_std([e.wrong_pixel_share for e in last])} | {mean_std([e.wrong_weight_share for e in last])} "
+            f"| {experiment} | {method} | {len(series)} | {_cell(runs, 'test_miou', 'best_val')} | {mean_std([e.wrong_pixel_share for e in last])} | {mean_std([e.wrong_weight_share for e in last])} "
             f"| {_ratio(e.wrong_relative_weight for e in last)} | {mean_std([e.effective_fraction for e in last])} | {_ratio(over_epochs)} |"
         )
     return lines
@@ -260,7 +269,7 @@ def plot_arm_runs(results: list[RunResult], figures: Path) -> list[str]:
         runs = [r for r in _by_method(results, experiment, method) if arm_series(r.records)]
         if not runs:
             continue
-        name = f"arm_{experiment}_{method.replace('+', '_')}.png"
+        name = f"arm_{experiment}_{method.replace('+', '_').replace('@', '_').replace('=', '')}.png"
         figure = Figure(figsize=(10, 3.8), layout="constrained")
         FigureCanvasAgg(figure)
         plot_weight_function(runs[0].records, f"{method}, {experiment} ({runs[0].spec.noise.name})", figure)

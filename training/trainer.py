@@ -288,13 +288,15 @@ class Trainer:
         return self.iteration < math.ceil(self.config.arm.warmup_fraction * self.total_iterations)
 
     def set_learning_rate(self) -> float:
-        lr = self.config.optim.lr
+        """This step's learning rates (the network's returned); ARM's follows the same schedule."""
+        factor = 1.0
         if self.config.optim.schedule == "poly":
-            lr *= (1.0 - self.iteration / self.total_iterations) ** self.config.optim.poly_power
-        for optimizer in (o for o in (self.optimizer, self.arm_optimizer) if o is not None):
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-        return lr
+            factor = (1.0 - self.iteration / self.total_iterations) ** self.config.optim.poly_power
+        arm_lr = self.config.optim.lr if self.config.arm.lr is None else self.config.arm.lr
+        for optimizer, lr in ((self.optimizer, self.config.optim.lr), (self.arm_optimizer, arm_lr)):
+            for group in optimizer.param_groups if optimizer is not None else []:
+                group["lr"] = lr * factor
+        return self.config.optim.lr * factor
 
     # ---- losses
 
