@@ -64,7 +64,7 @@ def sample(count: int = 1, size: int = 8, seed: int = 0) -> np.ndarray:
 def test_health_and_server_metadata(client) -> None:
     assert client.get("/v2/health/live").json() == {"live": True}
     assert client.get("/v2/health/ready").json() == {"ready": True}
-    assert client.get("/v2").json()["extensions"] == ["binary_tensor_data"]
+    assert client.get("/v2").json()["extensions"] == ["binary_tensor_data", "model_configuration", "statistics"]
 
 
 def test_model_metadata_lists_every_output_the_model_can_give(client) -> None:

@@ -65,7 +65,7 @@ def test_readiness_and_metadata(served) -> None:
     client, _ = served
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("unet")
     assert not client.is_model_ready("other")
-    assert client.get_server_metadata()["extensions"] == ["binary_tensor_data"]
+    assert client.get_server_metadata()["extensions"] == ["binary_tensor_data", "model_configuration", "statistics"]
     metadata = client.get_model_metadata("unet")
     assert metadata["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 1, -1, -1]}]
     assert [(o["name"], o["shape"]) for o in metadata["outputs"]] == [
