@@ -4,7 +4,9 @@ typed tensor contents, one dynamic batcher shared with HTTP, the API key and mes
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -18,9 +20,12 @@ from serve_helpers import CLASS_NAMES, write_conv_model
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from noisyseg import cli
 from noisyseg.export.onnxruntime_runner import OnnxRuntimeRunner
 from noisyseg.export.triton_repo import TritonRepoConfig, make_triton_repo
+from noisyseg.serve.commands import settings_from_args
 from noisyseg.serve.loadgen import ServerProcess
+from noisyseg.serve.settings import ServerSettings
 
 API_KEY = "grpc-test-key"
 # The repository's batching: two images per batch, and a lone request waits for a
@@ -38,15 +43,22 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory / "repo"
 
 
-@pytest.fixture(scope="module")
-def served(repo: Path):
-    server = ServerProcess(repo, "--threads", "1").wait_until_ready()
+@contextlib.contextmanager
+def grpc_server(model: Path, *args: str) -> Iterator[tuple[grpcclient.InferenceServerClient, ServerProcess]]:
+    """`noisyseg serve --model MODEL ARGS` in its own process, with a tritonclient.grpc client."""
+    server = ServerProcess(model, "--threads", "1", *args).wait_until_ready()
     client = grpcclient.InferenceServerClient(server.grpc_address)
     try:
         yield client, server
     finally:
         client.close()
         server.kill()
+
+
+@pytest.fixture(scope="module")
+def served(repo: Path):
+    with grpc_server(repo) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -54,16 +66,9 @@ def guarded(repo: Path, tmp_path_factory: pytest.TempPathFactory):
     """A server with an API key and a 10 KiB gRPC request limit."""
     key_file = tmp_path_factory.mktemp("key") / "key.txt"
     key_file.write_text(API_KEY)
-    server = ServerProcess(
-        repo / "conv" / "1" / "model.onnx", "--name", "conv", "--threads", "1", "--api-key-file", str(key_file),
-        "--grpc-max-receive-mb", str(10 / 1024),
-    ).wait_until_ready()
-    client = grpcclient.InferenceServerClient(server.grpc_address)
-    try:
-        yield client, server
-    finally:
-        client.close()
-        server.kill()
+    model = repo / "conv" / "1" / "model.onnx"
+    with grpc_server(model, "--name", "conv", "--api-key-file", str(key_file), "--grpc-max-receive-mb", str(10 / 1024)) as running:
+        yield running
 
 
 def grpc_infer(client, images: np.ndarray, outputs: list[str] | None = None, **kwargs):
@@ -223,3 +228,16 @@ def test_a_message_over_the_receive_limit_is_refused(guarded) -> None:
     with pytest.raises(InferenceServerException) as too_large:
         grpc_infer(client, batch(8, count=1, size=(64, 64)), headers=headers)  # 16 KiB of pixels
     assert too_large.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+
+
+def test_command_line_grpc_options_become_settings() -> None:
+    parser = cli.build_parser()
+    default = settings_from_args(parser.parse_args(["serve", "--model", "m.onnx"]))
+    assert (default.host, default.grpc_port) == ("127.0.0.1", 8001)
+    assert (default.grpc_max_receive_bytes, default.grpc_max_send_bytes) == (64 * 2**20, 256 * 2**20)
+    off = settings_from_args(parser.parse_args(["serve", "--model", "m.onnx", "--no-grpc", "--grpc-max-send-mb", "0.5"]))
+    assert off.grpc_port is None and off.grpc_max_send_bytes == 2**19
+    with pytest.raises(ValueError, match="port and grpc_port must differ"):
+        ServerSettings(port=9000, grpc_port=9000)
+    with pytest.raises(ValueError, match="below 2 GiB"):
+        ServerSettings(grpc_max_receive_bytes=2**31)
