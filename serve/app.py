@@ -4,9 +4,10 @@ Routes (KServe v2): `GET /v2/health/live`, `GET /v2/health/ready`, `GET /v2`,
 `GET /v2/models/{name}[/versions/{v}]`, `GET .../ready`, `POST .../infer`, Triton's
 model-configuration and statistics extensions (`GET .../config`, `GET .../stats`,
 `GET /v2/models/stats`), plus `GET /metrics` (Prometheus text). With `settings.grpc_port` the
-same models are also served over gRPC (`serve.grpc_server`), through the same batchers. Every error is `{"error": "..."}` with a 4xx status for anything the client
-sent (400 bad tensors, 401 key, 404 model, 413 body size, 415 encoding), 503 while the server is
-not ready or its queue is full, 504 when a request outlives its timeout.
+same models are also served over gRPC (`serve.grpc_server`), through the same batchers. Every
+error is `{"error": "..."}` with a 4xx status for anything the client sent (400 bad tensors, 401
+key, 404 model, 413 body size, 415 encoding), 503 while the server is not ready or its queue is
+full, 504 when a request outlives its timeout.
 
 `create_app(runtimes, settings)` returns the ASGI app; the batchers start with the app's
 lifespan and, on shutdown, finish every queued request before the worker threads stop.
