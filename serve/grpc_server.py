@@ -250,9 +250,10 @@ async def start_grpc_server(table: ModelTable, settings: ServerSettings, metrics
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(table, metrics), server)
     address = f"{settings.host}:{settings.grpc_port}"
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"gRPC endpoint: cannot listen on {address}")
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:  # grpc's own message names no cause and no way out
+        raise OSError(f"gRPC endpoint: cannot listen on {address} (port in use? choose --grpc-port, or --no-grpc)") from None
     await server.start()
     logger.info("gRPC listening on %s:%d", settings.host, port)
     return server

@@ -5,6 +5,9 @@ typed tensor contents, one dynamic batcher shared with HTTP, the API key and mes
 from __future__ import annotations
 
 import contextlib
+import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -241,3 +244,14 @@ def test_command_line_grpc_options_become_settings() -> None:
         ServerSettings(port=9000, grpc_port=9000)
     with pytest.raises(ValueError, match="below 2 GiB"):
         ServerSettings(grpc_max_receive_bytes=2**31)
+
+
+def test_a_busy_grpc_port_stops_the_server_with_a_message_naming_it(repo: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        command = [sys.executable, "-m", "noisyseg", "serve", "--model", str(repo), "--port", "0", "--grpc-port", str(port)]
+        run = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0
+    assert f"gRPC endpoint: cannot listen on 127.0.0.1:{port} (port in use? choose --grpc-port, or --no-grpc)" in run.stderr
