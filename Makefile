@@ -8,13 +8,13 @@ STAMP := $(VENV)/.noisyseg-installed
 LOCK := constraints.txt
 PIP_LOCKED := $(BIN)/python -m pip install --quiet -c $(LOCK)
 
-.PHONY: demo test install bench lint lock gpu-check clean
+.PHONY: demo test install bench lint lock proto gpu-check clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# The CPU wheel first, so nothing below pulls CUDA builds of torch.
 	$(PIP_LOCKED) torch
-	$(PIP_LOCKED) -e '.[dev,serve]'
+	$(PIP_LOCKED) -e '.[dev,serve,clients]'
 	# tensorrt-stubs declares a dependency on tensorrt itself, which cannot install without an
 	# NVIDIA driver: install the stubs alone, for mypy.
 	$(PIP_LOCKED) --no-deps tensorrt-stubs
@@ -39,11 +39,23 @@ lint: $(STAMP)
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install --quiet torch==2.13.0
-	.lock-venv/bin/python -m pip install --quiet '.[dev,serve]'
+	.lock-venv/bin/python -m pip install --quiet '.[dev,serve,clients]'
 	.lock-venv/bin/python -m pip install --quiet --no-deps tensorrt-stubs
 	{ sed -n '/^#/p' $(LOCK); .lock-venv/bin/python -m pip freeze --exclude noisyseg | sed 's/+cpu$$//'; } > $(LOCK).new
 	mv $(LOCK).new $(LOCK)
 	rm -rf .lock-venv build
+
+# The gRPC code under serve/proto/ is generated from serve/proto/inference.proto and committed;
+# run this after editing the .proto. The virtual path noisyseg/serve/proto makes the generated
+# imports absolute (the repository root is the package). The generated code requires
+# grpcio >= and protobuf >= the versions grpcio-tools was built with (pyproject's serve extra).
+PROTO_OUT := .proto-out
+proto: $(STAMP)
+	rm -rf $(PROTO_OUT) && mkdir $(PROTO_OUT)
+	$(BIN)/python -m grpc_tools.protoc -Inoisyseg/serve/proto=serve/proto --python_out=$(PROTO_OUT) \
+		--pyi_out=$(PROTO_OUT) --grpc_python_out=$(PROTO_OUT) noisyseg/serve/proto/inference.proto
+	cp $(PROTO_OUT)/noisyseg/serve/proto/inference_pb2* serve/proto/
+	rm -rf $(PROTO_OUT)
 
 # The GPU path in one go (kernel tests compiled, kernel benchmark with roofline, bf16 training at
 # the paper's scale, ONNX export, TensorRT tests), at most 8 minutes: benchmarks/gpu_check.py.

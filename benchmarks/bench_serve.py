@@ -11,14 +11,26 @@ The target: at concurrency 32 the server delivers at least 80% of the better dir
     .venv/bin/python -m pytest benchmarks/bench_serve.py --benchmark-only -s
 
 Under `--benchmark-disable` (the test run) it shrinks to a few requests, so it cannot rot.
+
+With `--perf-analyzer` (or a `perf_analyzer` binary on PATH under pytest) it also runs Triton's
+own load generator against the same model served by `noisyseg serve`, over HTTP and over gRPC:
+
+    perf_analyzer -m unet -u 127.0.0.1:PORT -i http|grpc --shape image:1,SIZE,SIZE --concurrency-range 1:32
+
+and records its throughput and latency (and the server-side queue and compute times it reads
+through the statistics extension) beside this load generator's. The binary comes with the
+`perf-analyzer` wheel on PyPI, which needs glibc 2.38 or newer.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import json
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from noisyseg.export.onnx_export import ExportConfig, export_checkpoint, sample_images
@@ -97,8 +110,69 @@ def measure_direct(runner: OnnxRuntimeRunner, batch: np.ndarray, seconds: float,
     return len(batch) * len(latencies) / (time.perf_counter() - started), latencies
 
 
-def run_benchmark(config: BenchConfig, workdir: Path) -> list[Row]:
-    onnx_path = export_demo_unet(workdir, config)
+@dataclass
+class PerfAnalyzerRow:
+    """One concurrency level of perf_analyzer's CSV (`-f`); latencies are per request."""
+
+    protocol: str
+    concurrency: int
+    images_per_s: float
+    p50_ms: float
+    p99_ms: float
+    server_queue_ms: float
+    server_compute_infer_ms: float
+
+
+def run_perf_analyzer(binary: str, onnx_path: Path, config: BenchConfig, workdir: Path, concurrency_range: str) -> list[PerfAnalyzerRow]:
+    """perf_analyzer over HTTP and gRPC against `noisyseg serve` serving `onnx_path`."""
+    server = ServerProcess(
+        onnx_path, "--name", "unet", "--max-batch-size", str(config.max_batch_size),
+        "--max-queue-delay-ms", str(config.max_queue_delay_ms), log_level="WARNING",
+    ).wait_until_ready()
+    rows: list[PerfAnalyzerRow] = []
+    try:
+        for protocol, address in (("http", server.address), ("grpc", server.grpc_address)):
+            report = workdir / f"perf_analyzer_{protocol}.csv"
+            command = [
+                binary, "-m", "unet", "-u", address, "-i", protocol, "--shape", f"image:1,{config.size},{config.size}",
+                "--concurrency-range", concurrency_range, "-f", str(report),
+            ]
+            subprocess.run(command, check=True, timeout=3600)
+            rows.extend(_perf_analyzer_rows(protocol, report))
+    finally:
+        server.kill()
+    return rows
+
+
+def _perf_analyzer_rows(protocol: str, report: Path) -> list[PerfAnalyzerRow]:
+    """Its CSV: one line per concurrency, latencies and server times in microseconds."""
+    with report.open(newline="") as handle:
+        rows = [
+            PerfAnalyzerRow(
+                protocol, int(line["Concurrency"]), float(line["Inferences/Second"]),
+                float(line["p50 latency"]) / 1000, float(line["p99 latency"]) / 1000,
+                float(line["Server Queue"]) / 1000, float(line["Server Compute Infer"]) / 1000,
+            )
+            for line in csv.DictReader(handle)
+        ]
+    # perf_analyzer orders its lines by throughput.
+    return sorted(rows, key=lambda row: row.concurrency)
+
+
+def perf_analyzer_table(rows: list[PerfAnalyzerRow]) -> str:
+    lines = [
+        "| protocol | concurrency | images/s | p50 / p99 ms per request | server queue / compute ms |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row.protocol} | {row.concurrency} | {row.images_per_s:.1f} | {row.p50_ms:.0f} / {row.p99_ms:.0f} | "
+            f"{row.server_queue_ms:.1f} / {row.server_compute_infer_ms:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def run_benchmark(config: BenchConfig, onnx_path: Path) -> list[Row]:
     default_runner = OnnxRuntimeRunner(onnx_path)
     # The server's own backend, whose session runs without thread spinning.
     no_spin_runner = OnnxRuntimeBackend(onnx_path, "unet").load().runner
@@ -159,11 +233,41 @@ def test_server_throughput_vs_direct_runner(benchmark, tmp_path: Path) -> None:
     quick = benchmark.disabled
     config = BenchConfig(size=64, base_width=4, min_requests=8, requests_per_client=1, direct_seconds=0.2) if quick else BenchConfig()
     started_conditions = conditions()
-    rows = benchmark.pedantic(run_benchmark, args=(config, tmp_path), rounds=1, iterations=1)
+    onnx_path = export_demo_unet(tmp_path, config)
+    rows = benchmark.pedantic(run_benchmark, args=(config, onnx_path), rounds=1, iterations=1)
     benchmark.extra_info.update({"config": asdict(config), "rows": [asdict(row) for row in rows], "conditions": started_conditions})
     print(f"\n{started_conditions}\n{markdown_table(rows)}")
     assert [row.concurrency for row in rows] == list(CONCURRENCIES)
     assert all(row.server_images_per_s > 0 and row.direct_images_per_s > 0 for row in rows)
+
+
+def test_perf_analyzer_csv_is_read_as_its_documentation_shows(tmp_path: Path) -> None:
+    """The `-f` report of perf_analyzer's documentation (Triton's perf_analyzer.md, microseconds)."""
+    report = tmp_path / "perf.csv"
+    report.write_text(
+        "Concurrency,Inferences/Second,Client Send,Network+Server Send/Recv,Server Queue,Server Compute Input,"
+        "Server Compute Infer,Server Compute Output,Client Recv,p50 latency,p90 latency,p95 latency,p99 latency\n"
+        "1,69.2,225,2148,64,206,11781,19,0,13891,18795,19753,21018\n"
+        "3,84.2,237,1768,21673,209,11742,17,0,35398,43984,47085,51701\n"
+    )
+    rows = _perf_analyzer_rows("grpc", report)
+    assert rows[0] == PerfAnalyzerRow("grpc", 1, 69.2, 13.891, 21.018, 0.064, 11.781)
+    assert [row.concurrency for row in rows] == [1, 3]
+
+
+@pytest.mark.skipif(shutil.which("perf_analyzer") is None, reason="no perf_analyzer on PATH (pip install perf-analyzer; needs glibc 2.38+)")
+def test_perf_analyzer_over_http_and_grpc(benchmark, tmp_path: Path) -> None:
+    quick = benchmark.disabled
+    config = BenchConfig(size=64, base_width=4) if quick else BenchConfig()
+    onnx_path = export_demo_unet(tmp_path, config)
+    binary = shutil.which("perf_analyzer")
+    assert binary is not None
+    concurrency = "1:2" if quick else "1:32"
+    rows = benchmark.pedantic(run_perf_analyzer, args=(binary, onnx_path, config, tmp_path, concurrency), rounds=1, iterations=1)
+    benchmark.extra_info.update({"config": asdict(config), "perf_analyzer": [asdict(row) for row in rows]})
+    print(f"\n{conditions()}\n{perf_analyzer_table(rows)}")
+    assert {row.protocol for row in rows} == {"http", "grpc"}
+    assert all(row.images_per_s > 0 for row in rows)
 
 
 def main() -> int:
@@ -173,19 +277,34 @@ def main() -> int:
     parser.add_argument("--direct-seconds", type=float, default=BenchConfig.direct_seconds)
     parser.add_argument("--max-queue-delay-ms", type=float, default=BenchConfig.max_queue_delay_ms, help="the server's batching delay")
     parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument(
+        "--perf-analyzer", nargs="?", const="perf_analyzer", metavar="BINARY",
+        help="also run Triton's perf_analyzer (default: the one on PATH) over HTTP and gRPC",
+    )
+    parser.add_argument("--concurrency-range", default="1:32", help="perf_analyzer's --concurrency-range (default 1:32)")
     args = parser.parse_args()
     config = BenchConfig(size=args.size, requests_per_client=args.requests_per_client, direct_seconds=args.direct_seconds,
                          max_queue_delay_ms=args.max_queue_delay_ms)
+    binary = shutil.which(args.perf_analyzer) if args.perf_analyzer else None
+    if args.perf_analyzer and binary is None:
+        parser.error(f"--perf-analyzer: no executable {args.perf_analyzer!r} (pip install perf-analyzer; it needs glibc 2.38+)")
     started_conditions = conditions()
+    analyzer_rows: list[PerfAnalyzerRow] = []
     with tempfile.TemporaryDirectory() as workdir:
-        rows = run_benchmark(config, Path(workdir))
+        onnx_path = export_demo_unet(Path(workdir), config)
+        rows = run_benchmark(config, onnx_path)
+        if binary is not None:
+            analyzer_rows = run_perf_analyzer(binary, onnx_path, config, Path(workdir), args.concurrency_range)
     print(started_conditions)
     print(markdown_table(rows))
+    if analyzer_rows:
+        print(perf_analyzer_table(analyzer_rows))
     at_32 = rows[-1].ratio
     print(f"target (server >= {100 * TARGET_RATIO:.0f}% of direct at concurrency 32): {'met' if at_32 >= TARGET_RATIO else 'NOT met'} ({100 * at_32:.0f}%)")
     if args.json:
         Path(args.json).write_text(json.dumps({"config": asdict(config), "conditions": started_conditions,
-                                               "rows": [asdict(row) for row in rows]}, indent=2))
+                                               "rows": [asdict(row) for row in rows],
+                                               "perf_analyzer": [asdict(row) for row in analyzer_rows]}, indent=2))
     return 0
 
 

@@ -8,9 +8,14 @@ REPO/<name>/1/model.plan     (platform tensorrt_plan, with --engine)
 
 `config.pbtxt` declares the platform, `max_batch_size` (> 0, so every `dims` leaves out the batch
 dimension), the input and outputs read from the ONNX graph (variable dimensions as -1), dynamic
-batching, and the model's metadata (class names, normalisation, ...) as `parameters`, so a
-Triton client can read them from the model configuration. The text is written here by hand
-(the server needs no Python); the tests parse it with Triton's own protobuf schema.
+batching, the (non-decoupled) transaction policy, and the model's metadata (class names,
+normalisation, ...) as `parameters`, so a Triton client can read them from the model
+configuration. The text is written here by hand (the server needs no Python); the tests parse
+it with Triton's own protobuf schema.
+
+`TritonModelConfig` is the one description of that configuration: `to_pbtxt()` is the file,
+`to_json()` is what `noisyseg serve` returns for Triton's model-configuration extension
+(`GET /v2/models/{name}/config`, gRPC ModelConfig), so both say the same.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import onnx
 
@@ -71,6 +77,61 @@ def triton_tensors(values: list[onnx.ValueInfoProto], what: str) -> list[TritonT
     return tensors
 
 
+def triton_data_type(datatype: str) -> str:
+    """Triton's model-configuration type for an Open Inference Protocol datatype (FP32 -> TYPE_FP32)."""
+    return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
+
+
+@dataclass
+class TritonModelConfig:
+    """A model's Triton configuration: the fields `config.pbtxt` holds (model_config.proto)."""
+
+    name: str
+    platform: str
+    max_batch_size: int
+    inputs: list[TritonTensor]
+    outputs: list[TritonTensor]
+    # The model's metadata, as string-valued `parameters`.
+    parameters: dict[str, str]
+    max_queue_delay_microseconds: int
+
+    def to_json(self) -> dict[str, Any]:
+        """The configuration in Triton's JSON form (model_config.proto field names)."""
+        return {
+            "name": self.name,
+            "platform": self.platform,
+            "max_batch_size": self.max_batch_size,
+            "input": [_tensor_json(tensor) for tensor in self.inputs],
+            "output": [_tensor_json(tensor) for tensor in self.outputs],
+            "dynamic_batching": {
+                "preferred_batch_size": [self.max_batch_size],
+                "max_queue_delay_microseconds": self.max_queue_delay_microseconds,
+            },
+            "model_transaction_policy": {"decoupled": False},
+            "parameters": {key: {"string_value": value} for key, value in sorted(self.parameters.items())},
+        }
+
+    def to_pbtxt(self) -> str:
+        """The text of `config.pbtxt` (protobuf text format)."""
+        parameters = "\n".join(
+            f"parameters {{\n  key: {_quote(key)}\n  value {{ string_value: {_quote(value)} }}\n}}"
+            for key, value in sorted(self.parameters.items())
+        )
+        return (
+            f'name: "{self.name}"\nplatform: "{self.platform}"\nmax_batch_size: {self.max_batch_size}\n'
+            f"input [\n{','.join(_tensor_block(t) for t in self.inputs)}\n]\n"
+            f"output [\n{','.join(_tensor_block(t) for t in self.outputs)}\n]\n"
+            f"dynamic_batching {{\n  preferred_batch_size: [ {self.max_batch_size} ]\n"
+            f"  max_queue_delay_microseconds: {self.max_queue_delay_microseconds}\n}}\n"
+            f"model_transaction_policy {{\n  decoupled: false\n}}\n"
+            f"{parameters}\n"
+        )
+
+
+def _tensor_json(tensor: TritonTensor) -> dict[str, Any]:
+    return {"name": tensor.name, "data_type": tensor.data_type, "dims": list(tensor.dims)}
+
+
 def _tensor_block(tensor: TritonTensor) -> str:
     dims = ", ".join(str(dim) for dim in tensor.dims)
     return f'  {{\n    name: "{tensor.name}"\n    data_type: {tensor.data_type}\n    dims: [ {dims} ]\n  }}'
@@ -79,24 +140,6 @@ def _tensor_block(tensor: TritonTensor) -> str:
 def _quote(text: str) -> str:
     """A protobuf text-format string literal."""
     return json.dumps(text)  # JSON escaping is valid text-format escaping for these strings
-
-
-def config_pbtxt(
-    name: str, platform: str, max_batch_size: int, inputs: list[TritonTensor], outputs: list[TritonTensor],
-    metadata: dict[str, str], max_queue_delay_microseconds: int,
-) -> str:
-    """The text of `config.pbtxt`."""
-    parameters = "\n".join(
-        f"parameters {{\n  key: {_quote(key)}\n  value {{ string_value: {_quote(value)} }}\n}}" for key, value in sorted(metadata.items())
-    )
-    return (
-        f'name: "{name}"\nplatform: "{platform}"\nmax_batch_size: {max_batch_size}\n'
-        f"input [\n{','.join(_tensor_block(t) for t in inputs)}\n]\n"
-        f"output [\n{','.join(_tensor_block(t) for t in outputs)}\n]\n"
-        f"dynamic_batching {{\n  preferred_batch_size: [ {max_batch_size} ]\n"
-        f"  max_queue_delay_microseconds: {max_queue_delay_microseconds}\n}}\n"
-        f"{parameters}\n"
-    )
 
 
 def check_engine_batch(engine: Path, max_batch_size: int) -> None:
@@ -138,7 +181,9 @@ def make_triton_repo(onnx_path: str | Path, out: str | Path, engine: str | Path 
         platform, source, filename = "tensorrt_plan", engine, "model.plan"
     else:
         platform, source, filename = "onnxruntime_onnx", onnx_path, "model.onnx"
-    text = config_pbtxt(name, platform, config.max_batch_size, inputs, outputs, read_metadata(model), config.max_queue_delay_microseconds)
+    text = TritonModelConfig(
+        name, platform, config.max_batch_size, inputs, outputs, read_metadata(model), config.max_queue_delay_microseconds
+    ).to_pbtxt()
     # The model file first: a config without its model would make the server fail to load it.
     atomic_write_bytes(model_dir / VERSION_DIR / filename, source.read_bytes())
     atomic_write_text(model_dir / "config.pbtxt", text)

@@ -1,10 +1,13 @@
 """The HTTP server: Open Inference Protocol routes over runtimes, each behind a dynamic batcher.
 
 Routes (KServe v2): `GET /v2/health/live`, `GET /v2/health/ready`, `GET /v2`,
-`GET /v2/models/{name}[/versions/{v}]`, `GET .../ready`, `POST .../infer`, plus `GET /metrics`
-(Prometheus text). Every error is `{"error": "..."}` with a 4xx status for anything the client
-sent (400 bad tensors, 401 key, 404 model, 413 body size, 415 encoding), 503 while the server is
-not ready or its queue is full, 504 when a request outlives its timeout.
+`GET /v2/models/{name}[/versions/{v}]`, `GET .../ready`, `POST .../infer`, Triton's
+model-configuration and statistics extensions (`GET .../config`, `GET .../stats`,
+`GET /v2/models/stats`), plus `GET /metrics` (Prometheus text). With `settings.grpc_port` the
+same models are also served over gRPC (`serve.grpc_server`), through the same batchers. Every
+error is `{"error": "..."}` with a 4xx status for anything the client sent (400 bad tensors, 401
+key, 404 model, 413 body size, 415 encoding), 503 while the server is not ready or its queue is
+full, 504 when a request outlives its timeout.
 
 `create_app(runtimes, settings)` returns the ASGI app; the batchers start with the app's
 lifespan and, on shutdown, finish every queued request before the worker threads stop.
@@ -34,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from noisyseg import __version__
+from noisyseg.export.triton_repo import TritonModelConfig, TritonTensor, triton_data_type
 from noisyseg.serve.batcher import BatcherStopped, BatchRecord, DynamicBatcher, QueueFull
 from noisyseg.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from noisyseg.serve.metrics import ServerMetrics
@@ -53,13 +57,15 @@ from noisyseg.serve.protocol import (
     encode_response,
     error_body,
 )
-from noisyseg.serve.runtimes import Runtime
+from noisyseg.serve.runtimes import Runtime, TensorSpec
 from noisyseg.serve.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("noisyseg.serve.access")
 
 SERVER_NAME = "noisyseg"
+# Protocol extensions (Triton's names) both endpoints implement.
+SERVER_EXTENSIONS = [BINARY_EXTENSION, "model_configuration", "statistics"]
 # Paths a load balancer or orchestrator probes without credentials.
 UNAUTHENTICATED_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 _ROUTE_PATTERNS = [
@@ -67,6 +73,8 @@ _ROUTE_PATTERNS = [
     (re.compile(r"^/v2/?$"), "server_metadata"),
     (re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer$"), "infer"),
     (re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/ready$"), "model_ready"),
+    (re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/config$"), "model_config"),
+    (re.compile(r"^/v2/models/([^/]+(/versions/[^/]+)?/)?stats$"), "model_statistics"),
     (re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?$"), "model_metadata"),
     (re.compile(r"^/metrics$"), "metrics"),
 ]
@@ -162,6 +170,28 @@ class ModelTable:
             raise Unavailable(f"model '{runtime.name}' is not ready (server starting or shutting down)")
         return self.models[name]
 
+    def model_config(self, name: str, version: str | None = None) -> TritonModelConfig:
+        """The model's Triton configuration as served: the fields `export triton-repo` writes, with
+        the batching this server applies and every output it offers."""
+        runtime = self.runtime(name, version)
+        return TritonModelConfig(
+            runtime.name, runtime.platform, self.max_batch_size(runtime),
+            [_triton_tensor(runtime.input_spec())], [_triton_tensor(spec) for spec in runtime.output_specs()],
+            runtime.model_metadata, round(self.max_queue_delay_s(runtime) * 1e6),
+        )
+
+    def statistics(self, name: str | None = None, version: str | None = None) -> dict[str, Any]:
+        """Triton's statistics response for one model, or for every model when `name` is None."""
+        names = [self.runtime(name, version).name] if name else [runtime.name for runtime in self.runtimes]
+        return {"model_stats": [
+            self.served(item).batcher.statistics.to_json(item, self.models[item].runtime.version) for item in names
+        ]}
+
+
+def _triton_tensor(spec: TensorSpec) -> TritonTensor:
+    """A served tensor as the model configuration describes it (without the batch dimension)."""
+    return TritonTensor(spec.name, triton_data_type(spec.datatype), list(spec.shape[1:]))
+
 
 def create_app(runtimes: Sequence[Runtime], settings: ServerSettings | None = None) -> FastAPI:
     """The ASGI app serving `runtimes` (already loaded) with `settings`."""
@@ -172,10 +202,20 @@ def create_app(runtimes: Sequence[Runtime], settings: ServerSettings | None = No
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         table.start()
+        grpc_server = None
+        if settings.grpc_port is not None:
+            # Imported only here: the generated messages join protobuf's default pool under the
+            # protocol's package name, which a process that imported tritonclient.grpc or kserve
+            # (a test, a client) already holds.
+            from noisyseg.serve.grpc_server import start_grpc_server
+
+            grpc_server = await start_grpc_server(table, settings, metrics)
         logger.info("serving %s", ", ".join(f"{r.name} ({r.backend})" for r in table.runtimes))
         try:
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop(settings.graceful_shutdown_s)
             # uvicorn has already let requests in flight finish; drain whatever is queued.
             await table.stop()
             logger.info("server stopped")
@@ -221,7 +261,7 @@ def _add_routes(app: FastAPI, table: ModelTable, settings: ServerSettings, metri
 
     @app.get("/v2")
     async def server_metadata() -> dict[str, Any]:
-        return {"name": SERVER_NAME, "version": __version__, "extensions": [BINARY_EXTENSION]}
+        return {"name": SERVER_NAME, "version": __version__, "extensions": SERVER_EXTENSIONS}
 
     @app.get("/metrics")
     async def metrics_text() -> Response:
@@ -237,10 +277,20 @@ def _add_routes(app: FastAPI, table: ModelTable, settings: ServerSettings, metri
     async def infer(request: Request, name: str, version: str | None = None) -> Response:
         return await _infer(request, table, settings, metrics, name, version)
 
+    async def model_config(name: str, version: str | None = None) -> dict[str, Any]:
+        return table.model_config(name, version).to_json()
+
+    async def model_statistics(name: str | None = None, version: str | None = None) -> dict[str, Any]:
+        return table.statistics(name, version)
+
+    # Before /v2/models/{name}, which would take "stats" for a model name.
+    app.add_api_route("/v2/models/stats", model_statistics, methods=["GET"])
     for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
         app.add_api_route(prefix, model_metadata, methods=["GET"])
         app.add_api_route(prefix + "/ready", model_ready, methods=["GET"])
         app.add_api_route(prefix + "/infer", infer, methods=["POST"])
+        app.add_api_route(prefix + "/config", model_config, methods=["GET"])
+        app.add_api_route(prefix + "/stats", model_statistics, methods=["GET"])
 
 
 async def _infer(
@@ -255,9 +305,7 @@ async def _infer(
         # With the binary extension only the JSON header needs parsing, not the tensors after it.
         json_size = int(header_length) if header_length and header_length.isdigit() else len(body)
         decoded = await _off_loop_if_large(json_size, decode_request, body, header_length)
-        images, outputs = _validate_for_model(decoded, runtime, table.max_batch_size(runtime))
-        timeout = min(settings.request_timeout_s, decoded.timeout_s() or math.inf)
-        results = await _submit(model.batcher, images, outputs, timeout)
+        outputs, results = await run_inference(table, model, decoded)
         encoded = [(out, results[out], decoded.wants_binary(out)) for out in outputs]
         # About 4 bytes of JSON text per number (in the common float32 case, more).
         json_size = 4 * sum(array.size for _, array, binary in encoded if not binary)
@@ -270,6 +318,16 @@ async def _infer(
     metrics.inference_requests.inc(runtime.name, "success")
     metrics.inference_latency.observe(time.perf_counter() - started, runtime.name)
     return Response(payload, headers=headers)
+
+
+async def run_inference(
+    table: ModelTable, model: ServedModel, request: InferenceRequest, deadline_s: float = math.inf
+) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Check a decoded request against its model, batch it and wait for the output names and arrays
+    (HTTP and gRPC alike); `deadline_s` is the transport's own limit, if any."""
+    images, outputs = _validate_for_model(request, model.runtime, table.max_batch_size(model.runtime))
+    timeout = min(table.settings.request_timeout_s, request.timeout_s() or math.inf, deadline_s)
+    return outputs, await _submit(model.batcher, images, outputs, timeout)
 
 
 async def _off_loop_if_large(size: int, function: Callable[..., T], *args: Any) -> T:
@@ -381,7 +439,8 @@ def _route_label(path: str) -> str:
     return next((label for pattern, label in _ROUTE_PATTERNS if pattern.match(path)), "other")
 
 
-def _presented_key(headers: dict[bytes, bytes]) -> bytes | None:
+def presented_key(headers: dict[bytes, bytes]) -> bytes | None:
+    """The API key a request carries ('Authorization: Bearer KEY' or 'X-API-Key: KEY'), if any."""
     authorization = headers.get(b"authorization")
     if authorization is not None and authorization[:7].lower() == b"bearer ":
         return authorization[7:].strip()
@@ -420,7 +479,7 @@ class AccessMiddleware:
     def _authorized(self, scope: Scope) -> bool:
         if self.key is None or scope["path"] in UNAUTHENTICATED_PATHS:
             return True
-        presented = _presented_key(dict(scope["headers"]))
+        presented = presented_key(dict(scope["headers"]))
         # compare_digest takes time independent of where the keys differ.
         return presented is not None and hmac.compare_digest(presented, self.key)
 

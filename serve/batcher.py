@@ -8,6 +8,9 @@ the next one fills, so under load batches are full without waiting.
 Only requests whose images have the same shape apart from the batch dimension (channels, height,
 width) and the same dtype are batched together; each shape has its own queue. A request is never
 split across batches.
+
+The batcher keeps the model's statistics (`serve.statistics`): every request passes through it,
+whichever protocol it came by.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from noisyseg.serve.statistics import BatchTimes, ModelStatistics
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +46,7 @@ class _Pending:
     images: np.ndarray
     outputs: frozenset[str]
     future: asyncio.Future[dict[str, np.ndarray]]
-    enqueued_at: float = field(default_factory=time.monotonic)
+    enqueued_ns: int = field(default_factory=time.perf_counter_ns)
 
     @property
     def count(self) -> int:
@@ -81,6 +86,7 @@ class DynamicBatcher:
         self._on_queue_change = on_queue_change
         self._queues: dict[tuple[object, ...], deque[_Pending]] = {}
         self._queued_images = 0
+        self.statistics = ModelStatistics()
         self._wakeup = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -107,6 +113,17 @@ class DynamicBatcher:
 
     async def submit(self, images: np.ndarray, outputs: Iterable[str]) -> dict[str, np.ndarray]:
         """Queue `images` (N, ...) and wait for their outputs (each with N in dimension 0)."""
+        started = time.perf_counter_ns()
+        succeeded = False
+        try:
+            result = await self._queue_and_wait(images, outputs)
+            succeeded = True
+            return result
+        finally:
+            # Also when the caller gave up (timeout, disconnect): the request failed.
+            self.statistics.record_request(succeeded, time.perf_counter_ns() - started)
+
+    async def _queue_and_wait(self, images: np.ndarray, outputs: Iterable[str]) -> dict[str, np.ndarray]:
         if self._stopping or self._task is None:
             raise BatcherStopped(f"model '{self.name}' is not accepting requests (server starting or shutting down)")
         count = int(images.shape[0])
@@ -158,13 +175,13 @@ class DynamicBatcher:
     def _oldest_key(self) -> tuple[object, ...] | None:
         if not self._queues:
             return None
-        return min(self._queues, key=lambda key: self._queues[key][0].enqueued_at)
+        return min(self._queues, key=lambda key: self._queues[key][0].enqueued_ns)
 
     async def _wait_for_batch(self, key: tuple[object, ...]) -> None:
         """Wait until the queue for `key` fills a batch or its oldest request's delay is over."""
-        deadline = self._queues[key][0].enqueued_at + self.max_delay_s
+        deadline = self._queues[key][0].enqueued_ns / 1e9 + self.max_delay_s
         while not self._stopping and self._queued_count(key) < self.max_batch_size:
-            remaining = deadline - time.monotonic()
+            remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 return
             self._wakeup.clear()
@@ -197,9 +214,11 @@ class DynamicBatcher:
         return batch
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
+        started = time.perf_counter_ns()
+        queue_ns = [started - item.enqueued_ns for item in batch]
         images = batch[0].images if len(batch) == 1 else np.concatenate([item.images for item in batch])
         wanted = frozenset().union(*(item.outputs for item in batch))
-        started = time.perf_counter()
+        gathered = time.perf_counter_ns()
         try:
             outputs = await loop.run_in_executor(self._executor, self.batch_function, images, wanted)
         except Exception as err:  # the backend's failure belongs to every request in the batch
@@ -208,10 +227,13 @@ class DynamicBatcher:
                 if not item.future.done():
                     item.future.set_exception(err)
             return
-        record = BatchRecord(images=len(images), requests=len(batch), seconds=time.perf_counter() - started)
+        inferred = time.perf_counter_ns()
+        self._split_outputs(batch, outputs)
+        split = time.perf_counter_ns()
+        self.statistics.record_batch(queue_ns, len(images), BatchTimes(gathered - started, inferred - gathered, split - inferred))
+        record = BatchRecord(images=len(images), requests=len(batch), seconds=(inferred - gathered) / 1e9)
         if self._on_batch is not None:
             self._on_batch(record)
-        self._split_outputs(batch, outputs)
 
     @staticmethod
     def _split_outputs(batch: list[_Pending], outputs: dict[str, np.ndarray]) -> None:

@@ -6,8 +6,19 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+from typing import TYPE_CHECKING, Any
 
-from noisyseg.serve.settings import DEFAULT_MAX_BODY_BYTES, ServerSettings, read_api_key
+from noisyseg.serve.settings import (
+    DEFAULT_GRPC_MAX_RECEIVE_BYTES,
+    DEFAULT_GRPC_MAX_SEND_BYTES,
+    DEFAULT_MAX_BODY_BYTES,
+    ServerSettings,
+    read_api_key,
+)
+
+if TYPE_CHECKING:
+    import uvicorn
+    from fastapi import FastAPI
 
 logger = logging.getLogger(__name__)
 
@@ -15,10 +26,10 @@ logger = logging.getLogger(__name__)
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "serve",
-        help="serve a model over the Open Inference Protocol (KServe v2 HTTP)",
+        help="serve a model over the Open Inference Protocol (KServe v2, HTTP and gRPC)",
         description=(
             "Serve a model with the protocol NVIDIA Triton Inference Server and KServe speak: "
-            "tritonclient works against it unchanged. PATH is an ONNX model (ONNX Runtime), a "
+            "tritonclient (HTTP and gRPC) works against it unchanged. PATH is an ONNX model (ONNX Runtime), a "
             "TensorRT plan (needs the gpu extra), a training run directory or .safetensors "
             "checkpoint (PyTorch), or a model repository from `noisyseg export triton-repo`."
         ),
@@ -40,6 +51,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--request-timeout-s", type=float, default=60.0, help="per-request timeout (default 60 s)")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per model (default: one per core)")
     parser.add_argument("--device", default="cpu", help="device of a served run directory or .safetensors model: cpu (default), auto, cuda or cuda:N")
+    grpc_group = parser.add_argument_group("gRPC endpoint (same models, batchers and API key as HTTP)")
+    grpc_group.add_argument("--grpc-port", type=int, default=8001, help="gRPC port on --host (default 8001)")
+    grpc_group.add_argument("--no-grpc", action="store_true", help="serve HTTP only")
+    grpc_group.add_argument(
+        "--grpc-max-receive-mb", type=float, default=DEFAULT_GRPC_MAX_RECEIVE_BYTES / 2**20,
+        help=f"largest gRPC request message, in MiB (default {DEFAULT_GRPC_MAX_RECEIVE_BYTES // 2**20})",
+    )
+    grpc_group.add_argument(
+        "--grpc-max-send-mb", type=float, default=DEFAULT_GRPC_MAX_SEND_BYTES / 2**20,
+        help=f"largest gRPC response message, in MiB (default {DEFAULT_GRPC_MAX_SEND_BYTES // 2**20})",
+    )
     parser.set_defaults(func=run_serve)
 
 
@@ -56,6 +78,27 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         request_timeout_s=args.request_timeout_s,
         intra_op_threads=args.threads,
         api_key=read_api_key(args.api_key_file) if args.api_key_file else None,
+        grpc_port=None if args.no_grpc else args.grpc_port,
+        grpc_max_receive_bytes=max(1, math.floor(args.grpc_max_receive_mb * 2**20)),
+        grpc_max_send_bytes=max(1, math.floor(args.grpc_max_send_mb * 2**20)),
+    )
+
+
+def uvicorn_config(app: FastAPI, settings: ServerSettings, **options: Any) -> uvicorn.Config:
+    """uvicorn's configuration for the app: the standard asyncio loop and h11, whatever else is
+    installed (uvicorn would pick uvloop and httptools when present, which the gRPC endpoint on
+    the same loop and the HTTP behaviour the tests pin down were not tested with)."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        loop="asyncio",
+        http="h11",
+        timeout_graceful_shutdown=math.ceil(settings.graceful_shutdown_s),
+        # The app writes its own access lines (JSON) and the CLI configured logging already.
+        access_log=False,
+        log_config=None,
+        **options,
     )
 
 
@@ -71,15 +114,7 @@ def run_serve(args: argparse.Namespace) -> int:
         logger.warning("listening on %s without an API key: anyone who can reach this port can use the models", settings.host)
     runtimes = open_runtimes(args.model, name=args.name, intra_op_threads=settings.intra_op_threads, device=args.device)
     app = create_app(runtimes, settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        timeout_graceful_shutdown=math.ceil(settings.graceful_shutdown_s),
-        # The app writes its own access lines (JSON) and the CLI configured logging already.
-        access_log=False,
-        log_config=None,
-    )
+    config = uvicorn_config(app, settings, host=settings.host, port=settings.port)
     logger.info("listening on http://%s:%d (models: %s)", settings.host, settings.port, ", ".join(r.name for r in runtimes))
     uvicorn.Server(config).run()
     return 0

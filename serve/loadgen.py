@@ -4,7 +4,7 @@
 busy, each sending one request at a time in the binary tensor format, and records every
 request's latency and status. It speaks plain HTTP/1.1 over asyncio streams, so the client
 costs little CPU next to the server it measures. `ServerProcess` starts `noisyseg serve` in its
-own process, as a user would, and reads its memory use.
+own process, as a user would (HTTP and gRPC, each on a free port), and reads its memory use.
 """
 
 from __future__ import annotations
@@ -139,8 +139,11 @@ class ServerProcess:
 
     def __init__(self, model_path: Path, *args: str, log_level: str = "INFO") -> None:
         self.port = free_port()
+        self.grpc_port = free_port()
+        while self.grpc_port == self.port:
+            self.grpc_port = free_port()
         command = [sys.executable, "-m", "noisyseg", "--log-level", log_level, "serve", "--model", str(model_path),
-                   "--port", str(self.port), *args]
+                   "--port", str(self.port), "--grpc-port", str(self.grpc_port), *args]
         # A file, not a pipe: a full pipe would block the server's logging under load.
         self.log_file = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(command, stdout=self.log_file, stderr=subprocess.STDOUT, text=True)
@@ -152,6 +155,10 @@ class ServerProcess:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def grpc_address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
 
     def wait_until_ready(self, timeout_s: float = 60.0) -> ServerProcess:
         deadline = time.monotonic() + timeout_s

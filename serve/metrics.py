@@ -134,6 +134,9 @@ class ServerMetrics:
         self.http_requests = Counter(
             "noisyseg_http_requests_total", "HTTP requests answered, by route and status code.", ("route", "code")
         )
+        self.grpc_requests = Counter(
+            "noisyseg_grpc_requests_total", "gRPC calls answered, by method and status code.", ("method", "code")
+        )
         self.inference_requests = Counter(
             "noisyseg_inference_requests_total", "Inference requests, by model and outcome.", ("model", "outcome")
         )
@@ -153,6 +156,7 @@ class ServerMetrics:
     def render(self) -> str:
         families: list[_Family] = [
             self.http_requests,
+            self.grpc_requests,
             self.inference_requests,
             self.inference_latency,
             self.batch_size,

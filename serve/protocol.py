@@ -154,6 +154,18 @@ def decode_request(body: bytes, header_length: str | None) -> InferenceRequest:
     )
 
 
+def decode_input(tensor: Mapping[str, Any], index: int, binary: bytes = b"") -> InputTensor:
+    """One input tensor in the JSON header's form, with `binary` its raw bytes if it announces any.
+
+    Other encodings of the protocol (gRPC) describe their tensors this way, so they are checked
+    by the very code that checks HTTP requests.
+    """
+    decoded, used = _decode_input(tensor, index, memoryview(binary))
+    if used != len(binary):
+        raise BadRequest(f"input '{decoded.name}': {len(binary)} raw bytes given, {used} expected")
+    return decoded
+
+
 def encode_response(
     model_name: str,
     model_version: str,

@@ -106,6 +106,8 @@ class Runtime(ABC):
         self.max_batch_size: int | None = None
         # The model's own batching delay, from its repository config (None: the server's).
         self.max_queue_delay_ms: float | None = None
+        # What the exported model records about itself (export's metadata_props), as strings.
+        self.model_metadata: dict[str, str] = {}
         self._loaded = False
 
     @abstractmethod
@@ -212,6 +214,7 @@ class _RunnerRuntime(Runtime):
         self.native_output = min(known, key=OUTPUT_NAMES.index)
         self.class_names = _class_names_from_metadata(metadata)
         self.min_spatial_size = _positive_int(metadata.get("stride"), default=1)
+        self.model_metadata = dict(metadata)
 
     def _run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         return self.runner.run(images)
@@ -249,8 +252,13 @@ class PyTorchBackend(Runtime):
         self.device_name = device
 
     def _load(self) -> None:
-        from noisyseg.export.onnx_export import INPUT_NAME, DeployableSegmenter, model_stride
-        from noisyseg.training.checkpoint import load_model
+        from noisyseg.export.onnx_export import (
+            INPUT_NAME,
+            DeployableSegmenter,
+            model_metadata,
+            model_stride,
+        )
+        from noisyseg.training.checkpoint import file_sha256, load_model, resolve_model_file
         from noisyseg.training.device import resolve_device
 
         self.device = resolve_device(self.device_name, field="--device")
@@ -261,6 +269,9 @@ class PyTorchBackend(Runtime):
         self.input_name = INPUT_NAME
         self.input_shape = (-1, info.in_channels, -1, -1)
         self.min_spatial_size = model_stride(model)
+        # What `export onnx` would record for this checkpoint.
+        checkpoint = file_sha256(resolve_model_file(self.path))
+        self.model_metadata = model_metadata(info, self.native_output, checkpoint, self.min_spatial_size)
 
     def _run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         import torch

@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+# gRPC messages: requests as large as HTTP bodies; responses (float32 logits of a full batch)
+# may be larger than the request that asked for them.
+DEFAULT_GRPC_MAX_RECEIVE_BYTES = DEFAULT_MAX_BODY_BYTES
+DEFAULT_GRPC_MAX_SEND_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,10 @@ class ServerSettings:
     # Threads per ONNX Runtime session (None: one per core).
     intra_op_threads: int | None = None
     api_key: str | None = field(default=None, repr=False)
+    # The gRPC endpoint on `host` (None: HTTP only) and its message-size limits.
+    grpc_port: int | None = None
+    grpc_max_receive_bytes: int = DEFAULT_GRPC_MAX_RECEIVE_BYTES
+    grpc_max_send_bytes: int = DEFAULT_GRPC_MAX_SEND_BYTES
 
     def __post_init__(self) -> None:
         positive = {
@@ -35,14 +43,21 @@ class ServerSettings:
             "max_queued_images": self.max_queued_images,
             "max_body_bytes": self.max_body_bytes,
             "request_timeout_s": self.request_timeout_s,
+            "grpc_max_receive_bytes": self.grpc_max_receive_bytes,
+            "grpc_max_send_bytes": self.grpc_max_send_bytes,
         }
         for name, value in positive.items():
             if value <= 0:
                 raise ValueError(f"server setting {name} must be positive, got {value}")
         if self.max_queue_delay_ms < 0 or self.graceful_shutdown_s < 0:
             raise ValueError("server settings max_queue_delay_ms and graceful_shutdown_s must not be negative")
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"server setting port must be in 0..65535, got {self.port}")
+        for name, port in (("port", self.port), ("grpc_port", self.grpc_port)):
+            if port is not None and not 0 <= port <= 65535:
+                raise ValueError(f"server setting {name} must be in 0..65535, got {port}")
+        if max(self.grpc_max_receive_bytes, self.grpc_max_send_bytes) >= 2**31:
+            raise ValueError("server settings grpc_max_receive_bytes and grpc_max_send_bytes must be below 2 GiB (gRPC's limit)")
+        if self.grpc_port is not None and self.grpc_port == self.port != 0:
+            raise ValueError(f"server settings port and grpc_port must differ, both are {self.port}")
         if self.max_queued_images < self.max_batch_size:
             raise ValueError(
                 f"server setting max_queued_images ({self.max_queued_images}) must be at least "

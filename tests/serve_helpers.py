@@ -16,6 +16,7 @@ import uvicorn
 from onnx import TensorProto, helper, numpy_helper
 
 from noisyseg.serve.app import create_app
+from noisyseg.serve.commands import uvicorn_config
 from noisyseg.serve.runtimes import OnnxRuntimeBackend, Runtime
 from noisyseg.serve.settings import ServerSettings
 
@@ -78,10 +79,7 @@ class ServerThread:
         self.app = create_app(runtimes, self.settings)
         self.socket = free_socket()
         self.port = self.socket.getsockname()[1]
-        config = uvicorn.Config(
-            self.app, log_level="warning", access_log=False,
-            timeout_graceful_shutdown=int(self.settings.graceful_shutdown_s),
-        )
+        config = uvicorn_config(self.app, self.settings, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 

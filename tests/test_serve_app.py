@@ -64,7 +64,24 @@ def sample(count: int = 1, size: int = 8, seed: int = 0) -> np.ndarray:
 def test_health_and_server_metadata(client) -> None:
     assert client.get("/v2/health/live").json() == {"live": True}
     assert client.get("/v2/health/ready").json() == {"ready": True}
-    assert client.get("/v2").json()["extensions"] == ["binary_tensor_data"]
+    assert client.get("/v2").json()["extensions"] == ["binary_tensor_data", "model_configuration", "statistics"]
+
+
+def test_config_and_statistics_routes_with_versions_and_unknown_models(client) -> None:
+    masks = client.get("/v2/models/masks/versions/1/config").json()
+    # The server's batch limit (4) applies; the labels-only model offers only labels.
+    assert (masks["name"], masks["max_batch_size"]) == ("masks", 4)
+    assert masks["output"] == [{"name": "labels", "data_type": "TYPE_INT64", "dims": [-1, -1]}]
+    assert masks["model_transaction_policy"] == {"decoupled": False}
+    assert client.get("/v2/models/masks/versions/2/config").status_code == 404
+    assert client.get("/v2/models/nothing/stats").status_code == 404
+    before = client.get("/v2/models/masks/stats").json()["model_stats"][0]
+    assert client.post("/v2/models/masks/infer", json=infer_json(sample(count=3, seed=9))).status_code == 200
+    after = client.get("/v2/models/masks/versions/1/stats").json()["model_stats"][0]
+    assert after["inference_count"] - before["inference_count"] == 3
+    assert after["inference_stats"]["success"]["count"] - before["inference_stats"]["success"]["count"] == 1
+    every = client.get("/v2/models/stats").json()["model_stats"]
+    assert sorted(entry["name"] for entry in every) == ["conv", "masks"]
 
 
 def test_model_metadata_lists_every_output_the_model_can_give(client) -> None:

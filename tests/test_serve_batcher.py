@@ -183,3 +183,34 @@ def test_stop_finishes_queued_requests_then_refuses_new_ones() -> None:
     results = asyncio.run(scenario())
     for seed, result in enumerate(results):
         np.testing.assert_allclose(result["sums"], images(seed).reshape(1, -1).sum(axis=1), rtol=1e-6)
+
+
+def test_statistics_count_requests_batches_and_durations_as_triton_defines_them() -> None:
+    model = RecordingModel(seconds=0.05, fail_on_shape=(1, 6, 6))
+
+    async def scenario() -> DynamicBatcher:
+        batcher = make_batcher(model, max_batch_size=4, max_delay_s=0.2)
+        batcher.start()
+        # Whole requests up to 4 images: [1, 1, 1] run together, then [2] alone.
+        await submit_all(batcher, [images(0), images(1), images(2), images(3, count=2)])
+        failed = await submit_all(batcher, [images(4, size=(6, 6))])
+        assert isinstance(failed[0], RuntimeError)
+        await batcher.stop()
+        return batcher
+
+    stats = asyncio.run(scenario()).statistics.to_json("m", "1")
+    assert [shape[0] for shape in model.batch_shapes] == [3, 2, 1]
+    assert (stats["inference_count"], stats["execution_count"]) == (5, 2)
+    assert stats["last_inference"] > 0
+    inference = stats["inference_stats"]
+    assert inference["success"]["count"] == 4 and inference["fail"]["count"] == 1
+    for name in ("queue", "compute_input", "compute_infer", "compute_output"):
+        assert inference[name]["count"] == 4, name
+    # Each request's model call slept 50 ms, and each request's time in the batcher covers its
+    # queueing and its batch's three steps.
+    assert inference["compute_infer"]["ns"] >= 4 * 50_000_000
+    steps = sum(inference[name]["ns"] for name in ("queue", "compute_input", "compute_infer", "compute_output"))
+    assert inference["success"]["ns"] >= steps
+    assert inference["cache_hit"] == inference["cache_miss"] == {"count": 0, "ns": 0}
+    assert [(b["batch_size"], b["compute_infer"]["count"]) for b in stats["batch_stats"]] == [(2, 1), (3, 1)]
+    assert all(b["compute_infer"]["ns"] >= 50_000_000 for b in stats["batch_stats"])

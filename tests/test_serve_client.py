@@ -65,7 +65,7 @@ def test_readiness_and_metadata(served) -> None:
     client, _ = served
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("unet")
     assert not client.is_model_ready("other")
-    assert client.get_server_metadata()["extensions"] == ["binary_tensor_data"]
+    assert client.get_server_metadata()["extensions"] == ["binary_tensor_data", "model_configuration", "statistics"]
     metadata = client.get_model_metadata("unet")
     assert metadata["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 1, -1, -1]}]
     assert [(o["name"], o["shape"]) for o in metadata["outputs"]] == [
@@ -120,7 +120,12 @@ def test_pytorch_checkpoint_gives_the_onnx_answers(exported) -> None:
     with running_server([runtime]) as server:
         client = httpclient.InferenceServerClient(server.address)
         result = infer(client, runtime.name, images, ["logits", "labels"], binary=True)
-    expected = OnnxRuntimeRunner(onnx_path).run(images)["logits"]
+        config = client.get_model_config(runtime.name)
+    runner = OnnxRuntimeRunner(onnx_path)
+    # The configuration served for a checkpoint carries what `export onnx` records for it.
+    assert {key: value["string_value"] for key, value in config["parameters"].items()} == runner.metadata
+    assert config["input"] == [{"name": "image", "data_type": "TYPE_FP32", "dims": [1, -1, -1]}]
+    expected = runner.run(images)["logits"]
     np.testing.assert_allclose(result.as_numpy("logits"), expected, rtol=1e-4, atol=1e-4)
     assert (result.as_numpy("labels") == expected.argmax(1)).mean() >= 0.999
 

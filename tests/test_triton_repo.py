@@ -8,13 +8,18 @@ from dataclasses import asdict
 import onnx
 import pytest
 import torch
-from google.protobuf import text_format
+from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 from noisyseg import cli
 from noisyseg.export.onnx_export import ExportConfig, export_model, read_metadata
 from noisyseg.export.tensorrt_engine import EngineMetadata, plan_metadata_path
-from noisyseg.export.triton_repo import TritonRepoConfig, make_triton_repo
+from noisyseg.export.triton_repo import (
+    TritonModelConfig,
+    TritonRepoConfig,
+    TritonTensor,
+    make_triton_repo,
+)
 from noisyseg.training.checkpoint import ModelInfo
 from noisyseg.training.models import create_model
 
@@ -61,6 +66,21 @@ def test_config_matches_the_onnx_graph(onnx_model, tmp_path) -> None:
     parameters = {key: value.string_value for key, value in config.parameters.items()}
     assert parameters == read_metadata(graph)
     assert json.loads(parameters["class_names"]) == CLASSES
+
+
+def test_the_served_json_and_the_file_are_the_same_configuration() -> None:
+    config = TritonModelConfig(
+        "seg", "onnxruntime_onnx", 4,
+        [TritonTensor("image", "TYPE_FP32", [1, -1, -1])],
+        [TritonTensor("logits", "TYPE_FP32", [5, -1, -1]), TritonTensor("labels", "TYPE_INT64", [-1, -1])],
+        {"class_names": json.dumps(["a", 'b "quoted"']), "stride": "16"}, 250,
+    )
+    from_file = text_format.Parse(config.to_pbtxt(), model_config_pb2.ModelConfig())
+    from_json = json_format.ParseDict(config.to_json(), model_config_pb2.ModelConfig())
+    assert from_json == from_file
+    assert from_file.dynamic_batching.max_queue_delay_microseconds == 250 and from_file.max_batch_size == 4
+    assert from_file.HasField("model_transaction_policy") and not from_file.model_transaction_policy.decoupled
+    assert json.loads(from_file.parameters["class_names"].string_value) == ["a", 'b "quoted"']
 
 
 def fake_engine_files(tmp_path, onnx_model, max_batch: int):
