@@ -6,7 +6,12 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# Triton's default cap on an HTTP request; responses get the same.
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+# Four bodies of the largest size in memory at once.
+DEFAULT_MAX_HELD_BODY_BYTES = 4 * DEFAULT_MAX_BODY_BYTES
+DEFAULT_BODY_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -22,18 +27,29 @@ class ServerSettings:
     # Images allowed to wait per model; beyond it requests get 503 instead of unbounded memory.
     max_queued_images: int = 512
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # Request bodies all requests hold at once (read, decoded or in inference); beyond it 503.
+    max_held_body_bytes: int = DEFAULT_MAX_HELD_BODY_BYTES
+    # Longest a client may take to send a request body (slow uploads hold memory).
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    # Largest response body; a larger answer is a 400 pointing at `labels` or binary data.
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
     request_timeout_s: float = 60.0
     # How long shutdown waits for requests in flight before closing connections.
     graceful_shutdown_s: float = 30.0
     # Threads per ONNX Runtime session (None: one per core).
     intra_op_threads: int | None = None
     api_key: str | None = field(default=None, repr=False)
+    # Serve the OpenAPI schema at /openapi.json (no docs pages: theirs load scripts from a CDN).
+    openapi: bool = False
 
     def __post_init__(self) -> None:
         positive = {
             "max_batch_size": self.max_batch_size,
             "max_queued_images": self.max_queued_images,
             "max_body_bytes": self.max_body_bytes,
+            "max_held_body_bytes": self.max_held_body_bytes,
+            "body_timeout_s": self.body_timeout_s,
+            "max_response_bytes": self.max_response_bytes,
             "request_timeout_s": self.request_timeout_s,
         }
         for name, value in positive.items():
@@ -47,6 +63,11 @@ class ServerSettings:
             raise ValueError(
                 f"server setting max_queued_images ({self.max_queued_images}) must be at least "
                 f"max_batch_size ({self.max_batch_size})"
+            )
+        if self.max_held_body_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"server setting max_held_body_bytes ({self.max_held_body_bytes}) must be at least "
+                f"max_body_bytes ({self.max_body_bytes})"
             )
         if self.api_key is not None and not self.api_key:
             raise ValueError("server setting api_key must not be empty (leave it unset for no key)")
