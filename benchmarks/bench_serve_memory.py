@@ -3,7 +3,7 @@
 Each case starts its own server process (`noisyseg serve --threads 1`) on a one-layer conv
 model (1 -> 3 classes), warms it up with a 64 x 64 request, then sends one 1 x 1 x S x S image
 (S = 2048 by default). Measured from /proc: the resident memory before the request (VmRSS) and
-the process's peak (VmHWM) after it; the growth is peak - before. The same image also goes
+the process's peak (VmHWM) and, 2 s after the response, its resident memory again; the growth is peak - before. The same image also goes
 through the model alone (`Runtime.infer`, the call the batcher makes, no server) in a fresh
 process warmed up the same way: ONNX Runtime's own working memory (its convolution buffers
 and arena) is the model's cost, not the server's. The tensors involved are the input and every
@@ -24,6 +24,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from noisyseg.serve.loadgen import CLASS_NAMES, ServerProcess, write_conv_model
 from noisyseg.serve.runtimes import OUTPUT_NAMES, OnnxRuntimeBackend
 
 TARGET_RATIO = 1.0
+AFTER_S = 2.0
 MIB = 2**20
 
 
@@ -62,6 +64,7 @@ class Row:
     tensors_mib: float
     rss_before_mib: float
     peak_mib: float
+    rss_after_mib: float
     model_alone_growth_mib: float
 
     @property
@@ -148,11 +151,13 @@ def measure(model: Path, case: Case, size: int) -> Row:
         before = server.rss_bytes()
         status, response_size = post(server.port, body, headers)
         peak = server.peak_rss_bytes()
+        time.sleep(AFTER_S)  # a refused request's arrays go with its traceback, at the next garbage collection
+        after = server.rss_bytes()
     finally:
         server.kill()
     alone = model_alone_growth(model, size, case.outputs or OUTPUT_NAMES)
     return Row(case.name, status, len(body) / MIB, response_size / MIB, tensor_bytes(image, case) / MIB,
-               before / MIB, peak / MIB, alone)
+               before / MIB, peak / MIB, after / MIB, alone)
 
 
 def run_benchmark(size: int, workdir: Path) -> list[Row]:
@@ -162,14 +167,14 @@ def run_benchmark(size: int, workdir: Path) -> list[Row]:
 
 def markdown_table(rows: list[Row], size: int) -> str:
     lines = [
-        f"| 1 x 1 x {size} x {size} request | HTTP | request MiB | response MiB | tensors MiB | server RSS before / peak MiB "
+        f"| 1 x 1 x {size} x {size} request | HTTP | request MiB | response MiB | tensors MiB | server RSS before / peak / after MiB "
         "| server growth MiB (/ tensors) | model alone growth MiB | server's share MiB (/ tensors) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         lines.append(
             f"| {row.case} | {row.status} | {row.request_mib:.1f} | {row.response_mib:.1f} | {row.tensors_mib:.0f} | "
-            f"{row.rss_before_mib:.0f} / {row.peak_mib:.0f} | {row.growth_mib:.0f} ({row.growth_mib / row.tensors_mib:.2f}x) | "
+            f"{row.rss_before_mib:.0f} / {row.peak_mib:.0f} / {row.rss_after_mib:.0f} | {row.growth_mib:.0f} ({row.growth_mib / row.tensors_mib:.2f}x) | "
             f"{row.model_alone_growth_mib:.0f} | {row.server_share_mib:.0f} ({row.ratio:.2f}x) |"
         )
     return "\n".join(lines)

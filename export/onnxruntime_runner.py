@@ -29,15 +29,19 @@ def default_providers() -> list[str]:
     return [name for name in PREFERRED_PROVIDERS if name in available]
 
 
-def session_options(intra_op_threads: int | None = None, allow_spinning: bool = True) -> ort.SessionOptions:
+def session_options(intra_op_threads: int | None = None, allow_spinning: bool = True, memory_arena: bool = True) -> ort.SessionOptions:
     """Options for low latency on one stream of requests.
 
     `allow_spinning=False` stops the intra-op threads busy-waiting after each run: a loop of
     back-to-back calls profits from spinning, a server whose event loop shares the cores does not.
+    `memory_arena=False` frees each run's buffers when it ends: the CPU arena keeps what its
+    largest input needed for the session's lifetime (a server's hundreds of MiB after one large
+    image), with no speed difference measured on the serving models.
     """
     options = ort.SessionOptions()
     if not allow_spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.enable_cpu_mem_arena = memory_arena
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = intra_op_threads or os.cpu_count() or 1
@@ -50,8 +54,8 @@ class OnnxRuntimeRunner:
     """One ONNX Runtime session over an exported model, with its metadata and I/O names.
 
     `model_path` is an .onnx file (or its serialised bytes); `providers` defaults to
-    `default_providers()`; `intra_op_threads` defaults to `os.cpu_count()`; `allow_spinning`
-    as in `session_options`.
+    `default_providers()`; `intra_op_threads` defaults to `os.cpu_count()`; `allow_spinning` and
+    `memory_arena` as in `session_options`.
     """
 
     def __init__(
@@ -60,6 +64,7 @@ class OnnxRuntimeRunner:
         providers: Sequence[str] | None = None,
         intra_op_threads: int | None = None,
         allow_spinning: bool = True,
+        memory_arena: bool = True,
     ) -> None:
         # Serialised bytes are accepted so a model can be checked before it is written.
         model_source: str | bytes
@@ -79,7 +84,7 @@ class OnnxRuntimeRunner:
             )
         try:
             self.session = ort.InferenceSession(
-                model_source, sess_options=session_options(intra_op_threads, allow_spinning), providers=requested
+                model_source, sess_options=session_options(intra_op_threads, allow_spinning, memory_arena), providers=requested
             )
         except Exception as err:  # onnxruntime raises its own exception types for unreadable models
             raise ValueError(f"{self.model_path}: ONNX Runtime cannot load the model ({err})") from err

@@ -259,6 +259,7 @@ def encode_response(
         chunks.append(chunk)
         size += len(chunk)
         if size > limit:
+            chunks.clear()  # now, not when the traceback that holds this frame is collected
             raise BadRequest(
                 f"response of model '{model_name}' exceeds the limit of {max_bytes} bytes; request only "
                 "the 'labels' output (the smallest), or binary data (parameters.binary_data_output = "
