@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +51,13 @@ _MAX_ELEMENTS = 2**63 - 1
 _JSON_STEP = 8192
 # Binary response tensors go out in slices this size, so the transport buffers one slice, not a copy.
 _SEND_SLICE_BYTES = 1 << 20
+# JSON bodies above this size have their flat `data` lists read in steps of about `_STEP_BYTES`:
+# one json.loads of a 30 MB body holds the GIL for seconds, a step for a millisecond or two.
+_STEPPED_PARSE_BYTES = 1 << 20
+_STEP_BYTES = 64 * 1024
+_DATA_LIST = re.compile(rb'"data"\s*:\s*\[')
+# Element types whose per-step arrays concatenate to what one np.array of the whole list gives.
+_STEP_DTYPES = {np.dtype(np.int64), np.dtype(np.float64)}
 # Significant digits that let each float width round-trip exactly through decimal text.
 _FLOAT_FORMATS = {2: "%.5g,", 4: "%.9g,", 8: "%.17g,"}
 
@@ -208,7 +216,8 @@ def decode_request(body: bytes | bytearray, header_length: str | None) -> Infere
     tensors a model can take.
     """
     json_end = _json_header_end(body, header_length)
-    header = _parse_json_object(body if json_end == len(body) else body[:json_end])
+    header_text = body if json_end == len(body) else body[:json_end]
+    header = (len(header_text) > _STEPPED_PARSE_BYTES and _parse_in_steps(header_text)) or _parse_json_object(header_text)
     binary = memoryview(body)[json_end:]
     inputs_json = header.get("inputs")
     if not isinstance(inputs_json, list) or not inputs_json:
@@ -359,6 +368,70 @@ def _parse_json_object(raw: bytes | bytearray) -> dict[str, Any]:
     return parsed
 
 
+def _parse_in_steps(raw: bytes | bytearray) -> dict[str, Any] | None:
+    """A large request header with each flat `data` list of numbers read in short steps.
+
+    The lists are cut out (a placeholder string in their place), the rest parsed as usual,
+    and each list read a step at a time into one array, letting other threads run between
+    steps. None whenever this does not apply cleanly (nested lists, strings in the data, a
+    `"data": [` inside some string, mixed element types): the caller then parses it whole.
+    """
+    pieces: list[bytes | bytearray] = []
+    spans: dict[str, tuple[int, int]] = {}
+    position = 0
+    for match in _DATA_LIST.finditer(raw, 0):
+        start = match.end()
+        end = raw.find(b"]", start)
+        if start < position or end < 0 or any(raw.find(char, start, end) >= 0 for char in (b'"', b"[", b"{", b"}")):
+            continue
+        placeholder = f"\u0000noisyseg-data-{len(spans)}"
+        pieces += [raw[position:start - 1], json.dumps(placeholder).encode()]
+        spans[placeholder] = (start, end)
+        position = end + 1
+    if not spans:
+        return None
+    pieces.append(raw[position:])
+    try:
+        header = json.loads(b"".join(pieces))
+    except (ValueError, RecursionError):
+        return None
+    inputs = header.get("inputs") if isinstance(header, dict) else None
+    tensors = [item for item in inputs if isinstance(item, dict)] if isinstance(inputs, list) else []
+    claimed = [tensor for tensor in tensors if isinstance(tensor.get("data"), str) and tensor["data"] in spans]
+    if sorted(tensor["data"] for tensor in claimed) != sorted(spans):
+        return None
+    for tensor in claimed:
+        array = _numbers_in_steps(raw, *spans[tensor["data"]])
+        if array is None:
+            return None
+        tensor["data"] = array
+    return header
+
+
+def _numbers_in_steps(raw: bytes | bytearray, start: int, end: int) -> np.ndarray | None:
+    """The flat JSON list `raw[start:end]` (between its brackets), parsed a step at a time."""
+    steps: list[np.ndarray] = []
+    while start <= end:
+        comma = raw.find(b",", min(start + _STEP_BYTES, end), end)
+        stop = end if comma < 0 else comma
+        text = raw[start:stop]
+        if not text.strip():
+            if not steps and comma < 0:  # "[]"
+                return np.array([])
+            raise BadRequest("request body is not valid JSON (an empty element in a 'data' list)")
+        try:
+            steps.append(np.array(json.loads(b"[" + text + b"]")))
+        except json.JSONDecodeError as err:
+            raise BadRequest(f"request body is not valid JSON ({err.msg} in a 'data' list)") from None
+        except ValueError as err:  # an integer past Python's 4,300-digit conversion limit
+            raise BadRequest(f"request body holds a number too long to read ({err})") from None
+        start = stop + 1
+    dtypes = {step.dtype for step in steps}
+    if len(dtypes) > 1 and not dtypes <= _STEP_DTYPES:
+        return None
+    return np.concatenate(steps)
+
+
 def _decode_input(tensor_json: Any, index: int, binary: memoryview) -> tuple[InputTensor, int]:
     """One input tensor; returns it and how many bytes of `binary` it consumed."""
     if not isinstance(tensor_json, dict):
@@ -411,12 +484,15 @@ def _binary_tensor(
 
 
 def _json_tensor_data(data: Any, where: str, datatype: str, count: int, dtype: np.dtype) -> np.ndarray:
-    if not isinstance(data, list):
+    if isinstance(data, np.ndarray):  # a flat list already read by `_parse_in_steps`
+        parsed = data
+    elif not isinstance(data, list):
         raise BadRequest(f"{where}: 'data' must be a JSON list of numbers, got {type(data).__name__}")
-    try:
-        parsed = np.array(data)
-    except (ValueError, TypeError, RecursionError):
-        raise BadRequest(f"{where}: 'data' is a ragged or malformed nested list") from None
+    else:
+        try:
+            parsed = np.array(data)
+        except (ValueError, TypeError, RecursionError):
+            raise BadRequest(f"{where}: 'data' is a ragged or malformed nested list") from None
     if parsed.size == 0 and count == 0:
         return np.zeros(0, dtype=dtype)
     if parsed.dtype.kind not in _JSON_KINDS[dtype.kind]:

@@ -189,34 +189,45 @@ def big_model(tmp_path_factory: pytest.TempPathFactory):
     return write_conv_model(tmp_path_factory.mktemp("big") / "conv.onnx")
 
 
+def big_request(image: np.ndarray, kind: str) -> tuple[bytes, dict[str, str]]:
+    """The body and headers of one `kind` of request for `image`."""
+    if kind == "json-input-labels":  # pixels with three decimals, as a JSON client may send them: ~30 MB
+        data = np.round(image.astype(np.float64), 3).ravel().tolist()
+        body = {"inputs": [{"name": "image", "shape": list(image.shape), "datatype": "FP32", "data": data}],
+                "outputs": [{"name": "labels"}]}
+        return json.dumps(body).encode(), {}
+    if kind == "binary-all-outputs":
+        body, json_length = binary_infer_body(image, ["logits", "probs", "labels"])
+        return body, {"Inference-Header-Content-Length": str(json_length)}
+    raw = image.tobytes()  # binary input, no outputs named: all three as JSON
+    header = json.dumps({"inputs": [{"name": "image", "shape": list(image.shape), "datatype": "FP32",
+                                     "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    return header + raw, {"Inference-Header-Content-Length": str(len(header))}
+
+
 @pytest.mark.parametrize(
-    ("outputs", "server_args", "status"),
+    ("kind", "server_args", "status"),
     [
         # The reported case: no outputs named, JSON answer. It stops at the 64 MiB default limit.
-        (None, (), 400),
+        ("json-over-the-limit", (), 400),
         # Every output as binary data (128 MiB), under a raised limit.
-        (["logits", "probs", "labels"], ("--max-response-mb", "160"), 200),
+        ("binary-all-outputs", ("--max-response-mb", "160"), 200),
+        # The image itself as JSON numbers.
+        ("json-input-labels", (), 200),
     ],
-    ids=["json-over-the-limit", "binary-all-outputs"],
+    ids=["json-over-the-limit", "binary-all-outputs", "json-input-labels"],
 )
 def test_health_answers_quickly_while_a_2048_square_request_is_in_flight_and_memory_comes_back(
-    big_model, outputs, server_args, status
+    big_model, kind, server_args, status
 ) -> None:
     server = ServerProcess(big_model, "--threads", "1", *server_args, log_level="WARNING").wait_until_ready()
     try:
-        image = np.random.default_rng(0).normal(size=(1, 1, BIG, BIG)).astype(np.float32)
-        if outputs is None:
-            raw = image.tobytes()
-            header = json.dumps({"inputs": [{"name": "image", "shape": list(image.shape), "datatype": "FP32",
-                                             "parameters": {"binary_data_size": len(raw)}}]}).encode()
-            body, json_length = header + raw, len(header)
-        else:
-            body, json_length = binary_infer_body(image, outputs)
+        body, headers = big_request(np.random.default_rng(0).normal(size=(1, 1, BIG, BIG)).astype(np.float32), kind)
         big: dict[str, float | int] = {}
 
         def send_big() -> None:
             conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
-            conn.request("POST", "/v2/models/conv/infer", body=body, headers={"Inference-Header-Content-Length": str(json_length)})
+            conn.request("POST", "/v2/models/conv/infer", body=body, headers=headers)
             big["sent"] = time.perf_counter()
             response = conn.getresponse()
             response.read()

@@ -233,6 +233,59 @@ def test_non_finite_outputs_are_a_server_fault_not_bare_nan_in_json() -> None:
     assert body.endswith(scores.tobytes())
 
 
+# Past 1 MiB of JSON header, flat 'data' lists are read in steps; these bodies are that large.
+LARGE = 200_000
+
+
+def _large_body(data_text: str, shape: list[int], datatype: str = "FP32", **extra) -> bytes:
+    tensor = f'{{"name": "image", "shape": {json.dumps(shape)}, "datatype": "{datatype}", "data": [{data_text}]}}'
+    return f'{{"id": "r", "inputs": [{tensor}], "outputs": [{{"name": "labels"}}]{"".join(f", {k!r}: {v}".replace(chr(39), chr(34)) for k, v in extra.items())}}}'.encode()
+
+
+def test_large_json_lists_read_in_steps_decode_as_tritonclient_sends_them() -> None:
+    rng = np.random.default_rng(3)
+    for datatype, array in (
+        ("FP32", rng.normal(size=(1, 1, 400, 500)).astype(np.float32)),
+        ("INT64", rng.integers(-(2**62), 2**62, size=(2, 50_000))),
+        ("FP64", rng.normal(size=(LARGE,))),
+    ):
+        body, header_length = client_request(array, datatype, binary=False)
+        assert header_length is None and len(body) > 2**20
+        decoded = decode_request(body, None)
+        np.testing.assert_array_equal(decoded.inputs[0].array, array)
+        assert decoded.id == "r1" and [output.name for output in decoded.outputs or []] == []
+
+
+def test_large_json_lists_mixing_integers_and_decimals_or_nested_decode_whole() -> None:
+    values = np.arange(LARGE) / 4  # 0, 0.25, 0.5, 0.75, 1, ... : whole numbers written as integers
+    text = ",".join(str(int(v)) if v.is_integer() else repr(float(v)) for v in values)
+    decoded = decode_request(_large_body(text, [LARGE]), None)
+    np.testing.assert_array_equal(decoded.inputs[0].array, values.astype(np.float32))
+    nested = json.dumps(values.reshape(1, 1, 400, 500).tolist())[1:-1]  # not flat: parsed whole
+    np.testing.assert_array_equal(decode_request(_large_body(nested, [1, 1, 400, 500]), None).inputs[0].array,
+                                  values.reshape(1, 1, 400, 500).astype(np.float32))
+    # A "data" list that belongs to no input: the body is parsed whole, that list kept.
+    decoded = decode_request(_large_body(text, [LARGE], parameters='{"data": [1, 2]}'), None)
+    assert decoded.parameters == {"data": [1, 2]}
+
+
+@pytest.mark.parametrize(
+    ("data_text", "message"),
+    [
+        ("1," * LARGE + "2,", "not valid JSON"),
+        ("1," * LARGE + ",2", "not valid JSON"),
+        ("1," * LARGE + "x", "not valid JSON"),
+        ("1," * LARGE + "1" + "0" * 5000, "number too long to read"),
+        ("1," * (LARGE - 1) + "NaN", f"element {LARGE - 1} .* is nan"),
+        ("1," * (LARGE - 1) + '"2"', "only FP32 values"),
+        ("1," * LARGE + "1", f"has {LARGE + 1} elements, but shape implies {LARGE}"),
+    ],
+)
+def test_large_json_lists_read_in_steps_reject_what_json_loads_rejects(data_text: str, message: str) -> None:
+    with pytest.raises(BadRequest, match=message):
+        decode_request(_large_body(data_text, [LARGE]), None)
+
+
 def test_binary_sizes_must_match_shape_and_body() -> None:
     header = {"name": "image", "shape": [1, 1, 2, 2], "datatype": "FP32", "parameters": {"binary_data_size": 16}}
     raw = np.arange(4, dtype="<f4").tobytes()
