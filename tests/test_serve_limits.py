@@ -184,11 +184,6 @@ BIG = 2048
 MAX_RSS_KEPT_BYTES = 128 * 2**20
 
 
-@pytest.fixture(scope="module")
-def big_model(tmp_path_factory: pytest.TempPathFactory):
-    return write_conv_model(tmp_path_factory.mktemp("big") / "conv.onnx")
-
-
 def big_request(image: np.ndarray, kind: str) -> tuple[bytes, dict[str, str]]:
     """The body and headers of one `kind` of request for `image`."""
     if kind == "json-input-labels":  # pixels with three decimals, as a JSON client may send them: ~30 MB
@@ -218,9 +213,9 @@ def big_request(image: np.ndarray, kind: str) -> tuple[bytes, dict[str, str]]:
     ids=["json-over-the-limit", "binary-all-outputs", "json-input-labels"],
 )
 def test_health_answers_quickly_while_a_2048_square_request_is_in_flight_and_memory_comes_back(
-    big_model, kind, server_args, status
+    tmp_path, kind, server_args, status
 ) -> None:
-    server = ServerProcess(big_model, "--threads", "1", *server_args, log_level="WARNING").wait_until_ready()
+    server = ServerProcess(write_conv_model(tmp_path / "conv.onnx"), "--threads", "1", *server_args, log_level="WARNING").wait_until_ready()
     try:
         body, headers = big_request(np.random.default_rng(0).normal(size=(1, 1, BIG, BIG)).astype(np.float32), kind)
         big: dict[str, float | int] = {}
