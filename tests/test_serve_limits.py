@@ -19,7 +19,9 @@ import pytest
 import tritonclient.http as httpclient
 from serve_helpers import conv_runtime, running_server, write_conv_model
 
+from noisyseg.cli import build_parser
 from noisyseg.export.onnxruntime_runner import OnnxRuntimeRunner
+from noisyseg.serve.commands import settings_from_args
 from noisyseg.serve.loadgen import ServerProcess, binary_infer_body
 from noisyseg.serve.settings import ServerSettings
 
@@ -174,6 +176,22 @@ def test_schema_routes_are_off_unless_asked_for_and_docs_pages_never_served(mode
             # Swagger UI and ReDoc pages load their scripts from a CDN.
             for page in ("/docs", "/redoc", "/docs/oauth2-redirect"):
                 assert httpx.get(running.url + page).status_code == 404
+
+
+def test_limits_come_from_the_serve_flags_with_triton_like_defaults() -> None:
+    defaults = settings_from_args(build_parser().parse_args(["serve", "--model", "m.onnx"]))
+    assert (defaults.max_body_bytes, defaults.max_response_bytes, defaults.max_held_body_bytes) == (64 * 2**20, 64 * 2**20, 256 * 2**20)
+    assert defaults.body_timeout_s == 30.0 and defaults.openapi is False
+    args = build_parser().parse_args(["serve", "--model", "m.onnx", "--max-response-mb", "1.5", "--max-held-body-mb", "128",
+                                      "--body-timeout-s", "2", "--openapi"])
+    chosen = settings_from_args(args)
+    assert (chosen.max_response_bytes, chosen.max_held_body_bytes, chosen.body_timeout_s, chosen.openapi) == (
+        3 * 2**19, 128 * 2**20, 2.0, True)
+    with pytest.raises(ValueError, match=r"max_held_body_bytes \(1024\) must be at least max_body_bytes"):
+        ServerSettings(max_held_body_bytes=1024)
+    for field in ("max_response_bytes", "body_timeout_s"):
+        with pytest.raises(ValueError, match=f"server setting {field} must be positive"):
+            ServerSettings(**{field: 0})
 
 
 HEALTH_BOUND_S = 0.1
