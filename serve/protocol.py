@@ -217,7 +217,8 @@ def decode_request(body: bytes | bytearray, header_length: str | None) -> Infere
     """
     json_end = _json_header_end(body, header_length)
     header_text = body if json_end == len(body) else body[:json_end]
-    header = (len(header_text) > _STEPPED_PARSE_BYTES and _parse_in_steps(header_text)) or _parse_json_object(header_text)
+    stepped = _parse_in_steps(header_text) if len(header_text) > _STEPPED_PARSE_BYTES else None
+    header = stepped if stepped is not None else _parse_json_object(header_text)
     binary = memoryview(body)[json_end:]
     inputs_json = header.get("inputs")
     if not isinstance(inputs_json, list) or not inputs_json:
@@ -374,12 +375,13 @@ def _parse_in_steps(raw: bytes | bytearray) -> dict[str, Any] | None:
     The lists are cut out (a placeholder string in their place), the rest parsed as usual,
     and each list read a step at a time into one array, letting other threads run between
     steps. None whenever this does not apply cleanly (nested lists, strings in the data, a
-    `"data": [` inside some string, mixed element types): the caller then parses it whole.
+    "data" list that is no input's, mixed element types): the caller then parses it whole.
+    A `"data": [` cannot match inside a JSON string, whose quotes are all escaped.
     """
     pieces: list[bytes | bytearray] = []
     spans: dict[str, tuple[int, int]] = {}
     position = 0
-    for match in _DATA_LIST.finditer(raw, 0):
+    for match in _DATA_LIST.finditer(raw):
         start = match.end()
         end = raw.find(b"]", start)
         if start < position or end < 0 or any(raw.find(char, start, end) >= 0 for char in (b'"', b"[", b"{", b"}")):
