@@ -51,7 +51,10 @@ class OnnxRuntimeRunner:
 
     `model_path` is an .onnx file (or its serialised bytes); `providers` defaults to
     `default_providers()`; `intra_op_threads` defaults to `os.cpu_count()`; `allow_spinning`
-    as in `session_options`.
+    as in `session_options`. A run whose input is larger than `shrink_arena_above_bytes` gives
+    the host memory arena's unused buffers back when it ends: the arena otherwise keeps what its
+    largest input needed for the session's lifetime (a server's hundreds of MiB after one large
+    image), while smaller runs keep reusing it (turning the arena off cost a UNet about 20%).
     """
 
     def __init__(
@@ -60,6 +63,7 @@ class OnnxRuntimeRunner:
         providers: Sequence[str] | None = None,
         intra_op_threads: int | None = None,
         allow_spinning: bool = True,
+        shrink_arena_above_bytes: int | None = None,
     ) -> None:
         # Serialised bytes are accepted so a model can be checked before it is written.
         model_source: str | bytes
@@ -89,12 +93,17 @@ class OnnxRuntimeRunner:
         self.output_names: list[str] = [output.name for output in self.session.get_outputs()]
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         self.providers: list[str] = list(self.session.get_providers())
+        self.shrink_arena_above_bytes = shrink_arena_above_bytes
+        self._shrink_arena = ort.RunOptions()
+        # The host arena only: device memory is the device's own to manage.
+        self._shrink_arena.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         logger.info("%s: ONNX Runtime session on %s", self.model_path.name, ", ".join(self.providers))
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Run a batch (N, C, H, W) and return every output of the graph by name."""
         batch = self._checked_input(images)
-        outputs = self.session.run(self.output_names, {self.input_name: batch})
+        large = self.shrink_arena_above_bytes is not None and batch.nbytes > self.shrink_arena_above_bytes
+        outputs = self.session.run(self.output_names, {self.input_name: batch}, self._shrink_arena if large else None)
         return dict(zip(self.output_names, outputs, strict=True))
 
     def _checked_input(self, images: np.ndarray) -> np.ndarray:

@@ -5,9 +5,11 @@ Routes (KServe v2): `GET /v2/health/live`, `GET /v2/health/ready`, `GET /v2`,
 model-configuration and statistics extensions (`GET .../config`, `GET .../stats`,
 `GET /v2/models/stats`), plus `GET /metrics` (Prometheus text). With `settings.grpc_port` the
 same models are also served over gRPC (`serve.grpc_server`), through the same batchers. Every
-error is `{"error": "..."}` with a 4xx status for anything the client sent (400 bad tensors, 401
-key, 404 model, 413 body size, 415 encoding), 503 while the server is not ready or its queue is
-full, 504 when a request outlives its timeout.
+error is `{"error": "..."}` with a 4xx status for anything the client sent (400 bad tensors or a
+response over the size limit, 401 key, 404 model, 408 body too slow, 413 body size, 415
+encoding), 503 while the server is not ready, its queue is full or it holds too many request
+bodies (with Retry-After), 504 when a request outlives its timeout. `/docs` and `/redoc` never
+exist (their pages load scripts from a CDN); `/openapi.json` only when asked for.
 
 `create_app(runtimes, settings)` returns the ASGI app; the batchers start with the app's
 lifespan and, on shutdown, finish every queued request before the worker threads stop.
@@ -22,7 +24,6 @@ import logging
 import math
 import re
 import time
-import zlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from noisyseg import __version__
 from noisyseg.export.triton_repo import TritonModelConfig, TritonTensor, triton_data_type
 from noisyseg.serve.batcher import BatcherStopped, BatchRecord, DynamicBatcher, QueueFull
+from noisyseg.serve.http_bodies import BodyBudget, EncodedBodyResponse, read_body
 from noisyseg.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from noisyseg.serve.metrics import ServerMetrics
 from noisyseg.serve.protocol import (
@@ -47,12 +49,10 @@ from noisyseg.serve.protocol import (
     BadRequest,
     InferenceRequest,
     NotFound,
-    PayloadTooLarge,
     RequestTimeout,
     ServeError,
     Unauthorized,
     Unavailable,
-    UnsupportedMediaType,
     decode_request,
     encode_response,
     error_body,
@@ -79,8 +79,7 @@ _ROUTE_PATTERNS = [
     (re.compile(r"^/metrics$"), "metrics"),
 ]
 
-_DECOMPRESSION_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
-# JSON text above this size is parsed or printed off the event loop.
+# Bodies (and JSON text) above this size are decoded or printed off the event loop.
 _INLINE_CODEC_BYTES = 64 * 1024
 T = TypeVar("T")
 
@@ -220,8 +219,12 @@ def create_app(runtimes: Sequence[Runtime], settings: ServerSettings | None = No
             await table.stop()
             logger.info("server stopped")
 
-    app = FastAPI(title="noisyseg inference server", version=__version__, lifespan=lifespan)
+    app = FastAPI(
+        title="noisyseg inference server", version=__version__, lifespan=lifespan,
+        docs_url=None, redoc_url=None, openapi_url="/openapi.json" if settings.openapi else None,
+    )
     app.state.models = table
+    app.state.bodies = BodyBudget(settings.max_held_body_bytes)
     app.state.metrics = metrics
     app.state.settings = settings
     _add_error_handlers(app)
@@ -237,7 +240,9 @@ def _error_response(status: int, message: str) -> Response:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServeError)
     async def serve_error(_: Request, err: ServeError) -> Response:
-        return _error_response(err.status_code, str(err))
+        response = _error_response(err.status_code, str(err))
+        response.headers.update(err.headers)
+        return response
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, err: StarletteHTTPException) -> Response:
@@ -300,24 +305,22 @@ async def _infer(
     runtime = table.runtime(name, version)
     try:
         model = table.served(name, version)
-        body = await _read_body(request, settings.max_body_bytes)
-        header_length = request.headers.get(HEADER_LENGTH_HEADER)
-        # With the binary extension only the JSON header needs parsing, not the tensors after it.
-        json_size = int(header_length) if header_length and header_length.isdigit() else len(body)
-        decoded = await _off_loop_if_large(json_size, decode_request, body, header_length)
-        outputs, results = await run_inference(table, model, decoded)
+        with request.app.state.bodies.share() as take:
+            body = await read_body(request, settings, take)
+            decoded = await _off_loop_if_large(len(body), decode_request, body, request.headers.get(HEADER_LENGTH_HEADER))
+            outputs, results = await run_inference(table, model, decoded)
         encoded = [(out, results[out], decoded.wants_binary(out)) for out in outputs]
-        # About 4 bytes of JSON text per number (in the common float32 case, more).
+        # About 4 bytes of JSON text per number, at the least.
         json_size = 4 * sum(array.size for _, array, binary in encoded if not binary)
-        payload, headers = await _off_loop_if_large(
-            json_size, encode_response, runtime.name, runtime.version, decoded.id, encoded
+        response = await _off_loop_if_large(
+            json_size, encode_response, runtime.name, runtime.version, decoded.id, encoded, settings.max_response_bytes
         )
     except ServeError:
         metrics.inference_requests.inc(runtime.name, "error")
         raise
     metrics.inference_requests.inc(runtime.name, "success")
     metrics.inference_latency.observe(time.perf_counter() - started, runtime.name)
-    return Response(payload, headers=headers)
+    return EncodedBodyResponse(response)
 
 
 async def run_inference(
@@ -331,10 +334,10 @@ async def run_inference(
 
 
 async def _off_loop_if_large(size: int, function: Callable[..., T], *args: Any) -> T:
-    """Run `function` in a worker thread when `size` (bytes of JSON text, roughly) is large.
+    """Run `function` in a worker thread when `size` (bytes of body or JSON text) is large.
 
-    Parsing or printing a big JSON tensor takes milliseconds and would stall every other
-    request on the event loop; small and binary payloads are cheaper than the thread hop.
+    Parsing, checking or printing a big tensor takes milliseconds and would stall every other
+    request on the event loop; small payloads are cheaper than the thread hop.
     """
     if size > _INLINE_CODEC_BYTES:
         return await anyio.to_thread.run_sync(function, *args)
@@ -353,42 +356,6 @@ async def _submit(batcher: DynamicBatcher, images: np.ndarray, outputs: list[str
     except Exception as err:  # the backend failed on input the server accepted: a server fault
         logger.exception("model %s: inference failed", batcher.name)
         raise BackendFailure(f"model '{batcher.name}' failed to run the batch ({type(err).__name__}: {err})") from None
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, decompressed if the client compressed it, never more than `limit` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise BadRequest(f"Content-Length must be a non-negative integer, got {declared!r}")
-        if int(declared) > limit:
-            raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding == "identity":
-        return body
-    if encoding not in _DECOMPRESSION_WBITS:
-        raise UnsupportedMediaType(f"Content-Encoding '{encoding}' is not supported (use gzip, deflate or none)")
-    return _decompress(body, encoding, limit)
-
-
-def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
-    decompressor = zlib.decompressobj(_DECOMPRESSION_WBITS[encoding])
-    try:
-        # Bounded, so a small compressed body cannot expand without limit.
-        data = decompressor.decompress(body, limit + 1)
-    except zlib.error as err:
-        raise BadRequest(f"request body is not valid {encoding} data ({err})") from None
-    if len(data) > limit or decompressor.unconsumed_tail:
-        raise PayloadTooLarge(f"decompressed request body exceeds the limit of {limit} bytes")
-    return data
 
 
 def _validate_for_model(request: InferenceRequest, runtime: Runtime, max_batch: int) -> tuple[np.ndarray, list[str]]:

@@ -160,6 +160,8 @@ class DynamicBatcher:
             batch = self._take_batch(key)
             if batch:
                 await self._run_batch(loop, batch)
+            # Not held while waiting for the next request: it references the images and results.
+            del batch
 
     def _drop_abandoned(self) -> None:
         """Forget requests whose caller gave up (timed out or disconnected) before they ran."""

@@ -9,9 +9,12 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from noisyseg.serve.settings import (
+    DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_GRPC_MAX_RECEIVE_BYTES,
     DEFAULT_GRPC_MAX_SEND_BYTES,
     DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_HELD_BODY_BYTES,
+    DEFAULT_MAX_RESPONSE_BYTES,
     ServerSettings,
     read_api_key,
 )
@@ -48,7 +51,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / 2**20,
         help=f"largest request body accepted, in MiB (default {DEFAULT_MAX_BODY_BYTES // 2**20})",
     )
+    parser.add_argument(
+        "--max-held-body-mb", type=float, default=DEFAULT_MAX_HELD_BODY_BYTES / 2**20,
+        help="request bodies held in memory at once, all requests together, in MiB; beyond it 503 "
+        f"with Retry-After (default {DEFAULT_MAX_HELD_BODY_BYTES // 2**20})",
+    )
+    parser.add_argument(
+        "--body-timeout-s", type=float, default=DEFAULT_BODY_TIMEOUT_S,
+        help=f"longest a client may take to send a request body (default {DEFAULT_BODY_TIMEOUT_S:g} s)",
+    )
+    parser.add_argument(
+        "--max-response-mb", type=float, default=DEFAULT_MAX_RESPONSE_BYTES / 2**20,
+        help=f"largest response body, in MiB (default {DEFAULT_MAX_RESPONSE_BYTES // 2**20}); request "
+        "'labels' or binary data for large images",
+    )
     parser.add_argument("--request-timeout-s", type=float, default=60.0, help="per-request timeout (default 60 s)")
+    parser.add_argument("--openapi", action="store_true", help="serve the OpenAPI schema at /openapi.json (off by default)")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per model (default: one per core)")
     parser.add_argument("--device", default="cpu", help="device of a served run directory or .safetensors model: cpu (default), auto, cuda or cuda:N")
     grpc_group = parser.add_argument_group("gRPC endpoint (same models, batchers and API key as HTTP)")
@@ -74,13 +92,17 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_queue_delay_ms=args.max_queue_delay_ms,
         # Room for a few full batches per model; beyond it clients get 503 and retry.
         max_queued_images=max(512, 4 * args.max_batch_size),
-        max_body_bytes=max(1, math.floor(args.max_body_mb * 2**20)),
+        max_body_bytes=_mebibytes(args.max_body_mb),
+        max_held_body_bytes=_mebibytes(args.max_held_body_mb),
+        body_timeout_s=args.body_timeout_s,
+        max_response_bytes=_mebibytes(args.max_response_mb),
         request_timeout_s=args.request_timeout_s,
         intra_op_threads=args.threads,
         api_key=read_api_key(args.api_key_file) if args.api_key_file else None,
         grpc_port=None if args.no_grpc else args.grpc_port,
         grpc_max_receive_bytes=max(1, math.floor(args.grpc_max_receive_mb * 2**20)),
         grpc_max_send_bytes=max(1, math.floor(args.grpc_max_send_mb * 2**20)),
+        openapi=args.openapi,
     )
 
 
@@ -100,6 +122,10 @@ def uvicorn_config(app: FastAPI, settings: ServerSettings, **options: Any) -> uv
         log_config=None,
         **options,
     )
+
+
+def _mebibytes(value: float) -> int:
+    return max(1, math.floor(value * 2**20))
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -4,7 +4,8 @@
 busy, each sending one request at a time in the binary tensor format, and records every
 request's latency and status. It speaks plain HTTP/1.1 over asyncio streams, so the client
 costs little CPU next to the server it measures. `ServerProcess` starts `noisyseg serve` in its
-own process, as a user would (HTTP and gRPC, each on a free port), and reads its memory use.
+own process, as a user would (HTTP and gRPC, each on a free port), and reads its memory use. `write_conv_model` writes a tiny real
+ONNX segmenter, so the server's own costs are what a test or benchmark sees.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from noisyseg.serve.protocol import HEADER_LENGTH_HEADER
+
+# The classes and stride `write_conv_model` records in its model's metadata.
+CLASS_NAMES = ["background", "liver", "kidney"]
+STRIDE = 2
 
 
 @dataclass
@@ -175,13 +180,56 @@ class ServerProcess:
 
     def rss_bytes(self) -> int:
         """The server process's resident memory, from /proc."""
+        return self._status_bytes("VmRSS")
+
+    def peak_rss_bytes(self) -> int:
+        """The most resident memory the server process has had since it started."""
+        return self._status_bytes("VmHWM")
+
+    def _status_bytes(self, field: str) -> int:
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
-        raise RuntimeError("VmRSS not found")
+        raise RuntimeError(f"{field} not found")
 
     def kill(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
         self.log_file.close()
+
+
+def write_conv_model(path: Path, output: str = "logits", in_channels: int = 1, seed: int = 0) -> Path:
+    """A real ONNX segmentation-shaped model: 3x3 conv to one score map per class.
+
+    `output` "logits" ends at the conv, "labels" adds an ArgMax over classes (int64). The 3x3
+    kernel mixes neighbouring pixels, so results depend on each image's own layout: a batcher
+    that mixed up images would be caught.
+    """
+    import onnx  # here: the load tools need it, the server does not
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    classes = len(CLASS_NAMES)
+    weight = numpy_helper.from_array(rng.normal(size=(classes, in_channels, 3, 3)).astype(np.float32), "weight")
+    bias = numpy_helper.from_array(rng.normal(size=(classes,)).astype(np.float32), "bias")
+    nodes = [helper.make_node("Conv", ["image", "weight", "bias"], ["scores"], pads=[1, 1, 1, 1])]
+    if output == "labels":
+        nodes.append(helper.make_node("ArgMax", ["scores"], ["labels"], axis=1, keepdims=0))
+        graph_output = helper.make_tensor_value_info("labels", TensorProto.INT64, ["batch", "height", "width"])
+    else:
+        nodes.append(helper.make_node("Identity", ["scores"], [output]))
+        graph_output = helper.make_tensor_value_info(output, TensorProto.FLOAT, ["batch", classes, "height", "width"])
+    graph = helper.make_graph(
+        nodes,
+        "conv_segmenter",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", in_channels, "height", "width"])],
+        [graph_output],
+        initializer=[weight, bias],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    helper.set_model_props(model, {"class_names": json.dumps(CLASS_NAMES), "stride": str(STRIDE), "output": output})
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path

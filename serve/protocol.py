@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,12 +44,29 @@ DATATYPES: dict[str, np.dtype] = {
 # numpy dtype kinds a JSON list may hold for each datatype family (JSON has no unsigned or
 # sized numbers, so integers are accepted for floats but not the reverse).
 _JSON_KINDS = {"b": "b", "u": "iu", "i": "iu", "f": "iuf"}
+# numpy holds an array's element count in a signed 64-bit integer.
+_MAX_ELEMENTS = 2**63 - 1
+# Elements printed per step of a JSON response: each step is one C call that holds the GIL, so
+# steps this short (a few milliseconds) keep the event loop answering during a large response.
+_JSON_STEP = 8192
+# Binary response tensors go out in slices this size, so the transport buffers one slice, not a copy.
+_SEND_SLICE_BYTES = 1 << 20
+# JSON bodies above this size have their flat `data` lists read in steps of about `_STEP_BYTES`:
+# one json.loads of a 30 MB body holds the GIL for seconds, a step for a millisecond or two.
+_STEPPED_PARSE_BYTES = 1 << 20
+_STEP_BYTES = 64 * 1024
+_DATA_LIST = re.compile(rb'"data"\s*:\s*\[')
+# Element types whose per-step arrays concatenate to what one np.array of the whole list gives.
+_STEP_DTYPES = {np.dtype(np.int64), np.dtype(np.float64)}
+# Significant digits that let each float width round-trip exactly through decimal text.
+_FLOAT_FORMATS = {2: "%.5g,", 4: "%.9g,", 8: "%.17g,"}
 
 
 class ServeError(Exception):
     """An error with the HTTP status it maps to; its message is returned as `{"error": ...}`."""
 
     status_code = 500
+    headers: Mapping[str, str] = {}
 
 
 class BadRequest(ServeError):
@@ -75,8 +93,27 @@ class Unavailable(ServeError):
     status_code = 503
 
 
+class Busy(Unavailable):
+    """Too much is in flight right now; the client may retry shortly."""
+
+    headers = {"Retry-After": "1"}
+
+
+class BodyTimeout(ServeError):
+    status_code = 408
+
+
 class RequestTimeout(ServeError):
     status_code = 504
+
+
+class ClientGone(ServeError):
+    """The client closed the connection before its request was read: nobody to answer, no fault.
+
+    499 is nginx's "client closed request"; it only ever appears in logs and metrics.
+    """
+
+    status_code = 499
 
 
 def datatype_of(dtype: np.dtype) -> str:
@@ -120,15 +157,68 @@ class InferenceRequest:
         value = self.parameters.get("timeout")
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            raise BadRequest(f"request parameter 'timeout' must be a positive number of microseconds, got {value!r}")
+        # At most Triton's uint64; a larger integer would not even convert to a float.
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 2**64:
+            raise BadRequest(f"request parameter 'timeout' must be a positive number of microseconds below 2**64, got {value!r}")
         return float(value) / 1e6
 
 
-def decode_request(body: bytes, header_length: str | None) -> InferenceRequest:
-    """Decode an infer request body; `header_length` is the binary extension's HTTP header."""
+@dataclass(frozen=True)
+class EncodedResponse:
+    """A response body as a sequence of byte chunks (JSON text, then binary tensors in slices)."""
+
+    chunks: list[bytes | memoryview]
+    headers: dict[str, str]
+
+    @property
+    def size(self) -> int:
+        return sum(len(chunk) for chunk in self.chunks)
+
+    def body(self) -> bytes:
+        return b"".join(self.chunks)
+
+
+def parse_length(value: str, what: str) -> int:
+    """A non-negative integer written in ASCII digits (`str.isdigit` also takes '²' and '٣')."""
+    if not (value.isascii() and value.isdigit()):
+        raise BadRequest(f"{what} must be a non-negative integer in ASCII digits, got {value!r}")
+    return int(value)
+
+
+def check_shape(shape: Sequence[int], where: str) -> None:
+    """A tensor shape numpy can hold: non-negative integer dimensions, element count in range."""
+    if not all(type(dim) is int and dim >= 0 for dim in shape):
+        raise BadRequest(f"{where}: 'shape' must be a list of non-negative integers, got {list(shape)!r}")
+    # Zero-sized dimensions included: numpy rejects [0, 10**20] as it rejects [1, 10**20].
+    if math.prod(max(dim, 1) for dim in shape) > _MAX_ELEMENTS:
+        raise BadRequest(f"{where}: shape {list(shape)} has more elements than a tensor can hold (at most 2**63 - 1)")
+
+
+def check_finite(tensor: InputTensor) -> None:
+    """Floating-point inputs must hold finite numbers: NaN or infinity would come back as NaN scores."""
+    if tensor.array.dtype.kind != "f":
+        return
+    finite = np.isfinite(tensor.array)
+    if finite.all():
+        return
+    index = int(np.argmin(finite.ravel()))
+    value = tensor.array.ravel()[index]
+    raise BadRequest(
+        f"input '{tensor.name}': element {index} (row-major) is {value}; {tensor.datatype} inputs must be "
+        f"finite numbers (no NaN or infinity, nothing beyond the {tensor.datatype} range)"
+    )
+
+
+def decode_request(body: bytes | bytearray, header_length: str | None) -> InferenceRequest:
+    """Decode an infer request body; `header_length` is the binary extension's HTTP header.
+
+    Every input is checked (`check_shape`, `check_finite`), so a decoded request holds only
+    tensors a model can take.
+    """
     json_end = _json_header_end(body, header_length)
-    header = _parse_json_object(body[:json_end])
+    header_text = body if json_end == len(body) else body[:json_end]
+    stepped = _parse_in_steps(header_text) if len(header_text) > _STEPPED_PARSE_BYTES else None
+    header = stepped if stepped is not None else _parse_json_object(header_text)
     binary = memoryview(body)[json_end:]
     inputs_json = header.get("inputs")
     if not isinstance(inputs_json, list) or not inputs_json:
@@ -137,6 +227,7 @@ def decode_request(body: bytes, header_length: str | None) -> InferenceRequest:
     offset = 0
     for index, tensor_json in enumerate(inputs_json):
         tensor, used = _decode_input(tensor_json, index, binary[offset:])
+        check_finite(tensor)
         inputs.append(tensor)
         offset += used
     if offset != len(binary):
@@ -145,13 +236,15 @@ def decode_request(body: bytes, header_length: str | None) -> InferenceRequest:
             f"'binary_data_size' accounts for ({len(binary)} binary bytes, {offset} announced)"
         )
     parameters = _optional_object(header, "parameters", "request")
-    return InferenceRequest(
+    request = InferenceRequest(
         inputs=inputs,
         outputs=_decode_requested_outputs(header.get("outputs")),
         binary_outputs_by_default=_flag(parameters, "binary_data_output", "request parameter"),
         id=_optional_id(header.get("id")),
         parameters=parameters,
     )
+    request.timeout_s()  # a bad deadline is refused before any work
+    return request
 
 
 def decode_input(tensor: Mapping[str, Any], index: int, binary: bytes = b"") -> InputTensor:
@@ -163,6 +256,7 @@ def decode_input(tensor: Mapping[str, Any], index: int, binary: bytes = b"") -> 
     decoded, used = _decode_input(tensor, index, memoryview(binary))
     if used != len(binary):
         raise BadRequest(f"input '{decoded.name}': {len(binary)} raw bytes given, {used} expected")
+    check_finite(decoded)
     return decoded
 
 
@@ -171,57 +265,186 @@ def encode_response(
     model_version: str,
     request_id: str | None,
     outputs: Sequence[tuple[str, np.ndarray, bool]],
-) -> tuple[bytes, dict[str, str]]:
-    """Encode `(name, array, binary)` outputs; returns the body and its HTTP headers."""
-    tensors: list[dict[str, Any]] = []
-    chunks: list[bytes] = []
-    for name, array, binary in outputs:
-        datatype = datatype_of(array.dtype)
-        tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
-        if binary:
-            raw = np.ascontiguousarray(array, dtype=DATATYPES[datatype]).tobytes()
-            tensor["parameters"] = {"binary_data_size": len(raw)}
-            chunks.append(raw)
-        else:
-            tensor["data"] = array.ravel().tolist()
-        tensors.append(tensor)
+    max_bytes: int | None = None,
+) -> EncodedResponse:
+    """Encode `(name, array, binary)` outputs, refusing (BadRequest) a body over `max_bytes`.
+
+    Binary tensors are sent straight from the arrays; JSON tensors are printed from NumPy in
+    short steps (`_json_numbers`), without a Python list of the whole tensor. The size is
+    checked as the text grows, so an oversized answer stops at the limit.
+    """
+    limit = math.inf if max_bytes is None else max_bytes
+    size = sum(array.nbytes for _, array, binary in outputs if binary)
+    chunks: list[bytes | memoryview] = []
+
+    def add(chunk: bytes) -> None:
+        nonlocal size
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            chunks.clear()  # now, not when the traceback that holds this frame is collected
+            raise BadRequest(
+                f"response of model '{model_name}' exceeds the limit of {max_bytes} bytes; request only "
+                "the 'labels' output (the smallest), or binary data (parameters.binary_data_output = "
+                "true), or fewer or smaller images"
+            )
+
     response: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
     if request_id is not None:
         response["id"] = request_id
-    response["outputs"] = tensors
-    header = json.dumps(response, separators=(",", ":")).encode()
-    if not chunks:
-        return header, {"content-type": "application/json"}
-    headers = {"content-type": "application/octet-stream", HEADER_LENGTH_HEADER: str(len(header))}
-    return b"".join([header, *chunks]), headers
+    add(_json_text(response)[:-1] + b',"outputs":[')
+    for index, (name, array, binary) in enumerate(outputs):
+        separator = b"," if index else b""
+        tensor: dict[str, Any] = {"name": name, "datatype": datatype_of(array.dtype), "shape": list(array.shape)}
+        if binary:
+            tensor["parameters"] = {"binary_data_size": array.nbytes}
+            add(separator + _json_text(tensor))
+            continue
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            # JSON has no NaN or infinity; inputs are finite, so the model produced them (500).
+            raise ServeError(f"model '{model_name}' produced NaN or infinite values in output '{name}', which JSON cannot carry")
+        add(separator + _json_text(tensor)[:-1] + b',"data":[')
+        for numbers in _json_numbers(array):
+            add(numbers)
+        add(b"]}")
+    add(b"]}")
+    binaries = [array for _, array, binary in outputs if binary]
+    if not binaries:
+        return EncodedResponse(chunks, {"content-type": "application/json"})
+    headers = {"content-type": "application/octet-stream", HEADER_LENGTH_HEADER: str(sum(len(chunk) for chunk in chunks))}
+    for array in binaries:
+        raw = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).reshape(-1).view(np.uint8).data
+        chunks.extend(raw[start:start + _SEND_SLICE_BYTES] for start in range(0, len(raw), _SEND_SLICE_BYTES))
+    return EncodedResponse(chunks, headers)
+
+
+def _json_text(value: dict[str, Any]) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _json_numbers(array: np.ndarray) -> Iterator[bytes]:
+    """The elements of `array` in row-major order as comma-separated JSON numbers, in steps."""
+    flat = array.reshape(-1)
+    for start in range(0, flat.size, _JSON_STEP):
+        step = flat[start:start + _JSON_STEP]
+        if step.dtype.kind in "iu":
+            numbers = _integer_text(step)
+        elif step.dtype.kind == "b":
+            numbers = b"".join(np.where(step, b"true,", b"false,").tolist())
+        else:
+            numbers = ((_FLOAT_FORMATS[step.dtype.itemsize] * step.size) % tuple(step.tolist())).encode()
+            # "%g" prints -0.0 as "-0", which JSON readers take for the integer 0. Matches do not
+            # overlap, so of "-0,-0,-0," the first pass leaves the middle one to the second.
+            numbers = (b"," + numbers).replace(b",-0,", b",-0.0,").replace(b",-0,", b",-0.0,")[1:]
+        yield numbers if start + _JSON_STEP < flat.size else numbers[:-1]
+
+
+def _integer_text(values: np.ndarray) -> bytes:
+    """Integers printed with array operations alone: one row of ASCII bytes per number."""
+    magnitude = values.astype(np.uint64) if values.dtype.kind == "u" else np.abs(values.astype(np.int64)).astype(np.uint64)
+    width = len(str(int(magnitude.max()))) if magnitude.size else 1
+    powers = np.uint64(10) ** np.arange(width - 1, -1, -1, dtype=np.uint64)
+    digits = (magnitude[:, None] // powers) % np.uint64(10)
+    # Leading zeros are dropped (all but the last digit of zero itself); 0 marks a dropped byte.
+    significant = np.cumsum(digits, axis=1) > 0
+    significant[:, -1] = True
+    rows = np.zeros((values.size, width + 2), np.uint8)
+    rows[:, 0] = np.where(values < 0, ord("-"), 0)
+    rows[:, 1:-1] = np.where(significant, digits + ord("0"), 0)
+    rows[:, -1] = ord(",")
+    return rows[rows != 0].tobytes()
 
 
 def error_body(message: str) -> bytes:
     return json.dumps({"error": message}).encode()
 
 
-def _json_header_end(body: bytes, header_length: str | None) -> int:
+def _json_header_end(body: bytes | bytearray, header_length: str | None) -> int:
     if header_length is None:
         return len(body)
-    try:
-        length = int(header_length)
-    except ValueError:
-        raise BadRequest(f"header {HEADER_LENGTH_HEADER} must be an integer, got {header_length!r}") from None
+    length = parse_length(header_length, f"header {HEADER_LENGTH_HEADER}")
     if not 0 < length <= len(body):
         raise BadRequest(f"header {HEADER_LENGTH_HEADER} is {length}, but the body has {len(body)} bytes")
     return length
 
 
-def _parse_json_object(raw: bytes) -> dict[str, Any]:
+def _parse_json_object(raw: bytes | bytearray) -> dict[str, Any]:
     try:
         parsed = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise BadRequest(f"request body is not valid JSON ({err})") from None
+    except ValueError as err:  # an integer literal past Python's 4,300-digit conversion limit
+        raise BadRequest(f"request body holds a number too long to read ({err})") from None
     except RecursionError:
         raise BadRequest("request body JSON is nested too deeply") from None
     if not isinstance(parsed, dict):
         raise BadRequest(f"request body must be a JSON object, got {type(parsed).__name__}")
     return parsed
+
+
+def _parse_in_steps(raw: bytes | bytearray) -> dict[str, Any] | None:
+    """A large request header with each flat `data` list of numbers read in short steps.
+
+    The lists are cut out (a placeholder string in their place), the rest parsed as usual,
+    and each list read a step at a time into one array, letting other threads run between
+    steps. None whenever this does not apply cleanly (nested lists, strings in the data, a
+    "data" list that is no input's, mixed element types): the caller then parses it whole.
+    A `"data": [` cannot match inside a JSON string, whose quotes are all escaped.
+    """
+    pieces: list[bytes | bytearray] = []
+    spans: dict[str, tuple[int, int]] = {}
+    position = 0
+    for match in _DATA_LIST.finditer(raw):
+        start = match.end()
+        end = raw.find(b"]", start)
+        if start < position or end < 0 or any(raw.find(char, start, end) >= 0 for char in (b'"', b"[", b"{", b"}")):
+            continue
+        placeholder = f"\u0000noisyseg-data-{len(spans)}"
+        pieces += [raw[position:start - 1], json.dumps(placeholder).encode()]
+        spans[placeholder] = (start, end)
+        position = end + 1
+    if not spans:
+        return None
+    pieces.append(raw[position:])
+    try:
+        header = json.loads(b"".join(pieces))
+    except (ValueError, RecursionError):
+        return None
+    inputs = header.get("inputs") if isinstance(header, dict) else None
+    tensors = [item for item in inputs if isinstance(item, dict)] if isinstance(inputs, list) else []
+    claimed = [tensor for tensor in tensors if isinstance(tensor.get("data"), str) and tensor["data"] in spans]
+    if sorted(tensor["data"] for tensor in claimed) != sorted(spans):
+        return None
+    for tensor in claimed:
+        array = _numbers_in_steps(raw, *spans[tensor["data"]])
+        if array is None:
+            return None
+        tensor["data"] = array
+    return header
+
+
+def _numbers_in_steps(raw: bytes | bytearray, start: int, end: int) -> np.ndarray | None:
+    """The flat JSON list `raw[start:end]` (between its brackets), parsed a step at a time."""
+    steps: list[np.ndarray] = []
+    while start <= end:
+        comma = raw.find(b",", min(start + _STEP_BYTES, end), end)
+        stop = end if comma < 0 else comma
+        text = raw[start:stop]
+        if not text.strip():
+            if not steps and comma < 0:  # "[]"
+                return np.array([])
+            raise BadRequest("request body is not valid JSON (an empty element in a 'data' list)")
+        try:
+            steps.append(np.array(json.loads(b"[" + text + b"]")))
+        except json.JSONDecodeError as err:
+            raise BadRequest(f"request body is not valid JSON ({err.msg} in a 'data' list)") from None
+        except ValueError as err:  # an integer past Python's 4,300-digit conversion limit
+            raise BadRequest(f"request body holds a number too long to read ({err})") from None
+        start = stop + 1
+    dtypes = {step.dtype for step in steps}
+    if len(dtypes) > 1 and not dtypes <= _STEP_DTYPES:
+        return None
+    return np.concatenate(steps)
 
 
 def _decode_input(tensor_json: Any, index: int, binary: memoryview) -> tuple[InputTensor, int]:
@@ -251,8 +474,9 @@ def _decode_input(tensor_json: Any, index: int, binary: memoryview) -> tuple[Inp
 
 
 def _decode_shape(shape: Any, where: str) -> tuple[int, ...]:
-    if not isinstance(shape, list) or not all(type(dim) is int and dim >= 0 for dim in shape):
+    if not isinstance(shape, list):
         raise BadRequest(f"{where}: 'shape' must be a list of non-negative integers, got {shape!r}")
+    check_shape(shape, where)
     return tuple(shape)
 
 
@@ -275,12 +499,15 @@ def _binary_tensor(
 
 
 def _json_tensor_data(data: Any, where: str, datatype: str, count: int, dtype: np.dtype) -> np.ndarray:
-    if not isinstance(data, list):
+    if isinstance(data, np.ndarray):  # a flat list already read by `_parse_in_steps`
+        parsed = data
+    elif not isinstance(data, list):
         raise BadRequest(f"{where}: 'data' must be a JSON list of numbers, got {type(data).__name__}")
-    try:
-        parsed = np.array(data)
-    except (ValueError, TypeError, RecursionError):
-        raise BadRequest(f"{where}: 'data' is a ragged or malformed nested list") from None
+    else:
+        try:
+            parsed = np.array(data)
+        except (ValueError, TypeError, RecursionError):
+            raise BadRequest(f"{where}: 'data' is a ragged or malformed nested list") from None
     if parsed.size == 0 and count == 0:
         return np.zeros(0, dtype=dtype)
     if parsed.dtype.kind not in _JSON_KINDS[dtype.kind]:
@@ -296,7 +523,7 @@ def _json_tensor_data(data: Any, where: str, datatype: str, count: int, dtype: n
 
 
 def _describe_values(parsed: np.ndarray) -> str:
-    kinds = {"b": "booleans", "U": "strings", "O": "mixed or non-numeric values", "f": "non-integers"}
+    kinds = {"b": "booleans", "U": "strings", "O": "non-numeric values or integers beyond 64 bits", "f": "non-integers"}
     return kinds.get(parsed.dtype.kind, f"values of type {parsed.dtype}")
 
 

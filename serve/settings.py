@@ -6,11 +6,16 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# Triton's default cap on an HTTP request; responses get the same.
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 # gRPC messages: requests as large as HTTP bodies; responses (float32 logits of a full batch)
 # may be larger than the request that asked for them.
 DEFAULT_GRPC_MAX_RECEIVE_BYTES = DEFAULT_MAX_BODY_BYTES
 DEFAULT_GRPC_MAX_SEND_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+# Four bodies of the largest size in memory at once.
+DEFAULT_MAX_HELD_BODY_BYTES = 4 * DEFAULT_MAX_BODY_BYTES
+DEFAULT_BODY_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,12 @@ class ServerSettings:
     # Images allowed to wait per model; beyond it requests get 503 instead of unbounded memory.
     max_queued_images: int = 512
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # Request bodies all requests hold at once (read, decoded or in inference); beyond it 503.
+    max_held_body_bytes: int = DEFAULT_MAX_HELD_BODY_BYTES
+    # Longest a client may take to send a request body (slow uploads hold memory).
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    # Largest response body; a larger answer is a 400 pointing at `labels` or binary data.
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
     request_timeout_s: float = 60.0
     # How long shutdown waits for requests in flight before closing connections.
     graceful_shutdown_s: float = 30.0
@@ -36,12 +47,17 @@ class ServerSettings:
     grpc_port: int | None = None
     grpc_max_receive_bytes: int = DEFAULT_GRPC_MAX_RECEIVE_BYTES
     grpc_max_send_bytes: int = DEFAULT_GRPC_MAX_SEND_BYTES
+    # Serve the OpenAPI schema at /openapi.json (no docs pages: theirs load scripts from a CDN).
+    openapi: bool = False
 
     def __post_init__(self) -> None:
         positive = {
             "max_batch_size": self.max_batch_size,
             "max_queued_images": self.max_queued_images,
             "max_body_bytes": self.max_body_bytes,
+            "max_held_body_bytes": self.max_held_body_bytes,
+            "body_timeout_s": self.body_timeout_s,
+            "max_response_bytes": self.max_response_bytes,
             "request_timeout_s": self.request_timeout_s,
             "grpc_max_receive_bytes": self.grpc_max_receive_bytes,
             "grpc_max_send_bytes": self.grpc_max_send_bytes,
@@ -62,6 +78,11 @@ class ServerSettings:
             raise ValueError(
                 f"server setting max_queued_images ({self.max_queued_images}) must be at least "
                 f"max_batch_size ({self.max_batch_size})"
+            )
+        if self.max_held_body_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"server setting max_held_body_bytes ({self.max_held_body_bytes}) must be at least "
+                f"max_body_bytes ({self.max_body_bytes})"
             )
         if self.api_key is not None and not self.api_key:
             raise ValueError("server setting api_key must not be empty (leave it unset for no key)")

@@ -1,60 +1,23 @@
-"""Shared pieces of the serving tests: small real ONNX models and a server on a loopback port."""
+"""Shared pieces of the serving tests: small real ONNX runtimes and a server on a loopback port."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-import onnx
 import uvicorn
-from onnx import TensorProto, helper, numpy_helper
 
 from noisyseg.serve.app import create_app
 from noisyseg.serve.commands import uvicorn_config
+from noisyseg.serve.loadgen import CLASS_NAMES as CLASS_NAMES
+from noisyseg.serve.loadgen import STRIDE as STRIDE
+from noisyseg.serve.loadgen import write_conv_model
 from noisyseg.serve.runtimes import OnnxRuntimeBackend, Runtime
 from noisyseg.serve.settings import ServerSettings
-
-CLASS_NAMES = ["background", "liver", "kidney"]
-STRIDE = 2
-
-
-def write_conv_model(path: Path, output: str = "logits", in_channels: int = 1, seed: int = 0) -> Path:
-    """A real ONNX segmentation-shaped model: 3x3 conv to one score map per class.
-
-    `output` "logits" ends at the conv, "labels" adds an ArgMax over classes (int64). The 3x3
-    kernel mixes neighbouring pixels, so results depend on each image's own layout: a batcher
-    that mixed up images would be caught.
-    """
-    rng = np.random.default_rng(seed)
-    classes = len(CLASS_NAMES)
-    weight = numpy_helper.from_array(rng.normal(size=(classes, in_channels, 3, 3)).astype(np.float32), "weight")
-    bias = numpy_helper.from_array(rng.normal(size=(classes,)).astype(np.float32), "bias")
-    nodes = [helper.make_node("Conv", ["image", "weight", "bias"], ["scores"], pads=[1, 1, 1, 1])]
-    if output == "labels":
-        nodes.append(helper.make_node("ArgMax", ["scores"], ["labels"], axis=1, keepdims=0))
-        graph_output = helper.make_tensor_value_info("labels", TensorProto.INT64, ["batch", "height", "width"])
-    else:
-        nodes.append(helper.make_node("Identity", ["scores"], [output]))
-        graph_output = helper.make_tensor_value_info(output, TensorProto.FLOAT, ["batch", classes, "height", "width"])
-    graph = helper.make_graph(
-        nodes,
-        "conv_segmenter",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", in_channels, "height", "width"])],
-        [graph_output],
-        initializer=[weight, bias],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    helper.set_model_props(model, {"class_names": json.dumps(CLASS_NAMES), "stride": str(STRIDE), "output": output})
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
 
 
 def conv_runtime(tmp_path: Path, name: str = "conv", output: str = "logits") -> Runtime:

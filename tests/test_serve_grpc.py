@@ -207,6 +207,12 @@ def test_errors_carry_the_matching_status_and_name_the_problem(served) -> None:
     with pytest.raises(InferenceServerException) as too_many:
         grpc_infer(client, batch(6, count=MAX_BATCH + 1))
     assert too_many.value.status() == "StatusCode.INVALID_ARGUMENT" and "maximum batch size 2" in too_many.value.message()
+    # The HTTP checks on decoded tensors hold for gRPC: a NaN pixel is refused, naming the input.
+    nan = batch(7, count=1, size=(8, 8))
+    nan[0, 0, 3, 4] = np.nan
+    with pytest.raises(InferenceServerException) as non_finite:
+        grpc_infer(client, nan)
+    assert non_finite.value.status() == "StatusCode.INVALID_ARGUMENT" and "'image'" in non_finite.value.message()
     # Refused before the batcher: never queued, so not a failed inference.
     assert client.get_inference_statistics("conv").model_stats[0].inference_stats.fail.count == 0
 

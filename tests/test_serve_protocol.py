@@ -14,6 +14,10 @@ from hypothesis.extra import numpy as hnp
 from noisyseg.serve.protocol import (
     DATATYPES,
     BadRequest,
+    InputTensor,
+    ServeError,
+    check_finite,
+    check_shape,
     decode_request,
     encode_response,
 )
@@ -62,8 +66,8 @@ def test_tritonclient_reads_the_encoded_response(binary: bool) -> None:
     rng = np.random.default_rng(2)
     logits = rng.normal(size=(2, 3, 4, 4)).astype(np.float32)
     labels = logits.argmax(axis=1)
-    body, headers = encode_response("seg", "1", "abc", [("logits", logits, binary), ("labels", labels, False)])
-    header_length = headers.get("Inference-Header-Content-Length")
+    encoded = encode_response("seg", "1", "abc", [("logits", logits, binary), ("labels", labels, False)])
+    body, header_length = encoded.body(), encoded.headers.get("Inference-Header-Content-Length")
     result = httpclient.InferenceServerClient.parse_response_body(
         body, header_length=None if header_length is None else int(header_length)
     )
@@ -85,8 +89,8 @@ def test_any_tensor_round_trips_through_client_and_server_codecs(datatype, shape
     body, header_length = client_request(array, datatype, binary)
     decoded = decode_request(body, header_length).inputs[0].array
     np.testing.assert_array_equal(decoded, array)
-    response, headers = encode_response("m", "1", None, [("out", decoded, binary)])
-    length = headers.get("Inference-Header-Content-Length")
+    encoded = encode_response("m", "1", None, [("out", decoded, binary)])
+    response, length = encoded.body(), encoded.headers.get("Inference-Header-Content-Length")
     result = httpclient.InferenceServerClient.parse_response_body(
         response, header_length=None if length is None else int(length)
     )
@@ -95,8 +99,8 @@ def test_any_tensor_round_trips_through_client_and_server_codecs(datatype, shape
 
 def _finite_elements(datatype: str):
     if datatype.startswith("FP"):
-        # JSON has no NaN or infinity; bounded so float32 survives the trip through Python floats.
-        return st.floats(-1e6, 1e6, allow_nan=False, width=32 if datatype == "FP32" else 64)
+        # JSON has no NaN or infinity; any finite value must survive the trip.
+        return st.floats(allow_nan=False, allow_infinity=False, width=32 if datatype == "FP32" else 64)
     return None
 
 
@@ -126,15 +130,160 @@ GOOD = {"name": "image", "shape": [1, 1, 2, 2], "datatype": "FP32", "data": [1, 
         (_request({**GOOD, "datatype": "INT32", "data": [1, 2, 3, 4.5]}), None, "non-integers"),
         (_request({key: value for key, value in GOOD.items() if key != "data"}), None, "missing 'data'"),
         (_request({**GOOD, "parameters": {"binary_data_size": 16}}), "0", "Inference-Header-Content-Length is 0"),
-        (_request(GOOD), "12abc", "must be an integer"),
+        (_request(GOOD), "12abc", "must be a non-negative integer"),
         (_request(GOOD, outputs=[{"name": "labels", "parameters": {"binary_data": "yes"}}]), None, "true or false"),
         (_request(GOOD, outputs=[{"name": "labels", "parameters": {"classification": 3}}]), None, "classification"),
         (_request(GOOD, id=7), None, "'id' must be a string"),
+        # Element counts numpy cannot hold, zero-sized or not.
+        (b'{"inputs": [{"name": "image", "shape": [0, 100000000000000000000], "datatype": "FP32", "data": []}]}',
+         None, r"input 'image': shape \[0, 100000000000000000000\] has more elements than a tensor can hold"),
+        (_request({**GOOD, "shape": [2**32, 2**32], "parameters": {"binary_data_size": 0}}), None, "more elements"),
+        # Integer literals too large for a float, or past Python's 4,300-digit conversion limit.
+        (b'{"inputs": [{"name": "image", "shape": [1], "datatype": "FP32", "data": [1' + b"0" * 400 + b"]}]}",
+         None, "input 'image': 'data' must hold only FP32 values, found non-numeric values or integers beyond 64 bits"),
+        (_request(GOOD, parameters={"timeout": 10**400}), None, "'timeout' must be a positive number of microseconds below 2"),
+        (b'{"inputs": [{"name": "image", "shape": [1], "datatype": "FP32", "data": [1' + b"0" * 5000 + b"]}]}",
+         None, "number too long to read"),
+        # Digits other than ASCII ones pass str.isdigit but are no length.
+        (_request(GOOD), "\u00b2", "Inference-Header-Content-Length must be a non-negative integer in ASCII digits"),
+        (_request(GOOD), "\u0661\u0662", "in ASCII digits"),
+        # Non-finite pixels, and numbers beyond the float32 range, name the input and the element.
+        (b'{"inputs": [{"name": "image", "shape": [1, 1, 2, 2], "datatype": "FP32", "data": [1, 2, NaN, 4]}]}',
+         None, "input 'image': element 2 \\(row-major\\) is nan; FP32 inputs must be finite"),
+        (b'{"inputs": [{"name": "image", "shape": [1, 1, 2, 2], "datatype": "FP32", "data": [1, -Infinity, 3, 4]}]}',
+         None, "element 1 .* is -inf"),
+        (_request({**GOOD, "data": [1, 2, 3, 1e39]}), None, "element 3 .* is inf; .* nothing beyond the FP32 range"),
     ],
 )
 def test_malformed_requests_are_rejected_with_what_is_wrong(body: bytes, header_length: str | None, message: str) -> None:
     with pytest.raises(BadRequest, match=message):
         decode_request(body, header_length)
+
+
+def test_binary_inputs_must_be_finite_too() -> None:
+    header = {"name": "image", "shape": [1, 1, 2, 2], "datatype": "FP16", "parameters": {"binary_data_size": 8}}
+    raw = np.array([0, 1, np.inf, 2], dtype="<f2").tobytes()
+    body = _request(header)
+    with pytest.raises(BadRequest, match="input 'image': element 2 .* is inf; FP16 inputs must be finite"):
+        decode_request(body + raw, str(len(body)))
+
+
+def test_shape_and_value_checks_serve_any_front_end() -> None:
+    check_shape((0, 2**62, 1), "input 'x'")
+    with pytest.raises(BadRequest, match="input 'x': shape .* more elements"):
+        check_shape((2**32, 2**31, 0), "input 'x'")
+    with pytest.raises(BadRequest, match="non-negative integers"):
+        check_shape((1, -3), "input 'x'")
+    integers = np.array([2**31 - 1], dtype=np.int32)
+    check_finite(InputTensor("x", "INT32", (1,), integers))
+    with pytest.raises(BadRequest, match="input 'x': element 0"):
+        check_finite(InputTensor("x", "FP64", (1,), np.array([np.nan])))
+
+
+def test_extreme_values_round_trip_through_the_json_response() -> None:
+    f32, f64 = np.finfo(np.float32), np.finfo(np.float64)
+    tensors = {
+        "f32": np.array([f32.max, -f32.max, f32.smallest_subnormal, f32.tiny, -0.0, -0.0, -0.0, 0.1, 1 / 3, 16777217.0, -0.0], np.float32),
+        "f64": np.array([f64.max, f64.smallest_subnormal, -0.1, 1 / 3, 2.0**60], np.float64),
+        "i64": np.array([np.iinfo(np.int64).min, np.iinfo(np.int64).max, 0, -1, 10], np.int64),
+        "u64": np.array([np.iinfo(np.uint64).max, 0, 10**19], np.uint64),
+        "u8": np.array([0, 9, 10, 255], np.uint8).reshape(2, 2),
+        "bool": np.array([True, False, True]),
+    }
+    encoded = encode_response("m", "1", None, [(name, array, False) for name, array in tensors.items()])
+    result = httpclient.InferenceServerClient.parse_response_body(encoded.body())
+    for name, array in tensors.items():
+        decoded = result.as_numpy(name)
+        assert decoded.dtype == array.dtype, name
+        np.testing.assert_array_equal(decoded, array, err_msg=name)
+        assert np.array_equal(np.signbit(decoded), np.signbit(array)) if array.dtype.kind == "f" else True
+
+
+def test_long_json_tensors_span_many_steps() -> None:
+    array = np.random.default_rng(5).normal(size=(3, 50_000)).astype(np.float32)
+    labels = (np.arange(70_000) % 7 - 3).astype(np.int64)
+    encoded = encode_response("m", "1", "id", [("a", array, False), ("b", labels, False), ("c", array, True)])
+    result = httpclient.InferenceServerClient.parse_response_body(
+        encoded.body(), header_length=int(encoded.headers["Inference-Header-Content-Length"])
+    )
+    np.testing.assert_array_equal(result.as_numpy("a"), array)
+    np.testing.assert_array_equal(result.as_numpy("b"), labels)
+    np.testing.assert_array_equal(result.as_numpy("c"), array)
+    assert encoded.size == len(encoded.body())
+
+
+def test_response_size_limit_is_exact_and_says_what_to_ask_for() -> None:
+    labels = np.zeros((1, 64, 64), np.int64)
+    outputs = [("labels", labels, False)]
+    size = len(encode_response("m", "1", None, outputs).body())
+    assert len(encode_response("m", "1", None, outputs, max_bytes=size).body()) == size
+    with pytest.raises(BadRequest, match=f"exceeds the limit of {size - 1} bytes; request only the 'labels' output .* binary data"):
+        encode_response("m", "1", None, outputs, max_bytes=size - 1)
+    binary = [("labels", labels, True)]
+    with pytest.raises(BadRequest, match="exceeds the limit"):
+        encode_response("m", "1", None, binary, max_bytes=labels.nbytes)
+
+
+def test_non_finite_outputs_are_a_server_fault_not_bare_nan_in_json() -> None:
+    scores = np.array([[0.5, np.nan]], np.float32)
+    with pytest.raises(ServeError, match="model 'm' produced NaN or infinite values in output 'probs'") as caught:
+        encode_response("m", "1", None, [("probs", scores, False)])
+    assert caught.value.status_code == 500
+    body = encode_response("m", "1", None, [("probs", scores, True)]).body()  # binary carries NaN as it is
+    assert body.endswith(scores.tobytes())
+
+
+# Past 1 MiB of JSON header, flat 'data' lists are read in steps; these bodies are that large.
+LARGE = 200_000
+
+
+def _large_body(data_text: str, shape: list[int], datatype: str = "FP32", **extra) -> bytes:
+    tensor = f'{{"name": "image", "shape": {json.dumps(shape)}, "datatype": "{datatype}", "data": [{data_text}]}}'
+    return f'{{"id": "r", "inputs": [{tensor}], "outputs": [{{"name": "labels"}}]{"".join(f", {k!r}: {v}".replace(chr(39), chr(34)) for k, v in extra.items())}}}'.encode()
+
+
+def test_large_json_lists_read_in_steps_decode_as_tritonclient_sends_them() -> None:
+    rng = np.random.default_rng(3)
+    for datatype, array in (
+        ("FP32", rng.normal(size=(1, 1, 400, 500)).astype(np.float32)),
+        ("INT64", rng.integers(-(2**62), 2**62, size=(2, 50_000))),
+        ("FP64", rng.normal(size=(LARGE,))),
+    ):
+        body, header_length = client_request(array, datatype, binary=False)
+        assert header_length is None and len(body) > 2**20
+        decoded = decode_request(body, None)
+        np.testing.assert_array_equal(decoded.inputs[0].array, array)
+        assert decoded.id == "r1" and [output.name for output in decoded.outputs or []] == []
+
+
+def test_large_json_lists_mixing_integers_and_decimals_or_nested_decode_whole() -> None:
+    values = np.arange(LARGE) / 4  # 0, 0.25, 0.5, 0.75, 1, ... : whole numbers written as integers
+    text = ",".join(str(int(v)) if v.is_integer() else repr(float(v)) for v in values)
+    decoded = decode_request(_large_body(text, [LARGE]), None)
+    np.testing.assert_array_equal(decoded.inputs[0].array, values.astype(np.float32))
+    nested = json.dumps(values.reshape(1, 1, 400, 500).tolist())[1:-1]  # not flat: parsed whole
+    np.testing.assert_array_equal(decode_request(_large_body(nested, [1, 1, 400, 500]), None).inputs[0].array,
+                                  values.reshape(1, 1, 400, 500).astype(np.float32))
+    # A "data" list that belongs to no input: the body is parsed whole, that list kept.
+    decoded = decode_request(_large_body(text, [LARGE], parameters='{"data": [1, 2]}'), None)
+    assert decoded.parameters == {"data": [1, 2]}
+
+
+@pytest.mark.parametrize(
+    ("data_text", "message"),
+    [
+        ("1," * LARGE + "2,", "not valid JSON"),
+        ("1," * LARGE + ",2", "not valid JSON"),
+        ("1," * LARGE + "x", "not valid JSON"),
+        ("1," * LARGE + "1" + "0" * 5000, "number too long to read"),
+        ("1," * (LARGE - 1) + "NaN", f"element {LARGE - 1} .* is nan"),
+        ("1," * (LARGE - 1) + '"2"', "only FP32 values"),
+        ("1," * LARGE + "1", f"has {LARGE + 1} elements, but shape implies {LARGE}"),
+    ],
+)
+def test_large_json_lists_read_in_steps_reject_what_json_loads_rejects(data_text: str, message: str) -> None:
+    with pytest.raises(BadRequest, match=message):
+        decode_request(_large_body(data_text, [LARGE]), None)
 
 
 def test_binary_sizes_must_match_shape_and_body() -> None:

@@ -128,7 +128,7 @@ def test_outputs_follow_the_contract(straight_run: Path) -> None:
     assert set(last["train_iou"]) == set(last["iou_el"]) == set(last["iou_m"]) == {"1", "2", "3", "4"}
     assert {"total", "ce", "consistency"} <= set(last["loss"])
     assert len(last["val"]["per_class_iou"]) == len(CLASSES)
-    assert set(last["trigger"]["1"]) == {"triggered", "epoch", "fit"}
+    assert set(last["trigger"]["1"]) == {"triggered", "epoch", "fit", "guard_epoch"}
     summary = json.loads((straight_run / "summary.json").read_text())
     for key in ("test_miou", "test_miou_fg"):
         assert set(summary[key]) == {"best_val", "last", "max"}

@@ -1,0 +1,127 @@
+"""HTTP bodies of the infer route: requests read within the server's limits, responses sent in slices.
+
+A request body is refused when it is too large (413, declared, streamed or once decompressed),
+when the bodies all requests hold at once would pass `max_held_body_bytes` (503 with
+Retry-After) and when it does not arrive within `body_timeout_s` (408). A client that leaves
+mid-body gets `ClientGone`, which is no server fault.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import zlib
+from collections.abc import Callable, Iterator
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from noisyseg.serve.protocol import (
+    BadRequest,
+    BodyTimeout,
+    Busy,
+    ClientGone,
+    EncodedResponse,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    parse_length,
+)
+from noisyseg.serve.settings import ServerSettings
+
+_DECOMPRESSION_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+class BodyBudget:
+    """The bytes of request bodies held in memory at once, across all requests.
+
+    A request holds its share from the first byte until its handler ends (its tensors are views
+    of the body). Only the event loop touches it, so no lock is needed.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    @contextlib.contextmanager
+    def share(self) -> Iterator[Callable[[int], None]]:
+        """A `take(count)` function for one request; what it took is given back on exit."""
+        taken = 0
+
+        def take(count: int) -> None:
+            nonlocal taken
+            if self.held + count > self.limit:
+                raise Busy(
+                    f"the server already holds {self.held} bytes of request bodies (limit {self.limit}); "
+                    "retry shortly"
+                )
+            self.held += count
+            taken += count
+
+        try:
+            yield take
+        finally:
+            self.held -= taken
+
+
+async def read_body(request: Request, settings: ServerSettings, take: Callable[[int], None]) -> bytes | bytearray:
+    """The request body, decompressed if the client compressed it, within every limit."""
+    limit = settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        size = parse_length(declared, "header Content-Length")
+        if size > limit:
+            raise PayloadTooLarge(f"request body of {size} bytes exceeds the limit of {limit} bytes")
+        take(size)  # all of it now, so slow uploads cannot pile up past the budget
+    body = bytearray()
+    try:
+        async with asyncio.timeout(settings.body_timeout_s):
+            async for chunk in request.stream():
+                if len(body) + len(chunk) > limit:
+                    raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+                if declared is None:
+                    take(len(chunk))
+                body += chunk
+    except TimeoutError:
+        raise BodyTimeout(
+            f"request body not received within {settings.body_timeout_s:g} s ({len(body)} bytes arrived)"
+        ) from None
+    except ClientDisconnect:
+        raise ClientGone(f"client disconnected after sending {len(body)} bytes of the request body") from None
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding == "identity":
+        return body
+    if encoding not in _DECOMPRESSION_WBITS:
+        raise UnsupportedMediaType(f"Content-Encoding '{encoding}' is not supported (use gzip, deflate or none)")
+    data = _decompress(body, encoding, limit)
+    take(len(data))
+    return data
+
+
+def _decompress(body: bytearray, encoding: str, limit: int) -> bytes:
+    decompressor = zlib.decompressobj(_DECOMPRESSION_WBITS[encoding])
+    try:
+        # Bounded, so a small compressed body cannot expand without limit.
+        data = decompressor.decompress(body, limit + 1)
+    except zlib.error as err:
+        raise BadRequest(f"request body is not valid {encoding} data ({err})") from None
+    if len(data) > limit or decompressor.unconsumed_tail:
+        raise PayloadTooLarge(f"decompressed request body exceeds the limit of {limit} bytes")
+    return data
+
+
+class EncodedBodyResponse(Response):
+    """An `EncodedResponse` sent chunk by chunk: the server's transport buffers one chunk at a
+    time (uvicorn waits for the socket to drain), never a copy of the whole body."""
+
+    def __init__(self, encoded: EncodedResponse) -> None:
+        self.status_code = 200
+        self.background = None
+        self.chunks = encoded.chunks
+        self.init_headers({**encoded.headers, "content-length": str(encoded.size)})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        for chunk in self.chunks:
+            await send({"type": "http.response.body", "body": bytes(chunk), "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
