@@ -250,6 +250,15 @@ def test_health_answers_quickly_while_a_2048_square_request_is_in_flight_and_mem
         probe = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
         probe.request("GET", "/v2/health/ready")
         probe.getresponse().read()  # connected and warm
+        # The machine's own jitter right now (other processes share its cores): the same probes
+        # with nothing in flight. The bound is on what the large request adds to it.
+        idle = []
+        for _ in range(40):
+            started = time.perf_counter()
+            probe.request("GET", "/v2/health/ready")
+            probe.getresponse().read()
+            idle.append(time.perf_counter() - started)
+            time.sleep(0.02)
         rss_before = server.rss_bytes()
         sender = threading.Thread(target=send_big)
         sender.start()
@@ -274,4 +283,5 @@ def test_health_answers_quickly_while_a_2048_square_request_is_in_flight_and_mem
     during = [end - start for start, end in probes if start >= big["sent"] and end <= big["done"]]
     assert len(during) >= 5, f"only {len(during)} probes while the request was in flight ({big['done'] - big['sent']:.2f} s)"
     print(f"\n{len(during)} probes in {big['done'] - big['sent']:.2f} s, worst {max(during) * 1000:.1f} ms")
-    assert max(during) < HEALTH_BOUND_S, f"health took up to {max(during) * 1000:.0f} ms during the request: {sorted(during)[-5:]}"
+    bound = HEALTH_BOUND_S + max(idle)
+    assert max(during) < bound, f"health took up to {max(during) * 1000:.0f} ms during the request (idle worst {max(idle) * 1000:.0f} ms): {sorted(during)[-5:]}"
