@@ -360,7 +360,8 @@ def test_noise_diagnostics_of_the_training_pass_on_a_hand_made_case(folders: tup
     trainer = Trainer(config, tiny)
     counters = EpochCounters.zeros(5, 255, torch.device("cpu"), noise=True)
     prediction = torch.tensor([[[1, 1, 1, 0]]])  # predicts class 1 on both wrong pixels
-    trainer.count_training_pass(torch.tensor([1]), prediction, torch.from_numpy(noisy[1:]).long(), counters)
+    logits = F.one_hot(prediction, 5).permute(0, 3, 1, 2).float()
+    trainer.count_training_pass(torch.tensor([1]), logits, torch.from_numpy(noisy[1:]).long(), counters)
     iou_el, iou_m = early_learning_memorization_iou(counters.noise.counts())
     # vs clean on wrong pixels: pixel 1 pred 1 = clean 1 (hit), pixel 2 pred 1 vs clean 0:
     # class 1: intersection 1, union |pred 1| 2 + |clean 1| 1 - 1 = 2 -> 0.5.
