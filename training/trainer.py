@@ -61,7 +61,7 @@ from tqdm import tqdm
 
 from noisyseg.kernels import ARM
 from noisyseg.training import adele
-from noisyseg.training.checkpoint import ModelInfo, save_model
+from noisyseg.training.checkpoint import ModelInfo, load_weights, save_model
 from noisyseg.training.config import OptimConfig, TrainConfig
 from noisyseg.training.correction import LabelCorrections
 from noisyseg.training.data import RunData, load_run_data
@@ -110,11 +110,13 @@ from noisyseg.training.pipeline import (
     EpochBatches,
     ImageDataset,
     TrainingItems,
+    check_network_input_size,
     check_stackable,
     training_loader,
     worker_count,
 )
 from noisyseg.training.run_checkpoint import (
+    check_checkpoint_config,
     find_checkpoint,
     flatten_optimizer,
     prefixed,
@@ -222,6 +224,7 @@ class Trainer:
         self.timing = config.correction_timing()
         self.memory_format = training_memory_format(config.model.architecture)
         model = create_model(config.model.architecture, **self.model_kwargs)
+        check_network_input_size(int(getattr(model, "stride", 1)), config.model.architecture, data.train_labels.shapes, self.scales, config.loader.augment, f"{config.data} (training split)")
         if config.distributed.sync_batchnorm:
             model = convert_sync_batchnorm(model, ctx)
         self.model = model.to(device=self.device, memory_format=self.memory_format)
@@ -593,11 +596,12 @@ class Trainer:
 
     def load_checkpoint(self, directory: Path) -> None:
         tensors, state = read_checkpoint(directory)
+        check_checkpoint_config(directory, state, self.config)
+        load_weights(self.model, unprefixed("model", tensors), directory, self.config.model.architecture)
         try:
-            self.model.load_state_dict(unprefixed("model", tensors))
             self.optimizer.load_state_dict(unflatten_optimizer("net", tensors, state["optimizers"]["net"]))
             if self.arm is not None and self.arm_optimizer is not None:
-                self.arm.load_state_dict(unprefixed("arm", tensors))
+                load_weights(self.arm, unprefixed("arm", tensors), directory, "ARM")
                 self.arm_optimizer.load_state_dict(unflatten_optimizer("arm", tensors, state["optimizers"]["arm"]))
             torch.set_rng_state(tensors["rng.torch"])
             self.shuffle.set_state(tensors["rng.shuffle"])
@@ -723,6 +727,17 @@ def set_up_run(config: TrainConfig, resume: bool, ctx: DistContext) -> Trainer:
         except (ValueError, OSError) as err:
             error = err
     agree_on_error(ctx, error, "preparing the run directory")
+    try:
+        return build_trainer(config, resume, ctx)
+    except BaseException:
+        if ctx.is_main and not resume:
+            # Nothing was trained: leave no run behind that a corrected rerun would have to --resume.
+            RunDir(config.out).discard_unstarted()
+        raise
+
+
+def build_trainer(config: TrainConfig, resume: bool, ctx: DistContext) -> Trainer:
+    """Load the data, build the trainer and restore the checkpoint (every rank)."""
     data, error = None, None
     try:
         data = load_run_data(config, workdir=config.out)
