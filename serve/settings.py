@@ -106,7 +106,10 @@ def read_api_key(path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: API key file not found")
-    key = path.read_text(encoding="utf-8").strip()
+    try:
+        key = path.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: API key file is not UTF-8 text ({err.reason} at byte {err.start})") from err
     if not key:
         raise ValueError(f"{path}: API key file is empty")
     return key
