@@ -323,3 +323,10 @@ def test_export_commands_name_files_of_the_wrong_format(tmp_path: Path, capsys: 
     err = one_line_error(capsys, "export", "triton-repo", "--onnx", str(not_onnx), "--out", str(tmp_path / "repo"))
     assert f"{not_onnx}: not an ONNX model" in err
     assert not (tmp_path / "repo").exists()
+    # An empty file parses as an empty protobuf message; an .npy array is no golden archive.
+    not_onnx.write_bytes(b"")
+    err = one_line_error(capsys, "export", "triton-repo", "--onnx", str(not_onnx), "--out", str(tmp_path / "repo"))
+    assert f"{not_onnx}: not an ONNX model (it holds no graph)" in err
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    err = one_line_error(capsys, "export", "check", "--model", str(not_onnx), "--golden", str(tmp_path / "array.npy"))
+    assert f"{tmp_path / 'array.npy'}: not a noisyseg golden file (a single .npy array" in err

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from noisyseg.training.checkpoint import file_sha256
 from noisyseg.training.config import TrainConfig
 from noisyseg.training.io import atomic_write_bytes, atomic_write_json
 
@@ -133,10 +134,6 @@ def _normalization_field(value: object, path: Path) -> str:
 def clean_masks_fingerprint(root: str | Path) -> str:
     """sha256 over the training split's mask files (slice id and file hash, in split order),
     each file read in chunks: which clean masks a noisy-label folder was made from."""
-    from noisyseg.training.checkpoint import (
-        file_sha256,  # the file hash (checkpoint imports this module's users)
-    )
-
     digest = hashlib.sha256()
     for slice_id in read_split_ids(root, "train"):
         path = find_slice_file(Path(root) / MASK_DIR, slice_id, MASK_SUFFIXES, "mask")

@@ -224,7 +224,6 @@ class Trainer:
         self.timing = config.correction_timing()
         self.memory_format = training_memory_format(config.model.architecture)
         model = create_model(config.model.architecture, **self.model_kwargs)
-        check_network_input_size(int(getattr(model, "stride", 1)), config.model.architecture, data.train_labels.shapes, self.scales, config.loader.augment, f"{config.data} (training split)")
         if config.distributed.sync_batchnorm:
             model = convert_sync_batchnorm(model, ctx)
         self.model = model.to(device=self.device, memory_format=self.memory_format)
@@ -681,6 +680,11 @@ class Trainer:
         if self.ctx.is_main:
             log.info("epoch %d: replicas agree across %d ranks (weights, ARM, triggers, label store: sha256 %s)", self.epoch, self.ctx.world_size, digest[:16])
 
+    def check_input_size(self) -> None:
+        """Refuse training images (or crops) too small for the network at the step's smallest scale."""
+        stride = int(getattr(self.model, "stride", 1))
+        check_network_input_size(stride, self.config.model.architecture, self.data.train_labels.shapes, self.scales, self.config.loader.augment, f"{self.config.data} (training split)")
+
     def check_free_space(self) -> None:
         """Refuse to start when the run directory cannot hold two checkpoints (old and new)."""
         tensors = [*self.model.state_dict().values(), *(self.arm.state_dict().values() if self.arm is not None else [])]
@@ -748,6 +752,7 @@ def build_trainer(config: TrainConfig, resume: bool, ctx: DistContext) -> Traine
     trainer = Trainer(config, data, ctx)
     error = None
     try:
+        trainer.check_input_size()
         checkpoint = find_checkpoint(config.out) if resume else None
         if checkpoint is not None:
             trainer.load_checkpoint(checkpoint)
