@@ -35,7 +35,7 @@ from PIL import Image
 
 from noisyseg.training.checkpoint import file_sha256
 from noisyseg.training.config import TrainConfig
-from noisyseg.training.io import atomic_write_bytes, atomic_write_json
+from noisyseg.training.io import atomic_write_bytes, atomic_write_json, read_text
 
 log = logging.getLogger(__name__)
 
@@ -156,14 +156,6 @@ def check_labels_source(root: str | Path, labels_root: str | Path) -> None:
         return
     if clean_masks_fingerprint(root) != expected:
         raise ValueError(f"{path}: the labels were made from {noise.get('data', 'another data folder')}, whose clean training masks differ from those of {root}; make labels from this folder with `noisyseg data corrupt --data {root}`")
-
-
-def read_text(path: Path, what: str) -> str:
-    """A UTF-8 text file, or ValueError naming `path` (Python's own error names no file)."""
-    try:
-        return path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); a {what} is UTF-8") from err
 
 
 def read_json_object(path: Path, what: str) -> dict[str, Any]:
