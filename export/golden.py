@@ -16,17 +16,18 @@ from __future__ import annotations
 import io
 import json
 import logging
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from noisyseg import __version__
 from noisyseg.export.data_inputs import metadata_stride, open_data, shape_batches, source_pairs
 from noisyseg.export.onnx_export import sample_images
+from noisyseg.export.onnx_file import load_onnx
 from noisyseg.export.onnxruntime_runner import OnnxRuntimeRunner
 from noisyseg.training.checkpoint import file_sha256
 from noisyseg.training.io import atomic_write_bytes
@@ -192,11 +193,17 @@ def load_golden(path: str | Path) -> tuple[dict[str, Any], list[np.ndarray], lis
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no golden file")
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path}: not a noisyseg golden file (not an .npz archive: {err})") from err
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: not a noisyseg golden file (a single .npy array, expected the .npz that `export golden` writes)")
+    try:
+        with archive:
             meta = json.loads(str(archive[META_KEY]))
             inputs = [archive[f"case{i}.input"] for i in range(meta["cases"])]
             outputs = [{name: archive[f"case{i}.output.{name}"] for name in meta["output_names"]} for i in range(meta["cases"])]
-    except (KeyError, ValueError, OSError, json.JSONDecodeError) as err:
+    except (KeyError, TypeError, ValueError, OSError, EOFError, zipfile.BadZipFile) as err:  # JSONDecodeError is a ValueError
         raise ValueError(f"{path}: not a noisyseg golden file ({err})") from err
     return meta, inputs, outputs
 
@@ -211,7 +218,7 @@ def open_runner(model_path: Path) -> tuple[Runner, str]:
     if model_path.suffix == ".onnx":
         from noisyseg.export.tensorrt_engine import is_quantized
 
-        quantized = is_quantized(onnx.load(str(model_path), load_external_data=False))
+        quantized = is_quantized(load_onnx(model_path))
         return OnnxRuntimeRunner(model_path), "int8" if quantized else "fp32"
     raise ValueError(f"{model_path}: expected a .onnx model or a TensorRT .plan")
 

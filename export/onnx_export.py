@@ -10,8 +10,9 @@ know it), runs the network, and returns one output named after its kind:
   so the type matches what PyTorch and ONNX Runtime give).
 
 Batch, height and width are dynamic unless `static_size` is given. The model's description goes
-into the ONNX `metadata_props` (see `METADATA_KEYS`). A model is written only when ONNX Runtime
-reproduces PyTorch on sample inputs (max abs error and per-pixel argmax agreement), and only
+into the ONNX `metadata_props` (see `METADATA_KEYS`). A model is written only when its PyTorch
+logits on sample inputs are finite and plausible (|logit| <= `MAX_PLAUSIBLE_LOGIT`), when ONNX
+Runtime reproduces PyTorch on them (max abs error and per-pixel argmax agreement), and only
 when every operator is one TensorRT's ONNX parser accepts.
 """
 
@@ -102,7 +103,10 @@ class DeployableSegmenter(nn.Module):
         return centered / (std + NORMALIZATION_EPS)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self.model(self.normalize(images))
+        return self.from_logits(self.model(self.normalize(images)))
+
+    def from_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The output of kind `self.output` for the network's logits."""
         if self.output == "probs":
             return F.softmax(logits, dim=1)
         if self.output == "labels":
@@ -110,11 +114,18 @@ class DeployableSegmenter(nn.Module):
         return logits
 
 
+# Trained segmentation networks give logits of order 10 (softmax saturates long before 100);
+# beyond this bound the weights are damaged or diverged, and a tolerance relative to the output's
+# magnitude would let any error pass.
+MAX_PLAUSIBLE_LOGIT = 1e4
+
+
 @dataclass
 class ValidationTolerance:
     """How closely ONNX Runtime must reproduce PyTorch for the export to be written."""
 
-    # Max abs error allowed: atol + rtol * max |PyTorch output| (float outputs only).
+    # Max abs error allowed: atol + rtol * max |PyTorch output| (float outputs only); bounded,
+    # since logits beyond MAX_PLAUSIBLE_LOGIT are refused before the comparison.
     atol: float = 1e-4
     rtol: float = 1e-3
     min_argmax_agreement: float = 0.999
@@ -377,15 +388,30 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray, kind: str) -> 
     if kind == "labels":
         matches = reference == candidate
         return 0.0, float(matches.sum()), matches.size
-    error = float(np.max(np.abs(reference.astype(np.float64) - candidate.astype(np.float64)), initial=0.0))
+    # NaN where ONNX Runtime gives a non-finite value counts as an unbounded error.
+    error = float(np.max(np.nan_to_num(np.abs(reference.astype(np.float64) - candidate.astype(np.float64)), nan=np.inf), initial=0.0))
     matches = np.argmax(reference, axis=1) == np.argmax(candidate, axis=1)
     return error, float(matches.sum()), matches.size
 
 
+def check_plausible_logits(logits: torch.Tensor, out: str | Path) -> None:
+    """Refuse an export whose PyTorch logits are non-finite or beyond MAX_PLAUSIBLE_LOGIT (for
+    every output kind: probabilities and labels of such logits are as meaningless)."""
+    where = f"{out}: PyTorch logits of the sample inputs hold"
+    advice = "the checkpoint's weights are damaged or diverged; nothing written"
+    bad = int((~torch.isfinite(logits)).sum())
+    if bad:
+        raise RuntimeError(f"{where} {bad} non-finite values (NaN or infinity); {advice}")
+    largest = float(logits.abs().max()) if logits.numel() else 0.0
+    if largest > MAX_PLAUSIBLE_LOGIT:
+        raise RuntimeError(f"{where} values up to {largest:.3g}, beyond the plausible logit bound {MAX_PLAUSIBLE_LOGIT:.0e}; {advice}")
+
+
 def validate_export(
-    wrapper: DeployableSegmenter, onnx_bytes: bytes, shapes: list[tuple[int, int, int, int]], config: ExportConfig
+    wrapper: DeployableSegmenter, onnx_bytes: bytes, shapes: list[tuple[int, int, int, int]], config: ExportConfig, out: str | Path = "export"
 ) -> ValidationReport:
-    """Run PyTorch and ONNX Runtime on sample inputs of each shape and compare their outputs."""
+    """Run PyTorch and ONNX Runtime on sample inputs of each shape and compare their outputs
+    (`out` names the model being exported in errors)."""
     from noisyseg.export.onnxruntime_runner import OnnxRuntimeRunner
 
     runner = OnnxRuntimeRunner(onnx_bytes, providers=["CPUExecutionProvider"])
@@ -394,7 +420,9 @@ def validate_export(
     for index, shape in enumerate(shapes):
         images = sample_images(shape, seed=config.validation_seed + index, normalization=wrapper.normalization)
         with torch.inference_mode():
-            reference = wrapper(torch.from_numpy(images).to(device)).cpu().numpy()
+            logits = wrapper.model(wrapper.normalize(torch.from_numpy(images).to(device)))
+            check_plausible_logits(logits, out)
+            reference = wrapper.from_logits(logits).cpu().numpy()
         candidate = runner.run(images)[config.output]
         error, shape_matching, shape_pixels = compare_outputs(reference, candidate, config.output)
         max_error = max(max_error, error)
@@ -434,7 +462,7 @@ def export_model(
     if problems:
         raise RuntimeError(f"{out}: exported graph is not TensorRT-compatible; nothing written: " + "; ".join(problems))
     onnx_bytes = proto.SerializeToString()
-    report = validate_export(wrapper, onnx_bytes, shapes, config)
+    report = validate_export(wrapper, onnx_bytes, shapes, config, out)
     if not report.passed:
         raise RuntimeError(f"{out}: ONNX Runtime does not reproduce PyTorch: {report.describe()}; nothing written")
     atomic_write_bytes(out, onnx_bytes)

@@ -55,6 +55,7 @@ from noisyseg.export.data_inputs import (
     source_pairs,
 )
 from noisyseg.export.onnx_export import read_metadata, set_metadata, tensorrt_compatibility_problems
+from noisyseg.export.onnx_file import load_onnx
 from noisyseg.export.onnxruntime_runner import OnnxRuntimeRunner
 from noisyseg.training.data import test_split
 from noisyseg.training.datasets import SegmentationSource, detect_layout
@@ -200,7 +201,7 @@ def median_latency_ms(runner: OnnxRuntimeRunner, batch: np.ndarray, runs: int) -
 
 def quantize_to_bytes(onnx_path: Path, images: list[np.ndarray], config: QuantizeConfig) -> tuple[bytes, list[str]]:
     """Run ORT static quantisation; returns the QDQ model (with the fp32 model's metadata)."""
-    model = onnx.load(str(onnx_path))
+    model = load_onnx(onnx_path, load_external_data=True)
     excluded = [classifier_node(model)] if config.keep_classifier_fp32 else []
     # ORT's histogram calibrators (percentile, entropy) stack per-batch activations, so every
     # batch must have the same shape: one image per batch; min-max takes any batching.

@@ -36,6 +36,7 @@ import numpy as np
 import onnx
 
 from noisyseg import __version__
+from noisyseg.export.onnx_file import load_onnx
 from noisyseg.training.checkpoint import file_sha256
 from noisyseg.training.io import atomic_write_bytes, atomic_write_json
 
@@ -252,11 +253,9 @@ def build_engine(onnx_path: str | Path, out: str | Path, config: EngineBuildConf
     """`noisyseg export engine`: build `out` (a plan) and `out`.json from an ONNX model."""
     config = config or EngineBuildConfig()
     onnx_path, out = Path(onnx_path), Path(out)
-    if not onnx_path.is_file():
-        raise FileNotFoundError(f"{onnx_path}: no ONNX model file")
     if config.precision not in PRECISIONS:
         raise ValueError(f"precision '{config.precision}' is not one of {PRECISIONS}")
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    model = load_onnx(onnx_path)
     input_name, input_shape = onnx_input(model)
     profile = resolve_profile(input_shape, config)
     if config.precision == "int8" and not is_quantized(model):

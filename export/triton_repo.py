@@ -29,6 +29,7 @@ from typing import Any
 
 import onnx
 
+from noisyseg.export.onnx_file import load_onnx
 from noisyseg.training.io import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -163,11 +164,9 @@ def make_triton_repo(onnx_path: str | Path, out: str | Path, engine: str | Path 
 
     config = config or TritonRepoConfig()
     onnx_path, out = Path(onnx_path), Path(out)
-    if not onnx_path.is_file():
-        raise FileNotFoundError(f"{onnx_path}: no ONNX model file")
     if config.max_batch_size < 1:
         raise ValueError(f"--max-batch-size must be at least 1, got {config.max_batch_size}")
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    model = load_onnx(onnx_path)
     initializers = {init.name for init in model.graph.initializer}
     inputs = triton_tensors([v for v in model.graph.input if v.name not in initializers], "input")
     outputs = triton_tensors(list(model.graph.output), "output")

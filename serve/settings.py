@@ -6,6 +6,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from noisyseg.training.io import read_text
+
 # Triton's default cap on an HTTP request; responses get the same.
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 # gRPC messages: requests as large as HTTP bodies; responses (float32 logits of a full batch)
@@ -106,7 +108,7 @@ def read_api_key(path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: API key file not found")
-    key = path.read_text(encoding="utf-8").strip()
+    key = read_text(path, "API key file").strip()
     if not key:
         raise ValueError(f"{path}: API key file is empty")
     return key

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     import torch
 
 METADATA_KEY = "noisyseg.model"
+# sha256 of the description and the weights (`content_hash`), checked by `load_model`.
+CONTENT_HASH_KEY = "noisyseg.sha256"
 
 
 @dataclass
@@ -66,12 +68,37 @@ class ModelInfo:
 
 
 def save_model(path: str | Path, model: torch.nn.Module, info: ModelInfo) -> None:
-    """Write `model`'s weights and `info` atomically to a safetensors file."""
+    """Write `model`'s weights, `info` and their content hash atomically to a safetensors file."""
     from safetensors.torch import save as safetensors_save
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    payload = safetensors_save(tensors, metadata={METADATA_KEY: json.dumps(asdict(info))})
-    atomic_write_bytes(path, payload)
+    description = json.dumps(asdict(info))
+    metadata = {METADATA_KEY: description, CONTENT_HASH_KEY: content_hash(tensors, description)}
+    atomic_write_bytes(path, safetensors_save(tensors, metadata=metadata))
+
+
+def content_hash(tensors: dict[str, torch.Tensor], description: str) -> str:
+    """sha256 over the model description and every tensor's name, dtype, shape and bytes (in
+    name order): what a model file means, independent of how safetensors lays it out."""
+    import torch
+
+    digest = hashlib.sha256(description.encode("utf-8"))
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"\0{name}\0{tensor.dtype}\0{list(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str | Path, network: str) -> None:
+    """`module.load_state_dict(state)`, strict; a mismatch is one line naming `where` (torch's
+    own message lists every tensor, dozens of lines)."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        problems = [line.strip() for line in str(err).splitlines()[1:] if line.strip()] or [str(err)]
+        first = problems[0] if len(problems[0]) <= 200 else problems[0][:200] + " ..."
+        raise ValueError(f"{where}: weights do not fit the {network} network ({len(problems)} problem(s); first: {first})") from err
 
 
 def resolve_model_file(path: str | Path) -> Path:
@@ -105,12 +132,18 @@ def load_model(path: str | Path, map_location: str = "cpu") -> tuple[torch.nn.Mo
     info = read_model_info(path)
     model = info.build()
     state: dict[str, torch.Tensor] = {}
-    with safe_open(str(path), framework="pt", device=map_location) as handle:
-        for key in handle.keys():
-            state[key] = handle.get_tensor(key)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match architecture '{info.architecture}' (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    try:
+        with safe_open(str(path), framework="pt", device=map_location) as handle:
+            metadata = handle.metadata() or {}
+            for key in handle.keys():
+                state[key] = handle.get_tensor(key)
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"{path}: not a readable safetensors checkpoint ({err})") from err
+    # Files written before the hash existed carry none: they load unchecked, as they always did.
+    expected = metadata.get(CONTENT_HASH_KEY)
+    if expected is not None and content_hash(state, metadata[METADATA_KEY]) != expected:
+        raise ValueError(f"{path}: damaged model file (its weights do not match the content hash written with them); retrain or restore it")
+    load_weights(model, state, path, info.architecture)
     return model.eval(), info
 
 

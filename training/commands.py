@@ -237,6 +237,21 @@ def image_files(folder: str | Path) -> list[Path]:
     return files
 
 
+def mask_targets(files: list[Path], out_dir: str | Path) -> dict[Path, Path]:
+    """Input image -> `out_dir/<stem>.png`; refused before anything is written when two inputs
+    would share a mask (`x.npy` and `x.png`) or a mask would replace its own input."""
+    targets: dict[Path, Path] = {}
+    by_target: dict[Path, Path] = {}
+    for path in files:
+        target = Path(out_dir) / f"{path.stem}.png"
+        if target in by_target:
+            raise ValueError(f"{path} and {by_target[target]} would both be written as {target}; rename one or predict them separately")
+        if target.resolve() == path.resolve():
+            raise ValueError(f"{target}: the mask would overwrite its input image; choose another --out")
+        targets[path], by_target[target] = target, path
+    return targets
+
+
 def predict_folder(run: str | Path, input_dir: str | Path, out_dir: str | Path, quiet: bool = False, device: str = "auto") -> list[Path]:
     """Write `out_dir/<name>.png` (class ids) for every image in `input_dir`; returns the paths.
 
@@ -251,17 +266,17 @@ def predict_folder(run: str | Path, input_dir: str | Path, out_dir: str | Path, 
     from noisyseg.training.device import resolve_device
     from noisyseg.training.evaluation import whole_image_logits
 
+    targets = mask_targets(image_files(input_dir), out_dir)
     model, info = load_model(run)
     model.eval()
     target_device = resolve_device(device, field="--device")
     model.to(target_device)
     written = []
-    for path in tqdm(image_files(input_dir), desc="predict", unit="image", disable=quiet):
+    for path, target in tqdm(targets.items(), desc="predict", unit="image", disable=quiet):
         image = read_image(path)
         check_channels(image.shape[0], info.in_channels, path)
         with torch.no_grad():
             logits = whole_image_logits(model, torch.from_numpy(normalize_image(image, info.normalization))[None].to(target_device))
-        target = Path(out_dir) / f"{path.stem}.png"
         write_mask(target, logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy())
         written.append(target)
     log.info("wrote %d masks to %s", len(written), out_dir)

@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from noisyseg.training.io import read_text
 from noisyseg.training.methods import METHODS
 
 # Fields that may differ between a run and its resumption: they change nothing already computed.
@@ -430,7 +431,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     """The nested mapping of a YAML (or JSON) configuration file."""
     path = Path(path)
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        values = yaml.safe_load(read_text(path, "configuration file"))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: configuration file not found") from None
     except yaml.YAMLError as err:

@@ -16,6 +16,7 @@ training can read noisy labels while images come from the data folder.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -32,8 +33,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from noisyseg.training.checkpoint import file_sha256
 from noisyseg.training.config import TrainConfig
-from noisyseg.training.io import atomic_write_bytes, atomic_write_json
+from noisyseg.training.io import atomic_write_bytes, atomic_write_json, read_text
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,10 @@ IMAGE_SUFFIXES = (".npy", ".png")
 # What `predict` reads from a folder: the folder layout's images and the RGB layouts' JPEGs.
 PREDICT_SUFFIXES = (*IMAGE_SUFFIXES, ".jpg", ".jpeg")
 MASK_SUFFIXES = (".png", ".npy")
+# A noisy-label folder's description (`data corrupt`), and in it the fingerprint of the clean
+# training masks it was made from (`clean_masks_fingerprint`), checked by `train --labels`.
+NOISE_FILE = "noise.json"
+CLEAN_MASKS_FINGERPRINT = "clean_masks_sha256"
 # Guards the z-score against constant slices (for example an all-air slice).
 NORMALIZATION_EPS = 1e-6
 NORMALIZATIONS = ("zscore", "imagenet")
@@ -95,11 +101,8 @@ def read_dataset_info(root: str | Path) -> DatasetInfo:
     path = Path(root) / DATASET_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: dataset description not found (is {root} a noisyseg data folder?)")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not readable JSON ({err})") from err
-    classes = raw.get("classes") if isinstance(raw, dict) else None
+    raw = read_json_object(path, "dataset description")
+    classes = raw.get("classes")
     if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
         raise ValueError(f"{path}: field 'classes' must be a list of at least two class names")
     ignore_index = raw.get("ignore_index", IGNORE_INDEX)
@@ -111,15 +114,59 @@ def read_dataset_info(root: str | Path) -> DatasetInfo:
         ignore_index=ignore_index,
         modality=str(raw.get("modality", "unknown")),
         image_format=str(raw.get("image_format", "npy")),
-        patients={str(k): list(v) for k, v in dict(raw.get("patients", {})).items()},
+        patients=_patients_field(raw.get("patients", {}), path),
         normalization=_normalization_field(raw.get("normalization", "zscore"), path),
     )
+
+
+def _patients_field(value: object, path: Path) -> dict[str, list[str]]:
+    if not isinstance(value, dict) or not all(isinstance(ids, list) and all(isinstance(i, str) for i in ids) for ids in value.values()):
+        raise ValueError(f"{path}: field 'patients' must map each split to a list of patient ids, got {json.dumps(value)[:80]}")
+    return {str(split): list(ids) for split, ids in value.items()}
 
 
 def _normalization_field(value: object, path: Path) -> str:
     if value not in NORMALIZATIONS:
         raise ValueError(f"{path}: field 'normalization' must be one of {', '.join(NORMALIZATIONS)}, got {value!r}")
     return str(value)
+
+
+def clean_masks_fingerprint(root: str | Path) -> str:
+    """sha256 over the training split's mask files (slice id and file hash, in split order),
+    each file read in chunks: which clean masks a noisy-label folder was made from."""
+    digest = hashlib.sha256()
+    for slice_id in read_split_ids(root, "train"):
+        path = find_slice_file(Path(root) / MASK_DIR, slice_id, MASK_SUFFIXES, "mask")
+        digest.update(f"{slice_id} {file_sha256(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def check_labels_source(root: str | Path, labels_root: str | Path) -> None:
+    """Refuse a noisy-label folder made from another data folder: its noise.json fingerprints
+    the clean training masks it was made from. A folder without noise.json (labels not made by
+    `data corrupt`) or with one from before the fingerprint is accepted unchecked."""
+    path = Path(labels_root) / NOISE_FILE
+    if not path.is_file():
+        log.info("%s: no %s, so no record of the data folder these labels were made from", labels_root, NOISE_FILE)
+        return
+    noise = read_json_object(path, "noisy-label description")
+    expected = noise.get(CLEAN_MASKS_FINGERPRINT)
+    if expected is None:
+        log.warning("%s: no fingerprint of its source's clean masks (an older `data corrupt` wrote it); not checked against %s", path, root)
+        return
+    if clean_masks_fingerprint(root) != expected:
+        raise ValueError(f"{path}: the labels were made from {noise.get('data', 'another data folder')}, whose clean training masks differ from those of {root}; make labels from this folder with `noisyseg data corrupt --data {root}`")
+
+
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from a UTF-8 file, or ValueError naming `path`."""
+    try:
+        raw = json.loads(read_text(path, what))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not readable JSON ({err})") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: {what} must be a JSON object, got {type(raw).__name__}")
+    return raw
 
 
 def write_dataset_info(root: str | Path, info: DatasetInfo) -> None:
@@ -135,7 +182,7 @@ def read_split_ids(root: str | Path, split: str) -> list[str]:
     path = split_file(root, split)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: split list file not found (expected one slice id per line)")
-    ids = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    ids = [line.strip() for line in read_text(path, "split list").splitlines() if line.strip()]
     if not ids:
         raise ValueError(f"{path}: split '{split}' is empty")
     return ids
@@ -201,7 +248,16 @@ def read_image(path: str | Path) -> np.ndarray:
         raise ValueError(f"{path}: image must be (H, W) or (H, W, C) with C in 1/3/4, got shape {array.shape}")
     if not np.issubdtype(array.dtype, np.number):
         raise ValueError(f"{path}: image must be numeric, got dtype {array.dtype}")
-    return np.ascontiguousarray(array, dtype=np.float32)
+    image = np.ascontiguousarray(array, dtype=np.float32)
+    check_finite(image, path, "image", "value")
+    return image
+
+
+def check_finite(array: np.ndarray, path: str | Path, what: str, unit: str) -> None:
+    """Refuse NaN and infinity: one would turn a z-scored slice, a prediction or a loss into NaN."""
+    bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise ValueError(f"{path}: {what} holds {bad} non-finite {unit}{'s' if bad > 1 else ''} (NaN or infinity); expected finite intensities")
 
 
 def encode_image(image: np.ndarray) -> bytes:
@@ -432,6 +488,8 @@ def load_run_data(config: TrainConfig, workdir: str | Path | None = None) -> Run
 
     layout = detect_layout(config.data) if config.layout == "auto" else config.layout
     options = dict(config.layout_options)
+    if config.labels and layout == "folder":
+        check_labels_source(config.data, config.labels)
     labels_options = {**options, "labels_root": config.labels} if config.labels and layout == "folder" else options
     if use_cache(config, layout):
         if layout != "folder":

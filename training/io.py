@@ -1,5 +1,5 @@
-"""Atomic file writes (a reader sees the old file or the new one, never half of one) and the
-JSON-safe numbers written into them."""
+"""Atomic file writes (a reader sees the old file or the new one, never half of one), the
+JSON-safe numbers written into them, and UTF-8 text read with errors that name the file."""
 
 from __future__ import annotations
 
@@ -65,3 +65,11 @@ def json_float(value: float) -> float | None:
 
 def json_floats(values: Any) -> list[float | None]:
     return [json_float(float(v)) for v in values]
+
+
+def read_text(path: str | os.PathLike[str], what: str) -> str:
+    """A UTF-8 text file, or ValueError naming `path` (Python's own decoding error names no file)."""
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); a {what} is UTF-8") from err

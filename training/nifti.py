@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from noisyseg.training.data import (
     DatasetWriter,
+    check_finite,
     check_mask_values,
     has_foreground,
     split_by_patient,
@@ -48,6 +49,10 @@ class SegthorConfig:
     foreground_only: bool = True
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError(f"--size: slice size must be at least 1 pixel, got {self.size}")
 
 
 def find_segthor_patients(root: str | Path) -> list[SegthorPatient]:
@@ -80,6 +85,8 @@ def read_volume(path: str | Path) -> tuple[nib.spatialimages.SpatialImage, np.nd
         raise ValueError(f"{path}: unreadable NIfTI file ({err})") from err
     if data.ndim != 3:
         raise ValueError(f"{path}: expected a 3D volume, got shape {data.shape}")
+    if np.issubdtype(data.dtype, np.floating):  # integer voxels (scaled or not) are always finite
+        check_finite(data, path, "volume", "voxel")
     return image, np.transpose(data, (2, 1, 0))
 
 

@@ -20,9 +20,12 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from noisyseg.training.data import (
+    CLEAN_MASKS_FINGERPRINT,
     IGNORE_INDEX,
     MASK_DIR,
     MASK_SUFFIXES,
+    NOISE_FILE,
+    clean_masks_fingerprint,
     encode_mask,
     find_slice_file,
     read_dataset_info,
@@ -37,7 +40,6 @@ from noisyseg.training.noise_options import LEVEL_ITERATIONS, NOISE_FAMILIES
 
 log = logging.getLogger(__name__)
 
-NOISE_FILE = "noise.json"
 # SegTHOR organ order of the reference code: esophagus, trachea, aorta, heart. Other ids follow.
 REFERENCE_ORGAN_ORDER = (1, 3, 4, 2)
 # The reference rescales every organ to about this many pixels before eroding/dilating it.
@@ -382,6 +384,7 @@ def corrupt_dataset(data_root: str | Path, out: str | Path, family: str, level: 
             data=str(data_root),
             out=str(out),
         )
+        summary[CLEAN_MASKS_FINGERPRINT] = clean_masks_fingerprint(data_root)
         atomic_write_json(staging / NOISE_FILE, summary)
     log.info("noisy labels for %d slices written to %s (annotation mIoU %.3f)", len(ids), out, summary["annotation_miou"])
     return summary

@@ -15,6 +15,7 @@ a correction made on the crop can be written back into the store (`paste_back`).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -189,6 +190,26 @@ def paste_back(store: LabelStore, corrected: np.ndarray, geometry: np.ndarray) -
     target[...] = crop
     store.maps.release(index)
     return True
+
+
+def check_network_input_size(stride: int, network: str, shapes: Sequence[tuple[int, int]], scales: Sequence[float], augment: AugmentConfig, where: str) -> None:
+    """Refuse training inputs the network cannot take: it halves its input down to 1/`stride`,
+    so every side must be at least `stride` pixels at the smallest scale of the step (training
+    forwards whole images or crops without padding them to the stride, as evaluation does)."""
+    if augment.crop_size:
+        height, width = augment.crop_size
+        seen = f"crops of loader.augment.crop_size {list(augment.crop_size)}"
+    else:
+        height, width = min(shapes, key=min)
+        seen = f"training images of {height}x{width} pixels"
+    factor = min(scales) * (augment.scale_range[0] if augment.rescale else 1.0)
+    reached = [max(1, round(side * factor)) for side in (height, width)]
+    if min(reached) < stride:
+        needed = math.ceil(stride / factor)
+        raise ValueError(
+            f"{where}: the {network} network (stride {stride}) needs at least {stride} pixels per side; {seen} reach it at "
+            f"{reached[0]}x{reached[1]} (scale {factor:.3g}); use images (or crops) of at least {needed} pixels per side, or a shallower network"
+        )
 
 
 def check_stackable(shapes: Sequence[tuple[int, int]], augment: AugmentConfig, where: str) -> None:

@@ -7,7 +7,8 @@ Layout of one checkpoint (a directory, replaced as a whole):
                                   RNG states `rng.torch`, `rng.shuffle`
     checkpoint/state.json         everything else: epoch, iteration, optimiser param groups,
                                   numpy/python RNG states, trigger state, metric history, best
-                                  validation tracking, the config and its hash
+                                  validation tracking, the config and its hash (checked on
+                                  resume), the sha256 of state.safetensors (checked on read)
     checkpoint/labels.npy/.json   the label store (see `label_store.py`)
 
 Crash safety: a new checkpoint is written completely into `checkpoint.tmp/` (files fsynced),
@@ -19,6 +20,7 @@ written last inside the directory and marks it complete.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -26,14 +28,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 
+from noisyseg.training.config import TrainConfig, config_from_dict
 from noisyseg.training.distributed import fault_point
 from noisyseg.training.io import _fsync_directory, atomic_write_bytes, atomic_write_json
-from noisyseg.training.run_dir import RunDir
+from noisyseg.training.run_dir import RunDir, config_differences
 
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
+# state.json's sha256 of state.safetensors: a damaged file is refused, not resumed from.
+TENSORS_HASH = "tensors_sha256"
 FORMAT_VERSION = 1
 
 
@@ -90,10 +95,11 @@ def write_checkpoint(run_dir: str | Path, tensors: dict[str, torch.Tensor], stat
     shutil.rmtree(staging, ignore_errors=True)
     try:
         staging.mkdir(parents=True)
-        atomic_write_bytes(staging / STATE_TENSORS, save(tensors))
+        payload = save(tensors)
+        atomic_write_bytes(staging / STATE_TENSORS, payload)
         fault_point("checkpoint-write")
         write_extra(staging)
-        atomic_write_json(staging / STATE_JSON, {"format_version": FORMAT_VERSION, **state})
+        atomic_write_json(staging / STATE_JSON, {"format_version": FORMAT_VERSION, TENSORS_HASH: hashlib.sha256(payload).hexdigest(), **state})
     except OSError:
         # A full disk, say: drop the partial staging copy; `checkpoint/` is untouched.
         shutil.rmtree(staging, ignore_errors=True)
@@ -113,11 +119,30 @@ def read_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str,
     """(tensors, state) of a checkpoint directory; ValueError if damaged."""
     try:
         state = json.loads((directory / STATE_JSON).read_text(encoding="utf-8"))
-        tensors = load_file(str(directory / STATE_TENSORS))
+        payload = (directory / STATE_TENSORS).read_bytes()
     except (OSError, ValueError) as err:
         raise ValueError(f"{directory}: unreadable checkpoint ({err})") from err
-    except Exception as err:  # safetensors raises its own error type for damaged files
-        raise ValueError(f"{directory / STATE_TENSORS}: unreadable checkpoint tensors ({err})") from err
     if state.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{directory / STATE_JSON}: checkpoint format {state.get('format_version')!r}, expected {FORMAT_VERSION}")
+    # Checkpoints written before the hash existed carry none: they are read unchecked.
+    expected = state.get(TENSORS_HASH)
+    if expected is not None and hashlib.sha256(payload).hexdigest() != expected:
+        raise ValueError(f"{directory / STATE_TENSORS}: damaged checkpoint tensors (their sha256 differs from the one in {STATE_JSON}); restore the file or start the run anew")
+    try:
+        tensors = load(payload)
+    except Exception as err:  # safetensors raises its own error type for damaged files
+        raise ValueError(f"{directory / STATE_TENSORS}: unreadable checkpoint tensors ({err})") from err
     return tensors, state
+
+
+def check_checkpoint_config(directory: Path, state: dict[str, Any], config: TrainConfig) -> None:
+    """Refuse a checkpoint written under another configuration (one copied from another run, or
+    a run whose config.json was edited): resuming it would mix two runs. RESUMABLE_FIELDS may differ."""
+    if state.get("config_hash") == config.semantic_hash():
+        return
+    try:
+        differences = config_differences(config_from_dict(state["config"]), config)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{directory / STATE_JSON}: checkpoint without a readable configuration ({err})") from err
+    if differences:
+        raise ValueError(f"{directory / STATE_JSON}: checkpoint of another configuration (differs in {', '.join(differences)}) than the run's {RunDir(config.out).config_file}; resuming it would mix two runs")

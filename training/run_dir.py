@@ -97,6 +97,11 @@ class RunDir:
         self.probe()
         self.write_config(config)
 
+    def discard_unstarted(self) -> None:
+        """Remove the configuration `prepare` stored for a run that never trained an epoch."""
+        if not (self.checkpoint_dir.exists() or self.metrics_file.exists()):
+            self.config_file.unlink(missing_ok=True)
+
     def probe(self) -> None:
         """Create the directory and write and remove a file in it: fail now, not after an epoch."""
         probe = self.path / ".write-probe"

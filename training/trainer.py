@@ -61,7 +61,7 @@ from tqdm import tqdm
 
 from noisyseg.kernels import ARM
 from noisyseg.training import adele
-from noisyseg.training.checkpoint import ModelInfo, save_model
+from noisyseg.training.checkpoint import ModelInfo, load_weights, save_model
 from noisyseg.training.config import OptimConfig, TrainConfig
 from noisyseg.training.correction import LabelCorrections
 from noisyseg.training.data import RunData, load_run_data
@@ -110,11 +110,13 @@ from noisyseg.training.pipeline import (
     EpochBatches,
     ImageDataset,
     TrainingItems,
+    check_network_input_size,
     check_stackable,
     training_loader,
     worker_count,
 )
 from noisyseg.training.run_checkpoint import (
+    check_checkpoint_config,
     find_checkpoint,
     flatten_optimizer,
     prefixed,
@@ -593,11 +595,12 @@ class Trainer:
 
     def load_checkpoint(self, directory: Path) -> None:
         tensors, state = read_checkpoint(directory)
+        check_checkpoint_config(directory, state, self.config)
+        load_weights(self.model, unprefixed("model", tensors), directory, self.config.model.architecture)
         try:
-            self.model.load_state_dict(unprefixed("model", tensors))
             self.optimizer.load_state_dict(unflatten_optimizer("net", tensors, state["optimizers"]["net"]))
             if self.arm is not None and self.arm_optimizer is not None:
-                self.arm.load_state_dict(unprefixed("arm", tensors))
+                load_weights(self.arm, unprefixed("arm", tensors), directory, "ARM")
                 self.arm_optimizer.load_state_dict(unflatten_optimizer("arm", tensors, state["optimizers"]["arm"]))
             torch.set_rng_state(tensors["rng.torch"])
             self.shuffle.set_state(tensors["rng.shuffle"])
@@ -677,6 +680,11 @@ class Trainer:
         if self.ctx.is_main:
             log.info("epoch %d: replicas agree across %d ranks (weights, ARM, triggers, label store: sha256 %s)", self.epoch, self.ctx.world_size, digest[:16])
 
+    def check_input_size(self) -> None:
+        """Refuse training images (or crops) too small for the network at the step's smallest scale."""
+        stride = int(getattr(self.model, "stride", 1))
+        check_network_input_size(stride, self.config.model.architecture, self.data.train_labels.shapes, self.scales, self.config.loader.augment, f"{self.config.data} (training split)")
+
     def check_free_space(self) -> None:
         """Refuse to start when the run directory cannot hold two checkpoints (old and new)."""
         tensors = [*self.model.state_dict().values(), *(self.arm.state_dict().values() if self.arm is not None else [])]
@@ -723,6 +731,17 @@ def set_up_run(config: TrainConfig, resume: bool, ctx: DistContext) -> Trainer:
         except (ValueError, OSError) as err:
             error = err
     agree_on_error(ctx, error, "preparing the run directory")
+    try:
+        return build_trainer(config, resume, ctx)
+    except BaseException:
+        if ctx.is_main and not resume:
+            # Nothing was trained: leave no run behind that a corrected rerun would have to --resume.
+            RunDir(config.out).discard_unstarted()
+        raise
+
+
+def build_trainer(config: TrainConfig, resume: bool, ctx: DistContext) -> Trainer:
+    """Load the data, build the trainer and restore the checkpoint (every rank)."""
     data, error = None, None
     try:
         data = load_run_data(config, workdir=config.out)
@@ -733,6 +752,7 @@ def set_up_run(config: TrainConfig, resume: bool, ctx: DistContext) -> Trainer:
     trainer = Trainer(config, data, ctx)
     error = None
     try:
+        trainer.check_input_size()
         checkpoint = find_checkpoint(config.out) if resume else None
         if checkpoint is not None:
             trainer.load_checkpoint(checkpoint)

@@ -27,6 +27,7 @@ from noisyseg.training.datasets.base import (
     read_rgb_image,
     register_layout,
 )
+from noisyseg.training.io import read_text
 
 CLASSES = [
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -62,7 +63,7 @@ def read_list_file(path: Path) -> list[str]:
     `/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png` give `<id>` too)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: split list file not found (expected one image id per line)")
-    return [Path(line.split()[0]).stem for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [Path(line.split()[0]).stem for line in read_text(path, "split list").splitlines() if line.strip()]
 
 
 @register_layout("voc", _is_voc)
