@@ -33,7 +33,7 @@ STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
 th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; }
-th { background: #f2f2f2; }
+th { background: #f2f2f2; text-align: center; }
 td.id, th.id { text-align: left; }
 img.view { width: 192px; height: auto; image-rendering: pixelated; display: block; }
 figure { margin: 0; }
@@ -57,23 +57,26 @@ def legend(class_names: Sequence[str]) -> str:
 
 
 def histogram_svg(scores: Sequence[float], cut: float | None, width: int = 480, height: int = 160) -> str:
-    """Bars of the label-quality scores over [0, 1]; a red line at the worst images' cut."""
+    """Bars of the label-quality scores from 0 to their maximum (rounded up to a twentieth: the
+    soft minimum of thousands of pixels sits near 0); a red line at the worst images' cut."""
     values = np.asarray([s for s in scores if not math.isnan(s)], dtype=np.float64)
-    counts, _ = np.histogram(values, bins=HISTOGRAM_BINS, range=(0.0, 1.0))
+    upper = min(1.0, math.ceil(max(float(values.max(initial=0.0)), 1e-9) * 20) / 20)
+    counts, _ = np.histogram(values, bins=HISTOGRAM_BINS, range=(0.0, upper))
     top = max(int(counts.max(initial=0)), 1)
     left, bottom, plot_w, plot_h = 40, height - 24, width - 50, height - 40
     bar_w = plot_w / HISTOGRAM_BINS
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" aria-label="histogram of label-quality scores">']
     for i, count in enumerate(counts.tolist()):
         h = plot_h * count / top
-        parts.append(f'<rect x="{left + i * bar_w:.1f}" y="{bottom - h:.1f}" width="{bar_w - 1:.1f}" height="{h:.1f}" fill="#4c78a8"><title>{i / HISTOGRAM_BINS:.2f}-{(i + 1) / HISTOGRAM_BINS:.2f}: {count}</title></rect>')
+        low, high = upper * i / HISTOGRAM_BINS, upper * (i + 1) / HISTOGRAM_BINS
+        parts.append(f'<rect x="{left + i * bar_w:.1f}" y="{bottom - h:.1f}" width="{bar_w - 1:.1f}" height="{h:.1f}" fill="#4c78a8"><title>{low:.3f}-{high:.3f}: {count}</title></rect>')
     parts.append(f'<line x1="{left}" y1="{bottom}" x2="{left + plot_w}" y2="{bottom}" stroke="#333"/>')
     for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
         x = left + tick * plot_w
-        parts.append(f'<text x="{x:.1f}" y="{height - 8}" font-size="11" text-anchor="middle">{tick:g}</text>')
+        parts.append(f'<text x="{x:.1f}" y="{height - 8}" font-size="11" text-anchor="middle">{tick * upper:.3g}</text>')
     parts.append(f'<text x="{left - 6}" y="{bottom - plot_h + 10}" font-size="11" text-anchor="end">{top}</text>')
     if cut is not None and not math.isnan(cut):
-        x = left + min(max(cut, 0.0), 1.0) * plot_w
+        x = left + min(max(cut / upper, 0.0), 1.0) * plot_w
         parts.append(f'<line x1="{x:.1f}" y1="{bottom - plot_h}" x2="{x:.1f}" y2="{bottom}" stroke="#d62728" stroke-dasharray="4 3"><title>worst images: score up to {cut:.3f}</title></line>')
     parts.append("</svg>")
     return "".join(parts)
@@ -116,7 +119,7 @@ def render_page(summary: dict[str, Any], rows: Sequence[ReviewRow], panels: Sequ
 <p>{summary["images"]} images scored; corrected masks from the {escape(summary["correction"])}; issue pixels: given label differs from a prediction of probability &ge; {summary["confidence"]:g}. Files: {files}</p>
 {legend(names)}
 <h2>Label quality</h2>
-<p>Soft minimum of each labelled pixel's predicted probability of its given label (low = suspicious).</p>
+<p>Soft minimum of each labelled pixel's predicted probability of its given label (low = suspicious); the dashed line is the cut of the worst images shown below.</p>
 {histogram_svg([r.label_quality for r in rows], cut)}
 <h2>The {len(panels)} worst images</h2>
 <table class="worst"><tr><th>rank</th><th class="id">image</th><th>label quality</th><th>relabelled</th><th class="id">changes (pixels)</th><th>image</th><th>given</th><th>corrected</th><th>difference</th></tr>
