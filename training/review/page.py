@@ -63,7 +63,7 @@ def histogram_svg(scores: Sequence[float], cut: float | None, width: int = 480, 
     upper = min(1.0, math.ceil(max(float(values.max(initial=0.0)), 1e-9) * 20) / 20)
     counts, _ = np.histogram(values, bins=HISTOGRAM_BINS, range=(0.0, upper))
     top = max(int(counts.max(initial=0)), 1)
-    left, bottom, plot_w, plot_h = 40, height - 24, width - 50, height - 40
+    left, bottom, plot_w, plot_h = 40, height - 24, width - 64, height - 40
     bar_w = plot_w / HISTOGRAM_BINS
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" aria-label="histogram of label-quality scores">']
     for i, count in enumerate(counts.tolist()):

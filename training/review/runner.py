@@ -23,6 +23,7 @@ import csv
 import io
 import logging
 import math
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,8 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from noisyseg.training.data import write_mask
-from noisyseg.training.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from noisyseg.training.data import encode_mask, staged_directory, write_new_file
+from noisyseg.training.io import atomic_write_json, atomic_write_text
 from noisyseg.training.review.colors import display_image, png_bytes
 from noisyseg.training.review.scores import DEFAULT_CONFIDENCE, ImageReview, review_image
 from noisyseg.training.review.sources import ProbabilitySource
@@ -95,16 +96,13 @@ def run_review(source: ProbabilitySource, out: str | Path, options: ReviewOption
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is not a folder; choose another --out")
     started = time.monotonic()
-    num_classes = len(source.class_names)
-    transitions = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=source.device)
-    rows = []
-    for item in progress(source.items(), len(source.ids), options.quiet):
-        review = score(source, item.given, item.probs, item.corrected, options)
-        transitions += review.transitions
-        if "png" in options.formats:
-            atomic_write_bytes(out / ISSUES_DIR / f"{item.slice_id}.png", png_bytes(review.issue.to(torch.uint8).mul_(255).cpu().numpy()))
-            write_mask(out / CORRECTED_DIR / f"{item.slice_id}{source.mask_suffix(item.index)}", review.corrected.cpu().numpy())
-        rows.append(row_of(item.index, item.slice_id, review))
+    if "png" in options.formats:
+        for name in (ISSUES_DIR, CORRECTED_DIR):
+            shutil.rmtree(out / name, ignore_errors=True)  # a previous review's masks
+        with staged_directory(out / ISSUES_DIR) as issues, staged_directory(out / CORRECTED_DIR) as corrected:
+            rows, transitions = score_all(source, options, (issues, corrected))
+    else:
+        rows, transitions = score_all(source, options, None)
     rows.sort(key=lambda r: (math.isnan(r.label_quality), r.label_quality))
     atomic_write_text(out / SCORES_FILE, scores_csv(rows, source.class_names))
     worst = rows[: options.top]
@@ -139,6 +137,25 @@ def run_review(source: ProbabilitySource, out: str | Path, options: ReviewOption
         written["page"] = str(out / PAGE_FILE)
     atomic_write_json(out / SUMMARY_FILE, summary)
     return summary
+
+
+def score_all(source: ProbabilitySource, options: ReviewOptions, mask_dirs: tuple[Path, Path] | None) -> tuple[list[ReviewRow], torch.Tensor]:
+    """The streaming pass: one row per item and the summed class transitions; with `mask_dirs`
+    (issues, corrected) each item's masks written there (folders that appear whole at the end,
+    so no file needs its own fsync)."""
+    num_classes = len(source.class_names)
+    transitions = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=source.device)
+    rows = []
+    for item in progress(source.items(), len(source.ids), options.quiet):
+        review = score(source, item.given, item.probs, item.corrected, options)
+        transitions += review.transitions
+        if mask_dirs is not None:
+            issues, corrected = mask_dirs
+            write_new_file(issues / f"{item.slice_id}.png", png_bytes(review.issue.to(torch.uint8).mul_(255).cpu().numpy()))
+            path = corrected / f"{item.slice_id}{source.mask_suffix(item.index)}"
+            write_new_file(path, encode_mask(path, review.corrected.cpu().numpy()))
+        rows.append(row_of(item.index, item.slice_id, review))
+    return rows, transitions
 
 
 def score(source: ProbabilitySource, given: np.ndarray, probs: torch.Tensor, corrected: np.ndarray | None, options: ReviewOptions) -> ImageReview:
