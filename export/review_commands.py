@@ -34,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--confidence", type=float, default=0.9, help="prediction probability from which a disagreeing pixel is an issue (default 0.9)")
     parser.add_argument("--image-url", default="images", help="prefix of the image paths in the Label Studio tasks (default images)")
     parser.add_argument("--device", help="with --run: auto, cpu, cuda or cuda:N (default: the run's)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of torch and ONNX Runtime (default 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_review_command)
 
@@ -45,7 +46,7 @@ def run_review_command(args: argparse.Namespace) -> int:
     if bool(args.run) == bool(args.model):
         raise ValueError("review needs --run RUN_DIR or --model MODEL.onnx with --data DIR (one of them)")
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
-    options = ReviewOptions(top=args.top, formats=formats, confidence=args.confidence, image_url=args.image_url, quiet=args.quiet)
+    options = ReviewOptions(top=args.top, formats=formats, confidence=args.confidence, image_url=args.image_url, quiet=args.quiet, threads=args.threads)
     out = Path(args.out or (Path(args.run) / REVIEW_DIR if args.run else REVIEW_DIR))
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out, prefix=".review-") as workdir:
@@ -62,7 +63,7 @@ def run_review_command(args: argparse.Namespace) -> int:
 
             if not args.data:
                 raise ValueError("--model needs --data DIR (the dataset whose labels are reviewed)")
-            source = OnnxSource(args.model, args.data, args.split, args.labels, args.layout)
+            source = OnnxSource(args.model, args.data, args.split, args.labels, args.layout, args.threads)
         summary = run_review(source, out, options)
     print(json.dumps({"images": summary["images"], "worst": summary["worst"][:5], **summary["files"]}, indent=2))
     if "page" in summary["files"]:

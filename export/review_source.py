@@ -18,8 +18,9 @@ class OnnxSource(ProbabilitySource):
     """ONNX Runtime on the CPU over `split` of `data` (masks from `labels`' masks/ when given);
     the graph takes raw pixels and returns `probs` or `logits` (softmaxed here)."""
 
-    def __init__(self, model: str | Path, data: str | Path, split: str = "train", labels: str | Path | None = None, layout: str = "auto") -> None:
-        self.runner = OnnxRuntimeRunner(model, providers=["CPUExecutionProvider"])
+    def __init__(self, model: str | Path, data: str | Path, split: str = "train", labels: str | Path | None = None, layout: str = "auto", threads: int = 1) -> None:
+        # No spinning: between two images the threads would only take the CPU from the scoring.
+        self.runner = OnnxRuntimeRunner(model, providers=["CPUExecutionProvider"], intra_op_threads=threads, allow_spinning=False)
         outputs = [name for name in ("probs", "logits") if name in self.runner.output_names]
         if not outputs:
             raise ValueError(f"{model}: the model returns {self.runner.output_names}; the review needs 'probs' or 'logits' (export with --output probs)")

@@ -56,6 +56,10 @@ class ReviewOptions:
     confidence: float = DEFAULT_CONFIDENCE
     image_url: str = "images"  # prefix of the Label Studio tasks' image paths
     quiet: bool = True
+    # torch's intra-op threads during the review: one image's ops are small, and more threads
+    # only wait on each other (measured on a loaded 2-core machine: 12 ms an image on one
+    # thread, 300 ms on two).
+    threads: int = 1
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.formats if f not in FORMATS]
@@ -63,6 +67,8 @@ class ReviewOptions:
             raise ValueError(f"--format: unknown format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
         if self.top < 1:
             raise ValueError(f"--top: expected at least 1, got {self.top}")
+        if self.threads < 1:
+            raise ValueError(f"--threads: expected at least 1, got {self.threads}")
         if not 0.0 < self.confidence <= 1.0:
             raise ValueError(f"--confidence: expected a probability in (0, 1], got {self.confidence}")
 
@@ -92,7 +98,15 @@ class Panel:
 def run_review(source: ProbabilitySource, out: str | Path, options: ReviewOptions | None = None) -> dict[str, Any]:
     """Review every item of `source` into `out`; returns the summary also written there."""
     options = options or ReviewOptions()
-    out = Path(out)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(options.threads)
+    try:
+        return review_into(source, Path(out), options)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def review_into(source: ProbabilitySource, out: Path, options: ReviewOptions) -> dict[str, Any]:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is not a folder; choose another --out")
     started = time.monotonic()
