@@ -79,6 +79,7 @@ def pixels(found: np.ndarray, wrong: np.ndarray) -> dict[str, float]:
 def measure(seed: int) -> dict[str, dict[str, float]]:
     """Every scorer's figures on the training split of noise seed `seed`."""
     run = trained_run(seed)
+    torch.set_num_threads(1)  # as `noisyseg review` runs (ReviewOptions.threads)
     phantom, _ = ensure_data(ROOT, SCALE, NoiseSpec("erode-dilate", None, seed))
     source = RunSource(run, "train", "cpu")
     num_classes = len(source.class_names)
