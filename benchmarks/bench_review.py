@@ -8,10 +8,10 @@ keeps the phantoms and runs, so a second run reuses them.
 Quality: the experiment's phantom (`experiment.Scale()`: 8 patients, 96 px) with ADELE's reference
 erode-dilate noise at three noise seeds, one ADELE run each (100 epochs, about 10 minutes on one
 core). On the training split the truth is known: an image's annotation mIoU (noisy vs clean mask,
-over the classes in either) and which pixels are wrong. For each seed and scorer: Spearman's rank
-correlation between the image score and the true annotation mIoU, the precision of the worst
-`TOP_K_FRACTION` images (how many of the truly worst that many are among them), and the issue
-mask's pixel precision and recall. The table (mean and spread over the seeds) goes to
+over the classes in either), its pixel accuracy (labelled pixels whose label is right) and which
+pixels are wrong. For each seed and scorer: Spearman's rank correlation between the image score
+and each truth, the precision of the worst `TOP_K_FRACTION` images (how many of the truly worst
+that many are among them), and the issue mask's pixel precision and recall. The table (mean and spread over the seeds) goes to
 ``.benchmarks/review_summary.md``. cleanlab gets the probabilities the review computes (the run's
 model on its own training images, in-sample for both) and the given labels; `find_label_issues`
 runs at full resolution (`downsample=1`).
@@ -64,11 +64,14 @@ def annotation_miou(noisy: np.ndarray, clean: np.ndarray, num_classes: int) -> f
     return float(np.mean(np.diag(counts)[union > 0] / union[union > 0]))
 
 
-def ranking(scores: np.ndarray, truth: np.ndarray, k: int) -> dict[str, float]:
-    """Spearman's rho against the true annotation mIoU, and how many of the k truly worst images
-    are among the k lowest scores."""
-    rho = float(spearmanr(scores, truth).statistic)
-    return {"spearman": rho, "precision_at_k": len(set(np.argsort(scores, kind="stable")[:k]) & set(np.argsort(truth, kind="stable")[:k])) / k}
+def ranking(scores: np.ndarray, truths: dict[str, np.ndarray], k: int) -> dict[str, float]:
+    """Per truth (low = bad): Spearman's rho, and how many of the k truly worst images are among
+    the k lowest scores."""
+    figures = {}
+    for name, truth in truths.items():
+        figures[f"spearman_{name}"] = float(spearmanr(scores, truth).statistic)
+        figures[f"precision_at_k_{name}"] = len(set(np.argsort(scores, kind="stable")[:k]) & set(np.argsort(truth, kind="stable")[:k])) / k
+    return figures
 
 
 def pixels(found: np.ndarray, wrong: np.ndarray) -> dict[str, float]:
@@ -97,8 +100,11 @@ def measure(seed: int) -> dict[str, dict[str, float]]:
         issue.append(prediction_review.issue.numpy())
         changed.append(review.corrected.numpy() != item.given)
     labels, truth_masks = np.stack(given), np.stack(clean)
-    true_miou = np.array([annotation_miou(g, c, num_classes) for g, c in zip(labels, truth_masks)])
     wrong = labels != truth_masks
+    true_miou = {
+        "miou": np.array([annotation_miou(g, c, num_classes) for g, c in zip(labels, truth_masks)]),
+        "accuracy": 1.0 - wrong.mean(axis=(1, 2)),
+    }
     k = max(1, round(TOP_K_FRACTION * len(labels)))
     rows = {
         "noisyseg label quality (softmin)": {**ranking(np.array(quality), true_miou, k), **pixels(np.stack(issue), wrong)},
@@ -119,7 +125,7 @@ def measure(seed: int) -> dict[str, dict[str, float]]:
 
 
 def table(per_seed: list[dict[str, dict[str, float]]]) -> str:
-    columns = ("spearman", "precision_at_k", "pixel_precision", "pixel_recall")
+    columns = ("spearman_miou", "precision_at_k_miou", "spearman_accuracy", "precision_at_k_accuracy", "pixel_precision", "pixel_recall")
     lines = ["| scorer | " + " | ".join(columns) + " |", "| --- |" + " ---: |" * len(columns)]
     for name in per_seed[0]:
         cells = []
@@ -138,7 +144,7 @@ def test_review_quality_against_the_truth(benchmark: Any) -> None:
     SUMMARY.write_text(text)
     print("\n" + text)
     benchmark.extra_info["per_seed"] = per_seed
-    softmin = [seed["noisyseg label quality (softmin)"]["spearman"] for seed in per_seed]
+    softmin = [seed["noisyseg label quality (softmin)"]["spearman_miou"] for seed in per_seed]
     assert all(np.isfinite(softmin))
     if "cleanlab get_label_quality_scores (softmin)" in per_seed[0]:  # the same definition
         assert max(seed["cleanlab get_label_quality_scores (softmin)"]["max_abs_difference_to_noisyseg"] for seed in per_seed) < 1e-6
