@@ -47,6 +47,10 @@ def run_review_command(args: argparse.Namespace) -> int:
         raise ValueError("review needs --run RUN_DIR or --model MODEL.onnx with --data DIR (one of them)")
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     options = ReviewOptions(top=args.top, formats=formats, confidence=args.confidence, image_url=args.image_url, quiet=args.quiet, threads=args.threads)
+    if args.run:
+        from noisyseg.training.run_dir import RunDir
+
+        RunDir(args.run).read_config()  # a mistyped --run fails here, before RUN_DIR/review is made
     out = Path(args.out or (Path(args.run) / REVIEW_DIR if args.run else REVIEW_DIR))
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out, prefix=".review-") as workdir:

@@ -184,3 +184,19 @@ def test_review_needs_one_model(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main(["review", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--run RUN_DIR or --model" in err
+
+
+def test_a_missing_run_is_a_one_line_error_and_leaves_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["review", "--run", str(tmp_path / "typo")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not a noisyseg run directory" in err
+    assert not (tmp_path / "typo").exists()
+
+
+def test_bad_options_are_one_line_errors(dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--format: unknown format"):
+        ReviewOptions(formats=["pdf"])
+    with pytest.raises(ValueError, match="--top"):
+        ReviewOptions(top=0)
+    with pytest.raises(ValueError, match="the model 2"):
+        ThresholdModel(open_source(dataset, "train"), CLASSES[:2], torch.device("cpu"))
