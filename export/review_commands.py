@@ -31,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--top", type=int, default=20, help="worst images shown on the page and exported for relabelling (default 20)")
     parser.add_argument("--out", help=f"output folder (default RUN_DIR/{REVIEW_DIR}, or ./{REVIEW_DIR} with --model)")
     parser.add_argument("--format", default="html,png,label-studio,cvat", help="comma-separated outputs among html, png, label-studio, cvat (default all)")
+    parser.add_argument("--sort", default="label_quality", choices=("label_quality", "changed_fraction"), help="worst first by the lowest label quality (default) or the most relabelled pixels")
     parser.add_argument("--confidence", type=float, default=0.9, help="prediction probability from which a disagreeing pixel is an issue (default 0.9)")
     parser.add_argument("--image-url", default="images", help="prefix of the image paths in the Label Studio tasks (default images)")
     parser.add_argument("--device", help="with --run: auto, cpu, cuda or cuda:N (default: the run's)")
@@ -46,7 +47,7 @@ def run_review_command(args: argparse.Namespace) -> int:
     if bool(args.run) == bool(args.model):
         raise ValueError("review needs --run RUN_DIR or --model MODEL.onnx with --data DIR (one of them)")
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
-    options = ReviewOptions(top=args.top, formats=formats, confidence=args.confidence, image_url=args.image_url, quiet=args.quiet, threads=args.threads)
+    options = ReviewOptions(top=args.top, formats=formats, confidence=args.confidence, image_url=args.image_url, quiet=args.quiet, threads=args.threads, sort=args.sort)
     if args.run:
         from noisyseg.training.run_dir import RunDir
 

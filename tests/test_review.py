@@ -103,6 +103,18 @@ def test_scores_rank_the_worst_label_first_and_the_masks_are_written(review: tup
     assert np.array_equal(moved, expected)
 
 
+def test_sorting_by_the_relabelled_share(dataset: Path, tmp_path: Path) -> None:
+    from noisyseg.training.review.runner import ReviewRow, worst_first
+
+    rows = [ReviewRow(0, "a", 0.1, 0.0, 0.0, []), ReviewRow(1, "b", 0.5, 0.3, 0.0, []), ReviewRow(2, "c", float("nan"), float("nan"), 0.0, []), ReviewRow(3, "d", 0.2, 0.1, 0.0, [])]
+    assert [r.slice_id for r in sorted(rows, key=worst_first("label_quality"))] == ["a", "d", "b", "c"]
+    assert [r.slice_id for r in sorted(rows, key=worst_first("changed_fraction"))] == ["b", "d", "a", "c"]
+    summary = run_review(source(dataset), tmp_path / "out", ReviewOptions(top=2, formats=["html"], sort="changed_fraction"))
+    assert summary["worst"] == ["P004_000", "P003_000"] and "worst images (by changed fraction)" in (tmp_path / "out" / "index.html").read_text()
+    with pytest.raises(ValueError, match="--sort"):
+        ReviewOptions(sort="area")
+
+
 def test_corrected_masks_keep_the_datasets_mask_format(dataset: Path, tmp_path: Path) -> None:
     for png in (dataset / "masks").glob("*.png"):
         np.save(png.with_suffix(".npy"), read_mask(png))

@@ -109,7 +109,7 @@ def panel_row(rank: int, panel: Panel, class_names: Sequence[str], ignore_index:
 
 def render_page(summary: dict[str, Any], rows: Sequence[ReviewRow], panels: Sequence[Panel], ignore_index: int) -> str:
     names = summary["class_names"]
-    cut = panels[-1].row.label_quality if panels else None
+    cut = panels[-1].row.label_quality if panels and summary["sort"] == "label_quality" else None
     worst = "".join(panel_row(rank, panel, names, ignore_index) for rank, panel in enumerate(panels, start=1))
     files = " &middot; ".join(f'<a href="{escape(path)}">{escape(path)}</a>' for path in ("scores.csv", "label-studio/tasks.json", "cvat/coco.zip") if _written(summary, path))
     return f"""<!DOCTYPE html>
@@ -121,7 +121,7 @@ def render_page(summary: dict[str, Any], rows: Sequence[ReviewRow], panels: Sequ
 <h2>Label quality</h2>
 <p>Soft minimum of each labelled pixel's predicted probability of its given label (low = suspicious); the dashed line is the cut of the worst images shown below.</p>
 {histogram_svg([r.label_quality for r in rows], cut)}
-<h2>The {len(panels)} worst images</h2>
+<h2>The {len(panels)} worst images (by {escape(summary["sort"].replace("_", " "))})</h2>
 <table class="worst"><tr><th>rank</th><th class="id">image</th><th>label quality</th><th>relabelled</th><th class="id">changes (pixels)</th><th>image</th><th>given</th><th>corrected</th><th>difference</th></tr>
 {worst}
 </table>

@@ -25,7 +25,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,9 @@ from noisyseg.training.review.sources import ProbabilitySource
 log = logging.getLogger(__name__)
 
 FORMATS = ("html", "png", "label-studio", "cvat")
+# What "worst" means: the lowest label quality, or the largest share of relabelled pixels (on
+# the phantom the better order for ADELE runs: docs/results.md, "Label review").
+ORDERS = ("label_quality", "changed_fraction")
 SCORES_FILE = "scores.csv"
 PAGE_FILE = "index.html"
 SUMMARY_FILE = "summary.json"
@@ -60,6 +63,7 @@ class ReviewOptions:
     # only wait on each other (measured on a loaded 2-core machine: 12 ms an image on one
     # thread, 300 ms on two).
     threads: int = 1
+    sort: str = "label_quality"
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.formats if f not in FORMATS]
@@ -67,6 +71,8 @@ class ReviewOptions:
             raise ValueError(f"--format: unknown format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
         if self.top < 1:
             raise ValueError(f"--top: expected at least 1, got {self.top}")
+        if self.sort not in ORDERS:
+            raise ValueError(f"--sort: expected one of {', '.join(ORDERS)}, got {self.sort!r}")
         if self.threads < 1:
             raise ValueError(f"--threads: expected at least 1, got {self.threads}")
         if not 0.0 < self.confidence <= 1.0:
@@ -117,7 +123,7 @@ def review_into(source: ProbabilitySource, out: Path, options: ReviewOptions) ->
             rows, transitions = score_all(source, options, (issues, corrected))
     else:
         rows, transitions = score_all(source, options, None)
-    rows.sort(key=lambda r: (math.isnan(r.label_quality), r.label_quality))
+    rows.sort(key=worst_first(options.sort))
     atomic_write_text(out / SCORES_FILE, scores_csv(rows, source.class_names))
     worst = rows[: options.top]
     written = {"scores": str(out / SCORES_FILE)}
@@ -138,6 +144,7 @@ def review_into(source: ProbabilitySource, out: Path, options: ReviewOptions) ->
         "top": len(worst),
         "correction": source.correction,
         "confidence": options.confidence,
+        "sort": options.sort,
         "class_names": source.class_names,
         "transitions": transitions.cpu().tolist(),
         "worst": [r.slice_id for r in worst],
@@ -151,6 +158,13 @@ def review_into(source: ProbabilitySource, out: Path, options: ReviewOptions) ->
         written["page"] = str(out / PAGE_FILE)
     atomic_write_json(out / SUMMARY_FILE, summary)
     return summary
+
+
+def worst_first(order: str) -> Callable[[ReviewRow], tuple[bool, float]]:
+    """The sort key putting the worst rows first (NaN, an image without labels, last)."""
+    if order == "changed_fraction":
+        return lambda r: (math.isnan(r.changed_fraction), -r.changed_fraction)
+    return lambda r: (math.isnan(r.label_quality), r.label_quality)
 
 
 def score_all(source: ProbabilitySource, options: ReviewOptions, mask_dirs: tuple[Path, Path] | None) -> tuple[list[ReviewRow], torch.Tensor]:
