@@ -8,7 +8,7 @@ STAMP := $(VENV)/.noisyseg-installed
 LOCK := constraints.txt
 PIP_LOCKED := $(BIN)/python -m pip install --quiet -c $(LOCK)
 
-.PHONY: demo test install bench lint lock proto gpu-check clean
+.PHONY: demo test install bench browser lint lock proto gpu-check clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,7 +29,13 @@ test: $(STAMP)
 	$(BIN)/python -m pytest tests -q
 
 bench: $(STAMP)
+	$(PIP_LOCKED) -e '.[bench]'
 	$(BIN)/python -m pytest benchmarks --benchmark-only
+
+# The review page's test opens it in Debian's Chromium (Playwright drives it; it downloads no
+# browser of its own); without one the test skips and says so. CI installs it (as root).
+browser:
+	command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -39,7 +45,7 @@ lint: $(STAMP)
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install --quiet torch==2.13.0
-	.lock-venv/bin/python -m pip install --quiet '.[dev,serve,clients]'
+	.lock-venv/bin/python -m pip install --quiet '.[dev,serve,clients,bench]'
 	.lock-venv/bin/python -m pip install --quiet --no-deps tensorrt-stubs
 	{ sed -n '/^#/p' $(LOCK); .lock-venv/bin/python -m pip freeze --exclude noisyseg | sed 's/+cpu$$//'; } > $(LOCK).new
 	mv $(LOCK).new $(LOCK)

@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "noisyseg.training.commands",
     "noisyseg.serve.commands",
     "noisyseg.export.commands",
+    "noisyseg.export.review_commands",
     "noisyseg.training.experiment_commands",
     "noisyseg.demo",
 ]

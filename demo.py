@@ -2,9 +2,10 @@
 
 Builds the CT phantom, corrupts its training labels with ADELE's reference `erode-dilate`
 noise (annotation mIoU about 0.6 to 0.7), trains `baseline-ms`, `adele` and `arm` on the CPU,
-prints a side-by-side table, writes `curves.png` per method and `summary.json`, then exports the
+prints a side-by-side table, writes `curves.png` per method and `summary.json`, exports the
 model with the best validation mIoU to ONNX and checks that ONNX Runtime agrees with PyTorch on
-the test slices. Everything lands in `--out` (default `runs/demo`); a second run with the same
+the test slices, and ends with the label review of the ADELE run (`noisyseg review`: its
+training labels ranked, corrected masks, a page to look at, relabelling imports). Everything lands in `--out` (default `runs/demo`); a second run with the same
 settings reuses the data and finished runs, and resumes an interrupted one.
 """
 
@@ -101,6 +102,7 @@ def demo(out: Path, scale: Scale, export: bool = True, quiet: bool = True, worke
     }
     if export:
         summary["onnx"] = export_best_model(out, phantom, methods)
+    summary["review"] = review_adele(out, methods)
     summary["seconds"] = round(time.monotonic() - started, 1)
     atomic_write_json(out / "summary.json", summary)
     return summary
@@ -217,6 +219,23 @@ def export_best_model(out: Path, phantom: Path, methods: dict[str, Any]) -> dict
     return result
 
 
+# ----------------------------------------------------------------------------- review step
+
+
+def review_adele(out: Path, methods: dict[str, Any]) -> dict[str, Any]:
+    """`noisyseg review` of the ADELE run's training labels into `out/review`."""
+    import tempfile
+
+    from noisyseg.training.review.runner import ReviewOptions, run_review
+    from noisyseg.training.review.sources import RunSource
+
+    target = out / "review"
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target, prefix=".review-") as workdir:
+        summary = run_review(RunSource(methods["adele"]["run_dir"], "train", workdir=workdir), target, ReviewOptions())
+    return {"page": summary["files"]["page"], "images": summary["images"], "worst": summary["worst"][:5], "seconds": summary["seconds"]}
+
+
 # ----------------------------------------------------------------------------- the table
 
 
@@ -259,4 +278,6 @@ def format_report(summary: dict[str, Any], out: Path) -> str:
             f"{_pct(onnx['test_miou_pytorch'])}% in PyTorch)"
         )
     lines.append(f"Done in {summary['seconds']:.0f} s; summary: {out / 'summary.json'}")
+    review = summary["review"]
+    lines.append(f"Label review of the adele run's {review['images']} training images ({review['seconds']:.0f} s), worst first in scores.csv; page: {review['page']}")
     return "\n".join(lines)

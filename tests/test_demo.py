@@ -7,6 +7,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from noisyseg import demo as demo_module
@@ -106,3 +107,38 @@ def test_progress_line_shows_each_workers_last_epoch(tmp_path: Path, capsys: pyt
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1
     assert lines[0].endswith("adele epoch 3/10 loss 0.500 val mIoU 61.3% | arm done | baseline-ms starting")
+
+
+def test_the_demo_ends_with_the_review_of_the_adele_run(demo_run: tuple[Path, str]) -> None:
+    from noisyseg.training.data import read_mask, read_split_ids
+    from noisyseg.training.run_checkpoint import find_checkpoint
+
+    out, stdout = demo_run
+    summary = json.loads((out / "summary.json").read_text())
+    page = Path(summary["review"]["page"])
+    assert stdout.strip().splitlines()[-1].endswith(f"page: {page}") and page.is_file()
+    run_dir = Path(summary["methods"]["adele"]["run_dir"])
+    phantom = Path(json.loads((run_dir / "config.json").read_text())["config"]["data"])
+    ids = read_split_ids(phantom, "train")
+    rows = (out / "review" / "scores.csv").read_text().splitlines()[1:]
+    assert sorted(row.split(",")[1] for row in rows) == sorted(ids)
+    # The corrected masks are the labels ADELE trains on now: its label store.
+    checkpoint = find_checkpoint(run_dir)
+    assert checkpoint is not None
+    store = np.load(checkpoint / "labels.npy")
+    assert json.loads((checkpoint / "labels.json").read_text())["ids"] == ids  # the store's item order
+    for index, slice_id in enumerate(ids):
+        assert np.array_equal(read_mask(out / "review" / "corrected" / f"{slice_id}.png"), store[index])
+
+
+def test_review_of_the_exported_model_over_the_data_folder(demo_run: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out, _ = demo_run
+    summary = json.loads((out / "summary.json").read_text())
+    config = json.loads((Path(summary["methods"]["adele"]["run_dir"]) / "config.json").read_text())["config"]
+    review = tmp_path / "onnx-review"
+    # The file the demo exported (a later test's demo --no-export rewrites summary.json without it).
+    args = ["review", "--model", str(out / demo_module.ONNX_FILE), "--data", config["data"], "--labels", config["labels"], "--top", "3", "--format", "png,html", "--out", str(review), "--quiet"]
+    assert main(args) == 0
+    assert f"review page: {review / 'index.html'}" in capsys.readouterr().out
+    rows = (review / "scores.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(list((review / "corrected").iterdir())) and not (review / "cvat").exists()

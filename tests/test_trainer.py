@@ -156,6 +156,23 @@ def test_label_correction_changes_the_store_but_never_the_files(folders: tuple[P
     assert tree_digest(*folders) == before
 
 
+def test_the_review_of_an_adele_run_corrects_with_its_label_store(folders: tuple[Path, Path], straight_run: Path, tmp_path: Path) -> None:
+    from noisyseg.training.data import read_mask
+    from noisyseg.training.review.runner import ReviewOptions, run_review
+    from noisyseg.training.review.sources import RunSource
+
+    source = RunSource(straight_run, "train", "cpu", tmp_path)
+    assert source.correction == "label store"
+    summary = run_review(source, tmp_path / "review", ReviewOptions(top=2, formats=["png"]))
+    store = np.load(straight_run / "checkpoint" / "labels.npy")
+    original = load_split(folders[0], "train", labels_root=folders[1])
+    for index, slice_id in enumerate(original.ids):
+        assert np.array_equal(read_mask(tmp_path / "review" / "corrected" / f"{slice_id}.png"), store[index])
+    moved = np.array(summary["transitions"])
+    changed = np.bincount(original.masks.astype(np.int64).ravel() * len(CLASSES) + store.ravel(), minlength=len(CLASSES) ** 2).reshape(moved.shape)
+    assert np.array_equal(moved, changed) and moved.sum() - np.trace(moved) == np.count_nonzero(store != original.masks) > 0
+
+
 def train_until_crash(config: TrainConfig, epoch: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Train `config` and stop it as a crash would, right after the checkpoint of `epoch`."""
     save = Trainer.save_checkpoint
