@@ -47,24 +47,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="longest a request waits for others to batch with (default 5 ms)",
     )
     parser.add_argument("--api-key-file", metavar="FILE", help="require this key ('Authorization: Bearer KEY' or 'X-API-Key')")
-    parser.add_argument(
-        "--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / 2**20,
-        help=f"largest request body accepted, in MiB (default {DEFAULT_MAX_BODY_BYTES // 2**20})",
-    )
-    parser.add_argument(
-        "--max-held-body-mb", type=float, default=DEFAULT_MAX_HELD_BODY_BYTES / 2**20,
-        help="request bodies held in memory at once, all requests together, in MiB; beyond it 503 "
-        f"with Retry-After (default {DEFAULT_MAX_HELD_BODY_BYTES // 2**20})",
-    )
+    _mib_option(parser, "--max-body-mb", DEFAULT_MAX_BODY_BYTES, "largest request body accepted")
+    _mib_option(parser, "--max-held-body-mb", DEFAULT_MAX_HELD_BODY_BYTES, "request bodies held in memory at once, all requests together; beyond it 503 with Retry-After")
     parser.add_argument(
         "--body-timeout-s", type=float, default=DEFAULT_BODY_TIMEOUT_S,
         help=f"longest a client may take to send a request body (default {DEFAULT_BODY_TIMEOUT_S:g} s)",
     )
-    parser.add_argument(
-        "--max-response-mb", type=float, default=DEFAULT_MAX_RESPONSE_BYTES / 2**20,
-        help=f"largest response body, in MiB (default {DEFAULT_MAX_RESPONSE_BYTES // 2**20}); request "
-        "'labels' or binary data for large images",
-    )
+    _mib_option(parser, "--max-response-mb", DEFAULT_MAX_RESPONSE_BYTES, "largest response body (request 'labels' or binary data for large images)")
     parser.add_argument("--request-timeout-s", type=float, default=60.0, help="per-request timeout (default 60 s)")
     parser.add_argument("--openapi", action="store_true", help="serve the OpenAPI schema at /openapi.json (off by default)")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per model (default: one per core)")
@@ -72,15 +61,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     grpc_group = parser.add_argument_group("gRPC endpoint (same models, batchers and API key as HTTP)")
     grpc_group.add_argument("--grpc-port", type=int, default=8001, help="gRPC port on --host (default 8001)")
     grpc_group.add_argument("--no-grpc", action="store_true", help="serve HTTP only")
-    grpc_group.add_argument(
-        "--grpc-max-receive-mb", type=float, default=DEFAULT_GRPC_MAX_RECEIVE_BYTES / 2**20,
-        help=f"largest gRPC request message, in MiB (default {DEFAULT_GRPC_MAX_RECEIVE_BYTES // 2**20})",
-    )
-    grpc_group.add_argument(
-        "--grpc-max-send-mb", type=float, default=DEFAULT_GRPC_MAX_SEND_BYTES / 2**20,
-        help=f"largest gRPC response message, in MiB (default {DEFAULT_GRPC_MAX_SEND_BYTES // 2**20})",
-    )
+    _mib_option(grpc_group, "--grpc-max-receive-mb", DEFAULT_GRPC_MAX_RECEIVE_BYTES, "largest gRPC request message")
+    _mib_option(grpc_group, "--grpc-max-send-mb", DEFAULT_GRPC_MAX_SEND_BYTES, "largest gRPC response message")
     parser.set_defaults(func=run_serve)
+
+
+def _mib_option(parser: Any, flag: str, default_bytes: int, what: str) -> None:
+    """A size option given in MiB (`_mebibytes` turns it into bytes)."""
+    parser.add_argument(flag, type=float, default=default_bytes / 2**20, help=f"{what}, in MiB (default {default_bytes // 2**20})")
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
@@ -100,8 +88,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         intra_op_threads=args.threads,
         api_key=read_api_key(args.api_key_file) if args.api_key_file else None,
         grpc_port=None if args.no_grpc else args.grpc_port,
-        grpc_max_receive_bytes=max(1, math.floor(args.grpc_max_receive_mb * 2**20)),
-        grpc_max_send_bytes=max(1, math.floor(args.grpc_max_send_mb * 2**20)),
+        grpc_max_receive_bytes=_mebibytes(args.grpc_max_receive_mb),
+        grpc_max_send_bytes=_mebibytes(args.grpc_max_send_mb),
         openapi=args.openapi,
     )
 
