@@ -22,7 +22,7 @@ from noisyseg.training.experiment import (
     run_experiments,
     run_lock,
 )
-from noisyseg.training.experiment_report import RunResult, erased_classes, mean_std, write_results
+from noisyseg.training.experiment_report import KEEP_MARKER, RunResult, erased_classes, mean_std, write_results
 from noisyseg.training.trainer import train
 
 TINY = Scale(patients=5, size=32, slices_per_patient=4, epochs=2, batch_size=8, unet={"base_width": 4, "depth": 2})
@@ -119,6 +119,15 @@ def test_results_document_holds_the_measured_numbers(finished_root: Path, tmp_pa
     row = next(line for line in text.splitlines() if line.startswith("| table1 | arm |"))
     assert row.split("|")[7].strip() == f"{arm_epoch(arm_record).wrong_relative_weight:.2f}"
     assert (tmp_path / "docs" / "results" / "arm_table1_arm.png").is_file()
+
+
+def test_hand_written_sections_survive_regeneration(finished_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results.md"
+    kept = f"{KEEP_MARKER}\n\n## Label review\n\nwritten by hand\n"
+    out.write_text("# old generated text\n\n" + kept)
+    write_results(finished_root, out, TINY, SPECS, [0], "noisyseg experiment --out X")
+    text = out.read_text()
+    assert "old generated text" not in text and text.endswith(kept) and "## 1. ADELE Table 1" in text
 
 
 def test_mean_std_formats_percentages() -> None:

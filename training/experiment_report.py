@@ -480,8 +480,17 @@ def write_results(root: Path, out: Path, scale: Scale, specs: Sequence[RunSpec],
             "",
         ]
     lines += ["## How to reproduce", "", "```", command, "```", ""]
-    atomic_write_text(out, "\n".join(lines))
+    atomic_write_text(out, "\n".join(lines) + _kept_sections(out))
     return out
+
+
+# Hand-written sections after this line of an existing document survive its regeneration.
+KEEP_MARKER = "<!-- Sections below are written by hand and kept when the tables above are regenerated. -->"
+
+
+def _kept_sections(out: Path) -> str:
+    text = out.read_text(encoding="utf-8") if out.is_file() else ""
+    return "\n" + text[text.index(KEEP_MARKER):] if KEEP_MARKER in text else ""
 
 
 def _copy_run_curves(root: Path, results: list[RunResult], experiment: str, figures: Path) -> list[str]:
