@@ -219,7 +219,7 @@ def target_lines(root: Path, scale: Scale, results: list[RunResult], levels: Seq
     if len(arm) >= 3 and all(len(v) >= 2 for v in spread.values()):
         arm_ok = statistics.mean(arm) >= 0 and statistics.stdev(spread["arm"]) <= statistics.stdev(spread["baseline"])
     lines.append(f"- coarse labels: arm at least baseline, spread no wider: arm - baseline {mean_std(arm) if arm else '-'} over {len(arm)} seeds; "
-                 f"sd {mean_std(spread['arm'])} vs {mean_std(spread['baseline'])}, {_verdict(arm_ok)}")
+                 f"arm {mean_std(spread['arm'])} vs baseline {mean_std(spread['baseline'])}, {_verdict(arm_ok)}")
     adele_arm = _paired(_by_method(results, "table1", "adele+arm"), _by_method(results, "table1", "adele"), "best_val")
     lines.append(f"- Table 1: adele+arm at least adele: {mean_std(adele_arm) if adele_arm else '-'} over {len(adele_arm)} seeds, "
                  f"{_verdict(None if not adele_arm else statistics.mean(adele_arm) >= 0)}")
@@ -238,7 +238,7 @@ ARM_RUNS = (
 def arm_table(results: list[RunResult]) -> list[str]:
     """Markdown rows: per ARM run group, what ARM's weights do to wrong labels (`arm_analysis`)."""
     lines = [
-        "| experiment | method | seeds | test mIoU best val | wrong-label pixel share | wrong-label weight share | relative weight of a wrong label | effective sample fraction | same, mean over epochs |",
+        "| experiment | method | seeds | test mIoU best val | wrong-label pixel share (%) | wrong-label weight share (%) | relative weight of a wrong label | effective sample fraction (%) | relative weight, mean over epochs |",
         "|" + " --- |" * 9,
     ]
     for experiment, method in ARM_RUNS:
