@@ -22,7 +22,13 @@ from noisyseg.training.experiment import (
     run_experiments,
     run_lock,
 )
-from noisyseg.training.experiment_report import KEEP_MARKER, RunResult, erased_classes, mean_std, write_results
+from noisyseg.training.experiment_report import (
+    KEEP_MARKER,
+    RunResult,
+    erased_classes,
+    mean_std,
+    write_results,
+)
 from noisyseg.training.trainer import train
 
 TINY = Scale(patients=5, size=32, slices_per_patient=4, epochs=2, batch_size=8, unet={"base_width": 4, "depth": 2})
