@@ -151,7 +151,10 @@ def test_experiment_plans() -> None:
     assert [(s.method, s.noise.level, s.noise.seed) for s in ladder] == [(m, level, seed) for seed in (7, 8) for level in (0, 3) for m in methods if level or seed == 7]
     assert {s.architecture for s in experiment_runs("coarse", [0], [])} == {"deeplabv3plus"}
     study = experiment_runs("armstudy", [0], [])
-    assert [s.relative_dir.name for s in study] == ["arm@arm.lr=0.01", "arm@arm.warmup_fraction=0.2", "arm@arm.momentum=0.0"]
+    assert [s.relative_dir.name for s in study] == [
+        "arm@arm.lr=0.01", "arm@arm.warmup_fraction=0.2", "arm@arm.momentum=0.0",
+        "baseline@seed=1", "baseline@optim.schedule=multistep", "arm@optim.schedule=multistep",
+    ]
 
 
 def test_a_variant_run_trains_with_its_overrides(tmp_path: Path) -> None:
@@ -159,6 +162,9 @@ def test_a_variant_run_trains_with_its_overrides(tmp_path: Path) -> None:
     trainer = RecordingConfigs()
     run_experiments(tmp_path, [spec], TINY, trainer)
     assert [(c.method, c.arm.lr, c.out) for c in trainer.configs] == [("arm", 0.01, str(tmp_path / "runs" / spec.relative_dir))]
+    trainer.configs.clear()
+    run_experiments(tmp_path, [RunSpec("armstudy", "baseline", NoiseSpec("coarse"), "unet", ("seed=1", "optim.schedule=multistep"))], TINY, trainer)
+    assert [(c.method, c.seed, c.optim.schedule) for c in trainer.configs] == [("baseline", 1, "multistep")]
 
 
 class RecordingConfigs:

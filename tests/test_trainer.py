@@ -27,7 +27,7 @@ from noisyseg.training.metrics import (
 )
 from noisyseg.training.run_checkpoint import find_checkpoint, read_checkpoint, write_checkpoint
 from noisyseg.training.run_dir import CHECKPOINT_DIR, RunDir
-from noisyseg.training.trainer import EpochCounters, Trainer, train
+from noisyseg.training.trainer import EpochCounters, Trainer, lr_factor, train
 
 SIZE = 32
 CLASSES = ["background", "a", "b", "c", "d"]
@@ -294,6 +294,15 @@ def test_arm_learning_rate_option_follows_the_networks_schedule(folders: tuple[P
     assert trainer.set_learning_rate() == pytest.approx(0.2 * factor)
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.2 * factor)
     assert trainer.arm_optimizer is not None and trainer.arm_optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * factor)
+
+
+def test_multistep_schedule_is_the_arm_papers() -> None:
+    # ARM paper, section 4.1: from lr/100 up to lr over the first 0.05T, lr/10 from 0.6T, lr/100 from 0.9T.
+    total = 1000
+    assert lr_factor("multistep", 0, total) == pytest.approx(0.01)
+    assert lr_factor("multistep", 25, total) == pytest.approx(0.01 + 0.99 * 0.5)
+    assert [lr_factor("multistep", i, total) for i in (50, 599, 600, 899, 900, 999)] == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
+    assert lr_factor("constant", 500, total) == 1.0
 
 
 def saturating(a: float, b: float, epochs: int) -> list[float]:

@@ -73,7 +73,8 @@ class OptimConfig:
     the CPU-sized UNet diverge on the phantom (training loss rising from epoch 2 on, where 0.9
     falls steadily). No weight decay, as the ADELE reference code.
 
-    schedule: `constant` (ADELE SegTHOR) or `poly` (lr * (1 - it / T)^poly_power).
+    schedule: `constant` (ADELE SegTHOR), `poly` (lr * (1 - it / T)^poly_power) or `multistep`
+        (the ARM paper's: linear warm-up from lr / 100 over 0.05T, x0.1 at 0.6T, x0.01 at 0.9T).
     optimizer: `sgd` (both papers) or `adam` (momentum then sets Adam's beta1; beta2 0.999).
         ARM's optimiser is of the same kind, ascending (`maximize=True`).
     """
@@ -305,7 +306,7 @@ class TrainConfig:
             (self.layout == "auto" or self.layout in LAYOUTS, "layout", f"auto or one of {', '.join(LAYOUTS)}"),
             (all(isinstance(key, str) for key in self.layout_options), "layout_options", "a mapping of option names to values"),
             (self.optim.lr > 0, "optim.lr", "positive"),
-            (self.optim.schedule in ("constant", "poly"), "optim.schedule", "'constant' or 'poly'"),
+            (self.optim.schedule in ("constant", "poly", "multistep"), "optim.schedule", "'constant', 'poly' or 'multistep'"),
             (self.optim.optimizer in ("sgd", "adam"), "optim.optimizer", "'sgd' or 'adam'"),
             (0.0 <= self.optim.momentum < 1.0, "optim.momentum", "in [0, 1)"),
             (1.0 in self.adele.scales and all(s > 0 for s in self.adele.scales), "adele.scales", "positive scales including 1.0 (the unscaled view)"),

@@ -8,7 +8,7 @@ Three experiments (the issue's "Reproduce the papers, measured"):
   adele-consistency) and adele over erode-dilate noise levels and noise seeds.
 - `coarse`: the ARM paper's coarse-label setting: the DeepLab-style model on `coarse` noise
   with plain CE (`baseline`), gce, ohem, arm and gce+arm.
-- `armstudy`: `arm` in the coarse setting with ARM's optimiser changed (`ARM_VARIANTS`).
+- `armstudy`: `arm` and `baseline` in the coarse setting with the optimiser changed (`ARM_STUDY`).
 
 Layout under the experiment root `ROOT`:
 
@@ -66,8 +66,17 @@ TABLE1_METHODS = method_names(["baseline-ms", "adele-nonadaptive", "adele", "arm
 LADDER_METHODS = method_names(["baseline-ms", "adele-correction", "adele-consistency", "adele"])
 COARSE_METHODS = method_names(["baseline", "gce", "ohem", "arm", "gce+arm"])
 # How ARM's optimiser shapes what it learns, on the coarse setting (compare with coarse's arm):
-# the paper's absolute ARM lr (its DeepLab lr), a longer warm-up, no momentum.
-ARM_VARIANTS = (("arm.lr=0.01",), ("arm.warmup_fraction=0.2",), ("arm.momentum=0.0",))
+# the paper's absolute ARM lr (its DeepLab lr), a longer warm-up, no momentum; the ARM paper's
+# multi-step lr policy for both methods; and the baseline from another training seed, which
+# measures how far two trainings on the same labels differ.
+ARM_STUDY = (
+    ("arm", ("arm.lr=0.01",)),
+    ("arm", ("arm.warmup_fraction=0.2",)),
+    ("arm", ("arm.momentum=0.0",)),
+    ("baseline", ("seed=1",)),
+    ("baseline", ("optim.schedule=multistep",)),
+    ("arm", ("optim.schedule=multistep",)),
+)
 
 
 @dataclass(frozen=True)
@@ -163,7 +172,7 @@ def experiment_runs(experiment: str, seeds: Sequence[int], levels: Sequence[int]
     if experiment == "coarse":
         return [RunSpec("coarse", m, NoiseSpec("coarse", seed=s), "deeplabv3plus") for s in seeds for m in COARSE_METHODS]
     if experiment == "armstudy":
-        return [RunSpec("armstudy", "arm", NoiseSpec("coarse", seed=s), "deeplabv3plus", v) for s in seeds for v in ARM_VARIANTS]
+        return [RunSpec("armstudy", m, NoiseSpec("coarse", seed=s), "deeplabv3plus", v) for s in seeds for m, v in ARM_STUDY]
     raise ValueError(f"unknown experiment {experiment!r}; choose from {', '.join(EXPERIMENTS)}")
 
 

@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from noisyseg.training.arm_analysis import arm_series, plot_weight_function
 from noisyseg.training.data import read_dataset_info
 from noisyseg.training.experiment import (
-    ARM_VARIANTS,
+    ARM_STUDY,
     COARSE_METHODS,
     LADDER_METHODS,
     TABLE1_METHODS,
@@ -226,12 +226,13 @@ def target_lines(root: Path, scale: Scale, results: list[RunResult], levels: Seq
     return lines
 
 
+STUDY_NAMES = [RunSpec("armstudy", m, NoiseSpec("coarse"), overrides=v).name for m, v in ARM_STUDY]
 ARM_RUNS = (
     ("table1", "arm"),
     ("table1", "adele+arm"),
     ("coarse", "arm"),
     ("coarse", "gce+arm"),
-    *(("armstudy", RunSpec("armstudy", "arm", NoiseSpec("coarse"), overrides=v).name) for v in ARM_VARIANTS),
+    *(("armstudy", name) for name in STUDY_NAMES if name.startswith("arm@")),
 )
 
 
@@ -361,11 +362,12 @@ def _memorisation_notes(results: list[RunResult], experiment: str, methods: Sequ
     return notes
 
 
-def _paired_difference(results: list[RunResult], experiment: str, method: str, reference: str) -> str | None:
-    """`method` minus `reference` in last-epoch and best-val test mIoU, over the seeds both finished."""
+def _paired_difference(results: list[RunResult], experiment: str, method: str, reference: str, reference_experiment: str | None = None) -> str | None:
+    """`method` minus `reference` (of `reference_experiment`, default the same) in last-epoch and
+    best-val test mIoU, over the seeds both finished."""
     by_seed = {
-        name: {r.spec.noise.seed: r.summary["test_miou"] for r in _by_method(results, experiment, name)}
-        for name in (method, reference)
+        name: {r.spec.noise.seed: r.summary["test_miou"] for r in _by_method(results, where, name)}
+        for name, where in ((method, experiment), (reference, reference_experiment or experiment))
     }
     seeds = sorted(by_seed[method].keys() & by_seed[reference].keys())
     if not seeds:
@@ -477,6 +479,16 @@ def write_results(root: Path, out: Path, scale: Scale, specs: Sequence[RunSpec],
             *per_class_table(results, "coarse", COARSE_METHODS, class_names),
             "",
             "![test mIoU, IoU_el and IoU_m per epoch](results/coarse_dynamics.png)",
+            "",
+        ]
+    if any(_by_method(results, "armstudy", m) for m in STUDY_NAMES):
+        lines += [
+            "## 4. ARM study: the optimiser's settings on the coarse setting",
+            "",
+            *method_table(results, "armstudy", STUDY_NAMES, {}, "paper"),
+            "",
+            *filter(None, [_paired_difference(results, "armstudy", m, "baseline", "coarse") for m in STUDY_NAMES]),
+            *filter(None, [_paired_difference(results, "armstudy", "arm@optim.schedule=multistep", "baseline@optim.schedule=multistep")]),
             "",
         ]
     lines += ["## How to reproduce", "", "```", command, "```", ""]

@@ -202,6 +202,20 @@ class MultiScaleNetwork(nn.Module):
         return forward_scales(self.model, images, scales)
 
 
+
+def lr_factor(schedule: str, iteration: int, total: int, poly_power: float = 0.9) -> float:
+    """The learning rate's multiplier at `iteration` of `total`. `multistep` is the ARM paper's
+    policy (section 4.1): linear from 1/100 to 1 over the first 5% of iterations, then x0.1
+    from 60% and x0.01 from 90%."""
+    if schedule == "poly":
+        return (1.0 - iteration / total) ** poly_power
+    if schedule == "multistep":
+        warmup = 0.05 * total
+        if iteration < warmup:
+            return 0.01 + 0.99 * iteration / warmup
+        return 0.01 if iteration >= 0.9 * total else 0.1 if iteration >= 0.6 * total else 1.0
+    return 1.0
+
 class Trainer:
     """Holds the model, optimisers, ARM, label store and histories of one run."""
 
@@ -291,9 +305,7 @@ class Trainer:
 
     def set_learning_rate(self) -> float:
         """This step's learning rates (the network's returned); ARM's follows the same schedule."""
-        factor = 1.0
-        if self.config.optim.schedule == "poly":
-            factor = (1.0 - self.iteration / self.total_iterations) ** self.config.optim.poly_power
+        factor = lr_factor(self.config.optim.schedule, self.iteration, self.total_iterations, self.config.optim.poly_power)
         arm_lr = self.config.optim.lr if self.config.arm.lr is None else self.config.arm.lr
         for optimizer, lr in ((self.optimizer, self.config.optim.lr), (self.arm_optimizer, arm_lr)):
             for group in optimizer.param_groups if optimizer is not None else []:
