@@ -32,7 +32,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--experiments", nargs="+", default=list(DEFAULT_SEEDS), choices=list(DEFAULT_SEEDS), help="which experiments (default all)")
     parser.add_argument("--seeds", nargs="+", type=int, help="noise seeds of every chosen experiment (default: 0-4 for table1, 0-2 for ladder and coarse)")
     parser.add_argument("--levels", nargs="+", type=int, default=list(DEFAULT_LEVELS), help="erode-dilate levels of the ladder, 0..6 (default all: 0, 1, 2, 3, 4, 6, 8 iterations)")
-    parser.add_argument("--methods", nargs="+", help="train only these methods of the chosen experiments (default all; the document lists all)")
+    parser.add_argument("--methods", nargs="+", help="train only these methods (or variants: arm@arm.lr=0.01) of the chosen experiments (default all; the document lists all)")
     parser.add_argument("--epochs", type=int, help="epochs per run (default: the Scale default)")
     parser.add_argument("--patients", type=int, help="phantom patients (default: the Scale default)")
     parser.add_argument("--size", type=int, help="phantom slice size in pixels (default: the Scale default)")
@@ -80,7 +80,7 @@ def run_experiment_command(args: argparse.Namespace) -> int:
     root = Path(args.out)
     specs = [spec for name in args.experiments for spec in experiment_runs(name, args.seeds or DEFAULT_SEEDS[name], args.levels)]
     if not args.report_only:
-        chosen = [spec for spec in specs if args.methods is None or spec.method in args.methods]
+        chosen = [spec for spec in specs if args.methods is None or spec.method in args.methods or spec.name in args.methods]
         if not chosen:
             raise ValueError(f"--methods {' '.join(args.methods)}: none of them is part of {', '.join(args.experiments)}")
         counts = run_experiments(root, chosen, scale, train, quiet=not args.progress)
