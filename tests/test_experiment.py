@@ -146,9 +146,10 @@ def test_experiment_plans() -> None:
     assert len(experiment_runs("table1", [0, 1, 2], [0])) == 18
     ladder = experiment_runs("ladder", [7, 8], [0, 3])
     methods = ["baseline-ms", "adele-correction", "adele-consistency", "adele"]
-    # Seed-major: a first seed over every level finishes before the next seed starts; level 0
-    # (no noise) once, as every noise seed would train the same run.
-    assert [(s.method, s.noise.level, s.noise.seed) for s in ladder] == [(m, level, seed) for seed in (7, 8) for level in (0, 3) for m in methods if level or seed == 7]
+    # Seed-major: a first seed over every level finishes before the next seed starts. Level 0
+    # (no noise) has its seeds train differently seeded networks; noisy levels train seed 0.
+    assert [(s.method, s.noise.level, s.noise.seed) for s in ladder] == [(m, level, seed) for seed in (7, 8) for level in (0, 3) for m in methods]
+    assert [s.noise.training_seed for s in ladder if s.method == "adele"] == [7, 0, 8, 0]
     assert {s.architecture for s in experiment_runs("coarse", [0], [])} == {"deeplabv3plus"}
     study = experiment_runs("armstudy", [0], [])
     assert [s.relative_dir.name for s in study] == [
@@ -165,6 +166,9 @@ def test_a_variant_run_trains_with_its_overrides(tmp_path: Path) -> None:
     trainer.configs.clear()
     run_experiments(tmp_path, [RunSpec("armstudy", "baseline", NoiseSpec("coarse"), "unet", ("seed=1", "optim.schedule=multistep"))], TINY, trainer)
     assert [(c.method, c.seed, c.optim.schedule) for c in trainer.configs] == [("baseline", 1, "multistep")]
+    trainer.configs.clear()
+    run_experiments(tmp_path, [RunSpec("ladder", "adele", NoiseSpec(level=0, seed=2)), RunSpec("ladder", "adele", NoiseSpec(level=1, seed=2))], TINY, trainer)
+    assert [c.seed for c in trainer.configs] == [2, 0]
 
 
 class RecordingConfigs:

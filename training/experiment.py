@@ -134,6 +134,13 @@ class NoiseSpec:
     seed: int = 0
 
     @property
+    def training_seed(self) -> int:
+        """The seed the network trains with: 0, except on clean labels (level 0), where a noise
+        seed would change nothing and so seeds the training instead: level 0's spread over seeds
+        is the training's own."""
+        return self.seed if self.level == 0 else 0
+
+    @property
     def name(self) -> str:
         level = "ref" if self.level is None else f"L{self.level}"
         return f"{self.family}-{level}-s{self.seed}"
@@ -167,8 +174,7 @@ def experiment_runs(experiment: str, seeds: Sequence[int], levels: Sequence[int]
     if experiment == "table1":
         return [RunSpec("table1", m, NoiseSpec(seed=s)) for s in seeds for m in TABLE1_METHODS]
     if experiment == "ladder":
-        # Level 0 has no noise: every noise seed would train the same run, so only the first does.
-        return [RunSpec("ladder", m, NoiseSpec(level=lv, seed=s)) for s in seeds for lv in levels for m in LADDER_METHODS if lv != 0 or s == seeds[0]]
+        return [RunSpec("ladder", m, NoiseSpec(level=lv, seed=s)) for s in seeds for lv in levels for m in LADDER_METHODS]
     if experiment == "coarse":
         return [RunSpec("coarse", m, NoiseSpec("coarse", seed=s), "deeplabv3plus") for s in seeds for m in COARSE_METHODS]
     if experiment == "armstudy":
@@ -301,7 +307,7 @@ def run_experiment_step(spec: RunSpec, root: Path, scale: Scale, train: Callable
         if RunDir(run_dir).is_finished():  # finished while we waited for the lock
             return "done"
         phantom, labels = ensure_data(root, scale, spec.noise)
-        config = train_config(scale, spec.method, phantom, labels, run_dir, spec.architecture, quiet)
+        config = train_config(scale, spec.method, phantom, labels, run_dir, spec.architecture, quiet, spec.noise.training_seed)
         if spec.overrides:
             config = config_from_dict(apply_overrides(config.to_dict(), list(spec.overrides)))
         resume = RunDir(run_dir).has_config()
