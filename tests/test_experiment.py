@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from noisyseg.training.arm_analysis import arm_epoch
+from noisyseg.training.correction_analysis import label_quality, quality_row
+from noisyseg.training.data import load_run_data
 from noisyseg.training.experiment import (
     NoiseSpec,
     RunSpec,
@@ -29,6 +34,9 @@ from noisyseg.training.experiment_report import (
     mean_std,
     write_results,
 )
+from noisyseg.training.label_store import LabelStore
+from noisyseg.training.run_checkpoint import find_checkpoint
+from noisyseg.training.run_dir import RunDir
 from noisyseg.training.trainer import train
 
 TINY = Scale(patients=5, size=32, slices_per_patient=4, epochs=2, batch_size=8, unet={"base_width": 4, "depth": 2})
@@ -211,3 +219,31 @@ def test_arm_statistics_on_a_hand_made_record() -> None:
     assert epoch.effective_fraction == pytest.approx(56**2 / (40.0 * 100))
     uniform = arm_epoch({**record, "w": [0.5, 0.5]})
     assert uniform.wrong_relative_weight == pytest.approx(1.0) and uniform.effective_fraction == pytest.approx(1.0)
+
+
+def test_correction_table_scores_the_label_store_against_the_clean_masks(finished_root: Path, tmp_path: Path) -> None:
+    run = tmp_path / "adele"
+    shutil.copytree(finished_root / "runs" / SPECS[1].relative_dir, run)
+    config = RunDir(run).read_config()
+    data = load_run_data(config)
+    checkpoint = find_checkpoint(run)
+    store = LabelStore.load(checkpoint, data.train_labels, data.train_ids)
+    store.update(np.array([0]), [np.full_like(store.maps[0], 2)])  # a correction: the first slice all heart
+    store.save(checkpoint)
+    # The reference: the mask files themselves, read with Pillow, and IoU by hand.
+    def masks(folder: str) -> np.ndarray:
+        return np.stack([np.array(Image.open(Path(folder) / "masks" / f"{i}.png")) for i in data.train_ids])
+
+    clean, given = masks(config.data), masks(config.labels)
+    corrected = given.copy()
+    corrected[0] = 2
+    def iou(labels: np.ndarray, c: int) -> float:
+        return np.count_nonzero((labels == c) & (clean == c)) / np.count_nonzero((labels == c) | (clean == c))
+
+    quality = label_quality(run)
+    assert quality is not None
+    assert quality["given"] == pytest.approx([iou(given, c) for c in range(1, 5)])
+    assert quality["corrected"] == pytest.approx([iou(corrected, c) for c in range(1, 5)])
+    assert quality["corrected"][1] < quality["given"][1]  # the heart's labels got worse
+    row = quality_row("table1 ref, adele", [quality], [{"2": 7}])
+    assert row.split("|")[4].strip() == f"{100 * quality['given'][1]:.0f} → {100 * quality['corrected'][1]:.0f} (1/1: 7)"

@@ -22,6 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from noisyseg.training.arm_analysis import arm_series, plot_weight_function
+from noisyseg.training.correction_analysis import label_quality, quality_row
 from noisyseg.training.data import read_dataset_info
 from noisyseg.training.experiment import (
     ARM_STUDY,
@@ -54,6 +55,7 @@ class RunResult:
     summary: dict[str, Any]
     records: list[dict[str, Any]]
     timing: dict[str, Any] | None
+    path: Path | None = None  # the run directory
 
     def series(self, split: str, key: str = "miou") -> np.ndarray:
         return np.array([_nan(r[split][key]) for r in self.records])
@@ -83,6 +85,7 @@ def load_results(root: Path, specs: Sequence[RunSpec]) -> list[RunResult]:
                 summary=run.read_summary(),
                 records=run.read_metrics(),
                 timing=json.loads(timing_path.read_text(encoding="utf-8")) if timing_path.is_file() else None,
+                path=run.path,
             )
         )
     return results
@@ -189,6 +192,26 @@ def erased_classes(results: list[RunResult], class_names: list[str]) -> list[str
                 name = class_names[c] if c < len(class_names) else str(c)
                 found.append(f"{run.spec.relative_dir}: {name} {100 * _nan(ours[c]):.1f} (baseline-ms {100 * theirs[c]:.1f})")
     return found
+
+
+CORRECTING = ("adele-correction", "adele", "adele+arm", "adele-nonadaptive")
+
+
+def correction_table(results: list[RunResult], class_names: list[str]) -> list[str]:
+    """Markdown rows: per setting and correcting method, each class's labels against the clean
+    masks before and after correction (`correction_analysis`), and its trigger epochs."""
+    names = [class_names[c] if c < len(class_names) else str(c) for c in range(1, len(class_names))]
+    lines = ["| setting, method | runs | " + " | ".join(names) + " |", "|" + " --- |" * (len(names) + 2)]
+    groups: dict[tuple[str, str, str], list[RunResult]] = {}
+    for run in results:
+        if run.spec.method in CORRECTING:
+            level = "ref" if run.spec.noise.level is None else f"level {run.spec.noise.level}"
+            groups.setdefault((run.spec.experiment, level, run.spec.method), []).append(run)
+    for (experiment, level, method), runs in sorted(groups.items(), key=lambda g: (g[0][0], g[0][1], CORRECTING.index(g[0][2]))):
+        pairs = [(q, r.summary["trigger_epoch"]) for r in runs if r.path is not None and (q := label_quality(r.path))]
+        if pairs:
+            lines.append(quality_row(f"{experiment} {level}, {method}", [q for q, _ in pairs], [t for _, t in pairs]))
+    return lines
 
 
 def _verdict(ok: bool | None) -> str:
@@ -465,6 +488,16 @@ def write_results(root: Path, out: Path, scale: Scale, specs: Sequence[RunSpec],
             *arm_table(results),
             "",
             *plot_arm_runs(results, figures),
+        ]
+    if any(r.spec.method in CORRECTING for r in results):
+        lines += [
+            "## What correction did to the labels",
+            "",
+            "Per class: IoU of the labels trained on against the clean masks, as given → after the run's last correction "
+            "(mean over runs), then how many runs triggered the class and at which epochs:",
+            "",
+            *correction_table(results, class_names),
+            "",
         ]
     lines += ["## Targets", "", *target_lines(root, scale, results, levels if "ladder" in experiments else [], class_names), ""]
     if "coarse" in experiments:
