@@ -247,3 +247,13 @@ def test_correction_table_scores_the_label_store_against_the_clean_masks(finishe
     assert quality["corrected"][1] < quality["given"][1]  # the heart's labels got worse
     row = quality_row("table1 ref, adele", [quality], [{"2": 7}])
     assert row.split("|")[4].strip() == f"{100 * quality['given'][1]:.0f} → {100 * quality['corrected'][1]:.0f} (1/1: 7)"
+
+
+def test_methods_option_picks_a_variant_by_its_run_name(tmp_path: Path) -> None:
+    from noisyseg.cli import main
+
+    args = ["experiment", "--out", str(tmp_path), "--experiments", "armstudy", "--seeds", "0", "--epochs", "1", "--patients", "5", "--size", "32"]
+    assert main([*args, "--methods", "baseline@seed=1", "--results", str(tmp_path / "results.md")]) == 0
+    trained = sorted(p.parent.name for p in (tmp_path / "runs" / "armstudy").glob("*/*/summary.json"))
+    assert trained == ["baseline@seed=1"]
+    assert RunDir(tmp_path / "runs" / "armstudy" / "coarse-ref-s0" / "baseline@seed=1").read_config().seed == 1
