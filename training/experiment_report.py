@@ -28,6 +28,7 @@ from noisyseg.training.experiment import (
     ARM_STUDY,
     COARSE_METHODS,
     LADDER_METHODS,
+    SCHEDULES,
     TABLE1_METHODS,
     TIMING_FILE,
     NoiseSpec,
@@ -430,7 +431,8 @@ def write_results(root: Path, out: Path, scale: Scale, specs: Sequence[RunSpec],
         f"{scale.slices_per_patient} slices each rendered at {scale.size} px over {scale.field_of_view:g} of the body's "
         "field of view, centred on the mediastinum (slices without organs dropped), "
         f"UNet {scale.unet}, DeepLabv3+ {scale.deeplab}, {scale.epochs} epochs, batch {scale.batch_size}, "
-        f"SGD lr {scale.lr}, momentum {scale.momentum}, constant (the coarse setting: the ARM paper's multi-step policy). "
+        f"SGD lr {scale.lr}, momentum {scale.momentum}, lr schedule constant"
+        + "".join(f" ({name}: {schedule})" for name, schedule in SCHEDULES.items()) + ". "
         "The papers: 256 px SegTHOR slices of 40 patients, UNet width 64, 100 epochs.",
         "",
         _timing_line(results),
