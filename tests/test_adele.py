@@ -18,10 +18,10 @@ def saturating(a: float, b: float, c: float, epochs: int) -> list[float]:
     return [a * (1 - math.exp(-b * t**c)) for t in range(1, epochs + 1)]
 
 
-def first_trigger(history: list[float], r: float = 0.9) -> int | None:
+def first_trigger(history: list[float], r: float = 0.9, weights: str = "equal") -> int | None:
     """The first epoch at which correction starts when the history arrives one epoch at a time."""
     for epoch in range(1, len(history) + 1):
-        if correction_started(history[:epoch], r):
+        if correction_started(history[:epoch], r, weights=weights):
             return epoch
     return None
 
@@ -94,6 +94,23 @@ def test_trigger_is_robust_to_epoch_to_epoch_noise(shape: str) -> None:
     assert sum(within) >= 18, epochs
     if expected > 15:
         assert all(e is None or e > 5 for e in epochs), epochs
+
+
+def test_reference_fit_weights_fire_early_on_noisy_slow_rises() -> None:
+    # Why `adele.fit_weights` stays `equal`: the reference code's weights (the latest epoch 100x
+    # the first) let a few noisy recent points bend the fit. On the same 20 draws of the slow
+    # shape, equal weights never fire at epoch 5 or earlier; the reference weights do.
+    (a, b, c), expected = NOISY_SHAPES["slow"]
+    clean = np.array(saturating(a, b, c, expected + 9))
+    draws = [np.clip(clean + np.random.default_rng(seed).normal(0.0, 0.03, len(clean)), 0.0, 1.0).tolist() for seed in range(20)]
+    early = {weights: sum(1 for d in draws if (e := first_trigger(d, weights=weights)) is not None and e <= 5) for weights in adele.FIT_WEIGHTS}
+    assert early["equal"] == 0 and early["reference"] >= 1, early
+    # On an exact curve the weights change nothing: both recover the parameters.
+    for weights in adele.FIT_WEIGHTS:
+        fit = fit_iou_curve(saturating(0.8, 0.15, 1.0, 30), weights=weights)
+        assert fit is not None and (fit.a, fit.b, fit.c) == pytest.approx((0.8, 0.15, 1.0), rel=1e-3)
+    with pytest.raises(ValueError, match="adele.fit_weights"):
+        fit_iou_curve(saturating(0.8, 0.15, 1.0, 30), weights="late")
 
 
 def test_a_sharp_knee_needs_the_evidence_of_many_points() -> None:

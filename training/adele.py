@@ -6,7 +6,8 @@ Trigger. For each foreground class, the training IoU against the labels currentl
     f(t) = a (1 - exp(-b t^c)),  0 < a <= 1, b >= 0, c >= 0,   f'(t) = a b c exp(-b t^c) t^(c-1)
 
 by bounded least squares (scipy `curve_fit`, method `trf`), on every epoch seen so far with equal
-weights. The exponent is first bounded by c <= 1, the reference code's bound: a concave curve,
+weights (`adele.fit_weights=reference`: the reference code's, later epochs up to 100x; not the
+default, it fires early on noisy slow rises, `docs/method.md`). The exponent is first bounded by c <= 1, the reference code's bound: a concave curve,
 whose slope only falls. A sharper knee (c > 1, an S-shaped rise) is taken only when the data
 demand it: the unbounded fit must beat the concave one by an F-test at p < 0.001 (one extra
 degree of freedom). With the paper's unbounded c alone, a few noisy epochs of a slow rise fit a
@@ -67,6 +68,7 @@ MIN_FIT_POINTS = 3
 KNEE_ALPHA = 1e-3
 # Smallest rise of the fitted training-IoU curve since epoch 1 that counts as early learning.
 MIN_RISE = 0.05
+FIT_WEIGHTS = ("equal", "reference")
 
 
 @dataclass(frozen=True)
@@ -100,23 +102,34 @@ def _finite_points(iou_history: Sequence[float | None]) -> tuple[np.ndarray, np.
     return epochs[finite], values[finite]
 
 
-def fit_iou_curve(iou_history: Sequence[float | None], min_points: int = MIN_FIT_POINTS) -> CurveFit | None:
+def fit_sigma(n: int, weights: str) -> np.ndarray | None:
+    """Per-point sigma of the fit of n epochs: None for `equal` weights; for `reference`, the
+    reference code's geomspace(1, 0.1, n), which weighs the latest epoch 100x the first."""
+    if weights not in FIT_WEIGHTS:
+        raise ValueError(f"adele.fit_weights: expected one of {', '.join(FIT_WEIGHTS)}, got {weights!r}")
+    return np.geomspace(1.0, 0.1, n) if weights == "reference" else None
+
+
+def fit_iou_curve(iou_history: Sequence[float | None], min_points: int = MIN_FIT_POINTS, weights: str = "equal") -> CurveFit | None:
     """Least-squares fit of the paper's curve to a training-IoU history (None/NaN entries skipped).
 
     The concave fit (c <= 1) unless the unbounded one is better by an F-test at `KNEE_ALPHA`.
+    `weights` (`fit_sigma`) weighs the epochs of both fits and of the test.
     Returns None when fewer than `min_points` finite values exist or the solver fails (logged).
     """
     epochs, values = _finite_points(iou_history)
     if len(values) < max(min_points, MIN_FIT_POINTS):
         return None
-    concave = _least_squares(epochs, values, c_max=1.0)
+    sigma = fit_sigma(len(values), weights)
+    concave = _least_squares(epochs, values, c_max=1.0, sigma=sigma)
     if concave is None or len(values) <= MIN_FIT_POINTS + 1:
         return concave
-    knee = _least_squares(epochs, values, c_max=np.inf)
+    knee = _least_squares(epochs, values, c_max=np.inf, sigma=sigma)
     if knee is None or knee.c <= 1.0:
         return concave
-    residual_concave = float(np.sum((concave.value(epochs) - values) ** 2))
-    residual_knee = float(np.sum((knee.value(epochs) - values) ** 2))
+    w = np.ones_like(values) if sigma is None else sigma**-2.0
+    residual_concave = float(np.sum(w * (concave.value(epochs) - values) ** 2))
+    residual_knee = float(np.sum(w * (knee.value(epochs) - values) ** 2))
     dof = len(values) - 3
     if residual_knee <= 0.0:
         return knee
@@ -124,7 +137,7 @@ def fit_iou_curve(iou_history: Sequence[float | None], min_points: int = MIN_FIT
     return knee if stats.f.sf(f_statistic, 1, dof) < KNEE_ALPHA else concave
 
 
-def _least_squares(epochs: np.ndarray, values: np.ndarray, c_max: float) -> CurveFit | None:
+def _least_squares(epochs: np.ndarray, values: np.ndarray, c_max: float, sigma: np.ndarray | None = None) -> CurveFit | None:
     """The bounded least-squares fit with the exponent in [0, c_max]; None (logged) on failure."""
     # Start near a saturating curve through the data: a at the highest value seen, c = 1 and b
     # from the first point, which puts the solver close to the fast-saturating shapes.
@@ -139,6 +152,7 @@ def _least_squares(epochs: np.ndarray, values: np.ndarray, c_max: float) -> Curv
                 epochs,
                 values,
                 p0=(a0, b0, min(1.0, c_max)),
+                sigma=sigma,
                 bounds=([1e-9, 0.0, 0.0], [1.0, np.inf, c_max]),
                 method="trf",
                 maxfev=5000,
@@ -176,6 +190,7 @@ def correction_started(
     r: float = 0.9,
     min_points: int = MIN_FIT_POINTS,
     min_rise: float = MIN_RISE,
+    weights: str = "equal",
 ) -> bool:
     """Whether label correction of a class starts now, at the last epoch of `iou_history`.
 
@@ -185,7 +200,7 @@ def correction_started(
     epoch 1. Never triggers on fewer than `min_points` finite values or on a failed fit. The
     caller keeps a triggered class triggered (sticky).
     """
-    return fit_triggers(fit_iou_curve(iou_history, min_points), len(iou_history), r, min_rise)
+    return fit_triggers(fit_iou_curve(iou_history, min_points, weights), len(iou_history), r, min_rise)
 
 
 def collapsed_classes(areas: np.ndarray, annotated: np.ndarray, corrected: Sequence[int], min_area: float) -> list[int]:
@@ -248,11 +263,11 @@ class TriggerState:
             self.trigger_epoch.setdefault(c, None)
             self.guard_epoch.setdefault(c, None)
 
-    def update(self, epoch: int, train_iou: np.ndarray, r: float, min_points: int, min_rise: float, detect: bool, adaptive: bool) -> list[int]:
+    def update(self, epoch: int, train_iou: np.ndarray, r: float, min_points: int, min_rise: float, detect: bool, adaptive: bool, weights: str = "equal") -> list[int]:
         """Add this epoch's IoUs, refit, trigger; returns the classes that triggered now."""
         for c in range(1, self.num_classes):
             self.iou_history[c].append(json_float(float(train_iou[c])))
-            fit = fit_iou_curve(self.iou_history[c], min_points)
+            fit = fit_iou_curve(self.iou_history[c], min_points, weights)
             self.fits[c] = fit.as_dict() if fit else None
         if not detect:
             return []
@@ -260,7 +275,7 @@ class TriggerState:
         if adaptive:
             fired = [c for c in pending if self._class_fires(c, epoch, r, min_rise)]
         else:
-            fired = pending if pending and correction_started(self.mean_history(), r, min_points, min_rise) else []
+            fired = pending if pending and correction_started(self.mean_history(), r, min_points, min_rise, weights) else []
         for c in fired:
             self.trigger_epoch[c] = epoch
         return fired

@@ -97,6 +97,9 @@ class AdeleConfig:
     r: relative slope drop that starts correction of a class; min_fit_points: fewest epochs fitted;
     min_rise: the fitted curve must have risen this much since epoch 1 (noisyseg's guard against
         triggering on a class the network does not predict yet; 0 = the papers' rule alone).
+    fit_weights: `equal` (every epoch alike, the default) or `reference` (the reference code's
+        sigma = geomspace(1, 0.1): the latest epoch weighs 100x the first; it fires at epoch 5
+        or earlier on noisy slow rises, `docs/method.md`).
     tau: confidence above which a pixel's label may be replaced by the prediction.
     correction_timing: `iteration` (paper, SegTHOR: the batch's own outputs after each step) or
         `epoch` (outputs recomputed at the end of the epoch without augmentation). `auto` (the
@@ -131,6 +134,7 @@ class AdeleConfig:
     r: float = 0.9
     min_fit_points: int = 3
     min_rise: float = 0.05
+    fit_weights: str = "equal"
     tau: float = 0.7
     correction_timing: str = "auto"
     correction_every: int = 1
@@ -313,6 +317,7 @@ class TrainConfig:
             (0.0 <= self.adele.r < 1.0, "adele.r", "in [0, 1)"),
             (self.adele.min_fit_points >= 3, "adele.min_fit_points", "at least 3"),
             (0.0 <= self.adele.min_rise < 1.0, "adele.min_rise", "in [0, 1)"),
+            (self.adele.fit_weights in ("equal", "reference"), "adele.fit_weights", "'equal' or 'reference'"),
             (0.0 <= self.adele.tau < 1.0, "adele.tau", "in [0, 1)"),
             (self.adele.rho_mask in ("image", "pixel"), "adele.rho_mask", "'image' or 'pixel'"),
             (self.adele.correction_timing in ("auto", "iteration", "epoch"), "adele.correction_timing", "'auto', 'iteration' or 'epoch'"),

@@ -495,7 +495,11 @@ class Trainer:
         self.epoch += 1
         epoch = self.epoch
         train_iou = iou_per_class(counters.train_meter.matrix)
-        fired = self.triggers.update(epoch, train_iou, self.config.adele.r, self.config.adele.min_fit_points, self.config.adele.min_rise, detect=self.spec.correction, adaptive=self.spec.adaptive)
+        adele_config = self.config.adele
+        fired = self.triggers.update(
+            epoch, train_iou, adele_config.r, adele_config.min_fit_points, adele_config.min_rise,
+            detect=self.spec.correction, adaptive=self.spec.adaptive, weights=adele_config.fit_weights,
+        )
         for c in fired:
             log.info("epoch %d: label correction triggered for class %d (%s)", epoch, c, self.data.info.classes[c])
         corrected = int(counters.corrected_pixels) + self.correct_after_epoch(epoch)
