@@ -56,6 +56,9 @@ def test_wrong_types_and_values_name_the_field() -> None:
         build_config(None, [*REQUIRED, "adele.r=1.5"])
     with pytest.raises(ValueError, match=r"'adele\.scales'"):
         build_config(None, [*REQUIRED, "adele.scales=[0.7, 1.5]"])
+    with pytest.raises(ValueError, match=r"'adele\.fit_weights': expected 'equal' or 'reference', got 'late'"):
+        build_config(None, [*REQUIRED, "adele.fit_weights=late"])
+    assert build_config(None, [*REQUIRED, "adele.fit_weights=reference"]).adele.fit_weights == "reference"
     with pytest.raises(ValueError, match="KEY=VALUE"):
         build_config(None, [*REQUIRED, "adele.r"])
 

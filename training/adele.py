@@ -7,13 +7,14 @@ Trigger. For each foreground class, the training IoU against the labels currentl
 
 by bounded least squares (scipy `curve_fit`, method `trf`), on every epoch seen so far with equal
 weights (`adele.fit_weights=reference`: the reference code's, later epochs up to 100x; not the
-default, it fires early on noisy slow rises, `docs/method.md`). The exponent is first bounded by c <= 1, the reference code's bound: a concave curve,
-whose slope only falls. A sharper knee (c > 1, an S-shaped rise) is taken only when the data
-demand it: the unbounded fit must beat the concave one by an F-test at p < 0.001 (one extra
-degree of freedom). With the paper's unbounded c alone, a few noisy epochs of a slow rise fit a
-sharp knee and fire absurdly early (measured on 20 noise draws of sd 0.03: a slow exponential
-whose noise-free trigger is epoch 30 fired at epoch 5 or earlier in 9 of 20; with the selection,
-never, and within 25% of epoch 30 in 19-20 of 20 on three sets of draws; `docs/method.md`).
+default, it fires early on noisy slow rises, `docs/method.md`). The exponent is first bounded by
+c <= 1, the reference code's bound: a concave curve, whose slope only falls. A sharper knee
+(c > 1, an S-shaped rise) is taken only when the data demand it: the unbounded fit must beat the
+concave one by an F-test at p < 0.001 (one extra degree of freedom). With the paper's unbounded
+c alone, a few noisy epochs of a slow rise fit a sharp knee and fire absurdly early (measured on
+20 noise draws of sd 0.03: a slow exponential whose noise-free trigger is epoch 30 fired at epoch
+5 or earlier in 9 of 20; with the selection, never, and within 25% of epoch 30 in 19-20 of 20 on
+three sets of draws; `docs/method.md`).
 Correction of the class starts at epoch t when the slope has *fallen* by the fraction r:
 
     f'(t) <= (1 - r) f'(1),  f'(1) > 0
