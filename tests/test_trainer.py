@@ -18,7 +18,7 @@ from noisyseg.cli import main
 from noisyseg.kernels.reference import ARM
 from noisyseg.training import adele
 from noisyseg.training.checkpoint import load_model
-from noisyseg.training.config import METHODS, TrainConfig, build_config
+from noisyseg.training.config import METHODS, AdeleConfig, TrainConfig, build_config
 from noisyseg.training.data import RunData, load_run_data, load_split
 from noisyseg.training.methods import METHOD_SPECS
 from noisyseg.training.metrics import (
@@ -317,7 +317,7 @@ def test_trigger_state_fires_per_class_or_all_at_once(adaptive: bool) -> None:
     curves = {c: saturating(0.8, b, 15) for c, b in rates.items()}
     state = adele.TriggerState(num_classes=5)
     for epoch in range(1, 16):
-        state.update(epoch, np.array([0.9, *(curves[c][epoch - 1] for c in range(1, 5))]), r=0.9, min_points=3, min_rise=0.05, detect=True, adaptive=adaptive)
+        state.update(epoch, np.array([0.9, *(curves[c][epoch - 1] for c in range(1, 5))]), AdeleConfig(r=0.9, min_fit_points=3, min_rise=0.05), detect=True, adaptive=adaptive)
     if adaptive:
         assert state.trigger_epoch == {1: 4, 2: 11, 3: 6, 4: 6}
     else:

@@ -60,6 +60,7 @@ import torch
 from scipy import stats
 from scipy.optimize import OptimizeWarning, curve_fit
 
+from noisyseg.training.config import FIT_WEIGHTS, AdeleConfig
 from noisyseg.training.io import json_float
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,6 @@ MIN_FIT_POINTS = 3
 KNEE_ALPHA = 1e-3
 # Smallest rise of the fitted training-IoU curve since epoch 1 that counts as early learning.
 MIN_RISE = 0.05
-FIT_WEIGHTS = ("equal", "reference")
 
 
 @dataclass(frozen=True)
@@ -264,26 +264,25 @@ class TriggerState:
             self.trigger_epoch.setdefault(c, None)
             self.guard_epoch.setdefault(c, None)
 
-    def update(self, epoch: int, train_iou: np.ndarray, r: float, min_points: int, min_rise: float, detect: bool, adaptive: bool, weights: str = "equal") -> list[int]:
-        """Add this epoch's IoUs, refit, trigger; returns the classes that triggered now."""
+    def update(self, epoch: int, train_iou: np.ndarray, rule: AdeleConfig, detect: bool, adaptive: bool) -> list[int]:
+        """Add this epoch's IoUs, refit, trigger by `rule`'s r, min_fit_points, min_rise and
+        fit_weights; returns the classes that triggered now."""
         for c in range(1, self.num_classes):
             self.iou_history[c].append(json_float(float(train_iou[c])))
-            fit = fit_iou_curve(self.iou_history[c], min_points, weights)
+            fit = fit_iou_curve(self.iou_history[c], rule.min_fit_points, rule.fit_weights)
             self.fits[c] = fit.as_dict() if fit else None
         if not detect:
             return []
         pending = [c for c in range(1, self.num_classes) if self.trigger_epoch[c] is None]
         if adaptive:
-            fired = [c for c in pending if self._class_fires(c, epoch, r, min_rise)]
+            fired = [c for c in pending if self.fits[c] is not None and fit_triggers(CurveFit(**self.fits[c]), epoch, rule.r, rule.min_rise)]
+        elif pending and correction_started(self.mean_history(), rule.r, rule.min_fit_points, rule.min_rise, rule.fit_weights):
+            fired = pending
         else:
-            fired = pending if pending and correction_started(self.mean_history(), r, min_points, min_rise, weights) else []
+            fired = []
         for c in fired:
             self.trigger_epoch[c] = epoch
         return fired
-
-    def _class_fires(self, c: int, epoch: int, r: float, min_rise: float) -> bool:
-        fit = self.fits[c]
-        return fit is not None and fit_triggers(CurveFit(**fit), epoch, r, min_rise)
 
     def mean_history(self) -> list[float | None]:
         """Mean foreground training IoU per epoch (the non-adaptive ablation's single curve)."""

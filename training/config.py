@@ -87,6 +87,10 @@ class OptimConfig:
     poly_power: float = 0.9
 
 
+# How the trigger's curve fit weighs the epochs (`adele.fit_sigma`).
+FIT_WEIGHTS = ("equal", "reference")
+
+
 @dataclass
 class AdeleConfig:
     """ADELE (method-spec sections 2 to 4); defaults are the paper's SegTHOR values (Table 7).
@@ -317,7 +321,7 @@ class TrainConfig:
             (0.0 <= self.adele.r < 1.0, "adele.r", "in [0, 1)"),
             (self.adele.min_fit_points >= 3, "adele.min_fit_points", "at least 3"),
             (0.0 <= self.adele.min_rise < 1.0, "adele.min_rise", "in [0, 1)"),
-            (self.adele.fit_weights in ("equal", "reference"), "adele.fit_weights", "'equal' or 'reference'"),
+            (self.adele.fit_weights in FIT_WEIGHTS, "adele.fit_weights", " or ".join(f"'{w}'" for w in FIT_WEIGHTS)),
             (0.0 <= self.adele.tau < 1.0, "adele.tau", "in [0, 1)"),
             (self.adele.rho_mask in ("image", "pixel"), "adele.rho_mask", "'image' or 'pixel'"),
             (self.adele.correction_timing in ("auto", "iteration", "epoch"), "adele.correction_timing", "'auto', 'iteration' or 'epoch'"),

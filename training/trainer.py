@@ -495,11 +495,7 @@ class Trainer:
         self.epoch += 1
         epoch = self.epoch
         train_iou = iou_per_class(counters.train_meter.matrix)
-        adele_config = self.config.adele
-        fired = self.triggers.update(
-            epoch, train_iou, adele_config.r, adele_config.min_fit_points, adele_config.min_rise,
-            detect=self.spec.correction, adaptive=self.spec.adaptive, weights=adele_config.fit_weights,
-        )
+        fired = self.triggers.update(epoch, train_iou, self.config.adele, detect=self.spec.correction, adaptive=self.spec.adaptive)
         for c in fired:
             log.info("epoch %d: label correction triggered for class %d (%s)", epoch, c, self.data.info.classes[c])
         corrected = int(counters.corrected_pixels) + self.correct_after_epoch(epoch)
