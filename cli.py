@@ -14,12 +14,12 @@ from noisyseg import __version__
 # they import heavy packages (torch, numpy, scipy, onnx, ...) in their handlers, keeping
 # `noisyseg --help` fast; tests/test_cli_imports.py checks it.
 COMMAND_MODULES = [
-    "noisyseg.training.data_commands",
-    "noisyseg.training.commands",
-    "noisyseg.serve.commands",
-    "noisyseg.export.commands",
-    "noisyseg.export.review_commands",
-    "noisyseg.training.experiment_commands",
+    "noisyseg.commands.data",
+    "noisyseg.commands.train",
+    "noisyseg.commands.serve",
+    "noisyseg.commands.export",
+    "noisyseg.commands.review",
+    "noisyseg.commands.experiment",
     "noisyseg.demo",
 ]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from noisyseg.training.experiment import NoiseSpec, Scale
+    from noisyseg.experiments.experiment import NoiseSpec, Scale
 
 # The heavy imports (torch, the trainer, the exporter) happen inside the functions that need
 # them, so registering this command keeps `noisyseg --help` fast.
@@ -40,7 +40,7 @@ ONNX_FILE = "model.onnx"
 def demo_scale(quick: bool, epochs: int | None = None) -> Scale:
     """The full demo (the experiment's default scale, 100 epochs: minutes on two CPU cores), or
     the quick one (tiny slices and network, a few epochs: checks the pipeline, not the method)."""
-    from noisyseg.training.experiment import Scale
+    from noisyseg.experiments.experiment import Scale
 
     if epochs is not None and epochs < 1:
         raise ValueError(f"--epochs: expected at least 1, got {epochs}")
@@ -71,9 +71,9 @@ def demo(out: Path, scale: Scale, export: bool = True, quiet: bool = True, worke
     """Run the demo into `out` and return what `out/summary.json` holds. The methods train in
     `workers` processes of one torch thread each (default: one per CPU core, at most one per
     method); each run is locked and resumable, so workers never train the same run."""
-    from noisyseg.training.data import read_dataset_info
-    from noisyseg.training.experiment import NoiseSpec, RunSpec, ensure_data
-    from noisyseg.training.io import atomic_write_json
+    from noisyseg.data.folder import read_dataset_info
+    from noisyseg.experiments.experiment import NoiseSpec, RunSpec, ensure_data
+    from noisyseg.io import atomic_write_json
 
     started = time.monotonic()
     noise = NoiseSpec(family="erode-dilate", level=None, seed=0)  # the reference setting
@@ -117,7 +117,7 @@ class TrainingProgress:
         self.last_line = ""
 
     def method_status(self, method: str) -> str:
-        from noisyseg.training.run_dir import RunDir
+        from noisyseg.runs.run_dir import RunDir
 
         run = RunDir(self.run_dirs[method])
         if run.is_finished():
@@ -138,7 +138,7 @@ class TrainingProgress:
 def _train_one(spec: Any, out: Path, scale: Scale, quiet: bool) -> float:
     """Train (or skip, or resume) one demo run (the trainer's default: one torch thread); its
     wall time in seconds."""
-    from noisyseg.training.experiment import run_experiment_step
+    from noisyseg.experiments.experiment import run_experiment_step
     from noisyseg.training.trainer import train
 
     run_started = time.monotonic()
@@ -148,7 +148,7 @@ def _train_one(spec: Any, out: Path, scale: Scale, quiet: bool) -> float:
 
 def _run_summary(run_dir: Path) -> dict[str, Any]:
     """The run's summary.json, plus the last epoch's per-class test IoU for the table."""
-    from noisyseg.training.run_dir import RunDir
+    from noisyseg.runs.run_dir import RunDir
 
     run = RunDir(run_dir)
     summary = run.read_summary()
@@ -161,7 +161,7 @@ def _run_summary(run_dir: Path) -> dict[str, Any]:
 
 
 def _noise_record(out: Path, scale: Scale, noise: NoiseSpec) -> dict[str, Any]:
-    from noisyseg.training.experiment import annotation_quality
+    from noisyseg.experiments.experiment import annotation_quality
 
     quality = annotation_quality(out, scale, noise) or {}
     return {
@@ -181,25 +181,26 @@ def export_best_model(out: Path, phantom: Path, methods: dict[str, Any]) -> dict
     import numpy as np
     import torch
 
-    from noisyseg.export.onnx_export import ExportConfig, export_checkpoint
-    from noisyseg.export.onnxruntime_runner import OnnxRuntimeRunner
-    from noisyseg.training.checkpoint import load_model
-    from noisyseg.training.data import (
+    from noisyseg.data.folder import (
         IMAGE_DIR,
         IMAGE_SUFFIXES,
         find_slice_file,
-        load_split,
         read_image,
         read_split_ids,
     )
-    from noisyseg.training.metrics import confusion_matrix, mean_iou
+    from noisyseg.data.run_data import load_split
+    from noisyseg.evaluation.metrics import confusion_matrix, mean_iou
+    from noisyseg.export.onnx_export import ExportConfig, export_checkpoint
+    from noisyseg.export.onnxruntime_runner import OnnxRuntimeRunner
+    from noisyseg.models.model_file import load_model
+    from noisyseg.runs.run_dir import resolve_model_file
 
     best = max(methods, key=lambda m: methods[m]["best_val_miou"] or -1.0)
     run_dir = Path(methods[best]["run_dir"])
     onnx_path = out / ONNX_FILE
     # The legacy tracer: about ten times faster to export than the dynamo exporter.
     report = export_checkpoint(run_dir, onnx_path, ExportConfig(exporter="torchscript"))
-    model, info = load_model(run_dir)
+    model, info = load_model(resolve_model_file(run_dir))
     runner = OnnxRuntimeRunner(onnx_path, providers=["CPUExecutionProvider"])
     raw = np.stack([read_image(find_slice_file(phantom / IMAGE_DIR, i, IMAGE_SUFFIXES, "image")) for i in read_split_ids(phantom, "test")])
     test = load_split(phantom, "test")
@@ -226,8 +227,8 @@ def review_adele(out: Path, methods: dict[str, Any]) -> dict[str, Any]:
     """`noisyseg review` of the ADELE run's training labels into `out/review`."""
     import tempfile
 
-    from noisyseg.training.review.runner import ReviewOptions, run_review
-    from noisyseg.training.review.sources import RunSource
+    from noisyseg.review.runner import ReviewOptions, run_review
+    from noisyseg.review.sources import RunSource
 
     target = out / "review"
     target.mkdir(parents=True, exist_ok=True)

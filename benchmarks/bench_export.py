@@ -1,6 +1,6 @@
 """Inference speed of the deployment paths, side by side in one run (`make bench`).
 
-UNet at the CPU demo width (`noisyseg.training.experiment.Scale().unet`), 256 x 256 images, batch
+UNet at the CPU demo width (`noisyseg.experiments.experiment.Scale().unet`), 256 x 256 images, batch
 1 and 8: PyTorch eager fp32, ONNX Runtime fp32, ONNX Runtime int8 (static QDQ), and TensorRT
 fp16/int8 where TensorRT and a GPU are present. `extra_info` holds images per second, latency
 per batch (median of the rounds) and the speed-up over PyTorch eager at the same batch (measured earlier in the same
@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 import torch
 
+from noisyseg.data.phantom import PhantomConfig, generate_phantom
+from noisyseg.experiments.experiment import Scale
 from noisyseg.export.onnx_export import DeployableSegmenter, export_model, sample_images
 from noisyseg.export.onnxruntime_runner import OnnxRuntimeRunner
 from noisyseg.export.quantize import QuantizeConfig, quantize_to_bytes
 from noisyseg.export.tensorrt_engine import GPU_EXTRA_MESSAGE, EngineBuildConfig, tensorrt_available
-from noisyseg.training.checkpoint import ModelInfo
-from noisyseg.training.experiment import Scale
-from noisyseg.training.models import create_model
-from noisyseg.training.phantom import PhantomConfig, generate_phantom
+from noisyseg.models import create_model
+from noisyseg.models.model_file import ModelInfo
 
 SIZE = 256
 BATCHES = (1, 8)

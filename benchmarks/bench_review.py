@@ -37,10 +37,16 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from noisyseg.training.data import MASK_DIR, MASK_SUFFIXES, find_slice_file, read_mask
-from noisyseg.training.experiment import NoiseSpec, RunSpec, Scale, ensure_data, run_experiment_step
-from noisyseg.training.review.scores import review_image
-from noisyseg.training.review.sources import RunSource
+from noisyseg.data.folder import MASK_DIR, MASK_SUFFIXES, find_slice_file, read_mask
+from noisyseg.experiments.experiment import (
+    NoiseSpec,
+    RunSpec,
+    Scale,
+    ensure_data,
+    run_experiment_step,
+)
+from noisyseg.review.scores import review_image
+from noisyseg.review.sources import RunSource
 
 ROOT = Path(os.environ.get("NOISYSEG_BENCH_REVIEW_ROOT", ".benchmarks/review"))
 SUMMARY = Path(os.environ.get("NOISYSEG_BENCH_SUMMARY", ".benchmarks/review_summary.md"))
@@ -162,9 +168,9 @@ def onnx_model() -> Path:
 
 def phantom_with(train_images: int) -> tuple[Path, Path]:
     """A phantom (and its noisy labels) with at least `train_images` training slices."""
-    from noisyseg.training.data import read_split_ids
-    from noisyseg.training.noise import corrupt_dataset
-    from noisyseg.training.phantom import generate_phantom
+    from noisyseg.data.folder import read_split_ids
+    from noisyseg.data.noise import corrupt_dataset
+    from noisyseg.data.phantom import generate_phantom
 
     # About 14 of a patient's 16 slices show an organ, and about 0.6 of the patients are in training.
     patients = int(np.ceil(train_images / (0.6 * 14)))
@@ -194,7 +200,7 @@ def test_review_time_and_peak_memory(benchmark: Any, onnx_model: Path, images: i
         cpu.append(usage.ru_utime + usage.ru_stime)  # what a shared machine's wall time hides
 
     benchmark.pedantic(review, rounds=1, iterations=1)
-    from noisyseg.training.data import read_split_ids
+    from noisyseg.data.folder import read_split_ids
 
     benchmark.extra_info.update(images=len(read_split_ids(data, "train")), peak_rss_mib=round(max(peaks), 1), cpu_seconds=round(max(cpu), 1))
     print(json.dumps(benchmark.extra_info))

@@ -43,10 +43,10 @@ import torch
 
 from noisyseg.export.onnx_export import ExportConfig, export_checkpoint, sample_images
 from noisyseg.export.onnxruntime_runner import OnnxRuntimeRunner
+from noisyseg.models import create_model
+from noisyseg.models.model_file import ModelInfo, save_model
 from noisyseg.serve.loadgen import ServerProcess, run_load
 from noisyseg.serve.runtimes import OnnxRuntimeBackend
-from noisyseg.training.checkpoint import ModelInfo, save_model
-from noisyseg.training.models import create_model
 
 CONCURRENCIES = (1, 8, 32)
 TARGET_RATIO = 0.8

@@ -25,9 +25,9 @@ import pytest
 import torch
 from side_by_side import record_side_by_side
 
-from noisyseg.training.config import build_config
-from noisyseg.training.data import load_run_data
-from noisyseg.training.phantom import PhantomConfig, generate_phantom
+from noisyseg.config import build_config
+from noisyseg.data.phantom import PhantomConfig, generate_phantom
+from noisyseg.data.run_data import load_run_data
 from noisyseg.training.trainer import EpochCounters, Trainer
 
 LOGGER = logging.getLogger(__name__)

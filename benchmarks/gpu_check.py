@@ -383,13 +383,14 @@ def loss_check(run_dir: str, data: str, device_name: str = "cuda") -> dict[str, 
     steady-state training-step loop for images/s."""
     import torch
 
+    from noisyseg.data.run_data import load_split
     from noisyseg.kernels import ARM, functional
-    from noisyseg.training.checkpoint import load_model
-    from noisyseg.training.data import load_split
+    from noisyseg.models.model_file import load_model
+    from noisyseg.runs.run_dir import resolve_model_file
     from noisyseg.training.trainer import forward_scales
 
     device = torch.device(device_name)  # "cpu" only to dry-run this code without a GPU
-    model, _ = load_model(run_dir)
+    model, _ = load_model(resolve_model_file(run_dir))
     model = model.to(device)
     scales = [1.0, 0.7, 1.5]
     split = load_split(data, "train")
@@ -481,12 +482,13 @@ def onnx_check(run_dir: str, model_path: str, data: str, devices: str = "cpu,cud
     import numpy as np
     import torch
 
+    from noisyseg.data.folder import read_image, read_split_ids
     from noisyseg.export.onnx_export import DeployableSegmenter, ValidationTolerance
     from noisyseg.export.onnxruntime_runner import OnnxRuntimeRunner
-    from noisyseg.training.checkpoint import load_model
-    from noisyseg.training.data import read_image, read_split_ids
+    from noisyseg.models.model_file import load_model
+    from noisyseg.runs.run_dir import resolve_model_file
 
-    model, info = load_model(run_dir)
+    model, info = load_model(resolve_model_file(run_dir))
     ids = read_split_ids(data, "test")[:4]
     images = np.stack([read_image(next(Path(data, "images").glob(f"{slice_id}.*"))) for slice_id in ids]).astype(np.float32)
     if images.ndim == 3:

@@ -16,7 +16,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from noisyseg.training.datasets import SegmentationSource, open_source
+from noisyseg.data.datasets import SegmentationSource, open_source
 
 T = TypeVar("T")
 

@@ -29,8 +29,7 @@ from noisyseg.export.data_inputs import metadata_stride, open_data, shape_batche
 from noisyseg.export.onnx_export import sample_images
 from noisyseg.export.onnx_file import load_onnx
 from noisyseg.export.onnxruntime_runner import OnnxRuntimeRunner
-from noisyseg.training.checkpoint import file_sha256
-from noisyseg.training.io import atomic_write_bytes
+from noisyseg.io import atomic_write_bytes, file_sha256
 
 logger = logging.getLogger(__name__)
 

@@ -34,10 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from noisyseg.training.checkpoint import ModelInfo, file_sha256, load_model, resolve_model_file
-from noisyseg.training.data import IMAGENET_MEAN, IMAGENET_STD, NORMALIZATION_EPS
-from noisyseg.training.device import resolve_device
-from noisyseg.training.io import atomic_write_bytes
+from noisyseg.data.folder import IMAGENET_MEAN, IMAGENET_STD, NORMALIZATION_EPS
+from noisyseg.io import atomic_write_bytes, file_sha256
+from noisyseg.models.model_file import ModelInfo, load_model
+from noisyseg.runs.run_dir import resolve_model_file
+from noisyseg.runtime.device import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class DeployableSegmenter(nn.Module):
     """A segmentation network packaged for deployment: raw pixels in, one output kind out.
 
     `normalization` is the checkpoint's `ModelInfo.normalization`, applied exactly as
-    `noisyseg.training.data.normalize_image` does at training time: "zscore" standardises each
+    `noisyseg.data.folder.normalize_image` does at training time: "zscore" standardises each
     image and channel over its pixels; "imagenet" takes 0-255 RGB (3 channels), scales it to
     [0, 1] and subtracts the ImageNet mean and divides by its std per channel (constants in the
     graph); "none" passes pixels through. `output` picks what `forward` returns (see the module

@@ -16,7 +16,7 @@ Choices, and why:
   is the logits, whose small margins decide the argmax; it is 1x1 and cheap.
 
 Calibration and evaluation images come from a dataset in any supported layout
-(`noisyseg.training.datasets.open_source`, read on demand): raw pixels, as a client sends them,
+(`noisyseg.data.datasets.open_source`, read on demand): raw pixels, as a client sends them,
 which the graph normalises itself (z-score per image, or ImageNet mean/std for RGB models), so
 the network sees exactly the input it sees at deployment. Images may differ in size: consecutive
 images of one size are batched together (`export.data_inputs.shape_batches`), zero-padded on the
@@ -47,6 +47,9 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from tqdm import tqdm
 
+from noisyseg.data.datasets import SegmentationSource, detect_layout
+from noisyseg.data.run_data import test_split
+from noisyseg.evaluation.metrics import confusion_matrix, mean_iou
 from noisyseg.export.data_inputs import (
     ImageBatch,
     metadata_stride,
@@ -57,10 +60,7 @@ from noisyseg.export.data_inputs import (
 from noisyseg.export.onnx_export import read_metadata, set_metadata, tensorrt_compatibility_problems
 from noisyseg.export.onnx_file import load_onnx
 from noisyseg.export.onnxruntime_runner import OnnxRuntimeRunner
-from noisyseg.training.data import test_split
-from noisyseg.training.datasets import SegmentationSource, detect_layout
-from noisyseg.training.io import atomic_write_bytes
-from noisyseg.training.metrics import confusion_matrix, mean_iou
+from noisyseg.io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -37,8 +37,7 @@ import onnx
 
 from noisyseg import __version__
 from noisyseg.export.onnx_file import load_onnx
-from noisyseg.training.checkpoint import file_sha256
-from noisyseg.training.io import atomic_write_bytes, atomic_write_json
+from noisyseg.io import atomic_write_bytes, atomic_write_json, file_sha256
 
 if TYPE_CHECKING:
     import tensorrt as trt

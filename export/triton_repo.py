@@ -30,7 +30,7 @@ from typing import Any
 import onnx
 
 from noisyseg.export.onnx_file import load_onnx
-from noisyseg.training.io import atomic_write_bytes, atomic_write_text
+from noisyseg.io import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
 

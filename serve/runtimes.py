@@ -268,11 +268,14 @@ class PyTorchBackend(Runtime):
             model_metadata,
             model_stride,
         )
-        from noisyseg.training.checkpoint import file_sha256, load_model, resolve_model_file
-        from noisyseg.training.device import resolve_device
+        from noisyseg.io import file_sha256
+        from noisyseg.models.model_file import load_model
+        from noisyseg.runs.run_dir import resolve_model_file
+        from noisyseg.runtime.device import resolve_device
 
         self.device = resolve_device(self.device_name, field="--device")
-        model, info = load_model(self.path)
+        model_file = resolve_model_file(self.path)
+        model, info = load_model(model_file)
         self.module = DeployableSegmenter(model, info.normalization, output="logits").eval().to(self.device)
         self.native_output = "logits"
         self.class_names = list(info.class_names)
@@ -280,7 +283,7 @@ class PyTorchBackend(Runtime):
         self.input_shape = (-1, info.in_channels, -1, -1)
         self.min_spatial_size = model_stride(model)
         # What `export onnx` would record for this checkpoint.
-        checkpoint = file_sha256(resolve_model_file(self.path))
+        checkpoint = file_sha256(model_file)
         self.model_metadata = model_metadata(info, self.native_output, checkpoint, self.min_spatial_size)
 
     def _run(self, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -329,7 +332,7 @@ def open_runtimes(path: str | Path, name: str | None = None, intra_op_threads: i
     a single model.
     """
     from noisyseg.export.triton_repo import model_name_from
-    from noisyseg.training.run_dir import MODEL_FILE, RunDir
+    from noisyseg.runs.run_dir import MODEL_FILE, RunDir
 
     path = Path(path)
     if path.is_dir() and RunDir(path).model_file.is_file():

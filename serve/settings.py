@@ -6,7 +6,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from noisyseg.training.io import read_text
+from noisyseg.io import read_text
 
 # Triton's default cap on an HTTP request; responses get the same.
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024

@@ -7,9 +7,9 @@ import socket
 import sys
 from pathlib import Path
 
-from noisyseg.training.distributed import FAULT_ENV, FAULT_RANK_ENV
-from noisyseg.training.noise import corrupt_dataset
-from noisyseg.training.phantom import PhantomConfig, generate_phantom
+from noisyseg.data.noise import corrupt_dataset
+from noisyseg.data.phantom import PhantomConfig, generate_phantom
+from noisyseg.runtime.distributed import FAULT_ENV, FAULT_RANK_ENV
 
 # adele+arm on 12 phantom slices of 32 px, batches of 4: 3 steps per epoch; r = 0 and no
 # minimum rise trigger at epoch 3 (the first fit), iteration timing corrects labels in epoch 4.

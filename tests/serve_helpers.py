@@ -11,8 +11,8 @@ from pathlib import Path
 
 import uvicorn
 
+from noisyseg.commands.serve import uvicorn_config
 from noisyseg.serve.app import create_app
-from noisyseg.serve.commands import uvicorn_config
 from noisyseg.serve.loadgen import CLASS_NAMES as CLASS_NAMES
 from noisyseg.serve.loadgen import STRIDE as STRIDE
 from noisyseg.serve.loadgen import write_conv_model

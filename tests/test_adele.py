@@ -10,8 +10,8 @@ import pytest
 import torch
 from scipy.optimize import brentq
 
-from noisyseg.training import adele
-from noisyseg.training.adele import correct_labels, correction_started, fit_iou_curve
+from noisyseg.methods import adele
+from noisyseg.methods.adele import correct_labels, correction_started, fit_iou_curve
 
 
 def saturating(a: float, b: float, c: float, epochs: int) -> list[float]:
@@ -166,14 +166,14 @@ def test_failed_fit_never_triggers_and_is_logged(monkeypatch: pytest.MonkeyPatch
         raise RuntimeError("Optimal parameters not found: maximum number of function evaluations exceeded")
 
     monkeypatch.setattr(adele, "curve_fit", failing_solver)
-    with caplog.at_level(logging.WARNING, logger="noisyseg.training.adele"):
+    with caplog.at_level(logging.WARNING, logger="noisyseg.methods.adele"):
         assert not correction_started(saturating(0.8, 0.5, 1.0, 10))
     assert "fit failed" in caplog.text
 
 
 def test_fit_with_non_finite_parameters_never_triggers(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(adele, "curve_fit", lambda *a, **k: (np.array([0.8, np.nan, 1.0]), None))
-    with caplog.at_level(logging.WARNING, logger="noisyseg.training.adele"):
+    with caplog.at_level(logging.WARNING, logger="noisyseg.methods.adele"):
         assert not correction_started(saturating(0.8, 0.5, 1.0, 10))
     assert "non-finite" in caplog.text
 

@@ -18,9 +18,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from noisyseg.cli import main
-from noisyseg.training.checkpoint import METADATA_KEY, load_model
-from noisyseg.training.data import read_split_ids
-from noisyseg.training.noise import corrupt_dataset
+from noisyseg.data.folder import read_split_ids
+from noisyseg.data.noise import corrupt_dataset
+from noisyseg.models.model_file import METADATA_KEY, load_model
+from noisyseg.runs.run_dir import resolve_model_file
 
 TINY = ["--batch-size", "4", "--quiet", "--loss-backend", "torch", "--set=model.kwargs.base_width=4", "--set=model.kwargs.depth=2"]
 
@@ -235,7 +236,7 @@ def test_a_model_file_without_a_content_hash_still_loads(trained: Path, tmp_path
         metadata = {METADATA_KEY: handle.metadata()[METADATA_KEY]}
     save_file(tensors, str(tmp_path / "old.safetensors"), metadata=metadata)
     model, _ = load_model(tmp_path / "old.safetensors")
-    expected, _ = load_model(trained)
+    expected, _ = load_model(resolve_model_file(trained))
     for (name, value), other in zip(model.state_dict().items(), expected.state_dict().values(), strict=True):
         assert torch.equal(value, other), name
 
@@ -255,8 +256,8 @@ def test_a_damaged_training_checkpoint_is_caught_on_resume(trained: Path, tmp_pa
 
 def save_scaled_model(path: Path, factor: float) -> None:
     """A tiny UNet whose classifier weights are multiplied by `factor` (a valid model file)."""
-    from noisyseg.training.checkpoint import ModelInfo, save_model
-    from noisyseg.training.models import create_model
+    from noisyseg.models import create_model
+    from noisyseg.models.model_file import ModelInfo, save_model
 
     torch.manual_seed(0)
     model = create_model("unet", base_width=4, depth=2)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from noisyseg.training.config import TrainConfig, build_config, config_from_dict
+from noisyseg.config import TrainConfig, build_config, config_from_dict
 
 REQUIRED = ["data=/data", "out=/run"]
 

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from noisyseg.cli import main
-from noisyseg.training.data import (
+from noisyseg.data.datasets import FolderSource
+from noisyseg.data.folder import (
     DatasetInfo,
-    load_split,
     read_dataset_info,
     read_mask,
     split_by_patient,
@@ -23,9 +23,9 @@ from noisyseg.training.data import (
     write_mask,
     write_split_ids,
 )
-from noisyseg.training.datasets import FolderSource
-from noisyseg.training.nifti import SegthorConfig, convert_segthor
-from noisyseg.training.pipeline import ImageDataset
+from noisyseg.data.nifti import SegthorConfig, convert_segthor
+from noisyseg.data.pipeline import ImageDataset
+from noisyseg.data.run_data import load_split
 
 CLASSES = ["background", "esophagus", "heart", "trachea", "aorta"]
 

@@ -11,14 +11,15 @@ from cityscapesscripts.helpers.labels import id2label, trainId2label
 from PIL import Image
 
 from noisyseg.cli import main
-from noisyseg.training.config import build_config
-from noisyseg.training.datasets import (
+from noisyseg.config import build_config
+from noisyseg.data.datasets import (
     LAYOUTS,
     CityscapesSource,
     VocSource,
     detect_layout,
     open_source,
 )
+from noisyseg.data.run_data import load_run_data
 
 # Raw Cityscapes label ids and the training ids cityscapesscripts gives them.
 ROAD, CAR, UNLABELED, SKY, EGO_VEHICLE = 7, 26, 0, 23, 1
@@ -313,8 +314,9 @@ def test_config_layout_and_options() -> None:
     config = build_config(None, ["data=d", "out=o", "layout=cityscapes", "layout_options={annotations: gtCoarse}"])
     assert (config.layout, config.layout_options) == ("cityscapes", {"annotations": "gtCoarse"})
     assert build_config(None, ["data=d", "out=o"]).layout == "auto"
+    # The layout names belong to the readers (`data.datasets`), so run set-up checks them.
     with pytest.raises(ValueError, match=r"config field 'layout': expected auto or one of folder, cityscapes, voc, got 'coco'"):
-        build_config(None, ["data=d", "out=o", "layout=coco"])
+        load_run_data(build_config(None, ["data=d", "out=o", "layout=coco"]))
     with pytest.raises(ValueError, match=r"config key 'layout_options': expected dict"):
         build_config(None, ["data=d", "out=o", "layout_options=[1]"])
 
@@ -365,7 +367,7 @@ def test_inspect_voc(voc: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_inspect_folder_layout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from noisyseg.training.phantom import PhantomConfig, generate_phantom
+    from noisyseg.data.phantom import PhantomConfig, generate_phantom
 
     generate_phantom(tmp_path / "phantom", num_patients=3, seed=0, config=PhantomConfig(size=32, slices_per_patient=2))
     code, summary, _ = inspect(["--data", str(tmp_path / "phantom")], capsys)

@@ -1,11 +1,11 @@
-"""`--device` and `--precision` resolution (training/device.py)."""
+"""`--device` and `--precision` resolution (runtime/device.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from noisyseg.training.device import resolve_device, resolve_precision
+from noisyseg.runtime.device import resolve_device, resolve_precision
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: torch.cuda.is_available() is False here")
 

@@ -23,9 +23,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from noisyseg.cli import build_parser
-from noisyseg.training import distributed as D
-from noisyseg.training.commands import train_config_from_args
-from noisyseg.training.data import load_split
+from noisyseg.commands.train import train_config_from_args
+from noisyseg.data.run_data import load_split
+from noisyseg.runtime import distributed as D
 from noisyseg.training.trainer import train
 
 pytestmark = pytest.mark.timeout(240)

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from noisyseg.training.arm_analysis import arm_epoch
-from noisyseg.training.correction_analysis import label_quality, quality_row
-from noisyseg.training.data import load_run_data
-from noisyseg.training.experiment import (
+from noisyseg.data.label_store import LabelStore
+from noisyseg.data.run_data import load_run_data
+from noisyseg.experiments.arm_analysis import arm_epoch
+from noisyseg.experiments.correction_analysis import label_quality, quality_row
+from noisyseg.experiments.experiment import (
     NoiseSpec,
     RunSpec,
     Scale,
@@ -27,16 +28,15 @@ from noisyseg.training.experiment import (
     run_experiments,
     run_lock,
 )
-from noisyseg.training.experiment_report import (
+from noisyseg.experiments.report import (
     KEEP_MARKER,
     RunResult,
     erased_classes,
     mean_std,
     write_results,
 )
-from noisyseg.training.label_store import LabelStore
-from noisyseg.training.run_checkpoint import find_checkpoint
-from noisyseg.training.run_dir import RunDir
+from noisyseg.runs.checkpoint import find_checkpoint
+from noisyseg.runs.run_dir import RunDir
 from noisyseg.training.trainer import train
 
 TINY = Scale(patients=5, size=32, slices_per_patient=4, epochs=2, batch_size=8, unet={"base_width": 4, "depth": 2})

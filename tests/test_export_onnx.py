@@ -12,6 +12,7 @@ import torch
 from onnx import TensorProto, helper
 
 from noisyseg import cli
+from noisyseg.data.folder import normalize_image
 from noisyseg.export.onnx_export import (
     METADATA_KEYS,
     DeployableSegmenter,
@@ -22,9 +23,10 @@ from noisyseg.export.onnx_export import (
     sample_images,
     tensorrt_compatibility_problems,
 )
-from noisyseg.training.checkpoint import ModelInfo, file_sha256, load_model, save_model
-from noisyseg.training.data import normalize_image
-from noisyseg.training.models import create_model
+from noisyseg.io import file_sha256
+from noisyseg.models import create_model
+from noisyseg.models.model_file import ModelInfo, load_model, save_model
+from noisyseg.runs.run_dir import resolve_model_file
 
 CLASSES = ["background", "esophagus", "heart", "trachea", "aorta"]
 
@@ -48,7 +50,7 @@ def dynamo_export(checkpoint, tmp_path_factory: pytest.TempPathFactory):
 
 def reference_logits(checkpoint, images: np.ndarray) -> np.ndarray:
     """PyTorch on images normalised by the training loader's own function."""
-    model, _ = load_model(checkpoint)
+    model, _ = load_model(resolve_model_file(checkpoint))
     normalised = np.stack([normalize_image(image) for image in images])
     with torch.inference_mode():
         return model(torch.from_numpy(normalised)).numpy()
@@ -184,7 +186,7 @@ def test_tracing_on_the_gpu_exports_a_graph_that_matches_pytorch_on_the_cpu(chec
 
 def run_cli(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> int:
     # Only this part's commands: the other parts' command modules are not needed here.
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["noisyseg.export.commands"])
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["noisyseg.commands.export"])
     return cli.main(argv)
 
 

@@ -22,9 +22,9 @@ from dist_helpers import child_env, command, free_port, make_phantom, train_args
 from safetensors.torch import load_file
 
 from noisyseg.cli import build_parser, main
-from noisyseg.training.commands import train_config_from_args
-from noisyseg.training.distributed import FAULT_ENV, FAULT_RANK_ENV
-from noisyseg.training.run_checkpoint import find_checkpoint
+from noisyseg.commands.train import train_config_from_args
+from noisyseg.runs.checkpoint import find_checkpoint
+from noisyseg.runtime.distributed import FAULT_ENV, FAULT_RANK_ENV
 from noisyseg.training.trainer import train
 
 pytestmark = pytest.mark.timeout(300)

@@ -19,8 +19,9 @@ from noisyseg.export.golden import (
     make_golden,
 )
 from noisyseg.export.onnx_export import ExportConfig, export_model
-from noisyseg.training.checkpoint import ModelInfo, file_sha256
-from noisyseg.training.models import create_model
+from noisyseg.io import file_sha256
+from noisyseg.models import create_model
+from noisyseg.models.model_file import ModelInfo
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,7 @@ def test_same_model_passes_and_perturbed_model_fails(onnx_model, tmp_path) -> No
 
 
 def test_check_command_exit_codes(onnx_model, tmp_path, monkeypatch, capsys) -> None:
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["noisyseg.export.commands"])
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["noisyseg.commands.export"])
     golden = tmp_path / "golden.npz"
     assert cli.main(["export", "golden", "--onnx", str(onnx_model), "--out", str(golden), "--shape", "1x1x32x32"]) == 0
     meta, inputs, _ = load_golden(golden)
@@ -105,8 +106,8 @@ def test_check_command_exit_codes(onnx_model, tmp_path, monkeypatch, capsys) -> 
 
 
 def test_golden_from_dataset_images(onnx_model, tmp_path) -> None:
-    from noisyseg.training.data import load_split
-    from noisyseg.training.phantom import PhantomConfig, generate_phantom
+    from noisyseg.data.phantom import PhantomConfig, generate_phantom
+    from noisyseg.data.run_data import load_split
 
     generate_phantom(tmp_path / "data", num_patients=3, seed=1, config=PhantomConfig(size=32, slices_per_patient=4))
     golden = tmp_path / "golden.npz"
@@ -123,8 +124,8 @@ def test_golden_from_a_voc_tree_pads_images_to_the_stride(tmp_path) -> None:
     """`--data` in any layout: VOC images of different sizes become batches of one size, padded to the stride."""
     from test_datasets import VOC_TREE, voc_mask, write_palette, write_rgb
 
+    from noisyseg.data.datasets import open_source
     from noisyseg.export.golden import golden_inputs
-    from noisyseg.training.datasets import open_source
 
     root = tmp_path / "VOC2012"
     (root / "ImageSets" / "Segmentation").mkdir(parents=True)

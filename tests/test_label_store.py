@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from noisyseg.training.label_store import ARRAY_FILE, INFO_FILE, LabelStore
+from noisyseg.data.label_store import ARRAY_FILE, INFO_FILE, LabelStore
 
 
 @pytest.fixture()

@@ -14,9 +14,10 @@ from PIL import Image
 from test_datasets import cityscapes, voc  # noqa: F401  (fixtures: the tiny trees)
 
 from noisyseg.cli import main
-from noisyseg.training.checkpoint import load_model
-from noisyseg.training.data import normalize_image, read_image
-from noisyseg.training.evaluation import whole_image_logits
+from noisyseg.data.folder import normalize_image, read_image
+from noisyseg.evaluation.inference import whole_image_logits
+from noisyseg.models.model_file import load_model
+from noisyseg.runs.run_dir import resolve_model_file
 
 TINY = ["model.kwargs.base_width=4", "model.kwargs.depth=2", "loader.num_workers=0", "loss.backend=torch", "loader.augment.crop_size=[16,16]", "loader.augment.flip=true"]
 
@@ -38,7 +39,7 @@ def train_evaluate_predict_export(root: Path, out: Path, images: list[Path], cap
     for image in images:
         (inputs / image.name).write_bytes(image.read_bytes())
     assert main(["predict", "--run", str(run), "--input", str(inputs), "--out", str(out / "masks"), "--quiet", "--device", "cpu"]) == 0
-    model, info = load_model(run)
+    model, info = load_model(resolve_model_file(run))
     assert info.normalization == "imagenet" and info.in_channels == 3
     for image in images:
         with Image.open(out / "masks" / f"{image.stem}.png") as mask:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from noisyseg.kernels import ARM, arm_reweighted_loss
-from noisyseg.training.losses import (
+from noisyseg.methods.losses import (
     generalized_cross_entropy,
     ohem_cross_entropy,
     ohem_keep_mask,

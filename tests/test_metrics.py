@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from noisyseg.training.metrics import (
+from noisyseg.evaluation.metrics import (
     ConfidenceMeter,
     ConfusionMeter,
     NoiseCounts,

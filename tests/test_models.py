@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from noisyseg.training.models import create_model
+from noisyseg.models import create_model
 
 # Small widths keep every test CPU-fast; the structure is the same as at full width.
 SMALL_MODELS = [

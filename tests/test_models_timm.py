@@ -23,6 +23,7 @@ import tritonclient.http as httpclient
 from safetensors.torch import save_file
 from serve_helpers import running_server
 
+from noisyseg.data.folder import normalize_image
 from noisyseg.export.onnx_export import (
     DeployableSegmenter,
     ExportConfig,
@@ -30,11 +31,10 @@ from noisyseg.export.onnx_export import (
     sample_images,
 )
 from noisyseg.export.onnxruntime_runner import OnnxRuntimeRunner
+from noisyseg.models import create_model
+from noisyseg.models.model_file import ModelInfo, load_model, read_model_info, save_model
+from noisyseg.runs.run_dir import RunDir
 from noisyseg.serve.runtimes import open_runtimes
-from noisyseg.training.checkpoint import ModelInfo, load_model, read_model_info, save_model
-from noisyseg.training.data import normalize_image
-from noisyseg.training.models import create_model
-from noisyseg.training.run_dir import RunDir
 
 CLASSES = ["road", "car", "person"]
 BACKBONE = "resnet18"  # the smallest ResNet: the structure of the paper's ResNet-50/101
@@ -130,7 +130,7 @@ def test_hub_weights_offline_without_cache_is_a_clear_one_line_error(tmp_path: P
         "TORCH_HOME": str(cache / "torch"), "XDG_CACHE_HOME": str(cache),
     }
     code = (
-        "from noisyseg.training.models import create_model\n"
+        "from noisyseg.models import create_model\n"
         "try:\n"
         f"    create_model('deeplabv3plus_timm', backbone='{BACKBONE}', pretrained=True)\n"
         "except ValueError as err:\n"

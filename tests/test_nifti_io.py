@@ -12,14 +12,14 @@ import pytest
 import scipy.ndimage
 import torch
 
+from noisyseg import io as io_module
 from noisyseg.cli import main
-from noisyseg.training import io as io_module
-from noisyseg.training.checkpoint import ModelInfo, save_model
-from noisyseg.training.config import TrainConfig
-from noisyseg.training.models import create_model
-from noisyseg.training.nifti import SegthorConfig, convert_segthor
-from noisyseg.training.phantom import CLASS_NAMES
-from noisyseg.training.run_dir import RunDir
+from noisyseg.config import TrainConfig
+from noisyseg.data.nifti import SegthorConfig, convert_segthor
+from noisyseg.data.phantom import CLASS_NAMES
+from noisyseg.models import create_model
+from noisyseg.models.model_file import ModelInfo, save_model
+from noisyseg.runs.run_dir import RunDir, resolve_model_file
 
 TRAINED_SIZE = 32
 SHAPE = (40, 24, 5)  # voxel axes x, y, z: in-plane 40 x 24, neither the trained size nor square
@@ -87,9 +87,9 @@ def run(segthor: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def expected_labels(run: Path, patient: str) -> np.ndarray:
     """Independently: the slices `data segthor` wrote, z-scored, through the model, the labels
     resized back with scipy's nearest neighbour, in the volume's (x, y, z) voxel order."""
-    from noisyseg.training.checkpoint import load_model
+    from noisyseg.models.model_file import load_model
 
-    model, _ = load_model(run)
+    model, _ = load_model(resolve_model_file(run))
     data = Path(RunDir(run).read_config().data)
     out = np.zeros(SHAPE, dtype=np.uint8)
     for z in range(SHAPE[2]):

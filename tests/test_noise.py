@@ -11,8 +11,8 @@ import pytest
 from scipy import ndimage
 
 from noisyseg.cli import main
-from noisyseg.training.data import read_mask, read_split_ids
-from noisyseg.training.noise import (
+from noisyseg.data.folder import read_mask, read_split_ids
+from noisyseg.data.noise import (
     LEVEL_ITERATIONS,
     CoarseNoise,
     ErodeDilateNoise,
@@ -21,7 +21,7 @@ from noisyseg.training.noise import (
     erode_dilate,
     slice_rng,
 )
-from noisyseg.training.phantom import PhantomConfig, generate_phantom
+from noisyseg.data.phantom import PhantomConfig, generate_phantom
 
 ESOPHAGUS, HEART, TRACHEA, AORTA = 1, 2, 3, 4
 

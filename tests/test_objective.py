@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from noisyseg.config import build_config
 from noisyseg.kernels import reference
-from noisyseg.training.config import build_config
-from noisyseg.training.objective import MethodObjective
+from noisyseg.methods.objective import MethodObjective
 
 
 def logits_and_target(seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:

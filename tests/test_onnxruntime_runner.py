@@ -18,8 +18,8 @@ from noisyseg.export.onnx_export import (
     sample_images,
 )
 from noisyseg.export.onnxruntime_runner import OnnxRuntimeRunner, default_providers
-from noisyseg.training.checkpoint import ModelInfo
-from noisyseg.training.models import create_model
+from noisyseg.models import create_model
+from noisyseg.models.model_file import ModelInfo
 
 CLASSES = ["background", "heart", "aorta"]
 

@@ -11,14 +11,8 @@ import pytest
 from scipy import ndimage
 
 from noisyseg.cli import main
-from noisyseg.training.data import (
-    load_split,
-    read_dataset_info,
-    read_image,
-    read_mask,
-    read_split_ids,
-)
-from noisyseg.training.phantom import (
+from noisyseg.data.folder import read_dataset_info, read_image, read_mask, read_split_ids
+from noisyseg.data.phantom import (
     AORTA,
     CLASS_NAMES,
     ESOPHAGUS,
@@ -30,6 +24,7 @@ from noisyseg.training.phantom import (
     random_anatomy,
     render_patient,
 )
+from noisyseg.data.run_data import load_split
 
 SMALL = PhantomConfig(size=64, slices_per_patient=10)
 

@@ -16,12 +16,12 @@ from safetensors.torch import load_file
 from test_trainer import train_until_crash
 from torch import nn
 
-from noisyseg.training.config import AugmentConfig, build_config
-from noisyseg.training.data import load_split
-from noisyseg.training.datasets import open_source
-from noisyseg.training.evaluation import evaluate_split, predict_batches, predict_image
-from noisyseg.training.label_store import LabelMaps, LabelStore
-from noisyseg.training.pipeline import Augmenter, ImageDataset, paste_back
+from noisyseg.config import AugmentConfig, build_config
+from noisyseg.data.datasets import open_source
+from noisyseg.data.label_store import LabelMaps, LabelStore
+from noisyseg.data.pipeline import Augmenter, ImageDataset, paste_back
+from noisyseg.data.run_data import load_split
+from noisyseg.evaluation.inference import evaluate_split, predict_batches, predict_image
 from noisyseg.training.trainer import train
 
 CLASSES = ["background", "a", "b"]
@@ -174,7 +174,7 @@ def test_streamed_run_with_workers_and_augmentation_resumes_exactly(mixed: Path,
 
 RSS_SCRIPT = """
 import resource, sys
-from noisyseg.training.config import build_config
+from noisyseg.config import build_config
 from noisyseg.training.trainer import train
 train(build_config(None, sys.argv[1:]))
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)

@@ -10,6 +10,10 @@ import torch
 from test_datasets import voc  # noqa: F401  (fixture: a tiny VOC tree, images of different sizes)
 
 from noisyseg import cli
+from noisyseg.data.folder import read_dataset_info
+from noisyseg.data.phantom import PhantomConfig, generate_phantom
+from noisyseg.data.run_data import load_split
+from noisyseg.evaluation.metrics import confusion_matrix, mean_iou
 from noisyseg.export.onnx_export import (
     DeployableSegmenter,
     ExportConfig,
@@ -17,11 +21,8 @@ from noisyseg.export.onnx_export import (
     tensorrt_compatibility_problems,
 )
 from noisyseg.export.quantize import QuantizeConfig, classifier_node, quantize_onnx
-from noisyseg.training.checkpoint import ModelInfo
-from noisyseg.training.data import load_split, read_dataset_info
-from noisyseg.training.metrics import confusion_matrix, mean_iou
-from noisyseg.training.models import create_model
-from noisyseg.training.phantom import PhantomConfig, generate_phantom
+from noisyseg.models import create_model
+from noisyseg.models.model_file import ModelInfo
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,7 @@ def test_model_losing_too_much_accuracy_is_not_written(dataset, fp32_model, tmp_
 
 
 def test_quantize_command(dataset, fp32_model, tmp_path, monkeypatch, capsys) -> None:
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["noisyseg.export.commands"])
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["noisyseg.commands.export"])
     out, report = tmp_path / "q.onnx", tmp_path / "q.json"
     argv = ["export", "quantize", "--onnx", str(fp32_model[0]), "--calib-data", str(dataset), "--out", str(out),
             "--calib-images", "4", "--quantize-classifier", "--report", str(report)]
@@ -127,7 +128,7 @@ def rgb_dataset(dataset, tmp_path_factory: pytest.TempPathFactory):
 
     from PIL import Image
 
-    from noisyseg.training.data import write_dataset_info
+    from noisyseg.data.folder import write_dataset_info
 
     root = tmp_path_factory.mktemp("rgb") / "data"
     shutil.copytree(dataset, root)
@@ -172,7 +173,7 @@ def test_voc_tree_of_different_sizes_calibrates_and_evaluates_per_image(voc, tmp
     reported fp32 mIoU equals ONNX Runtime run image by image (padded, cropped back)."""
     import json
 
-    from noisyseg.training.datasets import open_source
+    from noisyseg.data.datasets import open_source
 
     torch.manual_seed(0)
     source = open_source(voc, "val")
@@ -185,7 +186,7 @@ def test_voc_tree_of_different_sizes_calibrates_and_evaluates_per_image(voc, tmp
     sizes = {source.read_image(index).shape for index in range(len(source))}
     assert len(sizes) > 1 and any(h % stride or w % stride for _, h, w in sizes)
 
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["noisyseg.export.commands"])
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["noisyseg.commands.export"])
     out, report_path = tmp_path / "q.onnx", tmp_path / "q.json"
     argv = ["export", "quantize", "--onnx", str(fp32_path), "--calib-data", str(voc), "--out", str(out), "--layout", "voc",
             "--option", "aug=false", "--max-miou-drop", "100", "--report", str(report_path)]

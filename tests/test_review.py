@@ -1,4 +1,4 @@
-"""`noisyseg.training.review` end to end on a hand-made source: the files, the exports read back
+"""`noisyseg.review` end to end on a hand-made source: the files, the exports read back
 by the libraries that define them, and the page in a real browser."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from noisyseg.cli import main
-from noisyseg.training.data import (
+from noisyseg.data.datasets import open_source
+from noisyseg.data.folder import (
     DatasetInfo,
     read_mask,
     write_dataset_info,
@@ -23,9 +24,8 @@ from noisyseg.training.data import (
     write_mask,
     write_split_ids,
 )
-from noisyseg.training.datasets import open_source
-from noisyseg.training.review.runner import ReviewOptions, run_review
-from noisyseg.training.review.sources import ProbabilitySource
+from noisyseg.review.runner import ReviewOptions, run_review
+from noisyseg.review.sources import ProbabilitySource
 
 CLASSES = ["background", "heart", "aorta"]
 SIZE = 16
@@ -104,7 +104,7 @@ def test_scores_rank_the_worst_label_first_and_the_masks_are_written(review: tup
 
 
 def test_sorting_by_the_relabelled_share(dataset: Path, tmp_path: Path) -> None:
-    from noisyseg.training.review.runner import ReviewRow, worst_first
+    from noisyseg.review.runner import ReviewRow, worst_first
 
     rows = [ReviewRow(0, "a", 0.1, 0.0, 0.0, []), ReviewRow(1, "b", 0.5, 0.3, 0.0, []), ReviewRow(2, "c", float("nan"), float("nan"), 0.0, []), ReviewRow(3, "d", 0.2, 0.1, 0.0, [])]
     assert [r.slice_id for r in sorted(rows, key=worst_first("label_quality"))] == ["a", "d", "b", "c"]

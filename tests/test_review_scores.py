@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from noisyseg.training.review.scores import class_iou, review_image, softmin_quality
+from noisyseg.review.scores import class_iou, review_image, softmin_quality
 
 IGNORE = 255
 

@@ -24,9 +24,9 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from noisyseg import cli
+from noisyseg.commands.serve import settings_from_args
 from noisyseg.export.onnxruntime_runner import OnnxRuntimeRunner
 from noisyseg.export.triton_repo import TritonRepoConfig, make_triton_repo
-from noisyseg.serve.commands import settings_from_args
 from noisyseg.serve.loadgen import ServerProcess
 from noisyseg.serve.settings import ServerSettings
 

@@ -38,8 +38,9 @@ from noisyseg.export.tensorrt_engine import (
     resolve_profile,
     tensorrt_available,
 )
-from noisyseg.training.checkpoint import ModelInfo, file_sha256
-from noisyseg.training.models import create_model
+from noisyseg.io import file_sha256
+from noisyseg.models import create_model
+from noisyseg.models.model_file import ModelInfo
 
 HAS_TENSORRT_GPU = tensorrt_available() and torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not HAS_TENSORRT_GPU, reason=f"needs TensorRT and a CUDA device: {GPU_EXTRA_MESSAGE}")
@@ -158,7 +159,7 @@ def test_int8_needs_a_quantised_model(onnx_model, tmp_path) -> None:
 
 @without_tensorrt
 def test_engine_command_names_the_gpu_extra(onnx_model, tmp_path, monkeypatch, capsys) -> None:
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["noisyseg.export.commands"])
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["noisyseg.commands.export"])
     plan = tmp_path / "model.plan"
     code = cli.main(["export", "engine", "--onnx", str(onnx_model), "--out", str(plan), "--fp16"])
     assert code == 2

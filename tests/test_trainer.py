@@ -15,18 +15,17 @@ from safetensors.torch import load_file
 from scipy import ndimage
 
 from noisyseg.cli import main
-from noisyseg.kernels.reference import ARM
-from noisyseg.training import adele
-from noisyseg.training.checkpoint import load_model
-from noisyseg.training.config import METHODS, AdeleConfig, TrainConfig, build_config
-from noisyseg.training.data import RunData, load_run_data, load_split
-from noisyseg.training.methods import METHOD_SPECS
-from noisyseg.training.metrics import (
+from noisyseg.config import METHOD_SPECS, METHODS, AdeleConfig, TrainConfig, build_config
+from noisyseg.data.run_data import RunData, load_run_data, load_split
+from noisyseg.evaluation.metrics import (
     early_learning_memorization_iou,
     iou_per_class,
 )
-from noisyseg.training.run_checkpoint import find_checkpoint, read_checkpoint, write_checkpoint
-from noisyseg.training.run_dir import CHECKPOINT_DIR, RunDir
+from noisyseg.kernels.reference import ARM
+from noisyseg.methods import adele
+from noisyseg.models.model_file import load_model
+from noisyseg.runs.checkpoint import find_checkpoint, read_checkpoint, write_checkpoint
+from noisyseg.runs.run_dir import CHECKPOINT_DIR, RunDir, resolve_model_file
 from noisyseg.training.trainer import EpochCounters, Trainer, lr_factor, train
 
 SIZE = 32
@@ -139,7 +138,7 @@ def test_outputs_follow_the_contract(straight_run: Path) -> None:
     assert summary["test_miou"]["best_val"] == records[best_epoch - 1]["test"]["miou"]
     assert summary["trigger_epoch"] == {c: t["epoch"] for c, t in last["trigger"].items()}
     assert 3 in summary["trigger_epoch"].values()  # the first epoch with 3 points to fit
-    model, info = load_model(straight_run)
+    model, info = load_model(resolve_model_file(straight_run))
     assert info.method == "adele+arm" and info.extra["epoch"] == best_epoch
 
 
@@ -157,9 +156,9 @@ def test_label_correction_changes_the_store_but_never_the_files(folders: tuple[P
 
 
 def test_the_review_of_an_adele_run_corrects_with_its_label_store(folders: tuple[Path, Path], straight_run: Path, tmp_path: Path) -> None:
-    from noisyseg.training.data import read_mask
-    from noisyseg.training.review.runner import ReviewOptions, run_review
-    from noisyseg.training.review.sources import RunSource
+    from noisyseg.data.folder import read_mask
+    from noisyseg.review.runner import ReviewOptions, run_review
+    from noisyseg.review.sources import RunSource
 
     source = RunSource(straight_run, "train", "cpu", tmp_path)
     assert source.correction == "label store"
@@ -412,7 +411,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(folders
         train(tiny_config(folders, out, "method=baseline", "epochs=3"))
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert state["epoch"] == 1 and len(read_records(out)) == 1
-    model, _ = load_model(out)
+    model, _ = load_model(resolve_model_file(out))
     assert all(torch.isfinite(p).all() for p in model.state_dict().values() if p.is_floating_point())
 
 
@@ -472,7 +471,7 @@ def test_eval_and_predict_agree_with_an_independent_computation(folders: tuple[P
     capsys.readouterr()
     assert main(["eval", "--run", str(out), "--split", "val", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    model, _ = load_model(out)
+    model, _ = load_model(resolve_model_file(out))
     val_ids = (data / "splits" / "val.txt").read_text().split()
     inputs = tmp_path / "inputs"
     inputs.mkdir()
@@ -570,7 +569,7 @@ def test_a_run_resumes_in_another_precision_and_fp16_keeps_its_loss_scale(folder
 def test_compiled_network_trains_and_saves_the_plain_modules_weights(folders: tuple[Path, Path], tmp_path: Path) -> None:
     out = tmp_path / "compiled"
     train(tiny_config(folders, out, "method=baseline", "epochs=1", "model.compile=true"))
-    model, _ = load_model(out)  # keys without torch.compile's `_orig_mod.` prefix
+    model, _ = load_model(resolve_model_file(out))  # keys without torch.compile's `_orig_mod.` prefix
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 

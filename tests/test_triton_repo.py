@@ -20,8 +20,8 @@ from noisyseg.export.triton_repo import (
     TritonTensor,
     make_triton_repo,
 )
-from noisyseg.training.checkpoint import ModelInfo
-from noisyseg.training.models import create_model
+from noisyseg.models import create_model
+from noisyseg.models.model_file import ModelInfo
 
 CLASSES = ["background", "esophagus", "heart", "trachea", "aorta"]
 ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: model_config_pb2.TYPE_FP32, onnx.TensorProto.INT64: model_config_pb2.TYPE_INT64}
@@ -99,7 +99,7 @@ def fake_engine_files(tmp_path, onnx_model, max_batch: int):
 
 def test_engine_repository_uses_the_plan_and_respects_its_profile(onnx_model, tmp_path, monkeypatch, capsys) -> None:
     plan = fake_engine_files(tmp_path, onnx_model, max_batch=8)
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["noisyseg.export.commands"])
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["noisyseg.commands.export"])
     argv = ["export", "triton-repo", "--onnx", str(onnx_model), "--engine", str(plan), "--out", str(tmp_path / "repo"), "--name", "seg_trt"]
     assert cli.main(argv) == 0
     config = parse_config(tmp_path / "repo" / "seg_trt" / "config.pbtxt")

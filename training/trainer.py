@@ -37,7 +37,7 @@ Design decisions (method-spec sections 2 to 5; the config docstrings give the de
   for every method, for the curves); model selection is by validation mIoU with background.
 - Several processes (torchrun): DDP with global batches sharded over the ranks, training and
   evaluation counts, losses and label corrections exchanged so every rank decides the same;
-  only rank 0 writes (`training/distributed.py`, `docs/distributed.md`).
+  only rank 0 writes (`runtime/distributed.py`, `docs/distributed.md`).
 """
 
 from __future__ import annotations
@@ -59,14 +59,54 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from noisyseg.config import METHOD_SPECS, OptimConfig, TrainConfig
+from noisyseg.data.label_store import LabelStore
+from noisyseg.data.pipeline import (
+    EpochBatches,
+    ImageDataset,
+    TrainingItems,
+    check_network_input_size,
+    check_stackable,
+    training_loader,
+    worker_count,
+)
+from noisyseg.data.run_data import RunData, load_run_data
+from noisyseg.evaluation.inference import (
+    evaluate_split,
+    foreground_dict,
+    forward_scales,
+    mean_probabilities,
+    predict_batches,
+    predict_image,
+    split_items,
+    worker_errors_as_raised,
+)
+from noisyseg.evaluation.metrics import (
+    ConfidenceMeter,
+    ConfusionMeter,
+    NoiseMeter,
+    early_learning_memorization_iou,
+    iou_per_class,
+)
 from noisyseg.kernels import ARM
-from noisyseg.training import adele
-from noisyseg.training.checkpoint import ModelInfo, load_weights, save_model
-from noisyseg.training.config import OptimConfig, TrainConfig
-from noisyseg.training.correction import LabelCorrections
-from noisyseg.training.data import RunData, load_run_data
-from noisyseg.training.device import resolve_precision
-from noisyseg.training.distributed import (
+from noisyseg.methods import adele
+from noisyseg.methods.correction import LabelCorrections
+from noisyseg.methods.objective import MethodObjective
+from noisyseg.models import create_model
+from noisyseg.models.model_file import ModelInfo, load_weights, save_model
+from noisyseg.runs.checkpoint import (
+    check_checkpoint_config,
+    find_checkpoint,
+    flatten_optimizer,
+    prefixed,
+    read_checkpoint,
+    unflatten_optimizer,
+    unprefixed,
+    write_checkpoint,
+)
+from noisyseg.runs.run_dir import RunDir, build_summary
+from noisyseg.runtime.device import resolve_precision
+from noisyseg.runtime.distributed import (
     SINGLE_PROCESS,
     DistContext,
     agree_on_error,
@@ -85,47 +125,6 @@ from noisyseg.training.distributed import (
     state_digest,
     verify_agreement,
 )
-from noisyseg.training.evaluation import (
-    evaluate_split,
-    foreground_dict,
-    forward_scales,
-    mean_probabilities,
-    predict_batches,
-    predict_image,
-    split_items,
-    worker_errors_as_raised,
-)
-from noisyseg.training.label_store import LabelStore
-from noisyseg.training.methods import METHOD_SPECS
-from noisyseg.training.metrics import (
-    ConfidenceMeter,
-    ConfusionMeter,
-    NoiseMeter,
-    early_learning_memorization_iou,
-    iou_per_class,
-)
-from noisyseg.training.models import create_model
-from noisyseg.training.objective import MethodObjective
-from noisyseg.training.pipeline import (
-    EpochBatches,
-    ImageDataset,
-    TrainingItems,
-    check_network_input_size,
-    check_stackable,
-    training_loader,
-    worker_count,
-)
-from noisyseg.training.run_checkpoint import (
-    check_checkpoint_config,
-    find_checkpoint,
-    flatten_optimizer,
-    prefixed,
-    read_checkpoint,
-    unflatten_optimizer,
-    unprefixed,
-    write_checkpoint,
-)
-from noisyseg.training.run_dir import RunDir, build_summary
 
 log = logging.getLogger(__name__)
 
@@ -719,13 +718,13 @@ def json_ready(value: Any) -> Any:
 
 
 def plot_curves(run_dir: Path) -> None:
-    """curves.png through `noisyseg.training.plots` when that module exists."""
+    """curves.png through `noisyseg.experiments.plots` when that module exists."""
     try:
-        from noisyseg.training.plots import plot_run_curves
+        from noisyseg.experiments.plots import plot_run_curves
     except ModuleNotFoundError as err:
-        if err.name != "noisyseg.training.plots":
+        if err.name != "noisyseg.experiments.plots":
             raise
-        log.info("noisyseg.training.plots not available; curves.png not written")
+        log.info("noisyseg.experiments.plots not available; curves.png not written")
         return
     plot_run_curves(run_dir)
 

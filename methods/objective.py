@@ -1,0 +1,63 @@
+"""A method's loss (method-spec sections 4 and 5): what one training step backpropagates.
+
+`MethodObjective` composes the terms a `MethodSpec` switches on: the per-pixel loss (CE, GCE or
+OHEM; ARM-weighted when ARM is on) averaged over the input scales, ADELE's multiscale
+consistency, and during ARM's warm-up ARM's own objective on detached losses. The trainer owns
+when (the step) and with which ARM (warming up or not); this module owns what.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from noisyseg.config import METHOD_SPECS, TrainConfig
+from noisyseg.kernels import arm_cross_entropy, arm_reweighted_loss, multiscale_consistency
+from noisyseg.methods.losses import pixel_loss, segmentation_loss
+
+
+class MethodObjective:
+    """The loss of `config.method` on the logits of every input scale."""
+
+    def __init__(self, config: TrainConfig, ignore_index: int) -> None:
+        self.spec = METHOD_SPECS[config.method]
+        self.adele, self.loss = config.adele, config.loss
+        self.ignore_index = ignore_index
+
+    def __call__(self, logits_per_scale: list[torch.Tensor], target: torch.Tensor, arm: nn.Module | None, arm_warming_up: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(what to backpropagate, logged terms as detached tensors). The network minimises the
+        method's loss; `arm` ascends the same loss, or while `arm_warming_up` its own detached
+        objective (the network then sees uniform weights)."""
+        weighting = None if arm_warming_up else arm
+        # The reference code's temperature divides the logits inside its CE only: the consistency
+        # term and its rho mask see the undivided logits (method-spec section 4).
+        divisor = self.adele.logit_divisor
+        logits = [z / divisor for z in logits_per_scale] if divisor != 1.0 else logits_per_scale
+        supervised = torch.stack([self.pixel_loss_mean(z, target, weighting) for z in logits]).mean()
+        terms = {self.spec.pixel_loss: supervised.detach()}
+        network_loss = supervised
+        if self.spec.consistency:
+            consistency = multiscale_consistency(logits_per_scale, target, self.adele.rho, self.adele.rho_mask, self.ignore_index, backend=self.loss.backend)
+            # (sum_k CE_k + lambda L_ms) / S, method-spec section 4.
+            network_loss = supervised + self.adele.lam * consistency / len(logits)
+            terms["consistency"] = consistency.detach()
+        terms["total"] = network_loss.detach()
+        if arm is not None and arm_warming_up:
+            objective = self.arm_warmup_objective(logits, target, arm)
+            terms["arm_objective"] = objective.detach()
+            return network_loss + objective, terms
+        return network_loss, terms
+
+    def pixel_loss_mean(self, logits: torch.Tensor, target: torch.Tensor, arm: nn.Module | None) -> torch.Tensor:
+        if self.spec.pixel_loss == "ce":
+            return arm_cross_entropy(logits, target, arm, self.ignore_index, backend=self.loss.backend)
+        return segmentation_loss(self.spec.pixel_loss, logits, target, arm, self.ignore_index, gce_q=self.loss.gce_q, ohem_threshold=self.loss.ohem_threshold, ohem_min_kept=self.loss.ohem_min_kept)
+
+    def arm_warmup_objective(self, logits_per_scale: list[torch.Tensor], target: torch.Tensor, arm: nn.Module) -> torch.Tensor:
+        """ARM's objective on detached per-pixel losses: only ARM's parameters get a gradient."""
+        objectives = []
+        for logits in logits_per_scale:
+            detached = logits.detach()
+            losses, counted = pixel_loss(self.spec.pixel_loss, detached, target, self.ignore_index, gce_q=self.loss.gce_q, ohem_threshold=self.loss.ohem_threshold, ohem_min_kept=self.loss.ohem_min_kept)
+            objectives.append(arm_reweighted_loss(losses.detach(), torch.softmax(detached.float(), dim=1), counted, arm))
+        return torch.stack(objectives).mean()

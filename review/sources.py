@@ -1,0 +1,124 @@
+"""Where the review's probabilities come from: a model over the items of a dataset split.
+
+`ProbabilitySource` pairs a `SegmentationSource` (raw images and the given masks, read one at a
+time) with a model that gives class probabilities for one image; `RunSource` is a training run
+directory (its selected model in PyTorch and, for a method that corrects labels, the label store
+it now trains on). `noisyseg.review.onnx_source.OnnxSource` runs an exported model instead.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from noisyseg.data.datasets import SegmentationSource
+from noisyseg.data.label_store import LabelStore
+from noisyseg.runs.run_dir import RunDir
+
+
+@dataclass
+class ReviewItem:
+    index: int
+    slice_id: str
+    given: np.ndarray  # uint8 (H, W) class ids, the source's ignore index unlabelled
+    probs: torch.Tensor  # float (K, H, W) on the source's device
+    corrected: np.ndarray | None  # the labels the run trains on now, when it corrects them
+
+
+class ProbabilitySource(ABC):
+    """The items of one split with a model's class probabilities for each."""
+
+    def __init__(self, data: SegmentationSource, class_names: Sequence[str], device: torch.device, correction: str = "prediction") -> None:
+        if len(class_names) != data.info.num_classes:
+            raise ValueError(f"{data.root}: the data has {data.info.num_classes} classes {data.info.classes}, the model {len(class_names)} {list(class_names)}")
+        self.data = data
+        self.class_names = list(class_names)
+        self.device = device
+        self.correction = correction  # what the corrected masks are: "prediction" or "label store"
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self.data.ids)
+
+    @property
+    def ignore_index(self) -> int:
+        return self.data.info.ignore_index
+
+    @abstractmethod
+    def probabilities(self, image: np.ndarray) -> torch.Tensor:
+        """Class probabilities (K, H, W) on `device` of one raw (C, H, W) image."""
+
+    def corrected(self, index: int) -> np.ndarray | None:
+        """The labels a run trains on now for item `index` (None: the prediction decides)."""
+        return None
+
+    def items(self) -> Iterator[ReviewItem]:
+        """Every item in order, read and predicted one at a time."""
+        for index, slice_id in enumerate(self.data.ids):
+            image, given = self.data.read(index)
+            yield ReviewItem(index, slice_id, given, self.probabilities(image), self.corrected(index))
+
+    def mask_suffix(self, index: int) -> str:
+        """The file suffix of item `index`'s given mask (.png or .npy: the dataset's own format)."""
+        suffix = self.data.mask_path(index).suffix
+        return suffix if suffix in (".png", ".npy") else ".png"
+
+
+class RunSource(ProbabilitySource):
+    """A run directory's model (`model.safetensors`, fp32 on `device`) over `split` of its data;
+    the training split's given masks are the ones the run was trained from (`--labels`), and a
+    run whose method corrects labels supplies its label store as the corrected masks."""
+
+    def __init__(self, run_dir: str | Path, split: str = "train", device: str | None = None, workdir: str | Path | None = None) -> None:
+        from noisyseg.config import METHOD_SPECS
+        from noisyseg.data.datasets import open_source
+        from noisyseg.models.model_file import load_model
+        from noisyseg.runtime.device import resolve_device
+
+        run = RunDir(run_dir)
+        config = run.read_config()
+        if not run.model_file.is_file():
+            raise FileNotFoundError(f"{run.model_file}: the run has no selected model yet (it writes one after its first epoch)")
+        options = dict(config.layout_options)
+        if split == "train" and config.labels:
+            options["labels_root"] = config.labels
+        data = open_source(config.data, split, config.layout, **options)
+        target = resolve_device(device or config.device, field="--device")
+        model, info = load_model(run.model_file)
+        self.model = model.to(target).eval()
+        self.normalization = info.normalization
+        self.store: LabelStore | None = None
+        if split == "train" and METHOD_SPECS[config.method].correction:
+            self.store = read_store(run, data, workdir)
+        super().__init__(data, info.class_names, target, "label store" if self.store is not None else "prediction")
+
+    def probabilities(self, image: np.ndarray) -> torch.Tensor:
+        from noisyseg.data.folder import normalize_image
+        from noisyseg.evaluation.inference import predict_image
+
+        tensor = torch.from_numpy(normalize_image(image, self.normalization))[None].to(self.device)
+        return predict_image(self.model, tensor, [1.0])[0]
+
+    def corrected(self, index: int) -> np.ndarray | None:
+        if self.store is None:
+            return None
+        labels = np.array(self.store.maps[index])
+        self.store.maps.release(index)  # keep the pass's resident memory flat
+        return labels
+
+
+def read_store(run: RunDir, data: SegmentationSource, workdir: str | Path | None) -> LabelStore:
+    """The run's label store, checked against the masks it was made from (memory-mapped in `workdir`)."""
+    from noisyseg.data.pipeline import read_label_maps
+    from noisyseg.runs.checkpoint import find_checkpoint
+
+    checkpoint = find_checkpoint(run.path)
+    if checkpoint is None:
+        raise FileNotFoundError(f"{run}: no checkpoint with a label store (the run has not finished an epoch)")
+    work = None if workdir is None else str(workdir)
+    return LabelStore.load(checkpoint, read_label_maps(data, work), data.ids, work)
