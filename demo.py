@@ -138,11 +138,11 @@ class TrainingProgress:
 def _train_one(spec: Any, out: Path, scale: Scale, quiet: bool) -> float:
     """Train (or skip, or resume) one demo run (the trainer's default: one torch thread); its
     wall time in seconds."""
+    from noisyseg.commands.train import train_and_draw
     from noisyseg.experiments.experiment import run_experiment_step
-    from noisyseg.training.trainer import train
 
     run_started = time.monotonic()
-    run_experiment_step(spec, out, scale, train, quiet=quiet)
+    run_experiment_step(spec, out, scale, train_and_draw, quiet=quiet)
     return time.monotonic() - run_started
 
 

@@ -28,7 +28,9 @@ from side_by_side import record_side_by_side
 from noisyseg.config import build_config
 from noisyseg.data.phantom import PhantomConfig, generate_phantom
 from noisyseg.data.run_data import load_run_data
-from noisyseg.training.trainer import EpochCounters, Trainer
+from noisyseg.training.counters import EpochCounters
+from noisyseg.training.loop import Trainer
+from noisyseg.training.trainer import make_trainer
 
 LOGGER = logging.getLogger(__name__)
 ROUNDS = int(os.environ.get("NOISYSEG_BENCH_ROUNDS", "5"))
@@ -76,9 +78,9 @@ def summary():
     LOGGER.warning("training-step benchmark summary written to %s", path)
 
 
-def make_trainer(phantom: Path, out: Path, device: str, precision: str, compiled: bool, backend: str) -> Trainer:
+def phantom_trainer(phantom: Path, out: Path, device: str, precision: str, compiled: bool, backend: str) -> Trainer:
     config = build_config(None, [f"data={phantom}", f"out={out}", "method=adele", f"batch_size={BATCH}", f"device={device}", f"precision={precision}", f"model.compile={str(compiled).lower()}", f"loss.backend={backend}"])
-    return Trainer(config, load_run_data(config))
+    return make_trainer(config, load_run_data(config))
 
 
 @pytest.mark.parametrize(("device", "precision", "compiled", "backend"), CASES)
@@ -86,12 +88,12 @@ def test_training_step_images_per_second(benchmark, phantom: Path, tmp_path: Pat
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the trainer's default `threads`
     try:
-        trainer = make_trainer(phantom, tmp_path / "run", device, precision, compiled, backend)
+        trainer = phantom_trainer(phantom, tmp_path / "run", device, precision, compiled, backend)
         counters = EpochCounters.zeros(trainer.data.num_classes, trainer.ignore_index, trainer.device, noise=False)
         rows = torch.arange(BATCH)
 
         def step() -> None:
-            trainer.train_step(rows, counters, None)
+            trainer.train_step(trainer.batches.next(rows), counters, None)
             if trainer.device.type == "cuda":
                 torch.cuda.synchronize(trainer.device)
 

@@ -384,10 +384,10 @@ def loss_check(run_dir: str, data: str, device_name: str = "cuda") -> dict[str, 
     import torch
 
     from noisyseg.data.run_data import load_split
+    from noisyseg.evaluation.inference import forward_scales
     from noisyseg.kernels import ARM, functional
     from noisyseg.models.model_file import load_model
     from noisyseg.runs.run_dir import resolve_model_file
-    from noisyseg.training.trainer import forward_scales
 
     device = torch.device(device_name)  # "cpu" only to dry-run this code without a GPU
     model, _ = load_model(resolve_model_file(run_dir))

@@ -69,9 +69,9 @@ def reproduce_command(args: argparse.Namespace) -> str:
 def run_experiment_command(args: argparse.Namespace) -> int:
     import torch
 
+    from noisyseg.commands.train import train_and_draw
     from noisyseg.experiments.experiment import check_levels, experiment_runs, run_experiments
     from noisyseg.experiments.report import write_results
-    from noisyseg.training.trainer import train
 
     check_levels(args.levels)
     if args.threads is not None:
@@ -83,7 +83,7 @@ def run_experiment_command(args: argparse.Namespace) -> int:
         chosen = [spec for spec in specs if args.methods is None or spec.method in args.methods or spec.name in args.methods]
         if not chosen:
             raise ValueError(f"--methods {' '.join(args.methods)}: none of them is part of {', '.join(args.experiments)}")
-        counts = run_experiments(root, chosen, scale, train, quiet=not args.progress)
+        counts = run_experiments(root, chosen, scale, train_and_draw, quiet=not args.progress)
         log.info("runs: %d already done, %d trained, %d left to other processes", counts["done"], counts["trained"], counts["busy"])
     results = write_results(root, Path(args.results), scale, specs, args.levels, reproduce_command(args))
     print(f"results written to {results}")

@@ -88,11 +88,20 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     return config_from_dict(values).validate()
 
 
-def run_train(args: argparse.Namespace) -> int:
+def train_and_draw(config: TrainConfig, resume: bool = False) -> dict:
+    """`train`, then the run's curves.png (rank 0 under torchrun: every rank trains)."""
+    from noisyseg.experiments.plots import plot_run_curves
     from noisyseg.training.trainer import train
 
+    summary = train(config, resume=resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        plot_run_curves(Path(config.out))
+    return summary
+
+
+def run_train(args: argparse.Namespace) -> int:
     config = train_config_from_args(args)
-    summary = train(config, resume=bool(args.resume))
+    summary = train_and_draw(config, resume=bool(args.resume))
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns the summary
         print(json.dumps({"out": config.out, **summary}, indent=2))
     return 0
@@ -124,22 +133,19 @@ def register_eval(subparsers: argparse._SubParsersAction) -> None:
 def evaluate_run(run_dir: str | Path, split: str = "test", data: str | None = None, device: str = "auto") -> dict[str, Any]:
     """Single-scale IoU of `RUN_DIR/model.safetensors` on `split` of the run's data folder,
     computed in fp32 on `device`."""
-    from noisyseg.data.datasets import open_source
     from noisyseg.data.pipeline import ImageDataset
     from noisyseg.evaluation.inference import evaluate_split
-    from noisyseg.models.model_file import load_model
-    from noisyseg.runs.run_dir import RunDir, resolve_model_file
-    from noisyseg.runtime.device import resolve_device
+    from noisyseg.runs.finished import open_run
 
-    config = RunDir(run_dir).read_config()
-    model, info = load_model(resolve_model_file(run_dir))
-    model.to(resolve_device(device, field="--device"))
+    run = open_run(run_dir, device)
+    config = run.require_config("its data")
     data_root = data or config.data
     # The run's layout and options, clean masks (never the noisy `--labels`).
-    source = open_source(data_root, split, config.layout, **config.layout_options)
+    source = run.source(split, data_root)
     items = ImageDataset(source)
+    info = run.info
     check_channels(int(items[0][0].shape[0]), info.in_channels, data_root)
-    scores = evaluate_split(model, items, info.num_classes, source.info.ignore_index, config.eval_batch_size, window=config.loader.eval_window, overlap=config.loader.eval_overlap)
+    scores = evaluate_split(run.model, items, info.num_classes, source.info.ignore_index, config.eval_batch_size, window=config.loader.eval_window, overlap=config.loader.eval_overlap)
     return {"run": str(run_dir), "data": str(data_root), "split": split, "classes": info.class_names, **scores}
 
 
@@ -264,15 +270,11 @@ def predict_folder(run: str | Path, input_dir: str | Path, out_dir: str | Path, 
 
     from noisyseg.data.folder import normalize_image, read_image, write_mask
     from noisyseg.evaluation.inference import whole_image_logits
-    from noisyseg.models.model_file import load_model
-    from noisyseg.runs.run_dir import resolve_model_file
-    from noisyseg.runtime.device import resolve_device
+    from noisyseg.runs.finished import open_run
 
     targets = mask_targets(image_files(input_dir), out_dir)
-    model, info = load_model(resolve_model_file(run))
-    model.eval()
-    target_device = resolve_device(device, field="--device")
-    model.to(target_device)
+    finished = open_run(run, device)
+    model, info, target_device = finished.model, finished.info, finished.device
     written = []
     for path, target in tqdm(targets.items(), desc="predict", unit="image", disable=quiet):
         image = read_image(path)

@@ -6,33 +6,37 @@ divisible by `model.stride` (and, for multiscale training, any size of at least 
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
-from noisyseg.models.deeplab import DeepLabV3Plus, deeplabv3plus
-from noisyseg.models.timm_deeplab import TimmDeepLabV3Plus
-from noisyseg.models.unet import UNet, unet
-
-# The one table of model families: name -> constructor (its keyword arguments are the model's
-# `model.kwargs`). `deeplabv3plus_timm` needs the `timm` extra; it is imported when built.
-MODEL_CONSTRUCTORS: dict[str, Callable[..., nn.Module]] = {
-    "unet": unet,
-    "deeplabv3plus": deeplabv3plus,
+# The one table of model families: name -> "module:constructor" (its keyword arguments are the
+# model's `model.kwargs`). Imported when a model is built, so naming models, reading a model
+# file's description or serving an ONNX model never imports torch; `deeplabv3plus_timm` needs
+# the `timm` extra.
+MODEL_CONSTRUCTORS: dict[str, str] = {
+    "unet": "noisyseg.models.unet:unet",
+    "deeplabv3plus": "noisyseg.models.deeplab:deeplabv3plus",
     # The class itself: its __init__ arguments are the model's kwargs.
-    "deeplabv3plus_timm": TimmDeepLabV3Plus,
+    "deeplabv3plus_timm": "noisyseg.models.timm_deeplab:TimmDeepLabV3Plus",
 }
+
+
+def model_constructor(name: str) -> Callable[..., nn.Module]:
+    """The constructor of the model family `name` (a key of `MODEL_CONSTRUCTORS`)."""
+    if name not in MODEL_CONSTRUCTORS:
+        raise ValueError(f"unknown model '{name}'; known models: {', '.join(sorted(MODEL_CONSTRUCTORS))}")
+    module, function = MODEL_CONSTRUCTORS[name].split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Build the model `name` (a key of `MODEL_CONSTRUCTORS`) with its constructor's arguments."""
-    if name not in MODEL_CONSTRUCTORS:
-        raise ValueError(
-            f"unknown model '{name}'; known models: {', '.join(sorted(MODEL_CONSTRUCTORS))}"
-        )
-    constructor = MODEL_CONSTRUCTORS[name]
+    constructor = model_constructor(name)
     try:
         # Checked up front so an unknown keyword (say from a hand-edited config) reads as bad
         # input, without mistaking a TypeError raised inside the constructor for one.
@@ -42,12 +46,4 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     return constructor(**kwargs)
 
 
-__all__ = [
-    "MODEL_CONSTRUCTORS",
-    "DeepLabV3Plus",
-    "TimmDeepLabV3Plus",
-    "UNet",
-    "create_model",
-    "deeplabv3plus",
-    "unet",
-]
+__all__ = ["MODEL_CONSTRUCTORS", "create_model", "model_constructor"]

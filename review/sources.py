@@ -76,21 +76,17 @@ class RunSource(ProbabilitySource):
 
     def __init__(self, run_dir: str | Path, split: str = "train", device: str | None = None, workdir: str | Path | None = None) -> None:
         from noisyseg.config import METHOD_SPECS
-        from noisyseg.data.datasets import open_source
-        from noisyseg.models.model_file import load_model
-        from noisyseg.runtime.device import resolve_device
+        from noisyseg.runs.finished import open_run
 
         run = RunDir(run_dir)
         config = run.read_config()
         if not run.model_file.is_file():
             raise FileNotFoundError(f"{run.model_file}: the run has no selected model yet (it writes one after its first epoch)")
-        options = dict(config.layout_options)
-        if split == "train" and config.labels:
-            options["labels_root"] = config.labels
-        data = open_source(config.data, split, config.layout, **options)
-        target = resolve_device(device or config.device, field="--device")
-        model, info = load_model(run.model_file)
-        self.model = model.to(target).eval()
+        finished = open_run(run_dir, device or config.device)
+        data = finished.source(split, given_labels=True)
+        target = finished.device
+        self.model = finished.model
+        info = finished.info
         self.normalization = info.normalization
         self.store: LabelStore | None = None
         if split == "train" and METHOD_SPECS[config.method].correction:

@@ -23,10 +23,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load, save
 
@@ -146,3 +148,29 @@ def check_checkpoint_config(directory: Path, state: dict[str, Any], config: Trai
         raise ValueError(f"{directory / STATE_JSON}: checkpoint without a readable configuration ({err})") from err
     if differences:
         raise ValueError(f"{directory / STATE_JSON}: checkpoint of another configuration (differs in {', '.join(differences)}) than the run's {RunDir(config.out).config_file}; resuming it would mix two runs")
+
+
+def rng_state(shuffle: torch.Generator, device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every random state a run draws from: (checkpoint tensors, the JSON `rng` entry)."""
+    tensors = {"rng.torch": torch.get_rng_state(), "rng.shuffle": shuffle.get_state()}
+    if device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+    numpy_state: tuple[Any, ...] = np.random.get_state(legacy=True)  # type: ignore[assignment]
+    python_state = random.getstate()
+    rest = {
+        "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+        "python": [python_state[0], list(python_state[1]), python_state[2]],
+    }
+    return tensors, rest
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], rest: dict[str, Any], shuffle: torch.Generator, device: torch.device) -> None:
+    """Put back what `rng_state` saved (a CPU checkpoint has no CUDA state to restore)."""
+    torch.set_rng_state(tensors["rng.torch"])
+    shuffle.set_state(tensors["rng.shuffle"])
+    if device.type == "cuda" and "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+    numpy_state = rest["numpy"]
+    np.random.set_state((numpy_state[0], np.array(numpy_state[1], dtype=np.uint32), *numpy_state[2:]))
+    python_state = rest["python"]
+    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))

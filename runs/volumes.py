@@ -131,28 +131,22 @@ def write_label_volume(path: str | Path, labels: np.ndarray, reference: nib.spat
     atomic_write_bytes(path, label_volume_bytes(labels, reference, compress=str(path).endswith(".gz")))
 
 
-def training_size(run: str | Path, size: int | None) -> int:
+def training_size(run: FinishedRun, size: int | None) -> int:
     """The slice size the model was trained at: `size` when given, else that of the first
     training image in the run's data folder."""
-    from noisyseg.data.datasets import open_source
-    from noisyseg.runs.run_dir import RunDir
-
     if size is not None:
         if size < 1:
             raise ValueError(f"--size: expected a positive slice size, got {size}")
         return size
-    run_dir = RunDir(run)
-    if not run_dir.has_config():
-        raise ValueError(f"{run}: a model file does not record the slice size it was trained at; pass --size (the `data segthor --size` of its data)")
-    config = run_dir.read_config()
-    data = config.data
+    if run.config is None:
+        raise ValueError(f"{run.path}: a model file does not record the slice size it was trained at; pass --size (the `data segthor --size` of its data)")
     try:
-        image = open_source(data, "train", config.layout, **config.layout_options).read_image(0)
+        image = run.source("train").read_image(0)
     except (FileNotFoundError, ValueError) as err:
-        raise ValueError(f"{run}: cannot read the trained slice size from its data folder {data} ({err}); pass --size") from err
+        raise ValueError(f"{run.path}: cannot read the trained slice size from its data folder {run.config.data} ({err}); pass --size") from err
     height, width = image.shape[1:]
     if height != width:
-        raise ValueError(f"{run}: its training slices are {height} x {width}, volume slices are resized to a square; pass --size")
+        raise ValueError(f"{run.path}: its training slices are {height} x {width}, volume slices are resized to a square; pass --size")
     return int(height)
 
 
@@ -161,22 +155,19 @@ def predict_volumes(run: str | Path, source: str | Path, out_dir: str | Path, si
     into `out_dir/<input file name>`; returns the written paths."""
     from tqdm import tqdm
 
-    from noisyseg.models.model_file import load_model
-    from noisyseg.runs.run_dir import resolve_model_file
-    from noisyseg.runtime.device import resolve_device
+    from noisyseg.runs.finished import open_run
 
     volumes = find_volumes(source, "image")
     if not volumes:
         raise FileNotFoundError(f"{source}: no NIfTI volumes (NAME.nii.gz or Patient_XX/Patient_XX.nii.gz) to predict")
-    model, info = load_model(resolve_model_file(run))
+    finished = open_run(run, device)
+    model, info, target_device = finished.model, finished.info, finished.device
     if info.in_channels != 1:
         raise ValueError(f"{run}: the model expects {info.in_channels} channel(s); CT volumes have one")
-    slice_size = training_size(run, size)
+    slice_size = training_size(finished, size)
     stride = int(getattr(model, "stride", 1))
     if slice_size % stride:
         raise ValueError(f"--size {slice_size}: the model needs slice sizes divisible by {stride}")
-    target_device = resolve_device(device, field="--device")
-    model.to(target_device)
     targets = {name: Path(out_dir) / path.name for name, path in volumes.items()}
     for name, target in targets.items():
         if target.resolve() == volumes[name].resolve():

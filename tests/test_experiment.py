@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from noisyseg.commands.train import train_and_draw as train
 from noisyseg.data.label_store import LabelStore
 from noisyseg.data.run_data import load_run_data
 from noisyseg.experiments.arm_analysis import arm_epoch
@@ -37,7 +38,6 @@ from noisyseg.experiments.report import (
 )
 from noisyseg.runs.checkpoint import find_checkpoint
 from noisyseg.runs.run_dir import RunDir
-from noisyseg.training.trainer import train
 
 TINY = Scale(patients=5, size=32, slices_per_patient=4, epochs=2, batch_size=8, unet={"base_width": 4, "depth": 2})
 SPECS = [RunSpec("table1", m, NoiseSpec(seed=0)) for m in ("baseline-ms", "adele", "arm")]

@@ -26,7 +26,10 @@ from noisyseg.methods import adele
 from noisyseg.models.model_file import load_model
 from noisyseg.runs.checkpoint import find_checkpoint, read_checkpoint, write_checkpoint
 from noisyseg.runs.run_dir import CHECKPOINT_DIR, RunDir, resolve_model_file
-from noisyseg.training.trainer import EpochCounters, Trainer, lr_factor, train
+from noisyseg.training.counters import EpochCounters
+from noisyseg.training.loop import Trainer
+from noisyseg.training.optim import lr_factor
+from noisyseg.training.trainer import make_trainer, train
 
 SIZE = 32
 CLASSES = ["background", "a", "b", "c", "d"]
@@ -250,17 +253,17 @@ def test_deeplab_trains(folders: tuple[Path, Path], tmp_path: Path) -> None:
 
 def test_arm_warm_up_trains_the_network_on_plain_ce_and_arm_alone(folders: tuple[Path, Path], tmp_path: Path) -> None:
     config = tiny_config(folders, tmp_path / "arm", "method=arm", "epochs=1")
-    trainer = Trainer(config, load_run_data(config))
+    trainer = make_trainer(config, load_run_data(config))
     images = trainer.data.train_images[:2]
     target = torch.from_numpy(trainer.data.train_labels.stacked()[:2]).long()
-    assert trainer.arm_warming_up() and trainer.arm_optimizer.defaults["maximize"]
+    assert trainer.arm.warming_up(trainer.iteration, trainer.total_iterations) and trainer.arm.optimizer.defaults["maximize"]
 
     def gradients(loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         trainer.model.zero_grad()
-        trainer.arm.zero_grad()
+        trainer.arm.arm.zero_grad()
         loss.backward()
         net = torch.cat([p.grad.flatten() for p in trainer.model.parameters()])
-        arm = torch.cat([torch.zeros(p.numel()) if p.grad is None else p.grad.flatten() for p in trainer.arm.parameters()])
+        arm = torch.cat([torch.zeros(p.numel()) if p.grad is None else p.grad.flatten() for p in trainer.arm.arm.parameters()])
         return net, arm
 
     loss, _ = trainer.loss_terms([trainer.model(images)], target)
@@ -276,9 +279,9 @@ def test_arm_warm_up_trains_the_network_on_plain_ce_and_arm_alone(folders: tuple
 
 def test_adam_option_builds_adam_for_network_and_ascending_arm(folders: tuple[Path, Path], tmp_path: Path) -> None:
     config = tiny_config(folders, tmp_path / "adam", "method=arm", "epochs=1", "optim.optimizer=adam", "optim.lr=0.001", "optim.momentum=0.8")
-    trainer = Trainer(config, load_run_data(config))
+    trainer = make_trainer(config, load_run_data(config))
     assert isinstance(trainer.optimizer, torch.optim.Adam) and trainer.optimizer.defaults["betas"] == (0.8, 0.999)
-    assert isinstance(trainer.arm_optimizer, torch.optim.Adam) and trainer.arm_optimizer.defaults["maximize"]
+    assert isinstance(trainer.arm.optimizer, torch.optim.Adam) and trainer.arm.optimizer.defaults["maximize"]
     summary = train(config)
     assert 0.0 <= summary["test_miou"]["last"] <= 1.0
     with pytest.raises(ValueError, match="optim.optimizer"):
@@ -287,12 +290,12 @@ def test_adam_option_builds_adam_for_network_and_ascending_arm(folders: tuple[Pa
 
 def test_arm_learning_rate_option_follows_the_networks_schedule(folders: tuple[Path, Path], tmp_path: Path) -> None:
     config = tiny_config(folders, tmp_path / "armlr", "method=arm", "optim.lr=0.2", "arm.lr=0.01", "optim.schedule=poly", "epochs=4")
-    trainer = Trainer(config, load_run_data(config))
+    trainer = make_trainer(config, load_run_data(config))
     trainer.iteration = trainer.total_iterations // 2
     factor = 0.5**config.optim.poly_power
     assert trainer.set_learning_rate() == pytest.approx(0.2 * factor)
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.2 * factor)
-    assert trainer.arm_optimizer is not None and trainer.arm_optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * factor)
+    assert trainer.arm.optimizer is not None and trainer.arm.optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * factor)
 
 
 def test_multistep_schedule_is_the_arm_papers() -> None:
@@ -329,9 +332,9 @@ def test_trigger_state_fires_per_class_or_all_at_once(adaptive: bool) -> None:
 def test_correction_schedule_follows_timing_and_frequency(folders: tuple[Path, Path], tmp_path: Path) -> None:
     def due_epochs(timing: str, every: int) -> list[int]:
         config = tiny_config(folders, tmp_path / "schedule", "method=adele", f"adele.correction_timing={timing}", f"adele.correction_every={every}")
-        trainer = Trainer(config, load_run_data(config))
-        trainer.triggers.trigger_epoch.update({1: 3, 2: 5})
-        return [e for e in range(1, 25) if trainer.correction_classes(e) is not None]
+        trainer = make_trainer(config, load_run_data(config))
+        trainer.labels.triggers.trigger_epoch.update({1: 3, 2: 5})
+        return [e for e in range(1, 25) if trainer.labels.correction_classes(e) is not None]
 
     assert due_epochs("iteration", 1) == list(range(4, 25))  # from the epoch after the trigger
     assert due_epochs("epoch", 1) == list(range(3, 25))  # at the end of the trigger epoch itself
@@ -359,17 +362,17 @@ def collapse_onto_background(model: torch.nn.Module, num_classes: int) -> None:
 @pytest.mark.parametrize("guard", [True, False])
 def test_guard_stops_and_undoes_a_correction_that_erases_a_class(folders: tuple[Path, Path], tmp_path: Path, guard: bool) -> None:
     config = tiny_config(folders, tmp_path / "guard", "method=adele", "epochs=1", "optim.lr=1e-6", "adele.correction_timing=epoch", f"adele.guard={str(guard).lower()}")
-    trainer = Trainer(config, load_run_data(config))
+    trainer = make_trainer(config, load_run_data(config))
     collapse_onto_background(trainer.model, trainer.data.num_classes)
-    trainer.triggers.trigger_epoch[2] = 1  # class 2 triggered, then its prediction collapsed
+    trainer.labels.triggers.trigger_epoch[2] = 1  # class 2 triggered, then its prediction collapsed
     annotated = trainer.data.train_labels.class_counts(trainer.data.num_classes)
     record = trainer.finish_epoch(trainer.run_epoch())
-    areas = trainer.store.maps.class_counts(trainer.data.num_classes)
+    areas = trainer.labels.store.maps.class_counts(trainer.data.num_classes)
     assert areas[1] == annotated[1] and areas[3] == annotated[3]  # untriggered classes untouched
     if guard:
-        assert areas[2] == annotated[2] and int(trainer.corrections.labels.eq(2).sum()) == annotated[2]
+        assert areas[2] == annotated[2] and int(trainer.labels.corrections.labels.eq(2).sum()) == annotated[2]
         assert record["trigger"]["2"]["guard_epoch"] == 1
-        assert trainer.correction_classes(2) is None  # stopped for good
+        assert trainer.labels.correction_classes(2) is None  # stopped for good
     else:
         assert areas[2] == 0 and record["trigger"]["2"]["guard_epoch"] is None
 
@@ -382,11 +385,11 @@ def test_noise_diagnostics_of_the_training_pass_on_a_hand_made_case(folders: tup
     clean = np.array([[[0, 0, 0, 0]], [[1, 1, 0, 0]]], dtype=np.uint8)
     noisy = np.array([[[0, 0, 0, 0]], [[1, 0, 1, 0]]], dtype=np.uint8)
     tiny = RunData(data.info, torch.zeros(2, 1, 1, 4), noisy, ["x", "y"], clean, data.val, data.test)
-    trainer = Trainer(config, tiny)
+    trainer = make_trainer(config, tiny)
     counters = EpochCounters.zeros(5, 255, torch.device("cpu"), noise=True)
     prediction = torch.tensor([[[1, 1, 1, 0]]])  # predicts class 1 on both wrong pixels
     logits = F.one_hot(prediction, 5).permute(0, 3, 1, 2).float()
-    trainer.count_training_pass(torch.tensor([1]), logits, torch.from_numpy(noisy[1:]).long(), counters)
+    trainer.count_training_pass(trainer.batches.next(torch.tensor([1])), logits, counters)
     iou_el, iou_m = early_learning_memorization_iou(counters.noise.counts())
     # vs clean on wrong pixels: pixel 1 pred 1 = clean 1 (hit), pixel 2 pred 1 vs clean 0:
     # class 1: intersection 1, union |pred 1| 2 + |clean 1| 1 - 1 = 2 -> 0.5.
