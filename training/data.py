@@ -483,10 +483,11 @@ def load_run_data(config: TrainConfig, workdir: str | Path | None = None) -> Run
     """The train split (labels from `config.labels` if set) and the clean val/test splits,
     cached in memory or as sources read on demand (`use_cache`); streamed label maps are
     memory-mapped from unlinked files in `workdir` (the run directory)."""
-    from noisyseg.training.datasets import detect_layout, open_source
+    from noisyseg.training.datasets import open_source, resolve_layout
     from noisyseg.training.pipeline import ImageDataset, read_label_maps
 
-    layout = detect_layout(config.data) if config.layout == "auto" else config.layout
+    # Checked here too: the cached folder path below never opens a source.
+    layout = resolve_layout(config.data, config.layout, config.layout_options)
     options = dict(config.layout_options)
     if config.labels and layout == "folder":
         check_labels_source(config.data, config.labels)
