@@ -4,18 +4,44 @@ values, labels of unknown origin, and a resume that would mix two runs (issue 27
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from dist_helpers import make_phantom
 from test_bad_input import TINY, one_line_error, run
 from test_datasets import cityscapes  # noqa: F401  (fixture: a tiny Cityscapes tree)
 
+from noisyseg.serve.loadgen import CLASS_NAMES, write_conv_model
+from noisyseg.training.data import (
+    SPLITS,
+    DatasetInfo,
+    write_dataset_info,
+    write_image,
+    write_mask,
+    write_split_ids,
+)
+
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return make_phantom(tmp_path_factory.mktemp("phantom"))
+
+
+def small_dataset(root: Path, classes: list[str]) -> Path:
+    """A folder-layout dataset of three 16 x 16 single-channel images per split, classes named
+    `classes` (as many as the conv model of `write_conv_model` predicts)."""
+    rng = np.random.default_rng(0)
+    ids = [f"P00{i}_000" for i in range(3)]
+    for slice_id in ids:
+        write_image(root / "images" / f"{slice_id}.npy", rng.normal(0, 100, (16, 16)).astype(np.float32))
+        write_mask(root / "masks" / f"{slice_id}.png", rng.integers(0, len(classes), (16, 16)).astype(np.uint8))
+    for split in SPLITS:
+        write_split_ids(root, split, ids)
+    write_dataset_info(root, DatasetInfo(name=root.name, classes=classes))
+    return root
 
 
 # ----------------------------------------------------------------------------- layout options (items 10, 14)
@@ -41,6 +67,18 @@ def test_train_refuses_an_unknown_layout_option(cityscapes: Path, phantom: tuple
     assert not (tmp_path / "folder" / "config.json").exists() and not (tmp_path / "city" / "config.json").exists()
 
 
+def test_export_and_review_refuse_an_unknown_layout_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = small_dataset(tmp_path / "data", list(CLASS_NAMES))
+    model = write_conv_model(tmp_path / "model.onnx", output="logits")
+    expected = f"folder layout of {data}: unknown option(s) foo; known: labels_root"
+    err = one_line_error(capsys, "export", "golden", "--onnx", str(model), "--out", str(tmp_path / "golden.npz"), "--data", str(data), "--option", "foo=1")
+    assert expected in err and not (tmp_path / "golden.npz").exists()
+    err = one_line_error(capsys, "export", "quantize", "--onnx", str(model), "--calib-data", str(data), "--out", str(tmp_path / "q.onnx"), "--option", "foo=1")
+    assert expected in err and not (tmp_path / "q.onnx").exists()
+    err = one_line_error(capsys, "review", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "review"), "--option", "foo=1", "--quiet")
+    assert expected in err and not (tmp_path / "review" / "scores.csv").exists()
+
+
 # ----------------------------------------------------------------------------- annotations the tree lacks (item 11)
 
 
@@ -57,3 +95,47 @@ def test_inspect_names_the_annotation_folder_the_tree_lacks(cityscapes: Path, ca
     assert f"{cityscapes / 'gtCoarse' / 'train'}: folder not found" in err
     err = one_line_error(capsys, "data", "inspect", "--data", str(cityscapes), "--option", "eval_annotations=gtCoarse", "--quiet")
     assert f"{cityscapes / 'gtCoarse'}" in err and "eval_annotations=gtCoarse" in err
+
+
+# ----------------------------------------------------------------------------- review outputs and classes (items 12, 13)
+
+
+def test_review_out_below_a_regular_file_is_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file, not a folder\n")
+    out = blocker / "review"
+    # The model does not even exist: the output folder is checked first.
+    err = one_line_error(capsys, "review", "--model", str(tmp_path / "missing.onnx"), "--data", str(tmp_path / "missing"), "--out", str(out), "--quiet")
+    assert f"{out}: review output folder is not writable (Not a directory); choose another --out" in err
+    assert blocker.read_text() == "a file, not a folder\n"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders: no PermissionError to provoke")
+def test_review_out_in_a_read_only_folder_is_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        err = one_line_error(capsys, "review", "--model", str(tmp_path / "missing.onnx"), "--data", str(tmp_path / "missing"), "--out", str(locked / "review"), "--quiet")
+    finally:
+        locked.chmod(0o755)
+    assert f"{locked / 'review'}: review output folder is not writable (Permission denied); choose another --out" in err
+    assert not any(locked.iterdir())
+
+
+def test_review_refuses_a_model_of_other_class_names_unless_told(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = write_conv_model(tmp_path / "model.onnx", output="logits")
+    other = small_dataset(tmp_path / "other", ["background", "heart", "aorta"])
+    review = ["review", "--model", str(model), "--format", "png", "--quiet"]
+    err = one_line_error(capsys, *review, "--data", str(other), "--out", str(tmp_path / "refused"))
+    assert f"{model}: the model's classes {list(CLASS_NAMES)} are not the classes of {other} ['background', 'heart', 'aorta']" in err
+    assert "--allow-class-mismatch" in err
+    assert not (tmp_path / "refused" / "scores.csv").exists()
+    code, err = run(capsys, *review, "--data", str(other), "--out", str(tmp_path / "allowed"), "--allow-class-mismatch")
+    assert code == 0, err
+    header = (tmp_path / "allowed" / "scores.csv").read_text().splitlines()[0]
+    assert header.endswith("iou_background,iou_liver,iou_kidney")  # the model's names, as asked
+    # The same names need no flag.
+    same = small_dataset(tmp_path / "same", list(CLASS_NAMES))
+    code, err = run(capsys, *review, "--data", str(same), "--out", str(tmp_path / "same_review"))
+    assert code == 0, err

@@ -18,12 +18,11 @@ No torch here: the model-file and serving code read the names without importing 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from noisyseg.training.config import TrainConfig, config_from_dict, semantic_fields
-from noisyseg.training.io import atomic_write_json, atomic_write_text
+from noisyseg.training.io import atomic_write_json, atomic_write_text, probe_writable_folder
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoint"
@@ -104,16 +103,7 @@ class RunDir:
 
     def probe(self) -> None:
         """Create the directory and write and remove a file in it: fail now, not after an epoch."""
-        probe = self.path / ".write-probe"
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            with open(probe, "wb") as handle:
-                handle.write(b"noisyseg write probe\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            probe.unlink()
-        except OSError as err:
-            raise ValueError(f"{self.path}: run directory is not writable ({err.strerror or err}); choose another --out") from err
+        probe_writable_folder(self.path, "run directory", "--out")
 
     # ---- metrics and summary
 
