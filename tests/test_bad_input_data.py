@@ -139,3 +139,20 @@ def test_review_refuses_a_model_of_other_class_names_unless_told(tmp_path: Path,
     same = small_dataset(tmp_path / "same", list(CLASS_NAMES))
     code, err = run(capsys, *review, "--data", str(same), "--out", str(tmp_path / "same_review"))
     assert code == 0, err
+
+
+# ----------------------------------------------------------------------------- non-finite configuration (item 15)
+
+
+def test_non_finite_config_values_are_refused_naming_the_field(phantom: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = phantom[0]
+    args = ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "1", *TINY]
+    cases = [("adele.lam=.nan", "adele.lam", "nan"), ("optim.lr=.inf", "optim.lr", "inf"), ("adele.scales=[1.0, -.inf]", "adele.scales[1]", "-inf"), ("arm.lr=.nan", "arm.lr", "nan"), ("optim.lr=1e999", "optim.lr", "'1e999'")]
+    for setting, field, shown in cases:
+        err = one_line_error(capsys, *args, f"--set={setting}")
+        assert f"config key '{field}': expected a finite number, got {shown}" in err, setting
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("method: adele\nadele:\n  tau: .nan\n")
+    err = one_line_error(capsys, *args, "--config", str(config_file))
+    assert "config key 'adele.tau': expected a finite number, got nan" in err
+    assert not (tmp_path / "run").exists()
