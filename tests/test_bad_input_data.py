@@ -4,6 +4,8 @@ values, labels of unknown origin, and a resume that would mix two runs (issue 27
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -11,13 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from dist_helpers import make_phantom
-from test_bad_input import TINY, one_line_error, run
+from test_bad_input import TINY, copy_data, one_line_error, run
 from test_datasets import cityscapes  # noqa: F401  (fixture: a tiny Cityscapes tree)
 
+from noisyseg.cli import main
 from noisyseg.serve.loadgen import CLASS_NAMES, write_conv_model
 from noisyseg.training.data import (
     SPLITS,
     DatasetInfo,
+    labels_origin,
     write_dataset_info,
     write_image,
     write_mask,
@@ -156,3 +160,20 @@ def test_non_finite_config_values_are_refused_naming_the_field(phantom: tuple[Pa
     err = one_line_error(capsys, *args, "--config", str(config_file))
     assert "config key 'adele.tau': expected a finite number, got nan" in err
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- labels of unknown origin (item 16)
+
+
+def test_labels_without_noise_json_are_trained_with_a_warning_and_recorded_unchecked(phantom: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    data, labels = phantom
+    own = copy_data(labels, tmp_path / "own")
+    (own / "noise.json").unlink()
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="noisyseg"):
+        assert main(["train", "--data", str(data), "--labels", str(own), "--out", str(out), "--method", "baseline", "--epochs", "1", *TINY]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "origin of these masks cannot be checked" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{own}: no noise.json")
+    assert json.loads((out / "config.json").read_text())["labels_origin"] == {"noise_file": None, "checked": False}
+    # Labels that `data corrupt` made carry the fingerprint that training checks.
+    assert labels_origin(labels) == {"noise_file": str(labels / "noise.json"), "checked": True}

@@ -1,6 +1,7 @@
 """A training run directory: every file name in it, and reading and writing its files.
 
-    config.json          the configuration (a rerun or resume must match it)
+    config.json          the configuration (a rerun or resume must match it) and, with
+                         --labels, their `labels_origin`
     metrics.jsonl        one JSON object per epoch: epoch, iteration, method, lr, loss terms,
                          train_iou (foreground, vs the labels trained on), val/test per-class IoU
                          and mIoU with/without background, trigger state and fits,
@@ -75,7 +76,15 @@ class RunDir:
         return config_from_dict(raw["config"])
 
     def write_config(self, config: TrainConfig) -> None:
-        atomic_write_json(self.config_file, {"config": config.to_dict(), "config_hash": config.semantic_hash()})
+        """`config.json` of a new run: the configuration, its hash and, with `labels`, what is
+        known of their origin."""
+        record: dict[str, Any] = {"config": config.to_dict(), "config_hash": config.semantic_hash()}
+        if config.labels:
+            # data.py imports torch: only when a run is created, not when run files are read.
+            from noisyseg.training.data import labels_origin
+
+            record["labels_origin"] = labels_origin(config.labels)
+        atomic_write_json(self.config_file, record)
 
     def prepare(self, config: TrainConfig, resume: bool) -> None:
         """Refuse a directory that holds another configuration (or any run, unless resuming);
