@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from dist_helpers import make_phantom
-from test_bad_input import TINY, copy_data, one_line_error, run
+from test_bad_input import TINY, copy_data, one_line_error, run, tree
 from test_datasets import cityscapes  # noqa: F401  (fixture: a tiny Cityscapes tree)
 
 from noisyseg.cli import main
@@ -177,3 +177,50 @@ def test_labels_without_noise_json_are_trained_with_a_warning_and_recorded_unche
     assert json.loads((out / "config.json").read_text())["labels_origin"] == {"noise_file": None, "checked": False}
     # Labels that `data corrupt` made carry the fingerprint that training checks.
     assert labels_origin(labels) == {"noise_file": str(labels / "noise.json"), "checked": True}
+
+
+# ----------------------------------------------------------------------------- a resume that mixes runs (item 17)
+
+
+def test_resume_refuses_a_checkpoint_of_another_run_or_epoch(phantom: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data, labels = phantom
+    args = ["train", "--data", str(data), "--labels", str(labels), "--method", "baseline", *TINY]
+    short, long = tmp_path / "short", tmp_path / "long"
+    assert main([*args, "--out", str(short), "--epochs", "1"]) == 0
+    assert main([*args, "--out", str(long), "--epochs", "1"]) == 0
+    stale = shutil.copytree(long / "checkpoint", tmp_path / "long_epoch1")
+    assert main(["train", "--resume", str(long), "--epochs", "2", "--quiet"]) == 0
+    state = long / "checkpoint" / "state.json"
+
+    # The longer run's checkpoint over the shorter one's: the same configuration but for
+    # `epochs`, which a resume may change, so only the run id tells them apart.
+    shutil.rmtree(short / "checkpoint")
+    shutil.copytree(long / "checkpoint", short / "checkpoint")
+    before = tree(short)
+    err = one_line_error(capsys, "train", "--resume", str(short), "--epochs", "3", "--quiet")
+    assert f"{short / 'checkpoint' / 'state.json'}: checkpoint of another run" in err and f"{short / 'config.json'} has" in err
+    assert tree(short) == before
+
+    # The run's own checkpoint of epoch 1 under its metrics of epochs 1 and 2.
+    kept = shutil.move(long / "checkpoint", tmp_path / "long_epoch2")
+    shutil.copytree(stale, long / "checkpoint")
+    before = tree(long)
+    err = one_line_error(capsys, "train", "--resume", str(long), "--epochs", "3", "--quiet")
+    assert f"{state}: checkpoint after epoch 1, but the run's {long / 'metrics.jsonl'} records epochs up to 2" in err
+    assert tree(long) == before
+
+    # A crash between the checkpoint and the metrics leaves metrics.jsonl one epoch behind: that resumes.
+    shutil.rmtree(long / "checkpoint")
+    shutil.move(kept, long / "checkpoint")
+    metrics = long / "metrics.jsonl"
+    metrics.write_text(metrics.read_text().splitlines(keepends=True)[0])
+    code, err = run(capsys, "train", "--resume", str(long), "--epochs", "2", "--quiet")
+    assert code == 0, err
+
+    # A run made before run ids (none in config.json, none in its checkpoints) resumes as before.
+    for path in (long / "config.json", state):
+        record = json.loads(path.read_text())
+        del record["run_id"]
+        path.write_text(json.dumps(record))
+    code, err = run(capsys, "train", "--resume", str(long), "--epochs", "2", "--quiet")
+    assert code == 0, err
