@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -437,11 +438,17 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
         # YAML 1.1 reads exponent notation without a dot (1e-6) as a string.
-        if isinstance(value, str) and re.fullmatch(r"[-+]?\d+[eE][-+]?\d+", value.strip()):
-            return float(value)
+        if (isinstance(value, (int, float)) and not isinstance(value, bool)) or (isinstance(value, str) and re.fullmatch(r"[-+]?\d+[eE][-+]?\d+", value.strip())):
+            try:
+                number = float(value)
+            except OverflowError:  # an integer beyond the float range
+                number = math.inf
+            # NaN passes every range check (all comparisons are false) and would surface much
+            # later, blamed on another field; infinity is no setting either.
+            if not math.isfinite(number):
+                raise ValueError(f"config key '{key}': expected a finite number, got {value!r}")
+            return number
     elif annotation is str:
         if isinstance(value, str):
             return value

@@ -68,6 +68,24 @@ def json_floats(values: Any) -> list[float | None]:
     return [json_float(float(v)) for v in values]
 
 
+def probe_writable_folder(path: str | os.PathLike[str], what: str, option: str) -> Path:
+    """Create folder `path` (and its parents) and write and remove a file in it, so that an
+    output folder below a regular file, or without write permission, fails now with one line
+    naming it (`what`, and the `option` to change) instead of after the work."""
+    path = Path(path)
+    probe = path / ".write-probe"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as handle:
+            handle.write(b"noisyseg write probe\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"{path}: {what} is not writable ({err.strerror or err}); choose another {option}") from err
+    return path
+
+
 def read_text(path: str | os.PathLike[str], what: str) -> str:
     """A UTF-8 text file, or ValueError naming `path` (Python's own decoding error names no file)."""
     try:

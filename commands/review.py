@@ -9,6 +9,8 @@ import json
 import tempfile
 from pathlib import Path
 
+from noisyseg.commands.data import add_layout_arguments, layout_options
+
 REVIEW_DIR = "review"
 
 
@@ -26,7 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", help="exported ONNX model (output probs or logits), with --data")
     parser.add_argument("--data", help="with --model: dataset folder whose split is reviewed")
     parser.add_argument("--labels", help="with --model: folder whose masks/ replace the data's masks (the labels under review)")
-    parser.add_argument("--layout", default="auto", help="with --model: data layout (auto, folder, cityscapes, voc)")
+    add_layout_arguments(parser)  # with --model: the data's layout and its options
+    parser.add_argument("--allow-class-mismatch", action="store_true", help="with --model: review even when the model's class names differ from the data's (same number, matched by index)")
     parser.add_argument("--split", default="train", choices=("train", "val", "test"), help="split to review (default train)")
     parser.add_argument("--top", type=int, default=20, help="worst images shown on the page and exported for relabelling (default 20)")
     parser.add_argument("--out", help=f"output folder (default RUN_DIR/{REVIEW_DIR}, or ./{REVIEW_DIR} with --model)")
@@ -41,6 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_review_command(args: argparse.Namespace) -> int:
+    from noisyseg.io import probe_writable_folder
     from noisyseg.review.runner import ReviewOptions, run_review
     from noisyseg.review.sources import ProbabilitySource
 
@@ -52,23 +56,22 @@ def run_review_command(args: argparse.Namespace) -> int:
         from noisyseg.runs.run_dir import RunDir
 
         RunDir(args.run).read_config()  # a mistyped --run fails here, before RUN_DIR/review is made
-    out = Path(args.out or (Path(args.run) / REVIEW_DIR if args.run else REVIEW_DIR))
-    out.mkdir(parents=True, exist_ok=True)
+    out = probe_writable_folder(args.out or (Path(args.run) / REVIEW_DIR if args.run else REVIEW_DIR), "review output folder", "--out")
     with tempfile.TemporaryDirectory(dir=out, prefix=".review-") as workdir:
         source: ProbabilitySource
         if args.run:
             from noisyseg.review.sources import RunSource
 
-            for name in ("data", "labels"):
+            for name in ("data", "labels", "option", "allow_class_mismatch"):
                 if getattr(args, name):
-                    raise ValueError(f"--{name} goes with --model; a run reviews the data it was trained on")
+                    raise ValueError(f"--{name.replace('_', '-')} goes with --model; a run reviews the data it was trained on")
             source = RunSource(args.run, args.split, args.device, workdir)
         else:
             from noisyseg.review.onnx_source import OnnxSource
 
             if not args.data:
                 raise ValueError("--model needs --data DIR (the dataset whose labels are reviewed)")
-            source = OnnxSource(args.model, args.data, args.split, args.labels, args.layout, args.threads)
+            source = OnnxSource(args.model, args.data, args.split, args.labels, args.layout, args.threads, layout_options(args.option), args.allow_class_mismatch)
         summary = run_review(source, out, options)
     print(json.dumps({"images": summary["images"], "worst": summary["worst"][:5], **summary["files"]}, indent=2))
     if "page" in summary["files"]:

@@ -141,11 +141,12 @@ def clean_masks_fingerprint(root: str | Path) -> str:
 
 def check_labels_source(root: str | Path, labels_root: str | Path) -> None:
     """Refuse a noisy-label folder made from another data folder: its noise.json fingerprints
-    the clean training masks it was made from. A folder without noise.json (labels not made by
-    `data corrupt`) or with one from before the fingerprint is accepted unchecked."""
+    the clean training masks it was made from. A folder without noise.json (a user's own masks,
+    or another dataset's) or with one from before the fingerprint is accepted unchecked, with a
+    warning (and `labels_origin` records it in the run's config.json)."""
     path = Path(labels_root) / NOISE_FILE
     if not path.is_file():
-        log.info("%s: no %s, so no record of the data folder these labels were made from", labels_root, NOISE_FILE)
+        log.warning("%s: no %s, so the origin of these masks cannot be checked (that they label the images of %s); training on them unchecked", labels_root, NOISE_FILE, root)
         return
     noise = read_json_object(path, "noisy-label description")
     expected = noise.get(CLEAN_MASKS_FINGERPRINT)
@@ -154,6 +155,16 @@ def check_labels_source(root: str | Path, labels_root: str | Path) -> None:
         return
     if clean_masks_fingerprint(root) != expected:
         raise ValueError(f"{path}: the labels were made from {noise.get('data', 'another data folder')}, whose clean training masks differ from those of {root}; make labels from this folder with `noisyseg data corrupt --data {root}`")
+
+
+def labels_origin(labels_root: str | Path) -> dict[str, Any]:
+    """What a run's config.json records of where its `--labels` come from: the noise.json that
+    describes them (None: masks of unknown origin) and whether it fingerprints the clean masks
+    they were made from (`checked`: `check_labels_source` compared them before training)."""
+    path = Path(labels_root) / NOISE_FILE
+    if not path.is_file():
+        return {"noise_file": None, "checked": False}
+    return {"noise_file": str(path), "checked": CLEAN_MASKS_FINGERPRINT in read_json_object(path, "noisy-label description")}
 
 
 def read_json_object(path: Path, what: str) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from noisyseg.config import TrainConfig
-from noisyseg.data.datasets import LAYOUTS, detect_layout, open_source
+from noisyseg.data.datasets import LAYOUTS, open_source, resolve_layout
 from noisyseg.data.datasets.folder import FolderSource
 from noisyseg.data.folder import (
     DatasetInfo,
@@ -101,7 +101,8 @@ def load_run_data(config: TrainConfig, workdir: str | Path | None = None) -> Run
     memory-mapped from unlinked files in `workdir` (the run directory)."""
     if config.layout != "auto" and config.layout not in LAYOUTS:
         raise ValueError(f"config field 'layout': expected auto or one of {', '.join(LAYOUTS)}, got {config.layout!r}")
-    layout = detect_layout(config.data) if config.layout == "auto" else config.layout
+    # Checked here too: the cached folder path below never opens a source.
+    layout = resolve_layout(config.data, config.layout, config.layout_options)
     options = dict(config.layout_options)
     if config.labels and layout == "folder":
         check_labels_source(config.data, config.labels)

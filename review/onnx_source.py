@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +19,17 @@ class OnnxSource(ProbabilitySource):
     """ONNX Runtime on the CPU over `split` of `data` (masks from `labels`' masks/ when given);
     the graph takes raw pixels and returns `probs` or `logits` (softmaxed here)."""
 
-    def __init__(self, model: str | Path, data: str | Path, split: str = "train", labels: str | Path | None = None, layout: str = "auto", threads: int = 1) -> None:
+    def __init__(
+        self,
+        model: str | Path,
+        data: str | Path,
+        split: str = "train",
+        labels: str | Path | None = None,
+        layout: str = "auto",
+        threads: int = 1,
+        options: dict[str, Any] | None = None,
+        allow_class_mismatch: bool = False,
+    ) -> None:
         # No spinning: between two images the threads would only take the CPU from the scoring.
         self.runner = OnnxRuntimeRunner(model, providers=["CPUExecutionProvider"], intra_op_threads=threads, allow_spinning=False)
         outputs = [name for name in ("probs", "logits") if name in self.runner.output_names]
@@ -30,8 +41,8 @@ class OnnxSource(ProbabilitySource):
             raise ValueError(f"{model}: no 'class_names' metadata (was it exported by noisyseg?)") from err
         self.output = outputs[0]
         self.stride = metadata_stride(self.runner.metadata)
-        options = {"labels_root": labels} if labels else {}
-        super().__init__(open_data(data, split, layout, options), class_names, torch.device("cpu"))
+        options = {**(options or {}), **({"labels_root": labels} if labels else {})}
+        super().__init__(open_data(data, split, layout, options), class_names, torch.device("cpu"), allow_class_mismatch=allow_class_mismatch, model=model)
 
     def probabilities(self, image: np.ndarray) -> torch.Tensor:
         height, width = image.shape[-2:]

@@ -33,9 +33,23 @@ class ReviewItem:
 class ProbabilitySource(ABC):
     """The items of one split with a model's class probabilities for each."""
 
-    def __init__(self, data: SegmentationSource, class_names: Sequence[str], device: torch.device, correction: str = "prediction") -> None:
+    def __init__(
+        self,
+        data: SegmentationSource,
+        class_names: Sequence[str],
+        device: torch.device,
+        correction: str = "prediction",
+        allow_class_mismatch: bool = False,
+        model: str | Path = "the model",
+    ) -> None:
         if len(class_names) != data.info.num_classes:
             raise ValueError(f"{data.root}: the data has {data.info.num_classes} classes {data.info.classes}, the model {len(class_names)} {list(class_names)}")
+        # Same number, other names: the model's class i would be scored as the data's class i.
+        if list(class_names) != list(data.info.classes) and not allow_class_mismatch:
+            raise ValueError(
+                f"{model}: the model's classes {list(class_names)} are not the classes of {data.root} {data.info.classes}; "
+                "its scores would be of other classes (pass --allow-class-mismatch to review with them matched by index)"
+            )
         self.data = data
         self.class_names = list(class_names)
         self.device = device
@@ -91,7 +105,7 @@ class RunSource(ProbabilitySource):
         self.store: LabelStore | None = None
         if split == "train" and METHOD_SPECS[config.method].correction:
             self.store = read_store(run, data, workdir)
-        super().__init__(data, info.class_names, target, "label store" if self.store is not None else "prediction")
+        super().__init__(data, info.class_names, target, "label store" if self.store is not None else "prediction", model=run.model_file)
 
     def probabilities(self, image: np.ndarray) -> torch.Tensor:
         from noisyseg.data.folder import normalize_image

@@ -35,7 +35,7 @@ from safetensors.torch import load, save
 from noisyseg.config import TrainConfig, config_from_dict
 from noisyseg.runtime.distributed import fault_point
 from noisyseg.io import _fsync_directory, atomic_write_bytes, atomic_write_json
-from noisyseg.runs.run_dir import RunDir, config_differences
+from noisyseg.runs.run_dir import RUN_ID, RunDir, config_differences
 
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
@@ -95,13 +95,14 @@ def write_checkpoint(run_dir: str | Path, tensors: dict[str, torch.Tensor], stat
     final = RunDir(run_dir).checkpoint_dir
     staging, previous = (final.with_name(final.name + suffix) for suffix in (".tmp", ".old"))
     shutil.rmtree(staging, ignore_errors=True)
+    run_id = RunDir(run_dir).run_id()
     try:
         staging.mkdir(parents=True)
         payload = save(tensors)
         atomic_write_bytes(staging / STATE_TENSORS, payload)
         fault_point("checkpoint-write")
         write_extra(staging)
-        atomic_write_json(staging / STATE_JSON, {"format_version": FORMAT_VERSION, TENSORS_HASH: hashlib.sha256(payload).hexdigest(), **state})
+        atomic_write_json(staging / STATE_JSON, {"format_version": FORMAT_VERSION, TENSORS_HASH: hashlib.sha256(payload).hexdigest(), RUN_ID: run_id, **state})
     except OSError:
         # A full disk, say: drop the partial staging copy; `checkpoint/` is untouched.
         shutil.rmtree(staging, ignore_errors=True)
@@ -139,15 +140,31 @@ def read_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str,
 
 def check_checkpoint_config(directory: Path, state: dict[str, Any], config: TrainConfig) -> None:
     """Refuse a checkpoint written under another configuration (one copied from another run, or
-    a run whose config.json was edited): resuming it would mix two runs. RESUMABLE_FIELDS may differ."""
-    if state.get("config_hash") == config.semantic_hash():
-        return
-    try:
-        differences = config_differences(config_from_dict(state["config"]), config)
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{directory / STATE_JSON}: checkpoint without a readable configuration ({err})") from err
-    if differences:
-        raise ValueError(f"{directory / STATE_JSON}: checkpoint of another configuration (differs in {', '.join(differences)}) than the run's {RunDir(config.out).config_file}; resuming it would mix two runs")
+    a run whose config.json was edited): resuming it would mix two runs. RESUMABLE_FIELDS may
+    differ. Then `check_checkpoint_run`: the configuration alone does not tell two runs apart."""
+    if state.get("config_hash") != config.semantic_hash():
+        try:
+            differences = config_differences(config_from_dict(state["config"]), config)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{directory / STATE_JSON}: checkpoint without a readable configuration ({err})") from err
+        if differences:
+            raise ValueError(f"{directory / STATE_JSON}: checkpoint of another configuration (differs in {', '.join(differences)}) than the run's {RunDir(config.out).config_file}; resuming it would mix two runs")
+    check_checkpoint_run(directory, state, RunDir(config.out))
+
+
+def check_checkpoint_run(directory: Path, state: dict[str, Any], run: RunDir) -> None:
+    """Refuse a checkpoint of another run (say one of the same configuration trained for more
+    epochs, copied over this run's) or one out of step with the run's metrics.jsonl: resuming
+    would mix the two runs' files (the summary of one, the metrics and model of the other)."""
+    found, expected = state.get(RUN_ID), run.run_id()
+    if found != expected:
+        raise ValueError(f"{directory / STATE_JSON}: checkpoint of another run (run id {found or 'none'}, {run.config_file} has {expected or 'none'}); resuming it would mix two runs")
+    epoch = int(state["epoch"])
+    recorded = run.read_metrics()[-1]["epoch"] if run.metrics_file.is_file() else 0
+    # metrics.jsonl is rewritten just after each checkpoint, so a crash between the two leaves
+    # it one epoch behind; anything else is another run's (or an older) checkpoint.
+    if recorded not in (epoch, epoch - 1):
+        raise ValueError(f"{directory / STATE_JSON}: checkpoint after epoch {epoch}, but the run's {run.metrics_file} records epochs up to {recorded}; resuming it would mix two runs")
 
 
 def rng_state(shuffle: torch.Generator, device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -1,6 +1,7 @@
 """A training run directory: every file name in it, and reading and writing its files.
 
-    config.json          the configuration (a rerun or resume must match it)
+    config.json          the configuration (a rerun or resume must match it), the run's id
+                         (in its checkpoints too) and, with --labels, their `labels_origin`
     metrics.jsonl        one JSON object per epoch: epoch, iteration, method, lr, loss terms,
                          train_iou (foreground, vs the labels trained on), val/test per-class IoU
                          and mIoU with/without background, trigger state and fits,
@@ -18,12 +19,12 @@ No torch here: the model-file and serving code read the names without importing 
 from __future__ import annotations
 
 import json
-import os
+import uuid
 from pathlib import Path
 from typing import Any
 
 from noisyseg.config import TrainConfig, config_from_dict, semantic_fields
-from noisyseg.io import atomic_write_json, atomic_write_text
+from noisyseg.io import atomic_write_json, atomic_write_text, probe_writable_folder
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoint"
@@ -31,6 +32,8 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 MODEL_FILE = "model.safetensors"
 CURVES_FILE = "curves.png"
+# The key of the run's id in config.json and in each checkpoint's state.json.
+RUN_ID = "run_id"
 
 
 def _file(name: str, doc: str = "") -> property:
@@ -76,7 +79,27 @@ class RunDir:
         return config_from_dict(raw["config"])
 
     def write_config(self, config: TrainConfig) -> None:
-        atomic_write_json(self.config_file, {"config": config.to_dict(), "config_hash": config.semantic_hash()})
+        """`config.json` of a new run: the configuration, its hash, a new run id (written into
+        every checkpoint too, so that a checkpoint of another run is refused on resume) and,
+        with `labels`, what is known of their origin."""
+        record: dict[str, Any] = {"config": config.to_dict(), "config_hash": config.semantic_hash(), RUN_ID: uuid.uuid4().hex}
+        if config.labels:
+            # data.py imports torch: only when a run is created, not when run files are read.
+            from noisyseg.data.folder import labels_origin
+
+            record["labels_origin"] = labels_origin(config.labels)
+        atomic_write_json(self.config_file, record)
+
+    def run_id(self) -> str | None:
+        """The id `write_config` gave the run (None for a run made before ids existed, or a
+        directory without config.json)."""
+        if not self.config_file.is_file():
+            return None
+        try:
+            run_id = json.loads(self.config_file.read_text(encoding="utf-8")).get(RUN_ID)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{self.config_file}: unreadable run configuration ({err})") from err
+        return None if run_id is None else str(run_id)
 
     def prepare(self, config: TrainConfig, resume: bool) -> None:
         """Refuse a directory that holds another configuration (or any run, unless resuming);
@@ -104,16 +127,7 @@ class RunDir:
 
     def probe(self) -> None:
         """Create the directory and write and remove a file in it: fail now, not after an epoch."""
-        probe = self.path / ".write-probe"
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            with open(probe, "wb") as handle:
-                handle.write(b"noisyseg write probe\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            probe.unlink()
-        except OSError as err:
-            raise ValueError(f"{self.path}: run directory is not writable ({err.strerror or err}); choose another --out") from err
+        probe_writable_folder(self.path, "run directory", "--out")
 
     # ---- metrics and summary
 

@@ -5,7 +5,13 @@ source whose items are read from disk when asked; `LAYOUTS` is the registry, so 
 touches its own module and one line here.
 """
 
-from noisyseg.data.datasets.base import LAYOUTS, SegmentationSource, detect_layout, open_source
+from noisyseg.data.datasets.base import (
+    LAYOUTS,
+    SegmentationSource,
+    detect_layout,
+    open_source,
+    resolve_layout,
+)
 
 # Importing a layout registers it, so this order is `detect_layout`'s order.
 # isort: off
@@ -15,4 +21,4 @@ from noisyseg.data.datasets.voc import VocSource
 
 # isort: on
 
-__all__ = ["LAYOUTS", "CityscapesSource", "FolderSource", "SegmentationSource", "VocSource", "detect_layout", "open_source"]
+__all__ = ["LAYOUTS", "CityscapesSource", "FolderSource", "SegmentationSource", "VocSource", "detect_layout", "open_source", "resolve_layout"]

@@ -9,8 +9,9 @@ masks as uint8 (H, W) class ids with `info.ignore_index` for unlabelled pixels; 
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,13 @@ class SegmentationSource(ABC):
         """The splits `root` holds in this layout (`data inspect` walks them); by default the
         standard three."""
         return list(SPLITS)
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """The layout's options: its constructor's keyword parameters after `root` and `split`
+        (the one place a layout declares them)."""
+        parameters = list(inspect.signature(cls.__init__).parameters.values())[3:]
+        return [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
     @abstractmethod
     def read_image(self, index: int) -> np.ndarray:
@@ -121,12 +129,24 @@ def detect_layout(root: str | Path) -> str:
     raise ValueError(f"{path}: not a dataset folder of any supported layout ({', '.join(LAYOUTS)}); see docs/training.md")
 
 
+def resolve_layout(root: str | Path, layout: str = "auto", options: Mapping[str, Any] | None = None) -> str:
+    """The layout name of `root` (`auto`: detected from its structure), with `options` checked
+    against the options that layout declares: an unknown one (a typo, or another layout's) is
+    refused naming the known ones, wherever the options come from (`train`'s `layout_options`,
+    `--option` of `data inspect`, `export` and `review`)."""
+    name = detect_layout(root) if layout == "auto" else layout
+    if name not in LAYOUTS:
+        raise ValueError(f"data layout: expected auto or one of {', '.join(LAYOUTS)}, got {layout!r}")
+    known = LAYOUTS[name][0].option_names()
+    unknown = sorted(set(options or {}) - set(known))
+    if unknown:
+        raise ValueError(f"{name} layout of {root}: unknown option(s) {', '.join(unknown)}; known: {', '.join(known) or 'none'}")
+    return name
+
+
 def open_source(root: str | Path, split: str, layout: str = "auto", **options: Any) -> SegmentationSource:
     """Split `split` of the dataset at `root`, in `layout` (`auto`: detected from its structure).
 
     `options` go to the layout's constructor (for example `labels_root` for the folder layout).
     """
-    name = detect_layout(root) if layout == "auto" else layout
-    if name not in LAYOUTS:
-        raise ValueError(f"data layout: expected auto or one of {', '.join(LAYOUTS)}, got {layout!r}")
-    return LAYOUTS[name][0](root, split, **options)
+    return LAYOUTS[resolve_layout(root, layout, options)][0](root, split, **options)

@@ -86,13 +86,20 @@ class CityscapesSource(SegmentationSource):
 
     @classmethod
     def splits(cls, root: str | Path, **options: Any) -> list[str]:
-        """Every split folder under `leftImg8bit` whose annotation folder exists too."""
+        """Every split folder under `leftImg8bit` whose annotation folder exists too. A split
+        without one is skipped (gtFine has no `train_extra`, a download may lack `test`'s masks),
+        unless it is `train` or the chosen annotations' folder is missing altogether: then the
+        options name annotations the tree does not hold, and the missing folder is named."""
         root = Path(root)
         found = []
         for folder in sorted(p for p in (root / IMAGE_DIR).iterdir() if p.is_dir()):
-            annotations = options.get("annotations", "gtFine") if folder.name in TRAIN_SPLITS else options.get("eval_annotations", "gtFine")
-            if (root / str(annotations) / folder.name).is_dir():
+            option = "annotations" if folder.name in TRAIN_SPLITS else "eval_annotations"
+            annotations = _check_annotations(options.get(option, "gtFine"), option)
+            masks = root / annotations / folder.name
+            if masks.is_dir():
                 found.append(folder.name)
+            elif folder.name == "train" or not masks.parent.is_dir():
+                raise FileNotFoundError(f"{masks}: folder not found (the masks of split '{folder.name}' with {option}={annotations}; expected {annotations}/{folder.name}/<city>/*_{annotations}_labelIds.png)")
         return found
 
     def image_path(self, index: int) -> Path:

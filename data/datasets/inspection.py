@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from noisyseg.data.datasets.base import LAYOUTS, detect_layout, open_source
+from noisyseg.data.datasets.base import LAYOUTS, open_source, resolve_layout
 
 # More distinct image sizes than this are summarised as min/max only.
 MAX_LISTED_SIZES = 10
@@ -24,9 +24,7 @@ def inspect_dataset(root: str | Path, layout: str = "auto", options: dict[str, A
     (min/max height and width, and the distinct sizes when few), pixels per class and the
     unlabelled fraction. Raises the reader's error for the first wrong file."""
     options = dict(options or {})
-    name = detect_layout(root) if layout == "auto" else layout
-    if name not in LAYOUTS:
-        raise ValueError(f"data layout: expected auto or one of {', '.join(LAYOUTS)}, got {layout!r}")
+    name = resolve_layout(root, layout, options)
     splits = LAYOUTS[name][0].splits(root, **options)
     if not splits:
         raise ValueError(f"{root}: no splits found in the {name} layout")
