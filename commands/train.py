@@ -137,7 +137,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", data: str | None = No
     from noisyseg.evaluation.inference import evaluate_split
     from noisyseg.runs.finished import open_run
 
-    run = open_run(run_dir, device)
+    run = open_run(run_dir, device, run_directory=True)
     config = run.require_config("its data")
     data_root = data or config.data
     # The run's layout and options, clean masks (never the noisy `--labels`).
