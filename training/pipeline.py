@@ -175,20 +175,27 @@ def training_loader(items: TrainingItems, loader: LoaderConfig, device: torch.de
     return data_loader, sampler
 
 
+def region_of_crop(maps: LabelMaps, crop: np.ndarray, geometry: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the part of its image's map in `maps` that a crop (h, w) covers, as a writable view; the
+    crop's pixels there, flip undone and padding dropped). ValueError for a rescaled crop."""
+    index, top, left, valid_h, valid_w, flipped, rescaled = (int(v) for v in geometry)
+    if rescaled:
+        raise ValueError("a rescaled crop cannot be mapped back onto its image's map without resampling it")
+    if flipped:
+        crop = crop[:, ::-1]
+    return maps[index][top : top + valid_h, left : left + valid_w], crop[:valid_h, :valid_w]
+
+
 def paste_back(store: LabelStore, corrected: np.ndarray, geometry: np.ndarray) -> bool:
     """Write a corrected crop (h, w) into its image's stored map through the item's geometry
     (flip undone, padding dropped); True when the map changed."""
-    index, top, left, valid_h, valid_w, flipped, rescaled = (int(v) for v in geometry)
-    if rescaled:
+    if geometry[GEOMETRY_FIELDS.index("rescaled")]:
         raise ValueError("label correction: a rescaled crop cannot be mapped back onto the stored labels; use adele.correction_timing=epoch")
-    if flipped:
-        corrected = corrected[:, ::-1]
-    target = store.maps[index][top : top + valid_h, left : left + valid_w]
-    crop = corrected[:valid_h, :valid_w]
+    target, crop = region_of_crop(store.maps, corrected, geometry)
     if np.array_equal(target, crop):
         return False
     target[...] = crop
-    store.maps.release(index)
+    store.maps.release(int(geometry[0]))
     return True
 
 
