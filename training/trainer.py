@@ -115,6 +115,7 @@ from noisyseg.training.pipeline import (
     training_loader,
     worker_count,
 )
+from noisyseg.training.prediction_changes import PredictionChanges
 from noisyseg.training.run_checkpoint import (
     check_checkpoint_config,
     find_checkpoint,
@@ -126,6 +127,7 @@ from noisyseg.training.run_checkpoint import (
     write_checkpoint,
 )
 from noisyseg.training.run_dir import RunDir, build_summary
+from noisyseg.training.selection import default_rule, keeps_epoch, selection_summary
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +276,9 @@ class Trainer:
         self.best_val: float | None = None
         self.best_epoch: int | None = None
         self.saved_epoch = 0  # the epoch of the last complete checkpoint
+        # Checkpoint selection (`selection.py`): the rule model.safetensors follows; Label Wave's input.
+        self.selection_rule = default_rule(data.noisy_val is not None, len(data.val) > 0)
+        self.prediction_changes = PredictionChanges(data.train_labels.shapes, self.device, data.cached, ctx, self.workdir)
         self.network = self.distributed_network()
 
     @property
@@ -357,6 +362,7 @@ class Trainer:
         if padding:
             return
         self.count_training_pass(rows, logits[self.scales.index(1.0)].detach(), target, counters, annotations, clean)
+        self.prediction_changes.observe(logits[self.scales.index(1.0)], rows, geometry)
         if correct is not None and self.timing == "iteration":
             if geometry is None:
                 counters.corrected_pixels += self.corrections.correct_rows(rows, target, self.correction_probs(logits), correct)
@@ -515,6 +521,9 @@ class Trainer:
             "labels_changed_fraction": self.store.changed_fraction(self.data.train_labels),
             "corrected_pixels": corrected,
         }
+        if self.data.noisy_val is not None:
+            record["val_noisy"] = self.evaluate(self.data.noisy_val)
+        record["prediction_change"] = self.prediction_changes.end_epoch()
         if counters.noise is not None:
             iou_el, iou_m = early_learning_memorization_iou(counters.noise.counts())
             record["iou_el"], record["iou_m"] = foreground_dict(iou_el), foreground_dict(iou_m)
@@ -564,14 +573,16 @@ class Trainer:
             class_names=list(self.data.info.classes),
             normalization=self.data.info.normalization,
             method=self.config.method,
-            extra={"epoch": self.epoch, "val_miou": self.best_val, "config_hash": self.config.semantic_hash()},
+            extra={"epoch": self.epoch, "selection": self.selection_rule, "val_miou": self.history[-1]["val"]["miou"], "config_hash": self.config.semantic_hash()},
         )
 
     def track_best(self, record: dict[str, Any]) -> None:
-        """Keep `model.safetensors` at the epoch with the best validation mIoU."""
+        """Keep `model.safetensors` at the epoch the run's selection rule chooses (`selection.py`);
+        the best validation epoch stays tracked for the checkpoint state."""
         val_miou = record["val"]["miou"]
         if val_miou is not None and (self.best_val is None or val_miou > self.best_val):
             self.best_val, self.best_epoch = val_miou, record["epoch"]
+        if keeps_epoch(self.selection_rule, self.history):
             save_model(self.run_dir.model_file, self.model, self.model_info())
 
     def save_checkpoint(self) -> None:
@@ -602,7 +613,7 @@ class Trainer:
             "world_size": self.ctx.world_size,
             "grad_scaler": self.scaler.state_dict(),
         }
-        write_checkpoint(self.run_dir.path, tensors, state, self.store.save)
+        write_checkpoint(self.run_dir.path, tensors, state, lambda directory: (self.store.save(directory), self.prediction_changes.save(directory)))
         self.saved_epoch = self.epoch
 
     def load_checkpoint(self, directory: Path) -> None:
@@ -625,6 +636,7 @@ class Trainer:
         python_state = state["rng"]["python"]
         random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
         self.corrections.replace_store(LabelStore.load(directory, self.data.train_labels, self.data.train_ids, self.workdir))
+        self.prediction_changes.load(directory)
         if self.scaler.is_enabled() and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
         self.triggers = adele.TriggerState.from_json(self.data.num_classes, state["triggers"])
@@ -642,8 +654,9 @@ class Trainer:
         self.run_dir.write_metrics(self.history)
 
     def summary(self) -> dict[str, Any]:
-        """Test mIoU at the best validation epoch, the last epoch and the maximum; trigger epochs."""
-        return build_summary(self.history, self.triggers.trigger_epoch, self.best_epoch)
+        """Test mIoU at the best validation epoch, the last epoch and the maximum; trigger epochs;
+        the selected epoch and the test mIoU at each selection rule's epoch."""
+        return {**build_summary(self.history, self.triggers.trigger_epoch, self.best_epoch), **selection_summary(self.history, self.selection_rule)}
 
     # ---- the run
 
