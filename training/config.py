@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -168,13 +169,18 @@ class ArmConfig:
 
 @dataclass
 class LossConfig:
-    """Loss alternatives and the loss backend passed to `noisyseg.kernels` (`auto`, `torch`, ...)."""
+    """Loss alternatives and the loss backend passed to `noisyseg.kernels` (`auto`, `torch`, ...).
+
+    tloss_log_nu: the T-Loss's learned log-tolerance at the start (nu = exp(log_nu); 1.0, the
+        authors' code's default, starts at nu = 2.72); the network's optimiser trains it.
+    """
 
     backend: str = "auto"
     gce_q: float = 0.7
     ohem_threshold: float = 0.7
     # Per image; 15% of a 256x256 slice as in `noisyseg.training.losses`.
     ohem_min_kept: int = 10_000
+    tloss_log_nu: float = 1.0
 
 
 @dataclass
@@ -332,6 +338,7 @@ class TrainConfig:
             (0.0 <= self.arm.warmup_fraction <= 1.0, "arm.warmup_fraction", "in [0, 1]"),
             (self.arm.lr is None or self.arm.lr > 0, "arm.lr", "positive (or null: the network's)"),
             (0.0 < self.loss.gce_q <= 1.0, "loss.gce_q", "in (0, 1]"),
+            (math.isfinite(self.loss.tloss_log_nu), "loss.tloss_log_nu", "a finite number (nu = exp(log_nu))"),
             (self.distributed.backend in ("auto", "gloo", "nccl"), "distributed.backend", "'auto', 'gloo' or 'nccl'"),
             (self.distributed.timeout_s > 0, "distributed.timeout_s", "positive (seconds)"),
             (self.loader.num_workers >= -1, "loader.num_workers", "-1 (from the CPU count), 0 or more"),

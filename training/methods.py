@@ -20,7 +20,7 @@ class MethodSpec:
     correction: bool = False  # trigger and label correction
     adaptive: bool = True  # per-class trigger (False: one trigger on the mean foreground curve)
     arm: bool = False  # ARM reweights the per-pixel losses
-    pixel_loss: str = "ce"  # "ce", "gce" or "ohem" (`losses.py`)
+    pixel_loss: str = "ce"  # "ce", "gce", "ohem" or "tloss" (`losses.py`)
 
 
 METHOD_SPECS = {
@@ -35,6 +35,8 @@ METHOD_SPECS = {
     "gce": MethodSpec("generalized cross-entropy", pixel_loss="gce"),
     "ohem": MethodSpec("online hard example mining cross-entropy", pixel_loss="ohem"),
     "gce+arm": MethodSpec("generalized cross-entropy reweighted by ARM", pixel_loss="gce", arm=True),
+    # A drop-in loss: baseline-ms with the T-Loss in place of CE (same views, same compute).
+    "tloss": MethodSpec("T-Loss: Student-t likelihood with a learned tolerance, over the input scales", multiscale=True, pixel_loss="tloss"),
 }
 METHODS = tuple(METHOD_SPECS)
 

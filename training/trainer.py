@@ -229,7 +229,7 @@ class Trainer:
         self.scaler = self.precision.grad_scaler(self.device)
         self.data = data
         self.spec = METHOD_SPECS[config.method]
-        self.objective = MethodObjective(config, data.info.ignore_index)
+        self.objective = MethodObjective(config, data.info.ignore_index).to(self.device)
         self.run_dir = RunDir(config.out)
         self.ignore_index = data.info.ignore_index
         self.scales = list(config.adele.scales) if self.spec.multiscale else [1.0]
@@ -243,7 +243,7 @@ class Trainer:
         if config.distributed.sync_batchnorm:
             model = convert_sync_batchnorm(model, ctx)
         self.model = model.to(device=self.device, memory_format=self.memory_format)
-        self.optimizer = make_optimizer(self.model.parameters(), config.optim)
+        self.optimizer = make_optimizer([*self.model.parameters(), *self.objective.parameters()], config.optim)  # a loss may learn (T-Loss's nu)
         self.arm: nn.Module | None = None
         self.arm_optimizer: torch.optim.Optimizer | None = None
         if self.spec.arm:
@@ -393,6 +393,7 @@ class Trainer:
             self.scaler.scale(loss).backward()
         if self.arm is not None:
             average_gradients(self.ctx, list(self.arm.parameters()), "the ARM gradient all-reduce")
+        average_gradients(self.ctx, list(self.objective.parameters()), "the loss-parameter gradient all-reduce")
         for optimizer in optimizers:
             self.scaler.step(optimizer)  # a plain step unless fp16 scales the loss
         self.scaler.update()
@@ -586,7 +587,7 @@ class Trainer:
             save_model(self.run_dir.model_file, self.model, self.model_info())
 
     def save_checkpoint(self) -> None:
-        tensors = {**prefixed("model", self.model.state_dict()), "rng.torch": torch.get_rng_state(), "rng.shuffle": self.shuffle.get_state()}
+        tensors = {**prefixed("model", self.model.state_dict()), **prefixed("objective", self.objective.state_dict()), "rng.torch": torch.get_rng_state(), "rng.shuffle": self.shuffle.get_state()}
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         optimizers: dict[str, Any] = {}
@@ -620,6 +621,7 @@ class Trainer:
         tensors, state = read_checkpoint(directory)
         check_checkpoint_config(directory, state, self.config)
         load_weights(self.model, unprefixed("model", tensors), directory, self.config.model.architecture)
+        load_weights(self.objective, unprefixed("objective", tensors), directory, f"{self.config.method} loss")
         try:
             self.optimizer.load_state_dict(unflatten_optimizer("net", tensors, state["optimizers"]["net"]))
             if self.arm is not None and self.arm_optimizer is not None:
