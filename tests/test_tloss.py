@@ -20,7 +20,8 @@ from noisyseg.training.losses import TLoss, pixel_loss, student_t_loss
 from noisyseg.training.objective import MethodObjective
 from noisyseg.training.trainer import train
 
-folders = test_trainer.folders  # the trainer tests' tiny data folders (a module fixture)
+# The trainer tests' tiny data folders (a module fixture).
+folders = test_trainer.folders
 
 
 def test_value_by_hand() -> None:
