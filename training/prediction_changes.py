@@ -81,14 +81,15 @@ class PredictionChanges:
         self.compared = torch.zeros((), dtype=torch.int64, device=self.device)
 
     def observe(
-        self, logits: torch.Tensor, rows: torch.Tensor, geometry: torch.Tensor | None = None
+        self, prediction: torch.Tensor, rows: torch.Tensor, geometry: torch.Tensor | None = None
     ) -> None:
-        """Compare the argmax of a training step's scale-1.0 `logits` (N, K, h, w) with the last
-        prediction of the same pixels and store it: `rows` of the cached split (on the device),
-        or streamed crops with their `geometry` (N, 7)."""
+        """Compare a training step's scale-1.0 `prediction` (N, h, w class ids, the argmax the
+        trainer's training-IoU counts already computed) with the last prediction of the same
+        pixels and store it: `rows` of the cached split (on the device), or streamed crops with
+        their `geometry` (N, 7)."""
         if not self.measured:
             return
-        predicted = logits.detach().argmax(dim=1).to(torch.uint8)
+        predicted = prediction.to(torch.uint8)
         if geometry is None:
             assert self.on_device is not None, "rows are observed in cached runs only"
             previous = self.on_device[rows]

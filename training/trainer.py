@@ -361,8 +361,8 @@ class Trainer:
         counters.add_losses(terms, loss_weight)
         if padding:
             return
-        self.count_training_pass(rows, logits[self.scales.index(1.0)].detach(), target, counters, annotations, clean)
-        self.prediction_changes.observe(logits[self.scales.index(1.0)], rows, geometry)
+        prediction = self.count_training_pass(rows, logits[self.scales.index(1.0)].detach(), target, counters, annotations, clean)
+        self.prediction_changes.observe(prediction, rows, geometry)
         if correct is not None and self.timing == "iteration":
             if geometry is None:
                 counters.corrected_pixels += self.corrections.correct_rows(rows, target, self.correction_probs(logits), correct)
@@ -404,11 +404,11 @@ class Trainer:
             return torch.softmax(logits_per_scale[self.scales.index(1.0)].detach().float(), dim=1)
         return mean_probabilities(logits_per_scale)
 
-    def count_training_pass(self, rows: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, counters: EpochCounters, annotations: torch.Tensor | None = None, clean: torch.Tensor | None = None) -> None:
+    def count_training_pass(self, rows: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, counters: EpochCounters, annotations: torch.Tensor | None = None, clean: torch.Tensor | None = None) -> torch.Tensor:
         """Dataset-level counts of the scale-1.0 `logits`: the prediction against the labels
         trained on (the training IoU the trigger fits) and, when clean masks are known, the noise
         diagnostics; with ARM, the histogram of its confidence input. Streamed batches bring
-        their (cropped) annotations and clean masks; cached rows index them."""
+        their (cropped) annotations and clean masks; cached rows index them. Returns the prediction."""
         prediction = logits.argmax(dim=1)
         counters.train_meter.update(prediction, target)
         if annotations is None and self.clean_labels is not None:
@@ -417,6 +417,7 @@ class Trainer:
             counters.noise.update(prediction, annotations, clean)
         if counters.confidence is not None:
             counters.confidence.update(torch.softmax(logits.float(), dim=1), target, clean)
+        return prediction
 
     def run_epoch(self) -> EpochCounters:
         """Train one epoch (self.epoch is the number of completed epochs before it)."""
