@@ -34,7 +34,8 @@ Design decisions (method-spec sections 2 to 5; the config docstrings give the de
 - ARM: for the first `arm.warmup_fraction` of all iterations the network trains on uniformly
   weighted losses while ARM ascends the reweighted detached per-pixel losses; then jointly.
 - The trigger and the fits are computed only for methods that correct labels (fits are logged
-  for every method, for the curves); model selection is by validation mIoU with background.
+  for every method, for the curves); `model.safetensors` follows the run's selection rule
+  (`selection.py`: noisy validation masks, the dataset's, or Label Wave without any).
 - Several processes (torchrun): DDP with global batches sharded over the ranks, training and
   evaluation counts, losses and label corrections exchanged so every rank decides the same;
   only rank 0 writes (`training/distributed.py`, `docs/distributed.md`).
