@@ -45,6 +45,7 @@ def register(subparsers: Any) -> None:
     corrupt.add_argument("--noise", required=True, choices=NOISE_FAMILIES, help="noise family")
     corrupt.add_argument("--level", type=int, choices=range(len(LEVEL_ITERATIONS)), help="erode-dilate only: ADELE Table 6 level (0..6 = 0,1,2,3,4,6,8 iterations); default: the reference setting (2-4 iterations per slice)")
     corrupt.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    corrupt.add_argument("--splits", default="train", help="comma-separated splits to corrupt: train (the default) or train,val (validation masks as noisy as the training masks, independent draws; `train --labels` then selects the checkpoint on them)")
     corrupt.add_argument("--out", required=True, help="new noisy-label folder (must not exist or be empty)")
     corrupt.set_defaults(func=run_corrupt)
 
@@ -102,7 +103,8 @@ def run_segthor(args: argparse.Namespace) -> int:
 def run_corrupt(args: argparse.Namespace) -> int:
     from noisyseg.data.noise import corrupt_dataset
 
-    print_json(corrupt_dataset(args.data, args.out, args.noise, level=args.level, seed=args.seed))
+    splits = [split.strip() for split in args.splits.split(",") if split.strip()]
+    print_json(corrupt_dataset(args.data, args.out, args.noise, level=args.level, seed=args.seed, splits=splits))
     return 0
 
 

@@ -32,6 +32,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--experiments", nargs="+", default=list(DEFAULT_SEEDS), choices=list(DEFAULT_SEEDS), help="which experiments (default all)")
     parser.add_argument("--seeds", nargs="+", type=int, help="noise seeds of every chosen experiment (default: 0-4 for table1, 0-2 for ladder and coarse)")
     parser.add_argument("--levels", nargs="+", type=int, default=list(DEFAULT_LEVELS), help="erode-dilate levels of the ladder, 0..6 (default all: 0, 1, 2, 3, 4, 6, 8 iterations)")
+    parser.add_argument("--val-masks", choices=("noisy", "clean"), default="noisy", help="validation masks the runs select their checkpoint on: noisy (the default: corrupted like the training masks, as a user's are; the clean-validation choice is reported as an oracle) or clean (the runs from before issue 23)")
     parser.add_argument("--methods", nargs="+", help="train only these methods (or variants: arm@arm.lr=0.01) of the chosen experiments (default all; the document lists all)")
     parser.add_argument("--epochs", type=int, help="epochs per run (default: the Scale default)")
     parser.add_argument("--patients", type=int, help="phantom patients (default: the Scale default)")
@@ -59,6 +60,8 @@ def reproduce_command(args: argparse.Namespace) -> str:
     if args.seeds is not None:
         parts += ["--seeds", *map(str, args.seeds)]
     parts += ["--levels", *map(str, args.levels)]
+    if args.val_masks != "noisy":
+        parts += ["--val-masks", args.val_masks]
     for name in ("epochs", "patients", "size", "threads"):
         if getattr(args, name) is not None:
             parts += [f"--{name}", str(getattr(args, name))]
@@ -78,7 +81,7 @@ def run_experiment_command(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     scale = _scale(args)
     root = Path(args.out)
-    specs = [spec for name in args.experiments for spec in experiment_runs(name, args.seeds or DEFAULT_SEEDS[name], args.levels)]
+    specs = [spec for name in args.experiments for spec in experiment_runs(name, args.seeds or DEFAULT_SEEDS[name], args.levels, args.val_masks == "noisy")]
     if not args.report_only:
         chosen = [spec for spec in specs if args.methods is None or spec.method in args.methods or spec.name in args.methods]
         if not chosen:

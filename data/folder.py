@@ -167,6 +167,19 @@ def labels_origin(labels_root: str | Path) -> dict[str, Any]:
     return {"noise_file": str(path), "checked": CLEAN_MASKS_FINGERPRINT in read_json_object(path, "noisy-label description")}
 
 
+def has_split_masks(root: str | Path, labels_root: str | Path, split: str) -> bool:
+    """Whether a labels folder holds a mask for every slice of `split` (True) or for none (False,
+    also when `root` has no such split); a folder holding some of them is refused."""
+    if not split_file(root, split).is_file():
+        return False
+    ids = read_split_ids(root, split)
+    mask_dir = Path(labels_root) / MASK_DIR
+    missing = [i for i in ids if not any((mask_dir / f"{i}{suffix}").is_file() for suffix in MASK_SUFFIXES)]
+    if missing and len(missing) < len(ids):
+        raise ValueError(f"{mask_dir}: holds masks of {len(ids) - len(missing)} of the {len(ids)} slices of split '{split}' (first missing: {missing[0]}); expected all of them (noisy {split} masks) or none")
+    return not missing
+
+
 def read_json_object(path: Path, what: str) -> dict[str, Any]:
     """A JSON object from a UTF-8 file, or ValueError naming `path`."""
     try:

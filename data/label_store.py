@@ -124,6 +124,15 @@ class LabelMaps:
             yield self.flat[start : start + CHUNK]
         self.release()
 
+    def save_npy(self, path: str | Path) -> None:
+        """Write the maps' bytes in item order as one .npy file, streamed and atomically: shape
+        (N, H, W) when every map has one size, else (total,)."""
+        shape = (len(self), *self.shapes[0]) if self.uniform else (len(self.flat),)
+        with atomic_open(path) as handle:
+            np.lib.format.write_array_header_1_0(handle, {"descr": "|u1", "fortran_order": False, "shape": shape})
+            for chunk in self.chunks():
+                handle.write(memoryview(chunk))
+
     def release(self, index: int | None = None) -> None:
         """Drop this process's mapping of the pages of map `index` (all maps: None) from its
         resident set; the bytes stay in the file and the page cache. Without this every page
@@ -235,11 +244,7 @@ class LabelStore:
     def save(self, directory: str | Path) -> None:
         """Write `labels.npy` (streamed) then `labels.json` into `directory`, each atomically."""
         directory = Path(directory)
-        shape = (len(self.maps), *self.maps.shapes[0]) if self.maps.uniform else (len(self.maps.flat),)
-        with atomic_open(directory / ARRAY_FILE) as handle:
-            np.lib.format.write_array_header_1_0(handle, {"descr": "|u1", "fortran_order": False, "shape": shape})
-            for chunk in self.maps.chunks():
-                handle.write(memoryview(chunk))
+        self.maps.save_npy(directory / ARRAY_FILE)
         fault_point("label-store-write")
         atomic_write_json(
             directory / INFO_FILE,

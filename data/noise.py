@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import zlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from noisyseg.data.folder import (
     staged_directory,
     write_new_file,
 )
-from noisyseg.data.noise_options import LEVEL_ITERATIONS, NOISE_FAMILIES
+from noisyseg.data.noise_options import LEVEL_ITERATIONS, NOISE_FAMILIES, NOISY_SPLITS
 from noisyseg.evaluation.metrics import confusion_matrix, iou_per_class, mean_iou
 from noisyseg.io import atomic_write_json
 
@@ -349,42 +350,64 @@ def annotation_quality(conf: np.ndarray, clean_pixels: np.ndarray, class_names: 
     }
 
 
-def corrupt_dataset(data_root: str | Path, out: str | Path, family: str, level: int | None = None, seed: int = 0) -> dict[str, Any]:
-    """Write noisy masks of the train split to `out/masks`, plus `out/noise.json`; returns the summary.
+def corrupt_dataset(data_root: str | Path, out: str | Path, family: str, level: int | None = None, seed: int = 0, splits: Sequence[str] = ("train",)) -> dict[str, Any]:
+    """Write noisy masks of `splits` (the train split, and optionally val) to `out/masks`, plus
+    `out/noise.json`; returns the summary.
 
-    IoUs are dataset-level (confusion counts summed over the split), noisy against clean;
-    pixels the noisy mask leaves unlabelled (255) are excluded, as are ignored clean pixels.
+    Every slice draws its own noise (`slice_rng(seed, slice_id)`), so the validation masks get the
+    same noise as the training masks in independent draws, and the training masks are the same
+    whether or not val is corrupted too. The summary's annotation quality is the train split's (as
+    before val could be corrupted); `splits` names the noisy splits and `val` holds the validation
+    split's quality when it is one of them. IoUs are dataset-level (confusion counts summed over
+    the split), noisy against clean; pixels the noisy mask leaves unlabelled (255) are excluded,
+    as are ignored clean pixels.
     """
     data_root, out = Path(data_root), Path(out)
     if out.resolve() == data_root.resolve():
         raise ValueError(f"{out}: refusing to write noisy labels into the data folder itself; choose another --out")
+    if "train" not in splits or not set(splits) <= set(NOISY_SPLITS):
+        raise ValueError(f"--splits: expected train, optionally with val (train,val), got {','.join(splits)}")
     if not (data_root / MASK_DIR).is_dir():
         raise FileNotFoundError(f"{data_root / MASK_DIR}: clean mask folder not found")
     info = read_dataset_info(data_root)
     noise = make_noise(family, level)
-    ids = read_split_ids(data_root, "train")
-    confusion = ConfusionAccumulator(info.num_classes)
-    clean_pixels = np.zeros(info.num_classes, dtype=np.int64)
+    qualities, sizes = {}, {}
     with staged_directory(out) as staging:
-        for slice_id in tqdm(ids, desc=f"{family} noise", unit="slice"):
-            clean = read_mask(find_slice_file(data_root / MASK_DIR, slice_id, MASK_SUFFIXES, "mask"))
-            noisy = noise.apply(clean, slice_rng(seed, slice_id))
-            mask_path = staging / MASK_DIR / f"{slice_id}.png"
-            write_new_file(mask_path, encode_mask(mask_path, noisy))
-            labelled = (noisy != IGNORE_INDEX) & (clean != info.ignore_index)
-            confusion.add(clean[labelled], noisy[labelled])
-            clean_pixels += np.bincount(clean.ravel(), minlength=256)[: info.num_classes]
-        summary = annotation_quality(confusion.total(), clean_pixels, info.classes)
+        for split in NOISY_SPLITS:
+            if split in splits:
+                ids = read_split_ids(data_root, split)
+                qualities[split] = corrupt_split(data_root, staging, ids, noise, seed, info.classes, info.ignore_index, split)
+                sizes[split] = len(ids)
+        summary = dict(qualities["train"])
         summary.update(
             noise=family,
             level=level,
             seed=seed,
             parameters=asdict(noise),
-            slices=len(ids),
+            slices=sizes["train"],
+            splits=[split for split in NOISY_SPLITS if split in splits],
             data=str(data_root),
             out=str(out),
         )
+        if "val" in qualities:
+            summary["val"] = {**qualities["val"], "slices": sizes["val"]}
         summary[CLEAN_MASKS_FINGERPRINT] = clean_masks_fingerprint(data_root)
         atomic_write_json(staging / NOISE_FILE, summary)
-    log.info("noisy labels for %d slices written to %s (annotation mIoU %.3f)", len(ids), out, summary["annotation_miou"])
+    log.info("noisy labels of %s (%d training slices) written to %s (training annotation mIoU %.3f)", "+".join(summary["splits"]), sizes["train"], out, summary["annotation_miou"])
     return summary
+
+
+def corrupt_split(data_root: Path, staging: Path, ids: Sequence[str], noise: NoiseModel, seed: int, class_names: list[str], ignore_index: int, split: str) -> dict[str, Any]:
+    """Write the noisy masks of one split's `ids` into `staging/masks`; their annotation quality."""
+    num_classes = len(class_names)
+    confusion = ConfusionAccumulator(num_classes)
+    clean_pixels = np.zeros(num_classes, dtype=np.int64)
+    for slice_id in tqdm(ids, desc=f"noisy {split} masks", unit="slice"):
+        clean = read_mask(find_slice_file(data_root / MASK_DIR, slice_id, MASK_SUFFIXES, "mask"))
+        noisy = noise.apply(clean, slice_rng(seed, slice_id))
+        mask_path = staging / MASK_DIR / f"{slice_id}.png"
+        write_new_file(mask_path, encode_mask(mask_path, noisy))
+        labelled = (noisy != IGNORE_INDEX) & (clean != ignore_index)
+        confusion.add(clean[labelled], noisy[labelled])
+        clean_pixels += np.bincount(clean.ravel(), minlength=256)[:num_classes]
+    return annotation_quality(confusion.total(), clean_pixels, class_names)

@@ -3,10 +3,12 @@
 Items are read from disk when a batch needs them (`SegmentationSource.read`), normalised with
 `data.normalize_image` and, for training, augmented as mmsegmentation does it: random rescale,
 photometric jitter, random crop of a fixed size (padded: image with 0 after normalisation,
-labels with the ignore index), horizontal flip. Every random draw of item `i` in epoch `e` comes
-from `numpy.random.default_rng([seed, e, i])`, never from a global generator, so the batches of a
-run do not depend on the number of workers, on which worker reads what, or on whether the run
-was interrupted and resumed.
+labels with the ignore index), horizontal flip; before them, optionally, NSegment's label-only
+elastic deformation of the mask trained on (`deform_labels`). Every random draw of item `i` in
+epoch `e` comes from `numpy.random.default_rng([seed, e, i])` (the label deformation's from
+`[seed, e, i, LABEL_ELASTIC_STREAM]`, so switching it on leaves the other draws as they were),
+never from a global generator, so the batches of a run do not depend on the number of workers,
+on which worker reads what, or on whether the run was interrupted and resumed.
 
 A training item carries its label maps (the store's current labels, the annotations trained on,
 the clean masks when known) through the same geometry, and that geometry (`GEOMETRY_FIELDS`) so
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from torch.utils.data import DataLoader, Dataset
 
 from noisyseg.config import AugmentConfig, LoaderConfig
@@ -34,6 +37,8 @@ from noisyseg.data.label_store import LabelMaps, LabelStore
 # (rescaled) image; the height and width of the crop's part that lies inside the image (the rest
 # is padding); whether the crop was flipped; whether the image was rescaled (then not invertible).
 GEOMETRY_FIELDS = ("index", "top", "left", "valid_h", "valid_w", "flipped", "rescaled")
+# The fourth entropy word of the label deformation's generator: its own stream per item and epoch.
+LABEL_ELASTIC_STREAM = 1
 
 
 def worker_count(num_workers: int) -> int:
@@ -61,6 +66,34 @@ def read_label_maps(source: SegmentationSource, workdir: str | None = None) -> L
     return LabelMaps.from_stream((source.read_mask(i) for i in range(len(source))), workdir)
 
 
+def elastic_displacement(shape: tuple[int, int], alpha: float, sigma: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """NSegment's displacement field (dy, dx), pixels: uniform noise in [-1, 1] per pixel and axis,
+    Gaussian-smoothed with `sigma` (mirrored borders, as OpenCV's GaussianBlur), times `alpha`."""
+    dx = ndimage.gaussian_filter(rng.uniform(-1.0, 1.0, shape), sigma, mode="mirror") * alpha
+    dy = ndimage.gaussian_filter(rng.uniform(-1.0, 1.0, shape), sigma, mode="mirror") * alpha
+    return dy, dx
+
+
+def warp_nearest(labels: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
+    """labels (h, w) resampled at (y + dy, x + dx), nearest neighbour, coordinates clipped to the
+    image (OpenCV's remap with INTER_NEAREST, as NSegment warps): no new label value appears."""
+    height, width = labels.shape
+    yy, xx = np.mgrid[:height, :width]
+    rows = np.clip(np.rint(yy + dy), 0, height - 1).astype(np.intp)
+    cols = np.clip(np.rint(xx + dx), 0, width - 1).astype(np.intp)
+    return labels[rows, cols]
+
+
+def deform_labels(labels: np.ndarray, config: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """NSegment's label-only elastic deformation of one mask (h, w): with probability
+    `label_elastic_p` warped by a field of a random (alpha, sigma) pair, else returned as is."""
+    if rng.random() >= config.label_elastic_p:
+        return labels
+    alpha = float(rng.choice(config.label_elastic_alpha))
+    sigma = float(rng.choice(config.label_elastic_sigma))
+    return warp_nearest(labels, *elastic_displacement(labels.shape, alpha, sigma, rng))
+
+
 @dataclass
 class Augmenter:
     """The random part of the training pipeline (mmsegmentation's order: rescale, photometric
@@ -69,9 +102,14 @@ class Augmenter:
     config: AugmentConfig
     ignore_index: int
 
-    def __call__(self, image: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        """(image (C, h, w), labels (K, h, w), geometry [top, left, valid_h, valid_w, flipped, rescaled])."""
+    def __call__(self, image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, label_rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """(image (C, h, w), labels (K, h, w), geometry [top, left, valid_h, valid_w, flipped, rescaled]).
+        With `label_elastic`, `label_rng` deforms `labels[0]` (the mask trained on) alone, first."""
         config = self.config
+        if config.label_elastic:
+            if label_rng is None:
+                raise ValueError("loader.augment.label_elastic: the label deformation needs its own generator (label_rng)")
+            labels = np.concatenate([deform_labels(labels[0], config, label_rng)[None], labels[1:]])
         rescaled = 0
         if config.rescale:
             scale = float(rng.uniform(*config.scale_range))
@@ -133,7 +171,8 @@ class TrainingItems(Dataset):
         if image.shape[1:] != maps.shape[1:]:
             raise ValueError(f"{self.source.image_path(index)}: image size {image.shape[1:]} does not match its label map {maps.shape[1:]}")
         rng = np.random.default_rng([self.seed, epoch, index])
-        image, labels, geometry = self.augmenter(image, maps, rng)
+        label_rng = np.random.default_rng([self.seed, epoch, index, LABEL_ELASTIC_STREAM])
+        image, labels, geometry = self.augmenter(image, maps, rng, label_rng)
         return torch.from_numpy(image), torch.from_numpy(labels), torch.tensor([index, *geometry], dtype=torch.int64)
 
 
@@ -175,20 +214,27 @@ def training_loader(items: TrainingItems, loader: LoaderConfig, device: torch.de
     return data_loader, sampler
 
 
+def region_of_crop(maps: LabelMaps, crop: np.ndarray, geometry: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the part of its image's map in `maps` that a crop (h, w) covers, as a writable view; the
+    crop's pixels there, flip undone and padding dropped). ValueError for a rescaled crop."""
+    index, top, left, valid_h, valid_w, flipped, rescaled = (int(v) for v in geometry)
+    if rescaled:
+        raise ValueError("a rescaled crop cannot be mapped back onto its image's map without resampling it")
+    if flipped:
+        crop = crop[:, ::-1]
+    return maps[index][top : top + valid_h, left : left + valid_w], crop[:valid_h, :valid_w]
+
+
 def paste_back(store: LabelStore, corrected: np.ndarray, geometry: np.ndarray) -> bool:
     """Write a corrected crop (h, w) into its image's stored map through the item's geometry
     (flip undone, padding dropped); True when the map changed."""
-    index, top, left, valid_h, valid_w, flipped, rescaled = (int(v) for v in geometry)
-    if rescaled:
+    if geometry[GEOMETRY_FIELDS.index("rescaled")]:
         raise ValueError("label correction: a rescaled crop cannot be mapped back onto the stored labels; use adele.correction_timing=epoch")
-    if flipped:
-        corrected = corrected[:, ::-1]
-    target = store.maps[index][top : top + valid_h, left : left + valid_w]
-    crop = corrected[:valid_h, :valid_w]
+    target, crop = region_of_crop(store.maps, corrected, geometry)
     if np.array_equal(target, crop):
         return False
     target[...] = crop
-    store.maps.release(index)
+    store.maps.release(int(geometry[0]))
     return True
 
 

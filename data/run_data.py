@@ -19,6 +19,8 @@ from noisyseg.data.folder import (
     DatasetInfo,
     SplitArrays,
     check_labels_source,
+    check_mask_values,
+    has_split_masks,
     normalize_image,
     read_dataset_info,
     split_file,
@@ -62,6 +64,9 @@ class RunData:
     test: Any
     train_source: Any = None  # datasets.SegmentationSource when streamed
     in_channels: int = 0
+    # The validation split with the labels folder's (noisy) masks, when it holds them: what the
+    # checkpoint is selected on (`selection.py`); `val` keeps the dataset's masks.
+    noisy_val: Any = None
 
     def __post_init__(self) -> None:
         self.train_labels = as_label_maps(self.train_labels)
@@ -107,18 +112,26 @@ def load_run_data(config: TrainConfig, workdir: str | Path | None = None) -> Run
     if config.labels and layout == "folder":
         check_labels_source(config.data, config.labels)
     labels_options = {**options, "labels_root": config.labels} if config.labels and layout == "folder" else options
+    # A folder without a validation split evaluates an empty one (no validation mIoU: the
+    # checkpoint is then selected without masks); noisy validation masks come from the labels folder.
+    has_val = layout != "folder" or split_file(config.data, "val").is_file()
+    if not has_val:
+        log.warning("%s: no validation split (%s); the checkpoint is selected without validation masks (label-free)", config.data, split_file(config.data, "val"))
+    noisy_val = bool(config.labels) and layout == "folder" and has_split_masks(config.data, config.labels, "val")
     if use_cache(config, layout):
         if layout != "folder":
             raise ValueError(f"loader.cache: the in-memory mode reads noisyseg's folder layout only, {config.data} is '{layout}'; set loader.cache=false")
         train = load_split(config.data, "train", labels_root=config.labels)
+        val = load_split(config.data, "val") if has_val else []
         return RunData(
             info=read_dataset_info(config.data),
             train_images=torch.from_numpy(train.images),
             train_labels=train.masks,
             train_ids=train.ids,
             clean_train_labels=load_split(config.data, "train").masks if config.labels else None,
-            val=load_split(config.data, "val"),
+            val=val,
             test=load_split(config.data, "test"),
+            noisy_val=SplitArrays(val.images, read_masks(open_source(config.data, "val", layout, **labels_options), val.masks.shape[1:]), val.ids) if noisy_val else None,
         )
     workdir = None if workdir is None else str(workdir)
     train_source = open_source(config.data, "train", layout, **labels_options)
@@ -129,8 +142,22 @@ def load_run_data(config: TrainConfig, workdir: str | Path | None = None) -> Run
         train_labels=read_label_maps(train_source, workdir),
         train_ids=list(train_source.ids),
         clean_train_labels=clean,
-        val=ImageDataset(open_source(config.data, "val", layout, **options)),
+        val=ImageDataset(open_source(config.data, "val", layout, **options)) if has_val else [],
         test=ImageDataset(open_source(config.data, test_split(config.data, layout, options), layout, **options)),
         train_source=train_source,
         in_channels=int(train_source.read_image(0).shape[0]),
+        noisy_val=ImageDataset(open_source(config.data, "val", layout, **labels_options)) if noisy_val else None,
     )
+
+
+def read_masks(source: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """Every mask of a split's source, stacked (N, H, W) uint8, checked: (H, W) = `shape`, class
+    ids in range."""
+    masks = []
+    for index in range(len(source)):
+        mask = source.read_mask(index)
+        if mask.shape != tuple(shape):
+            raise ValueError(f"{source.mask_path(index)}: mask of {mask.shape[0]}x{mask.shape[1]} pixels, its image has {shape[0]}x{shape[1]}")
+        check_mask_values(mask, source.info.num_classes, source.info.ignore_index, source.mask_path(index))
+        masks.append(mask)
+    return np.stack(masks)

@@ -3,9 +3,15 @@
 Three experiments (the issue's "Reproduce the papers, measured"):
 
 - `table1`: ADELE's Table 1 on the phantom with the reference `erode-dilate` noise:
-  baseline-ms, adele-nonadaptive, adele, arm and adele+arm over several noise seeds.
+  baseline-ms, adele-nonadaptive, adele, arm and adele+arm over several noise seeds, and the
+  rivals (`RIVALS`): tloss, and NSegment's label-only elastic deformation with baseline-ms and adele.
 - `ladder`: ADELE's Table 6: baseline-ms, each half of ADELE (adele-correction,
-  adele-consistency) and adele over erode-dilate noise levels and noise seeds.
+  adele-consistency) and adele over erode-dilate noise levels and noise seeds, and the rivals.
+
+The noise also corrupts the validation split (`NoiseSpec.noisy_val`, the default): a run keeps the
+checkpoint its noisy validation masks choose, as a user's would, and its summary gives the test
+mIoU at every selection rule's epoch, the clean-validation one (the oracle) among them
+(`selection.py`). `noisy_val=False` names the settings as before and reproduces the clean-selected runs.
 - `coarse`: the ARM paper's coarse-label setting: the DeepLab-style model on `coarse` noise
   with plain CE (`baseline`), gce, ohem, arm and gce+arm.
 - `armstudy`: `baseline` and `arm` in the coarse setting under a constant lr, ARM's optimiser varied (`ARM_STUDY`).
@@ -13,7 +19,7 @@ Three experiments (the issue's "Reproduce the papers, measured"):
 Layout under the experiment root `ROOT`:
 
     ROOT/data/phantom-<scale>/                  the phantom (one per scale)
-    ROOT/data/phantom-<scale>-<noise>-<level>-s<seed>/  its noisy training labels
+    ROOT/data/phantom-<scale>-<noise>-<level>-s<seed>[-noisyval]/  its noisy training (and validation) labels
     ROOT/runs/<experiment>/<setting>/<method>[@<override>...]/  one training run (the trainer's run directory)
 
 Every step is idempotent: a dataset folder is built in a temporary folder and renamed into place
@@ -64,6 +70,12 @@ EXPERIMENTS = ("table1", "ladder", "coarse", "armstudy")
 TABLE1_METHODS = method_names(["baseline-ms", "adele-nonadaptive", "adele", "arm", "adele+arm", "baseline"])
 # Table 6's columns: the multiscale baseline, each half of ADELE alone, and ADELE.
 LADDER_METHODS = method_names(["baseline-ms", "adele-correction", "adele-consistency", "adele"])
+# The simplest robust alternatives (issue 23): the T-Loss, and NSegment's label-only elastic
+# deformation with the multiscale baseline and with ADELE. (method, overrides) as `RunSpec` takes them.
+LABEL_ELASTIC = "loader.augment.label_elastic=true"
+RIVALS = (("tloss", ()), ("baseline-ms", (LABEL_ELASTIC,)), ("adele", (LABEL_ELASTIC,)))
+TABLE1_RUNS = (*((m, ()) for m in TABLE1_METHODS), *RIVALS)
+LADDER_RUNS = (*((m, ()) for m in LADDER_METHODS), *RIVALS)
 COARSE_METHODS = method_names(["baseline", "gce", "ohem", "arm", "gce+arm"])
 # The ARM paper's setting trains under its lr policy (warm-up, x0.1 at 0.6T, x0.01 at 0.9T);
 # ADELE's (table1, ladder) under a constant lr, as ADELE's SegTHOR code.
@@ -130,11 +142,14 @@ class Scale:
 @dataclass(frozen=True)
 class NoiseSpec:
     """Noisy training labels: a noise family, its erode-dilate level (None: the reference
-    setting, 2 to 4 iterations per slice) and the seed of the noise draw."""
+    setting, 2 to 4 iterations per slice) and the seed of the noise draw; `noisy_val`: the
+    validation masks get the same noise (independent draws), so checkpoints are chosen as a
+    user's would be. The training masks are the same either way."""
 
     family: str = "erode-dilate"
     level: int | None = None
     seed: int = 0
+    noisy_val: bool = True
 
     @property
     def training_seed(self) -> int:
@@ -146,7 +161,12 @@ class NoiseSpec:
     @property
     def name(self) -> str:
         level = "ref" if self.level is None else f"L{self.level}"
-        return f"{self.family}-{level}-s{self.seed}"
+        return f"{self.family}-{level}-s{self.seed}" + ("-noisyval" if self.noisy_val else "")
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """The splits `data corrupt` corrupts."""
+        return ("train", "val") if self.noisy_val else ("train",)
 
 
 @dataclass(frozen=True)
@@ -172,16 +192,17 @@ class RunSpec:
 # ----------------------------------------------------------------------------- the plan
 
 
-def experiment_runs(experiment: str, seeds: Sequence[int], levels: Sequence[int]) -> list[RunSpec]:
-    """The runs of one experiment: `seeds` are noise seeds, `levels` the ladder's levels."""
+def experiment_runs(experiment: str, seeds: Sequence[int], levels: Sequence[int], noisy_val: bool = True) -> list[RunSpec]:
+    """The runs of one experiment: `seeds` are noise seeds, `levels` the ladder's levels;
+    `noisy_val`: checkpoints chosen on noisy validation masks (else on the clean ones)."""
     if experiment == "table1":
-        return [RunSpec("table1", m, NoiseSpec(seed=s)) for s in seeds for m in TABLE1_METHODS]
+        return [RunSpec("table1", m, NoiseSpec(seed=s, noisy_val=noisy_val), overrides=v) for s in seeds for m, v in TABLE1_RUNS]
     if experiment == "ladder":
-        return [RunSpec("ladder", m, NoiseSpec(level=lv, seed=s)) for s in seeds for lv in levels for m in LADDER_METHODS]
+        return [RunSpec("ladder", m, NoiseSpec(level=lv, seed=s, noisy_val=noisy_val), overrides=v) for s in seeds for lv in levels for m, v in LADDER_RUNS]
     if experiment == "coarse":
-        return [RunSpec("coarse", m, NoiseSpec("coarse", seed=s), "deeplabv3plus") for s in seeds for m in COARSE_METHODS]
+        return [RunSpec("coarse", m, NoiseSpec("coarse", seed=s, noisy_val=noisy_val), "deeplabv3plus") for s in seeds for m in COARSE_METHODS]
     if experiment == "armstudy":
-        return [RunSpec("armstudy", m, NoiseSpec("coarse", seed=s), "deeplabv3plus", v) for s in seeds for m, v in ARM_STUDY]
+        return [RunSpec("armstudy", m, NoiseSpec("coarse", seed=s, noisy_val=noisy_val), "deeplabv3plus", v) for s in seeds for m, v in ARM_STUDY]
     raise ValueError(f"unknown experiment {experiment!r}; choose from {', '.join(EXPERIMENTS)}")
 
 
@@ -224,7 +245,7 @@ def ensure_data(root: Path, scale: Scale, noise: NoiseSpec) -> tuple[Path, Path]
     """The phantom and the noisy training labels of a run, each generated once."""
     phantom, labels = data_paths(root, scale, noise)
     _build_once(phantom, lambda out: generate_phantom(out, scale.patients, scale.phantom_seed, scale.phantom_config()))
-    _build_once(labels, lambda out: corrupt_dataset(phantom, out, noise.family, level=noise.level, seed=noise.seed))
+    _build_once(labels, lambda out: corrupt_dataset(phantom, out, noise.family, level=noise.level, seed=noise.seed, splits=noise.splits))
     return phantom, labels
 
 
@@ -303,7 +324,7 @@ def run_experiment_step(spec: RunSpec, root: Path, scale: Scale, train: Callable
     run_dir = root / "runs" / spec.relative_dir
     if RunDir(run_dir).is_finished():
         return "done"
-    with run_lock(run_dir.parent / f".{spec.method}.lock") as acquired:
+    with run_lock(run_dir.parent / f".{spec.name}.lock") as acquired:
         if not acquired:
             log.info("%s: another process is training it; skipped", run_dir)
             return "busy"

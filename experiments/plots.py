@@ -43,6 +43,7 @@ class RunCurves:
     iou_el: dict[str, np.ndarray] | None
     iou_m: dict[str, np.ndarray] | None
     val_miou: np.ndarray
+    val_noisy_miou: np.ndarray  # on the labels folder's noisy validation masks (all NaN without)
     test_miou: np.ndarray
     labels_changed: np.ndarray
     trigger_epoch: dict[str, int | None]
@@ -90,6 +91,7 @@ def run_curves(records: list[dict[str, Any]]) -> RunCurves:
         iou_el=_series(records, "iou_el", class_ids),
         iou_m=_series(records, "iou_m", class_ids),
         val_miou=_split_miou(records, "val"),
+        val_noisy_miou=_split_miou(records, "val_noisy"),
         test_miou=_split_miou(records, "test"),
         labels_changed=np.array([_value(record.get("labels_changed_fraction", 0.0)) for record in records]),
         trigger_epoch={class_id: epoch for class_id, (epoch, _) in triggers.items()},
@@ -134,6 +136,8 @@ def _plot_diagnostics_panel(ax: Axes, curves: RunCurves, class_id: str, title: s
 
 def _plot_summary_panel(ax: Axes, curves: RunCurves) -> None:
     ax.plot(curves.epochs, curves.val_miou, "-", label="val mIoU")
+    if np.isfinite(curves.val_noisy_miou).any():
+        ax.plot(curves.epochs, curves.val_noisy_miou, "--", label="val mIoU, noisy masks")
     ax.plot(curves.epochs, curves.test_miou, "-", label="test mIoU")
     if np.isfinite(curves.val_miou).any():
         best = int(np.nanargmax(curves.val_miou))

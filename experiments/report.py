@@ -28,9 +28,9 @@ from noisyseg.experiments.correction_analysis import label_quality, quality_row
 from noisyseg.experiments.experiment import (
     ARM_STUDY,
     COARSE_METHODS,
-    LADDER_METHODS,
+    LADDER_RUNS,
     SCHEDULES,
-    TABLE1_METHODS,
+    TABLE1_RUNS,
     TIMING_FILE,
     NoiseSpec,
     RunSpec,
@@ -42,6 +42,15 @@ from noisyseg.io import atomic_open, atomic_write_text
 from noisyseg.runs.run_dir import RunDir
 
 THREE = (("best_val", "best val"), ("max", "max test"), ("last", "last epoch"))
+# The run names (method, or method@overrides for a variant) of Table 1 and the ladder.
+TABLE1_NAMES = [RunSpec("table1", m, NoiseSpec(), overrides=v).name for m, v in TABLE1_RUNS]
+LADDER_NAMES = [RunSpec("ladder", m, NoiseSpec(), overrides=v).name for m, v in LADDER_RUNS]
+# What a user gets (`selection.py`): the test mIoU at each rule's epoch; clean-val is the oracle.
+USER_COLUMNS = (("last", "last epoch"), ("noisy-val", "noisy-val"), ("label-free", "label-free (Label Wave)"), ("label-free-curves", "label-free (fitted curves)"), ("clean-val", "clean-val (oracle)"))
+# The methods whose selection the targets judge (issue 23, part 1) and what they ask: within
+# 1.0 point of the oracle and no more than 0.5 below the last epoch, mean over seeds.
+USER_METHODS = ("baseline-ms", "adele", "tloss")
+ORACLE_GAP, LAST_GAP = 0.010, 0.005
 # ADELE Table 1 (SegTHOR, last-epoch test mIoU, 5 noise draws) and ARM Table 4/5 (Cityscapes
 # coarse, val mIoU), for the reader to compare with.
 PAPER_TABLE1 = {"baseline-ms": "59.1 ± 1.3", "adele-nonadaptive": "40.5 ± 2.3", "adele": "70.8 ± 0.7"}
@@ -153,11 +162,11 @@ def ladder_table(root: Path, scale: Scale, results: list[RunResult], levels: Seq
     folders) and each ladder method's test mIoU at `which` ("best_val" or "last"), with adele's
     paired difference to baseline-ms."""
     lines = [
-        "| level | iterations | annotation mIoU (fg) | " + " | ".join(LADDER_METHODS) + " | adele - baseline-ms (paired) |",
-        "|" + " --- |" * (len(LADDER_METHODS) + 4),
+        "| level | iterations | annotation mIoU (fg) | " + " | ".join(LADDER_NAMES) + " | adele - baseline-ms (paired) |",
+        "|" + " --- |" * (len(LADDER_NAMES) + 4),
     ]
     for level in levels:
-        runs = {m: _by_method(results, "ladder", m, level, match_level=True) for m in LADDER_METHODS}
+        runs = {m: _by_method(results, "ladder", m, level, match_level=True) for m in LADDER_NAMES}
         qualities = [q for q in (annotation_quality(root, scale, r.spec.noise) for r in runs["baseline-ms"] or runs["adele"]) if q]
         annotation = "-"
         if qualities:
@@ -168,10 +177,101 @@ def ladder_table(root: Path, scale: Scale, results: list[RunResult], levels: Seq
     return lines
 
 
+def _score(run: RunResult, which: str) -> float | None:
+    """A run's test mIoU at `which`: "best_val", "last" or "max", or a selection rule's epoch
+    (None for a summary written before the rules)."""
+    if which in run.summary["test_miou"]:
+        return run.summary["test_miou"][which]
+    return (run.summary.get("test_miou_at") or {}).get(which)
+
+
 def _paired(runs: list[RunResult], reference: list[RunResult], which: str) -> list[float]:
     """Per noise seed both finished: `runs`' test mIoU minus `reference`'s, at `which`."""
-    by_seed = {r.spec.noise.seed: r.summary["test_miou"][which] for r in reference}
-    return [r.summary["test_miou"][which] - by_seed[r.spec.noise.seed] for r in runs if r.spec.noise.seed in by_seed]
+    by_seed = {r.spec.noise.seed: _score(r, which) for r in reference}
+    pairs = [(_score(r, which), by_seed.get(r.spec.noise.seed)) for r in runs]
+    return [mine - theirs for mine, theirs in pairs if mine is not None and theirs is not None]
+
+
+def _file_name(name: str) -> str:
+    """A run name (`adele@loader.augment.label_elastic=true`) as part of a file name."""
+    return name.replace("+", "_").replace("@", "_").replace("=", "")
+
+
+def _settings(experiments: set[str], levels: Sequence[int]) -> list[tuple[str, int | None, str, list[str]]]:
+    """(experiment, level, label, run names) of the settings the user tables cover."""
+    settings = [("ladder", level, f"level {level}", LADDER_NAMES) for level in levels] if "ladder" in experiments else []
+    return settings + ([("table1", None, "Table 1", TABLE1_NAMES)] if "table1" in experiments else [])
+
+
+def _runs_of(results: list[RunResult], experiment: str, level: int | None, name: str) -> list[RunResult]:
+    return _by_method(results, experiment, name, level, match_level=experiment == "ladder")
+
+
+def user_table(results: list[RunResult], experiments: set[str], levels: Sequence[int]) -> list[str]:
+    """Markdown rows: per setting and method, the test mIoU at the last epoch, at the epoch each
+    selection rule a user can apply chooses, and at the clean-validation oracle's."""
+    lines = ["| setting | method | seeds | " + " | ".join(label for _, label in USER_COLUMNS) + " |", "|" + " --- |" * (len(USER_COLUMNS) + 3)]
+    for experiment, level, label, names in _settings(experiments, levels):
+        for name in names:
+            runs = _runs_of(results, experiment, level, name)
+            if runs:
+                cells = [mean_std([_score(r, rule) for r in runs]) for rule, _ in USER_COLUMNS]
+                lines.append(f"| {label} | {name} | {len(runs)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def selection_target_lines(results: list[RunResult], experiments: set[str], levels: Sequence[int]) -> list[str]:
+    """The selection targets per setting and method: each rule a user can apply (noisy-val, and
+    the label-free candidates) within 1.0 point of the oracle and no more than 0.5 below the
+    last epoch, mean over seeds. Cells: rule minus oracle / rule minus last epoch, met or not."""
+    rules = [(rule, label) for rule, label in USER_COLUMNS if rule not in ("last", "clean-val")]
+    lines = [
+        f"Selection targets: each rule within {100 * ORACLE_GAP:.1f} point of the clean-validation oracle and no more than {100 * LAST_GAP:.1f} below the last epoch "
+        "(test mIoU, mean over seeds; cells: minus oracle / minus last epoch):",
+        "",
+        "| setting | method | seeds | " + " | ".join(label for _, label in rules) + " |",
+        "|" + " --- |" * (len(rules) + 3),
+    ]
+    for experiment, level, label, _ in _settings(experiments, levels):
+        for name in USER_METHODS:
+            runs = [r for r in _runs_of(results, experiment, level, name) if r.summary.get("test_miou_at")]
+            if not runs:
+                continue
+            cells = []
+            for rule, _ in rules:
+                to_oracle = [d for r in runs if (d := _difference(r, rule, "clean-val")) is not None]
+                to_last = [d for r in runs if (d := _difference(r, rule, "last")) is not None]
+                ok = None if not (to_oracle and to_last) else statistics.mean(to_oracle) >= -ORACLE_GAP and statistics.mean(to_last) >= -LAST_GAP
+                cells.append(f"{_signed(to_oracle)} / {_signed(to_last)} {_verdict(ok)}")
+            lines.append(f"| {label} | {name} | {len(runs)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _difference(run: RunResult, which: str, reference: str) -> float | None:
+    mine, theirs = _score(run, which), _score(run, reference)
+    return None if mine is None or theirs is None else mine - theirs
+
+
+def _signed(values: list[float]) -> str:
+    return "-" if not values else f"{100 * statistics.mean(values):+.1f}"
+
+
+# Issue 23, part 2, at the noisy-validation selection: adele against baseline-ms per setting.
+NEVER_LOSES = ((0, -0.005, "at least baseline-ms - 0.5"), (1, -0.005, "at least baseline-ms - 0.5"), (3, 0.05, "at least 5 points above baseline-ms"),
+               (4, 0.05, "at least 5 points above baseline-ms"), (5, 0.0, "at least baseline-ms"), (6, 0.0, "at least baseline-ms"))
+
+
+def never_loses_lines(results: list[RunResult], experiments: set[str], levels: Sequence[int]) -> list[str]:
+    """adele minus baseline-ms at the noisy-validation epoch, against the issue's bar per setting."""
+    lines = ["ADELE never loses (test mIoU at the noisy-validation epoch, paired over noise seeds):", ""]
+    bars = [("ladder", level, f"ladder level {level}", need, goal) for level, need, goal in NEVER_LOSES if "ladder" in experiments and level in levels]
+    if "table1" in experiments:
+        bars.append(("table1", None, "Table 1", 0.05, "at least 5 points above baseline-ms"))
+    for experiment, level, label, need, goal in bars:
+        delta = _paired(_runs_of(results, experiment, level, "adele"), _runs_of(results, experiment, level, "baseline-ms"), "noisy-val")
+        ok = None if not delta else statistics.mean(delta) >= need
+        lines.append(f"- {label}: adele {goal}: {mean_std(delta) if delta else '-'} points over {len(delta)} paired seed(s), {_verdict(ok)}")
+    return lines
 
 
 # A class the baseline learns (test IoU above this) must not end below ERASED under ADELE.
@@ -181,11 +281,11 @@ LEARNED, ERASED = 0.20, 0.05
 def erased_classes(results: list[RunResult], class_names: list[str]) -> list[str]:
     """Runs of adele or adele+arm in which a class that the same setting's baseline-ms learns
     (last-epoch test IoU above 20) ends below 5."""
-    baselines = {(r.spec.experiment, r.spec.noise): r for r in results if r.spec.method == "baseline-ms"}
+    baselines = {(r.spec.experiment, r.spec.noise): r for r in results if r.spec.name == "baseline-ms"}
     found = []
     for run in results:
         baseline = baselines.get((run.spec.experiment, run.spec.noise))
-        if run.spec.method not in ("adele", "adele+arm") or baseline is None:
+        if run.spec.name not in ("adele", "adele+arm") or baseline is None:
             continue
         ours, theirs = run.records[-1]["test"]["per_class_iou"], baseline.records[-1]["test"]["per_class_iou"]
         for c in range(1, len(ours)):
@@ -207,8 +307,8 @@ def correction_table(results: list[RunResult], class_names: list[str]) -> list[s
     for run in results:
         if run.spec.method in CORRECTING:
             level = "ref" if run.spec.noise.level is None else f"level {run.spec.noise.level}"
-            groups.setdefault((run.spec.experiment, level, run.spec.method), []).append(run)
-    for (experiment, level, method), runs in sorted(groups.items(), key=lambda g: (g[0][0], g[0][1], CORRECTING.index(g[0][2]))):
+            groups.setdefault((run.spec.experiment, level, run.spec.name), []).append(run)
+    for (experiment, level, method), runs in sorted(groups.items(), key=lambda g: (g[0][0], g[0][1], CORRECTING.index(g[1][0].spec.method), g[0][2])):
         pairs = [(q, r.summary["trigger_epoch"]) for r in runs if r.path is not None and (q := label_quality(r.path))]
         if pairs:
             lines.append(quality_row(f"{experiment} {level}, {method}", [q for q, _ in pairs], [t for _, t in pairs]))
@@ -233,7 +333,7 @@ def target_lines(root: Path, scale: Scale, results: list[RunResult], levels: Seq
         goal = "at least baseline-ms" if need == 0 else "at least 5 points above baseline-ms (annotation mIoU 0.61 or below)"
         lines.append(f"- ladder level {level}: adele {goal}: {mean_std(delta) if delta else '-'} points over {len(delta)} paired seed(s), {_verdict(ok)}")
     erased = erased_classes(results, class_names)
-    checked = [r for r in results if r.spec.method in ("adele", "adele+arm")]
+    checked = [r for r in results if r.spec.name in ("adele", "adele+arm")]
     lines.append(f"- no class that baseline-ms learns (test IoU > {100 * LEARNED:.0f}) ends below {100 * ERASED:.0f} under adele or adele+arm: "
                  f"{len(erased)} case(s) in {len(checked)} runs, {_verdict(None if not checked else not erased)}")
     lines += [f"  - {case}" for case in erased]
@@ -294,7 +394,7 @@ def plot_arm_runs(results: list[RunResult], figures: Path) -> list[str]:
         runs = [r for r in _by_method(results, experiment, method) if arm_series(r.records)]
         if not runs:
             continue
-        name = f"arm_{experiment}_{method.replace('+', '_').replace('@', '_').replace('=', '')}.png"
+        name = f"arm_{experiment}_{_file_name(method)}.png"
         figure = Figure(figsize=(10, 3.8), layout="constrained")
         FigureCanvasAgg(figure)
         plot_weight_function(runs[0].records, f"{method}, {experiment} ({runs[0].spec.noise.name})", figure)
@@ -347,7 +447,7 @@ def plot_ladder(root: Path, scale: Scale, results: list[RunResult], levels: Sequ
     figure = Figure(figsize=(5.5, 4), layout="constrained")
     FigureCanvasAgg(figure)
     ax = figure.add_subplot(1, 1, 1)
-    for method in LADDER_METHODS:
+    for method in LADDER_NAMES:
         points = []
         for level in levels:
             runs = _by_method(results, "ladder", method, level, match_level=True)
@@ -438,16 +538,32 @@ def write_results(root: Path, out: Path, scale: Scale, specs: Sequence[RunSpec],
         _timing_line(results),
         "",
     ]
+    if experiments & {"table1", "ladder"} and any(r.summary.get("test_miou_at") for r in results):
+        lines += [
+            "## What a user gets: the checkpoint chosen without clean masks",
+            "",
+            "Test mIoU at the last epoch, at the epoch chosen on the noisy validation masks (the runs' default, "
+            "`model.safetensors`), at the label-free choices (Label Wave: the first minimum of the moving average of the "
+            "training predictions' changes; ADELE's fitted curves: every class past its early learning), and at the "
+            "clean-validation epoch, an oracle no user has (`noisyseg/training/selection.py`):",
+            "",
+            *user_table(results, experiments, levels),
+            "",
+            *selection_target_lines(results, experiments, levels),
+            "",
+            *never_loses_lines(results, experiments, levels),
+            "",
+        ]
     if "table1" in experiments:
-        plot_training_dynamics(results, "table1", TABLE1_METHODS, figures / "table1_dynamics.png")
+        plot_training_dynamics(results, "table1", TABLE1_NAMES, figures / "table1_dynamics.png")
         lines += [
             "## 1. ADELE Table 1 on the phantom (erode-dilate noise, reference setting)",
             "",
-            *method_table(results, "table1", TABLE1_METHODS, PAPER_TABLE1, "paper, last epoch (SegTHOR)"),
+            *method_table(results, "table1", TABLE1_NAMES, PAPER_TABLE1, "paper, last epoch (SegTHOR)"),
             "",
             "Per-class test IoU at the last epoch:",
             "",
-            *per_class_table(results, "table1", TABLE1_METHODS, class_names),
+            *per_class_table(results, "table1", TABLE1_NAMES, class_names),
             "",
             "Differences, measured (the issue's goal: adele at least 5 points above baseline-ms):",
             *filter(None, [
@@ -458,7 +574,7 @@ def write_results(root: Path, out: Path, scale: Scale, specs: Sequence[RunSpec],
             ]),
             "",
             "Memorisation, measured:",
-            *_memorisation_notes(results, "table1", TABLE1_METHODS),
+            *_memorisation_notes(results, "table1", TABLE1_NAMES),
             "",
             "![test mIoU, IoU_el and IoU_m per epoch](results/table1_dynamics.png)",
             "",
@@ -543,12 +659,12 @@ def _copy_run_curves(root: Path, results: list[RunResult], experiment: str, figu
     lines = ["Per-class curves of the first noise seed (IoU against the labels trained on, fitted curve, correction start; IoU_el and IoU_m):", ""]
     seen = set()
     for result in results:
-        if result.spec.experiment != experiment or result.spec.method in seen:
+        if result.spec.experiment != experiment or result.spec.name in seen:
             continue
         source = RunDir(root / "runs" / result.spec.relative_dir).curves_file
         if source.is_file():
-            seen.add(result.spec.method)
-            name = f"{experiment}_{result.spec.method.replace('+', '_')}_curves.png"
+            seen.add(result.spec.name)
+            name = f"{experiment}_{_file_name(result.spec.name)}_curves.png"
             shutil.copyfile(source, figures / name)
-            lines += [f"`{result.spec.method}` ({result.spec.noise.name}):", "", f"![{result.spec.method} curves](results/{name})", ""]
+            lines += [f"`{result.spec.name}` ({result.spec.noise.name}):", "", f"![{result.spec.name} curves](results/{name})", ""]
     return lines

@@ -62,6 +62,7 @@ METADATA_KEYS = (
     "architecture",
     "in_channels",
     "stride",
+    "checkpoint",
 )
 
 
@@ -276,6 +277,7 @@ def model_metadata(info: ModelInfo, output: str, checkpoint_sha256: str, stride:
         "architecture": info.architecture,
         "in_channels": str(info.in_channels),
         "stride": str(stride),
+        "checkpoint": info.checkpoint_description(),
     }
 
 

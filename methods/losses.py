@@ -1,4 +1,4 @@
-"""Per-pixel segmentation losses users compare ARM and ADELE against: GCE and OHEM.
+"""Per-pixel segmentation losses users compare ARM and ADELE against: GCE, OHEM and the T-Loss.
 
 Both follow the `noisyseg.kernels` conventions: logits `(N, C, H, W)` at label resolution,
 targets `(N, H, W)` int64 with `ignore_index` pixels ignored. With `reduction="none"` each returns
@@ -19,10 +19,26 @@ reweights; `segmentation_loss` does that combination for any of the losses here 
   selection is not differentiated. `reduction="mean"` averages over the kept
   pixels, as OCR/HRNet do. Like mmseg's (unlike OCR's per-batch count), `min_kept` counts per
   image, so the selection does not depend on the batch size.
+- T-Loss (Gonzalez-Jimenez et al., MICCAI 2023): the negative log-likelihood of a Student-t
+  distribution centred on the prediction, with an identity scale matrix and a tolerance nu
+  (the degrees of freedom) learned by backpropagation. For a one-hot label y in D dimensions and
+  the predicted probabilities p:
+
+      -log p(y | p, I, nu) = -log G((nu + D) / 2) + log G(nu / 2) + D/2 log(pi nu)
+                             + (nu + D) / 2 * log(1 + ||y - p||^2 / nu)
+
+  The paper treats a whole binary mask as one observation (D = its pixel count); noisyseg treats
+  each pixel as one (D = the number of classes, y its one-hot label, p its softmax), so the
+  T-Loss is a per-pixel loss like the others here: averaged over valid pixels, ARM-weighted,
+  ignore index respected. The robustness is the same mechanism one level down: a pixel's
+  gradient through ||y - p||^2 is scaled by (nu + D) / (nu + ||y - p||^2), so pixels far from
+  their label (mislabelled ones, once the network disagrees) pull less. nu = exp(log_nu) + 1e-8
+  keeps it positive; log_nu starts at 1.0 (nu about 2.72), the authors' code's default.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -39,7 +55,10 @@ OHEM_THRESHOLD = 0.7
 # slices of the medical setting (15% of 65536 pixels).
 OHEM_MIN_KEPT = 10_000
 
-PIXEL_LOSSES = ("ce", "gce", "ohem")
+TLOSS_LOG_NU = 1.0
+TLOSS_EPSILON = 1e-8
+
+PIXEL_LOSSES = ("ce", "gce", "ohem", "tloss")
 
 
 def _true_class_log_prob(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
@@ -133,6 +152,50 @@ def _ohem_pixel_loss(
     return torch.where(keep, -log_p_y, torch.zeros_like(log_p_y)), keep
 
 
+def student_t_loss(
+    logits: Tensor,
+    target: Tensor,
+    log_nu: Tensor,
+    ignore_index: int = 255,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    """The T-Loss per pixel (module docstring) with tolerance nu = exp(`log_nu`) + 1e-8, averaged
+    over valid pixels. Computed in fp32 (fp64 inputs stay fp64).
+
+    `reduction="none"` returns `(N, H, W)` with 0 at ignored pixels.
+    """
+    check_logits_and_target(logits, target)
+    num_classes = logits.shape[1]
+    valid = check_class_ids(target, num_classes, ignore_index)
+    safe_target = torch.where(valid, target, torch.zeros_like(target)).long()
+    values = logits if logits.dtype == torch.float64 else logits.float()
+    probs = torch.softmax(values, dim=1)
+    # ||y - p||^2 = sum_c p_c^2 - 2 p_y + 1 for a one-hot y (no one-hot tensor is built).
+    distance = ((probs * probs).sum(dim=1) - 2.0 * probs.gather(1, safe_target.unsqueeze(1)).squeeze(1) + 1.0).clamp(min=0.0)
+    nu = torch.exp(log_nu.to(values.dtype)) + TLOSS_EPSILON
+    half_sum = (nu + num_classes) / 2.0
+    normaliser = -torch.lgamma(half_sum) + torch.lgamma(nu / 2.0) + num_classes / 2.0 * (math.log(math.pi) + torch.log(nu))
+    losses = normaliser + half_sum * torch.log1p(distance / nu)
+    losses = torch.where(valid, losses, torch.zeros_like(losses))
+    return _reduce(losses, valid, reduction)
+
+
+class TLoss(nn.Module):
+    """The T-Loss's learned tolerance: `log_nu` is trained by the network's optimiser (the
+    trainer hands it every parameter of the method's objective)."""
+
+    def __init__(self, log_nu: float = TLOSS_LOG_NU) -> None:
+        super().__init__()
+        self.log_nu = nn.Parameter(torch.tensor(float(log_nu)))
+
+    @property
+    def nu(self) -> Tensor:
+        return torch.exp(self.log_nu) + TLOSS_EPSILON
+
+    def forward(self, logits: Tensor, target: Tensor, ignore_index: int = 255, reduction: Reduction = "none") -> Tensor:
+        return student_t_loss(logits, target, self.log_nu, ignore_index, reduction)
+
+
 def pixel_loss(
     name: str,
     logits: Tensor,
@@ -141,9 +204,11 @@ def pixel_loss(
     gce_q: float = GCE_Q,
     ohem_threshold: float = OHEM_THRESHOLD,
     ohem_min_kept: int = OHEM_MIN_KEPT,
+    tloss: TLoss | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Per-pixel loss `(N, H, W)` of the loss `name` ("ce", "gce" or "ohem") and the mask of
-    the pixels it counts: the valid ones, or for OHEM the kept ones."""
+    """Per-pixel loss `(N, H, W)` of the loss `name` ("ce", "gce", "ohem" or "tloss", which
+    needs its `TLoss` module) and the mask of the pixels it counts: the valid ones, or for OHEM
+    the kept ones."""
     if name == "ce":
         log_p_y, valid = _true_class_log_prob(logits, target, ignore_index)
         return -log_p_y, valid
@@ -152,6 +217,10 @@ def pixel_loss(
         return losses, target != ignore_index
     if name == "ohem":
         return _ohem_pixel_loss(logits, target, ohem_threshold, ohem_min_kept, ignore_index)
+    if name == "tloss":
+        if tloss is None:
+            raise ValueError("loss 'tloss': needs its TLoss module (the learned tolerance nu), got None")
+        return tloss(logits, target, ignore_index), target != ignore_index
     raise ValueError(f"loss: unknown per-pixel loss {name!r}; expected one of {', '.join(PIXEL_LOSSES)}")
 
 
@@ -164,12 +233,13 @@ def segmentation_loss(
     gce_q: float = GCE_Q,
     ohem_threshold: float = OHEM_THRESHOLD,
     ohem_min_kept: int = OHEM_MIN_KEPT,
+    tloss: TLoss | None = None,
 ) -> Tensor:
     """The loss `name` reduced over the pixels it counts: their mean, or with `arm` their
     ARM-weighted sum through `noisyseg.kernels.arm_reweighted_loss` (ARM's confidence comes
     from the detached softmax of `logits`)."""
     losses, counted = pixel_loss(
-        name, logits, target, ignore_index, gce_q=gce_q, ohem_threshold=ohem_threshold, ohem_min_kept=ohem_min_kept
+        name, logits, target, ignore_index, gce_q=gce_q, ohem_threshold=ohem_threshold, ohem_min_kept=ohem_min_kept, tloss=tloss
     )
     probs = torch.softmax(logits.detach().float(), dim=1) if arm is not None else None
     return arm_reweighted_loss(losses, probs, counted, arm)

@@ -1,9 +1,11 @@
 """A method's loss (method-spec sections 4 and 5): what one training step backpropagates.
 
-`MethodObjective` composes the terms a `MethodSpec` switches on: the per-pixel loss (CE, GCE or
-OHEM; ARM-weighted when ARM is on) averaged over the input scales, ADELE's multiscale
-consistency, and during ARM's warm-up ARM's own objective on detached losses. The trainer owns
-when (the step) and with which ARM (warming up or not); this module owns what.
+`MethodObjective` composes the terms a `MethodSpec` switches on: the per-pixel loss (CE, GCE,
+OHEM or the T-Loss; ARM-weighted when ARM is on) averaged over the input scales, ADELE's
+multiscale consistency, and during ARM's warm-up ARM's own objective on detached losses. The
+trainer owns when (the step) and with which ARM (warming up or not); this module owns what. It is
+a module because a loss may learn: the T-Loss's tolerance is its parameter, which the trainer
+optimises with the network's and checkpoints with the run.
 """
 
 from __future__ import annotations
@@ -13,18 +15,21 @@ from torch import nn
 
 from noisyseg.config import METHOD_SPECS, TrainConfig
 from noisyseg.kernels import arm_cross_entropy, arm_reweighted_loss, multiscale_consistency
-from noisyseg.methods.losses import pixel_loss, segmentation_loss
+from noisyseg.methods.losses import TLoss, pixel_loss, segmentation_loss
 
 
-class MethodObjective:
-    """The loss of `config.method` on the logits of every input scale."""
+class MethodObjective(nn.Module):
+    """The loss of `config.method` on the logits of every input scale (its parameters: the
+    T-Loss's tolerance, for `tloss`)."""
 
     def __init__(self, config: TrainConfig, ignore_index: int) -> None:
+        super().__init__()
         self.spec = METHOD_SPECS[config.method]
         self.adele, self.loss = config.adele, config.loss
         self.ignore_index = ignore_index
+        self.tloss = TLoss(config.loss.tloss_log_nu) if self.spec.pixel_loss == "tloss" else None
 
-    def __call__(self, logits_per_scale: list[torch.Tensor], target: torch.Tensor, arm: nn.Module | None, arm_warming_up: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, logits_per_scale: list[torch.Tensor], target: torch.Tensor, arm: nn.Module | None, arm_warming_up: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(what to backpropagate, logged terms as detached tensors). The network minimises the
         method's loss; `arm` ascends the same loss, or while `arm_warming_up` its own detached
         objective (the network then sees uniform weights)."""
@@ -35,6 +40,8 @@ class MethodObjective:
         logits = [z / divisor for z in logits_per_scale] if divisor != 1.0 else logits_per_scale
         supervised = torch.stack([self.pixel_loss_mean(z, target, weighting) for z in logits]).mean()
         terms = {self.spec.pixel_loss: supervised.detach()}
+        if self.tloss is not None:
+            terms["tloss_nu"] = self.tloss.nu.detach()
         network_loss = supervised
         if self.spec.consistency:
             consistency = multiscale_consistency(logits_per_scale, target, self.adele.rho, self.adele.rho_mask, self.ignore_index, backend=self.loss.backend)
@@ -51,13 +58,13 @@ class MethodObjective:
     def pixel_loss_mean(self, logits: torch.Tensor, target: torch.Tensor, arm: nn.Module | None) -> torch.Tensor:
         if self.spec.pixel_loss == "ce":
             return arm_cross_entropy(logits, target, arm, self.ignore_index, backend=self.loss.backend)
-        return segmentation_loss(self.spec.pixel_loss, logits, target, arm, self.ignore_index, gce_q=self.loss.gce_q, ohem_threshold=self.loss.ohem_threshold, ohem_min_kept=self.loss.ohem_min_kept)
+        return segmentation_loss(self.spec.pixel_loss, logits, target, arm, self.ignore_index, gce_q=self.loss.gce_q, ohem_threshold=self.loss.ohem_threshold, ohem_min_kept=self.loss.ohem_min_kept, tloss=self.tloss)
 
     def arm_warmup_objective(self, logits_per_scale: list[torch.Tensor], target: torch.Tensor, arm: nn.Module) -> torch.Tensor:
         """ARM's objective on detached per-pixel losses: only ARM's parameters get a gradient."""
         objectives = []
         for logits in logits_per_scale:
             detached = logits.detach()
-            losses, counted = pixel_loss(self.spec.pixel_loss, detached, target, self.ignore_index, gce_q=self.loss.gce_q, ohem_threshold=self.loss.ohem_threshold, ohem_min_kept=self.loss.ohem_min_kept)
+            losses, counted = pixel_loss(self.spec.pixel_loss, detached, target, self.ignore_index, gce_q=self.loss.gce_q, ohem_threshold=self.loss.ohem_threshold, ohem_min_kept=self.loss.ohem_min_kept, tloss=self.tloss)
             objectives.append(arm_reweighted_loss(losses.detach(), torch.softmax(detached.float(), dim=1), counted, arm))
         return torch.stack(objectives).mean()

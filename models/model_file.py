@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,8 @@ from safetensors import safe_open
 
 from noisyseg import __version__
 from noisyseg.io import atomic_write_bytes
+
+log = logging.getLogger(__name__)
 
 # torch is imported where a model is built or saved: serving an ONNX model needs only the names here.
 if TYPE_CHECKING:
@@ -46,6 +49,14 @@ class ModelInfo:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def checkpoint_description(self) -> str:
+        """Which checkpoint of its run this is: 'epoch 12 (selected by noisy-val)'. Model files
+        written before the selection rules kept the best validation epoch (`clean-val`)."""
+        epoch = self.extra.get("epoch")
+        if epoch is None:
+            return "epoch unknown (not written by a noisyseg training run)"
+        return f"epoch {epoch} (selected by {self.extra.get('selection', 'clean-val')})"
 
     @property
     def in_channels(self) -> int:
@@ -142,4 +153,5 @@ def load_model(path: str | Path, map_location: str = "cpu") -> tuple[torch.nn.Mo
     if expected is not None and content_hash(state, metadata[METADATA_KEY]) != expected:
         raise ValueError(f"{path}: damaged model file (its weights do not match the content hash written with them); retrain or restore it")
     load_weights(model, state, path, info.architecture)
+    log.info("%s: %s model, %s", path, info.method, info.checkpoint_description())
     return model.eval(), info

@@ -10,6 +10,8 @@ Layout of one checkpoint (a directory, replaced as a whole):
                                   validation tracking, the config and its hash (checked on
                                   resume), the sha256 of state.safetensors (checked on read)
     checkpoint/labels.npy/.json   the label store (see `label_store.py`)
+    checkpoint/predictions.npy/.json  each training pixel's last training-pass prediction
+                                  (`prediction_changes.py`)
 
 Crash safety: a new checkpoint is written completely into `checkpoint.tmp/` (files fsynced),
 then `checkpoint/` is renamed to `checkpoint.old/`, `checkpoint.tmp/` to `checkpoint/`, and

@@ -4,13 +4,19 @@
                          (in its checkpoints too) and, with --labels, their `labels_origin`
     metrics.jsonl        one JSON object per epoch: epoch, iteration, method, lr, loss terms,
                          train_iou (foreground, vs the labels trained on), val/test per-class IoU
-                         and mIoU with/without background, trigger state and fits,
-                         labels_changed_fraction, corrected_pixels, and iou_el/iou_m when clean
+                         and mIoU with/without background (val_noisy too when the labels folder
+                         holds noisy validation masks), trigger state and fits,
+                         labels_changed_fraction, corrected_pixels, prediction_change (Label
+                         Wave's input, `prediction_changes.py`), and iou_el/iou_m when clean
                          training labels are known; NaN written as null
-    summary.json         test mIoU at the best validation epoch / last / max, trigger epochs
-    model.safetensors    the model at the best validation epoch (`checkpoint.save_model`)
+    summary.json         test mIoU at the best validation epoch / last / max, trigger epochs; the
+                         selected epoch and rule, every rule's epoch and the test mIoU there
+                         (`selection.py`)
+    model.safetensors    the model at the epoch the run's selection rule chooses
+                         (`checkpoint.save_model`; its metadata names the epoch and the rule)
     checkpoint/          full training state, every epoch (`run_checkpoint.py`), with the label
-                         store (`label_store.py`: labels.npy, labels.json) inside it
+                         store (`label_store.py`: labels.npy, labels.json) and the last training
+                         predictions (predictions.npy, predictions.json) inside it
     curves.png           from `noisyseg.experiments.plots.plot_run_curves`
 
 No torch here: the model-file and serving code read the names without importing the trainer.

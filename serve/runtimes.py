@@ -130,8 +130,9 @@ class Runtime(ABC):
                 )
             self._loaded = True
             logger.info(
-                "model %s (version %s): %s backend, input %s %s, outputs %s",
+                "model %s (version %s): %s backend, input %s %s, outputs %s, checkpoint %s",
                 self.name, self.version, self.backend, self.input_name, list(self.input_shape), self.output_names,
+                self.model_metadata.get("checkpoint", "not recorded"),
             )
         return self
 

@@ -194,5 +194,13 @@ def test_two_process_training_matches_the_single_process_run(tmp_path: Path, tim
     # confidence lies that close to tau (or whose two best classes are that close) can be
     # corrected differently. Measured: 0 of 12288 pixels differ; bound: 0.1%.
     assert np.count_nonzero(ddp_labels != single_labels) <= 1e-3 * single_labels.size
+    # Label Wave's prediction changes: each rank compares its shard's rows, the maps are exchanged
+    # at each epoch's end (cached); streamed under several ranks they are not measured.
+    ddp_changes, single_changes = ([json.loads(line)["prediction_change"] for line in (o / "metrics.jsonl").read_text().splitlines()] for o in (ddp_out, single_out))
+    assert single_changes[0] is None and None not in single_changes[1:]
+    if streamed:
+        assert ddp_changes == [None] * len(single_changes)
+    else:
+        assert ddp_changes[0] is None and ddp_changes[1:] == pytest.approx(single_changes[1:], abs=1e-3)
     # Only rank 0 wrote, atomically, every output a run has.
     assert {p.name for p in ddp_out.iterdir()} == {p.name for p in single_out.iterdir()}

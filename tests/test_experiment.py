@@ -151,13 +151,16 @@ def test_mean_std_formats_percentages() -> None:
 
 
 def test_experiment_plans() -> None:
-    assert len(experiment_runs("table1", [0, 1, 2], [0])) == 18
+    assert len(experiment_runs("table1", [0, 1, 2], [0])) == 27  # 6 methods and 3 rivals
     ladder = experiment_runs("ladder", [7, 8], [0, 3])
-    methods = ["baseline-ms", "adele-correction", "adele-consistency", "adele"]
+    names = ["baseline-ms", "adele-correction", "adele-consistency", "adele", "tloss", "baseline-ms@loader.augment.label_elastic=true", "adele@loader.augment.label_elastic=true"]
     # Seed-major: a first seed over every level finishes before the next seed starts. Level 0
     # (no noise) has its seeds train differently seeded networks; noisy levels train seed 0.
-    assert [(s.method, s.noise.level, s.noise.seed) for s in ladder] == [(m, level, seed) for seed in (7, 8) for level in (0, 3) for m in methods]
-    assert [s.noise.training_seed for s in ladder if s.method == "adele"] == [7, 0, 8, 0]
+    assert [(s.name, s.noise.level, s.noise.seed) for s in ladder] == [(m, level, seed) for seed in (7, 8) for level in (0, 3) for m in names]
+    assert [s.noise.training_seed for s in ladder if s.name == "adele"] == [7, 0, 8, 0]
+    # Checkpoints are chosen on noisy validation masks unless asked otherwise (the earlier runs' names).
+    assert ladder[0].relative_dir == Path("ladder/erode-dilate-L0-s7-noisyval/baseline-ms") and ladder[0].noise.splits == ("train", "val")
+    assert experiment_runs("ladder", [7], [0], noisy_val=False)[0].relative_dir == Path("ladder/erode-dilate-L0-s7/baseline-ms")
     assert {s.architecture for s in experiment_runs("coarse", [0], [])} == {"deeplabv3plus"}
     study = experiment_runs("armstudy", [0], [])
     assert [s.relative_dir.name for s in study] == [
@@ -205,7 +208,7 @@ def test_erased_classes_compare_with_the_same_settings_baseline() -> None:
         fake_result("adele", 1, [0.97, 0.25, 0.81, 0.06]),  # nothing below 5
         fake_result("adele-correction", 0, [0.97, 0.0, 0.0, 0.0]),  # not a method the target covers
     ]
-    assert erased_classes(results, ["bg", "a", "b", "c"]) == ["ladder/erode-dilate-L4-s0/adele: a 4.0 (baseline-ms 30.0)"]
+    assert erased_classes(results, ["bg", "a", "b", "c"]) == ["ladder/erode-dilate-L4-s0-noisyval/adele: a 4.0 (baseline-ms 30.0)"]
 
 
 def test_arm_statistics_on_a_hand_made_record() -> None:
@@ -256,4 +259,44 @@ def test_methods_option_picks_a_variant_by_its_run_name(tmp_path: Path) -> None:
     assert main([*args, "--methods", "baseline@seed=1", "--results", str(tmp_path / "results.md")]) == 0
     trained = sorted(p.parent.name for p in (tmp_path / "runs" / "armstudy").glob("*/*/summary.json"))
     assert trained == ["baseline@seed=1"]
-    assert RunDir(tmp_path / "runs" / "armstudy" / "coarse-ref-s0" / "baseline@seed=1").read_config().seed == 1
+    assert RunDir(tmp_path / "runs" / "armstudy" / "coarse-ref-s0-noisyval" / "baseline@seed=1").read_config().seed == 1
+
+
+def test_runs_select_on_noisy_validation_masks_and_the_document_shows_what_a_user_gets(finished_root: Path, tmp_path: Path) -> None:
+    labels = data_paths(finished_root, TINY, NoiseSpec(seed=0))[1]
+    noise = json.loads((labels / "noise.json").read_text())
+    assert noise["splits"] == ["train", "val"] and "annotation_miou" in noise["val"]
+    out = write_results(finished_root, tmp_path / "results.md", TINY, SPECS, [0], "noisyseg experiment --out X")
+    lines = out.read_text().splitlines()
+    assert "## What a user gets: the checkpoint chosen without clean masks" in lines
+    for spec in SPECS:
+        summary = json.loads((finished_root / "runs" / spec.relative_dir / "summary.json").read_text())
+        assert summary["selection"]["rule"] == "noisy-val"
+        row = next(line for line in lines if line.startswith(f"| Table 1 | {spec.name} | 1 |"))
+        cells = [c.strip() for c in row.strip("|").split("|")][3:]
+        rules = ("last", "noisy-val", "label-free", "label-free-curves", "clean-val")
+        assert cells == [f"{100 * summary['test_miou_at'][rule]:.1f}" for rule in rules]
+    # The selection targets of baseline-ms and adele (arm is not judged), each rule's gaps.
+    baseline = json.loads((finished_root / "runs" / SPECS[0].relative_dir / "summary.json").read_text())["test_miou_at"]
+    row = next(line for line in lines if line.startswith("| Table 1 | baseline-ms | 1 |") and "met" in line)
+    noisy_cell = row.strip("|").split("|")[3].strip()
+    assert noisy_cell.startswith(f"{100 * (baseline['noisy-val'] - baseline['clean-val']):+.1f} / {100 * (baseline['noisy-val'] - baseline['last']):+.1f}")
+    assert not any(line.startswith("| Table 1 | arm | 1 |") and "met" in line for line in lines)
+    assert any(line.startswith("- Table 1: adele at least 5 points above baseline-ms") for line in lines)
+
+
+def test_the_rivals_train_on_the_ladder(tmp_path: Path) -> None:
+    from noisyseg.experiments.experiment import RIVALS
+
+    specs = [RunSpec("ladder", m, NoiseSpec(level=2, seed=0), overrides=v) for m, v in RIVALS]
+    trainer = RecordingTrain()
+    assert run_experiments(tmp_path, specs, TINY, trainer) == {"done": 0, "trained": 3, "busy": 0}
+    configs = {spec.name: RunDir(tmp_path / "runs" / spec.relative_dir).read_config() for spec in specs}
+    assert configs["tloss"].method == "tloss" and not configs["tloss"].loader.augment.label_elastic
+    for name in ("baseline-ms@loader.augment.label_elastic=true", "adele@loader.augment.label_elastic=true"):
+        assert configs[name].loader.augment.label_elastic and configs[name].correction_timing() == "epoch"
+    records = [json.loads(line) for line in (tmp_path / "runs" / specs[0].relative_dir / "metrics.jsonl").read_text().splitlines()]
+    assert "tloss_nu" in records[-1]["loss"] and "val_noisy" in records[-1]
+    text = write_results(tmp_path, tmp_path / "results.md", TINY, specs, [2], "noisyseg experiment").read_text()
+    for spec in specs:
+        assert f"| level 2 | {spec.name} | 1 |" in text

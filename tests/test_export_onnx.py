@@ -36,7 +36,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory):
     torch.manual_seed(0)
     model = create_model("unet", base_width=8)
     path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
-    save_model(path, model, ModelInfo("unet", {"base_width": 8}, CLASSES, method="adele+arm"))
+    save_model(path, model, ModelInfo("unet", {"base_width": 8}, CLASSES, method="adele+arm", extra={"epoch": 7, "selection": "noisy-val"}))
     return path
 
 
@@ -90,6 +90,7 @@ def test_metadata_describes_the_checkpoint(checkpoint, dynamo_export) -> None:
     assert metadata["checkpoint_sha256"] == file_sha256(checkpoint)
     assert metadata["output"] == "logits"
     assert metadata["stride"] == "16" and metadata["in_channels"] == "1"
+    assert metadata["checkpoint"] == "epoch 7 (selected by noisy-val)"
 
 
 def test_exported_graph_is_tensorrt_compatible(dynamo_export) -> None:

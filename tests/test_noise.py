@@ -180,6 +180,34 @@ def test_corrupt_command_reports_ious_and_leaves_clean_masks(phantom_dir: Path, 
     assert 0.0 < summary["labelled_fraction"] < 1.0
 
 
+def test_corrupt_splits_train_and_val_draws_the_same_noise_independently(phantom_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    train_only, both = tmp_path / "train", tmp_path / "both"
+    assert main(["data", "corrupt", "--data", str(phantom_dir), "--noise", "erode-dilate", "--level", "3", "--seed", "4", "--out", str(train_only)]) == 0
+    capsys.readouterr()
+    assert main(["data", "corrupt", "--data", str(phantom_dir), "--noise", "erode-dilate", "--level", "3", "--seed", "4", "--splits", "train,val", "--out", str(both)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    train_ids, val_ids = read_split_ids(phantom_dir, "train"), read_split_ids(phantom_dir, "val")
+    assert sorted(p.stem for p in (both / "masks").glob("*.png")) == sorted(train_ids + val_ids)
+    # The training masks are those of a train-only corruption; its summary keeps the train split's quality.
+    for slice_id in train_ids:
+        assert (both / "masks" / f"{slice_id}.png").read_bytes() == (train_only / "masks" / f"{slice_id}.png").read_bytes()
+    assert summary["annotation_miou"] == json.loads((train_only / "noise.json").read_text())["annotation_miou"]
+    assert summary["splits"] == ["train", "val"] and json.loads((train_only / "noise.json").read_text())["splits"] == ["train"]
+    # Each validation slice is the same noise model drawn from its own generator.
+    noise = ErodeDilateNoise(level=3)
+    clean = {i: read_mask(phantom_dir / "masks" / f"{i}.png") for i in val_ids}
+    for slice_id in val_ids:
+        np.testing.assert_array_equal(read_mask(both / "masks" / f"{slice_id}.png"), noise.apply(clean[slice_id], slice_rng(4, slice_id)))
+    # The validation split's quality: an independent IoU over its pixels.
+    noisy = np.stack([read_mask(both / "masks" / f"{i}.png") for i in val_ids])
+    stacked = np.stack([clean[i] for i in val_ids])
+    ious = [((stacked == c) & (noisy == c)).sum() / ((stacked == c) | (noisy == c)).sum() for c in range(5)]
+    assert summary["val"]["annotation_miou"] == pytest.approx(np.mean(ious))
+    assert summary["val"]["slices"] == len(val_ids) and summary["val"]["annotation_miou"] < 0.9
+    with pytest.raises(ValueError, match="--splits: expected train, optionally with val"):
+        corrupt_dataset(phantom_dir, tmp_path / "x", "erode-dilate", splits=["val"])
+
+
 def test_corrupt_is_stable_when_slices_are_added(phantom_dir: Path, tmp_path: Path) -> None:
     clean = read_mask(phantom_dir / "masks" / f"{read_split_ids(phantom_dir, 'train')[0]}.png")
     noise = ErodeDilateNoise(level=4)

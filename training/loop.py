@@ -24,7 +24,9 @@ Design decisions (method-spec sections 2 to 5; the config docstrings give the de
   output's logits back to label size; `baseline-ms` averages the CE of all scales at every step.
 - Training IoU (what the trigger fits) and IoU_el/IoU_m come from the training passes: the
   scale-1.0 prediction against the labels trained on in that step, counts summed per epoch.
-- Model selection is by validation mIoU with background.
+- `model.safetensors` follows the run's selection rule (`selection.py`: noisy validation
+  masks, the dataset's, or Label Wave without any); the best clean-validation epoch stays
+  tracked beside it.
 - Several processes (torchrun): DDP with global batches sharded over the ranks; counts, losses
   and label corrections exchanged so every rank decides the same; only rank 0 writes
   (`runtime/distributed.py`, `docs/distributed.md`).
@@ -65,6 +67,7 @@ from noisyseg.runtime.device import resolve_precision
 from noisyseg.runtime.distributed import (
     DistContext,
     agree_on_error,
+    average_gradients,
     broadcast_buffers,
     fault_point,
     peer_errors,
@@ -76,6 +79,8 @@ from noisyseg.runtime.distributed import (
 from noisyseg.training.batches import Batch, CachedBatches, StreamedBatches
 from noisyseg.training.counters import EpochCounters, total_over_ranks
 from noisyseg.training.optim import lr_factor, set_lr
+from noisyseg.training.prediction_changes import PredictionChanges
+from noisyseg.training.selection import default_rule, keeps_epoch, selection_summary
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +93,13 @@ class Trainer:
     """One run: the network and its optimiser, the hooks of its method, the batch source and
     the history. Built by `trainer.make_trainer`, which composes the parts."""
 
-    def __init__(self, config: TrainConfig, data: RunData, ctx: DistContext, model: nn.Module, network: nn.Module, optimizer: torch.optim.Optimizer, labels: LabelHook, arm: ArmHook | None, memory_format: torch.memory_format) -> None:
+    def __init__(self, config: TrainConfig, data: RunData, ctx: DistContext, model: nn.Module, network: nn.Module, objective: MethodObjective, optimizer: torch.optim.Optimizer, labels: LabelHook, arm: ArmHook | None, memory_format: torch.memory_format) -> None:
         self.config, self.data, self.ctx, self.device = config, data, ctx, ctx.device
         self.precision = resolve_precision(config.precision, self.device)
         self.scaler = self.precision.grad_scaler(self.device)
         self.spec = METHOD_SPECS[config.method]
         self.ignore_index = data.info.ignore_index
-        self.objective = MethodObjective(config, self.ignore_index)
+        self.objective = objective  # a module: a loss may learn (T-Loss's tolerance)
         self.run_dir = RunDir(config.out)
         self.scales = list(config.adele.scales) if self.spec.multiscale else [1.0]
         self.model, self.network, self.optimizer = model, network, optimizer
@@ -108,6 +113,9 @@ class Trainer:
         self.best_val: float | None = None
         self.best_epoch: int | None = None
         self.saved_epoch = 0  # the epoch of the last complete checkpoint
+        # Checkpoint selection (`selection.py`): the rule model.safetensors follows; Label Wave's input.
+        self.selection_rule = default_rule(data.noisy_val is not None, len(data.val) > 0)
+        self.prediction_changes = PredictionChanges(data.train_labels.shapes, self.device, data.cached, ctx, labels.workdir)
 
     @property
     def total_iterations(self) -> int:
@@ -145,7 +153,8 @@ class Trainer:
         counters.add_losses(terms, loss_weight)
         if padding:
             return
-        self.count_training_pass(batch, logits[self.scales.index(1.0)].detach(), counters)
+        prediction = self.count_training_pass(batch, logits[self.scales.index(1.0)].detach(), counters)
+        self.prediction_changes.observe(prediction, batch.rows, batch.geometry)
         corrected = self.labels.correct_step(batch.rows, batch.geometry, batch.target, logits, self.scales, correct)
         if corrected is not None:
             counters.corrected_pixels += corrected
@@ -158,21 +167,23 @@ class Trainer:
             self.scaler.scale(loss).backward()
         if self.arm is not None:
             self.arm.average_gradients(self.ctx)
+        average_gradients(self.ctx, list(self.objective.parameters()), "the loss-parameter gradient all-reduce")
         for optimizer in self.optimizers:
             self.scaler.step(optimizer)  # a plain step unless fp16 scales the loss
         self.scaler.update()
         self.iteration += 1
 
-    def count_training_pass(self, batch: Batch, logits: torch.Tensor, counters: EpochCounters) -> None:
+    def count_training_pass(self, batch: Batch, logits: torch.Tensor, counters: EpochCounters) -> torch.Tensor:
         """Dataset-level counts of the scale-1.0 `logits`: the prediction against the labels
         trained on (the training IoU the trigger fits) and, when clean masks are known, the noise
-        diagnostics; with ARM, the histogram of its confidence input."""
+        diagnostics; with ARM, the histogram of its confidence input. Returns the prediction."""
         prediction = logits.argmax(dim=1)
         counters.train_meter.update(prediction, batch.target)
         if counters.noise is not None and batch.clean is not None:
             counters.noise.update(prediction, batch.annotations, batch.clean)
         if counters.confidence is not None:
             counters.confidence.update(torch.softmax(logits.float(), dim=1), batch.target, batch.clean)
+        return prediction
 
     def check_finite(self, counters: EpochCounters) -> None:
         """Stop (every rank) if a step of this epoch had a non-finite loss (a host wait)."""
@@ -233,6 +244,9 @@ class Trainer:
             "test": self.evaluate(self.data.test),
             **self.labels.record(corrected),
         }
+        if self.data.noisy_val is not None:
+            record["val_noisy"] = self.evaluate(self.data.noisy_val)
+        record["prediction_change"] = self.prediction_changes.end_epoch()
         if counters.noise is not None:
             iou_el, iou_m = early_learning_memorization_iou(counters.noise.counts())
             record["iou_el"], record["iou_m"] = foreground_dict(iou_el), foreground_dict(iou_m)
@@ -260,7 +274,8 @@ class Trainer:
                 log.info("epoch %d: loss %.4f, val mIoU %s, test mIoU %s, labels changed %.4f", record["epoch"], record["loss"]["total"], percent(record["val"]["miou"]), percent(record["test"]["miou"]), record["labels_changed_fraction"])
         finally:
             self.batches.close()
-        summary = build_summary(self.history, self.labels.triggers.trigger_epoch, self.best_epoch)
+        triggers = self.labels.triggers.trigger_epoch
+        summary = {**build_summary(self.history, triggers, self.best_epoch), **selection_summary(self.history, self.selection_rule)}
         if self.ctx.is_main:
             self.run_dir.write_summary(summary)
         return summary
@@ -281,10 +296,12 @@ class Trainer:
         agree_on_error(self.ctx, error, f"writing the outputs of epoch {record['epoch']}")
 
     def track_best(self, record: dict[str, Any]) -> None:
-        """Keep `model.safetensors` at the epoch with the best validation mIoU."""
+        """Keep `model.safetensors` at the epoch the run's selection rule chooses (`selection.py`);
+        the best validation epoch stays tracked for the checkpoint state."""
         val_miou = record["val"]["miou"]
         if val_miou is not None and (self.best_val is None or val_miou > self.best_val):
             self.best_val, self.best_epoch = val_miou, record["epoch"]
+        if keeps_epoch(self.selection_rule, self.history):
             save_model(self.run_dir.model_file, self.model, self.model_info())
 
     def model_info(self) -> ModelInfo:
@@ -294,7 +311,7 @@ class Trainer:
             class_names=list(self.data.info.classes),
             normalization=self.data.info.normalization,
             method=self.config.method,
-            extra={"epoch": self.epoch, "val_miou": self.best_val, "config_hash": self.config.semantic_hash()},
+            extra={"epoch": self.epoch, "selection": self.selection_rule, "val_miou": self.history[-1]["val"]["miou"], "config_hash": self.config.semantic_hash()},
         )
 
     @property
@@ -315,7 +332,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         rng_tensors, rng = rng_state(self.shuffle, self.device)
-        tensors = {**prefixed("model", self.model.state_dict()), **rng_tensors}
+        tensors = {**prefixed("model", self.model.state_dict()), **prefixed("objective", self.objective.state_dict()), **rng_tensors}
         opt_tensors, net_state = flatten_optimizer("net", self.optimizer)
         tensors.update(opt_tensors)
         optimizers = {"net": net_state}
@@ -332,11 +349,11 @@ class Trainer:
             "rng": rng,
             "triggers": self.labels.state_dict(),
             "history": self.history,
-            "best": {"val_miou": self.best_val, "epoch": self.best_epoch},
+            "best": {"selection": self.selection_rule, "val_miou": self.history[-1]["val"]["miou"], "epoch": self.best_epoch},
             "world_size": self.ctx.world_size,
             "grad_scaler": self.scaler.state_dict(),
         }
-        write_checkpoint(self.run_dir.path, tensors, state, self.labels.store.save)
+        write_checkpoint(self.run_dir.path, tensors, state, lambda directory: (self.labels.store.save(directory), self.prediction_changes.save(directory)))
         self.saved_epoch = self.epoch
 
     def load_checkpoint(self, directory: Path) -> None:
@@ -344,6 +361,7 @@ class Trainer:
         tensors, state = read_checkpoint(directory)
         check_checkpoint_config(directory, state, self.config)
         load_weights(self.model, unprefixed("model", tensors), directory, self.config.model.architecture)
+        load_weights(self.objective, unprefixed("objective", tensors), directory, f"{self.config.method} loss")
         try:
             self.optimizer.load_state_dict(unflatten_optimizer("net", tensors, state["optimizers"]["net"]))
             if self.arm is not None:
@@ -352,6 +370,7 @@ class Trainer:
         except (KeyError, RuntimeError) as err:
             raise ValueError(f"{directory}: checkpoint does not match this run's model/method ({err})") from err
         self.labels.load_state_dict(state["triggers"], directory)
+        self.prediction_changes.load(directory)
         if self.scaler.is_enabled() and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
         self.epoch, self.iteration = int(state["epoch"]), int(state["iteration"])
