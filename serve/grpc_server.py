@@ -26,7 +26,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from noisyseg import __version__
-from noisyseg.serve.app import (
+from noisyseg.serve.core import (
     SERVER_EXTENSIONS,
     SERVER_NAME,
     ModelTable,
