@@ -41,17 +41,20 @@ from noisyseg.serve.core import (
     presented_key,
     run_inference,
 )
-from noisyseg.serve.http_bodies import BodyBudget, EncodedBodyResponse, read_body
+from noisyseg.serve.http_bodies import EncodedBodyResponse, read_body
 from noisyseg.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from noisyseg.serve.metrics import ServerMetrics
 from noisyseg.serve.protocol import (
     HEADER_LENGTH_HEADER,
+    PlannedOutput,
     ServeError,
     Unauthorized,
     Unavailable,
     decode_request,
     encode_response,
     error_body,
+    response_bytes_at_most,
+    response_too_large,
 )
 from noisyseg.serve.runtimes import Runtime
 from noisyseg.serve.settings import ServerSettings
@@ -105,7 +108,7 @@ def create_app(runtimes: Sequence[Runtime], settings: ServerSettings | None = No
         docs_url=None, redoc_url=None, openapi_url="/openapi.json" if settings.openapi else None,
     )
     app.state.models = table
-    app.state.bodies = BodyBudget(settings.max_held_body_bytes)
+    app.state.bodies = table.bodies
     app.state.metrics = metrics
     app.state.settings = settings
     _add_error_handlers(app)
@@ -186,10 +189,16 @@ async def _infer(
     runtime = table.runtime(name, version)
     try:
         model = table.served(name, version)
-        with request.app.state.bodies.share() as take:
+        with table.bodies.share() as take:
             body = await read_body(request, settings, take)
             decoded = await off_loop_if_large(len(body), decode_request, body, request.headers.get(HEADER_LENGTH_HEADER))
-            outputs, results = await run_inference(table, model, decoded)
+
+            def check_response(planned: list[PlannedOutput]) -> None:
+                size = response_bytes_at_most(runtime.name, runtime.version, decoded.id, planned)
+                if size is not None and size > settings.max_response_bytes:
+                    raise response_too_large(runtime.name, settings.max_response_bytes, size)
+
+            outputs, results = await run_inference(table, model, decoded, check_response)
         encoded = [(out, results[out], decoded.wants_binary(out)) for out in outputs]
         # About 4 bytes of JSON text per number, at the least.
         json_size = 4 * sum(array.size for _, array, binary in encoded if not binary)

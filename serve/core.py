@@ -2,6 +2,11 @@
 `run_inference`, which checks a decoded request against its model and waits for its outputs.
 
 `serve.app` (HTTP) and `serve.grpc_server` (gRPC) both import it, so neither imports the other.
+
+Every limit on what a request may cost is checked here, before it is queued, for both protocols:
+its pixels against the inference budget (`max_batch_pixels`), the size of the answer it asks for
+against the response limits (each front end measures its own encoding), and the request bodies
+and messages held at once (`bodies`, shared by both endpoints).
 """
 
 from __future__ import annotations
@@ -17,16 +22,26 @@ import anyio
 import numpy as np
 
 from noisyseg.export.triton_repo import TritonModelConfig, TritonTensor, triton_data_type
-from noisyseg.serve.batcher import BatcherStopped, BatchRecord, DynamicBatcher, QueueFull
+from noisyseg.serve.batcher import (
+    BatcherStopped,
+    BatchRecord,
+    DynamicBatcher,
+    QueueFull,
+    image_pixels,
+)
+from noisyseg.serve.http_bodies import BodyBudget
 from noisyseg.serve.metrics import ServerMetrics
 from noisyseg.serve.protocol import (
     BINARY_EXTENSION,
     BadRequest,
+    Busy,
     InferenceRequest,
     NotFound,
+    PlannedOutput,
     RequestTimeout,
     ServeError,
     Unavailable,
+    quoted,
 )
 from noisyseg.serve.runtimes import Runtime, TensorSpec
 from noisyseg.serve.settings import ServerSettings
@@ -40,6 +55,9 @@ SERVER_EXTENSIONS = [BINARY_EXTENSION, "model_configuration", "statistics"]
 # Bodies (and JSON text) above this size are decoded or printed off the event loop.
 _INLINE_CODEC_BYTES = 64 * 1024
 T = TypeVar("T")
+# A front end's check of the answer a request asks for, before inference: raises a ServeError
+# when its encoding of `outputs` would pass a limit.
+ResponseCheck = Callable[[list[PlannedOutput]], None]
 
 
 class BackendFailure(ServeError):
@@ -69,6 +87,8 @@ class ModelTable:
         self.runtimes = list(runtimes)
         self.models: dict[str, ServedModel] = {}
         self.ready = False
+        # Request bodies (HTTP) and messages (gRPC) held in memory at once, both endpoints together.
+        self.bodies = BodyBudget(settings.max_held_body_bytes)
 
     def start(self) -> None:
         """Create and start one batcher per model (inside the running event loop)."""
@@ -95,6 +115,8 @@ class ModelTable:
             max_batch_size=self.max_batch_size(runtime),
             max_delay_s=self.max_queue_delay_s(runtime),
             max_queued_images=self.settings.max_queued_images,
+            max_batch_pixels=self.settings.max_batch_pixels,
+            max_queued_pixels=self.settings.queued_pixels,
             name=name,
             on_batch=record_batch,
             on_queue_change=record_queue,
@@ -115,9 +137,9 @@ class ModelTable:
         runtime = next((item for item in self.runtimes if item.name == name), None)
         if runtime is None:
             known = ", ".join(sorted(item.name for item in self.runtimes))
-            raise NotFound(f"unknown model '{name}' (served models: {known})")
+            raise NotFound(f"unknown model {quoted(name)} (served models: {known})")
         if version is not None and version != runtime.version:
-            raise NotFound(f"model '{name}' has no version '{version}' (served version: {runtime.version})")
+            raise NotFound(f"model '{name}' has no version {quoted(version)} (served version: {runtime.version})")
         return runtime
 
     def served(self, name: str, version: str | None = None) -> ServedModel:
@@ -152,11 +174,14 @@ def _triton_tensor(spec: TensorSpec) -> TritonTensor:
 
 
 async def run_inference(
-    table: ModelTable, model: ServedModel, request: InferenceRequest, deadline_s: float = math.inf
+    table: ModelTable, model: ServedModel, request: InferenceRequest, check_response: ResponseCheck, deadline_s: float = math.inf
 ) -> tuple[list[str], dict[str, np.ndarray]]:
     """Check a decoded request against its model, batch it and wait for the output names and arrays
-    (HTTP and gRPC alike); `deadline_s` is the transport's own limit, if any."""
-    images, outputs = _validate_for_model(request, model.runtime, table.max_batch_size(model.runtime))
+    (HTTP and gRPC alike). `check_response` sees the outputs it asks for before it is queued, so an
+    answer over a size limit is refused before any work; `deadline_s` is the transport's own limit."""
+    runtime = model.runtime
+    images, outputs = _validate_for_model(request, runtime, table.max_batch_size(runtime), table.settings.max_batch_pixels)
+    check_response(runtime.planned_outputs(images.shape, outputs, request.wants_binary))
     timeout = min(table.settings.request_timeout_s, request.timeout_s() or math.inf, deadline_s)
     return outputs, await _submit(model.batcher, images, outputs, timeout)
 
@@ -177,7 +202,9 @@ async def _submit(batcher: DynamicBatcher, images: np.ndarray, outputs: list[str
         return await asyncio.wait_for(batcher.submit(images, outputs), timeout=timeout)
     except TimeoutError:
         raise RequestTimeout(f"model '{batcher.name}' did not answer within {timeout:g} s") from None
-    except (QueueFull, BatcherStopped) as err:
+    except QueueFull as err:
+        raise Busy(str(err)) from None
+    except BatcherStopped as err:
         raise Unavailable(str(err)) from None
     except ServeError:
         raise
@@ -186,19 +213,26 @@ async def _submit(batcher: DynamicBatcher, images: np.ndarray, outputs: list[str
         raise BackendFailure(f"model '{batcher.name}' failed to run the batch ({type(err).__name__}: {err})") from None
 
 
-def _validate_for_model(request: InferenceRequest, runtime: Runtime, max_batch: int) -> tuple[np.ndarray, list[str]]:
+def _validate_for_model(request: InferenceRequest, runtime: Runtime, max_batch: int, max_pixels: int) -> tuple[np.ndarray, list[str]]:
     """The image batch and the output names to return, or BadRequest saying what is wrong."""
     names = [tensor.name for tensor in request.inputs]
     if names != [runtime.input_name]:
         raise BadRequest(
-            f"model '{runtime.name}' takes exactly one input named '{runtime.input_name}', got {names}"
+            f"model '{runtime.name}' takes exactly one input named '{runtime.input_name}', got {quoted(names)}"
         )
     tensor = request.inputs[0]
     spec = runtime.input_spec()
-    where = f"input '{tensor.name}'"
+    where = f"input {quoted(tensor.name)}"
     if tensor.datatype != spec.datatype:
         raise BadRequest(f"{where}: datatype must be {spec.datatype}, got {tensor.datatype}")
     _check_shape(where, tensor.shape, spec.shape, runtime.min_spatial_size, max_batch)
+    pixels = image_pixels(tensor.shape)
+    if pixels > max_pixels:
+        batch, _, height, width = tensor.shape
+        raise BadRequest(
+            f"{where}: {batch} x {height} x {width} = {pixels} pixels exceeds the server's inference budget of "
+            f"{max_pixels} pixels per model call (--max-batch-pixels); send fewer or smaller images, or tiles"
+        )
     try:
         runtime.check_input_shape(tensor.shape)
     except ValueError as err:
@@ -208,16 +242,16 @@ def _validate_for_model(request: InferenceRequest, runtime: Runtime, max_batch: 
     unknown = [out for out in wanted if out not in offered]
     if unknown:
         raise BadRequest(
-            f"model '{runtime.name}' cannot produce outputs {unknown}; available outputs: {', '.join(offered)}"
+            f"model '{runtime.name}' cannot produce outputs {quoted(unknown)}; available outputs: {', '.join(offered)}"
         )
     if len(set(wanted)) != len(wanted):
-        raise BadRequest(f"outputs requested more than once: {wanted}")
+        raise BadRequest(f"outputs requested more than once: {quoted(wanted)}")
     images = tensor.array if tensor.array.flags.writeable else tensor.array.copy()
     return images, wanted
 
 
 def _check_shape(where: str, shape: tuple[int, ...], expected: tuple[int, ...], min_size: int, max_batch: int) -> None:
-    described = f"expected [N, C, H, W] matching {list(expected)}, got {list(shape)}"
+    described = f"expected [N, C, H, W] matching {list(expected)}, got {quoted(list(shape))}"
     if len(shape) != len(expected):
         raise BadRequest(f"{where}: shape must have {len(expected)} dimensions; {described}")
     for axis, (want, got) in enumerate(zip(expected, shape, strict=True)):

@@ -3,12 +3,17 @@
 It runs on the HTTP server's event loop and serves the same `ModelTable`: the same runtimes and
 dynamic batchers (one batch may hold requests from both protocols, and both count in the
 statistics), the same request checks (tensors are decoded by `protocol.decode_input`), the same
-API key (metadata `authorization: Bearer KEY` or `x-api-key: KEY`; ServerLive and ServerReady
-need none, as the HTTP health routes) and the same metrics.
+limits (inference budget, response size, messages held at once), the same API key (metadata
+`authorization: Bearer KEY` or `x-api-key: KEY`; ServerLive and ServerReady need none, as the
+HTTP health routes) and the same metrics.
 
 Inputs come as `raw_input_contents` (what tritonclient.grpc sends) or as typed `contents`;
 outputs always go back as `raw_output_contents`. Errors carry the status code of the HTTP
 status the same failure gets (`GRPC_CODES`).
+
+Messages reach the methods as bytes: the server parses and serialises them itself, in a worker
+thread when they are large (as HTTP bodies are), so a 2048 x 2048 request keeps the event loop
+free, and a message that does not parse is INVALID_ARGUMENT rather than gRPC's UNKNOWN.
 """
 
 from __future__ import annotations
@@ -18,38 +23,46 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import numpy as np
 from google.protobuf import json_format
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from noisyseg import __version__
 from noisyseg.serve.core import (
     SERVER_EXTENSIONS,
     SERVER_NAME,
     ModelTable,
+    off_loop_if_large,
     presented_key,
     run_inference,
 )
 from noisyseg.serve.metrics import ServerMetrics
 from noisyseg.serve.proto import inference_pb2 as pb
-from noisyseg.serve.proto import inference_pb2_grpc as pb_grpc
 from noisyseg.serve.protocol import (
     DATATYPES,
     BadRequest,
     InferenceRequest,
+    PayloadTooLarge,
+    PlannedOutput,
     RequestedOutput,
     ServeError,
     datatype_of,
     decode_input,
+    quoted,
+    response_too_large,
 )
 from noisyseg.serve.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
 SERVICE = "inference.GRPCInferenceService"
+# Method name -> its request message class, from the service's descriptor.
+REQUEST_TYPES: dict[str, type[Message]] = {
+    method.name: getattr(pb, method.input_type.name) for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods
+}
 UNAUTHENTICATED_METHODS = frozenset({f"/{SERVICE}/ServerLive", f"/{SERVICE}/ServerReady"})
 # HTTP status of a ServeError -> gRPC status code.
 GRPC_CODES = {
@@ -61,22 +74,26 @@ GRPC_CODES = {
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
-# Datatype -> the InferTensorContents field that carries it (FP16 has none: raw bytes only).
+# Datatype -> the InferTensorContents field that carries it and the numpy type its values read
+# into exactly (FP16 has no field: raw bytes only).
 CONTENTS_FIELDS = {
-    "BOOL": "bool_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
+    "BOOL": ("bool_contents", np.bool_),
+    "INT8": ("int_contents", np.int64),
+    "INT16": ("int_contents", np.int64),
+    "INT32": ("int_contents", np.int64),
+    "INT64": ("int64_contents", np.int64),
+    "UINT8": ("uint_contents", np.int64),
+    "UINT16": ("uint_contents", np.int64),
+    "UINT32": ("uint_contents", np.int64),
+    "UINT64": ("uint64_contents", np.uint64),
+    "FP32": ("fp32_contents", np.float32),
+    "FP64": ("fp64_contents", np.float64),
 }
+# Typed values are read this many at a time: one step holds the GIL for a millisecond or two.
+_CONTENTS_STEP = 65536
+# ModelInferResponse.raw_output_contents: its wire tag (field number, length-delimited).
+_RAW_OUTPUT_FIELD = pb.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_output_contents"].number
 UNAUTHORIZED_MESSAGE = "missing or wrong API key (send metadata 'authorization: Bearer <key>' or 'x-api-key: <key>')"
-ResponseT = TypeVar("ResponseT", bound=Message)
 
 
 def decode_infer_request(request: pb.ModelInferRequest) -> InferenceRequest:
@@ -101,11 +118,15 @@ def decode_infer_request(request: pb.ModelInferRequest) -> InferenceRequest:
     )
 
 
-def _contents_values(tensor: pb.ModelInferRequest.InferInputTensor) -> list[Any]:
+def _contents_values(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarray:
+    """A tensor's typed `contents` as an array, read in steps (a list of millions of Python
+    numbers made at once would hold the GIL, and so the event loop, for most of a second)."""
     field = CONTENTS_FIELDS.get(tensor.datatype)
     if field is None:
-        raise BadRequest(f"input '{tensor.name}': datatype {tensor.datatype!r} must be sent in raw_input_contents")
-    return list(getattr(tensor.contents, field))
+        raise BadRequest(f"input {quoted(tensor.name)}: datatype {quoted(tensor.datatype)} must be sent in raw_input_contents")
+    values = getattr(tensor.contents, field[0])
+    steps = [np.array(values[start:start + _CONTENTS_STEP], dtype=field[1]) for start in range(0, len(values), _CONTENTS_STEP)]
+    return np.concatenate(steps) if steps else np.zeros(0, dtype=field[1])
 
 
 def _parameter_value(parameter: pb.InferParameter) -> Any:
@@ -113,77 +134,135 @@ def _parameter_value(parameter: pb.InferParameter) -> Any:
     return getattr(parameter, choice) if choice is not None else None
 
 
-def encode_infer_response(
-    request: pb.ModelInferRequest, name: str, version: str, results: list[tuple[str, np.ndarray]]
-) -> pb.ModelInferResponse:
-    response = pb.ModelInferResponse(model_name=name, model_version=version, id=request.id)
-    for output, array in results:
-        datatype = datatype_of(array.dtype)
-        response.outputs.add(name=output, datatype=datatype, shape=array.shape)
-        response.raw_output_contents.append(np.ascontiguousarray(array, dtype=DATATYPES[datatype]).tobytes())
+def _varint(value: int) -> bytes:
+    """`value` as a protobuf base-128 varint."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_RAW_OUTPUT_TAG = _varint(_RAW_OUTPUT_FIELD << 3 | 2)
+
+
+def _response_skeleton(request_id: str, name: str, version: str, outputs: list[tuple[str, str, tuple[int, ...]]]) -> pb.ModelInferResponse:
+    """The response without its raw output bytes, which `encode_infer_response` appends."""
+    response = pb.ModelInferResponse(model_name=name, model_version=version, id=request_id)
+    for output, datatype, shape in outputs:
+        response.outputs.add(name=output, datatype=datatype, shape=shape)
     return response
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """The service's methods over a started `ModelTable`."""
+def _raw_entry_bytes(size: int) -> int:
+    return len(_RAW_OUTPUT_TAG) + len(_varint(size)) + size
 
-    def __init__(self, table: ModelTable, metrics: ServerMetrics) -> None:
+
+def infer_response_bytes(request_id: str, name: str, version: str, planned: list[PlannedOutput]) -> int | None:
+    """The exact size of the ModelInferResponse for `planned` outputs (None: a shape not known)."""
+    if not all(output.known for output in planned):
+        return None
+    skeleton = _response_skeleton(request_id, name, version, [(output.name, output.datatype, output.shape) for output in planned])
+    return skeleton.ByteSize() + sum(_raw_entry_bytes(output.nbytes) for output in planned)
+
+
+def encode_infer_response(request_id: str, name: str, version: str, results: list[tuple[str, np.ndarray]]) -> bytes:
+    """The serialised ModelInferResponse: the skeleton's bytes, then one raw_output_contents entry
+    per output straight from its array (protobuf readers take fields in any order), so the
+    tensors are copied once, not into a message and again out of it."""
+    arrays = [np.ascontiguousarray(array, dtype=DATATYPES[datatype_of(array.dtype)]) for _, array in results]
+    skeleton = _response_skeleton(request_id, name, version, [(output, datatype_of(array.dtype), array.shape) for (output, _), array in zip(results, arrays, strict=True)])
+    pieces: list[bytes | memoryview] = [skeleton.SerializeToString()]
+    for array in arrays:
+        pieces += [_RAW_OUTPUT_TAG, _varint(array.nbytes), array.reshape(-1).view(np.uint8).data]
+    return b"".join(pieces)
+
+
+class InferenceServicer:
+    """The service's methods over a started `ModelTable`; `handlers()` registers them with gRPC."""
+
+    def __init__(self, table: ModelTable, settings: ServerSettings, metrics: ServerMetrics) -> None:
         self.table = table
+        self.settings = settings
         self.metrics = metrics
 
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
-        return await self._answer("ServerLive", context, lambda: pb.ServerLiveResponse(live=True))
+    def handlers(self) -> grpc.GenericRpcHandler:
+        """Every method as a unary handler on raw bytes (parsed and serialised by `_call`)."""
 
-    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
-        return await self._answer("ServerReady", context, lambda: pb.ServerReadyResponse(ready=self.table.ready))
+        def handler(method: str) -> grpc.RpcMethodHandler:
+            async def behaviour(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+                return await self._call(method, raw, context)
 
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
-        def ready() -> pb.ModelReadyResponse:
-            try:
-                self.table.served(request.name, request.version or None)
-            except ServeError:  # unknown, other version, or not started: not ready
-                return pb.ModelReadyResponse(ready=False)
-            return pb.ModelReadyResponse(ready=True)
+            return grpc.unary_unary_rpc_method_handler(behaviour)
 
-        return await self._answer("ModelReady", context, ready)
+        return grpc.method_handlers_generic_handler(SERVICE, {method: handler(method) for method in REQUEST_TYPES})
 
-    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
-        return await self._answer("ServerMetadata", context, lambda: pb.ServerMetadataResponse(
-            name=SERVER_NAME, version=__version__, extensions=SERVER_EXTENSIONS))
+    async def _call(self, method: str, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        message_type = REQUEST_TYPES[method]
+        try:
+            request = await off_loop_if_large(len(raw), message_type.FromString, raw)
+        except DecodeError:
+            message = f"the {message_type.DESCRIPTOR.full_name} message ({len(raw)} bytes) could not be parsed"
+            logger.warning("gRPC %s: %s", method, message)
+            await self._abort(method, context, BadRequest(message), log=False)
+        if method == "ModelInfer":
+            return await self.ModelInfer(request, len(raw), context)
+        response = await self._answer(method, context, lambda: getattr(self, method)(request))
+        return response.SerializeToString()
 
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
-        def metadata() -> pb.ModelMetadataResponse:
-            described = self.table.runtime(request.name, request.version or None).metadata()
-            # The HTTP form has `parameters`, which the gRPC message has not.
-            return json_format.ParseDict(described, pb.ModelMetadataResponse(), ignore_unknown_fields=True)
+    def ServerLive(self, request: pb.ServerLiveRequest) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
 
-        return await self._answer("ModelMetadata", context, metadata)
+    def ServerReady(self, request: pb.ServerReadyRequest) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.table.ready)
 
-    async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
-        def config() -> pb.ModelConfigResponse:
-            served = self.table.model_config(request.name, request.version or None).to_json()
-            return pb.ModelConfigResponse(config=json_format.ParseDict(served, pb.ModelConfig()))
+    def ModelReady(self, request: pb.ModelReadyRequest) -> pb.ModelReadyResponse:
+        try:
+            self.table.served(request.name, request.version or None)
+        except ServeError:  # unknown, other version, or not started: not ready
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
 
-        return await self._answer("ModelConfig", context, config)
+    def ServerMetadata(self, request: pb.ServerMetadataRequest) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=SERVER_EXTENSIONS)
 
-    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:
-        def statistics() -> pb.ModelStatisticsResponse:
-            counted = self.table.statistics(request.name or None, request.version or None)
-            return json_format.ParseDict(counted, pb.ModelStatisticsResponse())
+    def ModelMetadata(self, request: pb.ModelMetadataRequest) -> pb.ModelMetadataResponse:
+        described = self.table.runtime(request.name, request.version or None).metadata()
+        # The HTTP form has `parameters`, which the gRPC message has not.
+        return json_format.ParseDict(described, pb.ModelMetadataResponse(), ignore_unknown_fields=True)
 
-        return await self._answer("ModelStatistics", context, statistics)
+    def ModelConfig(self, request: pb.ModelConfigRequest) -> pb.ModelConfigResponse:
+        served = self.table.model_config(request.name, request.version or None).to_json()
+        return pb.ModelConfigResponse(config=json_format.ParseDict(served, pb.ModelConfig()))
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+    def ModelStatistics(self, request: pb.ModelStatisticsRequest) -> pb.ModelStatisticsResponse:
+        counted = self.table.statistics(request.name or None, request.version or None)
+        return json_format.ParseDict(counted, pb.ModelStatisticsResponse())
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, message_bytes: int, context: grpc.aio.ServicerContext) -> bytes:
         started = time.perf_counter()
         name = request.model_name
         try:
-            model = self.table.served(name, request.model_version or None)
-            remaining = context.time_remaining()
-            deadline = remaining if remaining is not None else math.inf
-            outputs, results = await run_inference(self.table, model, decode_infer_request(request), deadline)
-            response = encode_infer_response(
-                request, model.runtime.name, model.runtime.version, [(output, results[output]) for output in outputs]
-            )
+            # The message is held until the answer is made, as an HTTP body is.
+            with self.table.bodies.share() as take:
+                take(message_bytes)
+                model = self.table.served(name, request.model_version or None)
+                runtime = model.runtime
+                remaining = context.time_remaining()
+                deadline = remaining if remaining is not None else math.inf
+                decoded = await off_loop_if_large(message_bytes, decode_infer_request, request)
+
+                def check_response(planned: list[PlannedOutput]) -> None:
+                    self._check_response_size(runtime.name, infer_response_bytes(request.id, runtime.name, runtime.version, planned))
+
+                outputs, results = await run_inference(self.table, model, decoded, check_response, deadline)
+                answer = [(output, results[output]) for output in outputs]
+                response = await off_loop_if_large(
+                    sum(array.nbytes for _, array in answer), encode_infer_response, request.id, runtime.name, runtime.version, answer
+                )
+                # Known in advance unless the model does not say how many classes it has.
+                self._check_response_size(runtime.name, len(response))
         except ServeError as err:
             if name in self.table.models:
                 self.metrics.inference_requests.inc(name, "error")
@@ -193,7 +272,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.metrics.grpc_requests.inc("ModelInfer", grpc.StatusCode.OK.name)
         return response
 
-    async def _answer(self, method: str, context: grpc.aio.ServicerContext, build: Callable[[], ResponseT]) -> ResponseT:
+    def _check_response_size(self, model_name: str, size: int | None) -> None:
+        """Refuse an answer over `--max-response-mb` (INVALID_ARGUMENT, as HTTP's 400) or over the
+        gRPC message limit `--grpc-max-send-mb` (RESOURCE_EXHAUSTED, what gRPC itself would say)."""
+        if size is None:
+            return
+        if size > self.settings.max_response_bytes:
+            raise response_too_large(model_name, self.settings.max_response_bytes, size, hint="")
+        if size > self.settings.grpc_max_send_bytes:
+            raise PayloadTooLarge(
+                f"response of model {quoted(model_name)} would take {size} bytes, over the gRPC message limit of "
+                f"{self.settings.grpc_max_send_bytes} bytes (--grpc-max-send-mb); request only the 'labels' output "
+                "(the smallest), or fewer or smaller images"
+            )
+
+    async def _answer(self, method: str, context: grpc.aio.ServicerContext, build: Callable[[], Message]) -> Message:
         try:
             response = build()
         except ServeError as err:
@@ -201,9 +294,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.metrics.grpc_requests.inc(method, grpc.StatusCode.OK.name)
         return response
 
-    async def _abort(self, method: str, context: grpc.aio.ServicerContext, err: ServeError) -> None:
+    async def _abort(self, method: str, context: grpc.aio.ServicerContext, err: ServeError, log: bool = True) -> None:
         code = GRPC_CODES.get(err.status_code, grpc.StatusCode.INTERNAL)
         self.metrics.grpc_requests.inc(method, code.name)
+        if log:  # one line, as the HTTP access log has for each request
+            logger.info("gRPC %s: %s: %s", method, code.name, err)
         await context.abort(code, str(err))  # raises: the call ends here
 
 
@@ -248,7 +343,7 @@ async def start_grpc_server(table: ModelTable, settings: ServerSettings, metrics
             ("grpc.max_send_message_length", settings.grpc_max_send_bytes),
         ],
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(table, metrics), server)
+    server.add_generic_rpc_handlers((InferenceServicer(table, settings, metrics).handlers(),))
     address = f"{settings.host}:{settings.grpc_port}"
     try:
         port = server.add_insecure_port(address)
