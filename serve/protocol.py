@@ -310,12 +310,14 @@ def decode_input(tensor: Mapping[str, Any], index: int, binary: bytes = b"") -> 
     return decoded
 
 
-def response_too_large(model_name: str, limit: int, size: int | None = None, hint: str = "binary data (parameters.binary_data_output = true), ") -> BadRequest:
-    """The 400 for an answer over `limit` bytes (`size`: what it would take, when known)."""
-    would = f" would take up to {size} bytes (--max-response-mb):" if size is not None else ""
+def response_too_large(model_name: str, limit: int, size: int | None = None, json: bool = True) -> BadRequest:
+    """The 400 for an answer over `limit` bytes (`size`: what it would take, when known); `json`:
+    the protocol can send outputs as JSON, so binary data is a way out."""
+    would = f" (up to {size} bytes)" if size is not None else ""
+    binary = "binary data (parameters.binary_data_output = true), or " if json else ""
     return BadRequest(
         f"response of model {quoted(model_name)}{would} exceeds the limit of {limit} bytes; request only the "
-        f"'labels' output (the smallest), or {hint}or fewer or smaller images"
+        f"'labels' output (the smallest), or {binary}fewer or smaller images (or raise --max-response-mb)"
     )
 
 
