@@ -345,6 +345,8 @@ class InferenceServicer:
         self.metrics.grpc_requests.inc(method, code.name)
         if log:  # one line, as the HTTP access log has for each request
             logger.info("gRPC %s: %s: %s", method, code.name, err)
+        # Retry-After (a full queue, too many messages held) as trailing metadata: gRPC has no header for it.
+        context.set_trailing_metadata(tuple((name.lower(), value) for name, value in err.headers.items()))
         await context.abort(code, str(err))  # raises: the call ends here
 
 
