@@ -37,6 +37,7 @@ from noisyseg.serve.core import (
     SERVER_EXTENSIONS,
     SERVER_NAME,
     ModelTable,
+    input_bytes_outside,
     off_loop_if_large,
     presented_key,
     run_inference,
@@ -192,6 +193,7 @@ async def _infer(
         with table.bodies.share() as take:
             body = await read_body(request, settings, take)
             decoded = await off_loop_if_large(len(body), decode_request, body, request.headers.get(HEADER_LENGTH_HEADER))
+            take(input_bytes_outside(decoded, body))
 
             def check_response(planned: list[PlannedOutput]) -> None:
                 size = response_bytes_at_most(runtime.name, runtime.version, decoded.id, planned)

@@ -139,10 +139,12 @@ def run_serve(args: argparse.Namespace) -> int:
     """Load the model(s), then serve until SIGINT/SIGTERM (requests in flight are finished)."""
     import uvicorn
 
+    from noisyseg.serve.allocator import map_large_allocations
     from noisyseg.serve.app import create_app
     from noisyseg.serve.runtimes import open_runtimes
 
     settings = settings_from_args(args)
+    map_large_allocations()
     if not settings.is_loopback and settings.api_key is None:
         logger.warning("listening on %s without an API key: anyone who can reach this port can use the models", settings.host)
     runtimes = open_runtimes(args.model, name=args.name, intra_op_threads=settings.intra_op_threads, device=args.device)

@@ -186,6 +186,14 @@ async def run_inference(
     return outputs, await _submit(model.batcher, images, outputs, timeout)
 
 
+def input_bytes_outside(request: InferenceRequest, message: bytes | bytearray) -> int:
+    """Bytes of a decoded request's tensors that are not views of its `message`: JSON numbers and
+    gRPC tensors are decoded into arrays of their own, held beside the message (binary HTTP
+    tensors are views of the body)."""
+    whole = np.frombuffer(message, np.uint8)
+    return sum(tensor.array.nbytes for tensor in request.inputs if not np.may_share_memory(tensor.array, whole))
+
+
 async def off_loop_if_large(size: int, function: Callable[..., T], *args: Any) -> T:
     """Run `function` in a worker thread when `size` (bytes of body or JSON text) is large.
 
@@ -246,8 +254,7 @@ def _validate_for_model(request: InferenceRequest, runtime: Runtime, max_batch: 
         )
     if len(set(wanted)) != len(wanted):
         raise BadRequest(f"outputs requested more than once: {quoted(wanted)}")
-    images = tensor.array if tensor.array.flags.writeable else tensor.array.copy()
-    return images, wanted
+    return tensor.array, wanted
 
 
 def _check_shape(where: str, shape: tuple[int, ...], expected: tuple[int, ...], min_size: int, max_batch: int) -> None:

@@ -36,6 +36,7 @@ from noisyseg.serve.core import (
     SERVER_EXTENSIONS,
     SERVER_NAME,
     ModelTable,
+    input_bytes_outside,
     off_loop_if_large,
     presented_key,
     run_inference,
@@ -245,17 +246,21 @@ class InferenceServicer:
         return grpc.method_handlers_generic_handler(SERVICE, {method: handler(method) for method in REQUEST_TYPES})
 
     async def _call(self, method: str, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        if method == "ModelInfer":
+            return await self.ModelInfer(raw, context)
+        request = await self._parse(method, raw, context)
+        response = await self._answer(method, context, lambda: getattr(self, method)(request))
+        return response.SerializeToString()
+
+    async def _parse(self, method: str, raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        """`raw` as the method's request message, or INVALID_ARGUMENT with one warning line."""
         message_type = REQUEST_TYPES[method]
         try:
-            request = await off_loop_if_large(len(raw), message_type.FromString, raw)
+            return await off_loop_if_large(len(raw), message_type.FromString, raw)
         except DecodeError:
             message = f"the {message_type.DESCRIPTOR.full_name} message ({len(raw)} bytes) could not be parsed"
             logger.warning("gRPC %s: %s", method, message)
             await self._abort(method, context, BadRequest(message), log=False)
-        if method == "ModelInfer":
-            return await self.ModelInfer(request, len(raw), context)
-        response = await self._answer(method, context, lambda: getattr(self, method)(request))
-        return response.SerializeToString()
 
     def ServerLive(self, request: pb.ServerLiveRequest) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -286,26 +291,31 @@ class InferenceServicer:
         counted = self.table.statistics(request.name or None, request.version or None)
         return json_format.ParseDict(counted, pb.ModelStatisticsResponse())
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, message_bytes: int, context: grpc.aio.ServicerContext) -> bytes:
+    async def ModelInfer(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         started = time.perf_counter()
-        name = request.model_name
+        name = None
         try:
-            # The message is held until the answer is made, as an HTTP body is.
+            # The message and the tensors decoded from it are held until the answer is made, as an
+            # HTTP body is: they count against --max-held-body-mb.
             with self.table.bodies.share() as take:
-                take(message_bytes)
+                take(len(raw))
+                request = await self._parse("ModelInfer", raw, context)
+                name, request_id = request.model_name, request.id
                 model = self.table.served(name, request.model_version or None)
                 runtime = model.runtime
                 remaining = context.time_remaining()
                 deadline = remaining if remaining is not None else math.inf
-                decoded = await off_loop_if_large(message_bytes, decode_infer_request, request)
+                decoded = await off_loop_if_large(len(raw), decode_infer_request, request)
+                del request  # its parsed copy of the tensors: the decoded ones are copies of their own
+                take(input_bytes_outside(decoded, raw))
 
                 def check_response(planned: list[PlannedOutput]) -> None:
-                    self._check_response_size(runtime.name, infer_response_bytes(request.id, runtime.name, runtime.version, planned))
+                    self._check_response_size(runtime.name, infer_response_bytes(request_id, runtime.name, runtime.version, planned))
 
                 outputs, results = await run_inference(self.table, model, decoded, check_response, deadline)
                 answer = [(output, results[output]) for output in outputs]
                 response = await off_loop_if_large(
-                    sum(array.nbytes for _, array in answer), encode_infer_response, request.id, runtime.name, runtime.version, answer
+                    sum(array.nbytes for _, array in answer), encode_infer_response, request_id, runtime.name, runtime.version, answer
                 )
                 # Known in advance unless the model does not say how many classes it has.
                 self._check_response_size(runtime.name, len(response))

@@ -91,6 +91,9 @@ class Runtime(ABC):
 
     platform: ClassVar[str]
     backend: ClassVar[str]
+    # Backends that hand the batch to torch.from_numpy, which wants a writeable array: a request's
+    # tensor is a read-only view of its gRPC message, copied only for them.
+    needs_writeable_input: ClassVar[bool] = False
 
     def __init__(self, path: str | Path, name: str, version: str = "1") -> None:
         self.path = Path(path)
@@ -187,6 +190,8 @@ class Runtime(ABC):
 
     def infer(self, images: np.ndarray, outputs: frozenset[str]) -> dict[str, np.ndarray]:
         """Run a batch and return the requested outputs (any of `output_names`)."""
+        if self.needs_writeable_input and not images.flags.writeable:
+            images = images.copy()
         return derive_outputs(self._run(images), outputs)
 
 
@@ -269,6 +274,7 @@ class PyTorchBackend(Runtime):
 
     platform = "pytorch_libtorch"
     backend = "pytorch"
+    needs_writeable_input = True
 
     def __init__(self, path: str | Path, name: str, version: str = "1", device: str = "cpu") -> None:
         super().__init__(path, name, version)
@@ -309,6 +315,7 @@ class TensorRTBackend(_RunnerRuntime):
 
     platform = "tensorrt_plan"
     backend = "tensorrt"
+    needs_writeable_input = True
 
     def _load(self) -> None:
         from noisyseg.export.tensorrt_engine import TensorRTRunner, require_tensorrt
