@@ -17,20 +17,15 @@ lifespan and, on shutdown, finish every queued request before the worker threads
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging
-import math
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-import anyio
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
@@ -38,34 +33,36 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from noisyseg import __version__
-from noisyseg.export.triton_repo import TritonModelConfig, TritonTensor, triton_data_type
-from noisyseg.serve.batcher import BatcherStopped, BatchRecord, DynamicBatcher, QueueFull
-from noisyseg.serve.http_bodies import BodyBudget, EncodedBodyResponse, read_body
+from noisyseg.serve.core import (
+    SERVER_EXTENSIONS,
+    SERVER_NAME,
+    ModelTable,
+    input_bytes_outside,
+    off_loop_if_large,
+    presented_key,
+    run_inference,
+)
+from noisyseg.serve.http_bodies import EncodedBodyResponse, read_body
 from noisyseg.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from noisyseg.serve.metrics import ServerMetrics
 from noisyseg.serve.protocol import (
-    BINARY_EXTENSION,
     HEADER_LENGTH_HEADER,
-    BadRequest,
-    InferenceRequest,
-    NotFound,
-    RequestTimeout,
+    PlannedOutput,
     ServeError,
     Unauthorized,
     Unavailable,
     decode_request,
     encode_response,
     error_body,
+    response_bytes_at_most,
+    response_too_large,
 )
-from noisyseg.serve.runtimes import Runtime, TensorSpec
+from noisyseg.serve.runtimes import Runtime
 from noisyseg.serve.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("noisyseg.serve.access")
 
-SERVER_NAME = "noisyseg"
-# Protocol extensions (Triton's names) both endpoints implement.
-SERVER_EXTENSIONS = [BINARY_EXTENSION, "model_configuration", "statistics"]
 # Paths a load balancer or orchestrator probes without credentials.
 UNAUTHENTICATED_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 _ROUTE_PATTERNS = [
@@ -78,118 +75,6 @@ _ROUTE_PATTERNS = [
     (re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?$"), "model_metadata"),
     (re.compile(r"^/metrics$"), "metrics"),
 ]
-
-# Bodies (and JSON text) above this size are decoded or printed off the event loop.
-_INLINE_CODEC_BYTES = 64 * 1024
-T = TypeVar("T")
-
-
-class BackendFailure(ServeError):
-    """The model failed on a request the server had accepted: the server's fault (500)."""
-
-    status_code = 500
-
-
-@dataclass
-class ServedModel:
-    runtime: Runtime
-    batcher: DynamicBatcher
-
-
-class ModelTable:
-    """The served models by name, with the server's readiness."""
-
-    def __init__(self, runtimes: Sequence[Runtime], settings: ServerSettings, metrics: ServerMetrics) -> None:
-        names = [runtime.name for runtime in runtimes]
-        duplicates = sorted({name for name in names if names.count(name) > 1})
-        if duplicates:
-            raise ValueError(f"model names must be unique; repeated: {', '.join(duplicates)}")
-        if not runtimes:
-            raise ValueError("no models to serve")
-        self.settings = settings
-        self.metrics = metrics
-        self.runtimes = list(runtimes)
-        self.models: dict[str, ServedModel] = {}
-        self.ready = False
-
-    def start(self) -> None:
-        """Create and start one batcher per model (inside the running event loop)."""
-        for runtime in self.runtimes:
-            self.models[runtime.name] = ServedModel(runtime, self._batcher_for(runtime))
-            self.models[runtime.name].batcher.start()
-        self.ready = True
-
-    async def stop(self) -> None:
-        self.ready = False
-        await asyncio.gather(*(model.batcher.stop() for model in self.models.values()))
-
-    def _batcher_for(self, runtime: Runtime) -> DynamicBatcher:
-        name = runtime.name
-
-        def record_batch(record: BatchRecord) -> None:
-            self.metrics.batch_size.observe(record.images, name)
-
-        def record_queue(images: int) -> None:
-            self.metrics.queued_images.set(name, value=images)
-
-        return DynamicBatcher(
-            runtime.infer,
-            max_batch_size=self.max_batch_size(runtime),
-            max_delay_s=self.max_queue_delay_s(runtime),
-            max_queued_images=self.settings.max_queued_images,
-            name=name,
-            on_batch=record_batch,
-            on_queue_change=record_queue,
-        )
-
-    def max_batch_size(self, runtime: Runtime) -> int:
-        """The server's maximum, lowered to the model's own where it has one."""
-        return min(self.settings.max_batch_size, runtime.max_batch_size or self.settings.max_batch_size)
-
-    def max_queue_delay_s(self, runtime: Runtime) -> float:
-        """The model's own batching delay (from its repository config) or the server's."""
-        if runtime.max_queue_delay_ms is not None:
-            return runtime.max_queue_delay_ms / 1000.0
-        return self.settings.max_queue_delay_s
-
-    def runtime(self, name: str, version: str | None = None) -> Runtime:
-        """The runtime for `name` (and `version`, when given) or NotFound."""
-        runtime = next((item for item in self.runtimes if item.name == name), None)
-        if runtime is None:
-            known = ", ".join(sorted(item.name for item in self.runtimes))
-            raise NotFound(f"unknown model '{name}' (served models: {known})")
-        if version is not None and version != runtime.version:
-            raise NotFound(f"model '{name}' has no version '{version}' (served version: {runtime.version})")
-        return runtime
-
-    def served(self, name: str, version: str | None = None) -> ServedModel:
-        """The running model, or NotFound / Unavailable (not started or shutting down)."""
-        runtime = self.runtime(name, version)
-        if not self.ready or name not in self.models:
-            raise Unavailable(f"model '{runtime.name}' is not ready (server starting or shutting down)")
-        return self.models[name]
-
-    def model_config(self, name: str, version: str | None = None) -> TritonModelConfig:
-        """The model's Triton configuration as served: the fields `export triton-repo` writes, with
-        the batching this server applies and every output it offers."""
-        runtime = self.runtime(name, version)
-        return TritonModelConfig(
-            runtime.name, runtime.platform, self.max_batch_size(runtime),
-            [_triton_tensor(runtime.input_spec())], [_triton_tensor(spec) for spec in runtime.output_specs()],
-            runtime.model_metadata, round(self.max_queue_delay_s(runtime) * 1e6),
-        )
-
-    def statistics(self, name: str | None = None, version: str | None = None) -> dict[str, Any]:
-        """Triton's statistics response for one model, or for every model when `name` is None."""
-        names = [self.runtime(name, version).name] if name else [runtime.name for runtime in self.runtimes]
-        return {"model_stats": [
-            self.served(item).batcher.statistics.to_json(item, self.models[item].runtime.version) for item in names
-        ]}
-
-
-def _triton_tensor(spec: TensorSpec) -> TritonTensor:
-    """A served tensor as the model configuration describes it (without the batch dimension)."""
-    return TritonTensor(spec.name, triton_data_type(spec.datatype), list(spec.shape[1:]))
 
 
 def create_app(runtimes: Sequence[Runtime], settings: ServerSettings | None = None) -> FastAPI:
@@ -224,7 +109,7 @@ def create_app(runtimes: Sequence[Runtime], settings: ServerSettings | None = No
         docs_url=None, redoc_url=None, openapi_url="/openapi.json" if settings.openapi else None,
     )
     app.state.models = table
-    app.state.bodies = BodyBudget(settings.max_held_body_bytes)
+    app.state.bodies = table.bodies
     app.state.metrics = metrics
     app.state.settings = settings
     _add_error_handlers(app)
@@ -305,14 +190,21 @@ async def _infer(
     runtime = table.runtime(name, version)
     try:
         model = table.served(name, version)
-        with request.app.state.bodies.share() as take:
+        with table.bodies.share() as take:
             body = await read_body(request, settings, take)
-            decoded = await _off_loop_if_large(len(body), decode_request, body, request.headers.get(HEADER_LENGTH_HEADER))
-            outputs, results = await run_inference(table, model, decoded)
+            decoded = await off_loop_if_large(len(body), decode_request, body, request.headers.get(HEADER_LENGTH_HEADER))
+            take(input_bytes_outside(decoded, body))
+
+            def check_response(planned: list[PlannedOutput]) -> None:
+                size = response_bytes_at_most(runtime.name, runtime.version, decoded.id, planned)
+                if size is not None and size > settings.max_response_bytes:
+                    raise response_too_large(runtime.name, settings.max_response_bytes, size)
+
+            outputs, results = await run_inference(table, model, decoded, check_response)
         encoded = [(out, results[out], decoded.wants_binary(out)) for out in outputs]
         # About 4 bytes of JSON text per number, at the least.
         json_size = 4 * sum(array.size for _, array, binary in encoded if not binary)
-        response = await _off_loop_if_large(
+        response = await off_loop_if_large(
             json_size, encode_response, runtime.name, runtime.version, decoded.id, encoded, settings.max_response_bytes
         )
     except ServeError:
@@ -323,95 +215,10 @@ async def _infer(
     return EncodedBodyResponse(response)
 
 
-async def run_inference(
-    table: ModelTable, model: ServedModel, request: InferenceRequest, deadline_s: float = math.inf
-) -> tuple[list[str], dict[str, np.ndarray]]:
-    """Check a decoded request against its model, batch it and wait for the output names and arrays
-    (HTTP and gRPC alike); `deadline_s` is the transport's own limit, if any."""
-    images, outputs = _validate_for_model(request, model.runtime, table.max_batch_size(model.runtime))
-    timeout = min(table.settings.request_timeout_s, request.timeout_s() or math.inf, deadline_s)
-    return outputs, await _submit(model.batcher, images, outputs, timeout)
-
-
-async def _off_loop_if_large(size: int, function: Callable[..., T], *args: Any) -> T:
-    """Run `function` in a worker thread when `size` (bytes of body or JSON text) is large.
-
-    Parsing, checking or printing a big tensor takes milliseconds and would stall every other
-    request on the event loop; small payloads are cheaper than the thread hop.
-    """
-    if size > _INLINE_CODEC_BYTES:
-        return await anyio.to_thread.run_sync(function, *args)
-    return function(*args)
-
-
-async def _submit(batcher: DynamicBatcher, images: np.ndarray, outputs: list[str], timeout: float) -> dict[str, np.ndarray]:
-    try:
-        return await asyncio.wait_for(batcher.submit(images, outputs), timeout=timeout)
-    except TimeoutError:
-        raise RequestTimeout(f"model '{batcher.name}' did not answer within {timeout:g} s") from None
-    except (QueueFull, BatcherStopped) as err:
-        raise Unavailable(str(err)) from None
-    except ServeError:
-        raise
-    except Exception as err:  # the backend failed on input the server accepted: a server fault
-        logger.exception("model %s: inference failed", batcher.name)
-        raise BackendFailure(f"model '{batcher.name}' failed to run the batch ({type(err).__name__}: {err})") from None
-
-
-def _validate_for_model(request: InferenceRequest, runtime: Runtime, max_batch: int) -> tuple[np.ndarray, list[str]]:
-    """The image batch and the output names to return, or BadRequest saying what is wrong."""
-    names = [tensor.name for tensor in request.inputs]
-    if names != [runtime.input_name]:
-        raise BadRequest(
-            f"model '{runtime.name}' takes exactly one input named '{runtime.input_name}', got {names}"
-        )
-    tensor = request.inputs[0]
-    spec = runtime.input_spec()
-    where = f"input '{tensor.name}'"
-    if tensor.datatype != spec.datatype:
-        raise BadRequest(f"{where}: datatype must be {spec.datatype}, got {tensor.datatype}")
-    _check_shape(where, tensor.shape, spec.shape, runtime.min_spatial_size, max_batch)
-    try:
-        runtime.check_input_shape(tensor.shape)
-    except ValueError as err:
-        raise BadRequest(str(err)) from None
-    offered = runtime.output_names
-    wanted = [item.name for item in request.outputs] if request.outputs is not None else list(offered)
-    unknown = [out for out in wanted if out not in offered]
-    if unknown:
-        raise BadRequest(
-            f"model '{runtime.name}' cannot produce outputs {unknown}; available outputs: {', '.join(offered)}"
-        )
-    if len(set(wanted)) != len(wanted):
-        raise BadRequest(f"outputs requested more than once: {wanted}")
-    images = tensor.array if tensor.array.flags.writeable else tensor.array.copy()
-    return images, wanted
-
-
-def _check_shape(where: str, shape: tuple[int, ...], expected: tuple[int, ...], min_size: int, max_batch: int) -> None:
-    described = f"expected [N, C, H, W] matching {list(expected)}, got {list(shape)}"
-    if len(shape) != len(expected):
-        raise BadRequest(f"{where}: shape must have {len(expected)} dimensions; {described}")
-    for axis, (want, got) in enumerate(zip(expected, shape, strict=True)):
-        if want != -1 and want != got:
-            raise BadRequest(f"{where}: dimension {axis} must be {want}; {described}")
-    batch, _, height, width = shape
-    if not 1 <= batch <= max_batch:
-        raise BadRequest(f"{where}: batch dimension must be between 1 and the maximum batch size {max_batch}, got {batch}")
-    if height < min_size or width < min_size:
-        raise BadRequest(f"{where}: height and width must be at least {min_size} pixels (the model's stride), got {height}x{width}")
-
-
 def _route_label(path: str) -> str:
     return next((label for pattern, label in _ROUTE_PATTERNS if pattern.match(path)), "other")
 
 
-def presented_key(headers: dict[bytes, bytes]) -> bytes | None:
-    """The API key a request carries ('Authorization: Bearer KEY' or 'X-API-Key: KEY'), if any."""
-    authorization = headers.get(b"authorization")
-    if authorization is not None and authorization[:7].lower() == b"bearer ":
-        return authorization[7:].strip()
-    return headers.get(b"x-api-key")
 
 
 class AccessMiddleware:

@@ -1,9 +1,15 @@
 """Dynamic batching: concurrent requests gathered into one model call, results split back.
 
-As in MLServer's adaptive batching: requests wait in a queue until a batch holds
-`max_batch_size` images or the oldest request has waited `max_delay_s`, then one batched call
-runs on a worker thread and each request gets its own slice of the outputs. While a batch runs,
-the next one fills, so under load batches are full without waiting.
+As in MLServer's adaptive batching: requests wait in a queue until a batch is full or the oldest
+request has waited `max_delay_s`, then one batched call runs on a worker thread and each request
+gets its own slice of the outputs. While a batch runs, the next one fills, so under load batches
+are full without waiting.
+
+A batch is full at `max_batch_size` images or at `max_batch_pixels` pixels (images x height x
+width), whichever comes first: the pixel budget bounds the model's working memory, which grows
+with them. One batch runs at a time, so inference never holds more than one budget's worth.
+The queue holds at most `max_queued_images` images and `max_queued_pixels` pixels; beyond
+either, `QueueFull` (the server's 503 with Retry-After).
 
 Only requests whose images have the same shape apart from the batch dimension (channels, height,
 width) and the same dtype are batched together; each shape has its own queue. A request is never
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -52,6 +59,10 @@ class _Pending:
     def count(self) -> int:
         return int(self.images.shape[0])
 
+    @property
+    def pixels(self) -> int:
+        return image_pixels(self.images.shape)
+
 
 @dataclass(frozen=True)
 class BatchRecord:
@@ -60,6 +71,11 @@ class BatchRecord:
     images: int
     requests: int
     seconds: float
+
+
+def image_pixels(shape: tuple[int, ...]) -> int:
+    """Pixels of a batch of `shape` (N, C, H, W): images x height x width, channels not counted."""
+    return int(shape[0]) * math.prod(int(dim) for dim in shape[2:])
 
 
 class DynamicBatcher:
@@ -72,6 +88,8 @@ class DynamicBatcher:
         max_delay_s: float,
         max_queued_images: int,
         name: str = "model",
+        max_batch_pixels: int | None = None,
+        max_queued_pixels: int | None = None,
         on_batch: Callable[[BatchRecord], None] | None = None,
         on_queue_change: Callable[[int], None] | None = None,
     ) -> None:
@@ -81,11 +99,15 @@ class DynamicBatcher:
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queued_images = max_queued_images
+        # None: no pixel budget (batches bounded by images alone).
+        self.max_batch_pixels = max_batch_pixels
+        self.max_queued_pixels = max_queued_pixels
         self.name = name
         self._on_batch = on_batch
         self._on_queue_change = on_queue_change
         self._queues: dict[tuple[object, ...], deque[_Pending]] = {}
         self._queued_images = 0
+        self._queued_pixels = 0
         self.statistics = ModelStatistics()
         self._wakeup = asyncio.Event()
         self._stopping = False
@@ -133,15 +155,22 @@ class DynamicBatcher:
             raise QueueFull(
                 f"model '{self.name}' has {self._queued_images} images queued (limit {self.max_queued_images}); retry later"
             )
+        pixels = image_pixels(images.shape)
+        if self.max_queued_pixels is not None and self._queued_pixels + pixels > self.max_queued_pixels:
+            raise QueueFull(
+                f"model '{self.name}' has {self._queued_pixels} pixels queued, and this request's {pixels} would pass "
+                f"the limit of {self.max_queued_pixels}; retry later"
+            )
         pending = _Pending(images, frozenset(outputs), asyncio.get_running_loop().create_future())
         key = (images.dtype.str, *images.shape[1:])
         self._queues.setdefault(key, deque()).append(pending)
-        self._change_queued(count)
+        self._change_queued(pending)
         self._wakeup.set()
         return await pending.future
 
-    def _change_queued(self, delta: int) -> None:
-        self._queued_images += delta
+    def _change_queued(self, item: _Pending, sign: int = 1) -> None:
+        self._queued_images += sign * item.count
+        self._queued_pixels += sign * item.pixels
         if self._on_queue_change is not None:
             self._on_queue_change(self._queued_images)
 
@@ -168,7 +197,9 @@ class DynamicBatcher:
         for key in list(self._queues):
             queue = self._queues[key]
             live = deque(item for item in queue if not item.future.done())
-            self._change_queued(-sum(item.count for item in queue if item.future.done()))
+            for item in queue:
+                if item.future.done():
+                    self._change_queued(item, -1)
             if live:
                 self._queues[key] = live
             else:
@@ -182,7 +213,7 @@ class DynamicBatcher:
     async def _wait_for_batch(self, key: tuple[object, ...]) -> None:
         """Wait until the queue for `key` fills a batch or its oldest request's delay is over."""
         deadline = self._queues[key][0].enqueued_ns / 1e9 + self.max_delay_s
-        while not self._stopping and self._queued_count(key) < self.max_batch_size:
+        while not self._stopping and self._queued_count(key) < self._batch_capacity(key):
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 return
@@ -195,24 +226,32 @@ class DynamicBatcher:
     def _queued_count(self, key: tuple[object, ...]) -> int:
         return sum(item.count for item in self._queues.get(key, ()))
 
-    def _take_batch(self, key: tuple[object, ...]) -> list[_Pending]:
-        """Whole requests from the front of the queue, up to `max_batch_size` images.
+    def _batch_capacity(self, key: tuple[object, ...]) -> int:
+        """Images of the shape `key` in a full batch: `max_batch_size`, fewer if the pixel budget says so."""
+        if self.max_batch_pixels is None:
+            return self.max_batch_size
+        per_image = math.prod(int(dim) for dim in key[2:])  # key: (dtype, C, H, W)
+        return max(1, min(self.max_batch_size, self.max_batch_pixels // max(per_image, 1)))
 
-        A request larger than the maximum runs alone rather than waiting forever.
+    def _take_batch(self, key: tuple[object, ...]) -> list[_Pending]:
+        """Whole requests from the front of the queue, up to a full batch (`_batch_capacity`).
+
+        A request larger than a full batch runs alone rather than waiting forever (the server
+        refuses requests over the pixel budget before they get here).
         """
         queue = self._queues[key]
+        capacity = self._batch_capacity(key)
         batch: list[_Pending] = []
         images = 0
-        while queue and (not batch or images + queue[0].count <= self.max_batch_size):
+        while queue and (not batch or images + queue[0].count <= capacity):
             item = queue.popleft()
+            self._change_queued(item, -1)
             if item.future.done():
-                self._change_queued(-item.count)
                 continue
             batch.append(item)
             images += item.count
         if not queue:
             del self._queues[key]
-        self._change_queued(-images)
         return batch
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:

@@ -3,53 +3,68 @@
 It runs on the HTTP server's event loop and serves the same `ModelTable`: the same runtimes and
 dynamic batchers (one batch may hold requests from both protocols, and both count in the
 statistics), the same request checks (tensors are decoded by `protocol.decode_input`), the same
-API key (metadata `authorization: Bearer KEY` or `x-api-key: KEY`; ServerLive and ServerReady
-need none, as the HTTP health routes) and the same metrics.
+limits (inference budget, response size, messages held at once), the same API key (metadata
+`authorization: Bearer KEY` or `x-api-key: KEY`; ServerLive and ServerReady need none, as the
+HTTP health routes) and the same metrics.
 
 Inputs come as `raw_input_contents` (what tritonclient.grpc sends) or as typed `contents`;
 outputs always go back as `raw_output_contents`. Errors carry the status code of the HTTP
 status the same failure gets (`GRPC_CODES`).
+
+Messages reach the methods as bytes: the server parses and serialises them itself, in a worker
+thread when they are large (as HTTP bodies are), so a 2048 x 2048 request keeps the event loop
+free, and a message that does not parse is INVALID_ARGUMENT rather than gRPC's UNKNOWN.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hmac
 import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import numpy as np
 from google.protobuf import json_format
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from noisyseg import __version__
-from noisyseg.serve.app import (
+from noisyseg.serve.core import (
     SERVER_EXTENSIONS,
     SERVER_NAME,
     ModelTable,
+    input_bytes_outside,
+    off_loop_if_large,
     presented_key,
     run_inference,
 )
 from noisyseg.serve.metrics import ServerMetrics
 from noisyseg.serve.proto import inference_pb2 as pb
-from noisyseg.serve.proto import inference_pb2_grpc as pb_grpc
 from noisyseg.serve.protocol import (
     DATATYPES,
     BadRequest,
     InferenceRequest,
+    PayloadTooLarge,
+    PlannedOutput,
     RequestedOutput,
     ServeError,
     datatype_of,
     decode_input,
+    quoted,
+    response_too_large,
 )
 from noisyseg.serve.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
 SERVICE = "inference.GRPCInferenceService"
+# Method name -> its request message class, from the service's descriptor.
+REQUEST_TYPES: dict[str, type[Message]] = {
+    method.name: getattr(pb, method.input_type.name) for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods
+}
 UNAUTHENTICATED_METHODS = frozenset({f"/{SERVICE}/ServerLive", f"/{SERVICE}/ServerReady"})
 # HTTP status of a ServeError -> gRPC status code.
 GRPC_CODES = {
@@ -61,22 +76,25 @@ GRPC_CODES = {
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
-# Datatype -> the InferTensorContents field that carries it (FP16 has none: raw bytes only).
+# Datatype -> the InferTensorContents field that carries it and how its packed wire values read:
+# a little-endian float type, or the type protobuf's varints turn into (FP16 has no field: raw
+# bytes only).
 CONTENTS_FIELDS = {
-    "BOOL": "bool_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
+    "BOOL": ("bool_contents", "varint", np.dtype(np.bool_)),
+    "INT8": ("int_contents", "varint", np.dtype(np.int64)),
+    "INT16": ("int_contents", "varint", np.dtype(np.int64)),
+    "INT32": ("int_contents", "varint", np.dtype(np.int64)),
+    "INT64": ("int64_contents", "varint", np.dtype(np.int64)),
+    "UINT8": ("uint_contents", "varint", np.dtype(np.int64)),
+    "UINT16": ("uint_contents", "varint", np.dtype(np.int64)),
+    "UINT32": ("uint_contents", "varint", np.dtype(np.int64)),
+    "UINT64": ("uint64_contents", "varint", np.dtype(np.uint64)),
+    "FP32": ("fp32_contents", "fixed", np.dtype("<f4")),
+    "FP64": ("fp64_contents", "fixed", np.dtype("<f8")),
 }
+# ModelInferResponse.raw_output_contents: its wire tag (field number, length-delimited).
+_RAW_OUTPUT_FIELD = pb.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_output_contents"].number
 UNAUTHORIZED_MESSAGE = "missing or wrong API key (send metadata 'authorization: Bearer <key>' or 'x-api-key: <key>')"
-ResponseT = TypeVar("ResponseT", bound=Message)
 
 
 def decode_infer_request(request: pb.ModelInferRequest) -> InferenceRequest:
@@ -101,11 +119,42 @@ def decode_infer_request(request: pb.ModelInferRequest) -> InferenceRequest:
     )
 
 
-def _contents_values(tensor: pb.ModelInferRequest.InferInputTensor) -> list[Any]:
-    field = CONTENTS_FIELDS.get(tensor.datatype)
-    if field is None:
-        raise BadRequest(f"input '{tensor.name}': datatype {tensor.datatype!r} must be sent in raw_input_contents")
-    return list(getattr(tensor.contents, field))
+def _contents_values(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarray:
+    """A tensor's typed `contents` as an array, read from their wire form: protobuf writes a
+    repeated number field packed (one length-delimited run of little-endian floats or varints),
+    which numpy reads whole. Going through Python numbers instead takes seconds for a 2048 x 2048
+    image and holds the GIL, and so the event loop, meanwhile."""
+    entry = CONTENTS_FIELDS.get(tensor.datatype)
+    if entry is None:
+        raise BadRequest(f"input {quoted(tensor.name)}: datatype {quoted(tensor.datatype)} must be sent in raw_input_contents")
+    field, encoding, dtype = entry
+    others = [described.name for described, _ in tensor.contents.ListFields() if described.name != field]
+    if others:
+        raise BadRequest(f"input {quoted(tensor.name)}: a {tensor.datatype} tensor's contents go in {field}, not {', '.join(others)}")
+    wire = np.frombuffer(tensor.contents.SerializeToString(), np.uint8)
+    if not wire.size:
+        return np.zeros(0, dtype)
+    # The field's tag, then its byte length: both varints.
+    length_end = int(np.flatnonzero(wire[1:11] < 0x80)[0]) + 1  # tags of fields 1-15 take one byte
+    payload = wire[length_end + 1:]
+    if encoding == "fixed":
+        return payload.view(dtype)
+    values = _varints(payload)
+    # int32 and int64 values are their 64-bit two's complement (negative ones take ten bytes).
+    return values if dtype == np.uint64 else values.view(np.int64).astype(dtype, copy=False)
+
+
+def _varints(data: np.ndarray) -> np.ndarray:
+    """Packed protobuf varints (bytes as uint8) as uint64 values: 7 bits a byte, low bits first,
+    the high bit set on every byte but a value's last."""
+    ends = np.flatnonzero(data < 0x80)
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    lengths = ends - starts + 1
+    values = np.zeros(ends.size, np.uint64)
+    for byte in range(int(lengths.max(initial=0))):
+        has = lengths > byte
+        values[has] |= (data[starts[has] + byte] & 0x7F).astype(np.uint64) << np.uint64(7 * byte)
+    return values
 
 
 def _parameter_value(parameter: pb.InferParameter) -> Any:
@@ -113,77 +162,163 @@ def _parameter_value(parameter: pb.InferParameter) -> Any:
     return getattr(parameter, choice) if choice is not None else None
 
 
-def encode_infer_response(
-    request: pb.ModelInferRequest, name: str, version: str, results: list[tuple[str, np.ndarray]]
-) -> pb.ModelInferResponse:
-    response = pb.ModelInferResponse(model_name=name, model_version=version, id=request.id)
-    for output, array in results:
-        datatype = datatype_of(array.dtype)
-        response.outputs.add(name=output, datatype=datatype, shape=array.shape)
-        response.raw_output_contents.append(np.ascontiguousarray(array, dtype=DATATYPES[datatype]).tobytes())
+def _varint(value: int) -> bytes:
+    """`value` as a protobuf base-128 varint."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_RAW_OUTPUT_TAG = _varint(_RAW_OUTPUT_FIELD << 3 | 2)
+
+
+def _response_skeleton(request_id: str, name: str, version: str, outputs: list[tuple[str, str, tuple[int, ...]]]) -> pb.ModelInferResponse:
+    """The response without its raw output bytes, which `encode_infer_response` appends."""
+    response = pb.ModelInferResponse(model_name=name, model_version=version, id=request_id)
+    for output, datatype, shape in outputs:
+        response.outputs.add(name=output, datatype=datatype, shape=shape)
     return response
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """The service's methods over a started `ModelTable`."""
+def _raw_entry_bytes(size: int) -> int:
+    return len(_RAW_OUTPUT_TAG) + len(_varint(size)) + size
 
-    def __init__(self, table: ModelTable, metrics: ServerMetrics) -> None:
+
+def infer_response_bytes(request_id: str, name: str, version: str, planned: list[PlannedOutput]) -> int | None:
+    """The exact size of the ModelInferResponse for `planned` outputs (None: a shape not known)."""
+    if not all(output.known for output in planned):
+        return None
+    skeleton = _response_skeleton(request_id, name, version, [(output.name, output.datatype, output.shape) for output in planned])
+    return skeleton.ByteSize() + sum(_raw_entry_bytes(output.nbytes) for output in planned)
+
+
+def encode_infer_response(request_id: str, name: str, version: str, results: list[tuple[str, np.ndarray]]) -> bytes:
+    """The serialised ModelInferResponse: the skeleton's bytes, then one raw_output_contents entry
+    per output straight from its array (protobuf readers take fields in any order), so the
+    tensors are copied once, not into a message and again out of it."""
+    arrays = [np.ascontiguousarray(array, dtype=DATATYPES[datatype_of(array.dtype)]) for _, array in results]
+    skeleton = _response_skeleton(request_id, name, version, [(output, datatype_of(array.dtype), array.shape) for (output, _), array in zip(results, arrays, strict=True)])
+    pieces: list[bytes | np.ndarray] = [skeleton.SerializeToString()]
+    for array in arrays:
+        pieces += [_RAW_OUTPUT_TAG + _varint(array.nbytes), array]
+    return _joined_without_the_gil(pieces)
+
+
+def _joined_without_the_gil(pieces: list[bytes | np.ndarray]) -> bytes:
+    """`pieces` one after another in one new bytes object, copied while other threads run.
+
+    gRPC sends only bytes. `b"".join` holds the GIL for the whole copy (about 100 ms for the
+    128 MiB of a 2048 x 2048 image's outputs here), stalling the event loop as long;
+    `ctypes.memmove` releases it. The object is filled as C code fills a new bytes object,
+    before anything else holds it; `bytes(n)` zeroes it with calloc, whose pages come lazily.
+    """
+    total = sum(len(piece) if isinstance(piece, bytes) else piece.nbytes for piece in pieces)
+    joined = bytes(total)
+    address = ctypes.cast(ctypes.c_char_p(joined), ctypes.c_void_p).value or 0
+    offset = 0
+    for piece in pieces:
+        source = np.frombuffer(piece, np.uint8) if isinstance(piece, bytes) else piece
+        ctypes.memmove(address + offset, source.ctypes.data, source.nbytes)
+        offset += source.nbytes
+    return joined
+
+
+class InferenceServicer:
+    """The service's methods over a started `ModelTable`; `handlers()` registers them with gRPC."""
+
+    def __init__(self, table: ModelTable, settings: ServerSettings, metrics: ServerMetrics) -> None:
         self.table = table
+        self.settings = settings
         self.metrics = metrics
 
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
-        return await self._answer("ServerLive", context, lambda: pb.ServerLiveResponse(live=True))
+    def handlers(self) -> grpc.GenericRpcHandler:
+        """Every method as a unary handler on raw bytes (parsed and serialised by `_call`)."""
 
-    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
-        return await self._answer("ServerReady", context, lambda: pb.ServerReadyResponse(ready=self.table.ready))
+        def handler(method: str) -> grpc.RpcMethodHandler:
+            async def behaviour(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+                return await self._call(method, raw, context)
 
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
-        def ready() -> pb.ModelReadyResponse:
-            try:
-                self.table.served(request.name, request.version or None)
-            except ServeError:  # unknown, other version, or not started: not ready
-                return pb.ModelReadyResponse(ready=False)
-            return pb.ModelReadyResponse(ready=True)
+            return grpc.unary_unary_rpc_method_handler(behaviour)
 
-        return await self._answer("ModelReady", context, ready)
+        return grpc.method_handlers_generic_handler(SERVICE, {method: handler(method) for method in REQUEST_TYPES})
 
-    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
-        return await self._answer("ServerMetadata", context, lambda: pb.ServerMetadataResponse(
-            name=SERVER_NAME, version=__version__, extensions=SERVER_EXTENSIONS))
+    async def _call(self, method: str, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        if method == "ModelInfer":
+            return await self.ModelInfer(raw, context)
+        request = await self._parse(method, raw, context)
+        response = await self._answer(method, context, lambda: getattr(self, method)(request))
+        return response.SerializeToString()
 
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
-        def metadata() -> pb.ModelMetadataResponse:
-            described = self.table.runtime(request.name, request.version or None).metadata()
-            # The HTTP form has `parameters`, which the gRPC message has not.
-            return json_format.ParseDict(described, pb.ModelMetadataResponse(), ignore_unknown_fields=True)
-
-        return await self._answer("ModelMetadata", context, metadata)
-
-    async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
-        def config() -> pb.ModelConfigResponse:
-            served = self.table.model_config(request.name, request.version or None).to_json()
-            return pb.ModelConfigResponse(config=json_format.ParseDict(served, pb.ModelConfig()))
-
-        return await self._answer("ModelConfig", context, config)
-
-    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:
-        def statistics() -> pb.ModelStatisticsResponse:
-            counted = self.table.statistics(request.name or None, request.version or None)
-            return json_format.ParseDict(counted, pb.ModelStatisticsResponse())
-
-        return await self._answer("ModelStatistics", context, statistics)
-
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
-        started = time.perf_counter()
-        name = request.model_name
+    async def _parse(self, method: str, raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        """`raw` as the method's request message, or INVALID_ARGUMENT with one warning line."""
+        message_type = REQUEST_TYPES[method]
         try:
-            model = self.table.served(name, request.model_version or None)
-            remaining = context.time_remaining()
-            deadline = remaining if remaining is not None else math.inf
-            outputs, results = await run_inference(self.table, model, decode_infer_request(request), deadline)
-            response = encode_infer_response(
-                request, model.runtime.name, model.runtime.version, [(output, results[output]) for output in outputs]
-            )
+            return await off_loop_if_large(len(raw), message_type.FromString, raw)
+        except DecodeError:
+            message = f"the {message_type.DESCRIPTOR.full_name} message ({len(raw)} bytes) could not be parsed"
+            logger.warning("gRPC %s: %s", method, message)
+            await self._abort(method, context, BadRequest(message), log=False)
+
+    def ServerLive(self, request: pb.ServerLiveRequest) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    def ServerReady(self, request: pb.ServerReadyRequest) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.table.ready)
+
+    def ModelReady(self, request: pb.ModelReadyRequest) -> pb.ModelReadyResponse:
+        try:
+            self.table.served(request.name, request.version or None)
+        except ServeError:  # unknown, other version, or not started: not ready
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    def ServerMetadata(self, request: pb.ServerMetadataRequest) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=SERVER_EXTENSIONS)
+
+    def ModelMetadata(self, request: pb.ModelMetadataRequest) -> pb.ModelMetadataResponse:
+        described = self.table.runtime(request.name, request.version or None).metadata()
+        # The HTTP form has `parameters`, which the gRPC message has not.
+        return json_format.ParseDict(described, pb.ModelMetadataResponse(), ignore_unknown_fields=True)
+
+    def ModelConfig(self, request: pb.ModelConfigRequest) -> pb.ModelConfigResponse:
+        served = self.table.model_config(request.name, request.version or None).to_json()
+        return pb.ModelConfigResponse(config=json_format.ParseDict(served, pb.ModelConfig()))
+
+    def ModelStatistics(self, request: pb.ModelStatisticsRequest) -> pb.ModelStatisticsResponse:
+        counted = self.table.statistics(request.name or None, request.version or None)
+        return json_format.ParseDict(counted, pb.ModelStatisticsResponse())
+
+    async def ModelInfer(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        started = time.perf_counter()
+        name = None
+        try:
+            # The message and the tensors decoded from it are held until the answer is made, as an
+            # HTTP body is: they count against --max-held-body-mb.
+            with self.table.bodies.share() as take:
+                take(len(raw))
+                request = await self._parse("ModelInfer", raw, context)
+                name, request_id = request.model_name, request.id
+                model = self.table.served(name, request.model_version or None)
+                runtime = model.runtime
+                remaining = context.time_remaining()
+                deadline = remaining if remaining is not None else math.inf
+                decoded = await off_loop_if_large(len(raw), decode_infer_request, request)
+                del request  # its parsed copy of the tensors: the decoded ones are copies of their own
+                take(input_bytes_outside(decoded, raw))
+
+                def check_response(planned: list[PlannedOutput]) -> None:
+                    self._check_response_size(runtime.name, infer_response_bytes(request_id, runtime.name, runtime.version, planned))
+
+                outputs, results = await run_inference(self.table, model, decoded, check_response, deadline)
+                answer = [(output, results[output]) for output in outputs]
+                response = await off_loop_if_large(
+                    sum(array.nbytes for _, array in answer), encode_infer_response, request_id, runtime.name, runtime.version, answer
+                )
+                # Known in advance unless the model does not say how many classes it has.
+                self._check_response_size(runtime.name, len(response))
         except ServeError as err:
             if name in self.table.models:
                 self.metrics.inference_requests.inc(name, "error")
@@ -193,7 +328,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.metrics.grpc_requests.inc("ModelInfer", grpc.StatusCode.OK.name)
         return response
 
-    async def _answer(self, method: str, context: grpc.aio.ServicerContext, build: Callable[[], ResponseT]) -> ResponseT:
+    def _check_response_size(self, model_name: str, size: int | None) -> None:
+        """Refuse an answer over `--max-response-mb` (INVALID_ARGUMENT, as HTTP's 400) or over the
+        gRPC message limit `--grpc-max-send-mb` (RESOURCE_EXHAUSTED, what gRPC itself would say)."""
+        if size is None:
+            return
+        if size > self.settings.max_response_bytes:
+            raise response_too_large(model_name, self.settings.max_response_bytes, size, json=False)
+        if size > self.settings.grpc_max_send_bytes:
+            raise PayloadTooLarge(
+                f"response of model {quoted(model_name)} would take {size} bytes, over the gRPC message limit of "
+                f"{self.settings.grpc_max_send_bytes} bytes (--grpc-max-send-mb); request only the 'labels' output "
+                "(the smallest), or fewer or smaller images"
+            )
+
+    async def _answer(self, method: str, context: grpc.aio.ServicerContext, build: Callable[[], Message]) -> Message:
         try:
             response = build()
         except ServeError as err:
@@ -201,9 +350,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.metrics.grpc_requests.inc(method, grpc.StatusCode.OK.name)
         return response
 
-    async def _abort(self, method: str, context: grpc.aio.ServicerContext, err: ServeError) -> None:
+    async def _abort(self, method: str, context: grpc.aio.ServicerContext, err: ServeError, log: bool = True) -> None:
         code = GRPC_CODES.get(err.status_code, grpc.StatusCode.INTERNAL)
         self.metrics.grpc_requests.inc(method, code.name)
+        if log:  # one line, as the HTTP access log has for each request
+            logger.info("gRPC %s: %s: %s", method, code.name, err)
+        # Retry-After (a full queue, too many messages held) as trailing metadata: gRPC has no header for it.
+        context.set_trailing_metadata(tuple((name.lower(), value) for name, value in err.headers.items()))
         await context.abort(code, str(err))  # raises: the call ends here
 
 
@@ -248,7 +401,7 @@ async def start_grpc_server(table: ModelTable, settings: ServerSettings, metrics
             ("grpc.max_send_message_length", settings.grpc_max_send_bytes),
         ],
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(table, metrics), server)
+    server.add_generic_rpc_handlers((InferenceServicer(table, settings, metrics).handlers(),))
     address = f"{settings.host}:{settings.grpc_port}"
     try:
         port = server.add_insecure_port(address)

@@ -26,6 +26,7 @@ from noisyseg.serve.protocol import (
     PayloadTooLarge,
     UnsupportedMediaType,
     parse_length,
+    quoted,
 )
 from noisyseg.serve.settings import ServerSettings
 
@@ -92,7 +93,7 @@ async def read_body(request: Request, settings: ServerSettings, take: Callable[[
     if encoding == "identity":
         return body
     if encoding not in _DECOMPRESSION_WBITS:
-        raise UnsupportedMediaType(f"Content-Encoding '{encoding}' is not supported (use gzip, deflate or none)")
+        raise UnsupportedMediaType(f"Content-Encoding {quoted(encoding)} is not supported (use gzip, deflate or none)")
     data = _decompress(body, encoding, limit)
     take(len(data))
     return data

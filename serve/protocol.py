@@ -60,6 +60,12 @@ _DATA_LIST = re.compile(rb'"data"\s*:\s*\[')
 _STEP_DTYPES = {np.dtype(np.int64), np.dtype(np.float64)}
 # Significant digits that let each float width round-trip exactly through decimal text.
 _FLOAT_FORMATS = {2: "%.5g,", 4: "%.9g,", 8: "%.17g,"}
+# The longest text one float prints as with `_FLOAT_FORMATS`, comma included: a sign, the digits,
+# a point and an exponent ("-1.17549435e-38," for FP32).
+_FLOAT_WIDTHS = {2: 12, 4: 16, 8: 25}
+# A client's names and values are quoted in errors cut to this many characters: a 16 KB model name
+# would otherwise make an error message too large for a client (or gRPC's metadata) to take.
+_QUOTED_CHARS = 80
 
 
 class ServeError(Exception):
@@ -116,6 +122,14 @@ class ClientGone(ServeError):
     status_code = 499
 
 
+def quoted(value: object) -> str:
+    """A client's name or value as an error quotes it: its repr, cut to a bounded length."""
+    text = repr(value)
+    if len(text) <= _QUOTED_CHARS:
+        return text
+    return f"{text[:_QUOTED_CHARS]}... ({len(text)} characters)"
+
+
 def datatype_of(dtype: np.dtype) -> str:
     """The protocol datatype name for a numpy dtype (byte order ignored)."""
     for name, candidate in DATATYPES.items():
@@ -159,8 +173,44 @@ class InferenceRequest:
             return None
         # At most Triton's uint64; a larger integer would not even convert to a float.
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 2**64:
-            raise BadRequest(f"request parameter 'timeout' must be a positive number of microseconds below 2**64, got {value!r}")
+            raise BadRequest(f"request parameter 'timeout' must be a positive number of microseconds below 2**64, got {quoted(value)}")
         return float(value) / 1e6
+
+
+@dataclass(frozen=True)
+class PlannedOutput:
+    """An output a request will get, known before inference from the input's shape and the model.
+
+    `shape` holds -1 where the model does not say (its number of classes); `largest` bounds an
+    integer output's values (labels: the last class index), None: the datatype's own range.
+    """
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    binary: bool
+    largest: int | None = None
+
+    @property
+    def known(self) -> bool:
+        return all(dim >= 0 for dim in self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DATATYPES[self.datatype].itemsize
+
+    def json_bytes_at_most(self) -> int:
+        """The longest its numbers can print as JSON (`_json_numbers`): the widest number each."""
+        dtype = DATATYPES[self.datatype]
+        if dtype.kind == "f":
+            width = _FLOAT_WIDTHS[dtype.itemsize]
+        elif dtype.kind == "b":
+            width = len("false,")
+        else:
+            info = np.iinfo(dtype)
+            extremes = (0, self.largest) if self.largest is not None else (int(info.min), int(info.max))
+            width = max(len(str(value)) for value in extremes) + 1
+        return max(0, math.prod(self.shape) * width - 1)  # no comma after the last
 
 
 @dataclass(frozen=True)
@@ -181,17 +231,17 @@ class EncodedResponse:
 def parse_length(value: str, what: str) -> int:
     """A non-negative integer written in ASCII digits (`str.isdigit` also takes '²' and '٣')."""
     if not (value.isascii() and value.isdigit()):
-        raise BadRequest(f"{what} must be a non-negative integer in ASCII digits, got {value!r}")
+        raise BadRequest(f"{what} must be a non-negative integer in ASCII digits, got {quoted(value)}")
     return int(value)
 
 
 def check_shape(shape: Sequence[int], where: str) -> None:
     """A tensor shape numpy can hold: non-negative integer dimensions, element count in range."""
     if not all(type(dim) is int and dim >= 0 for dim in shape):
-        raise BadRequest(f"{where}: 'shape' must be a list of non-negative integers, got {list(shape)!r}")
+        raise BadRequest(f"{where}: 'shape' must be a list of non-negative integers, got {quoted(list(shape))}")
     # Zero-sized dimensions included: numpy rejects [0, 10**20] as it rejects [1, 10**20].
     if math.prod(max(dim, 1) for dim in shape) > _MAX_ELEMENTS:
-        raise BadRequest(f"{where}: shape {list(shape)} has more elements than a tensor can hold (at most 2**63 - 1)")
+        raise BadRequest(f"{where}: shape {quoted(list(shape))} has more elements than a tensor can hold (at most 2**63 - 1)")
 
 
 def check_finite(tensor: InputTensor) -> None:
@@ -255,9 +305,38 @@ def decode_input(tensor: Mapping[str, Any], index: int, binary: bytes = b"") -> 
     """
     decoded, used = _decode_input(tensor, index, memoryview(binary))
     if used != len(binary):
-        raise BadRequest(f"input '{decoded.name}': {len(binary)} raw bytes given, {used} expected")
+        raise BadRequest(f"input {quoted(decoded.name)}: {len(binary)} raw bytes given, {used} expected")
     check_finite(decoded)
     return decoded
+
+
+def response_too_large(model_name: str, limit: int, size: int | None = None, json: bool = True) -> BadRequest:
+    """The 400 for an answer over `limit` bytes (`size`: what it would take, when known); `json`:
+    the protocol can send outputs as JSON, so binary data is a way out."""
+    would = f" (up to {size} bytes)" if size is not None else ""
+    binary = "binary data (parameters.binary_data_output = true), or " if json else ""
+    return BadRequest(
+        f"response of model {quoted(model_name)}{would} exceeds the limit of {limit} bytes; request only the "
+        f"'labels' output (the smallest), or {binary}fewer or smaller images (or raise --max-response-mb)"
+    )
+
+
+def response_bytes_at_most(
+    model_name: str, model_version: str, request_id: str | None, outputs: Sequence[PlannedOutput]
+) -> int | None:
+    """The most bytes `encode_response` can write for `outputs`, before any is computed: exact
+    for binary tensors and every header, the widest number for JSON data. None when an output's
+    shape is not known in advance."""
+    if not all(output.known for output in outputs):
+        return None
+    size = len(_response_head(model_name, model_version, request_id)) + len(b"]}")
+    for index, output in enumerate(outputs):
+        size += bool(index)  # the comma between tensors
+        if output.binary:
+            size += len(_tensor_head(output.name, output.datatype, output.shape, output.nbytes)) + output.nbytes
+        else:
+            size += len(_tensor_head(output.name, output.datatype, output.shape)) + output.json_bytes_at_most() + len(b"]}")
+    return size
 
 
 def encode_response(
@@ -271,7 +350,9 @@ def encode_response(
 
     Binary tensors are sent straight from the arrays; JSON tensors are printed from NumPy in
     short steps (`_json_numbers`), without a Python list of the whole tensor. The size is
-    checked as the text grows, so an oversized answer stops at the limit.
+    checked as the text grows, so an oversized answer stops at the limit: the guard for what
+    `response_bytes_at_most` cannot bound before inference (a model that does not say how many
+    classes it has, or labels outside its classes).
     """
     limit = math.inf if max_bytes is None else max_bytes
     size = sum(array.nbytes for _, array, binary in outputs if binary)
@@ -283,27 +364,18 @@ def encode_response(
         size += len(chunk)
         if size > limit:
             chunks.clear()  # now, not when the traceback that holds this frame is collected
-            raise BadRequest(
-                f"response of model '{model_name}' exceeds the limit of {max_bytes} bytes; request only "
-                "the 'labels' output (the smallest), or binary data (parameters.binary_data_output = "
-                "true), or fewer or smaller images"
-            )
+            raise response_too_large(model_name, max_bytes or 0)
 
-    response: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
-    if request_id is not None:
-        response["id"] = request_id
-    add(_json_text(response)[:-1] + b',"outputs":[')
+    add(_response_head(model_name, model_version, request_id))
     for index, (name, array, binary) in enumerate(outputs):
         separator = b"," if index else b""
-        tensor: dict[str, Any] = {"name": name, "datatype": datatype_of(array.dtype), "shape": list(array.shape)}
         if binary:
-            tensor["parameters"] = {"binary_data_size": array.nbytes}
-            add(separator + _json_text(tensor))
+            add(separator + _tensor_head(name, datatype_of(array.dtype), array.shape, array.nbytes))
             continue
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             # JSON has no NaN or infinity; inputs are finite, so the model produced them (500).
             raise ServeError(f"model '{model_name}' produced NaN or infinite values in output '{name}', which JSON cannot carry")
-        add(separator + _json_text(tensor)[:-1] + b',"data":[')
+        add(separator + _tensor_head(name, datatype_of(array.dtype), array.shape))
         for numbers in _json_numbers(array):
             add(numbers)
         add(b"]}")
@@ -320,6 +392,24 @@ def encode_response(
 
 def _json_text(value: dict[str, Any]) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _response_head(model_name: str, model_version: str, request_id: str | None) -> bytes:
+    """A response's JSON up to its first output tensor."""
+    response: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
+    if request_id is not None:
+        response["id"] = request_id
+    return _json_text(response)[:-1] + b',"outputs":['
+
+
+def _tensor_head(name: str, datatype: str, shape: Sequence[int], binary_size: int | None = None) -> bytes:
+    """An output tensor's JSON: whole for a binary tensor (`binary_size` bytes follow the JSON),
+    else up to its `data` list's first number."""
+    tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(shape)}
+    if binary_size is not None:
+        tensor["parameters"] = {"binary_data_size": binary_size}
+        return _json_text(tensor)
+    return _json_text(tensor)[:-1] + b',"data":['
 
 
 def _json_numbers(array: np.ndarray) -> Iterator[bytes]:
@@ -454,10 +544,10 @@ def _decode_input(tensor_json: Any, index: int, binary: memoryview) -> tuple[Inp
     name = tensor_json.get("name")
     if not isinstance(name, str) or not name:
         raise BadRequest(f"inputs[{index}]: 'name' must be a non-empty string")
-    where = f"input '{name}'"
+    where = f"input {quoted(name)}"
     datatype = tensor_json.get("datatype")
     if not isinstance(datatype, str) or datatype not in DATATYPES:
-        raise BadRequest(f"{where}: unsupported datatype {datatype!r}; expected one of {', '.join(DATATYPES)}")
+        raise BadRequest(f"{where}: unsupported datatype {quoted(datatype)}; expected one of {', '.join(DATATYPES)}")
     shape = _decode_shape(tensor_json.get("shape"), where)
     count = math.prod(shape)
     dtype = DATATYPES[datatype]
@@ -475,7 +565,7 @@ def _decode_input(tensor_json: Any, index: int, binary: memoryview) -> tuple[Inp
 
 def _decode_shape(shape: Any, where: str) -> tuple[int, ...]:
     if not isinstance(shape, list):
-        raise BadRequest(f"{where}: 'shape' must be a list of non-negative integers, got {shape!r}")
+        raise BadRequest(f"{where}: 'shape' must be a list of non-negative integers, got {quoted(shape)}")
     check_shape(shape, where)
     return tuple(shape)
 
@@ -483,9 +573,9 @@ def _decode_shape(shape: Any, where: str) -> tuple[int, ...]:
 def _binary_tensor(
     binary: memoryview, size: Any, name: str, datatype: str, shape: tuple[int, ...], count: int, dtype: np.dtype
 ) -> InputTensor:
-    where = f"input '{name}'"
+    where = f"input {quoted(name)}"
     if type(size) is not int or size < 0:
-        raise BadRequest(f"{where}: parameters.binary_data_size must be a non-negative integer, got {size!r}")
+        raise BadRequest(f"{where}: parameters.binary_data_size must be a non-negative integer, got {quoted(size)}")
     expected = count * dtype.itemsize
     if size != expected:
         raise BadRequest(
@@ -536,7 +626,7 @@ def _decode_requested_outputs(outputs_json: Any) -> list[RequestedOutput] | None
     for index, output in enumerate(outputs_json):
         if not isinstance(output, dict) or not isinstance(output.get("name"), str):
             raise BadRequest(f"outputs[{index}] must be an object with a string 'name'")
-        where = f"output '{output['name']}'"
+        where = f"output {quoted(output['name'])}"
         parameters = _optional_object(output, "parameters", where)
         if parameters.get("classification"):
             raise BadRequest(f"{where}: the classification extension is not supported")
@@ -556,7 +646,7 @@ def _optional_object(container: Mapping[str, Any], key: str, where: str) -> dict
 def _flag(parameters: Mapping[str, Any], key: str, where: str) -> bool:
     value = parameters.get(key, False)
     if not isinstance(value, bool):
-        raise BadRequest(f"{where} '{key}' must be true or false, got {value!r}")
+        raise BadRequest(f"{where} '{key}' must be true or false, got {quoted(value)}")
     return value
 
 

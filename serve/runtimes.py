@@ -17,14 +17,14 @@ import json
 import logging
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from noisyseg.serve.protocol import datatype_of
+from noisyseg.serve.protocol import PlannedOutput, datatype_of
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +91,9 @@ class Runtime(ABC):
 
     platform: ClassVar[str]
     backend: ClassVar[str]
+    # Backends that hand the batch to torch.from_numpy, which wants a writeable array: a request's
+    # tensor is a read-only view of its gRPC message, copied only for them.
+    needs_writeable_input: ClassVar[bool] = False
 
     def __init__(self, path: str | Path, name: str, version: str = "1") -> None:
         self.path = Path(path)
@@ -147,8 +150,10 @@ class Runtime(ABC):
     def input_spec(self) -> TensorSpec:
         return TensorSpec(self.input_name, "FP32", self.input_shape)
 
-    def output_specs(self) -> list[TensorSpec]:
-        batch, _, height, width = self.input_shape
+    def output_specs(self, input_shape: tuple[int, ...] | None = None) -> list[TensorSpec]:
+        """Every output offered, shaped for a batch of `input_shape` (default: the model's input, -1
+        for variable dimensions); the number of classes is -1 when the model does not say."""
+        batch, _, height, width = input_shape or self.input_shape
         scores_shape = (batch, self.num_classes, height, width)
         specs = {
             "logits": TensorSpec("logits", "FP32", scores_shape),
@@ -156,6 +161,17 @@ class Runtime(ABC):
             "labels": TensorSpec("labels", datatype_of(self.labels_dtype), (batch, height, width)),
         }
         return [specs[name] for name in self.output_names]
+
+    def planned_outputs(self, input_shape: tuple[int, ...], names: Sequence[str], binary: Callable[[str], bool]) -> list[PlannedOutput]:
+        """The outputs `names` of a batch of `input_shape`, as the response will carry them (`binary`
+        says which go as raw bytes), known before the batch runs."""
+        specs = {spec.name: spec for spec in self.output_specs(input_shape)}
+        # Labels are class indices.
+        largest = self.num_classes - 1 if self.num_classes > 0 else None
+        return [
+            PlannedOutput(name, specs[name].datatype, specs[name].shape, binary(name), largest if name == "labels" else None)
+            for name in names
+        ]
 
     def metadata(self) -> dict[str, Any]:
         """The protocol's model metadata response."""
@@ -175,6 +191,8 @@ class Runtime(ABC):
 
     def infer(self, images: np.ndarray, outputs: frozenset[str]) -> dict[str, np.ndarray]:
         """Run a batch and return the requested outputs (any of `output_names`)."""
+        if self.needs_writeable_input and not images.flags.writeable:
+            images = images.copy()
         return derive_outputs(self._run(images), outputs)
 
 
@@ -257,6 +275,7 @@ class PyTorchBackend(Runtime):
 
     platform = "pytorch_libtorch"
     backend = "pytorch"
+    needs_writeable_input = True
 
     def __init__(self, path: str | Path, name: str, version: str = "1", device: str = "cpu") -> None:
         super().__init__(path, name, version)
@@ -300,6 +319,7 @@ class TensorRTBackend(_RunnerRuntime):
 
     platform = "tensorrt_plan"
     backend = "tensorrt"
+    needs_writeable_input = True
 
     def _load(self) -> None:
         from noisyseg.export.tensorrt_engine import TensorRTRunner, require_tensorrt

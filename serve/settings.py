@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,74 @@ DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 # Four bodies of the largest size in memory at once.
 DEFAULT_MAX_HELD_BODY_BYTES = 4 * DEFAULT_MAX_BODY_BYTES
 DEFAULT_BODY_TIMEOUT_S = 30.0
+# A client's request line and headers are a few hundred bytes: ten seconds is generous, and a
+# connection that trickles them in slowly is closed instead of held open for good.
+DEFAULT_HEADER_TIMEOUT_S = 10.0
+# Pixels (images x height x width) in one model call. Inference memory grows with them: the demo
+# UNet needs about 500 bytes a pixel in ONNX Runtime (measured, docs/serving.md), so the default,
+# one 2048 x 2048 image, keeps a batch near 2 GiB.
+DEFAULT_MAX_BATCH_PIXELS = 2048 * 2048
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class OptionRange:
+    """The values one size, time or count option of `noisyseg serve` takes: a finite number in
+    (low, high], or [low, high] with `low_included`; whole numbers only with `whole`."""
+
+    low: float
+    high: float
+    unit: str
+    low_included: bool = False
+    whole: bool = False
+
+    def __str__(self) -> str:
+        return f"{'[' if self.low_included else '('}{plain_number(self.low)}, {plain_number(self.high)}] {self.unit}".rstrip()
+
+    def parse(self, value: str | float, flag: str) -> float:
+        """`value` (the command line's text or a default) as a number, or ValueError naming `flag`."""
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        above = number >= self.low if self.low_included else number > self.low
+        inside = math.isfinite(number) and above and number <= self.high
+        if not inside or (self.whole and not number.is_integer()):
+            kind = "a whole number" if self.whole else "a finite number"
+            raise ValueError(f"{flag} must be {kind} in {self}, got {value!r}")
+        return int(number) if self.whole else number
+
+
+def plain_number(number: float) -> str:
+    """A number as a person writes it: 4194304 rather than 4.1943e+06."""
+    return str(int(number)) if float(number).is_integer() else f"{number:g}"
+
+
+# Every size, time and count option of `noisyseg serve`, HTTP and gRPC alike, is read through
+# its range here: a bad value stops the command before the server starts, naming the flag.
+_MIB_RANGE = OptionRange(0, 16384, "MiB")
+OPTION_RANGES = {
+    "--port": OptionRange(0, 65535, "", low_included=True, whole=True),
+    "--grpc-port": OptionRange(0, 65535, "", low_included=True, whole=True),
+    "--max-batch-size": OptionRange(1, 65536, "images", low_included=True, whole=True),
+    "--max-batch-pixels": OptionRange(1, 2**36, "pixels", low_included=True, whole=True),
+    "--max-queue-delay-ms": OptionRange(0, 60_000, "ms", low_included=True),
+    "--max-body-mb": _MIB_RANGE,
+    "--max-held-body-mb": _MIB_RANGE,
+    "--max-response-mb": _MIB_RANGE,
+    # gRPC's message limits are signed 32-bit byte counts.
+    "--grpc-max-receive-mb": OptionRange(0, 2047, "MiB"),
+    "--grpc-max-send-mb": OptionRange(0, 2047, "MiB"),
+    "--header-timeout-s": OptionRange(0, 3600, "s"),
+    "--body-timeout-s": OptionRange(0, 3600, "s"),
+    "--request-timeout-s": OptionRange(0, 86_400, "s"),
+    "--threads": OptionRange(1, 1024, "threads", low_included=True, whole=True),
+}
+
+
+def mib_to_bytes(mib: float) -> int:
+    """A size in MiB as bytes: at least one byte for any positive size."""
+    return max(1, math.floor(mib * MIB))
 
 
 @dataclass(frozen=True)
@@ -37,6 +106,13 @@ class ServerSettings:
     max_held_body_bytes: int = DEFAULT_MAX_HELD_BODY_BYTES
     # Longest a client may take to send a request body (slow uploads hold memory).
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    # Longest a client may take to send a request's line and headers (then the connection closes).
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+    # The inference memory budget: pixels in one model call, HTTP and gRPC requests together.
+    max_batch_pixels: int = DEFAULT_MAX_BATCH_PIXELS
+    # Pixels allowed to wait per model: one full batch beside the one running (None: as many as
+    # `max_batch_pixels`), so a queued request waits for at most two model calls.
+    max_queued_pixels: int | None = None
     # Largest response body; a larger answer is a 400 pointing at `labels` or binary data.
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
     request_timeout_s: float = 60.0
@@ -59,16 +135,24 @@ class ServerSettings:
             "max_body_bytes": self.max_body_bytes,
             "max_held_body_bytes": self.max_held_body_bytes,
             "body_timeout_s": self.body_timeout_s,
+            "header_timeout_s": self.header_timeout_s,
+            "max_batch_pixels": self.max_batch_pixels,
+            "queued_pixels": self.queued_pixels,
             "max_response_bytes": self.max_response_bytes,
             "request_timeout_s": self.request_timeout_s,
             "grpc_max_receive_bytes": self.grpc_max_receive_bytes,
             "grpc_max_send_bytes": self.grpc_max_send_bytes,
         }
         for name, value in positive.items():
-            if value <= 0:
-                raise ValueError(f"server setting {name} must be positive, got {value}")
-        if self.max_queue_delay_ms < 0 or self.graceful_shutdown_s < 0:
-            raise ValueError("server settings max_queue_delay_ms and graceful_shutdown_s must not be negative")
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"server setting {name} must be a positive finite number, got {value}")
+        for name, value in (("max_queue_delay_ms", self.max_queue_delay_ms), ("graceful_shutdown_s", self.graceful_shutdown_s)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"server setting {name} must be a finite number, not negative, got {value}")
+        if self.queued_pixels < self.max_batch_pixels:
+            raise ValueError(
+                f"server setting max_queued_pixels ({self.queued_pixels}) must be at least max_batch_pixels ({self.max_batch_pixels})"
+            )
         for name, port in (("port", self.port), ("grpc_port", self.grpc_port)):
             if port is not None and not 0 <= port <= 65535:
                 raise ValueError(f"server setting {name} must be in 0..65535, got {port}")
@@ -88,6 +172,10 @@ class ServerSettings:
             )
         if self.api_key is not None and not self.api_key:
             raise ValueError("server setting api_key must not be empty (leave it unset for no key)")
+
+    @property
+    def queued_pixels(self) -> int:
+        return self.max_queued_pixels if self.max_queued_pixels is not None else self.max_batch_pixels
 
     @property
     def max_queue_delay_s(self) -> float:

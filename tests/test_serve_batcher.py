@@ -214,3 +214,33 @@ def test_statistics_count_requests_batches_and_durations_as_triton_defines_them(
     assert inference["cache_hit"] == inference["cache_miss"] == {"count": 0, "ns": 0}
     assert [(b["batch_size"], b["compute_infer"]["count"]) for b in stats["batch_stats"]] == [(2, 1), (3, 1)]
     assert all(b["compute_infer"]["ns"] >= 50_000_000 for b in stats["batch_stats"])
+
+
+def test_batches_stay_within_the_pixel_budget_and_the_queue_within_its_pixels() -> None:
+    model = RecordingModel(seconds=0.2)
+    budget = 3 * 8 * 8  # pixels: three 8 x 8 images
+
+    async def scenario() -> list:
+        batcher = make_batcher(model, max_batch_size=8, max_delay_s=0.05, max_batch_pixels=budget, max_queued_pixels=4 * budget)
+        batcher.start()
+        small = [images(seed, size=(8, 8)) for seed in range(5)]
+        wide = [images(10 + seed, count=2, size=(8, 12)) for seed in range(2)]
+        results = await submit_all(batcher, small + wide)
+        # The queue holds 4 budgets' worth: 12 images of 8 x 8 wait, a 13th is refused.
+        blocker = asyncio.ensure_future(batcher.submit(images(20, count=3, size=(8, 8)), ["scores"]))
+        await asyncio.sleep(0.05)  # a full batch: running now (0.2 s), and the queue empty again
+        queued = [asyncio.ensure_future(batcher.submit(images(30 + seed, size=(8, 8)), ["scores"])) for seed in range(12)]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull, match=f"768 pixels queued, and this request's 64 would pass the limit of {4 * budget}"):
+            await batcher.submit(images(50, size=(8, 8)), ["scores"])
+        await asyncio.gather(blocker, *queued)
+        await batcher.stop()
+        return [small + wide, results]
+
+    requests, results = asyncio.run(scenario())
+    for request, result in zip(requests, results, strict=True):
+        np.testing.assert_array_equal(result["scores"], per_image(request))
+    pixels = [shape[0] * shape[2] * shape[3] for shape in model.batch_shapes]
+    assert max(pixels) <= budget, model.batch_shapes
+    # Three 8 x 8 images fill a batch; a request of two 8 x 12 images (192 pixels) runs alone.
+    assert (3, 1, 8, 8) in model.batch_shapes and (2, 1, 8, 12) in model.batch_shapes

@@ -1,13 +1,16 @@
 """The server's limits and bad-input answers over real HTTP: bodies held at once (503), slow
-bodies (408), clients that leave mid-body (no server error), responses over the size limit
-(400), inputs that once crashed the route (400, not 500), the schema routes, and a health check
-that stays quick while a 2048 x 2048 request is in flight."""
+bodies (408) and slow headers (closed), clients that leave mid-body (no server error), responses
+over the size limit (400 before any inference), the inference budget (batches kept under it, a
+full queue 503 with Retry-After, a request over it 400), names quoted at a bounded length, inputs
+that once crashed the route (400, not 500), the serve options' ranges, the schema routes, and a
+health check that stays quick while a 2048 x 2048 request is in flight."""
 
 from __future__ import annotations
 
 import http.client
 import json
 import logging
+import math
 import re
 import socket
 import threading
@@ -19,10 +22,10 @@ import pytest
 import tritonclient.http as httpclient
 from serve_helpers import conv_runtime, running_server, write_conv_model
 
-from noisyseg.cli import build_parser
-from noisyseg.commands.serve import settings_from_args
+from noisyseg.cli import build_parser, main
 from noisyseg.export.onnxruntime_runner import OnnxRuntimeRunner
 from noisyseg.serve.loadgen import ServerProcess, binary_infer_body
+from noisyseg.serve.protocol import _QUOTED_CHARS
 from noisyseg.serve.settings import ServerSettings
 
 BODY_LIMIT = 64 * 1024
@@ -189,9 +192,172 @@ def test_limits_come_from_the_serve_flags_with_triton_like_defaults() -> None:
         3 * 2**19, 128 * 2**20, 2.0, True)
     with pytest.raises(ValueError, match=r"max_held_body_bytes \(1024\) must be at least max_body_bytes"):
         ServerSettings(max_held_body_bytes=1024)
-    for field in ("max_response_bytes", "body_timeout_s"):
-        with pytest.raises(ValueError, match=f"server setting {field} must be positive"):
-            ServerSettings(**{field: 0})
+    for field in ("max_response_bytes", "body_timeout_s", "header_timeout_s"):
+        for value in (0, math.nan, math.inf):
+            with pytest.raises(ValueError, match=f"server setting {field} must be a positive finite number"):
+                ServerSettings(**{field: value})
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--max-response-mb", "0"), ("--max-response-mb", "-1"), ("--max-body-mb", "-5"), ("--max-body-mb", "inf"),
+        ("--max-body-mb", "nan"), ("--body-timeout-s", "nan"), ("--header-timeout-s", "0"), ("--request-timeout-s", "inf"),
+        ("--max-held-body-mb", "1e9"), ("--grpc-max-receive-mb", "2048"), ("--grpc-max-send-mb", "-1"),
+        ("--grpc-max-send-mb", "nan"), ("--max-batch-pixels", "1.5"), ("--max-batch-size", "0"), ("--threads", "two"),
+        ("--max-queue-delay-ms", "-1"), ("--port", "70000"),
+    ],
+)
+def test_a_bad_size_or_time_option_stops_serve_before_it_starts_naming_the_flag(tmp_path, capsys, flag, value) -> None:
+    # The model does not exist: an error about the option proves it was refused first.
+    code = main(["--log-level", "ERROR", "serve", "--model", str(tmp_path / "missing.onnx"), flag, value])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"noisyseg serve: error: {flag} must be a " in err and f"got {value!r}" in err, err
+
+
+def test_option_ranges_admit_their_bounds() -> None:
+    args = build_parser().parse_args(["serve", "--model", "m.onnx", "--grpc-max-send-mb", "2047", "--max-queue-delay-ms", "0",
+                                      "--max-batch-pixels", "65536", "--header-timeout-s", "0.5", "--port", "0"])
+    chosen = settings_from_args(args)
+    assert (chosen.grpc_max_send_bytes, chosen.max_queue_delay_ms, chosen.max_batch_pixels) == (2047 * 2**20, 0.0, 65536)
+    assert (chosen.header_timeout_s, chosen.port, chosen.queued_pixels) == (0.5, 0, 65536)
+
+
+def test_connections_that_send_their_headers_too_slowly_are_closed(model_dir) -> None:
+    with running_server([conv_runtime(model_dir, "slow")], ServerSettings(header_timeout_s=0.5)) as running:
+        fresh = [raw_request(running.port, "GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n".rstrip("\r\n")) for _ in range(3)]
+        # A keep-alive connection after one answered request: its next request's headers are timed too.
+        kept = socket.create_connection(("127.0.0.1", running.port), timeout=10)
+        kept.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_reply(kept)[0] == 200
+        kept.sendall(b"GET /v2/health/ready HTTP/1.1\r\n")
+        slow = [*fresh, kept]
+        started = time.monotonic()
+        answers: dict[int, bytes] = {}
+        while len(answers) < len(slow) and time.monotonic() - started < 5:
+            for index, conn in enumerate(slow):
+                if index in answers:
+                    continue
+                try:
+                    conn.sendall(b"X")  # one more byte of a header line, every 0.1 s
+                    conn.settimeout(0.001)
+                    answers[index] = conn.recv(4096)
+                except (TimeoutError, BlockingIOError):
+                    pass
+                except (BrokenPipeError, ConnectionResetError):
+                    answers[index] = b""
+            # Other clients are served meanwhile.
+            assert httpx.get(running.url + "/v2/health/ready").status_code == 200
+            time.sleep(0.1)
+        elapsed = time.monotonic() - started
+        for conn in slow:
+            conn.close()
+    assert len(answers) == len(slow), f"{len(slow) - len(answers)} slow connections still open after {elapsed:.1f} s"
+    assert elapsed < 3.0
+    assert all(answer == b"" or answer.startswith(b"HTTP/1.1 408 ") for answer in answers.values()), answers
+
+
+def test_names_are_quoted_in_errors_cut_to_a_bounded_length(server) -> None:
+    long_name = "m" * 12_000
+    reply = httpx.get(f"{server.url}/v2/models/{long_name}/ready")
+    message = reply.json()["error"]
+    assert reply.status_code == 404 and message.startswith("unknown model 'mmmm") and "(12002 characters)" in message
+    assert len(message) < _QUOTED_CHARS + 200
+    body = json_body(np.ones((1, 1, 4, 4)))
+    body["inputs"][0]["name"] = "i" * 20_000
+    body["outputs"] = [{"name": "o" * 20_000}]
+    reply = httpx.post(server.url + "/v2/models/conv/infer", json=body)
+    assert reply.status_code == 400 and len(reply.json()["error"]) < 2 * _QUOTED_CHARS + 200, reply.text[:300]
+    assert "takes exactly one input named 'image', got ['iiii" in reply.json()["error"]
+
+
+def model_stats(url: str, model: str = "conv") -> dict:
+    return httpx.get(f"{url}/v2/models/{model}/stats").json()["model_stats"][0]
+
+
+def test_an_answer_over_the_response_limit_is_refused_before_any_inference(server, model_dir) -> None:
+    url = server.url + "/v2/models/conv/infer"
+    before = model_stats(server.url)
+    images = np.random.default_rng(1).normal(size=(1, 1, 64, 64)).astype(np.float32)
+    body, json_length = binary_infer_body(images, ["logits"])  # 3 x 64 x 64 float32: 48 KiB of binary logits
+    refused = [
+        httpx.post(url, content=body, headers={"Inference-Header-Content-Length": str(json_length)}),
+        httpx.post(url, json=json_body(images[:, :, :16, :16])),  # every output as JSON: at most 16 bytes a number
+    ]
+    for reply in refused:
+        assert reply.status_code == 400
+        assert re.search(rf"\(up to \d+ bytes\) exceeds the limit of {RESPONSE_LIMIT} bytes; .*--max-response-mb",
+                         reply.json()["error"]), reply.json()
+    # Exactly the binary answer's size: its JSON header and 49,152 bytes of logits.
+    header = json.dumps({"model_name": "conv", "model_version": "1", "outputs": [
+        {"name": "logits", "datatype": "FP32", "shape": [1, 3, 64, 64], "parameters": {"binary_data_size": 49152}}]},
+        separators=(",", ":"))
+    assert f"(up to {len(header) + 49152} bytes)" in refused[0].json()["error"]
+    after = model_stats(server.url)
+    assert after["execution_count"] == before["execution_count"], "the model ran for a refused answer"
+    assert after["inference_stats"]["success"]["count"] == before["inference_stats"]["success"]["count"]
+
+
+BUDGET = 256  # pixels per model call: two 8 x 16 images
+
+
+@pytest.fixture(scope="module")
+def budgeted(model_dir):
+    """A server whose inference budget is two 8 x 16 images, whose lone requests wait up to 1 s for a partner."""
+    settings = ServerSettings(max_batch_pixels=BUDGET, max_batch_size=8, max_queue_delay_ms=1000)
+    with running_server([conv_runtime(model_dir, "conv")], settings) as running:
+        yield running
+
+
+def post_images(url: str, images: np.ndarray) -> httpx.Response:
+    body, json_length = binary_infer_body(images, ["labels"])
+    return httpx.post(url + "/v2/models/conv/infer", content=body, headers={"Inference-Header-Content-Length": str(json_length)},
+                      timeout=30)
+
+
+def test_batches_stay_within_the_pixel_budget(budgeted, model_dir) -> None:
+    requests = [np.random.default_rng(seed).normal(size=(1, 1, 8, 16)).astype(np.float32) for seed in range(6)]
+    replies: dict[int, httpx.Response] = {}
+    threads = [threading.Thread(target=lambda i=i: replies.__setitem__(i, post_images(budgeted.url, requests[i]))) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    runner = OnnxRuntimeRunner(model_dir / "conv.onnx")
+    for index, images in enumerate(requests):
+        reply = replies[index]
+        assert reply.status_code == 200, reply.text
+        decoded = httpclient.InferenceServerClient.parse_response_body(
+            reply.content, header_length=int(reply.headers["Inference-Header-Content-Length"]))
+        np.testing.assert_array_equal(decoded.as_numpy("labels"), runner.run(images)["logits"].argmax(axis=1))
+    sizes = {entry["batch_size"]: entry["compute_infer"]["count"] for entry in model_stats(budgeted.url)["batch_stats"]}
+    # Six images that max_batch_size alone would run together ran two at a time, the budget's worth.
+    assert set(sizes) == {2} and sizes[2] == 3, sizes
+
+
+def test_a_full_queue_gets_503_with_retry_after_and_a_request_over_the_budget_400(budgeted) -> None:
+    table = budgeted.app.state.models
+    waiting: dict[str, httpx.Response] = {}
+    # Two lone requests of different shapes wait for partners (1 s), holding the queue's 256 pixels.
+    shapes = {"wide": (8, 16), "tall": (16, 8)}
+    threads = [threading.Thread(target=lambda k=k: waiting.__setitem__(k, post_images(budgeted.url, np.zeros((1, 1, *shapes[k]), np.float32))))
+               for k in shapes]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while table.models["conv"].batcher.queued_images < 2:
+        assert time.monotonic() < deadline, "the two requests never queued"
+        time.sleep(0.01)
+    full = post_images(budgeted.url, np.zeros((1, 1, 8, 8), np.float32))
+    assert full.status_code == 503 and full.headers["retry-after"] == "1", full.text
+    assert "128 pixels queued" not in full.json()["error"] and "pixels queued" in full.json()["error"]
+    for thread in threads:
+        thread.join(30)
+    assert [waiting[k].status_code for k in shapes] == [200, 200]
+    over = post_images(budgeted.url, np.zeros((1, 1, 16, 17), np.float32))
+    assert over.status_code == 400
+    assert "1 x 16 x 17 = 272 pixels exceeds the server's inference budget of 256 pixels per model call (--max-batch-pixels)" in over.json()["error"]
 
 
 HEALTH_BOUND_S = 0.1
@@ -209,26 +375,20 @@ def big_request(image: np.ndarray, kind: str) -> tuple[bytes, dict[str, str]]:
         body = {"inputs": [{"name": "image", "shape": list(image.shape), "datatype": "FP32", "data": data}],
                 "outputs": [{"name": "labels"}]}
         return json.dumps(body).encode(), {}
-    if kind == "binary-all-outputs":
-        body, json_length = binary_infer_body(image, ["logits", "probs", "labels"])
-        return body, {"Inference-Header-Content-Length": str(json_length)}
-    raw = image.tobytes()  # binary input, no outputs named: all three as JSON
-    header = json.dumps({"inputs": [{"name": "image", "shape": list(image.shape), "datatype": "FP32",
-                                     "parameters": {"binary_data_size": len(raw)}}]}).encode()
-    return header + raw, {"Inference-Header-Content-Length": str(len(header))}
+    body, json_length = binary_infer_body(image, ["logits", "probs", "labels"])  # binary-all-outputs
+    return body, {"Inference-Header-Content-Length": str(json_length)}
 
 
 @pytest.mark.parametrize(
     ("kind", "server_args", "status"),
     [
-        # The reported case: no outputs named, JSON answer. It stops at the 64 MiB default limit.
-        ("json-over-the-limit", (), 400),
+        # (No outputs named, JSON answer: over the 64 MiB default limit, now refused before inference.)
         # Every output as binary data (128 MiB), under a raised limit.
         ("binary-all-outputs", ("--max-response-mb", "160"), 200),
         # The image itself as JSON numbers.
         ("json-input-labels", (), 200),
     ],
-    ids=["json-over-the-limit", "binary-all-outputs", "json-input-labels"],
+    ids=["binary-all-outputs", "json-input-labels"],
 )
 def test_health_answers_quickly_while_a_2048_square_request_is_in_flight_and_memory_comes_back(
     tmp_path, kind, server_args, status

@@ -15,11 +15,14 @@ from noisyseg.serve.protocol import (
     DATATYPES,
     BadRequest,
     InputTensor,
+    PlannedOutput,
     ServeError,
     check_finite,
     check_shape,
+    datatype_of,
     decode_request,
     encode_response,
+    response_bytes_at_most,
 )
 
 # Datatypes tritonclient encodes identically in JSON and binary (FP16 has no JSON form there).
@@ -222,6 +225,35 @@ def test_response_size_limit_is_exact_and_says_what_to_ask_for() -> None:
     binary = [("labels", labels, True)]
     with pytest.raises(BadRequest, match="exceeds the limit"):
         encode_response("m", "1", None, binary, max_bytes=labels.nbytes)
+
+
+def planned(outputs: list[tuple[str, np.ndarray, bool]], largest: dict[str, int] | None = None) -> list[PlannedOutput]:
+    return [PlannedOutput(name, datatype_of(array.dtype), array.shape, binary, (largest or {}).get(name)) for name, array, binary in outputs]
+
+
+def test_the_answer_size_known_before_inference_is_exact_for_binary_and_the_widest_json() -> None:
+    """`response_bytes_at_most` against what `encode_response` then writes: equal for binary
+    tensors, and for JSON tensors equal when every number prints at its widest, larger otherwise."""
+    rng = np.random.default_rng(3)
+    f16, f32, f64 = np.finfo(np.float16), np.finfo(np.float32), np.finfo(np.float64)
+    # The widest text each kind prints as: a sign, every significant digit and a two- or
+    # three-digit negative exponent; for labels, the last class index.
+    widest = [
+        ("h", np.full((2, 3), -f16.tiny, np.float16), False), ("f", np.full((1, 3, 4, 5), -f32.tiny, np.float32), False),
+        ("d", np.full((7,), -f64.tiny, np.float64), False), ("labels", np.full((1, 4, 5), 4, np.int64), False),
+        ("b", np.zeros((3,), np.bool_), False), ("i", np.full((2,), np.iinfo(np.int64).min, np.int64), False),
+    ]
+    typical = [
+        ("f", rng.normal(size=(1, 3, 4, 5)).astype(np.float32), False), ("labels", rng.integers(0, 5, (1, 4, 5)), False),
+        ("raw", rng.normal(size=(1, 3, 4, 5)).astype(np.float32), True), ("u", rng.integers(0, 9, (2, 3)).astype(np.uint8), True),
+    ]
+    for outputs, exact in ((widest, True), (typical, False), (typical[2:], True)):
+        bound = response_bytes_at_most("model", "1", "an id", planned(outputs, {"labels": 4}))
+        size = encode_response("model", "1", "an id", outputs).size
+        assert bound == size if exact else bound > size, (bound, size)
+    # Unknown dimensions (a model that does not say how many classes it has): no bound.
+    unknown = PlannedOutput("logits", "FP32", (1, -1, 4, 5), binary=True)
+    assert response_bytes_at_most("model", "1", None, [unknown]) is None
 
 
 def test_non_finite_outputs_are_a_server_fault_not_bare_nan_in_json() -> None:
