@@ -23,6 +23,7 @@ import tritonclient.http as httpclient
 from serve_helpers import conv_runtime, running_server, write_conv_model
 
 from noisyseg.cli import build_parser, main
+from noisyseg.commands.serve import settings_from_args
 from noisyseg.export.onnxruntime_runner import OnnxRuntimeRunner
 from noisyseg.serve.loadgen import ServerProcess, binary_infer_body
 from noisyseg.serve.protocol import _QUOTED_CHARS
