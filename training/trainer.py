@@ -24,6 +24,7 @@ from noisyseg.evaluation.inference import forward_scales
 from noisyseg.kernels import ARM
 from noisyseg.methods.correction import LabelCorrections
 from noisyseg.methods.hooks import ArmHook, LabelHook
+from noisyseg.methods.objective import MethodObjective
 from noisyseg.models import create_model
 from noisyseg.runs.checkpoint import find_checkpoint
 from noisyseg.runs.run_dir import RunDir
@@ -77,7 +78,8 @@ def make_trainer(config: TrainConfig, data: RunData, ctx: DistContext = SINGLE_P
     if config.distributed.sync_batchnorm:
         model = convert_sync_batchnorm(model, ctx)
     model = model.to(device=device, memory_format=memory_format)
-    optimizer = make_optimizer(model.parameters(), config.optim)
+    objective = MethodObjective(config, data.info.ignore_index).to(device)
+    optimizer = make_optimizer([*model.parameters(), *objective.parameters()], config.optim)  # a loss may learn (T-Loss's nu)
     arm = None
     if spec.arm:
         module = ARM().to(device)
@@ -89,7 +91,7 @@ def make_trainer(config: TrainConfig, data: RunData, ctx: DistContext = SINGLE_P
     corrections = LabelCorrections(store, ctx, device, data.cached, config.adele, data.info.ignore_index)
     labels = LabelHook(config, spec, corrections, data.train_labels, data.train_ids, list(data.info.classes), workdir)
     network = distributed_network(model, config, ctx)
-    return Trainer(config, data, ctx, model, network, optimizer, labels, arm, memory_format)
+    return Trainer(config, data, ctx, model, network, objective, optimizer, labels, arm, memory_format)
 
 
 def distributed_network(model: nn.Module, config: TrainConfig, ctx: DistContext) -> nn.Module:
