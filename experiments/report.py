@@ -8,12 +8,10 @@ convention); mean ± sample standard deviation over noise seeds.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,99 +26,51 @@ from noisyseg.experiments.correction_analysis import label_quality, quality_row
 from noisyseg.experiments.experiment import (
     ARM_STUDY,
     COARSE_METHODS,
-    LADDER_RUNS,
     SCHEDULES,
-    TABLE1_RUNS,
-    TIMING_FILE,
     NoiseSpec,
     RunSpec,
     Scale,
     annotation_quality,
     data_paths,
 )
+from noisyseg.experiments.results import (
+    LADDER_NAMES,
+    TABLE1_NAMES,
+    RunResult,
+    by_method,
+    load_results,
+    mean_std,
+    nan_if_none,
+    paired,
+    verdict,
+)
+from noisyseg.experiments.selection_report import (
+    never_loses_lines,
+    selection_target_lines,
+    user_table,
+)
 from noisyseg.io import atomic_open, atomic_write_text
 from noisyseg.runs.run_dir import RunDir
 
 THREE = (("best_val", "best val"), ("max", "max test"), ("last", "last epoch"))
-# The run names (method, or method@overrides for a variant) of Table 1 and the ladder.
-TABLE1_NAMES = [RunSpec("table1", m, NoiseSpec(), overrides=v).name for m, v in TABLE1_RUNS]
-LADDER_NAMES = [RunSpec("ladder", m, NoiseSpec(), overrides=v).name for m, v in LADDER_RUNS]
-# What a user gets (`selection.py`): the test mIoU at each rule's epoch; clean-val is the oracle.
-USER_COLUMNS = (("last", "last epoch"), ("noisy-val", "noisy-val"), ("label-free", "label-free (Label Wave)"), ("label-free-curves", "label-free (fitted curves)"), ("clean-val", "clean-val (oracle)"))
-# The methods whose selection the targets judge (issue 23, part 1) and what they ask: within
-# 1.0 point of the oracle and no more than 0.5 below the last epoch, mean over seeds.
-USER_METHODS = ("baseline-ms", "adele", "tloss")
-ORACLE_GAP, LAST_GAP = 0.010, 0.005
 # ADELE Table 1 (SegTHOR, last-epoch test mIoU, 5 noise draws) and ARM Table 4/5 (Cityscapes
 # coarse, val mIoU), for the reader to compare with.
 PAPER_TABLE1 = {"baseline-ms": "59.1 ± 1.3", "adele-nonadaptive": "40.5 ± 2.3", "adele": "70.8 ± 0.7"}
 PAPER_COARSE = {"baseline": "70.33", "gce": "71.23", "ohem": "70.31", "arm": "71.94", "gce+arm": "72.08"}
 
 
-@dataclass
-class RunResult:
-    """What the report needs from one finished run."""
-
-    spec: RunSpec
-    summary: dict[str, Any]
-    records: list[dict[str, Any]]
-    timing: dict[str, Any] | None
-    path: Path | None = None  # the run directory
-
-    def series(self, split: str, key: str = "miou") -> np.ndarray:
-        return np.array([_nan(r[split][key]) for r in self.records])
-
-    def diagnostic(self, key: str) -> np.ndarray | None:
-        """Mean over foreground classes of IoU_el or IoU_m per epoch (None without clean labels)."""
-        if not all(key in r for r in self.records):
-            return None
-        return np.array([np.nanmean([_nan(v) for v in r[key].values()] or [math.nan]) for r in self.records])
 
 
-def _nan(value: Any) -> float:
-    return math.nan if value is None else float(value)
 
 
-def load_results(root: Path, specs: Sequence[RunSpec]) -> list[RunResult]:
-    """The finished runs among `specs` (those with a summary.json)."""
-    results = []
-    for spec in specs:
-        run = RunDir(root / "runs" / spec.relative_dir)
-        if not run.is_finished():
-            continue
-        timing_path = run.path / TIMING_FILE
-        results.append(
-            RunResult(
-                spec=spec,
-                summary=run.read_summary(),
-                records=run.read_metrics(),
-                timing=json.loads(timing_path.read_text(encoding="utf-8")) if timing_path.is_file() else None,
-                path=run.path,
-            )
-        )
-    return results
 
 
-def mean_std(values: Sequence[float | None]) -> str:
-    """'61.2 ± 1.4' in percent over the finite values ('-' if none; no ± for a single value)."""
-    finite = [100 * v for v in values if v is not None and math.isfinite(v)]
-    if not finite:
-        return "-"
-    if len(finite) == 1:
-        return f"{finite[0]:.1f}"
-    return f"{statistics.mean(finite):.1f} ± {statistics.stdev(finite):.1f}"
 
 
 def _cell(runs: list[RunResult], key: str, which: str) -> str:
     return mean_std([r.summary[key][which] for r in runs])
 
 
-def _by_method(results: list[RunResult], experiment: str, method: str, level: int | None = None, match_level: bool = False) -> list[RunResult]:
-    """The runs of `method` (a variant: `RunSpec.name`, e.g. `arm@arm.lr=0.01`) in `experiment`."""
-    return [
-        r for r in results
-        if r.spec.experiment == experiment and r.spec.name == method and (not match_level or r.spec.noise.level == level)
-    ]
 
 
 def method_table(results: list[RunResult], experiment: str, methods: Sequence[str], paper: dict[str, str], paper_label: str) -> list[str]:
@@ -129,7 +79,7 @@ def method_table(results: list[RunResult], experiment: str, methods: Sequence[st
     header += " | " + " | ".join(f"fg {label}" for _, label in THREE) + f" | final IoU_m (fg) | {paper_label} |"
     lines = [header, "|" + " --- |" * (len(THREE) * 2 + 4)]
     for method in methods:
-        runs = _by_method(results, experiment, method)
+        runs = by_method(results, experiment, method)
         memorised = [_last_finite(r.diagnostic("iou_m")) for r in runs]
         cells = [_cell(runs, "test_miou", k) for k, _ in THREE] + [_cell(runs, "test_miou_fg", k) for k, _ in THREE]
         lines.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + f" | {mean_std(memorised)} | {paper.get(method, '')} |")
@@ -140,7 +90,7 @@ def per_class_table(results: list[RunResult], experiment: str, methods: Sequence
     """Markdown rows: per method the last-epoch test IoU of each class."""
     lines = ["| method | " + " | ".join(class_names) + " |", "|" + " --- |" * (len(class_names) + 1)]
     for method in methods:
-        runs = _by_method(results, experiment, method)
+        runs = by_method(results, experiment, method)
         if runs:
             cells = [mean_std([r.records[-1]["test"]["per_class_iou"][c] for r in runs]) for c in range(len(class_names))]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
@@ -166,30 +116,19 @@ def ladder_table(root: Path, scale: Scale, results: list[RunResult], levels: Seq
         "|" + " --- |" * (len(LADDER_NAMES) + 4),
     ]
     for level in levels:
-        runs = {m: _by_method(results, "ladder", m, level, match_level=True) for m in LADDER_NAMES}
+        runs = {m: by_method(results, "ladder", m, level, match_level=True) for m in LADDER_NAMES}
         qualities = [q for q in (annotation_quality(root, scale, r.spec.noise) for r in runs["baseline-ms"] or runs["adele"]) if q]
         annotation = "-"
         if qualities:
             annotation = f"{mean_std([q['annotation_miou'] for q in qualities])} ({mean_std([q['annotation_miou_fg'] for q in qualities])})"
         cells = [f"{_cell(rs, 'test_miou', which)} (n={len(rs)})" if rs else "-" for rs in runs.values()]
-        delta = _paired(runs["adele"], runs["baseline-ms"], which)
+        delta = paired(runs["adele"], runs["baseline-ms"], which)
         lines.append(f"| {level} | {LEVEL_ITERATIONS[level]} | {annotation} | " + " | ".join(cells) + f" | {mean_std(delta) if delta else '-'} |")
     return lines
 
 
-def _score(run: RunResult, which: str) -> float | None:
-    """A run's test mIoU at `which`: "best_val", "last" or "max", or a selection rule's epoch
-    (None for a summary written before the rules)."""
-    if which in run.summary["test_miou"]:
-        return run.summary["test_miou"][which]
-    return (run.summary.get("test_miou_at") or {}).get(which)
 
 
-def _paired(runs: list[RunResult], reference: list[RunResult], which: str) -> list[float]:
-    """Per noise seed both finished: `runs`' test mIoU minus `reference`'s, at `which`."""
-    by_seed = {r.spec.noise.seed: _score(r, which) for r in reference}
-    pairs = [(_score(r, which), by_seed.get(r.spec.noise.seed)) for r in runs]
-    return [mine - theirs for mine, theirs in pairs if mine is not None and theirs is not None]
 
 
 def _file_name(name: str) -> str:
@@ -197,81 +136,20 @@ def _file_name(name: str) -> str:
     return name.replace("+", "_").replace("@", "_").replace("=", "")
 
 
-def _settings(experiments: set[str], levels: Sequence[int]) -> list[tuple[str, int | None, str, list[str]]]:
-    """(experiment, level, label, run names) of the settings the user tables cover."""
-    settings = [("ladder", level, f"level {level}", LADDER_NAMES) for level in levels] if "ladder" in experiments else []
-    return settings + ([("table1", None, "Table 1", TABLE1_NAMES)] if "table1" in experiments else [])
 
 
-def _runs_of(results: list[RunResult], experiment: str, level: int | None, name: str) -> list[RunResult]:
-    return _by_method(results, experiment, name, level, match_level=experiment == "ladder")
 
 
-def user_table(results: list[RunResult], experiments: set[str], levels: Sequence[int]) -> list[str]:
-    """Markdown rows: per setting and method, the test mIoU at the last epoch, at the epoch each
-    selection rule a user can apply chooses, and at the clean-validation oracle's."""
-    lines = ["| setting | method | seeds | " + " | ".join(label for _, label in USER_COLUMNS) + " |", "|" + " --- |" * (len(USER_COLUMNS) + 3)]
-    for experiment, level, label, names in _settings(experiments, levels):
-        for name in names:
-            runs = _runs_of(results, experiment, level, name)
-            if runs:
-                cells = [mean_std([_score(r, rule) for r in runs]) for rule, _ in USER_COLUMNS]
-                lines.append(f"| {label} | {name} | {len(runs)} | " + " | ".join(cells) + " |")
-    return lines
 
 
-def selection_target_lines(results: list[RunResult], experiments: set[str], levels: Sequence[int]) -> list[str]:
-    """The selection targets per setting and method: each rule a user can apply (noisy-val, and
-    the label-free candidates) within 1.0 point of the oracle and no more than 0.5 below the
-    last epoch, mean over seeds. Cells: rule minus oracle / rule minus last epoch, met or not."""
-    rules = [(rule, label) for rule, label in USER_COLUMNS if rule not in ("last", "clean-val")]
-    lines = [
-        f"Selection targets: each rule within {100 * ORACLE_GAP:.1f} point of the clean-validation oracle and no more than {100 * LAST_GAP:.1f} below the last epoch "
-        "(test mIoU, mean over seeds; cells: minus oracle / minus last epoch):",
-        "",
-        "| setting | method | seeds | " + " | ".join(label for _, label in rules) + " |",
-        "|" + " --- |" * (len(rules) + 3),
-    ]
-    for experiment, level, label, _ in _settings(experiments, levels):
-        for name in USER_METHODS:
-            runs = [r for r in _runs_of(results, experiment, level, name) if r.summary.get("test_miou_at")]
-            if not runs:
-                continue
-            cells = []
-            for rule, _ in rules:
-                to_oracle = [d for r in runs if (d := _difference(r, rule, "clean-val")) is not None]
-                to_last = [d for r in runs if (d := _difference(r, rule, "last")) is not None]
-                ok = None if not (to_oracle and to_last) else statistics.mean(to_oracle) >= -ORACLE_GAP and statistics.mean(to_last) >= -LAST_GAP
-                cells.append(f"{_signed(to_oracle)} / {_signed(to_last)} {_verdict(ok)}")
-            lines.append(f"| {label} | {name} | {len(runs)} | " + " | ".join(cells) + " |")
-    return lines
 
 
-def _difference(run: RunResult, which: str, reference: str) -> float | None:
-    mine, theirs = _score(run, which), _score(run, reference)
-    return None if mine is None or theirs is None else mine - theirs
 
 
-def _signed(values: list[float]) -> str:
-    return "-" if not values else f"{100 * statistics.mean(values):+.1f}"
 
 
-# Issue 23, part 2, at the noisy-validation selection: adele against baseline-ms per setting.
-NEVER_LOSES = ((0, -0.005, "at least baseline-ms - 0.5"), (1, -0.005, "at least baseline-ms - 0.5"), (3, 0.05, "at least 5 points above baseline-ms"),
-               (4, 0.05, "at least 5 points above baseline-ms"), (5, 0.0, "at least baseline-ms"), (6, 0.0, "at least baseline-ms"))
 
 
-def never_loses_lines(results: list[RunResult], experiments: set[str], levels: Sequence[int]) -> list[str]:
-    """adele minus baseline-ms at the noisy-validation epoch, against the issue's bar per setting."""
-    lines = ["ADELE never loses (test mIoU at the noisy-validation epoch, paired over noise seeds):", ""]
-    bars = [("ladder", level, f"ladder level {level}", need, goal) for level, need, goal in NEVER_LOSES if "ladder" in experiments and level in levels]
-    if "table1" in experiments:
-        bars.append(("table1", None, "Table 1", 0.05, "at least 5 points above baseline-ms"))
-    for experiment, level, label, need, goal in bars:
-        delta = _paired(_runs_of(results, experiment, level, "adele"), _runs_of(results, experiment, level, "baseline-ms"), "noisy-val")
-        ok = None if not delta else statistics.mean(delta) >= need
-        lines.append(f"- {label}: adele {goal}: {mean_std(delta) if delta else '-'} points over {len(delta)} paired seed(s), {_verdict(ok)}")
-    return lines
 
 
 # A class the baseline learns (test IoU above this) must not end below ERASED under ADELE.
@@ -291,7 +169,7 @@ def erased_classes(results: list[RunResult], class_names: list[str]) -> list[str
         for c in range(1, len(ours)):
             if theirs[c] is not None and theirs[c] > LEARNED and (ours[c] is None or ours[c] < ERASED):
                 name = class_names[c] if c < len(class_names) else str(c)
-                found.append(f"{run.spec.relative_dir}: {name} {100 * _nan(ours[c]):.1f} (baseline-ms {100 * theirs[c]:.1f})")
+                found.append(f"{run.spec.relative_dir}: {name} {100 * nan_if_none(ours[c]):.1f} (baseline-ms {100 * theirs[c]:.1f})")
     return found
 
 
@@ -315,38 +193,36 @@ def correction_table(results: list[RunResult], class_names: list[str]) -> list[s
     return lines
 
 
-def _verdict(ok: bool | None) -> str:
-    return "not measured yet" if ok is None else ("**met**" if ok else "**not met**")
 
 
 def target_lines(root: Path, scale: Scale, results: list[RunResult], levels: Sequence[int], class_names: list[str]) -> list[str]:
     """The issue's targets, each with its measured numbers and whether it is met."""
     lines = ["Targets (best-validation-epoch test mIoU, mean over noise seeds):", ""]
     for level in levels:
-        adele_runs = _by_method(results, "ladder", "adele", level, match_level=True)
-        baseline_runs = _by_method(results, "ladder", "baseline-ms", level, match_level=True)
-        delta = _paired(adele_runs, baseline_runs, "best_val")
+        adele_runs = by_method(results, "ladder", "adele", level, match_level=True)
+        baseline_runs = by_method(results, "ladder", "baseline-ms", level, match_level=True)
+        delta = paired(adele_runs, baseline_runs, "best_val")
         quality = _level_quality(root, scale, baseline_runs)
         low_noise = quality is not None and quality["annotation_miou"] > 0.61
         need = 0.0 if low_noise or quality is None else 0.05
         ok = None if not delta else statistics.mean(delta) >= need
         goal = "at least baseline-ms" if need == 0 else "at least 5 points above baseline-ms (annotation mIoU 0.61 or below)"
-        lines.append(f"- ladder level {level}: adele {goal}: {mean_std(delta) if delta else '-'} points over {len(delta)} paired seed(s), {_verdict(ok)}")
+        lines.append(f"- ladder level {level}: adele {goal}: {mean_std(delta) if delta else '-'} points over {len(delta)} paired seed(s), {verdict(ok)}")
     erased = erased_classes(results, class_names)
     checked = [r for r in results if r.spec.name in ("adele", "adele+arm")]
     lines.append(f"- no class that baseline-ms learns (test IoU > {100 * LEARNED:.0f}) ends below {100 * ERASED:.0f} under adele or adele+arm: "
-                 f"{len(erased)} case(s) in {len(checked)} runs, {_verdict(None if not checked else not erased)}")
+                 f"{len(erased)} case(s) in {len(checked)} runs, {verdict(None if not checked else not erased)}")
     lines += [f"  - {case}" for case in erased]
-    arm = _paired(_by_method(results, "coarse", "arm"), _by_method(results, "coarse", "baseline"), "best_val")
-    spread = {m: [r.summary["test_miou"]["best_val"] for r in _by_method(results, "coarse", m)] for m in ("arm", "baseline")}
+    arm = paired(by_method(results, "coarse", "arm"), by_method(results, "coarse", "baseline"), "best_val")
+    spread = {m: [r.summary["test_miou"]["best_val"] for r in by_method(results, "coarse", m)] for m in ("arm", "baseline")}
     arm_ok = None
     if len(arm) >= 3 and all(len(v) >= 2 for v in spread.values()):
         arm_ok = statistics.mean(arm) >= 0 and statistics.stdev(spread["arm"]) <= statistics.stdev(spread["baseline"])
     lines.append(f"- coarse labels: arm at least baseline, spread no wider: arm - baseline {mean_std(arm) if arm else '-'} over {len(arm)} seeds; "
-                 f"arm {mean_std(spread['arm'])} vs baseline {mean_std(spread['baseline'])}, {_verdict(arm_ok)}")
-    adele_arm = _paired(_by_method(results, "table1", "adele+arm"), _by_method(results, "table1", "adele"), "best_val")
+                 f"arm {mean_std(spread['arm'])} vs baseline {mean_std(spread['baseline'])}, {verdict(arm_ok)}")
+    adele_arm = paired(by_method(results, "table1", "adele+arm"), by_method(results, "table1", "adele"), "best_val")
     lines.append(f"- Table 1: adele+arm at least adele: {mean_std(adele_arm) if adele_arm else '-'} over {len(adele_arm)} seeds, "
-                 f"{_verdict(None if not adele_arm else statistics.mean(adele_arm) >= 0)}")
+                 f"{verdict(None if not adele_arm else statistics.mean(adele_arm) >= 0)}")
     return lines
 
 
@@ -367,7 +243,7 @@ def arm_table(results: list[RunResult]) -> list[str]:
         "|" + " --- |" * 9,
     ]
     for experiment, method in ARM_RUNS:
-        runs = [r for r in _by_method(results, experiment, method) if arm_series(r.records)]
+        runs = [r for r in by_method(results, experiment, method) if arm_series(r.records)]
         if not runs:
             continue
         series = [arm_series(r.records) for r in runs]
@@ -391,7 +267,7 @@ def plot_arm_runs(results: list[RunResult], figures: Path) -> list[str]:
     """The first seed's weight function of each ARM run group, as figures linked from the document."""
     lines = []
     for experiment, method in ARM_RUNS:
-        runs = [r for r in _by_method(results, experiment, method) if arm_series(r.records)]
+        runs = [r for r in by_method(results, experiment, method) if arm_series(r.records)]
         if not runs:
             continue
         name = f"arm_{experiment}_{_file_name(method)}.png"
@@ -431,7 +307,7 @@ def plot_training_dynamics(results: list[RunResult], experiment: str, methods: S
     for index, (title, get) in enumerate(panels):
         ax = figure.add_subplot(1, len(panels), index + 1)
         for method in methods:
-            curve = _mean_curve(_by_method(results, experiment, method), get)
+            curve = _mean_curve(by_method(results, experiment, method), get)
             if curve is not None:
                 ax.plot(np.arange(1, len(curve) + 1), curve, label=method)
         ax.set_title(title, fontsize=10)
@@ -450,7 +326,7 @@ def plot_ladder(root: Path, scale: Scale, results: list[RunResult], levels: Sequ
     for method in LADDER_NAMES:
         points = []
         for level in levels:
-            runs = _by_method(results, "ladder", method, level, match_level=True)
+            runs = by_method(results, "ladder", method, level, match_level=True)
             quality = _level_quality(root, scale, runs)
             if runs and quality:
                 values = [100 * r.summary["test_miou"]["best_val"] for r in runs]
@@ -473,7 +349,7 @@ def _memorisation_notes(results: list[RunResult], experiment: str, methods: Sequ
     """Measured facts on memorisation: the late drop of test mIoU and the rise of IoU_m."""
     notes = []
     for method in methods:
-        runs = _by_method(results, experiment, method)
+        runs = by_method(results, experiment, method)
         if not runs:
             continue
         drop = [r.summary["test_miou"]["max"] - r.summary["test_miou"]["last"] for r in runs]
@@ -489,7 +365,7 @@ def _memorisation_notes(results: list[RunResult], experiment: str, methods: Sequ
 def _paired_difference(results: list[RunResult], experiment: str, method: str, reference: str) -> str | None:
     """`method` minus `reference` in last-epoch and best-val test mIoU, over the seeds both finished."""
     by_seed = {
-        name: {r.spec.noise.seed: r.summary["test_miou"] for r in _by_method(results, experiment, name)}
+        name: {r.spec.noise.seed: r.summary["test_miou"] for r in by_method(results, experiment, name)}
         for name in (method, reference)
     }
     seeds = sorted(by_seed[method].keys() & by_seed[reference].keys())
@@ -596,7 +472,7 @@ def write_results(root: Path, out: Path, scale: Scale, specs: Sequence[RunSpec],
             "![test mIoU against annotation mIoU](results/ladder.png)",
             "",
         ]
-    if any(_by_method(results, e, m) for e, m in ARM_RUNS):
+    if any(by_method(results, e, m) for e, m in ARM_RUNS):
         lines += [
             "## ARM: what its weights do",
             "",
@@ -631,7 +507,7 @@ def write_results(root: Path, out: Path, scale: Scale, specs: Sequence[RunSpec],
             "![test mIoU, IoU_el and IoU_m per epoch](results/coarse_dynamics.png)",
             "",
         ]
-    if any(_by_method(results, "armstudy", m) for m in STUDY_NAMES):
+    if any(by_method(results, "armstudy", m) for m in STUDY_NAMES):
         lines += [
             "## 4. ARM study: the coarse setting under a constant lr, ARM's optimiser varied",
             "",

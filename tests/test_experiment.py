@@ -29,13 +29,8 @@ from noisyseg.experiments.experiment import (
     run_experiments,
     run_lock,
 )
-from noisyseg.experiments.report import (
-    KEEP_MARKER,
-    RunResult,
-    erased_classes,
-    mean_std,
-    write_results,
-)
+from noisyseg.experiments.report import KEEP_MARKER, erased_classes, write_results
+from noisyseg.experiments.results import RunResult, mean_std
 from noisyseg.runs.checkpoint import find_checkpoint
 from noisyseg.runs.run_dir import RunDir
 
