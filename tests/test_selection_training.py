@@ -25,6 +25,7 @@ from noisyseg.config import build_config
 from noisyseg.data.folder import has_split_masks, read_mask
 from noisyseg.evaluation.inference import whole_image_logits
 from noisyseg.models.model_file import ModelInfo, load_model
+from noisyseg.runs.run_dir import resolve_model_file
 from noisyseg.training.selection import RULES
 from noisyseg.training.trainer import train
 
@@ -123,7 +124,7 @@ def test_noisy_validation_masks_select_the_checkpoint(
         f"{out / 'model.safetensors'}: baseline model, epoch {chosen} (selected by noisy-val)"
         in caplog.text
     )
-    model, info = load_model(out)
+    model, info = load_model(resolve_model_file(out))
     assert info.extra["epoch"] == chosen and info.extra["selection"] == "noisy-val"
     assert miou_of(model, data, "val", labels) == pytest.approx(
         records[chosen - 1]["val_noisy"]["miou"], abs=1e-9
@@ -168,7 +169,7 @@ def test_without_noisy_masks_the_datasets_validation_masks_select(
         and summary["selected_epoch"]["noisy-val"] is None
     )
     assert summary["selection"]["epoch"] == int(np.argmax([r["val"]["miou"] for r in records])) + 1
-    assert load_model(out)[1].extra["selection"] == "clean-val"
+    assert load_model(resolve_model_file(out))[1].extra["selection"] == "clean-val"
 
 
 def test_without_a_validation_split_the_rule_is_label_free(
@@ -187,7 +188,7 @@ def test_without_a_validation_split_the_rule_is_label_free(
     assert (
         summary["selection"]["epoch"] == RULES["label-free"](records) == 3
     )  # no moving average yet in 3 epochs
-    assert load_model(out)[1].extra["epoch"] == 3
+    assert load_model(resolve_model_file(out))[1].extra["epoch"] == 3
 
 
 def test_a_labels_folder_with_some_validation_masks_is_refused(
