@@ -11,6 +11,7 @@
     checkpoint/          full training state, every epoch (`run_checkpoint.py`), with the label
                          store (`label_store.py`: labels.npy, labels.json) inside it
     curves.png           from `noisyseg.training.plots.plot_run_curves`
+    tensorboard/         TensorBoard event files, one point per epoch (`tensorboard_log.py`)
 
 No torch here: the model-file and serving code read the names without importing the trainer.
 """

@@ -126,6 +126,7 @@ from noisyseg.training.run_checkpoint import (
     write_checkpoint,
 )
 from noisyseg.training.run_dir import RunDir, build_summary
+from noisyseg.training.tensorboard_log import TensorBoardLog
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +275,7 @@ class Trainer:
         self.best_val: float | None = None
         self.best_epoch: int | None = None
         self.saved_epoch = 0  # the epoch of the last complete checkpoint
+        self.tensorboard: TensorBoardLog | None = None  # rank 0's event files, opened by fit()
         self.network = self.distributed_network()
 
     @property
@@ -445,8 +447,10 @@ class Trainer:
         return worker_errors_as_raised(iter(self.loader))
 
     def close(self) -> None:
-        """Stop the DataLoader's workers."""
+        """Stop the DataLoader's workers; close the event files."""
         self.loader = self.sampler = None
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     def reduce_counters(self, counters: EpochCounters) -> None:
         """Sum the epoch's training-pass counts over ranks (what the trigger fits)."""
@@ -650,6 +654,8 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train from the current epoch to `config.epochs`; writes outputs; returns the summary."""
         log.info("training %s for %d epochs (%d batches each) on %s in %s into %s", self.config.method, self.config.epochs, self.batches_per_epoch, self.device, self.precision.name, self.run_dir)
+        if self.ctx.is_main:
+            self.tensorboard = TensorBoardLog(self.run_dir.path, self.data.info.classes, self.ignore_index, self.config.epochs, resume_after=self.epoch)
         try:
             self.train_epochs()
         finally:
@@ -674,6 +680,9 @@ class Trainer:
         error = None
         if self.ctx.is_main:
             try:
+                # Before the checkpoint: a resumed run purges events after its checkpoint's epoch.
+                if self.tensorboard is not None:
+                    self.tensorboard.write_epoch(record, self.model, self.data.val)
                 self.track_best(record)
                 self.save_checkpoint()
                 self.write_metrics()
