@@ -111,8 +111,8 @@ from noisyseg.training.pipeline import (
     ImageDataset,
     TrainingItems,
     check_network_input_size,
-    check_stackable,
     training_loader,
+    with_default_crop,
     worker_count,
 )
 from noisyseg.training.run_checkpoint import (
@@ -236,9 +236,11 @@ class Trainer:
         np.random.seed(config.seed)
         random.seed(config.seed)
         self.model_kwargs = {**config.model.kwargs, "in_channels": data.in_channels, "num_classes": data.num_classes}
-        self.timing = config.correction_timing()
         self.memory_format = training_memory_format(config.model.architecture)
         model = create_model(config.model.architecture, **self.model_kwargs)
+        # Images of several sizes and no crop set: a default crop, before anything reads the augmentation.
+        config = self.config = with_default_crop(config, data.train_labels.shapes, int(getattr(model, "stride", 1)), f"{config.data} (training split)")
+        self.timing = config.correction_timing()
         if config.distributed.sync_batchnorm:
             model = convert_sync_batchnorm(model, ctx)
         self.model = model.to(device=self.device, memory_format=self.memory_format)
@@ -263,8 +265,6 @@ class Trainer:
             self.train_images = data.train_images.to(self.device)
             self.annotations = torch.from_numpy(data.train_labels.stacked()).to(self.device)
             self.clean_labels = None if data.clean_train_labels is None else torch.from_numpy(data.clean_train_labels.stacked()).to(self.device)
-        else:
-            check_stackable(data.train_labels.shapes, config.loader.augment, f"{config.data} (training split)")
         self.loader: DataLoader | None = None
         self.sampler: EpochBatches | None = None
         self.triggers = adele.TriggerState(data.num_classes)
