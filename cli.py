@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "noisyseg.export.review_commands",
     "noisyseg.training.experiment_commands",
     "noisyseg.demo",
+    "noisyseg.recipes",
 ]
 
 
