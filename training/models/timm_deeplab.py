@@ -5,10 +5,11 @@ of `deeplab.py`, with the paper's widths: ASPP 256, low-level projection 48).
 
 ImageNet weights (`pretrained`): `False` initialises at random; `True` takes the backbone's
 default weights from the timm hub (or the local hub cache); a path to a `.safetensors` file (or a
-`.pth`/`.pt`/`.bin` file, read with `torch.load(weights_only=True)`, never unpickling code) loads
-that file through timm's `pretrained_cfg_overlay=dict(file=PATH)`, which adapts the stem to
-`in_channels` and drops the classifier as for hub weights. A file may hold the full timm model's
-state dict or the backbone's alone. When neither is available a one-line ValueError says so.
+`.pth`/`.pt`/`.bin`/`.pth.tar` file, read with `torch.load(weights_only=True)`, never unpickling
+code) loads that file through timm's `pretrained_cfg_overlay=dict(file=PATH)`, which adapts the
+stem to `in_channels` and drops the classifier as for hub weights. A file may hold the full timm
+model's state dict, the backbone's alone, or a checkpoint of timm's training (its EMA weights
+when it has them, as timm loads it). When neither is available a one-line ValueError says so.
 
 timm needs torchvision, which is an optional extra (`pip install 'noisyseg[timm]'`): the CPU
 build of torch this project pins has no CPU build of torchvision on PyPI, whose wheels are CUDA
@@ -27,8 +28,9 @@ from noisyseg.training.models.deeplab import DeepLabV3PlusHead, check_output_str
 
 NAME = "deeplabv3plus_timm"
 # Weight files a local `pretrained` may name: safetensors first; the torch formats are read
-# with weights_only=True (timm's default).
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+# with weights_only=True (timm's default). `.pth.tar`: the checkpoints timm's own training writes
+# (`timm.utils.CheckpointSaver`), whose `state_dict` (or `state_dict_ema`) timm takes.
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".pth.tar")
 LOW_LEVEL_REDUCTION = 4
 
 
@@ -36,7 +38,9 @@ def import_timm() -> Any:
     """The timm module, or an ImportError naming the extra to install."""
     try:
         import timm
-    except Exception as err:  # a CUDA-only torchvision raises RuntimeError on import, not ImportError
+    except (
+        Exception
+    ) as err:  # a CUDA-only torchvision raises RuntimeError on import, not ImportError
         raise ImportError(
             f"{NAME} needs timm and a torchvision that imports next to this torch "
             f"(pip install 'noisyseg[timm]'): {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
@@ -50,7 +54,7 @@ def pretrained_source(pretrained: bool | str | Path) -> bool | Path:
         return pretrained
     if isinstance(pretrained, str | Path):
         path = Path(pretrained).expanduser()
-        if path.suffix.lower() not in WEIGHT_SUFFIXES:
+        if not path.name.lower().endswith(WEIGHT_SUFFIXES):
             raise ValueError(
                 f"{NAME}: pretrained file {path} must be one of {', '.join(WEIGHT_SUFFIXES)} "
                 f"(or pretrained: true for the timm hub, false for random initialisation)"
@@ -68,7 +72,11 @@ def create_backbone(
 ) -> nn.Module:
     """`timm.create_model(backbone, features_only=True, ...)` with weights as `pretrained` says."""
     timm = import_timm()
-    kwargs: dict[str, Any] = {"features_only": True, "output_stride": output_stride, "in_chans": in_channels}
+    kwargs: dict[str, Any] = {
+        "features_only": True,
+        "output_stride": output_stride,
+        "in_chans": in_channels,
+    }
     if isinstance(pretrained, Path):
         kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(pretrained)})
     else:
@@ -77,18 +85,24 @@ def create_backbone(
         return timm.create_model(backbone, **kwargs)
     except RuntimeError as err:
         if "Unknown model" in str(err):
-            raise ValueError(f"{NAME}: timm has no model '{backbone}' (timm.list_models() names them)") from err
+            raise ValueError(
+                f"{NAME}: timm has no model '{backbone}' (timm.list_models() names them)"
+            ) from err
         if pretrained is True:
             raise _no_hub_weights(backbone, err) from err
         if isinstance(pretrained, Path):
-            raise ValueError(f"{NAME}: cannot load backbone weights from {pretrained}: {err}") from err
+            raise ValueError(
+                f"{NAME}: cannot load backbone weights from {pretrained}: {err}"
+            ) from err
         raise
     except OSError as err:  # the hub's LocalEntryNotFoundError, a failed download
         if pretrained is True:
             raise _no_hub_weights(backbone, err) from err
         raise
     except TypeError as err:
-        raise ValueError(f"{NAME}: timm model '{backbone}' does not take these options {sorted(kwargs)} ({err})") from err
+        raise ValueError(
+            f"{NAME}: timm model '{backbone}' does not take these options {sorted(kwargs)} ({err})"
+        ) from err
 
 
 def _no_hub_weights(backbone: str, err: BaseException) -> ValueError:
@@ -115,7 +129,9 @@ class TimmDeepLabV3Plus(DeepLabV3PlusHead):
     ) -> None:
         super().__init__()
         check_output_stride(NAME, output_stride)
-        self.backbone = create_backbone(backbone, in_channels, output_stride, pretrained_source(pretrained))
+        self.backbone = create_backbone(
+            backbone, in_channels, output_stride, pretrained_source(pretrained)
+        )
         reductions = [int(r) for r in self.backbone.feature_info.reduction()]
         channels = [int(c) for c in self.backbone.feature_info.channels()]
         if reductions[-1] != output_stride:
@@ -132,9 +148,10 @@ class TimmDeepLabV3Plus(DeepLabV3PlusHead):
         # The deepest stride-4 level: the end of ResNet's layer1, as in the paper.
         self.low_level_index = low_levels[-1]
         self.stride = output_stride
-        self.build_head(channels[-1], channels[self.low_level_index], aspp_channels, num_classes, output_stride)
+        self.build_head(
+            channels[-1], channels[self.low_level_index], aspp_channels, num_classes, output_stride
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.backbone(x)
         return self.decode(features[self.low_level_index], features[-1], x.shape[-2:])
-
