@@ -74,8 +74,8 @@ lock:
 
 # noisyseg as a library user gets it: a wheel built from this tree installs into a fresh virtual
 # environment (the CPU torch first, then the locked versions), and `noisyseg demo --quick` runs
-# there from an empty folder, so nothing of the checkout is used. About 4 minutes on 2 cores
-# (docs/training.md); CI runs it.
+# there from an empty folder, so nothing of the checkout is used. 15 minutes on the shared 2-core
+# machine under load, most of it installing (docs/benchmarks.md); CI runs it.
 WHEEL_CHECK := .wheel-check
 wheel-check: $(STAMP)
 	rm -rf $(WHEEL_CHECK) build && mkdir -p $(WHEEL_CHECK)/empty
