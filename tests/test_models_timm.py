@@ -72,10 +72,7 @@ def needs_timm(test):
 def timm_model(output_stride: int = 16, seed: int = 0, **kwargs) -> torch.nn.Module:
     torch.manual_seed(seed)
     return create_model(
-        "deeplabv3plus_timm",
-        **{**TIMM_KWARGS, **kwargs},
-        output_stride=output_stride,
-        in_channels=3,
+        "deeplabv3plus_timm", **{**TIMM_KWARGS, **kwargs}, output_stride=output_stride, in_channels=3,
         num_classes=len(CLASSES),
     )
 
@@ -86,9 +83,7 @@ def rgb_images(shape: tuple[int, int, int, int], seed: int) -> np.ndarray:
 
 def test_bad_pretrained_values_are_clear_errors(tmp_path: Path) -> None:
     """Checked before timm is imported, so these hold with or without the extra."""
-    with pytest.raises(
-        ValueError, match="pretrained weight file .*missing.safetensors does not exist"
-    ):
+    with pytest.raises(ValueError, match="pretrained weight file .*missing.safetensors does not exist"):
         create_model("deeplabv3plus_timm", pretrained=str(tmp_path / "missing.safetensors"))
     with pytest.raises(ValueError, match=r"must be one of \.safetensors, \.pth"):
         create_model("deeplabv3plus_timm", pretrained=str(tmp_path / "weights.txt"))
@@ -109,14 +104,9 @@ def test_without_timm_the_error_names_the_extra() -> None:
         "except ImportError as err:\n"
         "    print(err)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
-    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert (
-        "deeplabv3plus_timm needs timm" in result.stdout
-        and "pip install 'noisyseg[timm]'" in result.stdout
-    )
+    assert "deeplabv3plus_timm needs timm" in result.stdout and "pip install 'noisyseg[timm]'" in result.stdout
 
 
 @needs_timm
@@ -158,19 +148,13 @@ def test_backbone_weights_load_from_a_file_the_test_writes(tmp_path: Path, form:
     else:
         from timm.utils import CheckpointSaver
 
-        saver = CheckpointSaver(
-            network, torch.optim.SGD(network.parameters(), lr=0.1), checkpoint_dir=str(tmp_path)
-        )
+        saver = CheckpointSaver(network, torch.optim.SGD(network.parameters(), lr=0.1), checkpoint_dir=str(tmp_path))
         saver.save_checkpoint(epoch=0, metric=0.5)
         (path,) = tmp_path.glob("checkpoint-0.pth.tar")
         assert torch.load(path, weights_only=True)["epoch"] == 0
     loaded = timm_model(backbone=backbone, pretrained=str(path)).backbone.state_dict()
     random = timm_model(backbone=backbone, seed=5).backbone.state_dict()
-    assert (
-        set(loaded) <= set(reference)
-        and "conv1.weight" in loaded
-        and "layer4.2.conv3.weight" in loaded
-    )
+    assert set(loaded) <= set(reference) and "conv1.weight" in loaded and "layer4.2.conv3.weight" in loaded
     for key, value in loaded.items():
         assert torch.equal(value, reference[key]), key
     assert not torch.equal(random["conv1.weight"], reference["conv1.weight"])
@@ -182,12 +166,8 @@ def test_hub_weights_offline_without_cache_is_a_clear_one_line_error(tmp_path: P
     cache = tmp_path / "cache"
     cache.mkdir()
     env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_HOME": str(cache),
-        "HF_HUB_CACHE": str(cache / "hub"),
-        "TORCH_HOME": str(cache / "torch"),
-        "XDG_CACHE_HOME": str(cache),
+        **os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(cache), "HF_HUB_CACHE": str(cache / "hub"),
+        "TORCH_HOME": str(cache / "torch"), "XDG_CACHE_HOME": str(cache),
     }
     code = (
         "from noisyseg.training.models import create_model\n"
@@ -198,9 +178,7 @@ def test_hub_weights_offline_without_cache_is_a_clear_one_line_error(tmp_path: P
         "else:\n"
         "    print('built')\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
-    )
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     message = result.stdout.strip()
     assert result.returncode == 0, result.stderr
     assert "\n" not in message, message
@@ -211,17 +189,8 @@ def test_hub_weights_offline_without_cache_is_a_clear_one_line_error(tmp_path: P
 @needs_timm
 def test_model_info_round_trip_needs_neither_hub_nor_weight_file(tmp_path: Path) -> None:
     weights = tmp_path / "imagenet.safetensors"
-    save_file(
-        {k: v.contiguous() for k, v in timm.create_model(BACKBONE).state_dict().items()},
-        str(weights),
-    )
-    kwargs = {
-        **TIMM_KWARGS,
-        "output_stride": 8,
-        "pretrained": str(weights),
-        "in_channels": 3,
-        "num_classes": len(CLASSES),
-    }
+    save_file({k: v.contiguous() for k, v in timm.create_model(BACKBONE).state_dict().items()}, str(weights))
+    kwargs = {**TIMM_KWARGS, "output_stride": 8, "pretrained": str(weights), "in_channels": 3, "num_classes": len(CLASSES)}
     model = create_model("deeplabv3plus_timm", **kwargs).eval()
     info = ModelInfo("deeplabv3plus_timm", kwargs, CLASSES, normalization="imagenet", method="arm")
     path = tmp_path / "model.safetensors"
@@ -230,9 +199,7 @@ def test_model_info_round_trip_needs_neither_hub_nor_weight_file(tmp_path: Path)
     loaded, loaded_info = load_model(path)
     assert loaded_info == info == read_model_info(path)
     assert loaded.stride == 8
-    images = torch.from_numpy(normalize_image(rgb_images((1, 3, 48, 64), seed=1)[0], "imagenet"))[
-        None
-    ]
+    images = torch.from_numpy(normalize_image(rgb_images((1, 3, 48, 64), seed=1)[0], "imagenet"))[None]
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), model(images))
 
@@ -242,28 +209,19 @@ def test_imagenet_normalisation_in_the_wrapper_matches_the_training_loader() -> 
     assert images.min() >= 0 and images.max() <= 255 and images.max() > 100
     wrapper = DeployableSegmenter(torch.nn.Identity(), "imagenet", "logits")
     expected = np.stack([normalize_image(image, "imagenet") for image in images])
-    np.testing.assert_allclose(
-        wrapper(torch.from_numpy(images)).numpy(), expected, rtol=1e-5, atol=1e-5
-    )
+    np.testing.assert_allclose(wrapper(torch.from_numpy(images)).numpy(), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="needs 3 \\(RGB\\) channels"):
         wrapper(torch.zeros(1, 1, 8, 8))
 
 
 RGB_MODELS = [
     pytest.param("deeplabv3plus", {"base_width": 4}, id="deeplabv3plus"),
-    pytest.param(
-        "deeplabv3plus_timm",
-        TIMM_KWARGS,
-        id=f"deeplabv3plus_timm-{BACKBONE}",
-        marks=[pytest.mark.timm, skip_without_timm],
-    ),
+    pytest.param("deeplabv3plus_timm", TIMM_KWARGS, id=f"deeplabv3plus_timm-{BACKBONE}", marks=[pytest.mark.timm, skip_without_timm]),
 ]
 
 
 @pytest.mark.parametrize(("architecture", "kwargs"), RGB_MODELS)
-def test_rgb_imagenet_model_exports_and_serves(
-    tmp_path: Path, architecture: str, kwargs: dict
-) -> None:
+def test_rgb_imagenet_model_exports_and_serves(tmp_path: Path, architecture: str, kwargs: dict) -> None:
     """Export (dynamo, validated against PyTorch, TensorRT-compatible), then one request each
     through the ONNX Runtime backend and the PyTorch backend on raw 0-255 RGB pixels."""
     torch.manual_seed(0)
@@ -273,9 +231,7 @@ def test_rgb_imagenet_model_exports_and_serves(
     run_dir = RunDir(tmp_path / "run")
     save_model(run_dir.model_file, model, info)
     onnx_path = tmp_path / "model.onnx"
-    report = export_model(
-        model, info, onnx_path, ExportConfig()
-    )  # raises unless validated and TensorRT-compatible
+    report = export_model(model, info, onnx_path, ExportConfig())  # raises unless validated and TensorRT-compatible
     assert report.passed and report.shapes[0][1] == 3
     runner = OnnxRuntimeRunner(onnx_path)
     assert runner.metadata["normalization"] == "imagenet" and runner.metadata["in_channels"] == "3"
@@ -294,12 +250,6 @@ def test_rgb_imagenet_model_exports_and_serves(
         for runtime in runtimes:
             tensor = httpclient.InferInput("image", list(images.shape), "FP32")
             tensor.set_data_from_numpy(images, binary_data=True)
-            result = client.infer(
-                runtime.name,
-                [tensor],
-                outputs=[httpclient.InferRequestedOutput("logits", binary_data=True)],
-            )
-            np.testing.assert_allclose(
-                result.as_numpy("logits"), expected, rtol=1e-3, atol=1e-3, err_msg=runtime.backend
-            )
+            result = client.infer(runtime.name, [tensor], outputs=[httpclient.InferRequestedOutput("logits", binary_data=True)])
+            np.testing.assert_allclose(result.as_numpy("logits"), expected, rtol=1e-3, atol=1e-3, err_msg=runtime.backend)
         client.close()

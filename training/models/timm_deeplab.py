@@ -38,9 +38,7 @@ def import_timm() -> Any:
     """The timm module, or an ImportError naming the extra to install."""
     try:
         import timm
-    except (
-        Exception
-    ) as err:  # a CUDA-only torchvision raises RuntimeError on import, not ImportError
+    except Exception as err:  # a CUDA-only torchvision raises RuntimeError on import, not ImportError
         raise ImportError(
             f"{NAME} needs timm and a torchvision that imports next to this torch "
             f"(pip install 'noisyseg[timm]'): {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
@@ -72,11 +70,7 @@ def create_backbone(
 ) -> nn.Module:
     """`timm.create_model(backbone, features_only=True, ...)` with weights as `pretrained` says."""
     timm = import_timm()
-    kwargs: dict[str, Any] = {
-        "features_only": True,
-        "output_stride": output_stride,
-        "in_chans": in_channels,
-    }
+    kwargs: dict[str, Any] = {"features_only": True, "output_stride": output_stride, "in_chans": in_channels}
     if isinstance(pretrained, Path):
         kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(pretrained)})
     else:
@@ -85,24 +79,18 @@ def create_backbone(
         return timm.create_model(backbone, **kwargs)
     except RuntimeError as err:
         if "Unknown model" in str(err):
-            raise ValueError(
-                f"{NAME}: timm has no model '{backbone}' (timm.list_models() names them)"
-            ) from err
+            raise ValueError(f"{NAME}: timm has no model '{backbone}' (timm.list_models() names them)") from err
         if pretrained is True:
             raise _no_hub_weights(backbone, err) from err
         if isinstance(pretrained, Path):
-            raise ValueError(
-                f"{NAME}: cannot load backbone weights from {pretrained}: {err}"
-            ) from err
+            raise ValueError(f"{NAME}: cannot load backbone weights from {pretrained}: {err}") from err
         raise
     except OSError as err:  # the hub's LocalEntryNotFoundError, a failed download
         if pretrained is True:
             raise _no_hub_weights(backbone, err) from err
         raise
     except TypeError as err:
-        raise ValueError(
-            f"{NAME}: timm model '{backbone}' does not take these options {sorted(kwargs)} ({err})"
-        ) from err
+        raise ValueError(f"{NAME}: timm model '{backbone}' does not take these options {sorted(kwargs)} ({err})") from err
 
 
 def _no_hub_weights(backbone: str, err: BaseException) -> ValueError:
@@ -129,9 +117,7 @@ class TimmDeepLabV3Plus(DeepLabV3PlusHead):
     ) -> None:
         super().__init__()
         check_output_stride(NAME, output_stride)
-        self.backbone = create_backbone(
-            backbone, in_channels, output_stride, pretrained_source(pretrained)
-        )
+        self.backbone = create_backbone(backbone, in_channels, output_stride, pretrained_source(pretrained))
         reductions = [int(r) for r in self.backbone.feature_info.reduction()]
         channels = [int(c) for c in self.backbone.feature_info.channels()]
         if reductions[-1] != output_stride:
@@ -148,10 +134,9 @@ class TimmDeepLabV3Plus(DeepLabV3PlusHead):
         # The deepest stride-4 level: the end of ResNet's layer1, as in the paper.
         self.low_level_index = low_levels[-1]
         self.stride = output_stride
-        self.build_head(
-            channels[-1], channels[self.low_level_index], aspp_channels, num_classes, output_stride
-        )
+        self.build_head(channels[-1], channels[self.low_level_index], aspp_channels, num_classes, output_stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.backbone(x)
         return self.decode(features[self.low_level_index], features[-1], x.shape[-2:])
+
