@@ -8,7 +8,7 @@ STAMP := $(VENV)/.noisyseg-installed
 LOCK := constraints.txt
 PIP_LOCKED := $(BIN)/python -m pip install --quiet -c $(LOCK)
 
-.PHONY: demo test install bench browser lint lock proto gpu-check clean
+.PHONY: demo test test-timm install bench browser lint lock lock-timm proto gpu-check wheel-check clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,8 +25,28 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/noisyseg demo --out runs/demo
 
+# PYTEST_ARGS: more pytest options (CI: -m 'not timm', since test-timm runs those).
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q $(PYTEST_ARGS)
+
+# The timm backbones (`deeplabv3plus_timm`) in a second locked environment, .venv-timm: timm needs
+# torchvision, and PyPI's torchvision wheels are CUDA builds that import only beside the matching
+# CUDA build of torch (torch 2.14.1 with torchvision 0.29.1 runs on the CPU as well). About 6 GB
+# and a few minutes to install; NOISYSEG_REQUIRE_TIMM makes a timm that does not import an error,
+# so none of these tests skips. The main environment keeps constraints.txt's CPU torch.
+TIMM_VENV := .venv-timm
+TIMM_LOCK := constraints-timm.txt
+TIMM_STAMP := $(TIMM_VENV)/.noisyseg-installed
+TIMM_TORCH := torch==2.14.1 torchvision==0.29.1
+TIMM_TOOLS := 'tritonclient[http]' pytest pytest-timeout
+$(TIMM_STAMP): pyproject.toml $(TIMM_LOCK)
+	test -x $(TIMM_VENV)/bin/python || $(PYTHON) -m venv $(TIMM_VENV)
+	$(TIMM_VENV)/bin/python -m pip install --quiet -c $(TIMM_LOCK) torch torchvision
+	$(TIMM_VENV)/bin/python -m pip install --quiet -c $(TIMM_LOCK) -e '.[serve,timm]' $(TIMM_TOOLS)
+	touch $(TIMM_STAMP)
+
+test-timm: $(TIMM_STAMP)
+	NOISYSEG_REQUIRE_TIMM=1 $(TIMM_VENV)/bin/python -m pytest tests/test_models_timm.py -q
 
 bench: $(STAMP)
 	$(PIP_LOCKED) -e '.[bench]'
@@ -52,6 +72,32 @@ lock:
 	mv $(LOCK).new $(LOCK)
 	rm -rf .lock-venv build
 
+# noisyseg as a library user gets it: a wheel built from this tree installs into a fresh virtual
+# environment (the CPU torch first, then the locked versions), and `noisyseg demo --quick` runs
+# there from an empty folder, so nothing of the checkout is used. 15 minutes on the shared 2-core
+# machine under load, most of it installing (docs/benchmarks.md); CI runs it.
+WHEEL_CHECK := .wheel-check
+wheel-check: $(STAMP)
+	rm -rf $(WHEEL_CHECK) build && mkdir -p $(WHEEL_CHECK)/empty
+	$(BIN)/python -m build --wheel --outdir $(WHEEL_CHECK)/dist .
+	$(PYTHON) -m venv $(WHEEL_CHECK)/venv
+	$(WHEEL_CHECK)/venv/bin/python -m pip install --quiet -c $(LOCK) torch
+	$(WHEEL_CHECK)/venv/bin/python -m pip install --quiet -c $(LOCK) $(WHEEL_CHECK)/dist/noisyseg-*.whl
+	cd $(WHEEL_CHECK)/empty && env -u PYTHONPATH ../venv/bin/noisyseg recipes \
+		&& env -u PYTHONPATH ../venv/bin/noisyseg demo --quick --out demo
+	rm -rf $(WHEEL_CHECK) build
+
+# The timm environment's lock: torch and torchvision at TIMM_TORCH, every other package at
+# constraints.txt's version where it has one (torch's pins aside: the CUDA build needs its own triton).
+lock-timm:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	grep -v -E '^(torch|triton)==' $(LOCK) > .lock-venv/base.txt
+	.lock-venv/bin/python -m pip install --quiet -c .lock-venv/base.txt $(TIMM_TORCH)
+	.lock-venv/bin/python -m pip install --quiet -c .lock-venv/base.txt '.[serve,timm]' $(TIMM_TOOLS)
+	{ sed -n '/^#/p' $(TIMM_LOCK); .lock-venv/bin/python -m pip freeze --exclude noisyseg; } > $(TIMM_LOCK).new
+	mv $(TIMM_LOCK).new $(TIMM_LOCK)
+	rm -rf .lock-venv build
+
 # The gRPC code under serve/proto/ is generated from serve/proto/inference.proto and committed;
 # run this after editing the .proto. The virtual path noisyseg/serve/proto makes the generated
 # imports absolute (the repository root is the package). The generated code requires
@@ -73,4 +119,4 @@ gpu-check:
 	$(PYTHON) benchmarks/gpu_check.py $(OUT)
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .benchmarks
+	rm -rf $(VENV) $(TIMM_VENV) runs .pytest_cache .benchmarks $(WHEEL_CHECK) build

@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "noisyseg.commands.review",
     "noisyseg.commands.experiment",
     "noisyseg.demo",
+    "noisyseg.recipes",
 ]
 
 

@@ -48,6 +48,7 @@ def register_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", help="auto (default: CUDA when available, else the CPU), cpu, cuda or cuda:N")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), help="autocast precision of the network (default auto: bf16 on CUDA, fp32 on the CPU)")
     parser.add_argument("--config", help="YAML configuration file")
+    parser.add_argument("--recipe", help="a ready configuration of the papers' settings instead of --config (noisyseg recipes lists them)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="set a configuration field (repeatable)")
     parser.add_argument("--out", help="run directory to create")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
@@ -56,16 +57,22 @@ def register_train(subparsers: argparse._SubParsersAction) -> None:
 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Stored run config (with --resume) or defaults <- --config <- --set <- explicit options."""
+    """Stored run config (with --resume) or defaults <- --config or --recipe <- --set <- explicit options."""
+    from noisyseg.recipes import check_needs, read_recipe
+
+    recipe = read_recipe(args.recipe) if args.recipe else None
     if args.resume:
         from noisyseg.runs.run_dir import RunDir
 
-        if args.config:
-            raise ValueError("--config cannot be combined with --resume: a resumed run keeps its stored configuration")
+        if args.config or recipe:
+            raise ValueError(f"{'--config' if args.config else '--recipe'} cannot be combined with --resume: a resumed run keeps its stored configuration")
         base = RunDir(args.resume).read_config().to_dict()
         base["out"] = args.resume
     else:
-        base = config_from_dict(load_config_file(args.config) if args.config else {}).to_dict()
+        if args.config and recipe:
+            raise ValueError("--config and --recipe are alternatives: give one (and --set KEY=VALUE for changes on top of it)")
+        source = recipe.path if recipe else args.config
+        base = config_from_dict(load_config_file(source) if source else {}).to_dict()
     values = apply_overrides(base, args.overrides)
     explicit: dict[str, Any] = {
         "data": args.data,
@@ -85,6 +92,8 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         values["quiet"] = True
     if args.resume and args.out and Path(args.out) != Path(args.resume):
         raise ValueError(f"--out {args.out} differs from --resume {args.resume}; a resumed run stays in its directory")
+    if recipe:
+        check_needs(recipe, values)
     return config_from_dict(values).validate()
 
 

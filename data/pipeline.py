@@ -17,10 +17,11 @@ a correction made on the crop can be written back into the store (`paste_back`).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch.utils.data import DataLoader, Dataset
 
-from noisyseg.config import AugmentConfig, LoaderConfig
+from noisyseg.config import AugmentConfig, LoaderConfig, TrainConfig
 from noisyseg.data.datasets.base import SegmentationSource
 from noisyseg.data.folder import normalize_image
 from noisyseg.data.label_store import LabelMaps, LabelStore
@@ -39,6 +40,10 @@ from noisyseg.data.label_store import LabelMaps, LabelStore
 GEOMETRY_FIELDS = ("index", "top", "left", "valid_h", "valid_w", "flipped", "rescaled")
 # The fourth entropy word of the label deformation's generator: its own stream per item and epoch.
 LABEL_ELASTIC_STREAM = 1
+# The longest side of the crop chosen when images differ in size and none is set (`default_crop`).
+DEFAULT_CROP_MAX = 512
+
+log = logging.getLogger(__name__)
 
 
 def worker_count(num_workers: int) -> int:
@@ -258,8 +263,26 @@ def check_network_input_size(stride: int, network: str, shapes: Sequence[tuple[i
         )
 
 
-def check_stackable(shapes: Sequence[tuple[int, int]], augment: AugmentConfig, where: str) -> None:
-    """Batches stack items: without a crop every training image must have one size."""
+def default_crop(shapes: Sequence[tuple[int, int]], stride: int) -> list[int]:
+    """The crop [height, width] training uses when its images differ in size and no
+    `loader.augment.crop_size` is set: per side, the largest multiple of the network's `stride`
+    that fits the smallest training image (so no crop is padded), at most DEFAULT_CROP_MAX."""
+    heights, widths = zip(*shapes)
+    return [max(stride, min(DEFAULT_CROP_MAX // stride * stride, min(sides) // stride * stride)) for sides in (heights, widths)]
+
+
+def with_default_crop(config: TrainConfig, shapes: Sequence[tuple[int, int]], stride: int, where: str) -> TrainConfig:
+    """`config`, or when the training images differ in size and no crop is set (batches stack
+    items of one size) a copy that crops them to `default_crop`, said in one log line."""
     sizes = sorted(set(shapes))
-    if len(sizes) > 1 and not augment.crop_size:
-        raise ValueError(f"{where}: training images differ in size ({', '.join(f'{h}x{w}' for h, w in sizes[:3])}{' ...' if len(sizes) > 3 else ''}); batches are built from crops, so set loader.augment.crop_size=[height,width]")
+    if len(sizes) < 2 or config.loader.augment.crop_size:
+        return config
+    crop = default_crop(sizes, stride)
+    listed = ", ".join(f"{h}x{w}" for h, w in sizes[:3]) + (" ..." if len(sizes) > 3 else "")
+    log.info(
+        "%s: training images differ in size (%s) and loader.augment.crop_size is not set: training on random %dx%d crops "
+        "(per side the largest multiple of the network's stride %d that fits the smallest image, at most %d; set loader.augment.crop_size to choose)",
+        where, listed, crop[0], crop[1], stride, DEFAULT_CROP_MAX,
+    )
+    augment = replace(config.loader.augment, crop_size=crop)
+    return replace(config, loader=replace(config.loader, augment=augment))

@@ -17,41 +17,13 @@ are the epoch-level picture of the same weights.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-
-@dataclass(frozen=True)
-class ArmEpoch:
-    """One epoch's ARM statistics."""
-
-    wrong_pixel_share: float
-    wrong_weight_share: float
-    effective_fraction: float
-
-    @property
-    def wrong_relative_weight(self) -> float:
-        return self.wrong_weight_share / self.wrong_pixel_share if self.wrong_pixel_share > 0 else float("nan")
-
-
-def arm_epoch(record: dict[str, Any]) -> ArmEpoch:
-    """The statistics of one epoch's `arm` record."""
-    w = np.asarray(record["w"], dtype=np.float64)
-    right = np.asarray(record["pixels"], dtype=np.float64)
-    wrong = np.asarray(record["pixels_wrong"], dtype=np.float64)
-    counts = right + wrong
-    total, weighted = counts.sum(), (w * counts).sum()
-    if total == 0 or weighted == 0:
-        return ArmEpoch(float("nan"), float("nan"), float("nan"))
-    return ArmEpoch(
-        wrong_pixel_share=float(wrong.sum() / total),
-        wrong_weight_share=float((w * wrong).sum() / weighted),
-        effective_fraction=float(weighted**2 / ((w**2 * counts).sum() * total)),
-    )
+from noisyseg.methods.hooks import ArmEpoch, arm_epoch
 
 
 def arm_series(records: Sequence[dict[str, Any]]) -> list[ArmEpoch]:

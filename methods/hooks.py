@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -151,3 +152,32 @@ class ArmHook:
     def load_state_dict(self, tensors: dict[str, torch.Tensor], opt_state: dict[str, Any], load_weights: Callable[[nn.Module, dict[str, torch.Tensor], str], None]) -> None:
         load_weights(self.arm, unprefixed("arm", tensors), "ARM")
         self.optimizer.load_state_dict(unflatten_optimizer("arm", tensors, opt_state))
+
+
+@dataclass(frozen=True)
+class ArmEpoch:
+    """One epoch's ARM statistics."""
+
+    wrong_pixel_share: float
+    wrong_weight_share: float
+    effective_fraction: float
+
+    @property
+    def wrong_relative_weight(self) -> float:
+        return self.wrong_weight_share / self.wrong_pixel_share if self.wrong_pixel_share > 0 else float("nan")
+
+
+def arm_epoch(record: dict[str, Any]) -> ArmEpoch:
+    """The statistics of one epoch's `arm` record."""
+    w = np.asarray(record["w"], dtype=np.float64)
+    right = np.asarray(record["pixels"], dtype=np.float64)
+    wrong = np.asarray(record["pixels_wrong"], dtype=np.float64)
+    counts = right + wrong
+    total, weighted = counts.sum(), (w * counts).sum()
+    if total == 0 or weighted == 0:
+        return ArmEpoch(float("nan"), float("nan"), float("nan"))
+    return ArmEpoch(
+        wrong_pixel_share=float(wrong.sum() / total),
+        wrong_weight_share=float((w * wrong).sum() / weighted),
+        effective_fraction=float(weighted**2 / ((w**2 * counts).sum() * total)),
+    )

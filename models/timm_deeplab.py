@@ -5,10 +5,11 @@ of `deeplab.py`, with the paper's widths: ASPP 256, low-level projection 48).
 
 ImageNet weights (`pretrained`): `False` initialises at random; `True` takes the backbone's
 default weights from the timm hub (or the local hub cache); a path to a `.safetensors` file (or a
-`.pth`/`.pt`/`.bin` file, read with `torch.load(weights_only=True)`, never unpickling code) loads
-that file through timm's `pretrained_cfg_overlay=dict(file=PATH)`, which adapts the stem to
-`in_channels` and drops the classifier as for hub weights. A file may hold the full timm model's
-state dict or the backbone's alone. When neither is available a one-line ValueError says so.
+`.pth`/`.pt`/`.bin`/`.pth.tar` file, read with `torch.load(weights_only=True)`, never unpickling
+code) loads that file through timm's `pretrained_cfg_overlay=dict(file=PATH)`, which adapts the
+stem to `in_channels` and drops the classifier as for hub weights. A file may hold the full timm
+model's state dict, the backbone's alone, or a checkpoint of timm's training (its EMA weights
+when it has them, as timm loads it). When neither is available a one-line ValueError says so.
 
 timm needs torchvision, which is an optional extra (`pip install 'noisyseg[timm]'`): the CPU
 build of torch this project pins has no CPU build of torchvision on PyPI, whose wheels are CUDA
@@ -27,8 +28,9 @@ from noisyseg.models.deeplab import DeepLabV3PlusHead, check_output_stride
 
 NAME = "deeplabv3plus_timm"
 # Weight files a local `pretrained` may name: safetensors first; the torch formats are read
-# with weights_only=True (timm's default).
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+# with weights_only=True (timm's default). `.pth.tar`: the checkpoints timm's own training writes
+# (`timm.utils.CheckpointSaver`), whose `state_dict` (or `state_dict_ema`) timm takes.
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".pth.tar")
 LOW_LEVEL_REDUCTION = 4
 
 
@@ -50,7 +52,7 @@ def pretrained_source(pretrained: bool | str | Path) -> bool | Path:
         return pretrained
     if isinstance(pretrained, str | Path):
         path = Path(pretrained).expanduser()
-        if path.suffix.lower() not in WEIGHT_SUFFIXES:
+        if not path.name.lower().endswith(WEIGHT_SUFFIXES):
             raise ValueError(
                 f"{NAME}: pretrained file {path} must be one of {', '.join(WEIGHT_SUFFIXES)} "
                 f"(or pretrained: true for the timm hub, false for random initialisation)"

@@ -18,6 +18,7 @@
                          store (`label_store.py`: labels.npy, labels.json) and the last training
                          predictions (predictions.npy, predictions.json) inside it
     curves.png           from `noisyseg.experiments.plots.plot_run_curves`
+    tensorboard/         TensorBoard event files, one point per epoch (`tensorboard_log.py`)
 
 No torch here: the model-file and serving code read the names without importing the trainer.
 """

@@ -17,7 +17,6 @@ from PIL import Image
 from noisyseg.commands.train import train_and_draw as train
 from noisyseg.data.label_store import LabelStore
 from noisyseg.data.run_data import load_run_data
-from noisyseg.experiments.arm_analysis import arm_epoch
 from noisyseg.experiments.correction_analysis import label_quality, quality_row
 from noisyseg.experiments.experiment import (
     NoiseSpec,
@@ -31,6 +30,7 @@ from noisyseg.experiments.experiment import (
 )
 from noisyseg.experiments.report import KEEP_MARKER, erased_classes, write_results
 from noisyseg.experiments.results import RunResult, mean_std
+from noisyseg.methods.hooks import arm_epoch
 from noisyseg.runs.checkpoint import find_checkpoint
 from noisyseg.runs.run_dir import RunDir
 

@@ -29,6 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "export": BASE | {"runtime", "models", "evaluation", "data", "runs"},
     "review": BASE | {"runtime", "models", "evaluation", "data", "runs", "export"},
     "serve": BASE | {"runtime", "models", "runs", "export"},
+    "recipes": BASE,
 }
 EDGE = {"commands", "cli", "demo", "__main__", "__init__"}  # compose everything
 # Hand-written modules stay readable; the trainer stays a loop's entry point.

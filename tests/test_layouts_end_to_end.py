@@ -67,3 +67,17 @@ def test_cityscapes_coarse_trains_evaluates_predicts_and_exports(cityscapes: Pat
 def test_voc_trains_evaluates_predicts_and_exports(voc: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
     images = sorted((voc / "JPEGImages").glob("*.jpg"))[:2]
     train_evaluate_predict_export(voc, tmp_path, images, capsys, "layout_options.aug=true")
+
+
+def test_voc_trains_with_no_crop_setting(voc: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+    """`noisyseg train --data VOC2012 --method adele` as a new user runs it: images of several
+    sizes, no crop set. A UNet of depth 1 (stride 2) on the train split's 9x12 and 7x11 images
+    crops to 6x10 (the largest multiples of 2 that fit the smallest height and width)."""
+    run = tmp_path / "run"
+    tiny = [o for o in TINY if not o.startswith("loader.augment")] + ["model.kwargs.depth=1"]
+    args = ["train", "--data", str(voc), "--method", "adele", "--epochs", "1", "--batch-size", "2", "--out", str(run), "--quiet"]
+    with caplog.at_level("INFO", logger="noisyseg.data.pipeline"):
+        assert main([*args, *[f"--set={o}" for o in tiny]]) == 0
+    assert sum("random 6x10 crops" in r.getMessage() for r in caplog.records) == 1
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [1] and records[0]["val"]["miou"] is not None

@@ -3,10 +3,16 @@ served request: shapes at output stride 8 and 16, weights from a file the test w
 one-line error for hub weights offline, the ModelInfo round trip, ONNX export checked against
 PyTorch, and one request through the ONNX Runtime and PyTorch backends.
 
-Everything runs offline. The timm tests skip, saying why, where timm cannot be imported: it is
-the optional extra `noisyseg[timm]`, since timm needs torchvision and PyPI's torchvision wheels
-are CUDA builds that do not import next to the CPU torch this project pins. The RGB/ImageNet
-path runs everywhere on the built-in `deeplabv3plus`.
+Backbones: ResNet-50 and ResNet-101 (the papers') and ConvNeXt-T, at output strides 8 and 16;
+weights from a local `.safetensors`, a plain `.pth` state dict and a checkpoint written by timm's
+own `CheckpointSaver`; one timm model exported to ONNX and checked against ONNX Runtime.
+
+Everything runs offline. The timm tests (marker `timm`) skip, saying why, where timm cannot be
+imported: it is the optional extra `noisyseg[timm]`, since timm needs torchvision and PyPI's
+torchvision wheels are CUDA builds that do not import next to the CPU torch this project pins.
+`make test-timm` runs them in a second locked environment (torch 2.14.1 with torchvision 0.29.1,
+`constraints-timm.txt`) with NOISYSEG_REQUIRE_TIMM=1, where a timm that does not import is an
+error rather than a skip. The RGB/ImageNet path runs everywhere on the built-in `deeplabv3plus`.
 """
 
 from __future__ import annotations
@@ -37,7 +43,9 @@ from noisyseg.runs.run_dir import RunDir
 from noisyseg.serve.runtimes import open_runtimes
 
 CLASSES = ["road", "car", "person"]
-BACKBONE = "resnet18"  # the smallest ResNet: the structure of the paper's ResNet-50/101
+BACKBONE = "resnet18"  # the smallest ResNet, where a test is about the wrapper, not the backbone
+# The papers' backbones and another family (a stride-4 stem: its first features are the decoder's).
+BACKBONES = ["resnet50", "resnet101", "convnext_tiny"]
 # A narrow head keeps each test to a few seconds (the paper's ASPP width is the default, 256).
 TIMM_KWARGS = {"backbone": BACKBONE, "aspp_channels": 32}
 
@@ -48,18 +56,24 @@ try:
 except Exception as err:  # a torchvision built for CUDA raises RuntimeError next to a CPU torch
     timm = None
     TIMM_ERROR = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-needs_timm = pytest.mark.skipif(
+if TIMM_ERROR is not None and os.environ.get("NOISYSEG_REQUIRE_TIMM"):
+    raise RuntimeError(f"NOISYSEG_REQUIRE_TIMM is set but timm does not import: {TIMM_ERROR}")
+skip_without_timm = pytest.mark.skipif(
     TIMM_ERROR is not None,
     reason=f"timm does not import here ({TIMM_ERROR}); it is the optional extra noisyseg[timm] "
-    "(timm needs torchvision, whose PyPI wheels are CUDA builds that cannot load next to torch+cpu)",
+    "(timm needs torchvision, whose PyPI wheels are CUDA builds that cannot load next to torch+cpu); make test-timm runs it",
 )
+
+
+def needs_timm(test):
+    return pytest.mark.timm(skip_without_timm(test))
 
 
 def timm_model(output_stride: int = 16, seed: int = 0, **kwargs) -> torch.nn.Module:
     torch.manual_seed(seed)
     return create_model(
-        "deeplabv3plus_timm", **TIMM_KWARGS, output_stride=output_stride, in_channels=3,
-        num_classes=len(CLASSES), **kwargs,
+        "deeplabv3plus_timm", **{**TIMM_KWARGS, **kwargs}, output_stride=output_stride, in_channels=3,
+        num_classes=len(CLASSES),
     )
 
 
@@ -79,20 +93,33 @@ def test_bad_pretrained_values_are_clear_errors(tmp_path: Path) -> None:
         create_model("deeplabv3plus_timm", output_stride=32)
 
 
-@pytest.mark.skipif(TIMM_ERROR is None, reason="timm imports here")
 def test_without_timm_the_error_names_the_extra() -> None:
-    with pytest.raises(ImportError, match=r"pip install 'noisyseg\[timm\]'"):
-        create_model("deeplabv3plus_timm", backbone=BACKBONE)
+    """In a fresh interpreter where `import timm` fails (as it does beside a CPU torch)."""
+    code = (
+        "import sys\n"
+        "sys.modules['timm'] = None  # import timm raises ImportError\n"
+        "from noisyseg.models import create_model\n"
+        "try:\n"
+        f"    create_model('deeplabv3plus_timm', backbone='{BACKBONE}')\n"
+        "except ImportError as err:\n"
+        "    print(err)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "deeplabv3plus_timm needs timm" in result.stdout and "pip install 'noisyseg[timm]'" in result.stdout
 
 
 @needs_timm
 @pytest.mark.parametrize("output_stride", [8, 16])
-def test_logits_have_the_input_size_at_output_stride(output_stride: int) -> None:
-    model = timm_model(output_stride).eval()
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_logits_have_the_input_size_at_output_stride(backbone: str, output_stride: int) -> None:
+    model = timm_model(output_stride, backbone=backbone).eval()
     assert model.stride == output_stride
-    # ResNet's feature strides 2, 4, 8, then output_stride: layer1 (stride 4) feeds the decoder.
-    assert model.backbone.feature_info.reduction() == [2, 4, 8, min(16, output_stride), output_stride]
-    assert model.low_level_index == 1
+    # timm's own backbone without dilation: its feature strides, which dilation caps at the
+    # output stride; its (last) stride-4 features feed the decoder.
+    plain = timm.create_model(backbone, features_only=True).feature_info.reduction()
+    assert model.backbone.feature_info.reduction() == [min(r, output_stride) for r in plain]
+    assert model.low_level_index == len(plain) - 1 - plain[::-1].index(4)
     with torch.no_grad():
         features = model.backbone(torch.zeros(1, 3, 64, 96))
         assert features[-1].shape[-2:] == (64 // output_stride, 96 // output_stride)
@@ -103,18 +130,31 @@ def test_logits_have_the_input_size_at_output_stride(output_stride: int) -> None
 
 
 @needs_timm
-@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
-def test_backbone_weights_load_from_a_file_the_test_writes(tmp_path: Path, suffix: str) -> None:
+@pytest.mark.parametrize("form", ["safetensors", "pth", "timm-checkpoint"])
+def test_backbone_weights_load_from_a_file_the_test_writes(tmp_path: Path, form: str) -> None:
+    """ResNet-50's weights as the hub ships them (.safetensors), as a plain state dict (.pth) and
+    as timm's training writes them (`CheckpointSaver`: a .pth.tar holding the state dict among
+    the optimiser's and the epoch's)."""
+    backbone = "resnet50"
     torch.manual_seed(123)
-    reference = timm.create_model(BACKBONE, pretrained=False).state_dict()  # as the hub ships it
-    path = tmp_path / f"{BACKBONE}{suffix}"
-    if suffix == ".safetensors":
+    network = timm.create_model(backbone, pretrained=False)
+    reference = network.state_dict()
+    if form == "safetensors":
+        path = tmp_path / f"{backbone}.safetensors"
         save_file({k: v.contiguous() for k, v in reference.items()}, str(path))
-    else:
+    elif form == "pth":
+        path = tmp_path / f"{backbone}.pth"
         torch.save(reference, path)  # read back with weights_only=True
-    loaded = timm_model(pretrained=str(path)).backbone.state_dict()
-    random = timm_model(seed=5).backbone.state_dict()
-    assert set(loaded) <= set(reference) and "conv1.weight" in loaded and "layer4.1.conv2.weight" in loaded
+    else:
+        from timm.utils import CheckpointSaver
+
+        saver = CheckpointSaver(network, torch.optim.SGD(network.parameters(), lr=0.1), checkpoint_dir=str(tmp_path))
+        saver.save_checkpoint(epoch=0, metric=0.5)
+        (path,) = tmp_path.glob("checkpoint-0.pth.tar")
+        assert torch.load(path, weights_only=True)["epoch"] == 0
+    loaded = timm_model(backbone=backbone, pretrained=str(path)).backbone.state_dict()
+    random = timm_model(backbone=backbone, seed=5).backbone.state_dict()
+    assert set(loaded) <= set(reference) and "conv1.weight" in loaded and "layer4.2.conv3.weight" in loaded
     for key, value in loaded.items():
         assert torch.equal(value, reference[key]), key
     assert not torch.equal(random["conv1.weight"], reference["conv1.weight"])
@@ -176,7 +216,7 @@ def test_imagenet_normalisation_in_the_wrapper_matches_the_training_loader() -> 
 
 RGB_MODELS = [
     pytest.param("deeplabv3plus", {"base_width": 4}, id="deeplabv3plus"),
-    pytest.param("deeplabv3plus_timm", TIMM_KWARGS, id=f"deeplabv3plus_timm-{BACKBONE}", marks=needs_timm),
+    pytest.param("deeplabv3plus_timm", TIMM_KWARGS, id=f"deeplabv3plus_timm-{BACKBONE}", marks=[pytest.mark.timm, skip_without_timm]),
 ]
 
 

@@ -4,6 +4,7 @@ workers, whole-image evaluation, the per-image label store, memory that does not
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -16,11 +17,12 @@ from safetensors.torch import load_file
 from test_trainer import train_until_crash
 from torch import nn
 
+from noisyseg.cli import main
 from noisyseg.config import AugmentConfig, build_config
 from noisyseg.data.datasets import open_source
+from noisyseg.data.folder import load_split
 from noisyseg.data.label_store import LabelMaps, LabelStore
-from noisyseg.data.pipeline import Augmenter, ImageDataset, paste_back
-from noisyseg.data.run_data import load_split
+from noisyseg.data.pipeline import Augmenter, ImageDataset, default_crop, paste_back
 from noisyseg.evaluation.inference import evaluate_split, predict_batches, predict_image
 from noisyseg.training.trainer import train
 
@@ -141,9 +143,30 @@ def test_cached_and_streamed_evaluation_agree(mixed: Path, tmp_path: Path) -> No
     assert cached == streamed
 
 
-def test_images_of_different_sizes_train_from_crops_and_need_a_crop(mixed: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="crop_size"):
-        train(config(mixed, tmp_path / "nocrop", "loader.num_workers=0", "loader.cache=false"))
+def test_default_crop_is_the_largest_stride_multiple_in_the_smallest_image_at_most_512() -> None:
+    assert default_crop([(37, 100), (50, 20)], 8) == [32, 16]  # smallest height 37, smallest width 20
+    assert default_crop([(1000, 700), (800, 2000)], 16) == [512, 512]
+    assert default_crop([(1024, 2048), (1024, 2048)], 32) == [512, 512]
+    assert default_crop([(6, 40), (9, 12)], 8) == [8, 8]  # below the stride: one stride, padded
+
+
+def test_images_of_different_sizes_train_from_a_default_crop_when_none_is_set(mixed: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
+    # The smallest image is 28x28; a UNet of depth 3 has stride 8: 24x24 crops. (The folder
+    # layout streams only when asked: its in-memory default stacks images of one size.)
+    out = tmp_path / "nocrop"
+    with caplog.at_level(logging.INFO, logger="noisyseg.data.pipeline"):
+        train(config(mixed, out, "epochs=1", "model.kwargs.depth=3", "loader.num_workers=0", "loader.cache=false"))
+    said = [r.getMessage() for r in caplog.records if "loader.augment.crop_size is not set" in r.getMessage()]
+    assert len(said) == 1 and "random 24x24 crops" in said[0] and "stride 8" in said[0]
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["config"]["loader"]["augment"]["crop_size"] == [24, 24] and state["iteration"] == 3
+    # `data inspect` says the same for each stride.
+    assert main(["data", "inspect", "--quiet", "--data", str(mixed)]) == 0
+    train_split = json.loads(capsys.readouterr().out)["splits"]["train"]
+    assert train_split["crop_when_unset"] == {"8": [24, 24], "16": [16, 16], "32": [32, 32]}
+
+
+def test_images_of_different_sizes_train_from_crops(mixed: Path, tmp_path: Path) -> None:
     summary = train(config(mixed, tmp_path / "crop", "method=adele", "loader.num_workers=0", "loader.augment.crop_size=[24,24]", "loader.augment.flip=true"))
     assert 0.0 <= summary["test_miou"]["last"] <= 1.0
     with pytest.raises(ValueError, match="loader.cache"):

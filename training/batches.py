@@ -24,7 +24,6 @@ from noisyseg.data.pipeline import (
     EpochBatches,
     ImageDataset,
     TrainingItems,
-    check_stackable,
     training_loader,
     worker_count,
 )
@@ -91,7 +90,6 @@ class CachedBatches:
 class StreamedBatches:
     def __init__(self, config: TrainConfig, data: RunData, corrections: LabelCorrections, device: torch.device, memory_format: torch.memory_format) -> None:
         self.config, self.data, self.corrections, self.device, self.memory_format = config, data, corrections, device, memory_format
-        check_stackable(data.train_labels.shapes, config.loader.augment, f"{config.data} (training split)")
         self.eval_workers = worker_count(config.loader.num_workers)
         self.loader: DataLoader | None = None
         self.sampler: EpochBatches | None = None

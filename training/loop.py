@@ -81,6 +81,7 @@ from noisyseg.training.counters import EpochCounters, total_over_ranks
 from noisyseg.training.optim import lr_factor, set_lr
 from noisyseg.training.prediction_changes import PredictionChanges
 from noisyseg.training.selection import default_rule, keeps_epoch, selection_summary
+from noisyseg.training.tensorboard_log import TensorBoardLog
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,7 @@ class Trainer:
         self.saved_epoch = 0  # the epoch of the last complete checkpoint
         # Checkpoint selection (`selection.py`): the rule model.safetensors follows; Label Wave's input.
         self.selection_rule = default_rule(data.noisy_val is not None, len(data.val) > 0)
+        self.tensorboard: TensorBoardLog | None = None  # rank 0's event files, opened by fit()
         self.prediction_changes = PredictionChanges(data.train_labels.shapes, self.device, data.cached, ctx, labels.workdir)
 
     @property
@@ -265,15 +267,22 @@ class Trainer:
         """Train from the current epoch to `config.epochs`; writes outputs; returns the summary."""
         batches = self.total_iterations // self.config.epochs
         log.info("training %s for %d epochs (%d batches each) on %s in %s into %s", self.config.method, self.config.epochs, batches, self.device, self.precision.name, self.run_dir)
+        if self.ctx.is_main:
+            self.tensorboard = TensorBoardLog(self.run_dir.path, self.data.info.classes, self.ignore_index, self.config.epochs, resume_after=self.epoch)
         try:
             while self.epoch < self.config.epochs:
                 record = self.finish_epoch(self.run_epoch())
                 self.history.append(record)
                 self.verify_replicas()
+                # Before the checkpoint: a resumed run purges events after its checkpoint's epoch.
+                if self.tensorboard is not None:
+                    self.tensorboard.write_epoch(record, self.model, self.data.val)
                 self.persist(record)
                 log.info("epoch %d: loss %.4f, val mIoU %s, test mIoU %s, labels changed %.4f", record["epoch"], record["loss"]["total"], percent(record["val"]["miou"]), percent(record["test"]["miou"]), record["labels_changed_fraction"])
         finally:
             self.batches.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
         triggers = self.labels.triggers.trigger_epoch
         summary = {**build_summary(self.history, triggers, self.best_epoch), **selection_summary(self.history, self.selection_rule)}
         if self.ctx.is_main:

@@ -18,7 +18,7 @@ from torch import nn
 
 from noisyseg.config import METHOD_SPECS, TrainConfig
 from noisyseg.data.label_store import LabelStore
-from noisyseg.data.pipeline import check_network_input_size
+from noisyseg.data.pipeline import check_network_input_size, with_default_crop
 from noisyseg.data.run_data import RunData, load_run_data
 from noisyseg.evaluation.inference import forward_scales
 from noisyseg.kernels import ARM
@@ -78,6 +78,8 @@ def make_trainer(config: TrainConfig, data: RunData, ctx: DistContext = SINGLE_P
     if config.distributed.sync_batchnorm:
         model = convert_sync_batchnorm(model, ctx)
     model = model.to(device=device, memory_format=memory_format)
+    # Images of several sizes and no crop set: a default crop, before anything reads the augmentation.
+    config = with_default_crop(config, data.train_labels.shapes, int(getattr(model, "stride", 1)), f"{config.data} (training split)")
     objective = MethodObjective(config, data.info.ignore_index).to(device)
     optimizer = make_optimizer([*model.parameters(), *objective.parameters()], config.optim)  # a loss may learn (T-Loss's nu)
     arm = None

@@ -17,12 +17,16 @@ from noisyseg.data.datasets.base import LAYOUTS, open_source, resolve_layout
 
 # More distinct image sizes than this are summarised as min/max only.
 MAX_LISTED_SIZES = 10
+# Network strides the default training crop is shown for: UNet depth 3/4/5, DeepLab's output strides 8 and 16.
+CROP_STRIDES = (8, 16, 32)
 
 
 def inspect_dataset(root: str | Path, layout: str = "auto", options: dict[str, Any] | None = None, quiet: bool = False) -> dict[str, Any]:
     """A JSON-ready summary: layout, classes, and per split the number of images, their sizes
     (min/max height and width, and the distinct sizes when few), pixels per class and the
-    unlabelled fraction. Raises the reader's error for the first wrong file."""
+    unlabelled fraction; when the training images differ in size, the crop training would choose
+    without `loader.augment.crop_size` per network stride (`crop_when_unset`). Raises the
+    reader's error for the first wrong file."""
     options = dict(options or {})
     name = resolve_layout(root, layout, options)
     splits = LAYOUTS[name][0].splits(root, **options)
@@ -34,6 +38,12 @@ def inspect_dataset(root: str | Path, layout: str = "auto", options: dict[str, A
         info = source.info
         summary.update(name=info.name, classes=info.classes, ignore_index=info.ignore_index, modality=info.modality, normalization=info.normalization)
         summary["splits"][split] = _inspect_split(source, quiet)
+    train = summary["splits"].get("train")
+    if train is not None and train["distinct_sizes"] > 1:
+        from noisyseg.data.pipeline import default_crop
+
+        # What training crops to without loader.augment.crop_size (depends on the network's stride).
+        train["crop_when_unset"] = {str(stride): default_crop([tuple(train["size_min"])], stride) for stride in CROP_STRIDES}
     return summary
 
 
