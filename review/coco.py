@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from noisyseg.data.colors import png_bytes
 from noisyseg.io import atomic_open
-from noisyseg.review.colors import png_bytes
 
 ANNOTATIONS_FILE = "annotations/instances_default.json"
 

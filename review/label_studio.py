@@ -21,8 +21,8 @@ from xml.sax.saxutils import quoteattr
 
 import numpy as np
 
+from noisyseg.data.colors import class_color, png_bytes
 from noisyseg.io import atomic_write_bytes, atomic_write_text
-from noisyseg.review.colors import class_color, png_bytes
 
 RUN_WIDTHS = (3, 4, 8, 16)  # bits of a run length; rle-pack's defaults, as Label Studio writes them
 WORD_BITS = 8

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from noisyseg.review.colors import (
+from noisyseg.data.colors import (
     CHANGED_COLOR,
     IGNORE_COLOR,
     ISSUE_COLOR,

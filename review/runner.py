@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from noisyseg.data.colors import display_image, png_bytes
 from noisyseg.data.folder import encode_mask, staged_directory, write_new_file
 from noisyseg.io import atomic_write_json, atomic_write_text
-from noisyseg.review.colors import display_image, png_bytes
 from noisyseg.review.scores import DEFAULT_CONFIDENCE, ImageReview, review_image
 from noisyseg.review.sources import ProbabilitySource
 

@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_trainer import CLASSES, EARLY_CORRECTION, folders, read_records, tiny_config  # noqa: F401 (fixture)
 
+from noisyseg.data.colors import PALETTE
 from noisyseg.data.folder import load_split
 from noisyseg.models import create_model
-from noisyseg.review.colors import PALETTE
 from noisyseg.training.tensorboard_log import TENSORBOARD_DIR
 from noisyseg.training.trainer import Trainer, train
 

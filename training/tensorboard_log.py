@@ -19,7 +19,7 @@ the same, so the experiments' runs overlay). From each epoch's metrics record
 
 and every `image_every(epochs)` epochs (and at the last), for the first `IMAGES` validation
 items, one image `val_images/<id>`: the image, its mask and the model's prediction side by side
-(masks in the review's colours, `review/colors.py`; ignored pixels white).
+(masks in the review's colours, `data/colors.py`; ignored pixels white).
 
 Rank 0 writes; a resumed run purges the events of epochs after its checkpoint, so a run that
 stopped between its event files and its checkpoint shows each epoch once.
@@ -36,9 +36,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from noisyseg.data.colors import color_mask, display_image
 from noisyseg.evaluation.inference import predict_image
 from noisyseg.methods.hooks import arm_epoch
-from noisyseg.review.colors import color_mask, display_image
 
 TENSORBOARD_DIR = "tensorboard"
 # Validation items shown, and about how many times over a run (the images are the bulk of the
