@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from noisyseg.config import build_config
-from noisyseg.data.folder import DatasetInfo, RunData
+from noisyseg.data.folder import DatasetInfo
+from noisyseg.data.run_data import RunData
 from noisyseg.recipes import read_recipe
 from noisyseg.training.trainer import EpochCounters, Trainer
 

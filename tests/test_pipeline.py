@@ -20,9 +20,9 @@ from torch import nn
 from noisyseg.cli import main
 from noisyseg.config import AugmentConfig, build_config
 from noisyseg.data.datasets import open_source
-from noisyseg.data.folder import load_split
 from noisyseg.data.label_store import LabelMaps, LabelStore
 from noisyseg.data.pipeline import Augmenter, ImageDataset, default_crop, paste_back
+from noisyseg.data.run_data import load_split
 from noisyseg.evaluation.inference import evaluate_split, predict_batches, predict_image
 from noisyseg.training.trainer import train
 

@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from test_trainer import CLASSES, EARLY_CORRECTION, folders, read_records, tiny_config  # noqa: F401 (fixture)
 
 from noisyseg.data.colors import PALETTE
-from noisyseg.data.folder import load_split
+from noisyseg.data.run_data import load_split
 from noisyseg.models import create_model
 from noisyseg.training.tensorboard_log import TENSORBOARD_DIR
 from noisyseg.training.trainer import Trainer, train
