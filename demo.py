@@ -117,7 +117,7 @@ class TrainingProgress:
         self.last_line = ""
 
     def method_status(self, method: str) -> str:
-        from noisyseg.runs.run_dir import RunDir
+        from noisyseg.run.run_dir import RunDir
 
         run = RunDir(self.run_dirs[method])
         if run.is_finished():
@@ -148,7 +148,7 @@ def _train_one(spec: Any, out: Path, scale: Scale, quiet: bool) -> float:
 
 def _run_summary(run_dir: Path) -> dict[str, Any]:
     """The run's summary.json, plus the last epoch's per-class test IoU for the table."""
-    from noisyseg.runs.run_dir import RunDir
+    from noisyseg.run.run_dir import RunDir
 
     run = RunDir(run_dir)
     summary = run.read_summary()
@@ -193,7 +193,7 @@ def export_best_model(out: Path, phantom: Path, methods: dict[str, Any]) -> dict
     from noisyseg.export.onnx_export import ExportConfig, export_checkpoint
     from noisyseg.export.onnxruntime_runner import OnnxRuntimeRunner
     from noisyseg.models.model_file import load_model
-    from noisyseg.runs.run_dir import resolve_model_file
+    from noisyseg.run.run_dir import resolve_model_file
 
     best = max(methods, key=lambda m: methods[m]["best_val_miou"] or -1.0)
     run_dir = Path(methods[best]["run_dir"])

@@ -387,7 +387,7 @@ def loss_check(run_dir: str, data: str, device_name: str = "cuda") -> dict[str, 
     from noisyseg.evaluation.inference import forward_scales
     from noisyseg.kernels import ARM, functional
     from noisyseg.models.model_file import load_model
-    from noisyseg.runs.run_dir import resolve_model_file
+    from noisyseg.run.run_dir import resolve_model_file
 
     device = torch.device(device_name)  # "cpu" only to dry-run this code without a GPU
     model, _ = load_model(resolve_model_file(run_dir))
@@ -486,7 +486,7 @@ def onnx_check(run_dir: str, model_path: str, data: str, devices: str = "cpu,cud
     from noisyseg.export.onnx_export import DeployableSegmenter, ValidationTolerance
     from noisyseg.export.onnxruntime_runner import OnnxRuntimeRunner
     from noisyseg.models.model_file import load_model
-    from noisyseg.runs.run_dir import resolve_model_file
+    from noisyseg.run.run_dir import resolve_model_file
 
     model, info = load_model(resolve_model_file(run_dir))
     ids = read_split_ids(data, "test")[:4]

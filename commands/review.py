@@ -53,7 +53,7 @@ def run_review_command(args: argparse.Namespace) -> int:
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     options = ReviewOptions(top=args.top, formats=formats, confidence=args.confidence, image_url=args.image_url, quiet=args.quiet, threads=args.threads, sort=args.sort)
     if args.run:
-        from noisyseg.runs.run_dir import RunDir
+        from noisyseg.run.run_dir import RunDir
 
         RunDir(args.run).read_config()  # a mistyped --run fails here, before RUN_DIR/review is made
     out = probe_writable_folder(args.out or (Path(args.run) / REVIEW_DIR if args.run else REVIEW_DIR), "review output folder", "--out")

@@ -62,7 +62,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
     recipe = read_recipe(args.recipe) if args.recipe else None
     if args.resume:
-        from noisyseg.runs.run_dir import RunDir
+        from noisyseg.run.run_dir import RunDir
 
         if args.config or recipe:
             raise ValueError(f"{'--config' if args.config else '--recipe'} cannot be combined with --resume: a resumed run keeps its stored configuration")
@@ -144,7 +144,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", data: str | None = No
     computed in fp32 on `device`."""
     from noisyseg.data.pipeline import ImageDataset
     from noisyseg.evaluation.inference import evaluate_split
-    from noisyseg.runs.finished import open_run
+    from noisyseg.run.finished import open_run
 
     run = open_run(run_dir, device, run_directory=True)
     config = run.require_config("its data")
@@ -198,7 +198,7 @@ def volume_classes(args: argparse.Namespace) -> tuple[list[str], int]:
         return names, IGNORE_INDEX
     if args.run:
         from noisyseg.models.model_file import read_model_info
-        from noisyseg.runs.run_dir import resolve_model_file
+        from noisyseg.run.run_dir import resolve_model_file
 
         return read_model_info(resolve_model_file(args.run)).class_names, IGNORE_INDEX
     if args.data:
@@ -210,7 +210,7 @@ def volume_classes(args: argparse.Namespace) -> tuple[list[str], int]:
 
 
 def run_eval_volumes(args: argparse.Namespace) -> int:
-    from noisyseg.runs.volumes import evaluate_volumes, format_volume_scores
+    from noisyseg.run.volumes import evaluate_volumes, format_volume_scores
 
     if not (args.pred and args.gt):
         raise ValueError("eval: --pred and --gt go together (predicted and ground-truth label volumes)")
@@ -279,7 +279,7 @@ def predict_folder(run: str | Path, input_dir: str | Path, out_dir: str | Path, 
 
     from noisyseg.data.folder import normalize_image, read_image, write_mask
     from noisyseg.evaluation.inference import whole_image_logits
-    from noisyseg.runs.finished import open_run
+    from noisyseg.run.finished import open_run
 
     targets = mask_targets(image_files(input_dir), out_dir)
     finished = open_run(run, device)
@@ -297,7 +297,7 @@ def predict_folder(run: str | Path, input_dir: str | Path, out_dir: str | Path, 
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from noisyseg.runs.volumes import find_volumes, predict_volumes
+    from noisyseg.run.volumes import find_volumes, predict_volumes
 
     if find_volumes(args.input, "image"):
         written = predict_volumes(args.run, args.input, args.out, args.size, args.quiet, args.device)

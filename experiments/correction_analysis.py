@@ -17,8 +17,8 @@ import numpy as np
 
 from noisyseg.data.label_store import LabelStore
 from noisyseg.data.run_data import load_run_data
-from noisyseg.runs.checkpoint import find_checkpoint
-from noisyseg.runs.run_dir import RunDir
+from noisyseg.run.checkpoint import find_checkpoint
+from noisyseg.run.run_dir import RunDir
 
 
 def class_ious(labels: np.ndarray, clean: np.ndarray, num_classes: int) -> list[float | None]:

@@ -59,7 +59,7 @@ from noisyseg.config import (
 from noisyseg.data.noise import LEVEL_ITERATIONS, NOISE_FILE, corrupt_dataset
 from noisyseg.data.phantom import PhantomConfig, generate_phantom
 from noisyseg.io import atomic_write_json
-from noisyseg.runs.run_dir import RunDir
+from noisyseg.run.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 

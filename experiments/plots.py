@@ -26,7 +26,7 @@ from matplotlib.ticker import MaxNLocator
 from noisyseg.io import atomic_open
 from noisyseg.methods.adele import CurveFit
 from noisyseg.models.model_file import read_model_info
-from noisyseg.runs.run_dir import RunDir
+from noisyseg.run.run_dir import RunDir
 
 logger = logging.getLogger(__name__)
 

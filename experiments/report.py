@@ -50,7 +50,7 @@ from noisyseg.experiments.selection_report import (
     user_table,
 )
 from noisyseg.io import atomic_open, atomic_write_text
-from noisyseg.runs.run_dir import RunDir
+from noisyseg.run.run_dir import RunDir
 
 THREE = (("best_val", "best val"), ("max", "max test"), ("last", "last epoch"))
 # ADELE Table 1 (SegTHOR, last-epoch test mIoU, 5 noise draws) and ARM Table 4/5 (Cityscapes

@@ -20,7 +20,7 @@ from noisyseg.experiments.experiment import (
     NoiseSpec,
     RunSpec,
 )
-from noisyseg.runs.run_dir import RunDir
+from noisyseg.run.run_dir import RunDir
 
 
 @dataclass

@@ -37,7 +37,7 @@ from torch import nn
 from noisyseg.data.folder import IMAGENET_MEAN, IMAGENET_STD, NORMALIZATION_EPS
 from noisyseg.io import atomic_write_bytes, file_sha256
 from noisyseg.models.model_file import ModelInfo, load_model
-from noisyseg.runs.run_dir import resolve_model_file
+from noisyseg.run.run_dir import resolve_model_file
 from noisyseg.runtime.device import resolve_device
 
 logger = logging.getLogger(__name__)

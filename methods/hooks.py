@@ -28,7 +28,7 @@ from noisyseg.evaluation.inference import mean_probabilities
 from noisyseg.evaluation.metrics import ConfidenceMeter
 from noisyseg.methods import adele
 from noisyseg.methods.correction import LabelCorrections
-from noisyseg.runs.checkpoint import flatten_optimizer, prefixed, unflatten_optimizer, unprefixed
+from noisyseg.run.checkpoint import flatten_optimizer, prefixed, unflatten_optimizer, unprefixed
 from noisyseg.runtime.distributed import DistContext, average_gradients
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import torch
 
 from noisyseg.data.datasets import SegmentationSource
 from noisyseg.data.label_store import LabelStore
-from noisyseg.runs.run_dir import RunDir
+from noisyseg.run.run_dir import RunDir
 
 
 @dataclass
@@ -90,7 +90,7 @@ class RunSource(ProbabilitySource):
 
     def __init__(self, run_dir: str | Path, split: str = "train", device: str | None = None, workdir: str | Path | None = None) -> None:
         from noisyseg.config import METHOD_SPECS
-        from noisyseg.runs.finished import open_run
+        from noisyseg.run.finished import open_run
 
         run = RunDir(run_dir)
         config = run.read_config()
@@ -125,7 +125,7 @@ class RunSource(ProbabilitySource):
 def read_store(run: RunDir, data: SegmentationSource, workdir: str | Path | None) -> LabelStore:
     """The run's label store, checked against the masks it was made from (memory-mapped in `workdir`)."""
     from noisyseg.data.pipeline import read_label_maps
-    from noisyseg.runs.checkpoint import find_checkpoint
+    from noisyseg.run.checkpoint import find_checkpoint
 
     checkpoint = find_checkpoint(run.path)
     if checkpoint is None:

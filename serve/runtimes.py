@@ -290,7 +290,7 @@ class PyTorchBackend(Runtime):
         )
         from noisyseg.io import file_sha256
         from noisyseg.models.model_file import load_model
-        from noisyseg.runs.run_dir import resolve_model_file
+        from noisyseg.run.run_dir import resolve_model_file
         from noisyseg.runtime.device import resolve_device
 
         self.device = resolve_device(self.device_name, field="--device")
@@ -353,7 +353,7 @@ def open_runtimes(path: str | Path, name: str | None = None, intra_op_threads: i
     a single model.
     """
     from noisyseg.export.triton_repo import model_name_from
-    from noisyseg.runs.run_dir import MODEL_FILE, RunDir
+    from noisyseg.run.run_dir import MODEL_FILE, RunDir
 
     path = Path(path)
     if path.is_dir() and RunDir(path).model_file.is_file():

@@ -21,7 +21,7 @@ from noisyseg.cli import main
 from noisyseg.data.folder import read_split_ids
 from noisyseg.data.noise import corrupt_dataset
 from noisyseg.models.model_file import METADATA_KEY, load_model
-from noisyseg.runs.run_dir import resolve_model_file
+from noisyseg.run.run_dir import resolve_model_file
 
 TINY = ["--batch-size", "4", "--quiet", "--loss-backend", "torch", "--set=model.kwargs.base_width=4", "--set=model.kwargs.depth=2"]
 

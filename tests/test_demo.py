@@ -111,7 +111,7 @@ def test_progress_line_shows_each_workers_last_epoch(tmp_path: Path, capsys: pyt
 
 def test_the_demo_ends_with_the_review_of_the_adele_run(demo_run: tuple[Path, str]) -> None:
     from noisyseg.data.folder import read_mask, read_split_ids
-    from noisyseg.runs.checkpoint import find_checkpoint
+    from noisyseg.run.checkpoint import find_checkpoint
 
     out, stdout = demo_run
     summary = json.loads((out / "summary.json").read_text())

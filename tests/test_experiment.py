@@ -31,8 +31,8 @@ from noisyseg.experiments.experiment import (
 from noisyseg.experiments.report import KEEP_MARKER, erased_classes, write_results
 from noisyseg.experiments.results import RunResult, mean_std
 from noisyseg.methods.hooks import arm_epoch
-from noisyseg.runs.checkpoint import find_checkpoint
-from noisyseg.runs.run_dir import RunDir
+from noisyseg.run.checkpoint import find_checkpoint
+from noisyseg.run.run_dir import RunDir
 
 TINY = Scale(patients=5, size=32, slices_per_patient=4, epochs=2, batch_size=8, unet={"base_width": 4, "depth": 2})
 SPECS = [RunSpec("table1", m, NoiseSpec(seed=0)) for m in ("baseline-ms", "adele", "arm")]

@@ -26,7 +26,7 @@ from noisyseg.export.onnx_export import (
 from noisyseg.io import file_sha256
 from noisyseg.models import create_model
 from noisyseg.models.model_file import ModelInfo, load_model, save_model
-from noisyseg.runs.run_dir import resolve_model_file
+from noisyseg.run.run_dir import resolve_model_file
 
 CLASSES = ["background", "esophagus", "heart", "trachea", "aorta"]
 

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from noisyseg.cli import build_parser, main
 from noisyseg.commands.train import train_config_from_args
-from noisyseg.runs.checkpoint import find_checkpoint
+from noisyseg.run.checkpoint import find_checkpoint
 from noisyseg.runtime.distributed import FAULT_ENV, FAULT_RANK_ENV
 from noisyseg.training.trainer import train
 

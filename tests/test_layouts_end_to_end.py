@@ -17,7 +17,7 @@ from noisyseg.cli import main
 from noisyseg.data.folder import normalize_image, read_image
 from noisyseg.evaluation.inference import whole_image_logits
 from noisyseg.models.model_file import load_model
-from noisyseg.runs.run_dir import resolve_model_file
+from noisyseg.run.run_dir import resolve_model_file
 
 TINY = ["model.kwargs.base_width=4", "model.kwargs.depth=2", "loader.num_workers=0", "loss.backend=torch", "loader.augment.crop_size=[16,16]", "loader.augment.flip=true"]
 

@@ -39,7 +39,7 @@ from noisyseg.export.onnx_export import (
 from noisyseg.export.onnxruntime_runner import OnnxRuntimeRunner
 from noisyseg.models import create_model
 from noisyseg.models.model_file import ModelInfo, load_model, read_model_info, save_model
-from noisyseg.runs.run_dir import RunDir
+from noisyseg.run.run_dir import RunDir
 from noisyseg.serve.runtimes import open_runtimes
 
 CLASSES = ["road", "car", "person"]

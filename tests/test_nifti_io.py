@@ -19,7 +19,7 @@ from noisyseg.data.nifti import SegthorConfig, convert_segthor
 from noisyseg.data.phantom import CLASS_NAMES
 from noisyseg.models import create_model
 from noisyseg.models.model_file import ModelInfo, save_model
-from noisyseg.runs.run_dir import RunDir, resolve_model_file
+from noisyseg.run.run_dir import RunDir, resolve_model_file
 
 TRAINED_SIZE = 32
 SHAPE = (40, 24, 5)  # voxel axes x, y, z: in-plane 40 x 24, neither the trained size nor square

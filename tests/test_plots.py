@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from noisyseg.experiments.plots import build_run_figure, plot_run_curves
-from noisyseg.runs.run_dir import read_metrics
+from noisyseg.run.run_dir import read_metrics
 
 CLASSES = ["1", "2", "3", "4"]
 FIT = {"a": 0.8, "b": 0.3, "c": 1.2}

@@ -25,7 +25,7 @@ from noisyseg.config import build_config
 from noisyseg.data.folder import has_split_masks, read_mask
 from noisyseg.evaluation.inference import whole_image_logits
 from noisyseg.models.model_file import ModelInfo, load_model
-from noisyseg.runs.run_dir import resolve_model_file
+from noisyseg.run.run_dir import resolve_model_file
 from noisyseg.training.selection import RULES
 from noisyseg.training.trainer import train
 

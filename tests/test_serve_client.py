@@ -20,7 +20,7 @@ from noisyseg.export.onnxruntime_runner import OnnxRuntimeRunner
 from noisyseg.export.triton_repo import TritonRepoConfig, make_triton_repo
 from noisyseg.models import create_model
 from noisyseg.models.model_file import ModelInfo, save_model
-from noisyseg.runs.run_dir import RunDir
+from noisyseg.run.run_dir import RunDir
 from noisyseg.serve.loadgen import ServerProcess
 from noisyseg.serve.runtimes import open_runtimes
 from noisyseg.serve.settings import ServerSettings

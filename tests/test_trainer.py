@@ -24,8 +24,8 @@ from noisyseg.evaluation.metrics import (
 from noisyseg.kernels.reference import ARM
 from noisyseg.methods import adele
 from noisyseg.models.model_file import load_model
-from noisyseg.runs.checkpoint import find_checkpoint, read_checkpoint, write_checkpoint
-from noisyseg.runs.run_dir import CHECKPOINT_DIR, RunDir, resolve_model_file
+from noisyseg.run.checkpoint import find_checkpoint, read_checkpoint, write_checkpoint
+from noisyseg.run.run_dir import CHECKPOINT_DIR, RunDir, resolve_model_file
 from noisyseg.training.counters import EpochCounters
 from noisyseg.training.loop import Trainer
 from noisyseg.training.optim import lr_factor

@@ -2,7 +2,7 @@
 
 `train(config)` (`trainer.py`) trains `config.method` (the method table in `config.py`) on
 `config.data` (training masks from `config.labels` when given) into the run directory
-`config.out` (its files: `runs/run_dir.py`). The trainer decides when things happen; what
+`config.out` (its files: `run/run_dir.py`). The trainer decides when things happen; what
 happens belongs elsewhere: the batches come from a cached or streamed source (`batches.py`),
 each method's loss from `methods/objective.py`, the labels and ADELE's trigger, correction and
 guard from `methods.hooks.LabelHook`, ARM's ascent from `methods.hooks.ArmHook`, the epoch's
@@ -51,7 +51,7 @@ from noisyseg.evaluation.metrics import early_learning_memorization_iou, iou_per
 from noisyseg.methods.hooks import ArmHook, LabelHook
 from noisyseg.methods.objective import MethodObjective
 from noisyseg.models.model_file import ModelInfo, load_weights, save_model
-from noisyseg.runs.checkpoint import (
+from noisyseg.run.checkpoint import (
     check_checkpoint_config,
     flatten_optimizer,
     prefixed,
@@ -62,7 +62,7 @@ from noisyseg.runs.checkpoint import (
     unprefixed,
     write_checkpoint,
 )
-from noisyseg.runs.run_dir import RunDir, build_summary
+from noisyseg.run.run_dir import RunDir, build_summary
 from noisyseg.runtime.device import resolve_precision
 from noisyseg.runtime.distributed import (
     DistContext,

@@ -26,8 +26,8 @@ from noisyseg.methods.correction import LabelCorrections
 from noisyseg.methods.hooks import ArmHook, LabelHook
 from noisyseg.methods.objective import MethodObjective
 from noisyseg.models import create_model
-from noisyseg.runs.checkpoint import find_checkpoint
-from noisyseg.runs.run_dir import RunDir
+from noisyseg.run.checkpoint import find_checkpoint
+from noisyseg.run.run_dir import RunDir
 from noisyseg.runtime.distributed import (
     SINGLE_PROCESS,
     DistContext,

@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import nibabel as nib
 import numpy as np
 
-from noisyseg.io import atomic_write_bytes, json_float, json_floats
-from noisyseg.evaluation.metrics import confusion_matrix, dice_per_class, iou_per_class
 from noisyseg.data.nifti import GT_FILE, read_volume, resize_images, resize_masks
+from noisyseg.evaluation.metrics import confusion_matrix, dice_per_class, iou_per_class
+from noisyseg.io import atomic_write_bytes, json_float, json_floats
 
 if TYPE_CHECKING:
     import torch
@@ -155,7 +155,7 @@ def predict_volumes(run: str | Path, source: str | Path, out_dir: str | Path, si
     into `out_dir/<input file name>`; returns the written paths."""
     from tqdm import tqdm
 
-    from noisyseg.runs.finished import open_run
+    from noisyseg.run.finished import open_run
 
     volumes = find_volumes(source, "image")
     if not volumes:

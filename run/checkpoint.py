@@ -35,9 +35,9 @@ import torch
 from safetensors.torch import load, save
 
 from noisyseg.config import TrainConfig, config_from_dict
-from noisyseg.runtime.distributed import fault_point
 from noisyseg.io import _fsync_directory, atomic_write_bytes, atomic_write_json
-from noisyseg.runs.run_dir import RUN_ID, RunDir, config_differences
+from noisyseg.run.run_dir import RUN_ID, RunDir, config_differences
+from noisyseg.runtime.distributed import fault_point
 
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
