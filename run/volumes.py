@@ -30,6 +30,8 @@ from noisyseg.io import atomic_write_bytes, json_float, json_floats
 if TYPE_CHECKING:
     import torch
 
+    from noisyseg.run.finished import FinishedRun
+
 log = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
