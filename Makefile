@@ -59,6 +59,7 @@ browser:
 		|| echo "make browser: Debian's chromium could not be installed; the review page's browser test will skip"
 
 lint: $(STAMP)
+	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 
 # A fresh venv resolves pyproject.toml's ranges (torch pinned to the CPU wheel) and its

@@ -53,17 +53,42 @@ class MethodSpec:
 METHOD_SPECS = {
     "baseline": MethodSpec("single-scale cross-entropy"),
     "baseline-ms": MethodSpec("cross-entropy averaged over the input scales (ADELE's baseline)", multiscale=True),
-    "adele": MethodSpec("ADELE: multiscale consistency and class-adaptive label correction", multiscale=True, consistency=True, correction=True),
-    "adele-correction": MethodSpec("ADELE's label correction alone, on the multiscale baseline (Table 6's ablation)", multiscale=True, correction=True),
-    "adele-consistency": MethodSpec("ADELE's multiscale consistency alone, without correction (Table 6's ablation)", multiscale=True, consistency=True),
-    "adele-nonadaptive": MethodSpec("ADELE with one trigger for all classes (the paper's ablation)", multiscale=True, consistency=True, correction=True, adaptive=False),
+    "adele": MethodSpec(
+        "ADELE: multiscale consistency and class-adaptive label correction",
+        multiscale=True,
+        consistency=True,
+        correction=True,
+    ),
+    "adele-correction": MethodSpec(
+        "ADELE's label correction alone, on the multiscale baseline (Table 6's ablation)",
+        multiscale=True,
+        correction=True,
+    ),
+    "adele-consistency": MethodSpec(
+        "ADELE's multiscale consistency alone, without correction (Table 6's ablation)",
+        multiscale=True,
+        consistency=True,
+    ),
+    "adele-nonadaptive": MethodSpec(
+        "ADELE with one trigger for all classes (the paper's ablation)",
+        multiscale=True,
+        consistency=True,
+        correction=True,
+        adaptive=False,
+    ),
     "arm": MethodSpec("cross-entropy reweighted by ARM", arm=True),
-    "adele+arm": MethodSpec("ADELE with ARM-reweighted cross-entropy", multiscale=True, consistency=True, correction=True, arm=True),
+    "adele+arm": MethodSpec(
+        "ADELE with ARM-reweighted cross-entropy", multiscale=True, consistency=True, correction=True, arm=True
+    ),
     "gce": MethodSpec("generalized cross-entropy", pixel_loss="gce"),
     "ohem": MethodSpec("online hard example mining cross-entropy", pixel_loss="ohem"),
     "gce+arm": MethodSpec("generalized cross-entropy reweighted by ARM", pixel_loss="gce", arm=True),
     # A drop-in loss: baseline-ms with the T-Loss in place of CE (same views, same compute).
-    "tloss": MethodSpec("T-Loss: Student-t likelihood with a learned tolerance, over the input scales", multiscale=True, pixel_loss="tloss"),
+    "tloss": MethodSpec(
+        "T-Loss: Student-t likelihood with a learned tolerance, over the input scales",
+        multiscale=True,
+        pixel_loss="tloss",
+    ),
 }
 METHODS = tuple(METHOD_SPECS)
 
@@ -75,6 +100,7 @@ def method_names(names: Iterable[str]) -> tuple[str, ...]:
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     return names
+
 
 # Fields that may differ between a run and its resumption: they change nothing already computed.
 # `--device` and `--precision` values (resolved to torch objects by `runtime/device.py`; kept
@@ -93,7 +119,17 @@ def valid_device_name(name: str) -> bool:
 
 # A checkpoint written on one device or precision resumes on another (`device`, `precision`,
 # `model.compile` change speed and rounding, not the method).
-RESUMABLE_FIELDS = ("epochs", "quiet", "out", "threads", "device", "precision", "model.compile", "distributed.timeout_s", "distributed.verify_replicas")
+RESUMABLE_FIELDS = (
+    "epochs",
+    "quiet",
+    "out",
+    "threads",
+    "device",
+    "precision",
+    "model.compile",
+    "distributed.timeout_s",
+    "distributed.verify_replicas",
+)
 
 
 @dataclass
@@ -371,21 +407,41 @@ class TrainConfig:
             (self.threads >= 0, "threads", "0 (torch default) or more"),
             (valid_device_name(self.device), "device", f"one of {', '.join(DEVICES)}"),
             (self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}"),
-            (all(isinstance(key, str) for key in self.layout_options), "layout_options", "a mapping of option names to values"),
+            (
+                all(isinstance(key, str) for key in self.layout_options),
+                "layout_options",
+                "a mapping of option names to values",
+            ),
             (self.optim.lr > 0, "optim.lr", "positive"),
-            (self.optim.schedule in ("constant", "poly", "multistep"), "optim.schedule", "'constant', 'poly' or 'multistep'"),
+            (
+                self.optim.schedule in ("constant", "poly", "multistep"),
+                "optim.schedule",
+                "'constant', 'poly' or 'multistep'",
+            ),
             (self.optim.optimizer in ("sgd", "adam"), "optim.optimizer", "'sgd' or 'adam'"),
             (0.0 <= self.optim.momentum < 1.0, "optim.momentum", "in [0, 1)"),
-            (1.0 in self.adele.scales and all(s > 0 for s in self.adele.scales), "adele.scales", "positive scales including 1.0 (the unscaled view)"),
+            (
+                1.0 in self.adele.scales and all(s > 0 for s in self.adele.scales),
+                "adele.scales",
+                "positive scales including 1.0 (the unscaled view)",
+            ),
             (0.0 <= self.adele.r < 1.0, "adele.r", "in [0, 1)"),
             (self.adele.min_fit_points >= 3, "adele.min_fit_points", "at least 3"),
             (0.0 <= self.adele.min_rise < 1.0, "adele.min_rise", "in [0, 1)"),
             (self.adele.fit_weights in FIT_WEIGHTS, "adele.fit_weights", " or ".join(f"'{w}'" for w in FIT_WEIGHTS)),
             (0.0 <= self.adele.tau < 1.0, "adele.tau", "in [0, 1)"),
             (self.adele.rho_mask in ("image", "pixel"), "adele.rho_mask", "'image' or 'pixel'"),
-            (self.adele.correction_timing in ("auto", "iteration", "epoch"), "adele.correction_timing", "'auto', 'iteration' or 'epoch'"),
+            (
+                self.adele.correction_timing in ("auto", "iteration", "epoch"),
+                "adele.correction_timing",
+                "'auto', 'iteration' or 'epoch'",
+            ),
             (self.adele.correction_every >= 1, "adele.correction_every", "at least 1"),
-            (self.adele.correction_prediction in ("multiscale", "single"), "adele.correction_prediction", "'multiscale' or 'single'"),
+            (
+                self.adele.correction_prediction in ("multiscale", "single"),
+                "adele.correction_prediction",
+                "'multiscale' or 'single'",
+            ),
             (self.adele.logit_divisor > 0, "adele.logit_divisor", "positive"),
             (0.0 < self.adele.guard_min_area < 1.0, "adele.guard_min_area", "in (0, 1)"),
             (0.0 <= self.arm.warmup_fraction <= 1.0, "arm.warmup_fraction", "in [0, 1]"),
@@ -397,15 +453,50 @@ class TrainConfig:
             (self.loader.num_workers >= -1, "loader.num_workers", "-1 (from the CPU count), 0 or more"),
             (self.loader.eval_window >= 0, "loader.eval_window", "0 (whole images) or a window size in pixels"),
             (0.0 <= self.loader.eval_overlap < 1.0, "loader.eval_overlap", "in [0, 1)"),
-            (len(self.loader.augment.scale_range) == 2 and 0 < self.loader.augment.scale_range[0] <= self.loader.augment.scale_range[1], "loader.augment.scale_range", "[low, high] with 0 < low <= high"),
-            (len(self.loader.augment.crop_size) in (0, 2) and all(s > 0 for s in self.loader.augment.crop_size), "loader.augment.crop_size", "[] or [height, width], positive"),
-            (self.loader.augment.brightness >= 0 and 0 <= self.loader.augment.contrast < 1, "loader.augment.brightness", "brightness >= 0 and contrast in [0, 1)"),
-            (not (self.loader.cache and self.loader.augment.random), "loader.cache", "false (or empty) when random augmentation is on: the cached split is the unaugmented one"),
-            (not (self.correction_timing() == "iteration" and self.loader.augment.rescale), "adele.correction_timing", "'epoch' (or 'auto') with loader.augment.rescale: a rescaled crop's predictions cannot be mapped back onto the stored labels without resampling them"),
-            (not (self.correction_timing() == "iteration" and self.loader.augment.label_elastic), "adele.correction_timing", "'epoch' (or 'auto') with loader.augment.label_elastic: corrections of a deformed mask would write the deformation into the stored labels"),
+            (
+                len(self.loader.augment.scale_range) == 2
+                and 0 < self.loader.augment.scale_range[0] <= self.loader.augment.scale_range[1],
+                "loader.augment.scale_range",
+                "[low, high] with 0 < low <= high",
+            ),
+            (
+                len(self.loader.augment.crop_size) in (0, 2) and all(s > 0 for s in self.loader.augment.crop_size),
+                "loader.augment.crop_size",
+                "[] or [height, width], positive",
+            ),
+            (
+                self.loader.augment.brightness >= 0 and 0 <= self.loader.augment.contrast < 1,
+                "loader.augment.brightness",
+                "brightness >= 0 and contrast in [0, 1)",
+            ),
+            (
+                not (self.loader.cache and self.loader.augment.random),
+                "loader.cache",
+                "false (or empty) when random augmentation is on: the cached split is the unaugmented one",
+            ),
+            (
+                not (self.correction_timing() == "iteration" and self.loader.augment.rescale),
+                "adele.correction_timing",
+                "'epoch' (or 'auto') with loader.augment.rescale: a rescaled crop's predictions cannot be mapped back onto the stored labels without resampling them",
+            ),
+            (
+                not (self.correction_timing() == "iteration" and self.loader.augment.label_elastic),
+                "adele.correction_timing",
+                "'epoch' (or 'auto') with loader.augment.label_elastic: corrections of a deformed mask would write the deformation into the stored labels",
+            ),
             (0.0 <= self.loader.augment.label_elastic_p <= 1.0, "loader.augment.label_elastic_p", "in [0, 1]"),
-            (bool(self.loader.augment.label_elastic_alpha) and all(a >= 0 for a in self.loader.augment.label_elastic_alpha), "loader.augment.label_elastic_alpha", "a non-empty list of displacement scales >= 0 (pixels)"),
-            (bool(self.loader.augment.label_elastic_sigma) and all(s > 0 for s in self.loader.augment.label_elastic_sigma), "loader.augment.label_elastic_sigma", "a non-empty list of smoothing sigmas > 0 (pixels)"),
+            (
+                bool(self.loader.augment.label_elastic_alpha)
+                and all(a >= 0 for a in self.loader.augment.label_elastic_alpha),
+                "loader.augment.label_elastic_alpha",
+                "a non-empty list of displacement scales >= 0 (pixels)",
+            ),
+            (
+                bool(self.loader.augment.label_elastic_sigma)
+                and all(s > 0 for s in self.loader.augment.label_elastic_sigma),
+                "loader.augment.label_elastic_sigma",
+                "a non-empty list of smoothing sigmas > 0 (pixels)",
+            ),
         ]
         for ok, name, expected in checks:
             if not ok:
@@ -464,7 +555,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return value
     elif annotation is float:
         # YAML 1.1 reads exponent notation without a dot (1e-6) as a string.
-        if (isinstance(value, (int, float)) and not isinstance(value, bool)) or (isinstance(value, str) and re.fullmatch(r"[-+]?\d+[eE][-+]?\d+", value.strip())):
+        if (isinstance(value, (int, float)) and not isinstance(value, bool)) or (
+            isinstance(value, str) and re.fullmatch(r"[-+]?\d+[eE][-+]?\d+", value.strip())
+        ):
             try:
                 number = float(value)
             except OverflowError:  # an integer beyond the float range
@@ -496,7 +589,9 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ValueError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; known: {', '.join(sorted(prefix + n for n in names))}")
+        raise ValueError(
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; known: {', '.join(sorted(prefix + n for n in names))}"
+        )
     return cls(**{name: _coerce(value, hints[name], prefix + name) for name, value in values.items()})
 
 

@@ -45,16 +45,29 @@ def demo_scale(quick: bool, epochs: int | None = None) -> Scale:
     if epochs is not None and epochs < 1:
         raise ValueError(f"--epochs: expected at least 1, got {epochs}")
     if quick:
-        return Scale(patients=5, size=64, slices_per_patient=8, epochs=epochs or QUICK_EPOCHS, batch_size=8, unet={"base_width": 4, "depth": 3})
+        return Scale(
+            patients=5,
+            size=64,
+            slices_per_patient=8,
+            epochs=epochs or QUICK_EPOCHS,
+            batch_size=8,
+            unet={"base_width": 4, "depth": 3},
+        )
     return Scale() if epochs is None else Scale(epochs=epochs)
 
 
 def register(subparsers: Any) -> None:
     """Add the `demo` subcommand."""
     parser = subparsers.add_parser("demo", help="end-to-end demo: phantom, noisy labels, baseline-ms vs ADELE vs ARM")
-    parser.add_argument("--out", default="runs/demo", help="folder for data, runs, table and summary (default runs/demo)")
+    parser.add_argument(
+        "--out", default="runs/demo", help="folder for data, runs, table and summary (default runs/demo)"
+    )
     parser.add_argument("--quick", action="store_true", help="a 1-2 minute version (tiny data and network, 4 epochs)")
-    parser.add_argument("--epochs", type=int, help=f"override the number of epochs (default: the experiment scale's, quick {QUICK_EPOCHS})")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        help=f"override the number of epochs (default: the experiment scale's, quick {QUICK_EPOCHS})",
+    )
     parser.add_argument("--no-export", action="store_true", help="skip the ONNX export and ONNX Runtime check")
     parser.add_argument("--progress", action="store_true", help="show per-epoch progress bars")
     parser.set_defaults(func=run_demo)
@@ -67,7 +80,9 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def demo(out: Path, scale: Scale, export: bool = True, quiet: bool = True, workers: int | None = None) -> dict[str, Any]:
+def demo(
+    out: Path, scale: Scale, export: bool = True, quiet: bool = True, workers: int | None = None
+) -> dict[str, Any]:
     """Run the demo into `out` and return what `out/summary.json` holds. The methods train in
     `workers` processes of one torch thread each (default: one per CPU core, at most one per
     method); each run is locked and resumable, so workers never train the same run."""
@@ -80,7 +95,9 @@ def demo(out: Path, scale: Scale, export: bool = True, quiet: bool = True, worke
     phantom, _ = ensure_data(out, scale, noise)  # once, before the workers start
     specs = [RunSpec("demo", method, noise) for method in DEMO_METHODS]
     workers = workers or min(len(specs), os.cpu_count() or 1)
-    progress = TrainingProgress({spec.method: out / "runs" / spec.relative_dir for spec in specs}, scale.epochs, started)
+    progress = TrainingProgress(
+        {spec.method: out / "runs" / spec.relative_dir for spec in specs}, scale.epochs, started
+    )
     if workers == 1:
         seconds = [_train_one(spec, out, scale, quiet) for spec in specs]
     else:
@@ -202,7 +219,12 @@ def export_best_model(out: Path, phantom: Path, methods: dict[str, Any]) -> dict
     report = export_checkpoint(run_dir, onnx_path, ExportConfig(exporter="torchscript"))
     model, info = load_model(resolve_model_file(run_dir))
     runner = OnnxRuntimeRunner(onnx_path, providers=["CPUExecutionProvider"])
-    raw = np.stack([read_image(find_slice_file(phantom / IMAGE_DIR, i, IMAGE_SUFFIXES, "image")) for i in read_split_ids(phantom, "test")])
+    raw = np.stack(
+        [
+            read_image(find_slice_file(phantom / IMAGE_DIR, i, IMAGE_SUFFIXES, "image"))
+            for i in read_split_ids(phantom, "test")
+        ]
+    )
     test = load_split(phantom, "test")
     with torch.inference_mode():
         torch_labels = model(torch.from_numpy(test.images)).argmax(dim=1).numpy()
@@ -216,7 +238,12 @@ def export_best_model(out: Path, phantom: Path, methods: dict[str, Any]) -> dict
         "test_miou_pytorch": mean_iou(confusion_matrix(torch_labels, test.masks, num_classes)),
         "test_miou_onnxruntime": mean_iou(confusion_matrix(onnx_labels, test.masks, num_classes)),
     }
-    log.info("exported %s's model to %s; ONNX Runtime agrees on %.4f%% of test pixels", best, onnx_path, 100 * result["test_argmax_agreement"])
+    log.info(
+        "exported %s's model to %s; ONNX Runtime agrees on %.4f%% of test pixels",
+        best,
+        onnx_path,
+        100 * result["test_argmax_agreement"],
+    )
     return result
 
 
@@ -234,7 +261,12 @@ def review_adele(out: Path, methods: dict[str, Any]) -> dict[str, Any]:
     target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target, prefix=".review-") as workdir:
         summary = run_review(RunSource(methods["adele"]["run_dir"], "train", workdir=workdir), target, ReviewOptions())
-    return {"page": summary["files"]["page"], "images": summary["images"], "worst": summary["worst"][:5], "seconds": summary["seconds"]}
+    return {
+        "page": summary["files"]["page"],
+        "images": summary["images"],
+        "worst": summary["worst"][:5],
+        "seconds": summary["seconds"],
+    }
 
 
 # ----------------------------------------------------------------------------- the table
@@ -258,7 +290,12 @@ def format_report(summary: dict[str, Any], out: Path) -> str:
         f"{_pct(noise['annotation_miou'])}% (foreground {_pct(noise['annotation_miou_fg'])}%)",
         "",
         "Test mIoU (%): with background (all) and without (fg), at the best validation epoch, the last epoch, and the maximum",
-        _row("", [f"all {k}" for k in ("best-val", "last", "max")] + [f"fg {k}" for k in ("best-val", "last", "max")], width, 13),
+        _row(
+            "",
+            [f"all {k}" for k in ("best-val", "last", "max")] + [f"fg {k}" for k in ("best-val", "last", "max")],
+            width,
+            13,
+        ),
     ]
     for method, run in methods.items():
         cells = [_pct(run["test_miou"][k]) for k in three] + [_pct(run["test_miou_fg"][k]) for k in three]
@@ -280,5 +317,7 @@ def format_report(summary: dict[str, Any], out: Path) -> str:
         )
     lines.append(f"Done in {summary['seconds']:.0f} s; summary: {out / 'summary.json'}")
     review = summary["review"]
-    lines.append(f"Label review of the adele run's {review['images']} training images ({review['seconds']:.0f} s), worst first in scores.csv; page: {review['page']}")
+    lines.append(
+        f"Label review of the adele run's {review['images']} training images ({review['seconds']:.0f} s), worst first in scores.csv; page: {review['page']}"
+    )
     return "\n".join(lines)

@@ -60,8 +60,16 @@ def tensorrt_runner(models: dict, precision: str) -> Callable[[np.ndarray], obje
     onnx_path = models["int8" if precision == "int8" else "fp32"]
     plan = models["root"] / f"model.{precision}.plan"
     if not plan.exists():
-        build_engine(onnx_path, plan, EngineBuildConfig(precision=precision, min_shape=(1, 1, SIZE, SIZE),
-                                                        opt_shape=(8, 1, SIZE, SIZE), max_shape=(8, 1, SIZE, SIZE)))
+        build_engine(
+            onnx_path,
+            plan,
+            EngineBuildConfig(
+                precision=precision,
+                min_shape=(1, 1, SIZE, SIZE),
+                opt_shape=(8, 1, SIZE, SIZE),
+                max_shape=(8, 1, SIZE, SIZE),
+            ),
+        )
     return TensorRTRunner(plan).run
 
 

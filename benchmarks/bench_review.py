@@ -65,7 +65,9 @@ def trained_run(seed: int) -> Path:
 
 
 def annotation_miou(noisy: np.ndarray, clean: np.ndarray, num_classes: int) -> float:
-    counts = np.bincount(clean.astype(np.int64).ravel() * num_classes + noisy.ravel(), minlength=num_classes**2).reshape(num_classes, num_classes)
+    counts = np.bincount(
+        clean.astype(np.int64).ravel() * num_classes + noisy.ravel(), minlength=num_classes**2
+    ).reshape(num_classes, num_classes)
     union = counts.sum(0) + counts.sum(1) - np.diag(counts)
     return float(np.mean(np.diag(counts)[union > 0] / union[union > 0]))
 
@@ -76,7 +78,9 @@ def ranking(scores: np.ndarray, truths: dict[str, np.ndarray], k: int) -> dict[s
     figures = {}
     for name, truth in truths.items():
         figures[f"spearman_{name}"] = float(spearmanr(scores, truth).statistic)
-        figures[f"precision_at_k_{name}"] = len(set(np.argsort(scores, kind="stable")[:k]) & set(np.argsort(truth, kind="stable")[:k])) / k
+        figures[f"precision_at_k_{name}"] = (
+            len(set(np.argsort(scores, kind="stable")[:k]) & set(np.argsort(truth, kind="stable")[:k])) / k
+        )
     return figures
 
 
@@ -94,7 +98,12 @@ def measure(seed: int) -> dict[str, dict[str, float]]:
     num_classes = len(source.class_names)
     probs, given, clean, quality, unchanged, iou, issue, changed = [], [], [], [], [], [], [], []
     for item in source.items():
-        review = review_image(item.probs, torch.from_numpy(item.given), source.ignore_index, corrected=None if item.corrected is None else torch.from_numpy(item.corrected))
+        review = review_image(
+            item.probs,
+            torch.from_numpy(item.given),
+            source.ignore_index,
+            corrected=None if item.corrected is None else torch.from_numpy(item.corrected),
+        )
         truth = read_mask(find_slice_file(phantom / MASK_DIR, item.slice_id, MASK_SUFFIXES, "mask"))
         probs.append(item.probs.numpy())
         given.append(item.given)
@@ -102,7 +111,9 @@ def measure(seed: int) -> dict[str, dict[str, float]]:
         quality.append(review.label_quality)
         unchanged.append(1.0 - review.changed_fraction)
         iou.append(float(np.nanmean(review.class_iou)))
-        prediction_review = review_image(item.probs, torch.from_numpy(item.given), source.ignore_index)  # the issue mask, whatever the store says
+        prediction_review = review_image(
+            item.probs, torch.from_numpy(item.given), source.ignore_index
+        )  # the issue mask, whatever the store says
         issue.append(prediction_review.issue.numpy())
         changed.append(review.corrected.numpy() != item.given)
     labels, truth_masks = np.stack(given), np.stack(clean)
@@ -113,8 +124,14 @@ def measure(seed: int) -> dict[str, dict[str, float]]:
     }
     k = max(1, round(TOP_K_FRACTION * len(labels)))
     rows = {
-        "noisyseg label quality (softmin)": {**ranking(np.array(quality), true_miou, k), **pixels(np.stack(issue), wrong)},
-        "noisyseg ADELE changes (1 - changed fraction)": {**ranking(np.array(unchanged), true_miou, k), **pixels(np.stack(changed), wrong)},
+        "noisyseg label quality (softmin)": {
+            **ranking(np.array(quality), true_miou, k),
+            **pixels(np.stack(issue), wrong),
+        },
+        "noisyseg ADELE changes (1 - changed fraction)": {
+            **ranking(np.array(unchanged), true_miou, k),
+            **pixels(np.stack(changed), wrong),
+        },
         "noisyseg given-vs-prediction mIoU": ranking(np.array(iou), true_miou, k),
     }
     try:
@@ -125,13 +142,26 @@ def measure(seed: int) -> dict[str, dict[str, float]]:
     pred_probs = np.stack(probs)
     theirs, _ = get_label_quality_scores(labels.astype(np.int64), pred_probs, verbose=False)
     found = find_label_issues(labels.astype(np.int64), pred_probs, downsample=1, verbose=False)
-    rows["cleanlab get_label_quality_scores (softmin)"] = {**ranking(theirs, true_miou, k), "max_abs_difference_to_noisyseg": float(np.abs(theirs - np.array(quality)).max())}
-    rows["cleanlab find_label_issues (1 - issue fraction)"] = {**ranking(1.0 - found.mean(axis=(1, 2)), true_miou, k), **pixels(found, wrong)}
+    rows["cleanlab get_label_quality_scores (softmin)"] = {
+        **ranking(theirs, true_miou, k),
+        "max_abs_difference_to_noisyseg": float(np.abs(theirs - np.array(quality)).max()),
+    }
+    rows["cleanlab find_label_issues (1 - issue fraction)"] = {
+        **ranking(1.0 - found.mean(axis=(1, 2)), true_miou, k),
+        **pixels(found, wrong),
+    }
     return rows
 
 
 def table(per_seed: list[dict[str, dict[str, float]]]) -> str:
-    columns = ("spearman_miou", "precision_at_k_miou", "spearman_accuracy", "precision_at_k_accuracy", "pixel_precision", "pixel_recall")
+    columns = (
+        "spearman_miou",
+        "precision_at_k_miou",
+        "spearman_accuracy",
+        "precision_at_k_accuracy",
+        "pixel_precision",
+        "pixel_recall",
+    )
     lines = ["| scorer | " + " | ".join(columns) + " |", "| --- |" + " ---: |" * len(columns)]
     for name in per_seed[0]:
         cells = []
@@ -153,7 +183,13 @@ def test_review_quality_against_the_truth(benchmark: Any) -> None:
     softmin = [seed["noisyseg label quality (softmin)"]["spearman_miou"] for seed in per_seed]
     assert all(np.isfinite(softmin))
     if "cleanlab get_label_quality_scores (softmin)" in per_seed[0]:  # the same definition
-        assert max(seed["cleanlab get_label_quality_scores (softmin)"]["max_abs_difference_to_noisyseg"] for seed in per_seed) < 1e-6
+        assert (
+            max(
+                seed["cleanlab get_label_quality_scores (softmin)"]["max_abs_difference_to_noisyseg"]
+                for seed in per_seed
+            )
+            < 1e-6
+        )
 
 
 @pytest.fixture(scope="module")
@@ -186,13 +222,27 @@ def phantom_with(train_images: int) -> tuple[Path, Path]:
 @pytest.mark.parametrize("images", [250, 1000])
 def test_review_time_and_peak_memory(benchmark: Any, onnx_model: Path, images: int, tmp_path: Path) -> None:
     data, labels = phantom_with(images)
-    command = [sys.executable, "-m", "noisyseg", "review", "--model", str(onnx_model), "--data", str(data), "--labels", str(labels), "--quiet"]
+    command = [
+        sys.executable,
+        "-m",
+        "noisyseg",
+        "review",
+        "--model",
+        str(onnx_model),
+        "--data",
+        str(data),
+        "--labels",
+        str(labels),
+        "--quiet",
+    ]
 
     peaks: list[float] = []
     cpu: list[float] = []
 
     def review() -> None:
-        child = subprocess.Popen([*command, "--out", str(tmp_path / f"out-{time.monotonic_ns()}")], stdout=subprocess.DEVNULL)
+        child = subprocess.Popen(
+            [*command, "--out", str(tmp_path / f"out-{time.monotonic_ns()}")], stdout=subprocess.DEVNULL
+        )
         _, status, usage = os.wait4(child.pid, 0)
         child.returncode = os.waitstatus_to_exitcode(status)
         assert child.returncode == 0
@@ -202,5 +252,7 @@ def test_review_time_and_peak_memory(benchmark: Any, onnx_model: Path, images: i
     benchmark.pedantic(review, rounds=1, iterations=1)
     from noisyseg.data.folder import read_split_ids
 
-    benchmark.extra_info.update(images=len(read_split_ids(data, "train")), peak_rss_mib=round(max(peaks), 1), cpu_seconds=round(max(cpu), 1))
+    benchmark.extra_info.update(
+        images=len(read_split_ids(data, "train")), peak_rss_mib=round(max(peaks), 1), cpu_seconds=round(max(cpu), 1)
+    )
     print(json.dumps(benchmark.extra_info))

@@ -46,7 +46,11 @@ CONFIGURATIONS = [
     ("bf16", True, "auto"),
 ]
 CASES = [
-    pytest.param(device, *configuration, id=f"{device}-{configuration[0]}-{'compile' if configuration[1] else 'eager'}-{'fused' if configuration[2] == 'auto' else 'reference'}")
+    pytest.param(
+        device,
+        *configuration,
+        id=f"{device}-{configuration[0]}-{'compile' if configuration[1] else 'eager'}-{'fused' if configuration[2] == 'auto' else 'reference'}",
+    )
     for device in DEVICES
     for configuration in CONFIGURATIONS
 ]
@@ -71,7 +75,9 @@ def summary():
     for device, medians in _MEDIANS.items():
         default = next(iter(medians.values()))
         for name, seconds in medians.items():
-            lines.append(f"| {device} | {name} | {seconds * 1e3:.0f} | {BATCH / seconds:.1f} | {default / seconds:.2f}x |")
+            lines.append(
+                f"| {device} | {name} | {seconds * 1e3:.0f} | {BATCH / seconds:.1f} | {default / seconds:.2f}x |"
+            )
     path = Path(os.environ.get("NOISYSEG_BENCH_SUMMARY", ".benchmarks/train_summary.md"))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
@@ -79,12 +85,26 @@ def summary():
 
 
 def phantom_trainer(phantom: Path, out: Path, device: str, precision: str, compiled: bool, backend: str) -> Trainer:
-    config = build_config(None, [f"data={phantom}", f"out={out}", "method=adele", f"batch_size={BATCH}", f"device={device}", f"precision={precision}", f"model.compile={str(compiled).lower()}", f"loss.backend={backend}"])
+    config = build_config(
+        None,
+        [
+            f"data={phantom}",
+            f"out={out}",
+            "method=adele",
+            f"batch_size={BATCH}",
+            f"device={device}",
+            f"precision={precision}",
+            f"model.compile={str(compiled).lower()}",
+            f"loss.backend={backend}",
+        ],
+    )
     return make_trainer(config, load_run_data(config))
 
 
 @pytest.mark.parametrize(("device", "precision", "compiled", "backend"), CASES)
-def test_training_step_images_per_second(benchmark, phantom: Path, tmp_path: Path, device: str, precision: str, compiled: bool, backend: str) -> None:
+def test_training_step_images_per_second(
+    benchmark, phantom: Path, tmp_path: Path, device: str, precision: str, compiled: bool, backend: str
+) -> None:
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the trainer's default `threads`
     try:

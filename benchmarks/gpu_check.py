@@ -59,8 +59,21 @@ TRAIN_PATIENTS = 6
 TRAIN_EPOCHS = 3
 TRAIN_OVERRIDES = ["device=cuda", "precision=bf16", "model.kwargs.base_width=64", "threads=0"]
 COPY_IGNORE = shutil.ignore_patterns(
-    ".git", ".venv", "runs", "build", "dist", "*.egg-info", "__pycache__", ".benchmarks",
-    ".pytest_cache", ".hypothesis", ".mypy_cache", ".ruff_cache", "*.nbi", "*.nbc", ".lock-venv",
+    ".git",
+    ".venv",
+    "runs",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    ".benchmarks",
+    ".pytest_cache",
+    ".hypothesis",
+    ".mypy_cache",
+    ".ruff_cache",
+    "*.nbi",
+    "*.nbc",
+    ".lock-venv",
 )
 
 
@@ -91,7 +104,9 @@ class Report:
         self.write()
 
     def finish(self, result: str, exit_code: int) -> None:
-        self.data.update(result=result, exit_code=exit_code, finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        self.data.update(
+            result=result, exit_code=exit_code, finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        )
         self.write()
 
     def write(self) -> None:
@@ -114,7 +129,9 @@ class Runner:
     def timeout(self, budget: float) -> float:
         return max(1.0, min(budget, self.deadline - time.monotonic()))
 
-    def run(self, cmd: list[str], budget: float, cwd: Path, extra_env: dict[str, str] | None = None) -> tuple[int | None, str, float]:
+    def run(
+        self, cmd: list[str], budget: float, cwd: Path, extra_env: dict[str, str] | None = None
+    ) -> tuple[int | None, str, float]:
         """(exit status or None on timeout, the command's output, seconds)."""
         timeout = self.timeout(budget)
         env = {**self.env, **(extra_env or {})}
@@ -138,14 +155,16 @@ class Runner:
             log.write(f"# exit {rc if rc is not None else f'timeout after {timeout:.0f} s'}, {seconds:.1f} s\n")
         return rc, output, seconds
 
-    def python(self, args: list[str], budget: float, cwd: Path, extra_env: dict[str, str] | None = None) -> tuple[int | None, str, float]:
+    def python(
+        self, args: list[str], budget: float, cwd: Path, extra_env: dict[str, str] | None = None
+    ) -> tuple[int | None, str, float]:
         return self.run([sys.executable, *args], budget, cwd, extra_env)
 
 
 def result_of(output: str) -> dict[str, Any] | None:
     """The JSON an internal step printed last after RESULT_MARK."""
     lines = [line for line in output.splitlines() if line.startswith(RESULT_MARK)]
-    return json.loads(lines[-1][len(RESULT_MARK):]) if lines else None
+    return json.loads(lines[-1][len(RESULT_MARK) :]) if lines else None
 
 
 def tail(output: str, lines: int = 8) -> str:
@@ -167,8 +186,22 @@ def install(runner: Runner, report: Report, target: Path, work: Path) -> dict[st
     source = work / "source"
     shutil.copytree(REPO, source, ignore=COPY_IGNORE)
     rc, output, _ = runner.python(
-        ["-m", "pip", "install", "--no-deps", "--no-index", "--no-build-isolation", "--no-compile", "--quiet", "--target", str(target), str(source)],
-        25.0, work, {"PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+        [
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--no-build-isolation",
+            "--no-compile",
+            "--quiet",
+            "--target",
+            str(target),
+            str(source),
+        ],
+        25.0,
+        work,
+        {"PIP_DISABLE_PIP_VERSION_CHECK": "1"},
     )
     method = "pip install --no-deps --no-index --no-build-isolation --target"
     note = ""
@@ -185,12 +218,35 @@ def install(runner: Runner, report: Report, target: Path, work: Path) -> dict[st
     found = result_of(output)
     seconds = time.monotonic() - began
     if rc != 0 or found is None:
-        report.step("install", "failed", failure(rc, output, "import noisyseg from the target"), seconds, method=method, target=str(target))
+        report.step(
+            "install",
+            "failed",
+            failure(rc, output, "import noisyseg from the target"),
+            seconds,
+            method=method,
+            target=str(target),
+        )
         return None
     if not found["file"].startswith(str(target)):
-        report.step("install", "failed", f"noisyseg imported from {found['file']}, not from the target {target}", seconds, method=method, target=str(target))
+        report.step(
+            "install",
+            "failed",
+            f"noisyseg imported from {found['file']}, not from the target {target}",
+            seconds,
+            method=method,
+            target=str(target),
+        )
         return None
-    report.step("install", "passed", note, seconds, method=method, target=str(target), imported_from=found["file"], version=found["version"])
+    report.step(
+        "install",
+        "passed",
+        note,
+        seconds,
+        method=method,
+        target=str(target),
+        imported_from=found["file"],
+        version=found["version"],
+    )
     return found
 
 
@@ -198,7 +254,10 @@ def import_check(target: str) -> dict[str, Any]:
     import noisyseg
     from noisyseg import cli  # noqa: F401 (every part's commands register at import)
 
-    found: dict[str, Any] = {"file": str(Path(noisyseg.__file__).resolve()), "version": getattr(noisyseg, "__version__", None)}
+    found: dict[str, Any] = {
+        "file": str(Path(noisyseg.__file__).resolve()),
+        "version": getattr(noisyseg, "__version__", None),
+    }
     try:
         import torch
     except ImportError as err:
@@ -207,7 +266,11 @@ def import_check(target: str) -> dict[str, Any]:
     found.update(torch=torch.__version__, torch_cuda=torch.version.cuda, cuda_available=torch.cuda.is_available())
     if found["cuda_available"]:
         props = torch.cuda.get_device_properties(0)
-        found.update(device=props.name, capability=f"{props.major}.{props.minor}", memory_gib=round(props.total_memory / 2**30, 1))
+        found.update(
+            device=props.name,
+            capability=f"{props.major}.{props.minor}",
+            memory_gib=round(props.total_memory / 2**30, 1),
+        )
     try:
         import triton
 
@@ -223,12 +286,27 @@ def import_check(target: str) -> dict[str, Any]:
 
 def kernel_tests(runner: Runner, report: Report, work: Path, out: Path, env_info: dict[str, Any]) -> None:
     if env_info.get("triton") is None:
-        report.step("kernel_tests", "failed", f"triton is not importable ({env_info.get('triton_error')}): the fused GPU kernels cannot run; losses fall back to backend='torch'")
+        report.step(
+            "kernel_tests",
+            "failed",
+            f"triton is not importable ({env_info.get('triton_error')}): the fused GPU kernels cannot run; losses fall back to backend='torch'",
+        )
         return
     junit = out / "kernel_tests.xml"
     rc, output, seconds = runner.python(
-        ["-m", "pytest", str(REPO / "tests" / "test_kernels_triton.py"), "-m", "triton", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}"],
-        BUDGETS["kernel_tests"], work,
+        [
+            "-m",
+            "pytest",
+            str(REPO / "tests" / "test_kernels_triton.py"),
+            "-m",
+            "triton",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={junit}",
+        ],
+        BUDGETS["kernel_tests"],
+        work,
     )
     counts = junit_counts(junit)
     if rc == 0:
@@ -264,9 +342,20 @@ def kernel_benchmark(runner: Runner, report: Report, work: Path, out: Path) -> N
         budget = left / (len(BENCH_SHAPES) - index) if index < len(BENCH_SHAPES) - 1 else left
         path = out / f"bench_kernels_{shape}.json"
         rc, output, _ = runner.python(
-            ["-m", "pytest", str(REPO / "benchmarks" / "bench_kernels.py"), "--benchmark-only", f"--benchmark-json={path}",
-             "-k", f"{shape} and not numba", "-q", "-p", "no:cacheprovider"],
-            budget, work,
+            [
+                "-m",
+                "pytest",
+                str(REPO / "benchmarks" / "bench_kernels.py"),
+                "--benchmark-only",
+                f"--benchmark-json={path}",
+                "-k",
+                f"{shape} and not numba",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+            ],
+            budget,
+            work,
             {"NOISYSEG_BENCH_ROUNDS": "20", "NOISYSEG_BENCH_SUMMARY": str(out / f"kernels_summary_{shape}.md")},
         )
         if rc != 0:
@@ -323,8 +412,22 @@ def training(runner: Runner, report: Report, work: Path, out: Path, env_info: di
         if rc != 0:
             report.step("training", "failed", failure(rc, output, what), time.monotonic() - began)
             return None
-    train_args = ["-m", "noisyseg", "train", "--data", str(data), "--labels", str(noisy), "--method", "adele+arm",
-                  "--epochs", str(TRAIN_EPOCHS), "--out", str(run_dir), "--quiet"]
+    train_args = [
+        "-m",
+        "noisyseg",
+        "train",
+        "--data",
+        str(data),
+        "--labels",
+        str(noisy),
+        "--method",
+        "adele+arm",
+        "--epochs",
+        str(TRAIN_EPOCHS),
+        "--out",
+        str(run_dir),
+        "--quiet",
+    ]
     note = ""
     if env_info.get("triton") is None:
         train_args += ["--loss-backend", "torch"]
@@ -333,7 +436,15 @@ def training(runner: Runner, report: Report, work: Path, out: Path, env_info: di
         train_args += ["--set", override]
     train_started = time.monotonic()
     rc, output, train_seconds = runner.python(train_args, max(1.0, left() - 25.0), work)
-    figures: dict[str, Any] = {"config": {"method": "adele+arm", "epochs": TRAIN_EPOCHS, "patients": TRAIN_PATIENTS, "size": 256, "overrides": TRAIN_OVERRIDES}}
+    figures: dict[str, Any] = {
+        "config": {
+            "method": "adele+arm",
+            "epochs": TRAIN_EPOCHS,
+            "patients": TRAIN_PATIENTS,
+            "size": 256,
+            "overrides": TRAIN_OVERRIDES,
+        }
+    }
     if rc != 0:
         report.step("training", "failed", failure(rc, output, "noisyseg train"), time.monotonic() - began, **figures)
         return None
@@ -347,15 +458,25 @@ def training(runner: Runner, report: Report, work: Path, out: Path, env_info: di
     summary = run_summary(run_dir)
     if summary:
         figures["summary"] = summary
-    rc, output, _ = runner.python([str(SCRIPT), "--internal", "loss-check", str(run_dir), str(data)], max(1.0, left()), work)
+    rc, output, _ = runner.python(
+        [str(SCRIPT), "--internal", "loss-check", str(run_dir), str(data)], max(1.0, left()), work
+    )
     found = result_of(output)
     if found is not None:
         figures.update(found)
     seconds = time.monotonic() - began
     if rc != 0 or found is None:
-        report.step("training", "failed", note + failure(rc, output, "fused-vs-reference loss check"), seconds, **figures)
+        report.step(
+            "training", "failed", note + failure(rc, output, "fused-vs-reference loss check"), seconds, **figures
+        )
     elif not found["agreement"]["passed"]:
-        report.step("training", "failed", note + "fused loss disagrees with the reference beyond bf16 tolerance", seconds, **figures)
+        report.step(
+            "training",
+            "failed",
+            note + "fused loss disagrees with the reference beyond bf16 tolerance",
+            seconds,
+            **figures,
+        )
     else:
         report.step("training", "passed", note.rstrip("; "), seconds, **figures)
     return run_dir
@@ -409,15 +530,26 @@ def loss_check(run_dir: str, data: str, device_name: str = "cuda") -> dict[str, 
         loss.backward()
         return float(loss), [z.grad.float() for z in leaves]
 
-    agreement: dict[str, Any] = {"resolved_backend": functional.resolve_backend("auto", logits[0]), "logits_dtype": str(logits[0].dtype)}
+    agreement: dict[str, Any] = {
+        "resolved_backend": functional.resolve_backend("auto", logits[0]),
+        "logits_dtype": str(logits[0].dtype),
+    }
     # bf16 logits: gradients are written in bf16 (relative 2^-8); fp32 copies: fp32 accumulation order only.
     for label, zs, bound in (("bf16", logits, 2e-2), ("fp32", [z.float() for z in logits], 1e-4)):
         fused_value, fused_grads = loss_and_grads("auto", zs)
         ref_value, ref_grads = loss_and_grads("torch", zs)
-        grad_error = max(float((f - r).abs().max() / r.abs().max().clamp_min(1e-30)) for f, r in zip(fused_grads, ref_grads))
+        grad_error = max(
+            float((f - r).abs().max() / r.abs().max().clamp_min(1e-30)) for f, r in zip(fused_grads, ref_grads)
+        )
         value_error = abs(fused_value - ref_value) / max(abs(ref_value), 1e-30)
-        agreement[label] = {"fused": fused_value, "reference": ref_value, "value_rel_error": value_error,
-                            "grad_max_rel_error": grad_error, "bound": bound, "passed": value_error <= bound and grad_error <= bound}
+        agreement[label] = {
+            "fused": fused_value,
+            "reference": ref_value,
+            "value_rel_error": value_error,
+            "grad_max_rel_error": grad_error,
+            "bound": bound,
+            "passed": value_error <= bound and grad_error <= bound,
+        }
     agreement["passed"] = agreement["triton_used"] = agreement["resolved_backend"] == "triton"
     agreement["passed"] = agreement["passed"] and agreement["bf16"]["passed"] and agreement["fp32"]["passed"]
 
@@ -447,9 +579,13 @@ def loss_check(run_dir: str, data: str, device_name: str = "cuda") -> dict[str, 
     elapsed = time.perf_counter() - started
     return {
         "agreement": agreement,
-        "step_loop": {"batch": images.shape[0], "steps": steps, "ms_per_step": round(elapsed / steps * 1e3, 2),
-                      "images_per_second": round(steps * images.shape[0] / elapsed, 1),
-                      "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None},
+        "step_loop": {
+            "batch": images.shape[0],
+            "steps": steps,
+            "ms_per_step": round(elapsed / steps * 1e3, 2),
+            "images_per_second": round(steps * images.shape[0] / elapsed, 1),
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+        },
     }
 
 
@@ -462,19 +598,32 @@ def onnx_step(runner: Runner, report: Report, work: Path, out: Path, run_dir: Pa
         return
     began = time.monotonic()
     model_path = out / "model.onnx"
-    rc, output, _ = runner.python(["-m", "noisyseg", "export", "onnx", "--checkpoint", str(run_dir), "--out", str(model_path)], BUDGETS["onnx"] - 15, work)
+    rc, output, _ = runner.python(
+        ["-m", "noisyseg", "export", "onnx", "--checkpoint", str(run_dir), "--out", str(model_path)],
+        BUDGETS["onnx"] - 15,
+        work,
+    )
     if rc != 0:
         report.step("onnx", "failed", failure(rc, output, "noisyseg export onnx"), time.monotonic() - began)
         return
     left = BUDGETS["onnx"] - (time.monotonic() - began)
-    rc, output, _ = runner.python([str(SCRIPT), "--internal", "onnx-check", str(run_dir), str(model_path), str(work / "phantom")], left, work)
+    rc, output, _ = runner.python(
+        [str(SCRIPT), "--internal", "onnx-check", str(run_dir), str(model_path), str(work / "phantom")], left, work
+    )
     found = result_of(output)
     seconds = time.monotonic() - began
     if rc != 0 or found is None:
         report.step("onnx", "failed", failure(rc, output, "PyTorch vs ONNX Runtime"), seconds)
     else:
         status = "passed" if found["passed"] else "failed"
-        report.step("onnx", status, "" if found["passed"] else "ONNX Runtime disagrees with PyTorch", seconds, model=str(model_path), **found)
+        report.step(
+            "onnx",
+            status,
+            "" if found["passed"] else "ONNX Runtime disagrees with PyTorch",
+            seconds,
+            model=str(model_path),
+            **found,
+        )
 
 
 def onnx_check(run_dir: str, model_path: str, data: str, devices: str = "cpu,cuda") -> dict[str, Any]:
@@ -490,7 +639,9 @@ def onnx_check(run_dir: str, model_path: str, data: str, devices: str = "cpu,cud
 
     model, info = load_model(resolve_model_file(run_dir))
     ids = read_split_ids(data, "test")[:4]
-    images = np.stack([read_image(next(Path(data, "images").glob(f"{slice_id}.*"))) for slice_id in ids]).astype(np.float32)
+    images = np.stack([read_image(next(Path(data, "images").glob(f"{slice_id}.*"))) for slice_id in ids]).astype(
+        np.float32
+    )
     if images.ndim == 3:
         images = images[:, None]
     runner = OnnxRuntimeRunner(model_path, providers=["CPUExecutionProvider"])
@@ -507,8 +658,15 @@ def onnx_check(run_dir: str, model_path: str, data: str, devices: str = "cpu,cud
         # CUDA convolutions may run in TF32 (cuDNN's default), so only the CPU comparison is
         # held to the exporter's tolerance; on CUDA the labels must agree.
         allowed = tolerance.atol + tolerance.rtol * float(np.abs(reference).max())
-        ok = agreement >= (tolerance.min_argmax_agreement if device == "cpu" else 0.99) and (device == "cuda" or diff <= allowed)
-        found[f"pytorch_{device}"] = {"max_abs_diff": diff, "allowed_max_abs_diff": allowed if device == "cpu" else None, "argmax_agreement": agreement, "passed": ok}
+        ok = agreement >= (tolerance.min_argmax_agreement if device == "cpu" else 0.99) and (
+            device == "cuda" or diff <= allowed
+        )
+        found[f"pytorch_{device}"] = {
+            "max_abs_diff": diff,
+            "allowed_max_abs_diff": allowed if device == "cpu" else None,
+            "argmax_agreement": agreement,
+            "passed": ok,
+        }
         passed = passed and ok
     found["passed"] = passed
     return found
@@ -527,30 +685,49 @@ def tensorrt_step(runner: Runner, report: Report, work: Path, out: Path) -> None
     version = tail(output, 1)
     junit = out / "tensorrt_tests.xml"
     rc, output, _ = runner.python(
-        ["-m", "pytest", str(REPO / "tests" / "test_tensorrt_engine.py"), "-q", "-p", "no:cacheprovider", f"--junitxml={junit}"],
-        BUDGETS["tensorrt"] - (time.monotonic() - began), work,
+        [
+            "-m",
+            "pytest",
+            str(REPO / "tests" / "test_tensorrt_engine.py"),
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={junit}",
+        ],
+        BUDGETS["tensorrt"] - (time.monotonic() - began),
+        work,
     )
     counts = junit_counts(junit)
     seconds = time.monotonic() - began
     status = "passed" if rc == 0 else "failed"
-    report.step("tensorrt", status, "" if rc == 0 else failure(rc, output, "pytest"), seconds, tensorrt=version, **counts)
+    report.step(
+        "tensorrt", status, "" if rc == 0 else failure(rc, output, "pytest"), seconds, tensorrt=version, **counts
+    )
 
 
 # ------------------------------------------------------------------------------ main
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("out", type=Path, help="folder for gpu-check.json, gpu-check.log and the step outputs")
-    parser.add_argument("--keep-target", action="store_true", help="keep the temporary install (its path is in the report)")
+    parser.add_argument(
+        "--keep-target", action="store_true", help="keep the temporary install (its path is in the report)"
+    )
     args = parser.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu-check.log").write_text(f"noisyseg gpu-check, {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, {sys.executable}\n")
+    (out / "gpu-check.log").write_text(
+        f"noisyseg gpu-check, {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, {sys.executable}\n"
+    )
     report = Report(out)
     work = Path(tempfile.mkdtemp(prefix="noisyseg-gpu-check-"))
     target = work / "target"
-    env = {key: value for key, value in os.environ.items() if key not in ("TRITON_INTERPRET", "PYTHONPATH", "PYTHONHOME")}
+    env = {
+        key: value for key, value in os.environ.items() if key not in ("TRITON_INTERPRET", "PYTHONPATH", "PYTHONHOME")
+    }
     env.update(PYTHONPATH=str(target), PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
     runner = Runner(out, env, time.monotonic() + TOTAL_BUDGET_S)
     try:
@@ -565,7 +742,11 @@ def main(argv: list[str] | None = None) -> int:
         report.write()
         if not env_info["cuda_available"]:
             for name in GPU_STEPS:
-                why = f"torch {env_info['torch']} sees no CUDA device" if env_info["torch"] else f"torch is not importable ({env_info['torch_error']})"
+                why = (
+                    f"torch {env_info['torch']} sees no CUDA device"
+                    if env_info["torch"]
+                    else f"torch is not importable ({env_info['torch_error']})"
+                )
                 report.step(name, "skipped", f"no CUDA: {why}")
             report.finish(NO_CUDA, 2)
             print(NO_CUDA, f"(install and report checked; report: {out / 'gpu-check.json'})")

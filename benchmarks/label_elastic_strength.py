@@ -29,9 +29,7 @@ def main() -> None:
         classes = read_dataset_info(root).classes
         masks = [read_mask(root / "masks" / f"{i}.png") for i in read_split_ids(root, "train")]
     rng = np.random.default_rng(0)
-    print(
-        f"{len(masks)} training masks of {masks[0].shape[0]} px; classes {', '.join(classes[1:])}"
-    )
+    print(f"{len(masks)} training masks of {masks[0].shape[0]} px; classes {', '.join(classes[1:])}")
     print("| alpha | sigma | mean displacement (px) | foreground IoU vs the input | per class |")
     print("| --- | --- | --- | --- | --- |")
     for alpha in augment.label_elastic_alpha:
@@ -40,9 +38,7 @@ def main() -> None:
             for mask in masks:
                 dy, dx = elastic_displacement(mask.shape, alpha, sigma, rng)
                 shifts.append(float(np.hypot(dy, dx).mean()))
-                confusion += confusion_matrix(
-                    warp_nearest(mask, dy, dx).ravel(), mask.ravel(), len(classes)
-                )
+                confusion += confusion_matrix(warp_nearest(mask, dy, dx).ravel(), mask.ravel(), len(classes))
             iou = iou_per_class(confusion)[1:]
             print(
                 f"| {alpha:g} | {sigma:g} | {np.mean(shifts):.2f} | {np.nanmean(iou):.2f} | {' '.join(f'{v:.2f}' for v in iou)} |"

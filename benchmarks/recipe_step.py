@@ -43,12 +43,8 @@ DATASETS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe", choices=sorted(DATASETS))
-    parser.add_argument(
-        "--batch", type=int, help="images per measured step (default: the recipe's batch size)"
-    )
-    parser.add_argument(
-        "--steps", type=int, default=2, help="timed steps after one warm-up (default 2)"
-    )
+    parser.add_argument("--batch", type=int, help="images per measured step (default: the recipe's batch size)")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up (default 2)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
@@ -74,9 +70,7 @@ def main() -> None:
                 classes=[f"class{c}" for c in range(num_classes)],
                 normalization=normalization,
             ),
-            train_images=torch.from_numpy(
-                rng.standard_normal((batch, channels, height, width), dtype=np.float32)
-            ),
+            train_images=torch.from_numpy(rng.standard_normal((batch, channels, height, width), dtype=np.float32)),
             train_labels=rng.integers(0, num_classes, (batch, height, width), dtype=np.uint8),
             train_ids=[str(i) for i in range(batch)],
             clean_train_labels=None,

@@ -6,7 +6,9 @@ from collections.abc import Hashable
 from typing import Any
 
 
-def record_side_by_side(medians: dict[Hashable, dict[str, float]], benchmark: Any, key: Hashable, name: str) -> float | None:
+def record_side_by_side(
+    medians: dict[Hashable, dict[str, float]], benchmark: Any, key: Hashable, name: str
+) -> float | None:
     """Store this case's median under `medians[key][name]` and its speed-up over every case of
     `key` measured before it in `benchmark.extra_info`; None under --benchmark-disable (the
     cases then run once, as a smoke test)."""

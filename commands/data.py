@@ -24,16 +24,26 @@ def register(subparsers: Any) -> None:
     phantom.add_argument("--patients", type=int, default=20, help="number of patients (default 20)")
     # Unset phantom options keep PhantomConfig's defaults (run_phantom fills in only those given).
     phantom.add_argument("--size", type=int, help="slice size in pixels (default: the phantom's)")
-    phantom.add_argument("--slices-per-patient", type=int, help="axial slices rendered per patient (default: the phantom's)")
+    phantom.add_argument(
+        "--slices-per-patient", type=int, help="axial slices rendered per patient (default: the phantom's)"
+    )
     phantom.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     phantom.add_argument("--noise-hu", type=float, help="acquisition noise std in HU (default: the phantom's)")
-    phantom.add_argument("--contrast", type=float, help="soft-tissue contrast of heart/esophagus (default: the phantom's)")
-    phantom.add_argument("--field-of-view", type=float, help="fraction of the body's field of view rendered, centred on the mediastinum (default: the phantom's, the whole body)")
+    phantom.add_argument(
+        "--contrast", type=float, help="soft-tissue contrast of heart/esophagus (default: the phantom's)"
+    )
+    phantom.add_argument(
+        "--field-of-view",
+        type=float,
+        help="fraction of the body's field of view rendered, centred on the mediastinum (default: the phantom's, the whole body)",
+    )
     phantom.add_argument("--all-slices", action="store_true", help="also keep slices without foreground")
     phantom.set_defaults(func=run_phantom)
 
     segthor = commands.add_parser("segthor", help="convert SegTHOR NIfTI volumes into the dataset folder format")
-    segthor.add_argument("--root", required=True, help="folder of Patient_XX/Patient_XX.nii.gz and Patient_XX/GT.nii.gz")
+    segthor.add_argument(
+        "--root", required=True, help="folder of Patient_XX/Patient_XX.nii.gz and Patient_XX/GT.nii.gz"
+    )
     segthor.add_argument("--out", required=True, help="new dataset folder (must not exist or be empty)")
     segthor.add_argument("--size", type=int, default=256, help="slice size in pixels (default 256, as in the paper)")
     segthor.add_argument("--seed", type=int, default=0, help="seed of the patient split (default 0)")
@@ -43,14 +53,29 @@ def register(subparsers: Any) -> None:
     corrupt = commands.add_parser("corrupt", help="write noisy training labels into a new folder")
     corrupt.add_argument("--data", required=True, help="dataset folder holding the clean labels")
     corrupt.add_argument("--noise", required=True, choices=NOISE_FAMILIES, help="noise family")
-    corrupt.add_argument("--level", type=int, choices=range(len(LEVEL_ITERATIONS)), help="erode-dilate only: ADELE Table 6 level (0..6 = 0,1,2,3,4,6,8 iterations); default: the reference setting (2-4 iterations per slice)")
+    corrupt.add_argument(
+        "--level",
+        type=int,
+        choices=range(len(LEVEL_ITERATIONS)),
+        help="erode-dilate only: ADELE Table 6 level (0..6 = 0,1,2,3,4,6,8 iterations); default: the reference setting (2-4 iterations per slice)",
+    )
     corrupt.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    corrupt.add_argument("--splits", default="train", help="comma-separated splits to corrupt: train (the default) or train,val (validation masks as noisy as the training masks, independent draws; `train --labels` then selects the checkpoint on them)")
+    corrupt.add_argument(
+        "--splits",
+        default="train",
+        help="comma-separated splits to corrupt: train (the default) or train,val (validation masks as noisy as the training masks, independent draws; `train --labels` then selects the checkpoint on them)",
+    )
     corrupt.add_argument("--out", required=True, help="new noisy-label folder (must not exist or be empty)")
     corrupt.set_defaults(func=run_corrupt)
 
-    inspect = commands.add_parser("inspect", help="summarise a dataset folder in any supported layout and check every file")
-    inspect.add_argument("--data", required=True, help="dataset root: a noisyseg folder, a Cityscapes root or a VOC2012 (or VOCdevkit) folder")
+    inspect = commands.add_parser(
+        "inspect", help="summarise a dataset folder in any supported layout and check every file"
+    )
+    inspect.add_argument(
+        "--data",
+        required=True,
+        help="dataset root: a noisyseg folder, a Cityscapes root or a VOC2012 (or VOCdevkit) folder",
+    )
     add_layout_arguments(inspect)
     inspect.add_argument("--quiet", action="store_true", help="no progress bar")
     inspect.set_defaults(func=run_inspect)
@@ -59,7 +84,13 @@ def register(subparsers: Any) -> None:
 def add_layout_arguments(parser: argparse.ArgumentParser) -> None:
     """`--layout` and repeatable `--option KEY=VALUE` (read with `layout_options`)."""
     parser.add_argument("--layout", default="auto", help="auto (detected, the default), folder, cityscapes or voc")
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a layout option as in the config's layout_options (value read as YAML), for example annotations=gtCoarse or aug=true; repeatable")
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a layout option as in the config's layout_options (value read as YAML), for example annotations=gtCoarse or aug=true; repeatable",
+    )
 
 
 def layout_options(texts: list[str]) -> dict[str, Any]:
@@ -87,7 +118,9 @@ def run_phantom(args: argparse.Namespace) -> int:
         "soft_tissue_contrast": args.contrast,
         "field_of_view": args.field_of_view,
     }
-    config = PhantomConfig(foreground_only=not args.all_slices, **{name: value for name, value in given.items() if value is not None})
+    config = PhantomConfig(
+        foreground_only=not args.all_slices, **{name: value for name, value in given.items() if value is not None}
+    )
     print_json(generate_phantom(args.out, num_patients=args.patients, seed=args.seed, config=config))
     return 0
 

@@ -28,18 +28,50 @@ def register(subparsers: Any) -> None:
         description="Runs ADELE Table 1 (table1), the Table 6 noise ladder (ladder) and the ARM "
         "paper's coarse-label comparison (coarse) at a CPU scale, then writes the results document.",
     )
-    parser.add_argument("--out", default="runs/experiment", help="experiment folder: data and runs (default runs/experiment)")
-    parser.add_argument("--experiments", nargs="+", default=list(DEFAULT_SEEDS), choices=list(DEFAULT_SEEDS), help="which experiments (default all)")
-    parser.add_argument("--seeds", nargs="+", type=int, help="noise seeds of every chosen experiment (default: 0-4 for table1, 0-2 for ladder and coarse)")
-    parser.add_argument("--levels", nargs="+", type=int, default=list(DEFAULT_LEVELS), help="erode-dilate levels of the ladder, 0..6 (default all: 0, 1, 2, 3, 4, 6, 8 iterations)")
-    parser.add_argument("--val-masks", choices=("noisy", "clean"), default="noisy", help="validation masks the runs select their checkpoint on: noisy (the default: corrupted like the training masks, as a user's are; the clean-validation choice is reported as an oracle) or clean (the runs from before issue 23)")
-    parser.add_argument("--methods", nargs="+", help="train only these methods (or variants: arm@arm.lr=0.01) of the chosen experiments (default all; the document lists all)")
+    parser.add_argument(
+        "--out", default="runs/experiment", help="experiment folder: data and runs (default runs/experiment)"
+    )
+    parser.add_argument(
+        "--experiments",
+        nargs="+",
+        default=list(DEFAULT_SEEDS),
+        choices=list(DEFAULT_SEEDS),
+        help="which experiments (default all)",
+    )
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        help="noise seeds of every chosen experiment (default: 0-4 for table1, 0-2 for ladder and coarse)",
+    )
+    parser.add_argument(
+        "--levels",
+        nargs="+",
+        type=int,
+        default=list(DEFAULT_LEVELS),
+        help="erode-dilate levels of the ladder, 0..6 (default all: 0, 1, 2, 3, 4, 6, 8 iterations)",
+    )
+    parser.add_argument(
+        "--val-masks",
+        choices=("noisy", "clean"),
+        default="noisy",
+        help="validation masks the runs select their checkpoint on: noisy (the default: corrupted like the training masks, as a user's are; the clean-validation choice is reported as an oracle) or clean (the runs from before issue 23)",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        help="train only these methods (or variants: arm@arm.lr=0.01) of the chosen experiments (default all; the document lists all)",
+    )
     parser.add_argument("--epochs", type=int, help="epochs per run (default: the Scale default)")
     parser.add_argument("--patients", type=int, help="phantom patients (default: the Scale default)")
     parser.add_argument("--size", type=int, help="phantom slice size in pixels (default: the Scale default)")
     parser.add_argument("--threads", type=int, help="torch CPU threads of this process (default: torch's choice)")
-    parser.add_argument("--results", default="docs/results.md", help="results document to write (default docs/results.md)")
-    parser.add_argument("--report-only", action="store_true", help="only rewrite the results document from the finished runs")
+    parser.add_argument(
+        "--results", default="docs/results.md", help="results document to write (default docs/results.md)"
+    )
+    parser.add_argument(
+        "--report-only", action="store_true", help="only rewrite the results document from the finished runs"
+    )
     parser.add_argument("--progress", action="store_true", help="show progress bars of the runs")
     parser.set_defaults(func=run_experiment_command)
 
@@ -47,7 +79,9 @@ def register(subparsers: Any) -> None:
 def _scale(args: argparse.Namespace) -> Any:
     from noisyseg.experiments.experiment import Scale
 
-    overrides = {name: getattr(args, name) for name in ("epochs", "patients", "size") if getattr(args, name) is not None}
+    overrides = {
+        name: getattr(args, name) for name in ("epochs", "patients", "size") if getattr(args, name) is not None
+    }
     bad = [f"--{name} {value}" for name, value in overrides.items() if value < 1]
     if bad:
         raise ValueError(f"{', '.join(bad)}: expected a positive number")
@@ -81,13 +115,26 @@ def run_experiment_command(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     scale = _scale(args)
     root = Path(args.out)
-    specs = [spec for name in args.experiments for spec in experiment_runs(name, args.seeds or DEFAULT_SEEDS[name], args.levels, args.val_masks == "noisy")]
+    specs = [
+        spec
+        for name in args.experiments
+        for spec in experiment_runs(name, args.seeds or DEFAULT_SEEDS[name], args.levels, args.val_masks == "noisy")
+    ]
     if not args.report_only:
-        chosen = [spec for spec in specs if args.methods is None or spec.method in args.methods or spec.name in args.methods]
+        chosen = [
+            spec for spec in specs if args.methods is None or spec.method in args.methods or spec.name in args.methods
+        ]
         if not chosen:
-            raise ValueError(f"--methods {' '.join(args.methods)}: none of them is part of {', '.join(args.experiments)}")
+            raise ValueError(
+                f"--methods {' '.join(args.methods)}: none of them is part of {', '.join(args.experiments)}"
+            )
         counts = run_experiments(root, chosen, scale, train_and_draw, quiet=not args.progress)
-        log.info("runs: %d already done, %d trained, %d left to other processes", counts["done"], counts["trained"], counts["busy"])
+        log.info(
+            "runs: %d already done, %d trained, %d left to other processes",
+            counts["done"],
+            counts["trained"],
+            counts["busy"],
+        )
     results = write_results(root, Path(args.results), scale, specs, args.levels, reproduce_command(args))
     print(f"results written to {results}")
     return 0

@@ -45,27 +45,56 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--model", required=True, metavar="PATH", help="model file, run directory or model repository")
     parser.add_argument("--name", help="model name for a single model (default: the file or directory name)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
+    )
     _option(parser, "--port", 8000, "HTTP port")
     _option(parser, "--max-batch-size", 8, "images per batched model call")
     _option(
-        parser, "--max-batch-pixels", DEFAULT_MAX_BATCH_PIXELS,
+        parser,
+        "--max-batch-pixels",
+        DEFAULT_MAX_BATCH_PIXELS,
         "the inference memory budget: pixels (images x height x width) in one model call, HTTP and gRPC "
         "together. ONNX Runtime's working memory grows with them (the demo UNet: about 500 bytes a pixel, "
         "so the default, one 2048 x 2048 image, is about 2 GiB); one batch runs at a time and one batch's "
         "worth may wait (503 with Retry-After beyond it); a single request over it gets 400",
     )
     _option(parser, "--max-queue-delay-ms", 5.0, "longest a request waits for others to batch with")
-    parser.add_argument("--api-key-file", metavar="FILE", help="require this key ('Authorization: Bearer KEY' or 'X-API-Key')")
+    parser.add_argument(
+        "--api-key-file", metavar="FILE", help="require this key ('Authorization: Bearer KEY' or 'X-API-Key')"
+    )
     _option(parser, "--max-body-mb", DEFAULT_MAX_BODY_BYTES / MIB, "largest request body accepted")
-    _option(parser, "--max-held-body-mb", DEFAULT_MAX_HELD_BODY_BYTES / MIB, "request bodies and gRPC messages held in memory at once, all requests together; beyond it 503 with Retry-After")
-    _option(parser, "--header-timeout-s", DEFAULT_HEADER_TIMEOUT_S, "longest a client may take to send a request's headers (the connection is closed)")
-    _option(parser, "--body-timeout-s", DEFAULT_BODY_TIMEOUT_S, "longest a client may take to send a request body (408)")
-    _option(parser, "--max-response-mb", DEFAULT_MAX_RESPONSE_BYTES / MIB, "largest response, HTTP or gRPC, refused before inference (request 'labels' or binary data for large images)")
+    _option(
+        parser,
+        "--max-held-body-mb",
+        DEFAULT_MAX_HELD_BODY_BYTES / MIB,
+        "request bodies and gRPC messages held in memory at once, all requests together; beyond it 503 with Retry-After",
+    )
+    _option(
+        parser,
+        "--header-timeout-s",
+        DEFAULT_HEADER_TIMEOUT_S,
+        "longest a client may take to send a request's headers (the connection is closed)",
+    )
+    _option(
+        parser, "--body-timeout-s", DEFAULT_BODY_TIMEOUT_S, "longest a client may take to send a request body (408)"
+    )
+    _option(
+        parser,
+        "--max-response-mb",
+        DEFAULT_MAX_RESPONSE_BYTES / MIB,
+        "largest response, HTTP or gRPC, refused before inference (request 'labels' or binary data for large images)",
+    )
     _option(parser, "--request-timeout-s", 60.0, "per-request timeout")
-    parser.add_argument("--openapi", action="store_true", help="serve the OpenAPI schema at /openapi.json (off by default)")
+    parser.add_argument(
+        "--openapi", action="store_true", help="serve the OpenAPI schema at /openapi.json (off by default)"
+    )
     _option(parser, "--threads", None, "ONNX Runtime threads per model (default: one per core)")
-    parser.add_argument("--device", default="cpu", help="device of a served run directory or .safetensors model: cpu (default), auto, cuda or cuda:N")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="device of a served run directory or .safetensors model: cpu (default), auto, cuda or cuda:N",
+    )
     grpc_group = parser.add_argument_group("gRPC endpoint (same models, batchers and API key as HTTP)")
     _option(grpc_group, "--grpc-port", 8001, "gRPC port on --host")
     grpc_group.add_argument("--no-grpc", action="store_true", help="serve HTTP only")
@@ -146,10 +175,14 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     map_large_allocations()
     if not settings.is_loopback and settings.api_key is None:
-        logger.warning("listening on %s without an API key: anyone who can reach this port can use the models", settings.host)
+        logger.warning(
+            "listening on %s without an API key: anyone who can reach this port can use the models", settings.host
+        )
     runtimes = open_runtimes(args.model, name=args.name, intra_op_threads=settings.intra_op_threads, device=args.device)
     app = create_app(runtimes, settings)
     config = uvicorn_config(app, settings, host=settings.host, port=settings.port)
-    logger.info("listening on http://%s:%d (models: %s)", settings.host, settings.port, ", ".join(r.name for r in runtimes))
+    logger.info(
+        "listening on http://%s:%d (models: %s)", settings.host, settings.port, ", ".join(r.name for r in runtimes)
+    )
     uvicorn.Server(config).run()
     return 0

@@ -39,17 +39,36 @@ def register_train(subparsers: argparse._SubParsersAction) -> None:
         "--set KEY=VALUE sets any configuration field (for example --set adele.r=0.8).",
     )
     parser.add_argument("--data", help="data folder (images, masks, splits, dataset.json)")
-    parser.add_argument("--labels", help="folder whose masks/ replace the training masks of --data (those then serve as clean references)")
+    parser.add_argument(
+        "--labels",
+        help="folder whose masks/ replace the training masks of --data (those then serve as clean references)",
+    )
     parser.add_argument("--method", choices=METHODS, help="training method (default adele)")
     parser.add_argument("--epochs", type=int, help="number of epochs (default 100)")
     parser.add_argument("--batch-size", type=int, help="batch size (default 5)")
     parser.add_argument("--seed", type=int, help="random seed (default 0)")
-    parser.add_argument("--loss-backend", help="loss backend of noisyseg.kernels (default auto: Triton on CUDA, numba on the CPU)")
+    parser.add_argument(
+        "--loss-backend", help="loss backend of noisyseg.kernels (default auto: Triton on CUDA, numba on the CPU)"
+    )
     parser.add_argument("--device", help="auto (default: CUDA when available, else the CPU), cpu, cuda or cuda:N")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), help="autocast precision of the network (default auto: bf16 on CUDA, fp32 on the CPU)")
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="autocast precision of the network (default auto: bf16 on CUDA, fp32 on the CPU)",
+    )
     parser.add_argument("--config", help="YAML configuration file")
-    parser.add_argument("--recipe", help="a ready configuration of the papers' settings instead of --config (noisyseg recipes lists them)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="set a configuration field (repeatable)")
+    parser.add_argument(
+        "--recipe",
+        help="a ready configuration of the papers' settings instead of --config (noisyseg recipes lists them)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a configuration field (repeatable)",
+    )
     parser.add_argument("--out", help="run directory to create")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -65,12 +84,16 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         from noisyseg.run.run_dir import RunDir
 
         if args.config or recipe:
-            raise ValueError(f"{'--config' if args.config else '--recipe'} cannot be combined with --resume: a resumed run keeps its stored configuration")
+            raise ValueError(
+                f"{'--config' if args.config else '--recipe'} cannot be combined with --resume: a resumed run keeps its stored configuration"
+            )
         base = RunDir(args.resume).read_config().to_dict()
         base["out"] = args.resume
     else:
         if args.config and recipe:
-            raise ValueError("--config and --recipe are alternatives: give one (and --set KEY=VALUE for changes on top of it)")
+            raise ValueError(
+                "--config and --recipe are alternatives: give one (and --set KEY=VALUE for changes on top of it)"
+            )
         source = recipe.path if recipe else args.config
         base = config_from_dict(load_config_file(source) if source else {}).to_dict()
     values = apply_overrides(base, args.overrides)
@@ -128,18 +151,36 @@ def register_eval(subparsers: argparse._SubParsersAction) -> None:
         "name (NAME.nii.gz, or Patient_XX/GT.nii.gz in the SegTHOR layout; two files pair whatever their names); "
         "class names from --classes, --run's model, --data's dataset.json, or SegTHOR's by default.",
     )
-    parser.add_argument("--run", help="run directory (holds model.safetensors and config.json); with --pred, only names the classes")
-    parser.add_argument("--split", default="test", choices=("train", "val", "test"), help="split to evaluate (default test; train uses the data folder's own masks)")
-    parser.add_argument("--data", help="data folder (default: the one recorded in the run); with --pred, its dataset.json names the classes")
-    parser.add_argument("--pred", help="predicted label volume (.nii/.nii.gz) or a folder of them (as `predict` writes)")
-    parser.add_argument("--gt", help="ground-truth label volume or folder (NAME.nii.gz or SegTHOR Patient_XX/GT.nii.gz)")
+    parser.add_argument(
+        "--run", help="run directory (holds model.safetensors and config.json); with --pred, only names the classes"
+    )
+    parser.add_argument(
+        "--split",
+        default="test",
+        choices=("train", "val", "test"),
+        help="split to evaluate (default test; train uses the data folder's own masks)",
+    )
+    parser.add_argument(
+        "--data",
+        help="data folder (default: the one recorded in the run); with --pred, its dataset.json names the classes",
+    )
+    parser.add_argument(
+        "--pred", help="predicted label volume (.nii/.nii.gz) or a folder of them (as `predict` writes)"
+    )
+    parser.add_argument(
+        "--gt", help="ground-truth label volume or folder (NAME.nii.gz or SegTHOR Patient_XX/GT.nii.gz)"
+    )
     parser.add_argument("--classes", help="comma-separated class names, index = class id (volume scoring)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--device", default="auto", help="auto (default: CUDA when available, else the CPU), cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--device", default="auto", help="auto (default: CUDA when available, else the CPU), cpu, cuda or cuda:N"
+    )
     parser.set_defaults(func=run_eval)
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test", data: str | None = None, device: str = "auto") -> dict[str, Any]:
+def evaluate_run(
+    run_dir: str | Path, split: str = "test", data: str | None = None, device: str = "auto"
+) -> dict[str, Any]:
     """Single-scale IoU of `RUN_DIR/model.safetensors` on `split` of the run's data folder,
     computed in fp32 on `device`."""
     from noisyseg.data.pipeline import ImageDataset
@@ -154,7 +195,15 @@ def evaluate_run(run_dir: str | Path, split: str = "test", data: str | None = No
     items = ImageDataset(source)
     info = run.info
     check_channels(int(items[0][0].shape[0]), info.in_channels, data_root)
-    scores = evaluate_split(run.model, items, info.num_classes, source.info.ignore_index, config.eval_batch_size, window=config.loader.eval_window, overlap=config.loader.eval_overlap)
+    scores = evaluate_split(
+        run.model,
+        items,
+        info.num_classes,
+        source.info.ignore_index,
+        config.eval_batch_size,
+        window=config.loader.eval_window,
+        overlap=config.loader.eval_overlap,
+    )
     return {"run": str(run_dir), "data": str(data_root), "split": split, "classes": info.class_names, **scores}
 
 
@@ -168,7 +217,9 @@ def format_scores(result: dict[str, Any]) -> str:
         return "   n/a" if value is None else f"{100 * value:6.2f}"
 
     lines = [f"{result['split']} split of {result['data']}", f"{'class':<16} IoU (%)"]
-    lines += [f"{name:<16} {percent(iou)}" for name, iou in zip(result["classes"], result["per_class_iou"], strict=True)]
+    lines += [
+        f"{name:<16} {percent(iou)}" for name, iou in zip(result["classes"], result["per_class_iou"], strict=True)
+    ]
     lines += [f"{'mIoU':<16} {percent(result['miou'])}", f"{'mIoU (no bg)':<16} {percent(result['miou_fg'])}"]
     return "\n".join(lines)
 
@@ -190,7 +241,9 @@ def volume_classes(args: argparse.Namespace) -> tuple[list[str], int]:
 
     given = [name for name, value in (("--classes", args.classes), ("--run", args.run), ("--data", args.data)) if value]
     if len(given) > 1:
-        raise ValueError(f"eval --pred: class names come from one of --classes, --run or --data, got {' and '.join(given)}")
+        raise ValueError(
+            f"eval --pred: class names come from one of --classes, --run or --data, got {' and '.join(given)}"
+        )
     if args.classes:
         names = [name.strip() for name in args.classes.split(",")]
         if len(names) < 2 or not all(names):
@@ -233,11 +286,23 @@ def register_predict(subparsers: argparse._SubParsersAction) -> None:
         "does and the labels back with nearest neighbour.",
     )
     parser.add_argument("--run", required=True, help="run directory (or a model .safetensors file)")
-    parser.add_argument("--input", required=True, help="folder of images (.npy raw values or .png), or a NIfTI volume or folder of volumes")
-    parser.add_argument("--out", required=True, help="folder for the masks (<image name>.png) or label volumes (<input file name>)")
-    parser.add_argument("--size", type=int, help="volumes only: slice size the model was trained at (default: read from the run's data folder)")
+    parser.add_argument(
+        "--input",
+        required=True,
+        help="folder of images (.npy raw values or .png), or a NIfTI volume or folder of volumes",
+    )
+    parser.add_argument(
+        "--out", required=True, help="folder for the masks (<image name>.png) or label volumes (<input file name>)"
+    )
+    parser.add_argument(
+        "--size",
+        type=int,
+        help="volumes only: slice size the model was trained at (default: read from the run's data folder)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--device", default="auto", help="auto (default: CUDA when available, else the CPU), cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--device", default="auto", help="auto (default: CUDA when available, else the CPU), cpu, cuda or cuda:N"
+    )
     parser.set_defaults(func=run_predict)
 
 
@@ -261,14 +326,18 @@ def mask_targets(files: list[Path], out_dir: str | Path) -> dict[Path, Path]:
     for path in files:
         target = Path(out_dir) / f"{path.stem}.png"
         if target in by_target:
-            raise ValueError(f"{path} and {by_target[target]} would both be written as {target}; rename one or predict them separately")
+            raise ValueError(
+                f"{path} and {by_target[target]} would both be written as {target}; rename one or predict them separately"
+            )
         if target.resolve() == path.resolve():
             raise ValueError(f"{target}: the mask would overwrite its input image; choose another --out")
         targets[path], by_target[target] = target, path
     return targets
 
 
-def predict_folder(run: str | Path, input_dir: str | Path, out_dir: str | Path, quiet: bool = False, device: str = "auto") -> list[Path]:
+def predict_folder(
+    run: str | Path, input_dir: str | Path, out_dir: str | Path, quiet: bool = False, device: str = "auto"
+) -> list[Path]:
     """Write `out_dir/<name>.png` (class ids) for every image in `input_dir`; returns the paths.
 
     Images are z-scored per slice exactly as the training loader does; the network runs in fp32
@@ -289,7 +358,9 @@ def predict_folder(run: str | Path, input_dir: str | Path, out_dir: str | Path, 
         image = read_image(path)
         check_channels(image.shape[0], info.in_channels, path)
         with torch.no_grad():
-            logits = whole_image_logits(model, torch.from_numpy(normalize_image(image, info.normalization))[None].to(target_device))
+            logits = whole_image_logits(
+                model, torch.from_numpy(normalize_image(image, info.normalization))[None].to(target_device)
+            )
         write_mask(target, logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy())
         written.append(target)
     log.info("wrote %d masks to %s", len(written), out_dir)
@@ -304,7 +375,9 @@ def run_predict(args: argparse.Namespace) -> int:
         print(f"wrote {len(written)} label volumes to {args.out}")
         return 0
     if args.size is not None:
-        raise ValueError(f"--size applies to NIfTI volumes; {args.input} holds none (images are segmented at their own size)")
+        raise ValueError(
+            f"--size applies to NIfTI volumes; {args.input} holds none (images are segmented at their own size)"
+        )
     written = predict_folder(args.run, args.input, args.out, args.quiet, args.device)
     print(f"wrote {len(written)} masks to {args.out}")
     return 0

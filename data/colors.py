@@ -10,9 +10,22 @@ from PIL import Image
 # Background black; then distinct colours (Okabe-Ito, then Tableau) for up to 16 classes, cycled beyond.
 PALETTE = np.array(
     [
-        (0, 0, 0), (230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178),
-        (213, 94, 0), (204, 121, 167), (140, 86, 75), (148, 103, 189), (23, 190, 207),
-        (188, 189, 34), (127, 127, 127), (174, 199, 232), (255, 152, 150), (197, 176, 213),
+        (0, 0, 0),
+        (230, 159, 0),
+        (86, 180, 233),
+        (0, 158, 115),
+        (240, 228, 66),
+        (0, 114, 178),
+        (213, 94, 0),
+        (204, 121, 167),
+        (140, 86, 75),
+        (148, 103, 189),
+        (23, 190, 207),
+        (188, 189, 34),
+        (127, 127, 127),
+        (174, 199, 232),
+        (255, 152, 150),
+        (197, 176, 213),
     ],
     dtype=np.uint8,
 )
@@ -44,7 +57,9 @@ def color_mask(mask: np.ndarray, ignore_index: int) -> np.ndarray:
     return rgb
 
 
-def difference_overlay(image_rgb: np.ndarray, given: np.ndarray, corrected: np.ndarray, issue: np.ndarray) -> np.ndarray:
+def difference_overlay(
+    image_rgb: np.ndarray, given: np.ndarray, corrected: np.ndarray, issue: np.ndarray
+) -> np.ndarray:
     """The display image with relabelled pixels in magenta and suspected-but-kept ones in yellow."""
     out = image_rgb.astype(np.float32) * 0.6
     for where, colour in ((issue & (corrected == given), ISSUE_COLOR), (corrected != given, CHANGED_COLOR)):

@@ -105,7 +105,9 @@ def read_dataset_info(root: str | Path) -> DatasetInfo:
         raise ValueError(f"{path}: field 'classes' must be a list of at least two class names")
     ignore_index = raw.get("ignore_index", IGNORE_INDEX)
     if not isinstance(ignore_index, int) or not len(classes) <= ignore_index <= 255:
-        raise ValueError(f"{path}: field 'ignore_index' must be an integer in [{len(classes)}, 255], got {ignore_index!r}")
+        raise ValueError(
+            f"{path}: field 'ignore_index' must be an integer in [{len(classes)}, 255], got {ignore_index!r}"
+        )
     return DatasetInfo(
         name=str(raw.get("name", Path(root).name)),
         classes=list(classes),
@@ -118,8 +120,12 @@ def read_dataset_info(root: str | Path) -> DatasetInfo:
 
 
 def _patients_field(value: object, path: Path) -> dict[str, list[str]]:
-    if not isinstance(value, dict) or not all(isinstance(ids, list) and all(isinstance(i, str) for i in ids) for ids in value.values()):
-        raise ValueError(f"{path}: field 'patients' must map each split to a list of patient ids, got {json.dumps(value)[:80]}")
+    if not isinstance(value, dict) or not all(
+        isinstance(ids, list) and all(isinstance(i, str) for i in ids) for ids in value.values()
+    ):
+        raise ValueError(
+            f"{path}: field 'patients' must map each split to a list of patient ids, got {json.dumps(value)[:80]}"
+        )
     return {str(split): list(ids) for split, ids in value.items()}
 
 
@@ -146,15 +152,26 @@ def check_labels_source(root: str | Path, labels_root: str | Path) -> None:
     warning (and `labels_origin` records it in the run's config.json)."""
     path = Path(labels_root) / NOISE_FILE
     if not path.is_file():
-        log.warning("%s: no %s, so the origin of these masks cannot be checked (that they label the images of %s); training on them unchecked", labels_root, NOISE_FILE, root)
+        log.warning(
+            "%s: no %s, so the origin of these masks cannot be checked (that they label the images of %s); training on them unchecked",
+            labels_root,
+            NOISE_FILE,
+            root,
+        )
         return
     noise = read_json_object(path, "noisy-label description")
     expected = noise.get(CLEAN_MASKS_FINGERPRINT)
     if expected is None:
-        log.warning("%s: no fingerprint of its source's clean masks (an older `data corrupt` wrote it); not checked against %s", path, root)
+        log.warning(
+            "%s: no fingerprint of its source's clean masks (an older `data corrupt` wrote it); not checked against %s",
+            path,
+            root,
+        )
         return
     if clean_masks_fingerprint(root) != expected:
-        raise ValueError(f"{path}: the labels were made from {noise.get('data', 'another data folder')}, whose clean training masks differ from those of {root}; make labels from this folder with `noisyseg data corrupt --data {root}`")
+        raise ValueError(
+            f"{path}: the labels were made from {noise.get('data', 'another data folder')}, whose clean training masks differ from those of {root}; make labels from this folder with `noisyseg data corrupt --data {root}`"
+        )
 
 
 def labels_origin(labels_root: str | Path) -> dict[str, Any]:
@@ -164,7 +181,10 @@ def labels_origin(labels_root: str | Path) -> dict[str, Any]:
     path = Path(labels_root) / NOISE_FILE
     if not path.is_file():
         return {"noise_file": None, "checked": False}
-    return {"noise_file": str(path), "checked": CLEAN_MASKS_FINGERPRINT in read_json_object(path, "noisy-label description")}
+    return {
+        "noise_file": str(path),
+        "checked": CLEAN_MASKS_FINGERPRINT in read_json_object(path, "noisy-label description"),
+    }
 
 
 def has_split_masks(root: str | Path, labels_root: str | Path, split: str) -> bool:
@@ -176,7 +196,9 @@ def has_split_masks(root: str | Path, labels_root: str | Path, split: str) -> bo
     mask_dir = Path(labels_root) / MASK_DIR
     missing = [i for i in ids if not any((mask_dir / f"{i}{suffix}").is_file() for suffix in MASK_SUFFIXES)]
     if missing and len(missing) < len(ids):
-        raise ValueError(f"{mask_dir}: holds masks of {len(ids) - len(missing)} of the {len(ids)} slices of split '{split}' (first missing: {missing[0]}); expected all of them (noisy {split} masks) or none")
+        raise ValueError(
+            f"{mask_dir}: holds masks of {len(ids) - len(missing)} of the {len(ids)} slices of split '{split}' (first missing: {missing[0]}); expected all of them (noisy {split} masks) or none"
+        )
     return not missing
 
 
@@ -223,7 +245,9 @@ def split_by_patient(
     is in two splits.
     """
     if len(fractions) != len(SPLITS) or any(f < 0 for f in fractions) or sum(fractions) <= 0:
-        raise ValueError(f"split fractions must be three non-negative numbers (train, val, test), got {list(fractions)}")
+        raise ValueError(
+            f"split fractions must be three non-negative numbers (train, val, test), got {list(fractions)}"
+        )
     patients = sorted(set(patient_ids))
     if len(patients) < len(SPLITS):
         raise ValueError(f"need at least {len(SPLITS)} patients to split into {'/'.join(SPLITS)}, got {len(patients)}")
@@ -248,7 +272,9 @@ def find_slice_file(directory: Path, slice_id: str, suffixes: Sequence[str], wha
         if path.is_file():
             return path
     names = " or ".join(f"{slice_id}{s}" for s in suffixes)
-    raise FileNotFoundError(f"{directory / (slice_id + suffixes[0])}: no {what} for slice '{slice_id}' (looked for {names} in {directory})")
+    raise FileNotFoundError(
+        f"{directory / (slice_id + suffixes[0])}: no {what} for slice '{slice_id}' (looked for {names} in {directory})"
+    )
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -279,7 +305,9 @@ def check_finite(array: np.ndarray, path: str | Path, what: str, unit: str) -> N
     """Refuse NaN and infinity: one would turn a z-scored slice, a prediction or a loss into NaN."""
     bad = array.size - int(np.count_nonzero(np.isfinite(array)))
     if bad:
-        raise ValueError(f"{path}: {what} holds {bad} non-finite {unit}{'s' if bad > 1 else ''} (NaN or infinity); expected finite intensities")
+        raise ValueError(
+            f"{path}: {what} holds {bad} non-finite {unit}{'s' if bad > 1 else ''} (NaN or infinity); expected finite intensities"
+        )
 
 
 def encode_image(image: np.ndarray) -> bytes:
@@ -365,7 +393,9 @@ def check_mask_values(mask: np.ndarray, num_classes: int, ignore_index: int, pat
     bad = (mask >= num_classes) & (mask != ignore_index)
     if bad.any():
         values = sorted({int(v) for v in np.unique(mask[bad])})
-        raise ValueError(f"{path}: class id(s) {values} out of range (expected 0..{num_classes - 1} or ignore index {ignore_index})")
+        raise ValueError(
+            f"{path}: class id(s) {values} out of range (expected 0..{num_classes - 1} or ignore index {ignore_index})"
+        )
 
 
 def has_foreground(mask: np.ndarray, ignore_index: int = IGNORE_INDEX) -> bool:
@@ -416,7 +446,9 @@ class DatasetWriter:
         for split in SPLITS:
             ids = [sid for patient in patient_splits[split] for sid in self.slices_by_patient.get(patient, [])]
             if not ids:
-                raise ValueError(f"{split_file(self.root, split)}: split '{split}' would be empty (patients {patient_splits[split]} have no slices)")
+                raise ValueError(
+                    f"{split_file(self.root, split)}: split '{split}' would be empty (patients {patient_splits[split]} have no slices)"
+                )
             write_split_ids(self.root, split, ids)
             slices_per_split[split] = len(ids)
         info = DatasetInfo(name=self.name, classes=self.classes, modality=self.modality, patients=patient_splits)

@@ -44,7 +44,9 @@ class LabelMaps:
         self.shapes = [(int(h), int(w)) for h, w in shapes]
         self.offsets = np.concatenate([[0], np.cumsum([h * w for h, w in self.shapes], dtype=np.int64)])
         if flat.dtype != np.uint8 or flat.ndim != 1 or len(flat) != self.offsets[-1]:
-            raise ValueError(f"label maps: expected {self.offsets[-1]} uint8 values for {len(self.shapes)} maps, got {flat.dtype} {flat.shape}")
+            raise ValueError(
+                f"label maps: expected {self.offsets[-1]} uint8 values for {len(self.shapes)} maps, got {flat.dtype} {flat.shape}"
+            )
         self.flat = flat
 
     @classmethod
@@ -63,7 +65,12 @@ class LabelMaps:
         return cls(flat, shapes)
 
     @classmethod
-    def from_arrays(cls, maps: Iterable[np.ndarray], shapes: Sequence[tuple[int, int]] | None = None, workdir: str | Path | None = None) -> LabelMaps:
+    def from_arrays(
+        cls,
+        maps: Iterable[np.ndarray],
+        shapes: Sequence[tuple[int, int]] | None = None,
+        workdir: str | Path | None = None,
+    ) -> LabelMaps:
         """Maps copied from `maps` (an (N, H, W) array or one (H, W) array at a time, `shapes`
         given then so the buffer is allocated before the first map is read)."""
         if isinstance(maps, np.ndarray):
@@ -86,7 +93,10 @@ class LabelMaps:
         `workdir` that is then memory-mapped, so no list of all maps is held; in memory without."""
         if workdir is None:
             arrays = [np.asarray(m, dtype=np.uint8) for m in maps]
-            return cls(np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0, np.uint8), [a.shape for a in arrays])
+            return cls(
+                np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0, np.uint8),
+                [a.shape for a in arrays],
+            )
         shapes = []
         with tempfile.TemporaryFile(dir=workdir, prefix=".labels-") as handle:
             for array in maps:
@@ -94,7 +104,11 @@ class LabelMaps:
                 shapes.append(array.shape)
             handle.flush()
             total = int(sum(h * w for h, w in shapes))
-            flat = np.memmap(handle, dtype=np.uint8, mode="r+", shape=(max(total, 1),))[:total] if total else np.zeros(0, np.uint8)
+            flat = (
+                np.memmap(handle, dtype=np.uint8, mode="r+", shape=(max(total, 1),))[:total]
+                if total
+                else np.zeros(0, np.uint8)
+            )
         return cls(flat, shapes)
 
     def __len__(self) -> int:
@@ -116,7 +130,9 @@ class LabelMaps:
     def stacked(self) -> np.ndarray:
         """The maps as one (N, H, W) view (every image of one size)."""
         if not self.uniform:
-            raise ValueError(f"label store: images differ in size ({sorted(set(self.shapes))[:3]} ...); no stacked view")
+            raise ValueError(
+                f"label store: images differ in size ({sorted(set(self.shapes))[:3]} ...); no stacked view"
+            )
         return self.flat.reshape(len(self.shapes), *self.shapes[0])
 
     def chunks(self) -> Iterable[np.ndarray]:
@@ -140,7 +156,9 @@ class LabelMaps:
         handle = getattr(self.flat, "_mmap", None)
         if handle is None or not len(self.flat):
             return
-        base = self.flat.ctypes.data - np.frombuffer(handle, dtype=np.uint8, count=1).ctypes.data  # the maps' start in the mapping
+        base = (
+            self.flat.ctypes.data - np.frombuffer(handle, dtype=np.uint8, count=1).ctypes.data
+        )  # the maps' start in the mapping
         start, stop = (0, len(self.flat)) if index is None else (int(self.offsets[index]), int(self.offsets[index + 1]))
         start, stop = base + start, base + stop
         page = mmap.PAGESIZE
@@ -209,7 +227,9 @@ class LabelStore:
         return self.maps.stacked()
 
     @classmethod
-    def from_original(cls, original: np.ndarray | LabelMaps, ids: Sequence[str], workdir: str | Path | None = None) -> LabelStore:
+    def from_original(
+        cls, original: np.ndarray | LabelMaps, ids: Sequence[str], workdir: str | Path | None = None
+    ) -> LabelStore:
         """A store starting from (a copy of) the original labels."""
         if isinstance(original, np.ndarray) and original.dtype != np.uint8:
             raise ValueError(f"label store: original labels must be uint8, got {original.dtype}")
@@ -258,7 +278,13 @@ class LabelStore:
         )
 
     @classmethod
-    def load(cls, directory: str | Path, original: np.ndarray | LabelMaps, ids: Sequence[str], workdir: str | Path | None = None) -> LabelStore:
+    def load(
+        cls,
+        directory: str | Path,
+        original: np.ndarray | LabelMaps,
+        ids: Sequence[str],
+        workdir: str | Path | None = None,
+    ) -> LabelStore:
         """Load a saved store, refusing it unless it belongs to exactly these original labels."""
         directory = Path(directory)
         info_path, array_path = directory / INFO_FILE, directory / ARRAY_FILE
@@ -272,15 +298,25 @@ class LabelStore:
             raise ValueError(f"{directory}: unreadable label store ({err})") from err
         original = as_label_maps(original)
         if info.get("ids") != list(ids):
-            raise ValueError(f"{info_path}: label store slice ids do not match the training split of the data ({len(info.get('ids', []))} stored, {len(ids)} in the data)")
+            raise ValueError(
+                f"{info_path}: label store slice ids do not match the training split of the data ({len(info.get('ids', []))} stored, {len(ids)} in the data)"
+            )
         if info.get("shapes") != [list(s) for s in original.shapes] or array.size != len(original.flat):
-            raise ValueError(f"{info_path}: label store sizes do not match the training labels ({array.size} stored pixels, {len(original.flat)} in the data)")
+            raise ValueError(
+                f"{info_path}: label store sizes do not match the training labels ({array.size} stored pixels, {len(original.flat)} in the data)"
+            )
         expected_fingerprint = original.fingerprint(ids)
         if info.get("original_fingerprint") != expected_fingerprint:
-            raise ValueError(f"{info_path}: label store was made from different original labels than the ones given (fingerprint mismatch)")
+            raise ValueError(
+                f"{info_path}: label store was made from different original labels than the ones given (fingerprint mismatch)"
+            )
         if array.dtype != np.uint8:
-            raise ValueError(f"{array_path}: label array does not match its description in {INFO_FILE} (damaged or from another save)")
+            raise ValueError(
+                f"{array_path}: label array does not match its description in {INFO_FILE} (damaged or from another save)"
+            )
         maps = LabelMaps(array.reshape(-1), original.shapes).copy(workdir)
         if info.get("labels_sha256") != maps.digest():
-            raise ValueError(f"{array_path}: label array does not match its description in {INFO_FILE} (damaged or from another save)")
+            raise ValueError(
+                f"{array_path}: label array does not match its description in {INFO_FILE} (damaged or from another save)"
+            )
         return cls(maps, ids, expected_fingerprint)

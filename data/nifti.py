@@ -66,10 +66,14 @@ def find_segthor_patients(root: str | Path) -> list[SegthorPatient]:
         label_path = folder / GT_FILE
         for path in (image_path, label_path):
             if not path.is_file():
-                raise FileNotFoundError(f"{path}: missing (every Patient_XX folder needs {folder.name}.nii.gz and {GT_FILE})")
+                raise FileNotFoundError(
+                    f"{path}: missing (every Patient_XX folder needs {folder.name}.nii.gz and {GT_FILE})"
+                )
         patients.append(SegthorPatient(folder.name, image_path, label_path))
     if not patients:
-        raise FileNotFoundError(f"{root}: no Patient_XX folders found (expected Patient_XX/Patient_XX.nii.gz and Patient_XX/{GT_FILE})")
+        raise FileNotFoundError(
+            f"{root}: no Patient_XX folders found (expected Patient_XX/Patient_XX.nii.gz and Patient_XX/{GT_FILE})"
+        )
     return patients
 
 
@@ -117,7 +121,9 @@ def load_patient(patient: SegthorPatient, size: int) -> tuple[np.ndarray, np.nda
     images = load_volume(patient.image_path)
     labels = load_volume(patient.label_path)
     if images.shape != labels.shape:
-        raise ValueError(f"{patient.label_path}: label volume shape {labels.shape} does not match CT {patient.image_path} shape {images.shape} (as Z, H, W)")
+        raise ValueError(
+            f"{patient.label_path}: label volume shape {labels.shape} does not match CT {patient.image_path} shape {images.shape} (as Z, H, W)"
+        )
     labels = np.rint(labels).astype(np.int64)
     if labels.min() < 0 or labels.max() > 255:
         raise ValueError(f"{patient.label_path}: labels must be in [0, 255], found {labels.min()}..{labels.max()}")

@@ -170,11 +170,15 @@ class CoarseNoise:
 
     def __post_init__(self) -> None:
         if self.margin < 1 or self.background_band < 0 or not 3 <= self.min_vertices <= self.max_vertices:
-            raise ValueError("coarse noise needs margin >= 1, background_band >= 0 and 3 <= min_vertices <= max_vertices")
+            raise ValueError(
+                "coarse noise needs margin >= 1, background_band >= 0 and 3 <= min_vertices <= max_vertices"
+            )
 
     def apply(self, mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         noisy = np.full(mask.shape, IGNORE_INDEX, dtype=np.uint8)
-        background = ndimage.binary_erosion(mask == 0, structure=SQUARE_3X3, iterations=self.background_band, border_value=1)
+        background = ndimage.binary_erosion(
+            mask == 0, structure=SQUARE_3X3, iterations=self.background_band, border_value=1
+        )
         noisy[background] = 0
         for class_id in organ_order(mask):
             regions, count = ndimage.label(mask == class_id)
@@ -182,7 +186,15 @@ class CoarseNoise:
                 self.draw_region(noisy, regions, index, box, class_id, rng)
         return noisy
 
-    def draw_region(self, noisy: np.ndarray, regions: np.ndarray, index: int, box: tuple[slice, slice], class_id: int, rng: np.random.Generator) -> None:
+    def draw_region(
+        self,
+        noisy: np.ndarray,
+        regions: np.ndarray,
+        index: int,
+        box: tuple[slice, slice],
+        class_id: int,
+        rng: np.random.Generator,
+    ) -> None:
         # Work in the region's bounding box, padded so the erosion sees a background border.
         pad = 1
         rows = slice(max(box[0].start - pad, 0), min(box[0].stop + pad, regions.shape[0]))
@@ -220,7 +232,9 @@ class CoarseNoise:
                 continue
             far = members[np.argmax(radii[members])]
             pull = rng.uniform(self.min_vertex_scale, 1.0)
-            vertices.append((center_col + pull * (edge_cols[far] - center_col), center_row + pull * (edge_rows[far] - center_row)))
+            vertices.append(
+                (center_col + pull * (edge_cols[far] - center_col), center_row + pull * (edge_rows[far] - center_row))
+            )
         if len(vertices) < 3:
             return None
         canvas = Image.new("L", (inner.shape[1], inner.shape[0]), 0)
@@ -350,7 +364,14 @@ def annotation_quality(conf: np.ndarray, clean_pixels: np.ndarray, class_names: 
     }
 
 
-def corrupt_dataset(data_root: str | Path, out: str | Path, family: str, level: int | None = None, seed: int = 0, splits: Sequence[str] = ("train",)) -> dict[str, Any]:
+def corrupt_dataset(
+    data_root: str | Path,
+    out: str | Path,
+    family: str,
+    level: int | None = None,
+    seed: int = 0,
+    splits: Sequence[str] = ("train",),
+) -> dict[str, Any]:
     """Write noisy masks of `splits` (the train split, and optionally val) to `out/masks`, plus
     `out/noise.json`; returns the summary.
 
@@ -376,7 +397,9 @@ def corrupt_dataset(data_root: str | Path, out: str | Path, family: str, level: 
         for split in NOISY_SPLITS:
             if split in splits:
                 ids = read_split_ids(data_root, split)
-                qualities[split] = corrupt_split(data_root, staging, ids, noise, seed, info.classes, info.ignore_index, split)
+                qualities[split] = corrupt_split(
+                    data_root, staging, ids, noise, seed, info.classes, info.ignore_index, split
+                )
                 sizes[split] = len(ids)
         summary = dict(qualities["train"])
         summary.update(
@@ -393,11 +416,26 @@ def corrupt_dataset(data_root: str | Path, out: str | Path, family: str, level: 
             summary["val"] = {**qualities["val"], "slices": sizes["val"]}
         summary[CLEAN_MASKS_FINGERPRINT] = clean_masks_fingerprint(data_root)
         atomic_write_json(staging / NOISE_FILE, summary)
-    log.info("noisy labels of %s (%d training slices) written to %s (training annotation mIoU %.3f)", "+".join(summary["splits"]), sizes["train"], out, summary["annotation_miou"])
+    log.info(
+        "noisy labels of %s (%d training slices) written to %s (training annotation mIoU %.3f)",
+        "+".join(summary["splits"]),
+        sizes["train"],
+        out,
+        summary["annotation_miou"],
+    )
     return summary
 
 
-def corrupt_split(data_root: Path, staging: Path, ids: Sequence[str], noise: NoiseModel, seed: int, class_names: list[str], ignore_index: int, split: str) -> dict[str, Any]:
+def corrupt_split(
+    data_root: Path,
+    staging: Path,
+    ids: Sequence[str],
+    noise: NoiseModel,
+    seed: int,
+    class_names: list[str],
+    ignore_index: int,
+    split: str,
+) -> dict[str, Any]:
     """Write the noisy masks of one split's `ids` into `staging/masks`; their annotation quality."""
     num_classes = len(class_names)
     confusion = ConfusionAccumulator(num_classes)

@@ -177,7 +177,9 @@ def render_patient(anatomy: Anatomy, config: PhantomConfig, rng: np.random.Gener
     labels = np.zeros(hu.shape, dtype=np.uint8)
     body_ax, body_ay = anatomy.body_axes
     hu[full(ellipse(x, y, 0.0, 0.05, body_ax, body_ay), shape)] = HU_FAT
-    hu[full(ellipse(x, y, 0.0, 0.05, body_ax - anatomy.fat_thickness, body_ay - anatomy.fat_thickness), shape)] = HU_SOFT_TISSUE
+    hu[full(ellipse(x, y, 0.0, 0.05, body_ax - anatomy.fat_thickness, body_ay - anatomy.fat_thickness), shape)] = (
+        HU_SOFT_TISSUE
+    )
 
     lung_scale = 0.75 + 0.25 * ramp(z, 0.0, 0.4)  # lungs widen below the apex
     lung_ax, lung_ay = anatomy.lung_axes
@@ -185,13 +187,23 @@ def render_patient(anatomy: Anatomy, config: PhantomConfig, rng: np.random.Gener
         hu[ellipse(x, y, side * 0.42, 0.02, lung_ax * lung_scale, lung_ay * lung_scale, side * 0.15)] = HU_LUNG
 
     hu[full(ellipse(x, y, 0.0, anatomy.spine_y, anatomy.spine_radius, anatomy.spine_radius * 0.9), shape)] = HU_BONE
-    hu[full(ellipse(x, y, 0.0, anatomy.spine_y, anatomy.spine_radius * 0.7, anatomy.spine_radius * 0.6), shape)] = HU_MARROW
+    hu[full(ellipse(x, y, 0.0, anatomy.spine_y, anatomy.spine_radius * 0.7, anatomy.spine_radius * 0.6), shape)] = (
+        HU_MARROW
+    )
 
     contrast = config.soft_tissue_contrast
     # Heart: large, appears at heart_top, grows, then tapers to the apex near the bottom.
     heart_size = np.sqrt(ramp(z, anatomy.heart_top, 0.2)) * (1.0 - 0.6 * ramp(z, 0.85, 0.12))
     hcx, hcy = anatomy.heart_center
-    heart = ellipse(x, y, hcx + wobble, hcy, anatomy.heart_axes[0] * heart_size, anatomy.heart_axes[1] * heart_size, anatomy.heart_angle)
+    heart = ellipse(
+        x,
+        y,
+        hcx + wobble,
+        hcy,
+        anatomy.heart_axes[0] * heart_size,
+        anatomy.heart_axes[1] * heart_size,
+        anatomy.heart_angle,
+    )
     paint(hu, labels, heart, HU_SOFT_TISSUE + 60.0 * contrast, HEART)
 
     aorta = aorta_mask(x, y, z, anatomy)
@@ -200,7 +212,12 @@ def render_patient(anatomy: Anatomy, config: PhantomConfig, rng: np.random.Gener
     # Esophagus: between trachea and spine, slightly left; nearly the soft-tissue value.
     ecx = anatomy.esophagus_offset[0] + wobble
     ecy = anatomy.trachea_y + anatomy.esophagus_offset[1] + 0.02 * ramp(z, 0.3, 0.5)
-    er = anatomy.esophagus_radius * (1.0 + 0.15 * np.sin(3 * z + anatomy.phase)) * ramp(z, 0.0, 0.06) * (1 - ramp(z, 0.93, 0.05))
+    er = (
+        anatomy.esophagus_radius
+        * (1.0 + 0.15 * np.sin(3 * z + anatomy.phase))
+        * ramp(z, 0.0, 0.06)
+        * (1 - ramp(z, 0.93, 0.05))
+    )
     esophagus = ellipse(x, y, ecx, ecy, er * 1.2, er)
     paint(hu, labels, esophagus, HU_SOFT_TISSUE + 12.0 * contrast, ESOPHAGUS)
 
@@ -235,7 +252,9 @@ def aorta_mask(x: np.ndarray, y: np.ndarray, z: np.ndarray, anatomy: Anatomy) ->
     return descending | ascending | arch
 
 
-def trachea_masks(x: np.ndarray, y: np.ndarray, z: np.ndarray, anatomy: Anatomy, wobble: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def trachea_masks(
+    x: np.ndarray, y: np.ndarray, z: np.ndarray, anatomy: Anatomy, wobble: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """(trachea label, air lumen): one tube above the carina, two main bronchi just below it."""
     r = anatomy.trachea_radius
     cx = wobble
@@ -261,7 +280,9 @@ def add_texture(images: np.ndarray, config: PhantomConfig, rng: np.random.Genera
     images += config.texture_hu * tissue_weight * field
 
 
-def finish_slices(hu: np.ndarray, labels: np.ndarray, config: PhantomConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def finish_slices(
+    hu: np.ndarray, labels: np.ndarray, config: PhantomConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Average down (partial volume), label by majority coverage, texture, blur, add noise."""
     s, f = config.size, config.supersample
     images = hu.reshape(len(hu), s, f, s, f).mean(axis=(2, 4))
@@ -279,7 +300,9 @@ def patient_ids(num_patients: int) -> list[str]:
     return [f"P{i:03d}" for i in range(num_patients)]
 
 
-def generate_phantom(out: str | Path, num_patients: int = 20, seed: int = 0, config: PhantomConfig | None = None) -> dict[str, Any]:
+def generate_phantom(
+    out: str | Path, num_patients: int = 20, seed: int = 0, config: PhantomConfig | None = None
+) -> dict[str, Any]:
     """Write a phantom dataset folder (docs/architecture.md format); returns its summary."""
     config = config or PhantomConfig()
     ids = patient_ids(num_patients)

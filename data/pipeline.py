@@ -63,7 +63,9 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self.source.read(index)
-        return torch.from_numpy(normalize_image(image, self.source.info.normalization)), torch.from_numpy(mask.astype(np.int64))
+        return torch.from_numpy(normalize_image(image, self.source.info.normalization)), torch.from_numpy(
+            mask.astype(np.int64)
+        )
 
 
 def read_label_maps(source: SegmentationSource, workdir: str | None = None) -> LabelMaps:
@@ -71,7 +73,9 @@ def read_label_maps(source: SegmentationSource, workdir: str | None = None) -> L
     return LabelMaps.from_stream((source.read_mask(i) for i in range(len(source))), workdir)
 
 
-def elastic_displacement(shape: tuple[int, int], alpha: float, sigma: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def elastic_displacement(
+    shape: tuple[int, int], alpha: float, sigma: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """NSegment's displacement field (dy, dx), pixels: uniform noise in [-1, 1] per pixel and axis,
     Gaussian-smoothed with `sigma` (mirrored borders, as OpenCV's GaussianBlur), times `alpha`."""
     dx = ndimage.gaussian_filter(rng.uniform(-1.0, 1.0, shape), sigma, mode="mirror") * alpha
@@ -107,13 +111,21 @@ class Augmenter:
     config: AugmentConfig
     ignore_index: int
 
-    def __call__(self, image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, label_rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    def __call__(
+        self,
+        image: np.ndarray,
+        labels: np.ndarray,
+        rng: np.random.Generator,
+        label_rng: np.random.Generator | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, list[int]]:
         """(image (C, h, w), labels (K, h, w), geometry [top, left, valid_h, valid_w, flipped, rescaled]).
         With `label_elastic`, `label_rng` deforms `labels[0]` (the mask trained on) alone, first."""
         config = self.config
         if config.label_elastic:
             if label_rng is None:
-                raise ValueError("loader.augment.label_elastic: the label deformation needs its own generator (label_rng)")
+                raise ValueError(
+                    "loader.augment.label_elastic: the label deformation needs its own generator (label_rng)"
+                )
             labels = np.concatenate([deform_labels(labels[0], config, label_rng)[None], labels[1:]])
         rescaled = 0
         if config.rescale:
@@ -121,7 +133,9 @@ class Augmenter:
             height, width = image.shape[1:]
             size = (max(1, round(height * scale)), max(1, round(width * scale)))
             if size != (height, width):
-                image = F.interpolate(torch.from_numpy(image)[None], size=size, mode="bilinear", align_corners=False)[0].numpy()
+                image = F.interpolate(torch.from_numpy(image)[None], size=size, mode="bilinear", align_corners=False)[
+                    0
+                ].numpy()
                 labels = F.interpolate(torch.from_numpy(labels)[None], size=size, mode="nearest")[0].numpy()
                 rescaled = 1
         if config.jitter:
@@ -135,7 +149,10 @@ class Augmenter:
             height, width = image.shape[1:]
             top = int(rng.integers(0, max(height - crop_h, 0) + 1))
             left = int(rng.integers(0, max(width - crop_w, 0) + 1))
-            image, labels = image[:, top : top + crop_h, left : left + crop_w], labels[:, top : top + crop_h, left : left + crop_w]
+            image, labels = (
+                image[:, top : top + crop_h, left : left + crop_w],
+                labels[:, top : top + crop_h, left : left + crop_w],
+            )
             valid_h, valid_w = image.shape[1:]
             pad = ((0, 0), (0, crop_h - valid_h), (0, crop_w - valid_w))
             if valid_h < crop_h or valid_w < crop_w:
@@ -144,7 +161,11 @@ class Augmenter:
         flipped = int(config.flip and rng.random() < 0.5)
         if flipped:
             image, labels = image[:, :, ::-1], labels[:, :, ::-1]
-        return np.ascontiguousarray(image), np.ascontiguousarray(labels), [top, left, valid_h, valid_w, flipped, rescaled]
+        return (
+            np.ascontiguousarray(image),
+            np.ascontiguousarray(labels),
+            [top, left, valid_h, valid_w, flipped, rescaled],
+        )
 
 
 class TrainingItems(Dataset):
@@ -155,7 +176,15 @@ class TrainingItems(Dataset):
     annotations trained on and, when known, the clean masks.
     """
 
-    def __init__(self, source: SegmentationSource, store: LabelStore, annotations: LabelMaps, clean: LabelMaps | None, augment: AugmentConfig, seed: int) -> None:
+    def __init__(
+        self,
+        source: SegmentationSource,
+        store: LabelStore,
+        annotations: LabelMaps,
+        clean: LabelMaps | None,
+        augment: AugmentConfig,
+        seed: int,
+    ) -> None:
         self.source = source
         self.store = store
         self.annotations = annotations
@@ -174,7 +203,9 @@ class TrainingItems(Dataset):
         for source in sources:
             source.release(index)  # read once per epoch: keep no page of it resident
         if image.shape[1:] != maps.shape[1:]:
-            raise ValueError(f"{self.source.image_path(index)}: image size {image.shape[1:]} does not match its label map {maps.shape[1:]}")
+            raise ValueError(
+                f"{self.source.image_path(index)}: image size {image.shape[1:]} does not match its label map {maps.shape[1:]}"
+            )
         rng = np.random.default_rng([self.seed, epoch, index])
         label_rng = np.random.default_rng([self.seed, epoch, index, LABEL_ELASTIC_STREAM])
         image, labels, geometry = self.augmenter(image, maps, rng, label_rng)
@@ -200,7 +231,9 @@ def _one_thread(_: int) -> None:
     torch.set_num_threads(1)  # workers resize on the CPU; one thread each leaves the cores to the step
 
 
-def training_loader(items: TrainingItems, loader: LoaderConfig, device: torch.device) -> tuple[DataLoader, EpochBatches]:
+def training_loader(
+    items: TrainingItems, loader: LoaderConfig, device: torch.device
+) -> tuple[DataLoader, EpochBatches]:
     """A DataLoader over `items` driven by an `EpochBatches` sampler (persistent workers)."""
     sampler = EpochBatches()
     workers = worker_count(loader.num_workers)
@@ -234,7 +267,9 @@ def paste_back(store: LabelStore, corrected: np.ndarray, geometry: np.ndarray) -
     """Write a corrected crop (h, w) into its image's stored map through the item's geometry
     (flip undone, padding dropped); True when the map changed."""
     if geometry[GEOMETRY_FIELDS.index("rescaled")]:
-        raise ValueError("label correction: a rescaled crop cannot be mapped back onto the stored labels; use adele.correction_timing=epoch")
+        raise ValueError(
+            "label correction: a rescaled crop cannot be mapped back onto the stored labels; use adele.correction_timing=epoch"
+        )
     target, crop = region_of_crop(store.maps, corrected, geometry)
     if np.array_equal(target, crop):
         return False
@@ -243,7 +278,14 @@ def paste_back(store: LabelStore, corrected: np.ndarray, geometry: np.ndarray) -
     return True
 
 
-def check_network_input_size(stride: int, network: str, shapes: Sequence[tuple[int, int]], scales: Sequence[float], augment: AugmentConfig, where: str) -> None:
+def check_network_input_size(
+    stride: int,
+    network: str,
+    shapes: Sequence[tuple[int, int]],
+    scales: Sequence[float],
+    augment: AugmentConfig,
+    where: str,
+) -> None:
     """Refuse training inputs the network cannot take: it halves its input down to 1/`stride`,
     so every side must be at least `stride` pixels at the smallest scale of the step (training
     forwards whole images or crops without padding them to the stride, as evaluation does)."""
@@ -268,7 +310,10 @@ def default_crop(shapes: Sequence[tuple[int, int]], stride: int) -> list[int]:
     `loader.augment.crop_size` is set: per side, the largest multiple of the network's `stride`
     that fits the smallest training image (so no crop is padded), at most DEFAULT_CROP_MAX."""
     heights, widths = zip(*shapes)
-    return [max(stride, min(DEFAULT_CROP_MAX // stride * stride, min(sides) // stride * stride)) for sides in (heights, widths)]
+    return [
+        max(stride, min(DEFAULT_CROP_MAX // stride * stride, min(sides) // stride * stride))
+        for sides in (heights, widths)
+    ]
 
 
 def with_default_crop(config: TrainConfig, shapes: Sequence[tuple[int, int]], stride: int, where: str) -> TrainConfig:
@@ -282,7 +327,12 @@ def with_default_crop(config: TrainConfig, shapes: Sequence[tuple[int, int]], st
     log.info(
         "%s: training images differ in size (%s) and loader.augment.crop_size is not set: training on random %dx%d crops "
         "(per side the largest multiple of the network's stride %d that fits the smallest image, at most %d; set loader.augment.crop_size to choose)",
-        where, listed, crop[0], crop[1], stride, DEFAULT_CROP_MAX,
+        where,
+        listed,
+        crop[0],
+        crop[1],
+        stride,
+        DEFAULT_CROP_MAX,
     )
     augment = replace(config.loader.augment, crop_size=crop)
     return replace(config, loader=replace(config.loader, augment=augment))

@@ -31,7 +31,9 @@ from noisyseg.data.pipeline import ImageDataset, read_label_maps
 log = logging.getLogger(__name__)
 
 
-def load_split(root: str | Path, split: str, labels_root: str | Path | None = None, normalize: bool = True) -> SplitArrays:
+def load_split(
+    root: str | Path, split: str, labels_root: str | Path | None = None, normalize: bool = True
+) -> SplitArrays:
     """Load a whole split into memory (CPU training keeps everything there): images normalised
     as the dataset says (`normalize_image`), or raw pixels with `normalize=False`, which is what
     an exported model takes (it normalises inside its graph)."""
@@ -39,8 +41,15 @@ def load_split(root: str | Path, split: str, labels_root: str | Path | None = No
     pairs = [source.read(index) for index in range(len(source))]
     shapes = {image.shape for image, _ in pairs}
     if len(shapes) > 1:
-        raise ValueError(f"{split_file(root, split)}: slices of split '{split}' differ in size/channels {sorted(shapes)}; stacking needs one size")
-    images = np.stack([normalize_image(image, source.info.normalization) if normalize else image.astype(np.float32) for image, _ in pairs])
+        raise ValueError(
+            f"{split_file(root, split)}: slices of split '{split}' differ in size/channels {sorted(shapes)}; stacking needs one size"
+        )
+    images = np.stack(
+        [
+            normalize_image(image, source.info.normalization) if normalize else image.astype(np.float32)
+            for image, _ in pairs
+        ]
+    )
     masks = np.stack([mask for _, mask in pairs])
     return SplitArrays(images=images, masks=masks, ids=source.ids)
 
@@ -96,7 +105,9 @@ def test_split(root: str | Path, layout: str, options: dict[str, Any]) -> str:
     masks private): the run's test metrics then repeat the validation split's, and say so."""
     if "test" in LAYOUTS[layout][0].splits(root, **options):
         return "test"
-    log.warning("%s: no labelled test split in this %s dataset; the run's test metrics are computed on val", root, layout)
+    log.warning(
+        "%s: no labelled test split in this %s dataset; the run's test metrics are computed on val", root, layout
+    )
     return "val"
 
 
@@ -116,11 +127,17 @@ def load_run_data(config: TrainConfig, workdir: str | Path | None = None) -> Run
     # checkpoint is then selected without masks); noisy validation masks come from the labels folder.
     has_val = layout != "folder" or split_file(config.data, "val").is_file()
     if not has_val:
-        log.warning("%s: no validation split (%s); the checkpoint is selected without validation masks (label-free)", config.data, split_file(config.data, "val"))
+        log.warning(
+            "%s: no validation split (%s); the checkpoint is selected without validation masks (label-free)",
+            config.data,
+            split_file(config.data, "val"),
+        )
     noisy_val = bool(config.labels) and layout == "folder" and has_split_masks(config.data, config.labels, "val")
     if use_cache(config, layout):
         if layout != "folder":
-            raise ValueError(f"loader.cache: the in-memory mode reads noisyseg's folder layout only, {config.data} is '{layout}'; set loader.cache=false")
+            raise ValueError(
+                f"loader.cache: the in-memory mode reads noisyseg's folder layout only, {config.data} is '{layout}'; set loader.cache=false"
+            )
         train = load_split(config.data, "train", labels_root=config.labels)
         val = load_split(config.data, "val") if has_val else []
         return RunData(
@@ -131,7 +148,13 @@ def load_run_data(config: TrainConfig, workdir: str | Path | None = None) -> Run
             clean_train_labels=load_split(config.data, "train").masks if config.labels else None,
             val=val,
             test=load_split(config.data, "test"),
-            noisy_val=SplitArrays(val.images, read_masks(open_source(config.data, "val", layout, **labels_options), val.masks.shape[1:]), val.ids) if noisy_val else None,
+            noisy_val=SplitArrays(
+                val.images,
+                read_masks(open_source(config.data, "val", layout, **labels_options), val.masks.shape[1:]),
+                val.ids,
+            )
+            if noisy_val
+            else None,
         )
     workdir = None if workdir is None else str(workdir)
     train_source = open_source(config.data, "train", layout, **labels_options)
@@ -157,7 +180,9 @@ def read_masks(source: Any, shape: tuple[int, ...]) -> np.ndarray:
     for index in range(len(source)):
         mask = source.read_mask(index)
         if mask.shape != tuple(shape):
-            raise ValueError(f"{source.mask_path(index)}: mask of {mask.shape[0]}x{mask.shape[1]} pixels, its image has {shape[0]}x{shape[1]}")
+            raise ValueError(
+                f"{source.mask_path(index)}: mask of {mask.shape[0]}x{mask.shape[1]} pixels, its image has {shape[0]}x{shape[1]}"
+            )
         check_mask_values(mask, source.info.num_classes, source.info.ignore_index, source.mask_path(index))
         masks.append(mask)
     return np.stack(masks)

@@ -61,7 +61,9 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def predict_batches(model: nn.Module, images: torch.Tensor, batch_size: int, scales: list[float] | None = None, flip: bool = False) -> torch.Tensor:
+def predict_batches(
+    model: nn.Module, images: torch.Tensor, batch_size: int, scales: list[float] | None = None, flip: bool = False
+) -> torch.Tensor:
     """Class probabilities (N, C, H, W) in eval mode, averaged over `scales` (default: 1.0 only)
     and, with `flip`, over each scale's horizontally flipped view too (flipped back)."""
     device = model_device(model)
@@ -71,7 +73,9 @@ def predict_batches(model: nn.Module, images: torch.Tensor, batch_size: int, sca
         return logits + [z.flip(-1) for z in forward_scales(model, batch.flip(-1), scales or [1.0])] if flip else logits
 
     with eval_mode(model):
-        chunks = [mean_probabilities(views(images[i : i + batch_size].to(device))) for i in range(0, len(images), batch_size)]
+        chunks = [
+            mean_probabilities(views(images[i : i + batch_size].to(device))) for i in range(0, len(images), batch_size)
+        ]
     return torch.cat(chunks)
 
 
@@ -109,7 +113,9 @@ def sliding_window_probabilities(model: nn.Module, image: torch.Tensor, window: 
     return total / count
 
 
-def same_size_batches(items: Iterator[tuple[torch.Tensor, torch.Tensor]], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def same_size_batches(
+    items: Iterator[tuple[torch.Tensor, torch.Tensor]], batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Consecutive items of one size stacked into batches of at most `batch_size`."""
     images: list[torch.Tensor] = []
     masks: list[torch.Tensor] = []
@@ -127,7 +133,9 @@ def split_items(split: Sequence[Any], block: range, num_workers: int = 0) -> Ite
     """Items `block` of a split (in memory, or read by `num_workers` DataLoader workers)."""
     if num_workers == 0:
         return (split[i] for i in block)
-    return worker_errors_as_raised(iter(DataLoader(Subset(split, list(block)), batch_size=None, num_workers=num_workers)))
+    return worker_errors_as_raised(
+        iter(DataLoader(Subset(split, list(block)), batch_size=None, num_workers=num_workers))
+    )
 
 
 def worker_errors_as_raised(items: Iterator[Any]) -> Iterator[Any]:
@@ -145,7 +153,17 @@ def worker_errors_as_raised(items: Iterator[Any]) -> Iterator[Any]:
 
 
 @torch.no_grad()
-def evaluate_split(model: nn.Module, split: Sequence[Any], num_classes: int, ignore_index: int, batch_size: int, ctx: DistContext = SINGLE_PROCESS, window: int = 0, overlap: float = 0.33, num_workers: int = 0) -> dict[str, Any]:
+def evaluate_split(
+    model: nn.Module,
+    split: Sequence[Any],
+    num_classes: int,
+    ignore_index: int,
+    batch_size: int,
+    ctx: DistContext = SINGLE_PROCESS,
+    window: int = 0,
+    overlap: float = 0.33,
+    num_workers: int = 0,
+) -> dict[str, Any]:
     """Single-scale evaluation: {"per_class_iou", "miou", "miou_fg"} (NaN as None), dataset-level.
 
     `split` is a sequence of (image (C, H, W), mask (H, W)) tensors (`SplitArrays`, or a pipeline
@@ -160,7 +178,9 @@ def evaluate_split(model: nn.Module, split: Sequence[Any], num_classes: int, ign
         for images, masks in same_size_batches(split_items(split, block, num_workers), batch_size):
             images = images.to(device)
             if window and max(images.shape[-2:]) > window:
-                prediction = torch.cat([sliding_window_probabilities(model, image[None], window, overlap) for image in images]).argmax(dim=1)
+                prediction = torch.cat(
+                    [sliding_window_probabilities(model, image[None], window, overlap) for image in images]
+                ).argmax(dim=1)
             else:
                 prediction = whole_image_logits(model, images).argmax(dim=1)
             meter.update(prediction, masks)

@@ -26,9 +26,7 @@ def _as_flat_long(values: ArrayLike, name: str) -> torch.Tensor:
     return tensor.reshape(-1).long()
 
 
-def _check_class_range(
-    values: torch.Tensor, num_classes: int, name: str, ignore_index: int
-) -> None:
+def _check_class_range(values: torch.Tensor, num_classes: int, name: str, ignore_index: int) -> None:
     if values.numel() == 0:
         return
     low, high = int(values.min()), int(values.max())
@@ -39,9 +37,7 @@ def _check_class_range(
         )
 
 
-def confusion_matrix(
-    pred: ArrayLike, target: ArrayLike, num_classes: int, ignore_index: int = 255
-) -> np.ndarray:
+def confusion_matrix(pred: ArrayLike, target: ArrayLike, num_classes: int, ignore_index: int = 255) -> np.ndarray:
     """(C, C) int64 counts, rows = target class, columns = predicted class.
 
     `pred` and `target` are numpy arrays or torch tensors (any device) of the same shape, any
@@ -49,9 +45,7 @@ def confusion_matrix(
     `ConfusionMeter.update`, out-of-range ids are refused at once, naming `pred` or `target`.
     """
     if tuple(pred.shape) != tuple(target.shape):
-        raise ValueError(
-            f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}"
-        )
+        raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
     target_flat = _as_flat_long(target, "target")
     pred_flat = _as_flat_long(pred, "pred").to(target_flat.device)
     keep = target_flat != ignore_index
@@ -117,11 +111,15 @@ class ConfusionMeter:
 
     def update(self, pred: ArrayLike, target: ArrayLike) -> None:
         if tuple(pred.shape) != tuple(target.shape):
-            raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
+            raise ValueError(
+                f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}"
+            )
         target_flat = _as_flat_long(target, "target").to(self.counts.device, non_blocking=True)
         pred_flat = _as_flat_long(pred, "pred").to(self.counts.device, non_blocking=True)
         cells = self.num_classes * self.num_classes
-        in_range = (target_flat >= 0) & (target_flat < self.num_classes) & (pred_flat >= 0) & (pred_flat < self.num_classes)
+        in_range = (
+            (target_flat >= 0) & (target_flat < self.num_classes) & (pred_flat >= 0) & (pred_flat < self.num_classes)
+        )
         index = torch.where(in_range, target_flat * self.num_classes + pred_flat, cells + 1)
         index = torch.where(target_flat == self.ignore_index, cells, index)
         self.counts.index_add_(0, index, torch.ones_like(index))
@@ -131,7 +129,9 @@ class ConfusionMeter:
         """(C, C) int64 counts on the host (a synchronisation point on a GPU)."""
         counts = self.counts.cpu().numpy()
         if counts[-1]:
-            raise ValueError(f"pred/target: {int(counts[-1])} pixel(s) had class ids outside [0, {self.num_classes - 1}] (and not {self.ignore_index} = ignore)")
+            raise ValueError(
+                f"pred/target: {int(counts[-1])} pixel(s) had class ids outside [0, {self.num_classes - 1}] (and not {self.ignore_index} = ignore)"
+            )
         return counts[:-2].reshape(self.num_classes, self.num_classes).astype(np.int64)
 
     @matrix.setter
@@ -171,9 +171,7 @@ class NoiseCounts:
         return cls(np.zeros(shape, dtype=np.int64), np.zeros(shape, dtype=np.int64))
 
     def __add__(self, other: NoiseCounts) -> NoiseCounts:
-        return NoiseCounts(
-            self.pred_vs_clean + other.pred_vs_clean, self.pred_vs_noisy + other.pred_vs_noisy
-        )
+        return NoiseCounts(self.pred_vs_clean + other.pred_vs_clean, self.pred_vs_noisy + other.pred_vs_noisy)
 
 
 def noise_diagnostics(

@@ -42,7 +42,12 @@ def plot_weight_function(records: Sequence[dict[str, Any]], title: str, figure: 
     cmap = colormaps["viridis"]
     shown = arm_records[::step] + ([arm_records[-1]] if (len(arm_records) - 1) % step else [])
     for index, record in enumerate(shown):
-        curves.plot(record["arm"]["v"], record["arm"]["w"], color=cmap(index / max(len(shown) - 1, 1)), label=f"epoch {record['epoch']}")
+        curves.plot(
+            record["arm"]["v"],
+            record["arm"]["w"],
+            color=cmap(index / max(len(shown) - 1, 1)),
+            label=f"epoch {record['epoch']}",
+        )
     curves.set_xlabel("normalised confidence v^ (1 = one-hot)")
     curves.set_ylabel("ARM weight w(v^) before normalisation")
     curves.set_title(title, fontsize=9)
@@ -53,7 +58,9 @@ def plot_weight_function(records: Sequence[dict[str, Any]], title: str, figure: 
     right, wrong = np.asarray(last["pixels"], float), np.asarray(last["pixels_wrong"], float)
     total = max((right + wrong).sum(), 1.0)
     histogram.bar(centres, right / total, width=width, color="tab:green", alpha=0.6, label="right labels")
-    histogram.bar(centres, wrong / total, width=width, bottom=right / total, color="tab:red", alpha=0.6, label="wrong labels")
+    histogram.bar(
+        centres, wrong / total, width=width, bottom=right / total, color="tab:red", alpha=0.6, label="wrong labels"
+    )
     histogram.set_yscale("log")
     histogram.set_xlabel("normalised confidence v^")
     histogram.set_ylabel("fraction of pixels (last epoch)")

@@ -43,7 +43,10 @@ def label_quality(run_dir: str | Path) -> dict[str, list[float | None]] | None:
         return None
     store = LabelStore.load(checkpoint, data.train_labels, data.train_ids)
     clean, classes = data.clean_train_labels.flat, data.num_classes
-    return {"given": class_ious(data.train_labels.flat, clean, classes), "corrected": class_ious(store.maps.flat, clean, classes)}
+    return {
+        "given": class_ious(data.train_labels.flat, clean, classes),
+        "corrected": class_ious(store.maps.flat, clean, classes),
+    }
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -51,7 +54,9 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return statistics.mean(finite) if finite else None
 
 
-def quality_row(label: str, qualities: Sequence[dict[str, list[float | None]]], triggers: Sequence[dict[str, Any]]) -> str:
+def quality_row(
+    label: str, qualities: Sequence[dict[str, list[float | None]]], triggers: Sequence[dict[str, Any]]
+) -> str:
     """One markdown row: per class 'given -> corrected' IoU (percent, mean over runs) and how many
     runs triggered the class, at which epochs."""
     cells = []

@@ -136,7 +136,9 @@ class Scale:
         return f"phantom-{self.patients}p-{self.slices_per_patient}z-{self.size}px{fov}-s{self.phantom_seed}"
 
     def phantom_config(self) -> PhantomConfig:
-        return PhantomConfig(size=self.size, slices_per_patient=self.slices_per_patient, field_of_view=self.field_of_view)
+        return PhantomConfig(
+            size=self.size, slices_per_patient=self.slices_per_patient, field_of_view=self.field_of_view
+        )
 
 
 @dataclass(frozen=True)
@@ -192,17 +194,36 @@ class RunSpec:
 # ----------------------------------------------------------------------------- the plan
 
 
-def experiment_runs(experiment: str, seeds: Sequence[int], levels: Sequence[int], noisy_val: bool = True) -> list[RunSpec]:
+def experiment_runs(
+    experiment: str, seeds: Sequence[int], levels: Sequence[int], noisy_val: bool = True
+) -> list[RunSpec]:
     """The runs of one experiment: `seeds` are noise seeds, `levels` the ladder's levels;
     `noisy_val`: checkpoints chosen on noisy validation masks (else on the clean ones)."""
     if experiment == "table1":
-        return [RunSpec("table1", m, NoiseSpec(seed=s, noisy_val=noisy_val), overrides=v) for s in seeds for m, v in TABLE1_RUNS]
+        return [
+            RunSpec("table1", m, NoiseSpec(seed=s, noisy_val=noisy_val), overrides=v)
+            for s in seeds
+            for m, v in TABLE1_RUNS
+        ]
     if experiment == "ladder":
-        return [RunSpec("ladder", m, NoiseSpec(level=lv, seed=s, noisy_val=noisy_val), overrides=v) for s in seeds for lv in levels for m, v in LADDER_RUNS]
+        return [
+            RunSpec("ladder", m, NoiseSpec(level=lv, seed=s, noisy_val=noisy_val), overrides=v)
+            for s in seeds
+            for lv in levels
+            for m, v in LADDER_RUNS
+        ]
     if experiment == "coarse":
-        return [RunSpec("coarse", m, NoiseSpec("coarse", seed=s, noisy_val=noisy_val), "deeplabv3plus") for s in seeds for m in COARSE_METHODS]
+        return [
+            RunSpec("coarse", m, NoiseSpec("coarse", seed=s, noisy_val=noisy_val), "deeplabv3plus")
+            for s in seeds
+            for m in COARSE_METHODS
+        ]
     if experiment == "armstudy":
-        return [RunSpec("armstudy", m, NoiseSpec("coarse", seed=s, noisy_val=noisy_val), "deeplabv3plus", v) for s in seeds for m, v in ARM_STUDY]
+        return [
+            RunSpec("armstudy", m, NoiseSpec("coarse", seed=s, noisy_val=noisy_val), "deeplabv3plus", v)
+            for s in seeds
+            for m, v in ARM_STUDY
+        ]
     raise ValueError(f"unknown experiment {experiment!r}; choose from {', '.join(EXPERIMENTS)}")
 
 
@@ -245,7 +266,12 @@ def ensure_data(root: Path, scale: Scale, noise: NoiseSpec) -> tuple[Path, Path]
     """The phantom and the noisy training labels of a run, each generated once."""
     phantom, labels = data_paths(root, scale, noise)
     _build_once(phantom, lambda out: generate_phantom(out, scale.patients, scale.phantom_seed, scale.phantom_config()))
-    _build_once(labels, lambda out: corrupt_dataset(phantom, out, noise.family, level=noise.level, seed=noise.seed, splits=noise.splits))
+    _build_once(
+        labels,
+        lambda out: corrupt_dataset(
+            phantom, out, noise.family, level=noise.level, seed=noise.seed, splits=noise.splits
+        ),
+    )
     return phantom, labels
 
 
@@ -258,7 +284,17 @@ def annotation_quality(root: Path, scale: Scale, noise: NoiseSpec) -> dict[str, 
 # ----------------------------------------------------------------------------- runs
 
 
-def train_config(scale: Scale, method: str, data: Path, labels: Path | None, out: Path, architecture: str = "unet", quiet: bool = True, seed: int = 0, schedule: str = "constant") -> TrainConfig:
+def train_config(
+    scale: Scale,
+    method: str,
+    data: Path,
+    labels: Path | None,
+    out: Path,
+    architecture: str = "unet",
+    quiet: bool = True,
+    seed: int = 0,
+    schedule: str = "constant",
+) -> TrainConfig:
     """The trainer configuration of one run at `scale` (every other field keeps its default)."""
     return TrainConfig(
         data=str(data),
@@ -319,7 +355,9 @@ def run_lock(lock_path: Path) -> Iterator[bool]:
 RunStatus = Literal["done", "trained", "busy"]
 
 
-def run_experiment_step(spec: RunSpec, root: Path, scale: Scale, train: Callable[[TrainConfig, bool], Any], quiet: bool = True) -> RunStatus:
+def run_experiment_step(
+    spec: RunSpec, root: Path, scale: Scale, train: Callable[[TrainConfig, bool], Any], quiet: bool = True
+) -> RunStatus:
     """Make sure `spec` has a summary: skip it, resume it, or train it; `train(config, resume)`."""
     run_dir = root / "runs" / spec.relative_dir
     if RunDir(run_dir).is_finished():
@@ -331,7 +369,17 @@ def run_experiment_step(spec: RunSpec, root: Path, scale: Scale, train: Callable
         if RunDir(run_dir).is_finished():  # finished while we waited for the lock
             return "done"
         phantom, labels = ensure_data(root, scale, spec.noise)
-        config = train_config(scale, spec.method, phantom, labels, run_dir, spec.architecture, quiet, spec.noise.training_seed, SCHEDULES.get(spec.experiment, "constant"))
+        config = train_config(
+            scale,
+            spec.method,
+            phantom,
+            labels,
+            run_dir,
+            spec.architecture,
+            quiet,
+            spec.noise.training_seed,
+            SCHEDULES.get(spec.experiment, "constant"),
+        )
         if spec.overrides:
             config = config_from_dict(apply_overrides(config.to_dict(), list(spec.overrides)))
         resume = RunDir(run_dir).has_config()
@@ -340,9 +388,9 @@ def run_experiment_step(spec: RunSpec, root: Path, scale: Scale, train: Callable
         return "trained"
 
 
-
-
-def run_experiments(root: Path, specs: Sequence[RunSpec], scale: Scale, train: Callable[[TrainConfig, bool], Any], quiet: bool = True) -> dict[str, int]:
+def run_experiments(
+    root: Path, specs: Sequence[RunSpec], scale: Scale, train: Callable[[TrainConfig, bool], Any], quiet: bool = True
+) -> dict[str, int]:
     """Bring every run of `specs` to a summary, in order; returns counts per status. Runs that
     another process holds are retried once at the end (it may have died meanwhile)."""
     counts = {"done": 0, "trained": 0, "busy": 0}
@@ -358,12 +406,18 @@ def run_experiments(root: Path, specs: Sequence[RunSpec], scale: Scale, train: C
     return counts
 
 
-def _timed_step(spec: RunSpec, root: Path, scale: Scale, train: Callable[[TrainConfig, bool], Any], quiet: bool) -> RunStatus:
+def _timed_step(
+    spec: RunSpec, root: Path, scale: Scale, train: Callable[[TrainConfig, bool], Any], quiet: bool
+) -> RunStatus:
     """`run_experiment_step`, recording the wall and CPU time of a run it trains."""
     wall, cpu = time.monotonic(), time.process_time()
     status = run_experiment_step(spec, root, scale, train, quiet)
     if status == "trained":
-        timing = {"wall_seconds": round(time.monotonic() - wall, 1), "cpu_seconds": round(time.process_time() - cpu, 1), "torch_threads": torch.get_num_threads()}
+        timing = {
+            "wall_seconds": round(time.monotonic() - wall, 1),
+            "cpu_seconds": round(time.process_time() - cpu, 1),
+            "torch_threads": torch.get_num_threads(),
+        }
         atomic_write_json(root / "runs" / spec.relative_dir / TIMING_FILE, timing)
         log.info("%s: %s", spec.relative_dir, timing)
     return status

@@ -59,8 +59,7 @@ def _series(records: list[dict[str, Any]], key: str, class_ids: list[str]) -> di
     if not any(key in record for record in records):
         return None
     return {
-        class_id: np.array([_value(record.get(key, {}).get(class_id)) for record in records])
-        for class_id in class_ids
+        class_id: np.array([_value(record.get(key, {}).get(class_id)) for record in records]) for class_id in class_ids
     }
 
 

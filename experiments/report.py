@@ -59,21 +59,13 @@ PAPER_TABLE1 = {"baseline-ms": "59.1 ± 1.3", "adele-nonadaptive": "40.5 ± 2.3"
 PAPER_COARSE = {"baseline": "70.33", "gce": "71.23", "ohem": "70.31", "arm": "71.94", "gce+arm": "72.08"}
 
 
-
-
-
-
-
-
-
-
 def _cell(runs: list[RunResult], key: str, which: str) -> str:
     return mean_std([r.summary[key][which] for r in runs])
 
 
-
-
-def method_table(results: list[RunResult], experiment: str, methods: Sequence[str], paper: dict[str, str], paper_label: str) -> list[str]:
+def method_table(
+    results: list[RunResult], experiment: str, methods: Sequence[str], paper: dict[str, str], paper_label: str
+) -> list[str]:
     """Markdown rows: per method the three test numbers, with and without background."""
     header = "| method | seeds | " + " | ".join(f"test mIoU {label}" for _, label in THREE)
     header += " | " + " | ".join(f"fg {label}" for _, label in THREE) + f" | final IoU_m (fg) | {paper_label} |"
@@ -82,17 +74,23 @@ def method_table(results: list[RunResult], experiment: str, methods: Sequence[st
         runs = by_method(results, experiment, method)
         memorised = [_last_finite(r.diagnostic("iou_m")) for r in runs]
         cells = [_cell(runs, "test_miou", k) for k, _ in THREE] + [_cell(runs, "test_miou_fg", k) for k, _ in THREE]
-        lines.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + f" | {mean_std(memorised)} | {paper.get(method, '')} |")
+        lines.append(
+            f"| {method} | {len(runs)} | " + " | ".join(cells) + f" | {mean_std(memorised)} | {paper.get(method, '')} |"
+        )
     return lines
 
 
-def per_class_table(results: list[RunResult], experiment: str, methods: Sequence[str], class_names: list[str]) -> list[str]:
+def per_class_table(
+    results: list[RunResult], experiment: str, methods: Sequence[str], class_names: list[str]
+) -> list[str]:
     """Markdown rows: per method the last-epoch test IoU of each class."""
     lines = ["| method | " + " | ".join(class_names) + " |", "|" + " --- |" * (len(class_names) + 1)]
     for method in methods:
         runs = by_method(results, experiment, method)
         if runs:
-            cells = [mean_std([r.records[-1]["test"]["per_class_iou"][c] for r in runs]) for c in range(len(class_names))]
+            cells = [
+                mean_std([r.records[-1]["test"]["per_class_iou"][c] for r in runs]) for c in range(len(class_names))
+            ]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return lines
 
@@ -112,44 +110,34 @@ def ladder_table(root: Path, scale: Scale, results: list[RunResult], levels: Seq
     folders) and each ladder method's test mIoU at `which` ("best_val" or "last"), with adele's
     paired difference to baseline-ms."""
     lines = [
-        "| level | iterations | annotation mIoU (fg) | " + " | ".join(LADDER_NAMES) + " | adele - baseline-ms (paired) |",
+        "| level | iterations | annotation mIoU (fg) | "
+        + " | ".join(LADDER_NAMES)
+        + " | adele - baseline-ms (paired) |",
         "|" + " --- |" * (len(LADDER_NAMES) + 4),
     ]
     for level in levels:
         runs = {m: by_method(results, "ladder", m, level, match_level=True) for m in LADDER_NAMES}
-        qualities = [q for q in (annotation_quality(root, scale, r.spec.noise) for r in runs["baseline-ms"] or runs["adele"]) if q]
+        qualities = [
+            q
+            for q in (annotation_quality(root, scale, r.spec.noise) for r in runs["baseline-ms"] or runs["adele"])
+            if q
+        ]
         annotation = "-"
         if qualities:
             annotation = f"{mean_std([q['annotation_miou'] for q in qualities])} ({mean_std([q['annotation_miou_fg'] for q in qualities])})"
         cells = [f"{_cell(rs, 'test_miou', which)} (n={len(rs)})" if rs else "-" for rs in runs.values()]
         delta = paired(runs["adele"], runs["baseline-ms"], which)
-        lines.append(f"| {level} | {LEVEL_ITERATIONS[level]} | {annotation} | " + " | ".join(cells) + f" | {mean_std(delta) if delta else '-'} |")
+        lines.append(
+            f"| {level} | {LEVEL_ITERATIONS[level]} | {annotation} | "
+            + " | ".join(cells)
+            + f" | {mean_std(delta) if delta else '-'} |"
+        )
     return lines
-
-
-
-
 
 
 def _file_name(name: str) -> str:
     """A run name (`adele@loader.augment.label_elastic=true`) as part of a file name."""
     return name.replace("+", "_").replace("@", "_").replace("=", "")
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # A class the baseline learns (test IoU above this) must not end below ERASED under ADELE.
@@ -169,7 +157,9 @@ def erased_classes(results: list[RunResult], class_names: list[str]) -> list[str
         for c in range(1, len(ours)):
             if theirs[c] is not None and theirs[c] > LEARNED and (ours[c] is None or ours[c] < ERASED):
                 name = class_names[c] if c < len(class_names) else str(c)
-                found.append(f"{run.spec.relative_dir}: {name} {100 * nan_if_none(ours[c]):.1f} (baseline-ms {100 * theirs[c]:.1f})")
+                found.append(
+                    f"{run.spec.relative_dir}: {name} {100 * nan_if_none(ours[c]):.1f} (baseline-ms {100 * theirs[c]:.1f})"
+                )
     return found
 
 
@@ -186,16 +176,18 @@ def correction_table(results: list[RunResult], class_names: list[str]) -> list[s
         if run.spec.method in CORRECTING:
             level = "ref" if run.spec.noise.level is None else f"level {run.spec.noise.level}"
             groups.setdefault((run.spec.experiment, level, run.spec.name), []).append(run)
-    for (experiment, level, method), runs in sorted(groups.items(), key=lambda g: (g[0][0], g[0][1], CORRECTING.index(g[1][0].spec.method), g[0][2])):
+    for (experiment, level, method), runs in sorted(
+        groups.items(), key=lambda g: (g[0][0], g[0][1], CORRECTING.index(g[1][0].spec.method), g[0][2])
+    ):
         pairs = [(q, r.summary["trigger_epoch"]) for r in runs if r.path is not None and (q := label_quality(r.path))]
         if pairs:
             lines.append(quality_row(f"{experiment} {level}, {method}", [q for q, _ in pairs], [t for _, t in pairs]))
     return lines
 
 
-
-
-def target_lines(root: Path, scale: Scale, results: list[RunResult], levels: Sequence[int], class_names: list[str]) -> list[str]:
+def target_lines(
+    root: Path, scale: Scale, results: list[RunResult], levels: Sequence[int], class_names: list[str]
+) -> list[str]:
     """The issue's targets, each with its measured numbers and whether it is met."""
     lines = ["Targets (best-validation-epoch test mIoU, mean over noise seeds):", ""]
     for level in levels:
@@ -206,23 +198,37 @@ def target_lines(root: Path, scale: Scale, results: list[RunResult], levels: Seq
         low_noise = quality is not None and quality["annotation_miou"] > 0.61
         need = 0.0 if low_noise or quality is None else 0.05
         ok = None if not delta else statistics.mean(delta) >= need
-        goal = "at least baseline-ms" if need == 0 else "at least 5 points above baseline-ms (annotation mIoU 0.61 or below)"
-        lines.append(f"- ladder level {level}: adele {goal}: {mean_std(delta) if delta else '-'} points over {len(delta)} paired seed(s), {verdict(ok)}")
+        goal = (
+            "at least baseline-ms"
+            if need == 0
+            else "at least 5 points above baseline-ms (annotation mIoU 0.61 or below)"
+        )
+        lines.append(
+            f"- ladder level {level}: adele {goal}: {mean_std(delta) if delta else '-'} points over {len(delta)} paired seed(s), {verdict(ok)}"
+        )
     erased = erased_classes(results, class_names)
     checked = [r for r in results if r.spec.name in ("adele", "adele+arm")]
-    lines.append(f"- no class that baseline-ms learns (test IoU > {100 * LEARNED:.0f}) ends below {100 * ERASED:.0f} under adele or adele+arm: "
-                 f"{len(erased)} case(s) in {len(checked)} runs, {verdict(None if not checked else not erased)}")
+    lines.append(
+        f"- no class that baseline-ms learns (test IoU > {100 * LEARNED:.0f}) ends below {100 * ERASED:.0f} under adele or adele+arm: "
+        f"{len(erased)} case(s) in {len(checked)} runs, {verdict(None if not checked else not erased)}"
+    )
     lines += [f"  - {case}" for case in erased]
     arm = paired(by_method(results, "coarse", "arm"), by_method(results, "coarse", "baseline"), "best_val")
-    spread = {m: [r.summary["test_miou"]["best_val"] for r in by_method(results, "coarse", m)] for m in ("arm", "baseline")}
+    spread = {
+        m: [r.summary["test_miou"]["best_val"] for r in by_method(results, "coarse", m)] for m in ("arm", "baseline")
+    }
     arm_ok = None
     if len(arm) >= 3 and all(len(v) >= 2 for v in spread.values()):
         arm_ok = statistics.mean(arm) >= 0 and statistics.stdev(spread["arm"]) <= statistics.stdev(spread["baseline"])
-    lines.append(f"- coarse labels: arm at least baseline, spread no wider: arm - baseline {mean_std(arm) if arm else '-'} over {len(arm)} seeds; "
-                 f"arm {mean_std(spread['arm'])} vs baseline {mean_std(spread['baseline'])}, {verdict(arm_ok)}")
+    lines.append(
+        f"- coarse labels: arm at least baseline, spread no wider: arm - baseline {mean_std(arm) if arm else '-'} over {len(arm)} seeds; "
+        f"arm {mean_std(spread['arm'])} vs baseline {mean_std(spread['baseline'])}, {verdict(arm_ok)}"
+    )
     adele_arm = paired(by_method(results, "table1", "adele+arm"), by_method(results, "table1", "adele"), "best_val")
-    lines.append(f"- Table 1: adele+arm at least adele: {mean_std(adele_arm) if adele_arm else '-'} over {len(adele_arm)} seeds, "
-                 f"{verdict(None if not adele_arm else statistics.mean(adele_arm) >= 0)}")
+    lines.append(
+        f"- Table 1: adele+arm at least adele: {mean_std(adele_arm) if adele_arm else '-'} over {len(adele_arm)} seeds, "
+        f"{verdict(None if not adele_arm else statistics.mean(adele_arm) >= 0)}"
+    )
     return lines
 
 
@@ -330,7 +336,13 @@ def plot_ladder(root: Path, scale: Scale, results: list[RunResult], levels: Sequ
             quality = _level_quality(root, scale, runs)
             if runs and quality:
                 values = [100 * r.summary["test_miou"]["best_val"] for r in runs]
-                points.append((quality["annotation_miou"], statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0))
+                points.append(
+                    (
+                        quality["annotation_miou"],
+                        statistics.mean(values),
+                        statistics.stdev(values) if len(values) > 1 else 0.0,
+                    )
+                )
         if points:
             x, y, err = zip(*sorted(points), strict=True)
             ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, label=method)
@@ -388,7 +400,9 @@ def _timing_line(results: list[RunResult]) -> str:
     return f"{len(timed)} timed runs: {cpu:.0f} CPU-minutes in total, {wall:.0f} minutes of wall time summed over runs (processes ran concurrently on a shared 2-core machine)."
 
 
-def write_results(root: Path, out: Path, scale: Scale, specs: Sequence[RunSpec], levels: Sequence[int], command: str) -> Path:
+def write_results(
+    root: Path, out: Path, scale: Scale, specs: Sequence[RunSpec], levels: Sequence[int], command: str
+) -> Path:
     """Write the results document `out` (plots in `out`'s sibling folder `results/`)."""
     results = load_results(root, specs)
     figures = out.parent / "results"
@@ -408,7 +422,8 @@ def write_results(root: Path, out: Path, scale: Scale, specs: Sequence[RunSpec],
         "field of view, centred on the mediastinum (slices without organs dropped), "
         f"UNet {scale.unet}, DeepLabv3+ {scale.deeplab}, {scale.epochs} epochs, batch {scale.batch_size}, "
         f"SGD lr {scale.lr}, momentum {scale.momentum}, lr schedule constant"
-        + "".join(f" ({name}: {schedule})" for name, schedule in SCHEDULES.items()) + ". "
+        + "".join(f" ({name}: {schedule})" for name, schedule in SCHEDULES.items())
+        + ". "
         "The papers: 256 px SegTHOR slices of 40 patients, UNet width 64, 100 epochs.",
         "",
         _timing_line(results),
@@ -442,12 +457,15 @@ def write_results(root: Path, out: Path, scale: Scale, specs: Sequence[RunSpec],
             *per_class_table(results, "table1", TABLE1_NAMES, class_names),
             "",
             "Differences, measured (the issue's goal: adele at least 5 points above baseline-ms):",
-            *filter(None, [
-                _paired_difference(results, "table1", "adele", "baseline-ms"),
-                _paired_difference(results, "table1", "adele-nonadaptive", "baseline-ms"),
-                _paired_difference(results, "table1", "arm", "baseline"),
-                _paired_difference(results, "table1", "adele+arm", "adele"),
-            ]),
+            *filter(
+                None,
+                [
+                    _paired_difference(results, "table1", "adele", "baseline-ms"),
+                    _paired_difference(results, "table1", "adele-nonadaptive", "baseline-ms"),
+                    _paired_difference(results, "table1", "arm", "baseline"),
+                    _paired_difference(results, "table1", "adele+arm", "adele"),
+                ],
+            ),
             "",
             "Memorisation, measured:",
             *_memorisation_notes(results, "table1", TABLE1_NAMES),
@@ -492,7 +510,12 @@ def write_results(root: Path, out: Path, scale: Scale, specs: Sequence[RunSpec],
             *correction_table(results, class_names),
             "",
         ]
-    lines += ["## Targets", "", *target_lines(root, scale, results, levels if "ladder" in experiments else [], class_names), ""]
+    lines += [
+        "## Targets",
+        "",
+        *target_lines(root, scale, results, levels if "ladder" in experiments else [], class_names),
+        "",
+    ]
     if "coarse" in experiments:
         plot_training_dynamics(results, "coarse", COARSE_METHODS, figures / "coarse_dynamics.png")
         lines += [
@@ -527,12 +550,15 @@ KEEP_MARKER = "<!-- Sections below are written by hand and kept when the tables 
 
 def _kept_sections(out: Path) -> str:
     text = out.read_text(encoding="utf-8") if out.is_file() else ""
-    return "\n" + text[text.index(KEEP_MARKER):] if KEEP_MARKER in text else ""
+    return "\n" + text[text.index(KEEP_MARKER) :] if KEEP_MARKER in text else ""
 
 
 def _copy_run_curves(root: Path, results: list[RunResult], experiment: str, figures: Path) -> list[str]:
     """Copy the first seed's curves.png of each method beside the document and link them."""
-    lines = ["Per-class curves of the first noise seed (IoU against the labels trained on, fitted curve, correction start; IoU_el and IoU_m):", ""]
+    lines = [
+        "Per-class curves of the first noise seed (IoU against the labels trained on, fitted curve, correction start; IoU_el and IoU_m):",
+        "",
+    ]
     seen = set()
     for result in results:
         if result.spec.experiment != experiment or result.spec.name in seen:
@@ -542,5 +568,10 @@ def _copy_run_curves(root: Path, results: list[RunResult], experiment: str, figu
             seen.add(result.spec.name)
             name = f"{experiment}_{_file_name(result.spec.name)}_curves.png"
             shutil.copyfile(source, figures / name)
-            lines += [f"`{result.spec.name}` ({result.spec.noise.name}):", "", f"![{result.spec.name} curves](results/{name})", ""]
+            lines += [
+                f"`{result.spec.name}` ({result.spec.noise.name}):",
+                "",
+                f"![{result.spec.name} curves](results/{name})",
+                "",
+            ]
     return lines

@@ -84,11 +84,16 @@ TABLE1_NAMES = [RunSpec("table1", m, NoiseSpec(), overrides=v).name for m, v in 
 LADDER_NAMES = [RunSpec("ladder", m, NoiseSpec(), overrides=v).name for m, v in LADDER_RUNS]
 
 
-def by_method(results: list[RunResult], experiment: str, method: str, level: int | None = None, match_level: bool = False) -> list[RunResult]:
+def by_method(
+    results: list[RunResult], experiment: str, method: str, level: int | None = None, match_level: bool = False
+) -> list[RunResult]:
     """The runs of `method` (a variant: `RunSpec.name`, e.g. `arm@arm.lr=0.01`) in `experiment`."""
     return [
-        r for r in results
-        if r.spec.experiment == experiment and r.spec.name == method and (not match_level or r.spec.noise.level == level)
+        r
+        for r in results
+        if r.spec.experiment == experiment
+        and r.spec.name == method
+        and (not match_level or r.spec.noise.level == level)
     ]
 
 

@@ -18,7 +18,13 @@ from noisyseg.experiments.results import (
 )
 
 # What a user gets (`selection.py`): the test mIoU at each rule's epoch; clean-val is the oracle.
-USER_COLUMNS = (("last", "last epoch"), ("noisy-val", "noisy-val"), ("label-free", "label-free (Label Wave)"), ("label-free-curves", "label-free (fitted curves)"), ("clean-val", "clean-val (oracle)"))
+USER_COLUMNS = (
+    ("last", "last epoch"),
+    ("noisy-val", "noisy-val"),
+    ("label-free", "label-free (Label Wave)"),
+    ("label-free-curves", "label-free (fitted curves)"),
+    ("clean-val", "clean-val (oracle)"),
+)
 
 
 # The methods whose selection the targets judge (issue 23, part 1) and what they ask: within
@@ -29,7 +35,9 @@ ORACLE_GAP, LAST_GAP = 0.010, 0.005
 
 def _settings(experiments: set[str], levels: Sequence[int]) -> list[tuple[str, int | None, str, list[str]]]:
     """(experiment, level, label, run names) of the settings the user tables cover."""
-    settings = [("ladder", level, f"level {level}", LADDER_NAMES) for level in levels] if "ladder" in experiments else []
+    settings = (
+        [("ladder", level, f"level {level}", LADDER_NAMES) for level in levels] if "ladder" in experiments else []
+    )
     return settings + ([("table1", None, "Table 1", TABLE1_NAMES)] if "table1" in experiments else [])
 
 
@@ -40,7 +48,10 @@ def _runs_of(results: list[RunResult], experiment: str, level: int | None, name:
 def user_table(results: list[RunResult], experiments: set[str], levels: Sequence[int]) -> list[str]:
     """Markdown rows: per setting and method, the test mIoU at the last epoch, at the epoch each
     selection rule a user can apply chooses, and at the clean-validation oracle's."""
-    lines = ["| setting | method | seeds | " + " | ".join(label for _, label in USER_COLUMNS) + " |", "|" + " --- |" * (len(USER_COLUMNS) + 3)]
+    lines = [
+        "| setting | method | seeds | " + " | ".join(label for _, label in USER_COLUMNS) + " |",
+        "|" + " --- |" * (len(USER_COLUMNS) + 3),
+    ]
     for experiment, level, label, names in _settings(experiments, levels):
         for name in names:
             runs = _runs_of(results, experiment, level, name)
@@ -71,7 +82,11 @@ def selection_target_lines(results: list[RunResult], experiments: set[str], leve
             for rule, _ in rules:
                 to_oracle = [d for r in runs if (d := _difference(r, rule, "clean-val")) is not None]
                 to_last = [d for r in runs if (d := _difference(r, rule, "last")) is not None]
-                ok = None if not (to_oracle and to_last) else statistics.mean(to_oracle) >= -ORACLE_GAP and statistics.mean(to_last) >= -LAST_GAP
+                ok = (
+                    None
+                    if not (to_oracle and to_last)
+                    else statistics.mean(to_oracle) >= -ORACLE_GAP and statistics.mean(to_last) >= -LAST_GAP
+                )
                 cells.append(f"{_signed(to_oracle)} / {_signed(to_last)} {verdict(ok)}")
             lines.append(f"| {label} | {name} | {len(runs)} | " + " | ".join(cells) + " |")
     return lines
@@ -87,18 +102,34 @@ def _signed(values: list[float]) -> str:
 
 
 # Issue 23, part 2, at the noisy-validation selection: adele against baseline-ms per setting.
-NEVER_LOSES = ((0, -0.005, "at least baseline-ms - 0.5"), (1, -0.005, "at least baseline-ms - 0.5"), (3, 0.05, "at least 5 points above baseline-ms"),
-               (4, 0.05, "at least 5 points above baseline-ms"), (5, 0.0, "at least baseline-ms"), (6, 0.0, "at least baseline-ms"))
+NEVER_LOSES = (
+    (0, -0.005, "at least baseline-ms - 0.5"),
+    (1, -0.005, "at least baseline-ms - 0.5"),
+    (3, 0.05, "at least 5 points above baseline-ms"),
+    (4, 0.05, "at least 5 points above baseline-ms"),
+    (5, 0.0, "at least baseline-ms"),
+    (6, 0.0, "at least baseline-ms"),
+)
 
 
 def never_loses_lines(results: list[RunResult], experiments: set[str], levels: Sequence[int]) -> list[str]:
     """adele minus baseline-ms at the noisy-validation epoch, against the issue's bar per setting."""
     lines = ["ADELE never loses (test mIoU at the noisy-validation epoch, paired over noise seeds):", ""]
-    bars = [("ladder", level, f"ladder level {level}", need, goal) for level, need, goal in NEVER_LOSES if "ladder" in experiments and level in levels]
+    bars = [
+        ("ladder", level, f"ladder level {level}", need, goal)
+        for level, need, goal in NEVER_LOSES
+        if "ladder" in experiments and level in levels
+    ]
     if "table1" in experiments:
         bars.append(("table1", None, "Table 1", 0.05, "at least 5 points above baseline-ms"))
     for experiment, level, label, need, goal in bars:
-        delta = paired(_runs_of(results, experiment, level, "adele"), _runs_of(results, experiment, level, "baseline-ms"), "noisy-val")
+        delta = paired(
+            _runs_of(results, experiment, level, "adele"),
+            _runs_of(results, experiment, level, "baseline-ms"),
+            "noisy-val",
+        )
         ok = None if not delta else statistics.mean(delta) >= need
-        lines.append(f"- {label}: adele {goal}: {mean_std(delta) if delta else '-'} points over {len(delta)} paired seed(s), {verdict(ok)}")
+        lines.append(
+            f"- {label}: adele {goal}: {mean_std(delta) if delta else '-'} points over {len(delta)} paired seed(s), {verdict(ok)}"
+        )
     return lines

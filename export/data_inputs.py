@@ -21,7 +21,9 @@ from noisyseg.data.datasets import SegmentationSource, open_source
 T = TypeVar("T")
 
 
-def open_data(root: str | Path, split: str, layout: str = "auto", options: Mapping[str, Any] | None = None) -> SegmentationSource:
+def open_data(
+    root: str | Path, split: str, layout: str = "auto", options: Mapping[str, Any] | None = None
+) -> SegmentationSource:
     """Split `split` of the dataset at `root` (`layout` and its `options` as `open_source` takes them)."""
     return open_source(root, split, layout, **dict(options or {}))
 
@@ -60,7 +62,9 @@ def shape_batches(pairs: Iterable[tuple[np.ndarray, T]], batch_size: int, stride
 
     def flush() -> ImageBatch[T]:
         stacked = np.stack(images).astype(np.float32, copy=False)
-        batch = ImageBatch(np.ascontiguousarray(pad_to_stride(stacked, stride)), list(items), (stacked.shape[-2], stacked.shape[-1]))
+        batch = ImageBatch(
+            np.ascontiguousarray(pad_to_stride(stacked, stride)), list(items), (stacked.shape[-2], stacked.shape[-1])
+        )
         images.clear()
         items.clear()
         return batch
@@ -74,7 +78,9 @@ def shape_batches(pairs: Iterable[tuple[np.ndarray, T]], batch_size: int, stride
         yield flush()
 
 
-def source_pairs(source: SegmentationSource, indices: Iterable[int] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def source_pairs(
+    source: SegmentationSource, indices: Iterable[int] | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(raw image, mask) of each item of `source` (all, or `indices`), read on demand."""
     for index in range(len(source)) if indices is None else indices:
         yield source.read(index)

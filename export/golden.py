@@ -115,7 +115,9 @@ class CheckReport:
         return all(output.passed for output in self.outputs)
 
     def describe(self) -> str:
-        lines = [f"{self.model} ({self.precision}) on {self.cases} golden case(s): {'PASSED' if self.passed else 'FAILED'}"]
+        lines = [
+            f"{self.model} ({self.precision}) on {self.cases} golden case(s): {'PASSED' if self.passed else 'FAILED'}"
+        ]
         return "\n".join(lines + [f"  {output.describe()}" for output in self.outputs])
 
 
@@ -133,7 +135,9 @@ def golden_inputs(
     expects), or the first images of a data split in any layout, raw (the model normalises them):
     consecutive images of one size batched, zero-padded on the bottom and right to `stride`."""
     if data_dir is None:
-        return [sample_images(shape, seed=seed + index, normalization=normalization) for index, shape in enumerate(shapes)]
+        return [
+            sample_images(shape, seed=seed + index, normalization=normalization) for index, shape in enumerate(shapes)
+        ]
     source = open_data(data_dir, split, layout, layout_options)
     batch = shapes[0][0] if shapes else DEFAULT_BATCH
     first = range(min(len(source), batch * max(1, len(shapes))))
@@ -143,7 +147,10 @@ def golden_inputs(
 def default_shapes(runner: OnnxRuntimeRunner) -> list[tuple[int, int, int, int]]:
     """Batch 2 at 256 x 256 where the model leaves a dimension free, its own size where fixed."""
     defaults = (DEFAULT_BATCH, 1, DEFAULT_SIZE, DEFAULT_SIZE)
-    dims = [dim if isinstance(dim, int) and dim > 0 else default for dim, default in zip(runner.input_shape, defaults, strict=True)]
+    dims = [
+        dim if isinstance(dim, int) and dim > 0 else default
+        for dim, default in zip(runner.input_shape, defaults, strict=True)
+    ]
     return [(dims[0], dims[1], dims[2], dims[3])]
 
 
@@ -161,8 +168,14 @@ def make_golden(
     onnx_path = Path(onnx_path)
     runner = OnnxRuntimeRunner(onnx_path, providers=["CPUExecutionProvider"])
     inputs = golden_inputs(
-        shapes or default_shapes(runner), seed, Path(data_dir) if data_dir else None, split,
-        runner.metadata.get("normalization", "zscore"), metadata_stride(runner.metadata), layout, layout_options,
+        shapes or default_shapes(runner),
+        seed,
+        Path(data_dir) if data_dir else None,
+        split,
+        runner.metadata.get("normalization", "zscore"),
+        metadata_stride(runner.metadata),
+        layout,
+        layout_options,
     )
     arrays: dict[str, np.ndarray] = {}
     for index, images in enumerate(inputs):
@@ -196,13 +209,24 @@ def load_golden(path: str | Path) -> tuple[dict[str, Any], list[np.ndarray], lis
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
         raise ValueError(f"{path}: not a noisyseg golden file (not an .npz archive: {err})") from err
     if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path}: not a noisyseg golden file (a single .npy array, expected the .npz that `export golden` writes)")
+        raise ValueError(
+            f"{path}: not a noisyseg golden file (a single .npy array, expected the .npz that `export golden` writes)"
+        )
     try:
         with archive:
             meta = json.loads(str(archive[META_KEY]))
             inputs = [archive[f"case{i}.input"] for i in range(meta["cases"])]
-            outputs = [{name: archive[f"case{i}.output.{name}"] for name in meta["output_names"]} for i in range(meta["cases"])]
-    except (KeyError, TypeError, ValueError, OSError, EOFError, zipfile.BadZipFile) as err:  # JSONDecodeError is a ValueError
+            outputs = [
+                {name: archive[f"case{i}.output.{name}"] for name in meta["output_names"]} for i in range(meta["cases"])
+            ]
+    except (
+        KeyError,
+        TypeError,
+        ValueError,
+        OSError,
+        EOFError,
+        zipfile.BadZipFile,
+    ) as err:  # JSONDecodeError is a ValueError
         raise ValueError(f"{path}: not a noisyseg golden file ({err})") from err
     return meta, inputs, outputs
 
@@ -222,7 +246,9 @@ def open_runner(model_path: Path) -> tuple[Runner, str]:
     raise ValueError(f"{model_path}: expected a .onnx model or a TensorRT .plan")
 
 
-def compare_output(name: str, golden: list[np.ndarray], actual: list[np.ndarray], tolerance: Tolerance) -> OutputComparison:
+def compare_output(
+    name: str, golden: list[np.ndarray], actual: list[np.ndarray], tolerance: Tolerance
+) -> OutputComparison:
     """Pool all cases of one output and measure agreement and errors."""
     matching, pixels, errors = 0, 0, []
     for expected, got in zip(golden, actual, strict=True):
@@ -259,13 +285,18 @@ def check_golden(model_path: str | Path, golden_path: str | Path, precision: str
         raise ValueError(f"precision '{precision}' has no tolerances (known: {', '.join(TOLERANCES)})")
     missing = [name for name in meta["output_names"] if name not in runner.output_names]
     if missing:
-        raise ValueError(f"{model_path}: has outputs {runner.output_names}, the golden file expects {meta['output_names']}")
+        raise ValueError(
+            f"{model_path}: has outputs {runner.output_names}, the golden file expects {meta['output_names']}"
+        )
     actual = [runner.run(images) for images in inputs]
     comparisons = [
-        compare_output(name, [case[name] for case in golden_outputs], [case[name] for case in actual], TOLERANCES[precision])
+        compare_output(
+            name, [case[name] for case in golden_outputs], [case[name] for case in actual], TOLERANCES[precision]
+        )
         for name in meta["output_names"]
     ]
     if model_path.suffix == ".onnx" and file_sha256(model_path) != meta["onnx_sha256"]:
-        logger.info("%s differs from the golden's model %s (expected for a quantised model)", model_path.name, meta["onnx_file"])
+        logger.info(
+            "%s differs from the golden's model %s (expected for a quantised model)", model_path.name, meta["onnx_file"]
+        )
     return CheckReport(model=model_path.name, precision=precision, cases=len(inputs), outputs=comparisons)
-

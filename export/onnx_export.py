@@ -87,7 +87,9 @@ class DeployableSegmenter(nn.Module):
         self.normalization = normalization
         self.output = output
         # (1, 3, 1, 1) constants; not persistent, so the wrapper's state dict is the model's.
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer(
+            "mean", torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, -1, 1, 1), persistent=False
+        )
         self.register_buffer("std", torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -95,7 +97,9 @@ class DeployableSegmenter(nn.Module):
             return images
         if self.normalization == "imagenet":
             if images.shape[1] != self.mean.shape[1]:
-                raise ValueError(f"'imagenet' normalisation needs 3 (RGB) channels, got images of shape {list(images.shape)}")
+                raise ValueError(
+                    f"'imagenet' normalisation needs 3 (RGB) channels, got images of shape {list(images.shape)}"
+                )
             return (images / 255.0 - self.mean) / self.std
         mean = images.mean(dim=(2, 3), keepdim=True)
         centered = images - mean
@@ -195,7 +199,9 @@ def sample_images(shape: tuple[int, ...], seed: int = 0, normalization: str = "z
     return (400.0 * (smooth + noise) - 200.0).astype(np.float32)
 
 
-def validation_shapes(in_channels: int, stride: int, static_size: tuple[int, int] | None) -> list[tuple[int, int, int, int]]:
+def validation_shapes(
+    in_channels: int, stride: int, static_size: tuple[int, int] | None
+) -> list[tuple[int, int, int, int]]:
     """A batch of two, and (for dynamic models) a second, non-square size with batch one."""
     if static_size is not None:
         return [(2, in_channels, *static_size)]
@@ -205,7 +211,9 @@ def validation_shapes(in_channels: int, stride: int, static_size: tuple[int, int
 def check_static_size(static_size: tuple[int, int], stride: int) -> None:
     height, width = static_size
     if height % stride or width % stride or height <= 0 or width <= 0:
-        raise ValueError(f"--static {height}x{width}: height and width must be positive multiples of the model stride {stride}")
+        raise ValueError(
+            f"--static {height}x{width}: height and width must be positive multiples of the model stride {stride}"
+        )
 
 
 def export_to_proto(wrapper: DeployableSegmenter, example: torch.Tensor, config: ExportConfig) -> onnx.ModelProto:
@@ -244,8 +252,15 @@ def _trace(wrapper: DeployableSegmenter, example: torch.Tensor, config: ExportCo
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # version-conversion chatter; the checker runs below
             program = torch.onnx.export(
-                wrapper, (example,), None, dynamo=True, opset_version=config.opset, verbose=False,
-                input_names=[INPUT_NAME], output_names=[config.output], dynamic_shapes=(dims,),
+                wrapper,
+                (example,),
+                None,
+                dynamo=True,
+                opset_version=config.opset,
+                verbose=False,
+                input_names=[INPUT_NAME],
+                output_names=[config.output],
+                dynamic_shapes=(dims,),
             )
         if program is None:
             raise RuntimeError("torch.onnx.export returned no program")
@@ -258,8 +273,13 @@ def _trace(wrapper: DeployableSegmenter, example: torch.Tensor, config: ExportCo
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
         torch.onnx.export(
-            wrapper, (example,), buffer, dynamo=False, opset_version=config.opset,
-            input_names=[INPUT_NAME], output_names=[config.output],
+            wrapper,
+            (example,),
+            buffer,
+            dynamo=False,
+            opset_version=config.opset,
+            input_names=[INPUT_NAME],
+            output_names=[config.output],
             dynamic_axes={INPUT_NAME: input_axes, config.output: output_axes},
         )
     return onnx.load_from_string(buffer.getvalue())
@@ -352,7 +372,9 @@ def tensorrt_compatibility_problems(model: onnx.ModelProto) -> list[str]:
     for node in model.graph.node:
         where = f"node '{node.name or node.output[0]}' ({node.op_type})"
         if node.domain not in ("", "ai.onnx") or node.op_type not in TENSORRT_OPS:
-            problems.append(f"{where}: operator {node.domain or 'ai.onnx'}::{node.op_type} is not supported by TensorRT's ONNX parser")
+            problems.append(
+                f"{where}: operator {node.domain or 'ai.onnx'}::{node.op_type} is not supported by TensorRT's ONNX parser"
+            )
             continue
         problems.extend(_constraint_problems(node, where, constants))
     return problems
@@ -361,8 +383,15 @@ def tensorrt_compatibility_problems(model: onnx.ModelProto) -> list[str]:
 def _constraint_problems(node: onnx.NodeProto, where: str, constants: dict[str, np.ndarray]) -> list[str]:
     problems = []
     for op_type, index, what in TENSORRT_CONSTANT_INPUTS:
-        if node.op_type == op_type and len(node.input) > index and node.input[index] and node.input[index] not in constants:
-            problems.append(f"{where}: {what} input '{node.input[index]}' must be a constant (initializer) for TensorRT")
+        if (
+            node.op_type == op_type
+            and len(node.input) > index
+            and node.input[index]
+            and node.input[index] not in constants
+        ):
+            problems.append(
+                f"{where}: {what} input '{node.input[index]}' must be a constant (initializer) for TensorRT"
+            )
     if node.op_type == "Resize":
         has_scales = len(node.input) > 2 and node.input[2] != ""
         has_sizes = len(node.input) > 3 and node.input[3] != ""
@@ -371,7 +400,9 @@ def _constraint_problems(node: onnx.NodeProto, where: str, constants: dict[str, 
         if _attribute(node, "mode", "nearest") not in TENSORRT_RESIZE_MODES:
             problems.append(f"{where}: Resize mode '{_attribute(node, 'mode', '')}' is not supported by TensorRT")
         if _attribute(node, "coordinate_transformation_mode", "half_pixel") not in TENSORRT_RESIZE_COORDINATES:
-            problems.append(f"{where}: Resize coordinate mode '{_attribute(node, 'coordinate_transformation_mode', '')}' is not supported by TensorRT")
+            problems.append(
+                f"{where}: Resize coordinate mode '{_attribute(node, 'coordinate_transformation_mode', '')}' is not supported by TensorRT"
+            )
         if _attribute(node, "antialias", 0):
             problems.append(f"{where}: Resize with antialias is not supported by TensorRT")
     if node.op_type == "MaxPool" and len([o for o in node.output if o]) > 1:
@@ -387,12 +418,18 @@ def _constraint_problems(node: onnx.NodeProto, where: str, constants: dict[str, 
 def compare_outputs(reference: np.ndarray, candidate: np.ndarray, kind: str) -> tuple[float, float, int]:
     """(max abs error, matching argmax pixels, pixels) of one output batch against its reference."""
     if reference.shape != candidate.shape:
-        raise ValueError(f"output '{kind}': shape {list(candidate.shape)} differs from the reference {list(reference.shape)}")
+        raise ValueError(
+            f"output '{kind}': shape {list(candidate.shape)} differs from the reference {list(reference.shape)}"
+        )
     if kind == "labels":
         matches = reference == candidate
         return 0.0, float(matches.sum()), matches.size
     # NaN where ONNX Runtime gives a non-finite value counts as an unbounded error.
-    error = float(np.max(np.nan_to_num(np.abs(reference.astype(np.float64) - candidate.astype(np.float64)), nan=np.inf), initial=0.0))
+    error = float(
+        np.max(
+            np.nan_to_num(np.abs(reference.astype(np.float64) - candidate.astype(np.float64)), nan=np.inf), initial=0.0
+        )
+    )
     matches = np.argmax(reference, axis=1) == np.argmax(candidate, axis=1)
     return error, float(matches.sum()), matches.size
 
@@ -407,11 +444,17 @@ def check_plausible_logits(logits: torch.Tensor, out: str | Path) -> None:
         raise RuntimeError(f"{where} {bad} non-finite values (NaN or infinity); {advice}")
     largest = float(logits.abs().max()) if logits.numel() else 0.0
     if largest > MAX_PLAUSIBLE_LOGIT:
-        raise RuntimeError(f"{where} values up to {largest:.3g}, beyond the plausible logit bound {MAX_PLAUSIBLE_LOGIT:.0e}; {advice}")
+        raise RuntimeError(
+            f"{where} values up to {largest:.3g}, beyond the plausible logit bound {MAX_PLAUSIBLE_LOGIT:.0e}; {advice}"
+        )
 
 
 def validate_export(
-    wrapper: DeployableSegmenter, onnx_bytes: bytes, shapes: list[tuple[int, int, int, int]], config: ExportConfig, out: str | Path = "export"
+    wrapper: DeployableSegmenter,
+    onnx_bytes: bytes,
+    shapes: list[tuple[int, int, int, int]],
+    config: ExportConfig,
+    out: str | Path = "export",
 ) -> ValidationReport:
     """Run PyTorch and ONNX Runtime on sample inputs of each shape and compare their outputs
     (`out` names the model being exported in errors)."""
@@ -454,7 +497,9 @@ def export_model(
     device = resolve_device(config.device, field="--device")
     wrapper = DeployableSegmenter(model.eval(), info.normalization, config.output).eval().to(device)
     shapes = validation_shapes(info.in_channels, stride, config.static_size)
-    example = torch.from_numpy(sample_images((1, *shapes[0][1:]), seed=config.validation_seed, normalization=info.normalization)).to(device)
+    example = torch.from_numpy(
+        sample_images((1, *shapes[0][1:]), seed=config.validation_seed, normalization=info.normalization)
+    ).to(device)
     proto = export_to_proto(wrapper, example, config)
     set_metadata(proto, model_metadata(info, config.output, checkpoint_sha256, stride))
     try:

@@ -155,7 +155,9 @@ def calibration_batches(images: list[np.ndarray], batch_size: int, stride: int, 
     batches = [batch.images for batch in shape_batches(((image, None) for image in images), batch_size, stride)]
     if method != "minmax" and len({batch.shape for batch in batches}) > 1:
         # ORT's histogram calibrators stack all batches' activations into one array.
-        raise ValueError(f"calibration method '{method}' needs images of one size (padded to the stride); these give {sorted({batch.shape[-2:] for batch in batches})}: use minmax")
+        raise ValueError(
+            f"calibration method '{method}' needs images of one size (padded to the stride); these give {sorted({batch.shape[-2:] for batch in batches})}: use minmax"
+        )
     return batches
 
 
@@ -230,7 +232,9 @@ def quantize_to_bytes(onnx_path: Path, images: list[np.ndarray], config: Quantiz
         quantized = onnx.load(str(quantized_path))
     metadata = read_metadata(model)
     metadata.update(
-        quantization="int8 static QDQ (symmetric, per-channel weights)" if config.per_channel else "int8 static QDQ (symmetric)",
+        quantization="int8 static QDQ (symmetric, per-channel weights)"
+        if config.per_channel
+        else "int8 static QDQ (symmetric)",
         quantization_excluded_nodes=",".join(excluded),
         calibration_images=str(len(images)),
     )
@@ -238,7 +242,9 @@ def quantize_to_bytes(onnx_path: Path, images: list[np.ndarray], config: Quantiz
     return quantized.SerializeToString(), excluded
 
 
-def quantize_onnx(onnx_path: str | Path, data_dir: str | Path, out: str | Path, config: QuantizeConfig | None = None) -> QuantizeReport:
+def quantize_onnx(
+    onnx_path: str | Path, data_dir: str | Path, out: str | Path, config: QuantizeConfig | None = None
+) -> QuantizeReport:
     """`noisyseg export quantize`: calibrate, quantise, evaluate, and write only if accurate enough."""
     config = config or QuantizeConfig()
     onnx_path, out = Path(onnx_path), Path(out)
@@ -249,17 +255,26 @@ def quantize_onnx(onnx_path: str | Path, data_dir: str | Path, out: str | Path, 
     quantized_bytes, excluded = quantize_to_bytes(onnx_path, images, config)
     problems = tensorrt_compatibility_problems(onnx.load_from_string(quantized_bytes))
     if problems:
-        raise RuntimeError(f"{out}: quantised graph is not TensorRT-compatible; nothing written: " + "; ".join(problems))
+        raise RuntimeError(
+            f"{out}: quantised graph is not TensorRT-compatible; nothing written: " + "; ".join(problems)
+        )
     report = evaluate_quantized(onnx_path, quantized_bytes, data_dir, config, len(images), excluded)
     if report.miou_drop > config.max_miou_drop:
-        raise RuntimeError(f"{out}: int8 model loses too much accuracy (allowed {config.max_miou_drop:.2f} points): {report.describe()}; nothing written")
+        raise RuntimeError(
+            f"{out}: int8 model loses too much accuracy (allowed {config.max_miou_drop:.2f} points): {report.describe()}; nothing written"
+        )
     atomic_write_bytes(out, quantized_bytes)
     logger.info("wrote %s: %s", out, report.describe())
     return report
 
 
 def evaluate_quantized(
-    onnx_path: Path, quantized_bytes: bytes, data_dir: str | Path, config: QuantizeConfig, calibration_count: int, excluded: list[str]
+    onnx_path: Path,
+    quantized_bytes: bytes,
+    data_dir: str | Path,
+    config: QuantizeConfig,
+    calibration_count: int,
+    excluded: list[str],
 ) -> QuantizeReport:
     """Test-split mIoU and latency of the fp32 and int8 models, side by side."""
     eval_split = config.eval_split

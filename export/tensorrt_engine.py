@@ -77,7 +77,9 @@ def require_tensorrt() -> None:
     import torch
 
     if not torch.cuda.is_available():
-        raise TensorRTUnavailableError("TensorRT is installed but no CUDA device is visible (torch.cuda.is_available() is False)")
+        raise TensorRTUnavailableError(
+            "TensorRT is installed but no CUDA device is visible (torch.cuda.is_available() is False)"
+        )
 
 
 def plan_metadata_path(plan_path: str | Path) -> Path:
@@ -106,7 +108,9 @@ class ShapeProfile:
     max: Shape
 
     def check_within(self, shape: Shape, what: str) -> None:
-        if len(shape) != len(self.min) or any(not lo <= s <= hi for s, lo, hi in zip(shape, self.min, self.max, strict=False)):
+        if len(shape) != len(self.min) or any(
+            not lo <= s <= hi for s, lo, hi in zip(shape, self.min, self.max, strict=False)
+        ):
             raise ValueError(
                 f"{what}: shape {list(shape)} is outside the engine's optimisation profile "
                 f"(min {list(self.min)}, max {list(self.max)}); rebuild with --min-shape/--max-shape covering it"
@@ -164,7 +168,10 @@ def resolve_profile(input_shape: list[int | str], config: EngineBuildConfig) -> 
     def default(kind: str) -> Shape:
         batch, height, width = DEFAULT_PROFILE[kind]
         defaults = (batch, None, height, width)
-        return tuple(dim if isinstance(dim, int) and dim > 0 else int(defaults[axis] or 1) for axis, dim in enumerate(input_shape))
+        return tuple(
+            dim if isinstance(dim, int) and dim > 0 else int(defaults[axis] or 1)
+            for axis, dim in enumerate(input_shape)
+        )
 
     profile = ShapeProfile(
         min=config.min_shape or default("min"),
@@ -174,7 +181,9 @@ def resolve_profile(input_shape: list[int | str], config: EngineBuildConfig) -> 
     for axis, dim in enumerate(input_shape):
         sizes = (profile.min[axis], profile.opt[axis], profile.max[axis])
         if isinstance(dim, int) and dim > 0 and any(size != dim for size in sizes):
-            raise ValueError(f"profile dimension {axis} must be {dim} (fixed in the model), got min/opt/max {list(sizes)}")
+            raise ValueError(
+                f"profile dimension {axis} must be {dim} (fixed in the model), got min/opt/max {list(sizes)}"
+            )
         if not sizes[0] <= sizes[1] <= sizes[2]:
             raise ValueError(f"profile dimension {axis}: need min <= opt <= max, got {list(sizes)}")
     return profile
@@ -201,7 +210,9 @@ def tensorrt_logger() -> trt.ILogger:
     return trt.Logger(severity)
 
 
-def parse_onnx(builder: trt.Builder, trt_logger: trt.ILogger, onnx_path: Path) -> tuple[trt.INetworkDefinition, trt.OnnxParser]:
+def parse_onnx(
+    builder: trt.Builder, trt_logger: trt.ILogger, onnx_path: Path
+) -> tuple[trt.INetworkDefinition, trt.OnnxParser]:
     """Parse the ONNX file into a network (explicit batch, the TensorRT 10 default).
 
     Raises with every parser error and its node. The parser is returned with the network
@@ -258,7 +269,9 @@ def build_engine(onnx_path: str | Path, out: str | Path, config: EngineBuildConf
     input_name, input_shape = onnx_input(model)
     profile = resolve_profile(input_shape, config)
     if config.precision == "int8" and not is_quantized(model):
-        raise ValueError(f"{onnx_path}: --int8 needs an explicitly quantised (QDQ) model: run `noisyseg export quantize` first")
+        raise ValueError(
+            f"{onnx_path}: --int8 needs an explicitly quantised (QDQ) model: run `noisyseg export quantize` first"
+        )
     require_tensorrt()
     import tensorrt as trt
 
@@ -266,7 +279,14 @@ def build_engine(onnx_path: str | Path, out: str | Path, config: EngineBuildConf
     builder = trt.Builder(trt_logger)
     network, _parser = parse_onnx(builder, trt_logger, onnx_path)
     builder_config = configure_builder(builder, network, profile, config)
-    logger.info("building %s engine from %s (profile min %s opt %s max %s)", config.precision, onnx_path, profile.min, profile.opt, profile.max)
+    logger.info(
+        "building %s engine from %s (profile min %s opt %s max %s)",
+        config.precision,
+        onnx_path,
+        profile.min,
+        profile.opt,
+        profile.max,
+    )
     serialized = builder.build_serialized_network(network, builder_config)
     if serialized is None:
         raise RuntimeError(f"{onnx_path}: TensorRT failed to build the engine (see the TensorRT log above)")
@@ -299,23 +319,31 @@ def read_engine_metadata(plan_path: str | Path) -> EngineMetadata:
     """Read and validate `model.plan.json`."""
     path = plan_metadata_path(plan_path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: engine metadata missing (written beside the plan by `noisyseg export engine`)")
+        raise FileNotFoundError(
+            f"{path}: engine metadata missing (written beside the plan by `noisyseg export engine`)"
+        )
     try:
         return EngineMetadata(**json.loads(path.read_text()))
     except (TypeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: malformed engine metadata ({err})") from err
 
 
-def engine_mismatches(metadata: EngineMetadata, plan_path: Path, tensorrt_version: str, compute_capability: str) -> list[str]:
+def engine_mismatches(
+    metadata: EngineMetadata, plan_path: Path, tensorrt_version: str, compute_capability: str
+) -> list[str]:
     """Why the plan cannot run here (an empty list: it can)."""
     problems = []
     if metadata.tensorrt_version != tensorrt_version:
         problems.append(f"built with TensorRT {metadata.tensorrt_version}, this machine has {tensorrt_version}")
     if metadata.compute_capability != compute_capability:
-        problems.append(f"built for compute capability {metadata.compute_capability} ({metadata.gpu_name}), this GPU is {compute_capability}")
+        problems.append(
+            f"built for compute capability {metadata.compute_capability} ({metadata.gpu_name}), this GPU is {compute_capability}"
+        )
     actual_sha = file_sha256(plan_path)
     if metadata.plan_sha256 != actual_sha:
-        problems.append(f"plan SHA-256 {actual_sha[:12]}... does not match the metadata's {metadata.plan_sha256[:12]}...")
+        problems.append(
+            f"plan SHA-256 {actual_sha[:12]}... does not match the metadata's {metadata.plan_sha256[:12]}..."
+        )
     return problems
 
 
@@ -369,7 +397,9 @@ class TensorRTRunner:
             raise ValueError(f"{self.plan_path}: expected one input tensor, found {inputs}")
         self.input_name: str = inputs[0]
         self.input_shape: list[int | str] = list(self.engine_metadata.input_shape)
-        self.output_names: list[str] = [name for name in names if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT]
+        self.output_names: list[str] = [
+            name for name in names if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT
+        ]
         self.metadata: dict[str, str] = dict(self.engine_metadata.model_metadata)
         self.providers: list[str] = [f"TensorRT {trt.__version__} ({self.engine_metadata.precision})"]
         low, opt, high = engine.get_tensor_profile_shape(self.input_name, 0)

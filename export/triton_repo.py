@@ -70,10 +70,14 @@ def triton_tensors(values: list[onnx.ValueInfoProto], what: str) -> list[TritonT
     for value in values:
         tensor_type = value.type.tensor_type
         if tensor_type.elem_type not in TRITON_DATA_TYPES:
-            raise ValueError(f"{what} '{value.name}': element type {onnx.TensorProto.DataType.Name(tensor_type.elem_type)} has no Triton equivalent")
+            raise ValueError(
+                f"{what} '{value.name}': element type {onnx.TensorProto.DataType.Name(tensor_type.elem_type)} has no Triton equivalent"
+            )
         dims = [dim.dim_value if dim.HasField("dim_value") else -1 for dim in tensor_type.shape.dim]
         if not dims or dims[0] != -1:
-            raise ValueError(f"{what} '{value.name}': shape {dims} has no dynamic batch dimension; re-export without a fixed batch")
+            raise ValueError(
+                f"{what} '{value.name}': shape {dims} has no dynamic batch dimension; re-export without a fixed batch"
+            )
         tensors.append(TritonTensor(value.name, TRITON_DATA_TYPES[tensor_type.elem_type], dims[1:]))
     return tensors
 
@@ -149,7 +153,9 @@ def check_engine_batch(engine: Path, max_batch_size: int) -> None:
 
     largest = max(profile["max"][0] for profile in read_engine_metadata(engine).profiles)
     if max_batch_size > largest:
-        raise ValueError(f"{engine}: engine profile allows batches up to {largest}; --max-batch-size {max_batch_size} exceeds it")
+        raise ValueError(
+            f"{engine}: engine profile allows batches up to {largest}; --max-batch-size {max_batch_size} exceeds it"
+        )
 
 
 def model_name_from(path: Path) -> str:
@@ -157,7 +163,9 @@ def model_name_from(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", path.name.split(".")[0]) or "model"
 
 
-def make_triton_repo(onnx_path: str | Path, out: str | Path, engine: str | Path | None = None, config: TritonRepoConfig | None = None) -> Path:
+def make_triton_repo(
+    onnx_path: str | Path, out: str | Path, engine: str | Path | None = None, config: TritonRepoConfig | None = None
+) -> Path:
     """`noisyseg export triton-repo`: write the model directory; returns the config.pbtxt path."""
     # Imported here as onnx_export loads torch; the server imports this module for model_name_from.
     from noisyseg.export.onnx_export import read_metadata
@@ -181,7 +189,13 @@ def make_triton_repo(onnx_path: str | Path, out: str | Path, engine: str | Path 
     else:
         platform, source, filename = "onnxruntime_onnx", onnx_path, "model.onnx"
     text = TritonModelConfig(
-        name, platform, config.max_batch_size, inputs, outputs, read_metadata(model), config.max_queue_delay_microseconds
+        name,
+        platform,
+        config.max_batch_size,
+        inputs,
+        outputs,
+        read_metadata(model),
+        config.max_queue_delay_microseconds,
     ).to_pbtxt()
     # The model file first: a config without its model would make the server fail to load it.
     atomic_write_bytes(model_dir / VERSION_DIR / filename, source.read_bytes())

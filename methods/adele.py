@@ -111,7 +111,9 @@ def fit_sigma(n: int, weights: str) -> np.ndarray | None:
     return np.geomspace(1.0, 0.1, n) if weights == "reference" else None
 
 
-def fit_iou_curve(iou_history: Sequence[float | None], min_points: int = MIN_FIT_POINTS, weights: str = "equal") -> CurveFit | None:
+def fit_iou_curve(
+    iou_history: Sequence[float | None], min_points: int = MIN_FIT_POINTS, weights: str = "equal"
+) -> CurveFit | None:
     """Least-squares fit of the paper's curve to a training-IoU history (None/NaN entries skipped).
 
     The concave fit (c <= 1) unless the unbounded one is better by an F-test at `KNEE_ALPHA`.
@@ -138,7 +140,9 @@ def fit_iou_curve(iou_history: Sequence[float | None], min_points: int = MIN_FIT
     return knee if stats.f.sf(f_statistic, 1, dof) < KNEE_ALPHA else concave
 
 
-def _least_squares(epochs: np.ndarray, values: np.ndarray, c_max: float, sigma: np.ndarray | None = None) -> CurveFit | None:
+def _least_squares(
+    epochs: np.ndarray, values: np.ndarray, c_max: float, sigma: np.ndarray | None = None
+) -> CurveFit | None:
     """The bounded least-squares fit with the exponent in [0, c_max]; None (logged) on failure."""
     # Start near a saturating curve through the data: a at the highest value seen, c = 1 and b
     # from the first point, which puts the solver close to the fast-saturating shapes.
@@ -229,7 +233,9 @@ def correct_labels(
     `refuse_absent_classes`, a predicted organ must already occur in that slice's label.
     """
     if probs.dim() != 4 or labels.shape != (probs.shape[0], *probs.shape[2:]):
-        raise ValueError(f"probs (N, C, H, W) and labels (N, H, W) must agree, got {tuple(probs.shape)} and {tuple(labels.shape)}")
+        raise ValueError(
+            f"probs (N, C, H, W) and labels (N, H, W) must agree, got {tuple(probs.shape)} and {tuple(labels.shape)}"
+        )
     num_classes = probs.shape[1]
     if triggered.shape != (num_classes,):
         raise ValueError(f"triggered: expected ({num_classes},) bools, got shape {tuple(triggered.shape)}")
@@ -275,8 +281,14 @@ class TriggerState:
             return []
         pending = [c for c in range(1, self.num_classes) if self.trigger_epoch[c] is None]
         if adaptive:
-            fired = [c for c in pending if self.fits[c] is not None and fit_triggers(CurveFit(**self.fits[c]), epoch, rule.r, rule.min_rise)]
-        elif pending and correction_started(self.mean_history(), rule.r, rule.min_fit_points, rule.min_rise, rule.fit_weights):
+            fired = [
+                c
+                for c in pending
+                if self.fits[c] is not None and fit_triggers(CurveFit(**self.fits[c]), epoch, rule.r, rule.min_rise)
+            ]
+        elif pending and correction_started(
+            self.mean_history(), rule.r, rule.min_fit_points, rule.min_rise, rule.fit_weights
+        ):
             fired = pending
         else:
             fired = []
@@ -303,7 +315,9 @@ class TriggerState:
 
     def corrected_classes(self) -> list[int]:
         """The classes correction works on now: triggered and not stopped by the guard."""
-        return [c for c in range(1, self.num_classes) if self.trigger_epoch[c] is not None and self.guard_epoch[c] is None]
+        return [
+            c for c in range(1, self.num_classes) if self.trigger_epoch[c] is not None and self.guard_epoch[c] is None
+        ]
 
     def stop(self, c: int, epoch: int) -> None:
         """The guard stops class `c`'s correction for good."""
@@ -324,7 +338,12 @@ class TriggerState:
 
     def record(self) -> dict[str, Any]:
         return {
-            str(c): {"triggered": self.trigger_epoch[c] is not None, "epoch": self.trigger_epoch[c], "fit": self.fits[c], "guard_epoch": self.guard_epoch[c]}
+            str(c): {
+                "triggered": self.trigger_epoch[c] is not None,
+                "epoch": self.trigger_epoch[c],
+                "fit": self.fits[c],
+                "guard_epoch": self.guard_epoch[c],
+            }
             for c in range(1, self.num_classes)
         }
 

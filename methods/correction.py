@@ -24,7 +24,15 @@ from noisyseg.runtime.distributed import DistContext, all_gather_rows
 class LabelCorrections:
     """The label store of a run and the corrections on their way into it."""
 
-    def __init__(self, store: LabelStore, ctx: DistContext, device: torch.device, cached: bool, config: AdeleConfig, ignore_index: int) -> None:
+    def __init__(
+        self,
+        store: LabelStore,
+        ctx: DistContext,
+        device: torch.device,
+        cached: bool,
+        config: AdeleConfig,
+        ignore_index: int,
+    ) -> None:
         self.ctx, self.device, self.cached = ctx, device, cached
         self.config, self.ignore_index = config, ignore_index
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (geometry, corrected crops) not yet in the store
@@ -37,9 +45,13 @@ class LabelCorrections:
         self.labels = torch.from_numpy(store.labels).to(self.device, copy=True) if self.cached else None
 
     def correct(self, labels: torch.Tensor, probs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        return adele.correct_labels(labels, probs, classes, self.config.tau, self.config.refuse_absent_classes, self.ignore_index)
+        return adele.correct_labels(
+            labels, probs, classes, self.config.tau, self.config.refuse_absent_classes, self.ignore_index
+        )
 
-    def correct_rows(self, rows: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    def correct_rows(
+        self, rows: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor, classes: torch.Tensor
+    ) -> torch.Tensor:
         """Correct rows `rows` of the device copy from `probs`; the number of changed pixels as a
         device tensor (`sync` brings the rows into the store)."""
         corrected = self.correct(labels, probs, classes)
@@ -47,7 +59,9 @@ class LabelCorrections:
         self.labels[rows] = corrected.to(torch.uint8)
         return (corrected != labels).sum()
 
-    def correct_crops(self, geometry: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    def correct_crops(
+        self, geometry: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor, classes: torch.Tensor
+    ) -> torch.Tensor:
         """Correct a streamed batch's crops; queued on the device until `flush`."""
         corrected = self.correct(labels, probs, classes)
         self.pending.append((geometry, corrected.to(torch.uint8)))

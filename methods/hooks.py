@@ -37,7 +37,16 @@ log = logging.getLogger(__name__)
 class LabelHook:
     """The labels a run trains on, and ADELE's decisions about correcting them."""
 
-    def __init__(self, config: TrainConfig, spec: MethodSpec, corrections: LabelCorrections, annotations: LabelMaps, train_ids: list[str], class_names: list[str], workdir: str | None) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        spec: MethodSpec,
+        corrections: LabelCorrections,
+        annotations: LabelMaps,
+        train_ids: list[str],
+        class_names: list[str],
+        workdir: str | None,
+    ) -> None:
         self.config, self.spec = config, spec
         self.corrections = corrections
         self.annotations = annotations  # what the annotators drew, never modified
@@ -57,7 +66,15 @@ class LabelHook:
             return None
         return self.triggers.correction_classes(epoch, self.timing, self.config.adele.correction_every)
 
-    def correct_step(self, rows: torch.Tensor, geometry: torch.Tensor | None, target: torch.Tensor, logits_per_scale: list[torch.Tensor], scales: list[float], classes: torch.Tensor | None) -> torch.Tensor | None:
+    def correct_step(
+        self,
+        rows: torch.Tensor,
+        geometry: torch.Tensor | None,
+        target: torch.Tensor,
+        logits_per_scale: list[torch.Tensor],
+        scales: list[float],
+        classes: torch.Tensor | None,
+    ) -> torch.Tensor | None:
         """`iteration` timing: correct the step's labels from its own outputs (the corrected
         pixel count on the device), cached rows or streamed crops."""
         if classes is None or self.timing != "iteration":
@@ -70,11 +87,15 @@ class LabelHook:
             return self.corrections.correct_rows(rows, target, probs, classes)
         return self.corrections.correct_crops(geometry, target, probs, classes)
 
-    def end_epoch(self, epoch: int, train_iou: np.ndarray, stepped: int, correct_whole_images: Callable[[torch.Tensor], int]) -> int:
+    def end_epoch(
+        self, epoch: int, train_iou: np.ndarray, stepped: int, correct_whole_images: Callable[[torch.Tensor], int]
+    ) -> int:
         """Fit and trigger, the `epoch`-timing correction (`correct_whole_images(classes)`
         returns the pixels it changed over all ranks) and the guard; returns the pixels
         corrected in the epoch (`stepped` of them by the steps)."""
-        fired = self.triggers.update(epoch, train_iou, self.config.adele, detect=self.spec.correction, adaptive=self.spec.adaptive)
+        fired = self.triggers.update(
+            epoch, train_iou, self.config.adele, detect=self.spec.correction, adaptive=self.spec.adaptive
+        )
         for c in fired:
             log.info("epoch %d: label correction triggered for class %d (%s)", epoch, c, self.class_names[c])
         classes = self.correction_classes(epoch)
@@ -99,7 +120,12 @@ class LabelHook:
             restored = self.corrections.give_back(c, self.annotations)
             log.warning(
                 "epoch %d: class %d (%s) kept %d of its %d annotated pixels under correction; the guard stopped its correction and restored %d pixels",
-                epoch, c, self.class_names[c], areas[c], self.annotated_area[c], restored,
+                epoch,
+                c,
+                self.class_names[c],
+                areas[c],
+                self.annotated_area[c],
+                restored,
             )
 
     def record(self, corrected: int) -> dict[str, Any]:
@@ -142,14 +168,24 @@ class ArmHook:
         with torch.no_grad():
             weights = self.arm(centres.to(device)).float().cpu()
         right, wrong = meter.histogram()
-        return {"v": [round(float(v), 4) for v in centres], "w": [float(w) for w in weights], "pixels": right.tolist(), "pixels_wrong": wrong.tolist()}
+        return {
+            "v": [round(float(v), 4) for v in centres],
+            "w": [float(w) for w in weights],
+            "pixels": right.tolist(),
+            "pixels_wrong": wrong.tolist(),
+        }
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor]]:
         """(optimiser tensors, the optimiser's JSON entry, ARM's weights), checkpoint-keyed."""
         opt_tensors, opt_state = flatten_optimizer("arm", self.optimizer)
         return opt_tensors, opt_state, prefixed("arm", self.arm.state_dict())
 
-    def load_state_dict(self, tensors: dict[str, torch.Tensor], opt_state: dict[str, Any], load_weights: Callable[[nn.Module, dict[str, torch.Tensor], str], None]) -> None:
+    def load_state_dict(
+        self,
+        tensors: dict[str, torch.Tensor],
+        opt_state: dict[str, Any],
+        load_weights: Callable[[nn.Module, dict[str, torch.Tensor], str], None],
+    ) -> None:
         load_weights(self.arm, unprefixed("arm", tensors), "ARM")
         self.optimizer.load_state_dict(unflatten_optimizer("arm", tensors, opt_state))
 

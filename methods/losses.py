@@ -171,10 +171,14 @@ def student_t_loss(
     values = logits if logits.dtype == torch.float64 else logits.float()
     probs = torch.softmax(values, dim=1)
     # ||y - p||^2 = sum_c p_c^2 - 2 p_y + 1 for a one-hot y (no one-hot tensor is built).
-    distance = ((probs * probs).sum(dim=1) - 2.0 * probs.gather(1, safe_target.unsqueeze(1)).squeeze(1) + 1.0).clamp(min=0.0)
+    distance = ((probs * probs).sum(dim=1) - 2.0 * probs.gather(1, safe_target.unsqueeze(1)).squeeze(1) + 1.0).clamp(
+        min=0.0
+    )
     nu = torch.exp(log_nu.to(values.dtype)) + TLOSS_EPSILON
     half_sum = (nu + num_classes) / 2.0
-    normaliser = -torch.lgamma(half_sum) + torch.lgamma(nu / 2.0) + num_classes / 2.0 * (math.log(math.pi) + torch.log(nu))
+    normaliser = (
+        -torch.lgamma(half_sum) + torch.lgamma(nu / 2.0) + num_classes / 2.0 * (math.log(math.pi) + torch.log(nu))
+    )
     losses = normaliser + half_sum * torch.log1p(distance / nu)
     losses = torch.where(valid, losses, torch.zeros_like(losses))
     return _reduce(losses, valid, reduction)
@@ -239,7 +243,14 @@ def segmentation_loss(
     ARM-weighted sum through `noisyseg.kernels.arm_reweighted_loss` (ARM's confidence comes
     from the detached softmax of `logits`)."""
     losses, counted = pixel_loss(
-        name, logits, target, ignore_index, gce_q=gce_q, ohem_threshold=ohem_threshold, ohem_min_kept=ohem_min_kept, tloss=tloss
+        name,
+        logits,
+        target,
+        ignore_index,
+        gce_q=gce_q,
+        ohem_threshold=ohem_threshold,
+        ohem_min_kept=ohem_min_kept,
+        tloss=tloss,
     )
     probs = torch.softmax(logits.detach().float(), dim=1) if arm is not None else None
     return arm_reweighted_loss(losses, probs, counted, arm)

@@ -29,7 +29,9 @@ class MethodObjective(nn.Module):
         self.ignore_index = ignore_index
         self.tloss = TLoss(config.loss.tloss_log_nu) if self.spec.pixel_loss == "tloss" else None
 
-    def forward(self, logits_per_scale: list[torch.Tensor], target: torch.Tensor, arm: nn.Module | None, arm_warming_up: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, logits_per_scale: list[torch.Tensor], target: torch.Tensor, arm: nn.Module | None, arm_warming_up: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(what to backpropagate, logged terms as detached tensors). The network minimises the
         method's loss; `arm` ascends the same loss, or while `arm_warming_up` its own detached
         objective (the network then sees uniform weights)."""
@@ -44,7 +46,14 @@ class MethodObjective(nn.Module):
             terms["tloss_nu"] = self.tloss.nu.detach()
         network_loss = supervised
         if self.spec.consistency:
-            consistency = multiscale_consistency(logits_per_scale, target, self.adele.rho, self.adele.rho_mask, self.ignore_index, backend=self.loss.backend)
+            consistency = multiscale_consistency(
+                logits_per_scale,
+                target,
+                self.adele.rho,
+                self.adele.rho_mask,
+                self.ignore_index,
+                backend=self.loss.backend,
+            )
             # (sum_k CE_k + lambda L_ms) / S, method-spec section 4.
             network_loss = supervised + self.adele.lam * consistency / len(logits)
             terms["consistency"] = consistency.detach()
@@ -58,13 +67,36 @@ class MethodObjective(nn.Module):
     def pixel_loss_mean(self, logits: torch.Tensor, target: torch.Tensor, arm: nn.Module | None) -> torch.Tensor:
         if self.spec.pixel_loss == "ce":
             return arm_cross_entropy(logits, target, arm, self.ignore_index, backend=self.loss.backend)
-        return segmentation_loss(self.spec.pixel_loss, logits, target, arm, self.ignore_index, gce_q=self.loss.gce_q, ohem_threshold=self.loss.ohem_threshold, ohem_min_kept=self.loss.ohem_min_kept, tloss=self.tloss)
+        return segmentation_loss(
+            self.spec.pixel_loss,
+            logits,
+            target,
+            arm,
+            self.ignore_index,
+            gce_q=self.loss.gce_q,
+            ohem_threshold=self.loss.ohem_threshold,
+            ohem_min_kept=self.loss.ohem_min_kept,
+            tloss=self.tloss,
+        )
 
-    def arm_warmup_objective(self, logits_per_scale: list[torch.Tensor], target: torch.Tensor, arm: nn.Module) -> torch.Tensor:
+    def arm_warmup_objective(
+        self, logits_per_scale: list[torch.Tensor], target: torch.Tensor, arm: nn.Module
+    ) -> torch.Tensor:
         """ARM's objective on detached per-pixel losses: only ARM's parameters get a gradient."""
         objectives = []
         for logits in logits_per_scale:
             detached = logits.detach()
-            losses, counted = pixel_loss(self.spec.pixel_loss, detached, target, self.ignore_index, gce_q=self.loss.gce_q, ohem_threshold=self.loss.ohem_threshold, ohem_min_kept=self.loss.ohem_min_kept, tloss=self.tloss)
-            objectives.append(arm_reweighted_loss(losses.detach(), torch.softmax(detached.float(), dim=1), counted, arm))
+            losses, counted = pixel_loss(
+                self.spec.pixel_loss,
+                detached,
+                target,
+                self.ignore_index,
+                gce_q=self.loss.gce_q,
+                ohem_threshold=self.loss.ohem_threshold,
+                ohem_min_kept=self.loss.ohem_min_kept,
+                tloss=self.tloss,
+            )
+            objectives.append(
+                arm_reweighted_loss(losses.detach(), torch.softmax(detached.float(), dim=1), counted, arm)
+            )
         return torch.stack(objectives).mean()

@@ -44,14 +44,10 @@ def conv_bn_relu(
 class BasicBlock(nn.Module):
     """ResNet basic block (two 3x3 convs) with optional stride or dilation."""
 
-    def __init__(
-        self, in_channels: int, out_channels: int, stride: int = 1, dilation: int = 1
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, dilation: int = 1) -> None:
         super().__init__()
         self.conv1 = conv_bn_relu(in_channels, out_channels, stride=stride, dilation=dilation)
-        self.conv2 = nn.Conv2d(
-            out_channels, out_channels, 3, padding=dilation, dilation=dilation, bias=False
-        )
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=dilation, dilation=dilation, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_channels != out_channels:
@@ -64,9 +60,7 @@ class BasicBlock(nn.Module):
         return F.relu(self.bn2(self.conv2(self.conv1(x))) + self.shortcut(x))
 
 
-def residual_stage(
-    in_channels: int, out_channels: int, blocks: int, stride: int, dilation: int
-) -> nn.Sequential:
+def residual_stage(in_channels: int, out_channels: int, blocks: int, stride: int, dilation: int) -> nn.Sequential:
     layers = [BasicBlock(in_channels, out_channels, stride=stride, dilation=dilation)]
     layers += [BasicBlock(out_channels, out_channels, dilation=dilation) for _ in range(blocks - 1)]
     return nn.Sequential(*layers)
@@ -78,14 +72,10 @@ class ASPP(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, rates: Sequence[int]) -> None:
         super().__init__()
         self.branches = nn.ModuleList([conv_bn_relu(in_channels, out_channels, kernel_size=1)])
-        self.branches.extend(
-            conv_bn_relu(in_channels, out_channels, dilation=rate) for rate in rates
-        )
+        self.branches.extend(conv_bn_relu(in_channels, out_channels, dilation=rate) for rate in rates)
         # No BatchNorm on the pooled branch: a 1x1 map has one value per channel, which breaks
         # BatchNorm's training statistics at batch size 1.
-        self.image_pool = nn.Sequential(
-            nn.Conv2d(in_channels, out_channels, 1), nn.ReLU(inplace=True)
-        )
+        self.image_pool = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1), nn.ReLU(inplace=True))
         self.project = conv_bn_relu(out_channels * (len(rates) + 2), out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,9 +111,7 @@ class DeepLabV3PlusHead(nn.Module):
     ) -> torch.Tensor:
         """Logits at `size` from the stride-4 features and the deepest (stride 8 or 16) ones."""
         features = self.aspp(high_level)
-        features = F.interpolate(
-            features, size=low_level.shape[-2:], mode="bilinear", align_corners=False
-        )
+        features = F.interpolate(features, size=low_level.shape[-2:], mode="bilinear", align_corners=False)
         features = self.decoder(torch.cat([self.low_level_project(low_level), features], dim=1))
         logits = self.classifier(features)
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
@@ -131,9 +119,7 @@ class DeepLabV3PlusHead(nn.Module):
 
 def check_output_stride(name: str, output_stride: int) -> None:
     if output_stride not in ASPP_RATES:
-        raise ValueError(
-            f"{name}: output_stride must be one of {sorted(ASPP_RATES)}, got {output_stride}"
-        )
+        raise ValueError(f"{name}: output_stride must be one of {sorted(ASPP_RATES)}, got {output_stride}")
 
 
 class DeepLabV3Plus(DeepLabV3PlusHead):
@@ -151,25 +137,17 @@ class DeepLabV3Plus(DeepLabV3PlusHead):
         super().__init__()
         check_output_stride("deeplabv3plus", output_stride)
         if len(blocks) != 4 or min(blocks) < 1:
-            raise ValueError(
-                f"deeplabv3plus: blocks must be four positive stage depths, got {list(blocks)}"
-            )
+            raise ValueError(f"deeplabv3plus: blocks must be four positive stage depths, got {list(blocks)}")
         widths = [base_width * 2**stage for stage in range(4)]
         aspp_channels = aspp_channels or 8 * base_width
         # Stride 16: only the last stage is dilated; stride 8: the last two.
-        stage3_stride, stage3_dilation, stage4_dilation = (
-            (2, 1, 2) if output_stride == 16 else (1, 2, 4)
-        )
+        stage3_stride, stage3_dilation, stage4_dilation = (2, 1, 2) if output_stride == 16 else (1, 2, 4)
         self.stride = output_stride
-        self.stem = nn.Sequential(
-            conv_bn_relu(in_channels, widths[0], stride=2), conv_bn_relu(widths[0], widths[0])
-        )
+        self.stem = nn.Sequential(conv_bn_relu(in_channels, widths[0], stride=2), conv_bn_relu(widths[0], widths[0]))
         # Stages reach strides 4 (the decoder's low-level features), 8, then 16 or 8.
         self.layer1 = residual_stage(widths[0], widths[0], blocks[0], stride=2, dilation=1)
         self.layer2 = residual_stage(widths[0], widths[1], blocks[1], stride=2, dilation=1)
-        self.layer3 = residual_stage(
-            widths[1], widths[2], blocks[2], stage3_stride, stage3_dilation
-        )
+        self.layer3 = residual_stage(widths[1], widths[2], blocks[2], stage3_stride, stage3_dilation)
         self.layer4 = residual_stage(widths[2], widths[3], blocks[3], 1, stage4_dilation)
         self.build_head(widths[3], widths[0], aspp_channels, num_classes, output_stride)
 

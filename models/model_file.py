@@ -108,7 +108,9 @@ def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], where:
     except RuntimeError as err:
         problems = [line.strip() for line in str(err).splitlines()[1:] if line.strip()] or [str(err)]
         first = problems[0] if len(problems[0]) <= 200 else problems[0][:200] + " ..."
-        raise ValueError(f"{where}: weights do not fit the {network} network ({len(problems)} problem(s); first: {first})") from err
+        raise ValueError(
+            f"{where}: weights do not fit the {network} network ({len(problems)} problem(s); first: {first})"
+        ) from err
 
 
 def check_model_file(path: str | Path) -> Path:
@@ -151,7 +153,9 @@ def load_model(path: str | Path, map_location: str = "cpu") -> tuple[torch.nn.Mo
     # Files written before the hash existed carry none: they load unchecked, as they always did.
     expected = metadata.get(CONTENT_HASH_KEY)
     if expected is not None and content_hash(state, metadata[METADATA_KEY]) != expected:
-        raise ValueError(f"{path}: damaged model file (its weights do not match the content hash written with them); retrain or restore it")
+        raise ValueError(
+            f"{path}: damaged model file (its weights do not match the content hash written with them); retrain or restore it"
+        )
     load_weights(model, state, path, info.architecture)
     log.info("%s: %s model, %s", path, info.method, info.checkpoint_description())
     return model.eval(), info

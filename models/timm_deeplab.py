@@ -65,9 +65,7 @@ def pretrained_source(pretrained: bool | str | Path) -> bool | Path:
     )
 
 
-def create_backbone(
-    backbone: str, in_channels: int, output_stride: int, pretrained: bool | Path
-) -> nn.Module:
+def create_backbone(backbone: str, in_channels: int, output_stride: int, pretrained: bool | Path) -> nn.Module:
     """`timm.create_model(backbone, features_only=True, ...)` with weights as `pretrained` says."""
     timm = import_timm()
     kwargs: dict[str, Any] = {"features_only": True, "output_stride": output_stride, "in_chans": in_channels}
@@ -90,7 +88,9 @@ def create_backbone(
             raise _no_hub_weights(backbone, err) from err
         raise
     except TypeError as err:
-        raise ValueError(f"{NAME}: timm model '{backbone}' does not take these options {sorted(kwargs)} ({err})") from err
+        raise ValueError(
+            f"{NAME}: timm model '{backbone}' does not take these options {sorted(kwargs)} ({err})"
+        ) from err
 
 
 def _no_hub_weights(backbone: str, err: BaseException) -> ValueError:
@@ -139,4 +139,3 @@ class TimmDeepLabV3Plus(DeepLabV3PlusHead):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.backbone(x)
         return self.decode(features[self.low_level_index], features[-1], x.shape[-2:])
-

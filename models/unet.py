@@ -54,9 +54,7 @@ class Up(nn.Module):
 class UNet(nn.Module):
     """Bilinear UNet mapping (N, in_channels, H, W) to logits (N, num_classes, H, W)."""
 
-    def __init__(
-        self, in_channels: int = 1, num_classes: int = 5, base_width: int = 64, depth: int = 4
-    ) -> None:
+    def __init__(self, in_channels: int = 1, num_classes: int = 5, base_width: int = 64, depth: int = 4) -> None:
         super().__init__()
         if depth < 1:
             raise ValueError(f"unet: depth must be >= 1, got {depth}")
@@ -68,9 +66,7 @@ class UNet(nn.Module):
         # The bottleneck keeps the deepest width: bilinear upsampling adds no channels.
         self.downs = nn.ModuleList(Down(widths[i - 1], widths[i]) for i in range(1, depth))
         self.downs.append(Down(widths[-1], widths[-1]))
-        self.ups = nn.ModuleList(
-            Up(2 * widths[level], widths[max(level - 1, 0)]) for level in reversed(range(depth))
-        )
+        self.ups = nn.ModuleList(Up(2 * widths[level], widths[max(level - 1, 0)]) for level in reversed(range(depth)))
         self.classifier = nn.Conv2d(widths[0], num_classes, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,6 +81,4 @@ class UNet(nn.Module):
 
 def unet(in_channels: int = 1, num_classes: int = 5, base_width: int = 64, depth: int = 4) -> UNet:
     """The ADELE reference UNet; `base_width=8` or 16 gives a CPU-sized network."""
-    return UNet(
-        in_channels=in_channels, num_classes=num_classes, base_width=base_width, depth=depth
-    )
+    return UNet(in_channels=in_channels, num_classes=num_classes, base_width=base_width, depth=depth)

@@ -30,9 +30,7 @@ class Recipe:
 
 def recipe_names() -> list[str]:
     return sorted(
-        entry.name.removesuffix(SUFFIX)
-        for entry in resources.files(__name__).iterdir()
-        if entry.name.endswith(SUFFIX)
+        entry.name.removesuffix(SUFFIX) for entry in resources.files(__name__).iterdir() if entry.name.endswith(SUFFIX)
     )
 
 
@@ -40,9 +38,7 @@ def read_recipe(name: str) -> Recipe:
     """The recipe `name`, or ValueError listing the known ones."""
     names = recipe_names()
     if name not in names:
-        raise ValueError(
-            f"unknown recipe {name!r}; known recipes: {', '.join(names)} (noisyseg recipes lists them)"
-        )
+        raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join(names)} (noisyseg recipes lists them)")
     path = Path(str(resources.files(__name__) / f"{name}{SUFFIX}"))
     header: dict[str, str] = {}
     for line in path.read_text(encoding="utf-8").splitlines():

@@ -59,10 +59,18 @@ def coco_document(items: Iterable[tuple[int, str, np.ndarray]], class_names: Seq
                     }
                 )
     categories = [{"id": c, "name": name, "supercategory": ""} for c, name in enumerate(class_names) if c > 0]
-    return {"info": {"description": "noisyseg label review"}, "licenses": [], "images": images, "annotations": annotations, "categories": categories}
+    return {
+        "info": {"description": "noisyseg label review"},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": categories,
+    }
 
 
-def write_cvat_archive(path: Path, items: Iterable[tuple[str, np.ndarray, np.ndarray]], class_names: Sequence[str]) -> Path:
+def write_cvat_archive(
+    path: Path, items: Iterable[tuple[str, np.ndarray, np.ndarray]], class_names: Sequence[str]
+) -> Path:
     """`path` (a .zip, written atomically) from (id, display image, corrected mask) items."""
     masks = []
     with atomic_open(path) as handle, zipfile.ZipFile(handle, "w", zipfile.ZIP_DEFLATED) as archive:

@@ -78,7 +78,12 @@ def labelling_config(class_names: Sequence[str]) -> str:
     return f'<View>\n  <Image name="{TO_NAME}" value="$image" zoom="true"/>\n  <BrushLabels name="{FROM_NAME}" toName="{TO_NAME}">\n{labels}  </BrushLabels>\n</View>\n'
 
 
-def write_label_studio(directory: Path, items: Iterable[tuple[str, np.ndarray, np.ndarray, float]], class_names: Sequence[str], image_url: str = "images") -> Path:
+def write_label_studio(
+    directory: Path,
+    items: Iterable[tuple[str, np.ndarray, np.ndarray, float]],
+    class_names: Sequence[str],
+    image_url: str = "images",
+) -> Path:
     """`tasks.json`, `config.xml` and `images/` for (id, display image, corrected mask, label
     quality) items; returns the tasks file."""
     tasks = []
@@ -87,8 +92,14 @@ def write_label_studio(directory: Path, items: Iterable[tuple[str, np.ndarray, n
         score = None if np.isnan(quality) else float(quality)
         tasks.append(
             {
-                "data": {TO_NAME: f"{image_url.rstrip('/')}/{slice_id}.png", "slice_id": slice_id, "label_quality": score},
-                "predictions": [{"model_version": MODEL_VERSION, "score": score, "result": brush_results(mask, class_names)}],
+                "data": {
+                    TO_NAME: f"{image_url.rstrip('/')}/{slice_id}.png",
+                    "slice_id": slice_id,
+                    "label_quality": score,
+                },
+                "predictions": [
+                    {"model_version": MODEL_VERSION, "score": score, "result": brush_results(mask, class_names)}
+                ],
             }
         )
     atomic_write_text(directory / "config.xml", labelling_config(class_names))

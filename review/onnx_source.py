@@ -31,10 +31,14 @@ class OnnxSource(ProbabilitySource):
         allow_class_mismatch: bool = False,
     ) -> None:
         # No spinning: between two images the threads would only take the CPU from the scoring.
-        self.runner = OnnxRuntimeRunner(model, providers=["CPUExecutionProvider"], intra_op_threads=threads, allow_spinning=False)
+        self.runner = OnnxRuntimeRunner(
+            model, providers=["CPUExecutionProvider"], intra_op_threads=threads, allow_spinning=False
+        )
         outputs = [name for name in ("probs", "logits") if name in self.runner.output_names]
         if not outputs:
-            raise ValueError(f"{model}: the model returns {self.runner.output_names}; the review needs 'probs' or 'logits' (export with --output probs)")
+            raise ValueError(
+                f"{model}: the model returns {self.runner.output_names}; the review needs 'probs' or 'logits' (export with --output probs)"
+            )
         try:
             class_names = json.loads(self.runner.metadata["class_names"])
         except (KeyError, ValueError) as err:
@@ -42,10 +46,18 @@ class OnnxSource(ProbabilitySource):
         self.output = outputs[0]
         self.stride = metadata_stride(self.runner.metadata)
         options = {**(options or {}), **({"labels_root": labels} if labels else {})}
-        super().__init__(open_data(data, split, layout, options), class_names, torch.device("cpu"), allow_class_mismatch=allow_class_mismatch, model=model)
+        super().__init__(
+            open_data(data, split, layout, options),
+            class_names,
+            torch.device("cpu"),
+            allow_class_mismatch=allow_class_mismatch,
+            model=model,
+        )
 
     def probabilities(self, image: np.ndarray) -> torch.Tensor:
         height, width = image.shape[-2:]
-        out = self.runner.run(pad_to_stride(image[None].astype(np.float32), self.stride))[self.output][0, :, :height, :width]
+        out = self.runner.run(pad_to_stride(image[None].astype(np.float32), self.stride))[self.output][
+            0, :, :height, :width
+        ]
         scores = torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
         return scores if self.output == "probs" else torch.softmax(scores, dim=0)

@@ -52,8 +52,16 @@ def hex_color(rgb: tuple[int, int, int]) -> str:
 
 def legend(class_names: Sequence[str]) -> str:
     entries = [(hex_color(class_color(c)), name) for c, name in enumerate(class_names)]
-    entries += [(hex_color(IGNORE_COLOR), "unlabelled"), (hex_color(CHANGED_COLOR), "overlay: relabelled"), (hex_color(ISSUE_COLOR), "overlay: suspected, kept")]
-    return "<p class=\"legend\">" + "".join(f'<span class="swatch" style="background:{colour}"></span>{escape(name)}' for colour, name in entries) + "</p>"
+    entries += [
+        (hex_color(IGNORE_COLOR), "unlabelled"),
+        (hex_color(CHANGED_COLOR), "overlay: relabelled"),
+        (hex_color(ISSUE_COLOR), "overlay: suspected, kept"),
+    ]
+    return (
+        '<p class="legend">'
+        + "".join(f'<span class="swatch" style="background:{colour}"></span>{escape(name)}' for colour, name in entries)
+        + "</p>"
+    )
 
 
 def histogram_svg(scores: Sequence[float], cut: float | None, width: int = 480, height: int = 160) -> str:
@@ -65,19 +73,27 @@ def histogram_svg(scores: Sequence[float], cut: float | None, width: int = 480, 
     top = max(int(counts.max(initial=0)), 1)
     left, bottom, plot_w, plot_h = 40, height - 24, width - 64, height - 40
     bar_w = plot_w / HISTOGRAM_BINS
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" aria-label="histogram of label-quality scores">']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" aria-label="histogram of label-quality scores">'
+    ]
     for i, count in enumerate(counts.tolist()):
         h = plot_h * count / top
         low, high = upper * i / HISTOGRAM_BINS, upper * (i + 1) / HISTOGRAM_BINS
-        parts.append(f'<rect x="{left + i * bar_w:.1f}" y="{bottom - h:.1f}" width="{bar_w - 1:.1f}" height="{h:.1f}" fill="#4c78a8"><title>{low:.3f}-{high:.3f}: {count}</title></rect>')
+        parts.append(
+            f'<rect x="{left + i * bar_w:.1f}" y="{bottom - h:.1f}" width="{bar_w - 1:.1f}" height="{h:.1f}" fill="#4c78a8"><title>{low:.3f}-{high:.3f}: {count}</title></rect>'
+        )
     parts.append(f'<line x1="{left}" y1="{bottom}" x2="{left + plot_w}" y2="{bottom}" stroke="#333"/>')
     for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
         x = left + tick * plot_w
-        parts.append(f'<text x="{x:.1f}" y="{height - 8}" font-size="11" text-anchor="middle">{tick * upper:.3g}</text>')
+        parts.append(
+            f'<text x="{x:.1f}" y="{height - 8}" font-size="11" text-anchor="middle">{tick * upper:.3g}</text>'
+        )
     parts.append(f'<text x="{left - 6}" y="{bottom - plot_h + 10}" font-size="11" text-anchor="end">{top}</text>')
     if cut is not None and not math.isnan(cut):
         x = left + min(max(cut / upper, 0.0), 1.0) * plot_w
-        parts.append(f'<line x1="{x:.1f}" y1="{bottom - plot_h}" x2="{x:.1f}" y2="{bottom}" stroke="#d62728" stroke-dasharray="4 3"><title>worst images: score up to {cut:.3f}</title></line>')
+        parts.append(
+            f'<line x1="{x:.1f}" y1="{bottom - plot_h}" x2="{x:.1f}" y2="{bottom}" stroke="#d62728" stroke-dasharray="4 3"><title>worst images: score up to {cut:.3f}</title></line>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -87,7 +103,9 @@ def transitions_table(transitions: Sequence[Sequence[int]], class_names: Sequenc
     head = "".join(f"<th>{escape(name)}</th>" for name in class_names)
     body = []
     for g, name in enumerate(class_names):
-        cells = "".join("<td>&mdash;</td>" if g == c else f"<td>{int(transitions[g][c])}</td>" for c in range(len(class_names)))
+        cells = "".join(
+            "<td>&mdash;</td>" if g == c else f"<td>{int(transitions[g][c])}</td>" for c in range(len(class_names))
+        )
         moved = sum(int(transitions[g][c]) for c in range(len(class_names)) if c != g)
         body.append(f'<tr><th class="id">{escape(name)}</th>{cells}<td>{moved}</td></tr>')
     return f'<table class="transitions"><tr><th class="id">given \\ corrected</th>{head}<th>relabelled</th></tr>{"".join(body)}</table>'
@@ -101,8 +119,14 @@ def panel_row(rank: int, panel: Panel, class_names: Sequence[str], ignore_index:
         ("corrected", color_mask(panel.corrected, ignore_index)),
         ("difference", difference_overlay(panel.image, panel.given, panel.corrected, panel.issue)),
     ]
-    figures = "".join(f'<td><figure><img class="view" src="{data_uri(rgb)}" alt="{escape(row.slice_id)} {what}"><figcaption>{what}</figcaption></figure></td>' for what, rgb in views)
-    changes = "<br>".join(f"{escape(class_names[g])} &rarr; {escape(class_names[c])}: {n}" for g, c, n in row.changes[:4]) or "&ndash;"
+    figures = "".join(
+        f'<td><figure><img class="view" src="{data_uri(rgb)}" alt="{escape(row.slice_id)} {what}"><figcaption>{what}</figcaption></figure></td>'
+        for what, rgb in views
+    )
+    changes = (
+        "<br>".join(f"{escape(class_names[g])} &rarr; {escape(class_names[c])}: {n}" for g, c, n in row.changes[:4])
+        or "&ndash;"
+    )
     quality = "n/a" if math.isnan(row.label_quality) else f"{row.label_quality:.3f}"
     return f'<tr><td>{rank}</td><td class="id">{escape(row.slice_id)}</td><td>{quality}</td><td>{100 * row.changed_fraction:.1f}%</td><td class="id">{changes}</td>{figures}</tr>'
 
@@ -111,7 +135,11 @@ def render_page(summary: dict[str, Any], rows: Sequence[ReviewRow], panels: Sequ
     names = summary["class_names"]
     cut = panels[-1].row.label_quality if panels and summary["sort"] == "label_quality" else None
     worst = "".join(panel_row(rank, panel, names, ignore_index) for rank, panel in enumerate(panels, start=1))
-    files = " &middot; ".join(f'<a href="{escape(path)}">{escape(path)}</a>' for path in ("scores.csv", "label-studio/tasks.json", "cvat/coco.zip") if _written(summary, path))
+    files = " &middot; ".join(
+        f'<a href="{escape(path)}">{escape(path)}</a>'
+        for path in ("scores.csv", "label-studio/tasks.json", "cvat/coco.zip")
+        if _written(summary, path)
+    )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>noisyseg label review</title><style>{STYLE}</style></head>
 <body>

@@ -134,11 +134,17 @@ def review_into(source: ProbabilitySource, out: Path, options: ReviewOptions) ->
         from noisyseg.review.label_studio import write_label_studio
 
         items = ((p.row.slice_id, p.image, p.corrected, p.row.label_quality) for p in panels)
-        written["label_studio"] = str(write_label_studio(out / "label-studio", items, source.class_names, options.image_url))
+        written["label_studio"] = str(
+            write_label_studio(out / "label-studio", items, source.class_names, options.image_url)
+        )
     if "cvat" in options.formats:
         from noisyseg.review.coco import write_cvat_archive
 
-        written["cvat"] = str(write_cvat_archive(out / "cvat" / "coco.zip", ((p.row.slice_id, p.image, p.corrected) for p in panels), source.class_names))
+        written["cvat"] = str(
+            write_cvat_archive(
+                out / "cvat" / "coco.zip", ((p.row.slice_id, p.image, p.corrected) for p in panels), source.class_names
+            )
+        )
     summary: dict[str, Any] = {
         "images": len(rows),
         "top": len(worst),
@@ -167,7 +173,9 @@ def worst_first(order: str) -> Callable[[ReviewRow], tuple[bool, float]]:
     return lambda r: (math.isnan(r.label_quality), r.label_quality)
 
 
-def score_all(source: ProbabilitySource, options: ReviewOptions, mask_dirs: tuple[Path, Path] | None) -> tuple[list[ReviewRow], torch.Tensor]:
+def score_all(
+    source: ProbabilitySource, options: ReviewOptions, mask_dirs: tuple[Path, Path] | None
+) -> tuple[list[ReviewRow], torch.Tensor]:
     """The streaming pass: one row per item and the summed class transitions; with `mask_dirs`
     (issues, corrected) each item's masks written there (folders that appear whole at the end,
     so no file needs its own fsync)."""
@@ -179,15 +187,29 @@ def score_all(source: ProbabilitySource, options: ReviewOptions, mask_dirs: tupl
         transitions += review.transitions
         if mask_dirs is not None:
             issues, corrected = mask_dirs
-            write_new_file(issues / f"{item.slice_id}.png", png_bytes(review.issue.to(torch.uint8).mul_(255).cpu().numpy()))
+            write_new_file(
+                issues / f"{item.slice_id}.png", png_bytes(review.issue.to(torch.uint8).mul_(255).cpu().numpy())
+            )
             path = corrected / f"{item.slice_id}{source.mask_suffix(item.index)}"
             write_new_file(path, encode_mask(path, review.corrected.cpu().numpy()))
         rows.append(row_of(item.index, item.slice_id, review))
     return rows, transitions
 
 
-def score(source: ProbabilitySource, given: np.ndarray, probs: torch.Tensor, corrected: np.ndarray | None, options: ReviewOptions) -> ImageReview:
-    return review_image(probs, torch.from_numpy(given), source.ignore_index, options.confidence, None if corrected is None else torch.from_numpy(corrected))
+def score(
+    source: ProbabilitySource,
+    given: np.ndarray,
+    probs: torch.Tensor,
+    corrected: np.ndarray | None,
+    options: ReviewOptions,
+) -> ImageReview:
+    return review_image(
+        probs,
+        torch.from_numpy(given),
+        source.ignore_index,
+        options.confidence,
+        None if corrected is None else torch.from_numpy(corrected),
+    )
 
 
 def progress(items: Iterator[Any], total: int, quiet: bool) -> Iterator[Any]:
@@ -200,7 +222,9 @@ def row_of(index: int, slice_id: str, review: ImageReview) -> ReviewRow:
     counts = review.transitions.cpu().numpy()
     changes = [(int(g), int(c), int(counts[g, c])) for g, c in zip(*np.nonzero(counts)) if g != c]
     changes.sort(key=lambda change: -change[2])
-    return ReviewRow(index, slice_id, review.label_quality, review.changed_fraction, review.issue_fraction, review.class_iou, changes)
+    return ReviewRow(
+        index, slice_id, review.label_quality, review.changed_fraction, review.issue_fraction, review.class_iou, changes
+    )
 
 
 def number(value: float) -> str:
@@ -211,10 +235,30 @@ def scores_csv(rows: Sequence[ReviewRow], class_names: Sequence[str]) -> str:
     """`scores.csv`: rank, id, the three measures, the relabelled classes, per-class IoU."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["rank", "slice_id", "label_quality", "changed_fraction", "issue_fraction", "classes_changed", *(f"iou_{name}" for name in class_names)])
+    writer.writerow(
+        [
+            "rank",
+            "slice_id",
+            "label_quality",
+            "changed_fraction",
+            "issue_fraction",
+            "classes_changed",
+            *(f"iou_{name}" for name in class_names),
+        ]
+    )
     for rank, row in enumerate(rows, start=1):
         changed = ";".join(f"{class_names[g]}>{class_names[c]}:{n}" for g, c, n in row.changes)
-        writer.writerow([rank, row.slice_id, number(row.label_quality), number(row.changed_fraction), number(row.issue_fraction), changed, *(number(v) for v in row.class_iou)])
+        writer.writerow(
+            [
+                rank,
+                row.slice_id,
+                number(row.label_quality),
+                number(row.changed_fraction),
+                number(row.issue_fraction),
+                changed,
+                *(number(v) for v in row.class_iou),
+            ]
+        )
     return buffer.getvalue()
 
 

@@ -43,13 +43,21 @@ class ImageReview:
     transitions: torch.Tensor  # (K, K) int64 counts of given -> corrected over labelled pixels
 
 
-def review_image(probs: torch.Tensor, given: torch.Tensor, ignore_index: int, confidence: float = DEFAULT_CONFIDENCE, corrected: torch.Tensor | None = None) -> ImageReview:
+def review_image(
+    probs: torch.Tensor,
+    given: torch.Tensor,
+    ignore_index: int,
+    confidence: float = DEFAULT_CONFIDENCE,
+    corrected: torch.Tensor | None = None,
+) -> ImageReview:
     """Measures of one image from its class probabilities `probs` (K, H, W) and its given mask
     (H, W) of class ids (`ignore_index` = unlabelled). `corrected` is what the run trains on now
     (ADELE's label store); without it the correction is the prediction on the issue pixels."""
     num_classes = probs.shape[0]
     if probs.ndim != 3 or given.shape != probs.shape[1:]:
-        raise ValueError(f"review: probabilities {tuple(probs.shape)} and mask {tuple(given.shape)} must be (K, H, W) and (H, W)")
+        raise ValueError(
+            f"review: probabilities {tuple(probs.shape)} and mask {tuple(given.shape)} must be (K, H, W) and (H, W)"
+        )
     given = given.to(probs.device, torch.long)
     labelled = given != ignore_index
     if bool((given[labelled] >= num_classes).any()):
@@ -63,7 +71,9 @@ def review_image(probs: torch.Tensor, given: torch.Tensor, ignore_index: int, co
     else:
         fixed = corrected.to(probs.device, torch.long)
         if fixed.shape != given.shape:
-            raise ValueError(f"review: corrected mask {tuple(fixed.shape)} and given mask {tuple(given.shape)} differ in size")
+            raise ValueError(
+                f"review: corrected mask {tuple(fixed.shape)} and given mask {tuple(given.shape)} differ in size"
+            )
     n_labelled = max(int(labelled.sum()), 1)
     changed = labelled & (fixed != given)
     pairs = given[labelled] * num_classes + torch.where(fixed[labelled] < num_classes, fixed[labelled], given[labelled])
@@ -81,7 +91,9 @@ def review_image(probs: torch.Tensor, given: torch.Tensor, ignore_index: int, co
 
 def class_iou(given: torch.Tensor, prediction: torch.Tensor, num_classes: int) -> list[float]:
     """Per class, |given & predicted| / |given | predicted| over the pixels given (NaN: neither)."""
-    counts = torch.bincount(given * num_classes + prediction, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    counts = torch.bincount(given * num_classes + prediction, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes
+    )
     intersection = counts.diag().double()
     union = counts.sum(0).double() + counts.sum(1).double() - intersection
     return [float(i / u) if u > 0 else math.nan for i, u in zip(intersection.tolist(), union.tolist())]

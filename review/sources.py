@@ -43,7 +43,9 @@ class ProbabilitySource(ABC):
         model: str | Path = "the model",
     ) -> None:
         if len(class_names) != data.info.num_classes:
-            raise ValueError(f"{data.root}: the data has {data.info.num_classes} classes {data.info.classes}, the model {len(class_names)} {list(class_names)}")
+            raise ValueError(
+                f"{data.root}: the data has {data.info.num_classes} classes {data.info.classes}, the model {len(class_names)} {list(class_names)}"
+            )
         # Same number, other names: the model's class i would be scored as the data's class i.
         if list(class_names) != list(data.info.classes) and not allow_class_mismatch:
             raise ValueError(
@@ -88,14 +90,18 @@ class RunSource(ProbabilitySource):
     the training split's given masks are the ones the run was trained from (`--labels`), and a
     run whose method corrects labels supplies its label store as the corrected masks."""
 
-    def __init__(self, run_dir: str | Path, split: str = "train", device: str | None = None, workdir: str | Path | None = None) -> None:
+    def __init__(
+        self, run_dir: str | Path, split: str = "train", device: str | None = None, workdir: str | Path | None = None
+    ) -> None:
         from noisyseg.config import METHOD_SPECS
         from noisyseg.run.finished import open_run
 
         run = RunDir(run_dir)
         config = run.read_config()
         if not run.model_file.is_file():
-            raise FileNotFoundError(f"{run.model_file}: the run has no selected model yet (it writes one after its first epoch)")
+            raise FileNotFoundError(
+                f"{run.model_file}: the run has no selected model yet (it writes one after its first epoch)"
+            )
         finished = open_run(run_dir, device or config.device)
         data = finished.source(split, given_labels=True)
         target = finished.device
@@ -105,7 +111,13 @@ class RunSource(ProbabilitySource):
         self.store: LabelStore | None = None
         if split == "train" and METHOD_SPECS[config.method].correction:
             self.store = read_store(run, data, workdir)
-        super().__init__(data, info.class_names, target, "label store" if self.store is not None else "prediction", model=run.model_file)
+        super().__init__(
+            data,
+            info.class_names,
+            target,
+            "label store" if self.store is not None else "prediction",
+            model=run.model_file,
+        )
 
     def probabilities(self, image: np.ndarray) -> torch.Tensor:
         from noisyseg.data.folder import normalize_image

@@ -91,7 +91,9 @@ def find_checkpoint(run_dir: str | Path) -> Path | None:
     return None
 
 
-def write_checkpoint(run_dir: str | Path, tensors: dict[str, torch.Tensor], state: dict[str, Any], write_extra: Any) -> Path:
+def write_checkpoint(
+    run_dir: str | Path, tensors: dict[str, torch.Tensor], state: dict[str, Any], write_extra: Any
+) -> Path:
     """Write a checkpoint crash-safely; `write_extra(directory)` adds files (the label store)."""
     run_dir = Path(run_dir)
     final = RunDir(run_dir).checkpoint_dir
@@ -104,7 +106,15 @@ def write_checkpoint(run_dir: str | Path, tensors: dict[str, torch.Tensor], stat
         atomic_write_bytes(staging / STATE_TENSORS, payload)
         fault_point("checkpoint-write")
         write_extra(staging)
-        atomic_write_json(staging / STATE_JSON, {"format_version": FORMAT_VERSION, TENSORS_HASH: hashlib.sha256(payload).hexdigest(), RUN_ID: run_id, **state})
+        atomic_write_json(
+            staging / STATE_JSON,
+            {
+                "format_version": FORMAT_VERSION,
+                TENSORS_HASH: hashlib.sha256(payload).hexdigest(),
+                RUN_ID: run_id,
+                **state,
+            },
+        )
     except OSError:
         # A full disk, say: drop the partial staging copy; `checkpoint/` is untouched.
         shutil.rmtree(staging, ignore_errors=True)
@@ -128,11 +138,15 @@ def read_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str,
     except (OSError, ValueError) as err:
         raise ValueError(f"{directory}: unreadable checkpoint ({err})") from err
     if state.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{directory / STATE_JSON}: checkpoint format {state.get('format_version')!r}, expected {FORMAT_VERSION}")
+        raise ValueError(
+            f"{directory / STATE_JSON}: checkpoint format {state.get('format_version')!r}, expected {FORMAT_VERSION}"
+        )
     # Checkpoints written before the hash existed carry none: they are read unchecked.
     expected = state.get(TENSORS_HASH)
     if expected is not None and hashlib.sha256(payload).hexdigest() != expected:
-        raise ValueError(f"{directory / STATE_TENSORS}: damaged checkpoint tensors (their sha256 differs from the one in {STATE_JSON}); restore the file or start the run anew")
+        raise ValueError(
+            f"{directory / STATE_TENSORS}: damaged checkpoint tensors (their sha256 differs from the one in {STATE_JSON}); restore the file or start the run anew"
+        )
     try:
         tensors = load(payload)
     except Exception as err:  # safetensors raises its own error type for damaged files
@@ -150,7 +164,9 @@ def check_checkpoint_config(directory: Path, state: dict[str, Any], config: Trai
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{directory / STATE_JSON}: checkpoint without a readable configuration ({err})") from err
         if differences:
-            raise ValueError(f"{directory / STATE_JSON}: checkpoint of another configuration (differs in {', '.join(differences)}) than the run's {RunDir(config.out).config_file}; resuming it would mix two runs")
+            raise ValueError(
+                f"{directory / STATE_JSON}: checkpoint of another configuration (differs in {', '.join(differences)}) than the run's {RunDir(config.out).config_file}; resuming it would mix two runs"
+            )
     check_checkpoint_run(directory, state, RunDir(config.out))
 
 
@@ -160,13 +176,17 @@ def check_checkpoint_run(directory: Path, state: dict[str, Any], run: RunDir) ->
     would mix the two runs' files (the summary of one, the metrics and model of the other)."""
     found, expected = state.get(RUN_ID), run.run_id()
     if found != expected:
-        raise ValueError(f"{directory / STATE_JSON}: checkpoint of another run (run id {found or 'none'}, {run.config_file} has {expected or 'none'}); resuming it would mix two runs")
+        raise ValueError(
+            f"{directory / STATE_JSON}: checkpoint of another run (run id {found or 'none'}, {run.config_file} has {expected or 'none'}); resuming it would mix two runs"
+        )
     epoch = int(state["epoch"])
     recorded = run.read_metrics()[-1]["epoch"] if run.metrics_file.is_file() else 0
     # metrics.jsonl is rewritten just after each checkpoint, so a crash between the two leaves
     # it one epoch behind; anything else is another run's (or an older) checkpoint.
     if recorded not in (epoch, epoch - 1):
-        raise ValueError(f"{directory / STATE_JSON}: checkpoint after epoch {epoch}, but the run's {run.metrics_file} records epochs up to {recorded}; resuming it would mix two runs")
+        raise ValueError(
+            f"{directory / STATE_JSON}: checkpoint after epoch {epoch}, but the run's {run.metrics_file} records epochs up to {recorded}; resuming it would mix two runs"
+        )
 
 
 def rng_state(shuffle: torch.Generator, device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -183,7 +203,9 @@ def rng_state(shuffle: torch.Generator, device: torch.device) -> tuple[dict[str,
     return tensors, rest
 
 
-def restore_rng(tensors: dict[str, torch.Tensor], rest: dict[str, Any], shuffle: torch.Generator, device: torch.device) -> None:
+def restore_rng(
+    tensors: dict[str, torch.Tensor], rest: dict[str, Any], shuffle: torch.Generator, device: torch.device
+) -> None:
     """Put back what `rng_state` saved (a CPU checkpoint has no CUDA state to restore)."""
     torch.set_rng_state(tensors["rng.torch"])
     shuffle.set_state(tensors["rng.shuffle"])

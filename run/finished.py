@@ -44,7 +44,9 @@ class FinishedRun:
         return open_source(data or config.data, split, config.layout, **options)
 
 
-def open_run(path: str | Path, device: str = "auto", field: str = "--device", run_directory: bool = False) -> FinishedRun:
+def open_run(
+    path: str | Path, device: str = "auto", field: str = "--device", run_directory: bool = False
+) -> FinishedRun:
     """The model of a run directory (`model.safetensors`) or of a model file, on `device`;
     `run_directory` refuses a model file (the caller needs the run's configuration)."""
     path = Path(path)

@@ -89,7 +89,11 @@ class RunDir:
         """`config.json` of a new run: the configuration, its hash, a new run id (written into
         every checkpoint too, so that a checkpoint of another run is refused on resume) and,
         with `labels`, what is known of their origin."""
-        record: dict[str, Any] = {"config": config.to_dict(), "config_hash": config.semantic_hash(), RUN_ID: uuid.uuid4().hex}
+        record: dict[str, Any] = {
+            "config": config.to_dict(),
+            "config_hash": config.semantic_hash(),
+            RUN_ID: uuid.uuid4().hex,
+        }
         if config.labels:
             # data.py imports torch: only when a run is created, not when run files are read.
             from noisyseg.data.folder import labels_origin
@@ -115,9 +119,13 @@ class RunDir:
         if self.has_config():
             differences = config_differences(self.read_config(), config)
             if differences:
-                raise ValueError(f"{run_dir}: run directory holds a run with another configuration (differs in {', '.join(differences)}); use another --out")
+                raise ValueError(
+                    f"{run_dir}: run directory holds a run with another configuration (differs in {', '.join(differences)}); use another --out"
+                )
             if not resume:
-                raise FileExistsError(f"{run_dir}: run directory already holds this run; continue it with --resume {run_dir} or choose another --out")
+                raise FileExistsError(
+                    f"{run_dir}: run directory already holds this run; continue it with --resume {run_dir} or choose another --out"
+                )
             self.probe()
             return
         if resume:
@@ -177,14 +185,20 @@ def json_line(record: dict[str, Any]) -> str:
     return json.dumps(record, allow_nan=False, sort_keys=True)
 
 
-def build_summary(history: list[dict[str, Any]], trigger_epoch: dict[int, int | None], best_epoch: int | None) -> dict[str, Any]:
+def build_summary(
+    history: list[dict[str, Any]], trigger_epoch: dict[int, int | None], best_epoch: int | None
+) -> dict[str, Any]:
     """The `summary.json` shape: {"test_miou": {best_val,last,max}, "test_miou_fg": {...}, "trigger_epoch": {...}}."""
     by_epoch = {r["epoch"]: r for r in history}
 
     def three(key: str) -> dict[str, float | None]:
         values = [r["test"][key] for r in history if r["test"][key] is not None]
         best = by_epoch[best_epoch]["test"][key] if best_epoch in by_epoch else None
-        return {"best_val": best, "last": history[-1]["test"][key] if history else None, "max": max(values) if values else None}
+        return {
+            "best_val": best,
+            "last": history[-1]["test"][key] if history else None,
+            "max": max(values) if values else None,
+        }
 
     return {
         "test_miou": three("miou"),
@@ -198,6 +212,7 @@ def build_summary(history: list[dict[str, Any]], trigger_epoch: dict[int, int | 
 
 def config_differences(stored: TrainConfig, given: TrainConfig) -> list[str]:
     """Dotted names of the fields (other than RESUMABLE_FIELDS) whose values differ."""
+
     def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         flat: dict[str, Any] = {}
         for key, value in values.items():
@@ -217,5 +232,7 @@ def resolve_model_file(path: str | Path) -> Path:
     if path.is_dir():
         path = RunDir(path).model_file
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no model checkpoint (expected a .safetensors file or a run directory holding {MODEL_FILE})")
+        raise FileNotFoundError(
+            f"{path}: no model checkpoint (expected a .safetensors file or a run directory holding {MODEL_FILE})"
+        )
     return path

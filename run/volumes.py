@@ -97,7 +97,9 @@ def find_volumes(path: str | Path, role: Literal["image", "labels"]) -> dict[str
 # ----------------------------------------------------------------------------- prediction
 
 
-def predict_slices(model: torch.nn.Module, volume: np.ndarray, size: int, normalization: str, device: torch.device) -> np.ndarray:
+def predict_slices(
+    model: torch.nn.Module, volume: np.ndarray, size: int, normalization: str, device: torch.device
+) -> np.ndarray:
     """Class ids (Z, H, W) uint8 of a (Z, H, W) volume in raw intensities: each slice resized to
     `size` x `size`, normalised, segmented in fp32 and its labels resized back (nearest)."""
     import torch
@@ -122,7 +124,9 @@ def label_volume_bytes(labels: np.ndarray, reference: nib.spatialimages.SpatialI
     header = reference.header.copy()
     header.set_data_dtype(np.uint8)
     header.set_slope_inter(None, None)
-    image = type(reference)(np.ascontiguousarray(np.transpose(labels, (2, 1, 0)), dtype=np.uint8), reference.affine, header)
+    image = type(reference)(
+        np.ascontiguousarray(np.transpose(labels, (2, 1, 0)), dtype=np.uint8), reference.affine, header
+    )
     data = image.to_bytes()
     return gzip.compress(data, compresslevel=6, mtime=0) if compress else data
 
@@ -141,18 +145,31 @@ def training_size(run: FinishedRun, size: int | None) -> int:
             raise ValueError(f"--size: expected a positive slice size, got {size}")
         return size
     if run.config is None:
-        raise ValueError(f"{run.path}: a model file does not record the slice size it was trained at; pass --size (the `data segthor --size` of its data)")
+        raise ValueError(
+            f"{run.path}: a model file does not record the slice size it was trained at; pass --size (the `data segthor --size` of its data)"
+        )
     try:
         image = run.source("train").read_image(0)
     except (FileNotFoundError, ValueError) as err:
-        raise ValueError(f"{run.path}: cannot read the trained slice size from its data folder {run.config.data} ({err}); pass --size") from err
+        raise ValueError(
+            f"{run.path}: cannot read the trained slice size from its data folder {run.config.data} ({err}); pass --size"
+        ) from err
     height, width = image.shape[1:]
     if height != width:
-        raise ValueError(f"{run.path}: its training slices are {height} x {width}, volume slices are resized to a square; pass --size")
+        raise ValueError(
+            f"{run.path}: its training slices are {height} x {width}, volume slices are resized to a square; pass --size"
+        )
     return int(height)
 
 
-def predict_volumes(run: str | Path, source: str | Path, out_dir: str | Path, size: int | None = None, quiet: bool = False, device: str = "auto") -> list[Path]:
+def predict_volumes(
+    run: str | Path,
+    source: str | Path,
+    out_dir: str | Path,
+    size: int | None = None,
+    quiet: bool = False,
+    device: str = "auto",
+) -> list[Path]:
     """Segment every volume of `source` (a .nii/.nii.gz file or a folder, see `find_volumes`)
     into `out_dir/<input file name>`; returns the written paths."""
     from tqdm import tqdm
@@ -212,7 +229,9 @@ def match_volumes(pred: str | Path, gt: str | Path) -> tuple[list[tuple[str, Pat
     pairs = []
     for name, path in preds.items():
         if name not in gts:
-            raise FileNotFoundError(f"{path}: no ground truth for '{name}' in {gt} (looked for {name}.nii.gz and {name}/{GT_FILE})")
+            raise FileNotFoundError(
+                f"{path}: no ground truth for '{name}' in {gt} (looked for {name}.nii.gz and {name}/{GT_FILE})"
+            )
         pairs.append((name, path, gts[name]))
     return pairs, sorted(set(gts) - set(preds))
 
@@ -222,7 +241,9 @@ def score_volume(pred_path: Path, gt_path: Path, num_classes: int, ignore_index:
     pred_image, pred = read_label_volume(pred_path)
     gt_image, truth = read_label_volume(gt_path)
     if pred.shape != truth.shape:
-        raise ValueError(f"{pred_path}: prediction shape {pred_image.shape} does not match ground truth {gt_path} shape {gt_image.shape}")
+        raise ValueError(
+            f"{pred_path}: prediction shape {pred_image.shape} does not match ground truth {gt_path} shape {gt_image.shape}"
+        )
     if not np.allclose(pred_image.affine, gt_image.affine, atol=1e-3):
         log.warning("%s: affine differs from that of %s (voxels are compared as stored)", pred_path, gt_path)
     try:
@@ -231,20 +252,32 @@ def score_volume(pred_path: Path, gt_path: Path, num_classes: int, ignore_index:
         raise ValueError(f"{pred_path} vs {gt_path}: {err}") from err
 
 
-def evaluate_volumes(pred: str | Path, gt: str | Path, class_names: list[str], ignore_index: int = 255) -> dict[str, Any]:
+def evaluate_volumes(
+    pred: str | Path, gt: str | Path, class_names: list[str], ignore_index: int = 255
+) -> dict[str, Any]:
     """Per patient and class, Dice and IoU over the whole volume (3D, from its confusion
     counts), and their means over patients (a class absent from both volumes of a patient is
     left out of that class's mean). JSON-ready: NaN as None."""
     pairs, unmatched = match_volumes(pred, gt)
     if unmatched:
-        log.warning("%d ground-truth volume(s) without a prediction are not scored: %s", len(unmatched), ", ".join(unmatched))
+        log.warning(
+            "%d ground-truth volume(s) without a prediction are not scored: %s", len(unmatched), ", ".join(unmatched)
+        )
     patients, dice_rows, iou_rows = [], [], []
     for name, pred_path, gt_path in pairs:
         conf = score_volume(pred_path, gt_path, len(class_names), ignore_index)
         dice, iou = dice_per_class(conf), iou_per_class(conf)
         dice_rows.append(dice)
         iou_rows.append(iou)
-        patients.append({"patient": name, "pred": str(pred_path), "gt": str(gt_path), "dice": json_floats(dice), "iou": json_floats(iou)})
+        patients.append(
+            {
+                "patient": name,
+                "pred": str(pred_path),
+                "gt": str(gt_path),
+                "dice": json_floats(dice),
+                "iou": json_floats(iou),
+            }
+        )
     mean_dice, mean_iou = nan_mean_rows(np.array(dice_rows)), nan_mean_rows(np.array(iou_rows))
     return {
         "pred": str(pred),
@@ -281,9 +314,15 @@ def format_volume_scores(result: dict[str, Any]) -> str:
     lines = [f"{result['pred']} vs {result['gt']}"]
     for metric, label in (("dice", "Dice (%)"), ("iou", "IoU (%)")):
         lines += ["", f"{label}", header]
-        lines += [f"{p['patient']:<{width}} " + " ".join(f"{percent(v):>10}" for v in p[metric]) for p in result["patients"]]
+        lines += [
+            f"{p['patient']:<{width}} " + " ".join(f"{percent(v):>10}" for v in p[metric]) for p in result["patients"]
+        ]
         lines.append(f"{'mean':<{width}} " + " ".join(f"{percent(v):>10}" for v in result["mean"][metric]))
-    lines += ["", f"mean Dice (no bg) {percent(result['mean']['dice_no_background'])}", f"mean IoU (no bg)  {percent(result['mean']['iou_no_background'])}"]
+    lines += [
+        "",
+        f"mean Dice (no bg) {percent(result['mean']['dice_no_background'])}",
+        f"mean IoU (no bg)  {percent(result['mean']['iou_no_background'])}",
+    ]
     if result["gt_without_prediction"]:
         lines.append(f"not scored (no prediction): {', '.join(result['gt_without_prediction'])}")
     return "\n".join(lines)

@@ -31,7 +31,11 @@ def resolve_device(name: str, local_rank: int = 0, field: str = "device") -> tor
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        build = f"this torch {torch.__version__} is built without CUDA" if torch.version.cuda is None else "torch.cuda.is_available() is False (no GPU or driver visible)"
+        build = (
+            f"this torch {torch.__version__} is built without CUDA"
+            if torch.version.cuda is None
+            else "torch.cuda.is_available() is False (no GPU or driver visible)"
+        )
         raise ValueError(f"{field}: {name!r} asks for a CUDA GPU, but {build}; use --device cpu or auto")
     index = local_rank if name in ("auto", "cuda") else int(name.partition(":")[2])
     count = torch.cuda.device_count()
@@ -74,4 +78,3 @@ def resolve_precision(name: str, device: torch.device, field: str = "precision")
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"{field}: bf16 is not supported by {torch.cuda.get_device_name(device)}; use fp16 or fp32")
     return Precision(name, _DTYPES[name])
-

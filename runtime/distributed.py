@@ -76,7 +76,9 @@ class FaultSpec:
 def parse_fault_spec(text: str, rank_text: str | None = None) -> FaultSpec:
     """`checkpoint-write:2` or `checkpoint-write:2:enospc` -> FaultSpec; ValueError names the variable."""
     parts = text.split(":")
-    expected = f"POINT:N[:ACTION] with POINT one of {', '.join(FAULT_POINTS)} and ACTION one of {', '.join(FAULT_ACTIONS)}"
+    expected = (
+        f"POINT:N[:ACTION] with POINT one of {', '.join(FAULT_POINTS)} and ACTION one of {', '.join(FAULT_ACTIONS)}"
+    )
     if len(parts) not in (2, 3) or parts[0] not in FAULT_POINTS or not parts[1].isdigit() or int(parts[1]) < 1:
         raise ValueError(f"{FAULT_ENV}={text!r}: expected {expected}")
     action = parts[2] if len(parts) == 3 else "kill"
@@ -208,10 +210,21 @@ def init_distributed(backend: str = "auto", timeout_s: float = 300.0, device: st
     if not dist.is_initialized():
         try:
             # device_id binds nccl's communicator to this rank's GPU at once (None on CPU).
-            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), device_id=resolved if backend == "nccl" else None)
+            dist.init_process_group(
+                backend, timeout=timedelta(seconds=timeout_s), device_id=resolved if backend == "nccl" else None
+            )
         except dist.DistError as err:
-            raise RuntimeError(f"rank {rank} of {world_size}: could not join the {backend} process group at {endpoint} within distributed.timeout_s={timeout_s:g} s ({_first_line(err)})") from err
-    log.info("rank %d of %d (local rank %d) joined the %s process group at %s", rank, world_size, local_rank, backend, endpoint)
+            raise RuntimeError(
+                f"rank {rank} of {world_size}: could not join the {backend} process group at {endpoint} within distributed.timeout_s={timeout_s:g} s ({_first_line(err)})"
+            ) from err
+    log.info(
+        "rank %d of %d (local rank %d) joined the %s process group at %s",
+        rank,
+        world_size,
+        local_rank,
+        backend,
+        endpoint,
+    )
     return DistContext(rank, world_size, local_rank, backend, resolved, timeout_s)
 
 
@@ -390,7 +403,9 @@ def verify_agreement(ctx: DistContext, digest: str, what: str) -> None:
         dist.all_gather_object(digests, digest)
     differing = [rank for rank, other in enumerate(digests) if other != digests[0]]
     if differing:
-        raise RuntimeError(f"{ctx.describe()}: ranks {differing} disagree with rank 0 about {what} (digests {digests}); the replicas diverged, training stopped")
+        raise RuntimeError(
+            f"{ctx.describe()}: ranks {differing} disagree with rank 0 about {what} (digests {digests}); the replicas diverged, training stopped"
+        )
 
 
 def state_digest(tensors: Sequence[torch.Tensor], arrays: Sequence[np.ndarray] = (), extra: str = "") -> str:
@@ -429,9 +444,17 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     """Batch norm over the union of all ranks' batches (training mode), CPU and gloo."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, stats_out: list[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, stats_out: list[torch.Tensor]
+    ) -> torch.Tensor:
         dims = [0, *range(2, x.dim())]
-        local = torch.cat([x.sum(dims, dtype=torch.float64), (x.double() * x.double()).sum(dims), x.new_tensor([x.numel() // x.shape[1]], dtype=torch.float64)])
+        local = torch.cat(
+            [
+                x.sum(dims, dtype=torch.float64),
+                (x.double() * x.double()).sum(dims),
+                x.new_tensor([x.numel() // x.shape[1]], dtype=torch.float64),
+            ]
+        )
         dist.all_reduce(local)
         channels = x.shape[1]
         total = local[-1]
@@ -467,7 +490,13 @@ class CpuSyncBatchNorm(nn.BatchNorm2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1 and self.affine and self.track_running_stats):
+        if not (
+            self.training
+            and dist.is_initialized()
+            and dist.get_world_size() > 1
+            and self.affine
+            and self.track_running_stats
+        ):
             return super().forward(x)
         assert self.running_mean is not None and self.running_var is not None and self.num_batches_tracked is not None
         self.num_batches_tracked.add_(1)
@@ -492,7 +521,9 @@ def convert_sync_batchnorm(model: nn.Module, ctx: DistContext) -> nn.Module:
 
 def _replace_batchnorm(module: nn.Module) -> nn.Module:
     if type(module) is nn.BatchNorm2d:
-        replacement = CpuSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        replacement = CpuSyncBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
         replacement.load_state_dict(module.state_dict())
         if module.affine:
             # Keep the very Parameter objects, so optimisers built earlier still update them.

@@ -15,8 +15,26 @@ from noisyseg.runtime.distributed import FAULT_ENV, FAULT_RANK_ENV
 # minimum rise trigger at epoch 3 (the first fit), iteration timing corrects labels in epoch 4.
 # The guard is off: at tau 0.3 these settings erase most of a class, which it would undo.
 TRAIN_OPTIONS = [
-    "--method", "adele+arm", "--epochs", "4", "--batch-size", "4", "--quiet",
-    *(f"--set={o}" for o in ("model.kwargs.base_width=4", "model.kwargs.depth=2", "optim.momentum=0.9", "adele.r=0.0", "adele.min_rise=0.0", "adele.tau=0.3", "adele.guard=false", "arm.warmup_fraction=0.1")),
+    "--method",
+    "adele+arm",
+    "--epochs",
+    "4",
+    "--batch-size",
+    "4",
+    "--quiet",
+    *(
+        f"--set={o}"
+        for o in (
+            "model.kwargs.base_width=4",
+            "model.kwargs.depth=2",
+            "optim.momentum=0.9",
+            "adele.r=0.0",
+            "adele.min_rise=0.0",
+            "adele.tau=0.3",
+            "adele.guard=false",
+            "arm.warmup_fraction=0.1",
+        )
+    ),
 ]
 
 
@@ -40,7 +58,11 @@ def command(args: list[str], log_level: str = "WARNING") -> list[str]:
 
 def child_env(**extra: str) -> dict[str, str]:
     """This environment without fault or rank variables, one OpenMP thread, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if k not in (FAULT_ENV, FAULT_RANK_ENV, "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in (FAULT_ENV, FAULT_RANK_ENV, "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     return {**env, "OMP_NUM_THREADS": "1", **extra}
 
 

@@ -93,7 +93,9 @@ def fp32_tolerance(
         arm_atol = [torch.zeros_like(p, dtype=torch.float64) for p in arm.parameters()]
         if num_valid:
             for logits in logits_list:
-                for total, bound in zip(arm_atol, arm_gradient_error_bound(logits, target, arm, ignore_index, num_scales)):
+                for total, bound in zip(
+                    arm_atol, arm_gradient_error_bound(logits, target, arm, ignore_index, num_scales)
+                ):
                     total += bound
             arm_atol = [FP32_MARGIN * abs(grad_output) / num_scales * a for a in arm_atol]
     return Tolerance(rtol, rtol, rtol, logit_atol, arm_atol)

@@ -37,7 +37,9 @@ async def main(http_url: str, grpc_address: str, model: str, images: np.ndarray)
         assert await client.is_server_live() and await client.is_server_ready() and await client.is_model_ready(model)
         for binary in (True, False):
             answer = await client.infer(request(model, images, binary))
-            results.update({f"grpc-{'raw' if binary else 'contents'}.{out.name}": out.as_numpy() for out in answer.outputs})
+            results.update(
+                {f"grpc-{'raw' if binary else 'contents'}.{out.name}": out.as_numpy() for out in answer.outputs}
+            )
     return results
 
 

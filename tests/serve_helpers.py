@@ -79,4 +79,3 @@ def running_server(runtimes: list[Runtime], settings: ServerSettings | None = No
         yield server
     finally:
         server.stop()
-

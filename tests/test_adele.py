@@ -102,8 +102,14 @@ def test_reference_fit_weights_fire_early_on_noisy_slow_rises() -> None:
     # shape, equal weights never fire at epoch 5 or earlier; the reference weights do.
     (a, b, c), expected = NOISY_SHAPES["slow"]
     clean = np.array(saturating(a, b, c, expected + 9))
-    draws = [np.clip(clean + np.random.default_rng(seed).normal(0.0, 0.03, len(clean)), 0.0, 1.0).tolist() for seed in range(20)]
-    early = {weights: sum(1 for d in draws if (e := first_trigger(d, weights=weights)) is not None and e <= 5) for weights in adele.FIT_WEIGHTS}
+    draws = [
+        np.clip(clean + np.random.default_rng(seed).normal(0.0, 0.03, len(clean)), 0.0, 1.0).tolist()
+        for seed in range(20)
+    ]
+    early = {
+        weights: sum(1 for d in draws if (e := first_trigger(d, weights=weights)) is not None and e <= 5)
+        for weights in adele.FIT_WEIGHTS
+    }
     assert early["equal"] == 0 and early["reference"] >= 1, early
     # On an exact curve the weights change nothing: both recover the parameters.
     for weights in adele.FIT_WEIGHTS:
@@ -161,7 +167,9 @@ def test_missing_values_keep_their_epoch_positions() -> None:
     assert fit is not None and (fit.a, fit.b, fit.c) == pytest.approx((0.8, 0.5, 1.0), rel=1e-4)
 
 
-def test_failed_fit_never_triggers_and_is_logged(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_failed_fit_never_triggers_and_is_logged(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     def failing_solver(*args: object, **kwargs: object) -> None:
         raise RuntimeError("Optimal parameters not found: maximum number of function evaluations exceeded")
 
@@ -171,7 +179,9 @@ def test_failed_fit_never_triggers_and_is_logged(monkeypatch: pytest.MonkeyPatch
     assert "fit failed" in caplog.text
 
 
-def test_fit_with_non_finite_parameters_never_triggers(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_fit_with_non_finite_parameters_never_triggers(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setattr(adele, "curve_fit", lambda *a, **k: (np.array([0.8, np.nan, 1.0]), None))
     with caplog.at_level(logging.WARNING, logger="noisyseg.methods.adele"):
         assert not correction_started(saturating(0.8, 0.5, 1.0, 10))
@@ -213,7 +223,10 @@ def test_correction_refuses_to_add_an_organ_absent_from_the_slice_unless_disable
     probs = torch.cat([one_hot_probs([[1, 1, 0]], [[0.95, 0.95, 0.95]])] * 2)
     triggered = torch.tensor([False, True, False])
     assert correct_labels(labels, probs, triggered, tau=0.7).tolist() == [[[0, 0, 0]], [[1, 1, 0]]]
-    assert correct_labels(labels, probs, triggered, tau=0.7, refuse_absent_classes=False).tolist() == [[[1, 1, 0]], [[1, 1, 0]]]
+    assert correct_labels(labels, probs, triggered, tau=0.7, refuse_absent_classes=False).tolist() == [
+        [[1, 1, 0]],
+        [[1, 1, 0]],
+    ]
 
 
 def test_nothing_changes_while_no_class_is_triggered() -> None:

@@ -23,7 +23,15 @@ from noisyseg.data.noise import corrupt_dataset
 from noisyseg.models.model_file import METADATA_KEY, load_model
 from noisyseg.run.run_dir import resolve_model_file
 
-TINY = ["--batch-size", "4", "--quiet", "--loss-backend", "torch", "--set=model.kwargs.base_width=4", "--set=model.kwargs.depth=2"]
+TINY = [
+    "--batch-size",
+    "4",
+    "--quiet",
+    "--loss-backend",
+    "torch",
+    "--set=model.kwargs.base_width=4",
+    "--set=model.kwargs.depth=2",
+]
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
@@ -38,7 +46,9 @@ def one_line_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
     code, err = run(capsys, *argv)
     assert code == 2, err
     lines = err.rstrip("\n").split("\n")  # progress bars may come first
-    assert ": error: " in lines[-1] and "Traceback" not in err and not any(": error: " in line for line in lines[:-1]), err
+    assert (
+        ": error: " in lines[-1] and "Traceback" not in err and not any(": error: " in line for line in lines[:-1])
+    ), err
     return lines[-1]
 
 
@@ -56,7 +66,25 @@ def trained(phantom: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
     """A one-epoch baseline run on the phantom (its model.safetensors and checkpoint)."""
     data, labels = phantom
     out = tmp_path_factory.mktemp("trained") / "run"
-    assert main(["train", "--data", str(data), "--labels", str(labels), "--out", str(out), "--method", "baseline", "--epochs", "1", *TINY]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(data),
+                "--labels",
+                str(labels),
+                "--out",
+                str(out),
+                "--method",
+                "baseline",
+                "--epochs",
+                "1",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -68,14 +96,18 @@ def copy_data(data: Path, out: Path) -> Path:
 # ----------------------------------------------------------------------------- non-finite data
 
 
-def test_predict_refuses_a_non_finite_image_naming_it(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_predict_refuses_a_non_finite_image_naming_it(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     inputs = tmp_path / "in"
     inputs.mkdir()
     image = np.random.default_rng(0).normal(size=(32, 32)).astype(np.float32)
     np.save(inputs / "a.npy", image)
     image[3, 4] = np.nan
     np.save(inputs / "b.npy", image)
-    err = one_line_error(capsys, "predict", "--run", str(trained), "--input", str(inputs), "--out", str(tmp_path / "out"), "--quiet")
+    err = one_line_error(
+        capsys, "predict", "--run", str(trained), "--input", str(inputs), "--out", str(tmp_path / "out"), "--quiet"
+    )
     assert f"{inputs / 'b.npy'}: image holds 1 non-finite value" in err
     assert not (tmp_path / "out" / "b.png").exists()
 
@@ -85,7 +117,9 @@ def write_nifti(path: Path, array: np.ndarray) -> None:
     nib.save(nib.Nifti1Image(array, np.eye(4)), path)
 
 
-def test_data_segthor_and_predict_refuse_a_nan_voxel_naming_the_file(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_data_segthor_and_predict_refuse_a_nan_voxel_naming_the_file(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     root = tmp_path / "segthor"
     for index in range(3):
         name = f"Patient_{index + 1:02d}"
@@ -100,19 +134,36 @@ def test_data_segthor_and_predict_refuse_a_nan_voxel_naming_the_file(trained: Pa
     err = one_line_error(capsys, "data", "segthor", "--root", str(root), "--out", str(tmp_path / "out"), "--size", "16")
     assert f"{bad}: volume holds 1 non-finite voxel" in err
     assert not (tmp_path / "out").exists()
-    err = one_line_error(capsys, "predict", "--run", str(trained), "--input", str(bad), "--out", str(tmp_path / "pred"), "--quiet")
+    err = one_line_error(
+        capsys, "predict", "--run", str(trained), "--input", str(bad), "--out", str(tmp_path / "pred"), "--quiet"
+    )
     assert f"{bad}: volume holds 1 non-finite voxel" in err
     assert not (tmp_path / "pred").exists()
 
 
 @pytest.mark.parametrize("cache", ["true", "false"])
-def test_training_on_a_non_finite_image_names_the_file(phantom: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], cache: str) -> None:
+def test_training_on_a_non_finite_image_names_the_file(
+    phantom: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], cache: str
+) -> None:
     data = copy_data(phantom[0], tmp_path / "data")
     slice_id = read_split_ids(data, "train")[2]
     image = np.load(data / "images" / f"{slice_id}.npy")
     image[0, :3] = np.inf
     np.save(data / "images" / f"{slice_id}.npy", image)
-    err = one_line_error(capsys, "train", "--data", str(data), "--out", str(tmp_path / "run"), "--method", "baseline", "--epochs", "1", f"--set=loader.cache={cache}", *TINY)
+    err = one_line_error(
+        capsys,
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "run"),
+        "--method",
+        "baseline",
+        "--epochs",
+        "1",
+        f"--set=loader.cache={cache}",
+        *TINY,
+    )
     assert f"{data / 'images' / slice_id}.npy: image holds 3 non-finite values" in err
     if cache == "true":
         # Refused while setting up: no run is left behind that a corrected rerun would have to
@@ -123,18 +174,24 @@ def test_training_on_a_non_finite_image_names_the_file(phantom: tuple[Path, Path
 # ----------------------------------------------------------------------------- predict outputs and sizes
 
 
-def test_predict_refuses_inputs_that_would_write_the_same_mask(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_predict_refuses_inputs_that_would_write_the_same_mask(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     inputs = tmp_path / "in"
     inputs.mkdir()
     rng = np.random.default_rng(1)
     np.save(inputs / "x.npy", rng.normal(size=(32, 32)).astype(np.float32))
     Image.fromarray(rng.integers(0, 255, size=(32, 32), dtype=np.uint8)).save(inputs / "x.png")
-    err = one_line_error(capsys, "predict", "--run", str(trained), "--input", str(inputs), "--out", str(tmp_path / "out"), "--quiet")
+    err = one_line_error(
+        capsys, "predict", "--run", str(trained), "--input", str(inputs), "--out", str(tmp_path / "out"), "--quiet"
+    )
     assert f"{inputs / 'x.png'} and {inputs / 'x.npy'} would both be written as {tmp_path / 'out' / 'x.png'}" in err
     assert not (tmp_path / "out").exists()
 
 
-def test_training_images_smaller_than_the_network_takes_name_the_minimum_size(phantom: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_training_images_smaller_than_the_network_takes_name_the_minimum_size(
+    phantom: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # The default UNet (depth 4) halves its input four times: 16 pixels at least, at every scale.
     data = phantom[0]
     args = ["train", "--data", str(data), "--epochs", "1", "--batch-size", "4", "--quiet", "--loss-backend", "torch"]
@@ -142,7 +199,9 @@ def test_training_images_smaller_than_the_network_takes_name_the_minimum_size(ph
     assert "the unet network (stride 32) needs at least 32 pixels per side" in err
     assert "training images of 32x32 pixels reach it at 22x22 (scale 0.7)" in err
     assert "at least 46 pixels per side" in err
-    err = one_line_error(capsys, *args, "--out", str(tmp_path / "b"), "--method", "baseline", "--set=loader.augment.crop_size=[8,8]")
+    err = one_line_error(
+        capsys, *args, "--out", str(tmp_path / "b"), "--method", "baseline", "--set=loader.augment.crop_size=[8,8]"
+    )
     assert "the unet network (stride 16) needs at least 16 pixels per side" in err
     assert "loader.augment.crop_size [8, 8]" in err
 
@@ -150,12 +209,34 @@ def test_training_images_smaller_than_the_network_takes_name_the_minimum_size(ph
 # ----------------------------------------------------------------------------- resume
 
 
-def test_resume_refuses_a_checkpoint_of_another_configuration(phantom: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_refuses_a_checkpoint_of_another_configuration(
+    phantom: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data, labels = phantom
     runs = {}
     for seed in (0, 1):
         runs[seed] = tmp_path / f"seed{seed}"
-        assert main(["train", "--data", str(data), "--labels", str(labels), "--out", str(runs[seed]), "--method", "baseline", "--epochs", "1", "--seed", str(seed), *TINY]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--data",
+                    str(data),
+                    "--labels",
+                    str(labels),
+                    "--out",
+                    str(runs[seed]),
+                    "--method",
+                    "baseline",
+                    "--epochs",
+                    "1",
+                    "--seed",
+                    str(seed),
+                    *TINY,
+                ]
+            )
+            == 0
+        )
     # A checkpoint copied over from the seed-1 run into the seed-0 run's directory.
     shutil.rmtree(runs[0] / "checkpoint")
     shutil.copytree(runs[1] / "checkpoint", runs[0] / "checkpoint")
@@ -165,7 +246,9 @@ def test_resume_refuses_a_checkpoint_of_another_configuration(phantom: tuple[Pat
     assert tree(runs[0]) == before
 
 
-def test_resume_after_editing_the_architecture_is_one_line(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_after_editing_the_architecture_is_one_line(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(trained, run_dir)
     config_file = run_dir / "config.json"
@@ -184,7 +267,9 @@ def test_resume_after_editing_the_architecture_is_one_line(trained: Path, tmp_pa
     assert "size mismatch for" in err
 
 
-def test_train_refuses_labels_made_from_another_data_folder(phantom: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+def test_train_refuses_labels_made_from_another_data_folder(
+    phantom: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
     data, labels = phantom
     # Another data folder: the same slice ids, one clean training mask relabelled.
     other = copy_data(data, tmp_path / "other")
@@ -194,7 +279,21 @@ def test_train_refuses_labels_made_from_another_data_folder(phantom: tuple[Path,
     Image.fromarray(mask).save(mask_file)
     other_labels = tmp_path / "other_noisy"
     corrupt_dataset(other, other_labels, "erode-dilate", seed=0)
-    err = one_line_error(capsys, "train", "--data", str(data), "--labels", str(other_labels), "--out", str(tmp_path / "run"), "--method", "baseline", "--epochs", "1", *TINY)
+    err = one_line_error(
+        capsys,
+        "train",
+        "--data",
+        str(data),
+        "--labels",
+        str(other_labels),
+        "--out",
+        str(tmp_path / "run"),
+        "--method",
+        "baseline",
+        "--epochs",
+        "1",
+        *TINY,
+    )
     assert f"{other_labels / 'noise.json'}: the labels were made from {other}" in err
     assert f"whose clean training masks differ from those of {data}" in err
     # A noise.json of an older version (no fingerprint) is accepted with a warning.
@@ -203,7 +302,25 @@ def test_train_refuses_labels_made_from_another_data_folder(phantom: tuple[Path,
     del noise["clean_masks_sha256"]
     (old_labels / "noise.json").write_text(json.dumps(noise))
     with caplog.at_level(logging.WARNING, logger="noisyseg"):
-        assert main(["train", "--data", str(data), "--labels", str(old_labels), "--out", str(tmp_path / "old"), "--method", "baseline", "--epochs", "1", *TINY]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--data",
+                    str(data),
+                    "--labels",
+                    str(old_labels),
+                    "--out",
+                    str(tmp_path / "old"),
+                    "--method",
+                    "baseline",
+                    "--epochs",
+                    "1",
+                    *TINY,
+                ]
+            )
+            == 0
+        )
     assert any("no fingerprint of its source's clean masks" in r.getMessage() for r in caplog.records)
 
 
@@ -217,7 +334,9 @@ def overwrite(path: Path, offset_from_end: int, count: int = 64) -> None:
     path.write_bytes(bytes(raw))
 
 
-def test_a_damaged_model_file_is_caught_on_load(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_damaged_model_file_is_caught_on_load(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(trained, run_dir)
     model_file = run_dir / "model.safetensors"
@@ -241,7 +360,9 @@ def test_a_model_file_without_a_content_hash_still_loads(trained: Path, tmp_path
         assert torch.equal(value, other), name
 
 
-def test_a_damaged_training_checkpoint_is_caught_on_resume(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_damaged_training_checkpoint_is_caught_on_resume(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(trained, run_dir)
     overwrite(run_dir / "checkpoint" / "state.safetensors", 2048)
@@ -267,11 +388,27 @@ def save_scaled_model(path: Path, factor: float) -> None:
     save_model(path, model, ModelInfo("unet", {"base_width": 4, "depth": 2}, ["background", "a", "b"]))
 
 
-@pytest.mark.parametrize(("factor", "message"), [(float("nan"), "non-finite values"), (1e12, "beyond the plausible logit bound 1e+04")])
+@pytest.mark.parametrize(
+    ("factor", "message"), [(float("nan"), "non-finite values"), (1e12, "beyond the plausible logit bound 1e+04")]
+)
 @pytest.mark.parametrize("output", ["logits", "labels"])
-def test_export_refuses_non_finite_or_absurd_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str], factor: float, message: str, output: str) -> None:
+def test_export_refuses_non_finite_or_absurd_outputs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], factor: float, message: str, output: str
+) -> None:
     save_scaled_model(tmp_path / "model.safetensors", factor)
-    err = one_line_error(capsys, "export", "onnx", "--checkpoint", str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "m.onnx"), "--output", output, "--exporter", "torchscript")
+    err = one_line_error(
+        capsys,
+        "export",
+        "onnx",
+        "--checkpoint",
+        str(tmp_path / "model.safetensors"),
+        "--out",
+        str(tmp_path / "m.onnx"),
+        "--output",
+        output,
+        "--exporter",
+        "torchscript",
+    )
     assert f"{tmp_path / 'm.onnx'}: PyTorch logits of the sample inputs hold" in err and message in err
     assert not (tmp_path / "m.onnx").exists()
 
@@ -279,7 +416,9 @@ def test_export_refuses_non_finite_or_absurd_outputs(tmp_path: Path, capsys: pyt
 # ----------------------------------------------------------------------------- one-line errors
 
 
-def test_data_folder_errors_name_the_file(phantom: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_data_folder_errors_name_the_file(
+    phantom: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = copy_data(phantom[0], tmp_path / "data")
     description = data / "dataset.json"
     info = json.loads(description.read_text())
@@ -292,7 +431,9 @@ def test_data_folder_errors_name_the_file(phantom: tuple[Path, Path], tmp_path: 
     assert f"{description}: not UTF-8 text" in err
     config_file = tmp_path / "run.yaml"
     config_file.write_bytes(b"method: baseline\nseed: \xff\n")
-    err = one_line_error(capsys, "train", "--data", str(data), "--out", str(tmp_path / "run"), "--config", str(config_file))
+    err = one_line_error(
+        capsys, "train", "--data", str(data), "--out", str(tmp_path / "run"), "--config", str(config_file)
+    )
     assert f"{config_file}: not UTF-8 text" in err and "configuration file" in err
 
 
@@ -300,11 +441,15 @@ def test_segthor_size_must_be_positive(tmp_path: Path, capsys: pytest.CaptureFix
     root = tmp_path / "segthor"
     root.mkdir()
     for size in ("0", "-3"):
-        err = one_line_error(capsys, "data", "segthor", "--root", str(root), "--out", str(tmp_path / "out"), "--size", size)
+        err = one_line_error(
+            capsys, "data", "segthor", "--root", str(root), "--out", str(tmp_path / "out"), "--size", size
+        )
         assert f"--size: slice size must be at least 1 pixel, got {size}" in err
 
 
-def test_api_key_file_that_is_not_text_is_named(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_api_key_file_that_is_not_text_is_named(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     key_file = tmp_path / "key"
     key_file.write_bytes(b"\xff\xfe\x00secret")
     err = one_line_error(capsys, "serve", "--model", str(trained), "--api-key-file", str(key_file))

@@ -51,7 +51,9 @@ def small_dataset(root: Path, classes: list[str]) -> Path:
 # ----------------------------------------------------------------------------- layout options (items 10, 14)
 
 
-def test_data_inspect_refuses_an_unknown_option_naming_the_known_ones(cityscapes: Path, phantom: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+def test_data_inspect_refuses_an_unknown_option_naming_the_known_ones(
+    cityscapes: Path, phantom: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:  # noqa: F811
     err = one_line_error(capsys, "data", "inspect", "--data", str(cityscapes), "--option", "foo=1", "--quiet")
     assert f"cityscapes layout of {cityscapes}: unknown option(s) foo; known: annotations, eval_annotations" in err
     data = phantom[0]
@@ -59,14 +61,29 @@ def test_data_inspect_refuses_an_unknown_option_naming_the_known_ones(cityscapes
     assert f"folder layout of {data}: unknown option(s) foo; known: labels_root" in err
 
 
-def test_train_refuses_an_unknown_layout_option(cityscapes: Path, phantom: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+def test_train_refuses_an_unknown_layout_option(
+    cityscapes: Path, phantom: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:  # noqa: F811
     data = phantom[0]
     args = ["--method", "baseline", "--epochs", "1", *TINY]
     # The folder layout's in-memory path opens no source: the options are checked all the same.
-    err = one_line_error(capsys, "train", "--data", str(data), "--out", str(tmp_path / "folder"), "--set=layout_options.foo=1", *args)
+    err = one_line_error(
+        capsys, "train", "--data", str(data), "--out", str(tmp_path / "folder"), "--set=layout_options.foo=1", *args
+    )
     assert f"folder layout of {data}: unknown option(s) foo; known: labels_root" in err
-    err = one_line_error(capsys, "train", "--data", str(cityscapes), "--out", str(tmp_path / "city"), "--set=layout_options.annotation=gtCoarse", *args)
-    assert f"cityscapes layout of {cityscapes}: unknown option(s) annotation; known: annotations, eval_annotations" in err
+    err = one_line_error(
+        capsys,
+        "train",
+        "--data",
+        str(cityscapes),
+        "--out",
+        str(tmp_path / "city"),
+        "--set=layout_options.annotation=gtCoarse",
+        *args,
+    )
+    assert (
+        f"cityscapes layout of {cityscapes}: unknown option(s) annotation; known: annotations, eval_annotations" in err
+    )
     # Nothing trained: no run is left that a corrected command would have to resume.
     assert not (tmp_path / "folder" / "config.json").exists() and not (tmp_path / "city" / "config.json").exists()
 
@@ -75,64 +92,138 @@ def test_export_and_review_refuse_an_unknown_layout_option(tmp_path: Path, capsy
     data = small_dataset(tmp_path / "data", list(CLASS_NAMES))
     model = write_conv_model(tmp_path / "model.onnx", output="logits")
     expected = f"folder layout of {data}: unknown option(s) foo; known: labels_root"
-    err = one_line_error(capsys, "export", "golden", "--onnx", str(model), "--out", str(tmp_path / "golden.npz"), "--data", str(data), "--option", "foo=1")
+    err = one_line_error(
+        capsys,
+        "export",
+        "golden",
+        "--onnx",
+        str(model),
+        "--out",
+        str(tmp_path / "golden.npz"),
+        "--data",
+        str(data),
+        "--option",
+        "foo=1",
+    )
     assert expected in err and not (tmp_path / "golden.npz").exists()
-    err = one_line_error(capsys, "export", "quantize", "--onnx", str(model), "--calib-data", str(data), "--out", str(tmp_path / "q.onnx"), "--option", "foo=1")
+    err = one_line_error(
+        capsys,
+        "export",
+        "quantize",
+        "--onnx",
+        str(model),
+        "--calib-data",
+        str(data),
+        "--out",
+        str(tmp_path / "q.onnx"),
+        "--option",
+        "foo=1",
+    )
     assert expected in err and not (tmp_path / "q.onnx").exists()
-    err = one_line_error(capsys, "review", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "review"), "--option", "foo=1", "--quiet")
+    err = one_line_error(
+        capsys,
+        "review",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "review"),
+        "--option",
+        "foo=1",
+        "--quiet",
+    )
     assert expected in err and not (tmp_path / "review" / "scores.csv").exists()
 
 
 # ----------------------------------------------------------------------------- annotations the tree lacks (item 11)
 
 
-def test_inspect_names_the_annotation_folder_the_tree_lacks(cityscapes: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+def test_inspect_names_the_annotation_folder_the_tree_lacks(
+    cityscapes: Path, capsys: pytest.CaptureFixture[str]
+) -> None:  # noqa: F811
     coarse = ["data", "inspect", "--data", str(cityscapes), "--option", "annotations=gtCoarse", "--quiet"]
     # A split another annotation set simply lacks is skipped: gtCoarse holds no test masks.
-    code, _ = run(capsys, "data", "inspect", "--data", str(cityscapes), "--option", "eval_annotations=gtCoarse", "--quiet")
+    code, _ = run(
+        capsys, "data", "inspect", "--data", str(cityscapes), "--option", "eval_annotations=gtCoarse", "--quiet"
+    )
     assert code == 0
     shutil.rmtree(cityscapes / "gtCoarse" / "train")
     err = one_line_error(capsys, *coarse)
-    assert f"{cityscapes / 'gtCoarse' / 'train'}: folder not found (the masks of split 'train' with annotations=gtCoarse" in err
+    assert (
+        f"{cityscapes / 'gtCoarse' / 'train'}: folder not found (the masks of split 'train' with annotations=gtCoarse"
+        in err
+    )
     shutil.rmtree(cityscapes / "gtCoarse")
     err = one_line_error(capsys, *coarse)
     assert f"{cityscapes / 'gtCoarse' / 'train'}: folder not found" in err
-    err = one_line_error(capsys, "data", "inspect", "--data", str(cityscapes), "--option", "eval_annotations=gtCoarse", "--quiet")
+    err = one_line_error(
+        capsys, "data", "inspect", "--data", str(cityscapes), "--option", "eval_annotations=gtCoarse", "--quiet"
+    )
     assert f"{cityscapes / 'gtCoarse'}" in err and "eval_annotations=gtCoarse" in err
 
 
 # ----------------------------------------------------------------------------- review outputs and classes (items 12, 13)
 
 
-def test_review_out_below_a_regular_file_is_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_review_out_below_a_regular_file_is_refused_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     blocker = tmp_path / "notes.txt"
     blocker.write_text("a file, not a folder\n")
     out = blocker / "review"
     # The model does not even exist: the output folder is checked first.
-    err = one_line_error(capsys, "review", "--model", str(tmp_path / "missing.onnx"), "--data", str(tmp_path / "missing"), "--out", str(out), "--quiet")
+    err = one_line_error(
+        capsys,
+        "review",
+        "--model",
+        str(tmp_path / "missing.onnx"),
+        "--data",
+        str(tmp_path / "missing"),
+        "--out",
+        str(out),
+        "--quiet",
+    )
     assert f"{out}: review output folder is not writable (Not a directory); choose another --out" in err
     assert blocker.read_text() == "a file, not a folder\n"
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders: no PermissionError to provoke")
-def test_review_out_in_a_read_only_folder_is_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_review_out_in_a_read_only_folder_is_refused_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)
     try:
-        err = one_line_error(capsys, "review", "--model", str(tmp_path / "missing.onnx"), "--data", str(tmp_path / "missing"), "--out", str(locked / "review"), "--quiet")
+        err = one_line_error(
+            capsys,
+            "review",
+            "--model",
+            str(tmp_path / "missing.onnx"),
+            "--data",
+            str(tmp_path / "missing"),
+            "--out",
+            str(locked / "review"),
+            "--quiet",
+        )
     finally:
         locked.chmod(0o755)
     assert f"{locked / 'review'}: review output folder is not writable (Permission denied); choose another --out" in err
     assert not any(locked.iterdir())
 
 
-def test_review_refuses_a_model_of_other_class_names_unless_told(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_review_refuses_a_model_of_other_class_names_unless_told(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     model = write_conv_model(tmp_path / "model.onnx", output="logits")
     other = small_dataset(tmp_path / "other", ["background", "heart", "aorta"])
     review = ["review", "--model", str(model), "--format", "png", "--quiet"]
     err = one_line_error(capsys, *review, "--data", str(other), "--out", str(tmp_path / "refused"))
-    assert f"{model}: the model's classes {list(CLASS_NAMES)} are not the classes of {other} ['background', 'heart', 'aorta']" in err
+    assert (
+        f"{model}: the model's classes {list(CLASS_NAMES)} are not the classes of {other} ['background', 'heart', 'aorta']"
+        in err
+    )
     assert "--allow-class-mismatch" in err
     assert not (tmp_path / "refused" / "scores.csv").exists()
     code, err = run(capsys, *review, "--data", str(other), "--out", str(tmp_path / "allowed"), "--allow-class-mismatch")
@@ -148,10 +239,18 @@ def test_review_refuses_a_model_of_other_class_names_unless_told(tmp_path: Path,
 # ----------------------------------------------------------------------------- non-finite configuration (item 15)
 
 
-def test_non_finite_config_values_are_refused_naming_the_field(phantom: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_non_finite_config_values_are_refused_naming_the_field(
+    phantom: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = phantom[0]
     args = ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "1", *TINY]
-    cases = [("adele.lam=.nan", "adele.lam", "nan"), ("optim.lr=.inf", "optim.lr", "inf"), ("adele.scales=[1.0, -.inf]", "adele.scales[1]", "-inf"), ("arm.lr=.nan", "arm.lr", "nan"), ("optim.lr=1e999", "optim.lr", "'1e999'")]
+    cases = [
+        ("adele.lam=.nan", "adele.lam", "nan"),
+        ("optim.lr=.inf", "optim.lr", "inf"),
+        ("adele.scales=[1.0, -.inf]", "adele.scales[1]", "-inf"),
+        ("arm.lr=.nan", "arm.lr", "nan"),
+        ("optim.lr=1e999", "optim.lr", "'1e999'"),
+    ]
     for setting, field, shown in cases:
         err = one_line_error(capsys, *args, f"--set={setting}")
         assert f"config key '{field}': expected a finite number, got {shown}" in err, setting
@@ -165,14 +264,38 @@ def test_non_finite_config_values_are_refused_naming_the_field(phantom: tuple[Pa
 # ----------------------------------------------------------------------------- labels of unknown origin (item 16)
 
 
-def test_labels_without_noise_json_are_trained_with_a_warning_and_recorded_unchecked(phantom: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_labels_without_noise_json_are_trained_with_a_warning_and_recorded_unchecked(
+    phantom: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     data, labels = phantom
     own = copy_data(labels, tmp_path / "own")
     (own / "noise.json").unlink()
     out = tmp_path / "run"
     with caplog.at_level(logging.WARNING, logger="noisyseg"):
-        assert main(["train", "--data", str(data), "--labels", str(own), "--out", str(out), "--method", "baseline", "--epochs", "1", *TINY]) == 0
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "origin of these masks cannot be checked" in r.getMessage()]
+        assert (
+            main(
+                [
+                    "train",
+                    "--data",
+                    str(data),
+                    "--labels",
+                    str(own),
+                    "--out",
+                    str(out),
+                    "--method",
+                    "baseline",
+                    "--epochs",
+                    "1",
+                    *TINY,
+                ]
+            )
+            == 0
+        )
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "origin of these masks cannot be checked" in r.getMessage()
+    ]
     assert len(warnings) == 1 and warnings[0].startswith(f"{own}: no noise.json")
     assert json.loads((out / "config.json").read_text())["labels_origin"] == {"noise_file": None, "checked": False}
     # Labels that `data corrupt` made carry the fingerprint that training checks.
@@ -182,7 +305,9 @@ def test_labels_without_noise_json_are_trained_with_a_warning_and_recorded_unche
 # ----------------------------------------------------------------------------- a resume that mixes runs (item 17)
 
 
-def test_resume_refuses_a_checkpoint_of_another_run_or_epoch(phantom: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_refuses_a_checkpoint_of_another_run_or_epoch(
+    phantom: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data, labels = phantom
     args = ["train", "--data", str(data), "--labels", str(labels), "--method", "baseline", *TINY]
     short, long = tmp_path / "short", tmp_path / "long"
@@ -198,7 +323,10 @@ def test_resume_refuses_a_checkpoint_of_another_run_or_epoch(phantom: tuple[Path
     shutil.copytree(long / "checkpoint", short / "checkpoint")
     before = tree(short)
     err = one_line_error(capsys, "train", "--resume", str(short), "--epochs", "3", "--quiet")
-    assert f"{short / 'checkpoint' / 'state.json'}: checkpoint of another run" in err and f"{short / 'config.json'} has" in err
+    assert (
+        f"{short / 'checkpoint' / 'state.json'}: checkpoint of another run" in err
+        and f"{short / 'config.json'} has" in err
+    )
     assert tree(short) == before
 
     # The run's own checkpoint of epoch 1 under its metrics of epochs 1 and 2.

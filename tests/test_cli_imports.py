@@ -19,7 +19,9 @@ HEAVY = ("torch", "scipy", "numba", "onnx", "onnxruntime", "fastapi", "uvicorn")
 def imported_in_fresh_interpreter(code: str, *args: str) -> list[str]:
     """The HEAVY packages in `sys.modules` after running `code` in a new Python."""
     report = f"import json, sys; print(json.dumps([name for name in {HEAVY!r} if name in sys.modules]))"
-    result = subprocess.run([sys.executable, "-c", f"{code}\n{report}", *args], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", f"{code}\n{report}", *args], capture_output=True, text=True, check=True
+    )
     return json.loads(result.stdout.splitlines()[-1])
 
 

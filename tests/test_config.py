@@ -15,7 +15,11 @@ def test_defaults_are_the_papers_values() -> None:
     config = TrainConfig()
     assert (config.adele.lam, config.adele.rho, config.adele.r, config.adele.tau) == (1.0, 0.8, 0.9, 0.7)
     assert config.adele.scales == [1.0, 0.7, 1.5]
-    assert config.adele.correction_timing == "auto" and config.correction_timing() == "iteration" and config.adele.correction_every == 1
+    assert (
+        config.adele.correction_timing == "auto"
+        and config.correction_timing() == "iteration"
+        and config.adele.correction_every == 1
+    )
     assert config.adele.correction_prediction == "multiscale" and config.adele.refuse_absent_classes
     assert config.arm.warmup_fraction == 0.05
     assert (config.loss.gce_q, config.loss.ohem_threshold) == (0.7, 0.7)

@@ -30,7 +30,9 @@ from noisyseg.data.run_data import load_split
 CLASSES = ["background", "esophagus", "heart", "trachea", "aorta"]
 
 
-def make_folder(root: Path, ids_by_split: dict[str, list[str]], size: int = 8) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def make_folder(
+    root: Path, ids_by_split: dict[str, list[str]], size: int = 8
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """A tiny data folder with random images and masks; returns the slices written."""
     rng = np.random.default_rng(0)
     slices = {}
@@ -263,7 +265,9 @@ def test_segthor_command_prints_json(segthor_root: Path, tmp_path: Path, capsys:
     out = tmp_path / "cli"
     assert main(["data", "segthor", "--root", str(segthor_root), "--out", str(out), "--size", "8"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["slices_per_split"] == {s: len((out / "splits" / f"{s}.txt").read_text().split()) for s in ("train", "val", "test")}
+    assert summary["slices_per_split"] == {
+        s: len((out / "splits" / f"{s}.txt").read_text().split()) for s in ("train", "val", "test")
+    }
     assert summary["pixels_per_class"]["heart"] == 15 * 2 * 4
 
 

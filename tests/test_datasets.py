@@ -49,7 +49,11 @@ def label_ids(height: int, width: int) -> np.ndarray:
 
 # split -> [(city, frame, height, width)]
 CITYSCAPES_TREE = {
-    "train": [("aachen", "000000_000019", 8, 16), ("aachen", "000001_000019", 10, 12), ("bremen", "000000_000019", 6, 10)],
+    "train": [
+        ("aachen", "000000_000019", 8, 16),
+        ("aachen", "000001_000019", 10, 12),
+        ("bremen", "000000_000019", 6, 10),
+    ],
     "val": [("frankfurt", "000000_000294", 8, 16), ("lindau", "000000_000019", 12, 8)],
     "test": [("berlin", "000000_000019", 8, 16)],
 }
@@ -156,7 +160,9 @@ def test_cityscapes_read_maps_label_ids_to_training_ids(cityscapes: Path) -> Non
     assert image.dtype == np.float32 and image.shape == (3, 10, 12)
     assert image.min() >= 0 and image.max() <= 255 and image.max() > 1
     assert mask.dtype == np.uint8 and mask.shape == (10, 12)
-    expected = np.vectorize(lambda i: 255 if id2label[i].trainId in (-1, 255) or id2label[i].ignoreInEval else id2label[i].trainId)(label_ids(10, 12))
+    expected = np.vectorize(
+        lambda i: 255 if id2label[i].trainId in (-1, 255) or id2label[i].ignoreInEval else id2label[i].trainId
+    )(label_ids(10, 12))
     np.testing.assert_array_equal(mask, expected)
     assert mask[-1, 0] == id2label[ROAD].trainId == 0
     assert mask[4, 3] == id2label[CAR].trainId == 13
@@ -179,21 +185,31 @@ def test_cityscapes_coarse_for_training_fine_for_evaluation(cityscapes: Path) ->
     assert "gtFine" in val.mask_path(0).parts
     val_coarse = open_source(cityscapes, "val", annotations="gtCoarse", eval_annotations="gtCoarse")
     assert "gtCoarse" in val_coarse.mask_path(0).parts
-    with pytest.raises(ValueError, match=r"cityscapes option 'annotations': expected one of gtFine, gtCoarse, got 'gtMedium'"):
+    with pytest.raises(
+        ValueError, match=r"cityscapes option 'annotations': expected one of gtFine, gtCoarse, got 'gtMedium'"
+    ):
         open_source(cityscapes, "train", annotations="gtMedium")
 
 
 def test_cityscapes_missing_mask_is_named(cityscapes: Path) -> None:
     (cityscapes / "gtFine" / "val" / "lindau" / "lindau_000000_000019_gtFine_labelIds.png").unlink()
     source = open_source(cityscapes, "val")
-    with pytest.raises(FileNotFoundError, match=r"gtFine/val/lindau/lindau_000000_000019_gtFine_labelIds\.png: gtFine label-id mask of image lindau_000000_000019_leftImg8bit\.png not found"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"gtFine/val/lindau/lindau_000000_000019_gtFine_labelIds\.png: gtFine label-id mask of image lindau_000000_000019_leftImg8bit\.png not found",
+    ):
         source.read(source.ids.index("lindau/lindau_000000_000019"))
 
 
 def test_cityscapes_wrong_size_is_named(cityscapes: Path) -> None:
-    write_grey(cityscapes / "gtFine" / "train" / "bremen" / "bremen_000000_000019_gtFine_labelIds.png", label_ids(6, 11))
+    write_grey(
+        cityscapes / "gtFine" / "train" / "bremen" / "bremen_000000_000019_gtFine_labelIds.png", label_ids(6, 11)
+    )
     source = open_source(cityscapes, "train")
-    with pytest.raises(ValueError, match=r"bremen_000000_000019_gtFine_labelIds\.png: mask size \(6, 11\) does not match image .*bremen_000000_000019_leftImg8bit\.png size \(6, 10\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"bremen_000000_000019_gtFine_labelIds\.png: mask size \(6, 11\) does not match image .*bremen_000000_000019_leftImg8bit\.png size \(6, 10\)",
+    ):
         source.read(source.ids.index("bremen/bremen_000000_000019"))
 
 
@@ -203,15 +219,24 @@ def test_cityscapes_unknown_label_id_and_colour_mask_are_named(cityscapes: Path)
     ids[0, 1] = 77
     write_grey(path, ids)
     source = open_source(cityscapes, "val")
-    with pytest.raises(ValueError, match=r"frankfurt_000000_000294_gtFine_labelIds\.png: label id\(s\) \[77\] are not Cityscapes label ids \(expected 0\.\.33"):
+    with pytest.raises(
+        ValueError,
+        match=r"frankfurt_000000_000294_gtFine_labelIds\.png: label id\(s\) \[77\] are not Cityscapes label ids \(expected 0\.\.33",
+    ):
         source.read(0)
     write_rgb(path, 8, 16, seed=0)
-    with pytest.raises(ValueError, match=r"frankfurt_000000_000294_gtFine_labelIds\.png: .* must be a greyscale \(L\) or palette \(P\) PNG of indices, got mode RGB"):
+    with pytest.raises(
+        ValueError,
+        match=r"frankfurt_000000_000294_gtFine_labelIds\.png: .* must be a greyscale \(L\) or palette \(P\) PNG of indices, got mode RGB",
+    ):
         source.read(0)
 
 
 def test_cityscapes_missing_split_folder_is_named(cityscapes: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"gtCoarse/test: folder not found \(expected gtCoarse/test/<city>/\*_gtCoarse_labelIds\.png\)"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"gtCoarse/test: folder not found \(expected gtCoarse/test/<city>/\*_gtCoarse_labelIds\.png\)",
+    ):
         open_source(cityscapes, "test", eval_annotations="gtCoarse")
 
 
@@ -242,7 +267,13 @@ def test_voc_ids_per_split(voc: Path) -> None:
 def test_voc_palette_masks_are_read_as_class_indices(voc: Path) -> None:
     source = open_source(voc, "val")
     info = source.info
-    assert (info.num_classes, info.classes[0], info.classes[15], info.ignore_index, info.normalization) == (21, "background", "person", 255, "imagenet")
+    assert (info.num_classes, info.classes[0], info.classes[15], info.ignore_index, info.normalization) == (
+        21,
+        "background",
+        "person",
+        255,
+        "imagenet",
+    )
     image, mask = source.read(1)
     assert image.dtype == np.float32 and image.shape == (3, 6, 9)
     assert mask.dtype == np.uint8 and mask.shape == (6, 9)
@@ -284,16 +315,24 @@ def test_voc_pseudo_labels_replace_the_training_masks_only(voc: Path, tmp_path: 
 def test_voc_missing_mask_and_wrong_size_are_named(voc: Path) -> None:
     (voc / "SegmentationClass" / "2007_000042.png").unlink()
     source = open_source(voc, "val")
-    with pytest.raises(FileNotFoundError, match=r"SegmentationClass/2007_000042\.png: mask of image 2007_000042 \(listed in .*val\.txt\) not found"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"SegmentationClass/2007_000042\.png: mask of image 2007_000042 \(listed in .*val\.txt\) not found",
+    ):
         source.read(1)
     write_palette(voc / "SegmentationClass" / "2007_000033.png", voc_mask(8, 9, 1))
-    with pytest.raises(ValueError, match=r"2007_000033\.png: mask size \(8, 9\) does not match image .*JPEGImages/2007_000033\.jpg size \(8, 8\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"2007_000033\.png: mask size \(8, 9\) does not match image .*JPEGImages/2007_000033\.jpg size \(8, 8\)",
+    ):
         source.read(0)
 
 
 def test_voc_missing_image_list_and_class_out_of_range_are_named(voc: Path) -> None:
     (voc / "JPEGImages" / "2007_000039.jpg").unlink()
-    with pytest.raises(FileNotFoundError, match=r"JPEGImages/2007_000039\.jpg: image not found \(listed in .*train\.txt\)"):
+    with pytest.raises(
+        FileNotFoundError, match=r"JPEGImages/2007_000039\.jpg: image not found \(listed in .*train\.txt\)"
+    ):
         open_source(voc, "train").read(1)
     with pytest.raises(FileNotFoundError, match=r"Segmentation/test\.txt: split list file not found"):
         open_source(voc, "test")
@@ -315,7 +354,9 @@ def test_config_layout_and_options() -> None:
     assert (config.layout, config.layout_options) == ("cityscapes", {"annotations": "gtCoarse"})
     assert build_config(None, ["data=d", "out=o"]).layout == "auto"
     # The layout names belong to the readers (`data.datasets`), so run set-up checks them.
-    with pytest.raises(ValueError, match=r"config field 'layout': expected auto or one of folder, cityscapes, voc, got 'coco'"):
+    with pytest.raises(
+        ValueError, match=r"config field 'layout': expected auto or one of folder, cityscapes, voc, got 'coco'"
+    ):
         load_run_data(build_config(None, ["data=d", "out=o", "layout=coco"]))
     with pytest.raises(ValueError, match=r"config key 'layout_options': expected dict"):
         build_config(None, ["data=d", "out=o", "layout_options=[1]"])
@@ -351,7 +392,9 @@ def test_inspect_cityscapes(cityscapes: Path, capsys: pytest.CaptureFixture[str]
     assert train["pixels_per_class"] == expected
     assert train["unlabelled_fraction"] == pytest.approx(unlabelled / total)
     assert set(summary["splits"]) == {"train", "val", "test"}
-    code, coarse, _ = inspect(["--data", str(cityscapes), "--layout", "cityscapes", "--option", "annotations=gtCoarse"], capsys)
+    code, coarse, _ = inspect(
+        ["--data", str(cityscapes), "--layout", "cityscapes", "--option", "annotations=gtCoarse"], capsys
+    )
     assert code == 0 and coarse["options"] == {"annotations": "gtCoarse"}
     assert coarse["splits"]["train"]["unlabelled_fraction"] > train["unlabelled_fraction"]
 
@@ -362,7 +405,9 @@ def test_inspect_voc(voc: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert set(summary["splits"]) == {"train", "val"}
     train = summary["splits"]["train"]
     assert train["images"] == 3 and train["distinct_sizes"] == 3
-    assert train["pixels_per_class"]["person"] == sum(int((voc_mask(h, w, 15) == 15).sum()) for _, h, w in VOC_TREE["trainaug"])
+    assert train["pixels_per_class"]["person"] == sum(
+        int((voc_mask(h, w, 15) == 15).sum()) for _, h, w in VOC_TREE["trainaug"]
+    )
     assert 0 < train["unlabelled_fraction"] < 1
 
 
@@ -375,7 +420,9 @@ def test_inspect_folder_layout(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert summary["splits"]["train"]["sizes"] == {"32x32": summary["splits"]["train"]["images"]}
 
 
-def test_inspect_names_the_first_wrong_file_and_exits_non_zero(voc: Path, cityscapes: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_inspect_names_the_first_wrong_file_and_exits_non_zero(
+    voc: Path, cityscapes: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     write_palette(voc / "SegmentationClass" / "2007_000039.png", voc_mask(5, 5, 1))
     code, _, err = inspect(["--data", str(voc)], capsys)
     assert code != 0

@@ -131,13 +131,30 @@ def test_the_demo_ends_with_the_review_of_the_adele_run(demo_run: tuple[Path, st
         assert np.array_equal(read_mask(out / "review" / "corrected" / f"{slice_id}.png"), store[index])
 
 
-def test_review_of_the_exported_model_over_the_data_folder(demo_run: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_review_of_the_exported_model_over_the_data_folder(
+    demo_run: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out, _ = demo_run
     summary = json.loads((out / "summary.json").read_text())
     config = json.loads((Path(summary["methods"]["adele"]["run_dir"]) / "config.json").read_text())["config"]
     review = tmp_path / "onnx-review"
     # The file the demo exported (a later test's demo --no-export rewrites summary.json without it).
-    args = ["review", "--model", str(out / demo_module.ONNX_FILE), "--data", config["data"], "--labels", config["labels"], "--top", "3", "--format", "png,html", "--out", str(review), "--quiet"]
+    args = [
+        "review",
+        "--model",
+        str(out / demo_module.ONNX_FILE),
+        "--data",
+        config["data"],
+        "--labels",
+        config["labels"],
+        "--top",
+        "3",
+        "--format",
+        "png,html",
+        "--out",
+        str(review),
+        "--quiet",
+    ]
     assert main(args) == 0
     assert f"review page: {review / 'index.html'}" in capsys.readouterr().out
     rows = (review / "scores.csv").read_text().splitlines()

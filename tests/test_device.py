@@ -7,7 +7,9 @@ import torch
 
 from noisyseg.runtime.device import resolve_device, resolve_precision
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: torch.cuda.is_available() is False here")
+CUDA = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device: torch.cuda.is_available() is False here"
+)
 
 
 def test_auto_is_the_cpu_without_a_gpu_and_the_gpu_with_one() -> None:

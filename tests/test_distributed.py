@@ -76,7 +76,9 @@ def test_environment_errors_name_the_variable(monkeypatch: pytest.MonkeyPatch) -
         D.init_distributed("gloo", 5)
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    with pytest.raises(RuntimeError, match=r"rank 0 of 2: could not join the gloo process group .* distributed.timeout_s=2 s"):
+    with pytest.raises(
+        RuntimeError, match=r"rank 0 of 2: could not join the gloo process group .* distributed.timeout_s=2 s"
+    ):
         D.init_distributed("gloo", 2)  # rank 1 never comes
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert D.init_distributed("gloo", 5) == D.SINGLE_PROCESS
@@ -87,11 +89,15 @@ def test_environment_errors_name_the_variable(monkeypatch: pytest.MonkeyPatch) -
 
 def small_net() -> nn.Module:
     torch.manual_seed(3)
-    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2))
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2)
+    )
 
 
 def collective_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     ctx = D.init_distributed("gloo", timeout_s=60)
     generator = torch.Generator().manual_seed(0)
@@ -112,7 +118,9 @@ def collective_worker(rank: int, world: int, port: int, out: str) -> None:
     D.average_gradients(ctx, list(extra.parameters()), "test")
     result["averaged"] = extra.weight.grad.clone()
     result["counts"] = torch.from_numpy(D.all_reduce_counts(ctx, np.full((2, 2), rank + 1, dtype=np.int64), "test"))
-    rows, labels = D.all_gather_rows(ctx, np.arange(rank + 1, dtype=np.int64) + 10 * rank, np.full((rank + 1, 2, 2), rank, dtype=np.uint8), "test")
+    rows, labels = D.all_gather_rows(
+        ctx, np.arange(rank + 1, dtype=np.int64) + 10 * rank, np.full((rank + 1, 2, 2), rank, dtype=np.uint8), "test"
+    )
     result["gathered_rows"], result["gathered_labels"] = torch.from_numpy(rows), torch.from_numpy(labels)
     try:
         D.agree_on_error(ctx, ValueError("bad run dir") if rank == 1 else None, "preparing")
@@ -157,7 +165,11 @@ def test_collectives_match_the_single_process_computation(tmp_path: Path) -> Non
 # ----------------------------------------------------------------------------- torchrun training
 
 
-@pytest.mark.parametrize(("timing", "streamed"), [("iteration", False), ("epoch", False), ("iteration", True), ("epoch", True)], ids=["iteration", "epoch", "iteration-streamed", "epoch-streamed"])
+@pytest.mark.parametrize(
+    ("timing", "streamed"),
+    [("iteration", False), ("epoch", False), ("iteration", True), ("epoch", True)],
+    ids=["iteration", "epoch", "iteration-streamed", "epoch-streamed"],
+)
 def test_two_process_training_matches_the_single_process_run(tmp_path: Path, timing: str, streamed: bool) -> None:
     """torchrun, 2 gloo ranks, global batch 5 (12 slices: batches of 5, 5, 2, so shards of 3 and
     2 rows with loss weights 1.2 and 0.8, then 1 and 1), synchronised batch norm: the same
@@ -168,10 +180,29 @@ def test_two_process_training_matches_the_single_process_run(tmp_path: Path, tim
     a memory-mapped store, corrected maps exchanged between ranks at the epoch's end."""
     phantom = make_phantom(tmp_path / "phantom")
     streaming = ("--set=loader.cache=false", "--set=loader.num_workers=0") if streamed else ()
-    options = ("--batch-size", "5", "--set=distributed.sync_batchnorm=true", f"--set=adele.correction_timing={timing}", *streaming)
+    options = (
+        "--batch-size",
+        "5",
+        "--set=distributed.sync_batchnorm=true",
+        f"--set=adele.correction_timing={timing}",
+        *streaming,
+    )
     ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "noisyseg", "--log-level", "INFO"]
-    result = subprocess.run([*launcher, *train_args(phantom, ddp_out, *options)], env=child_env(), capture_output=True, timeout=200)
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "noisyseg",
+        "--log-level",
+        "INFO",
+    ]
+    result = subprocess.run(
+        [*launcher, *train_args(phantom, ddp_out, *options)], env=child_env(), capture_output=True, timeout=200
+    )
     log = result.stderr.decode()
     assert result.returncode == 0, log[-4000:]
     # Every epoch the ranks compare digests of weights, ARM, triggers and label store (a
@@ -181,7 +212,9 @@ def test_two_process_training_matches_the_single_process_run(tmp_path: Path, tim
     train(train_config_from_args(build_parser().parse_args(train_args(phantom, single_out, *options))))
 
     ddp_summary, single_summary = (json.loads((o / "summary.json").read_text()) for o in (ddp_out, single_out))
-    assert ddp_summary["trigger_epoch"] == single_summary["trigger_epoch"] and 3 in ddp_summary["trigger_epoch"].values()
+    assert (
+        ddp_summary["trigger_epoch"] == single_summary["trigger_epoch"] and 3 in ddp_summary["trigger_epoch"].values()
+    )
     ddp_state, single_state = (load_file(str(o / "checkpoint" / "state.safetensors")) for o in (ddp_out, single_out))
     assert ddp_state.keys() == single_state.keys()
     for key in (k for k in single_state if k.startswith(("model.", "arm.")) and single_state[k].is_floating_point()):
@@ -196,7 +229,10 @@ def test_two_process_training_matches_the_single_process_run(tmp_path: Path, tim
     assert np.count_nonzero(ddp_labels != single_labels) <= 1e-3 * single_labels.size
     # Label Wave's prediction changes: each rank compares its shard's rows, the maps are exchanged
     # at each epoch's end (cached); streamed under several ranks they are not measured.
-    ddp_changes, single_changes = ([json.loads(line)["prediction_change"] for line in (o / "metrics.jsonl").read_text().splitlines()] for o in (ddp_out, single_out))
+    ddp_changes, single_changes = (
+        [json.loads(line)["prediction_change"] for line in (o / "metrics.jsonl").read_text().splitlines()]
+        for o in (ddp_out, single_out)
+    )
     assert single_changes[0] is None and None not in single_changes[1:]
     if streamed:
         assert ddp_changes == [None] * len(single_changes)

@@ -100,7 +100,9 @@ def test_a_run_held_by_a_live_process_is_left_to_it(tmp_path: Path) -> None:
 
 
 def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path: Path) -> None:
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    finished = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     lock = tmp_path / ".run.lock"
     lock.write_text(finished.stdout)
     with run_lock(lock) as acquired:
@@ -110,9 +112,13 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path: Path) -> None:
 
 
 def test_results_document_holds_the_measured_numbers(finished_root: Path, tmp_path: Path) -> None:
-    out = write_results(finished_root, tmp_path / "docs" / "results.md", TINY, SPECS, [0], "noisyseg experiment --out X")
+    out = write_results(
+        finished_root, tmp_path / "docs" / "results.md", TINY, SPECS, [0], "noisyseg experiment --out X"
+    )
     text = out.read_text()
-    summaries = {s.method: json.loads((finished_root / "runs" / s.relative_dir / "summary.json").read_text()) for s in SPECS}
+    summaries = {
+        s.method: json.loads((finished_root / "runs" / s.relative_dir / "summary.json").read_text()) for s in SPECS
+    }
     for method, summary in summaries.items():
         row = next(line for line in text.splitlines() if line.startswith(f"| {method} |"))
         cells = [c.strip() for c in row.strip("|").split("|")]
@@ -124,7 +130,9 @@ def test_results_document_holds_the_measured_numbers(finished_root: Path, tmp_pa
     assert (tmp_path / "docs" / "results" / "table1_dynamics.png").is_file()
     assert (tmp_path / "docs" / "results" / "table1_adele_curves.png").is_file()
     # The ARM section: the last epoch's statistics of the arm run's own record.
-    arm_record = json.loads((finished_root / "runs" / SPECS[2].relative_dir / "metrics.jsonl").read_text().splitlines()[-1])["arm"]
+    arm_record = json.loads(
+        (finished_root / "runs" / SPECS[2].relative_dir / "metrics.jsonl").read_text().splitlines()[-1]
+    )["arm"]
     row = next(line for line in text.splitlines() if line.startswith("| table1 | arm |"))
     assert row.split("|")[7].strip() == f"{arm_epoch(arm_record).wrong_relative_weight:.2f}"
     assert (tmp_path / "docs" / "results" / "arm_table1_arm.png").is_file()
@@ -148,18 +156,37 @@ def test_mean_std_formats_percentages() -> None:
 def test_experiment_plans() -> None:
     assert len(experiment_runs("table1", [0, 1, 2], [0])) == 27  # 6 methods and 3 rivals
     ladder = experiment_runs("ladder", [7, 8], [0, 3])
-    names = ["baseline-ms", "adele-correction", "adele-consistency", "adele", "tloss", "baseline-ms@loader.augment.label_elastic=true", "adele@loader.augment.label_elastic=true"]
+    names = [
+        "baseline-ms",
+        "adele-correction",
+        "adele-consistency",
+        "adele",
+        "tloss",
+        "baseline-ms@loader.augment.label_elastic=true",
+        "adele@loader.augment.label_elastic=true",
+    ]
     # Seed-major: a first seed over every level finishes before the next seed starts. Level 0
     # (no noise) has its seeds train differently seeded networks; noisy levels train seed 0.
-    assert [(s.name, s.noise.level, s.noise.seed) for s in ladder] == [(m, level, seed) for seed in (7, 8) for level in (0, 3) for m in names]
+    assert [(s.name, s.noise.level, s.noise.seed) for s in ladder] == [
+        (m, level, seed) for seed in (7, 8) for level in (0, 3) for m in names
+    ]
     assert [s.noise.training_seed for s in ladder if s.name == "adele"] == [7, 0, 8, 0]
     # Checkpoints are chosen on noisy validation masks unless asked otherwise (the earlier runs' names).
-    assert ladder[0].relative_dir == Path("ladder/erode-dilate-L0-s7-noisyval/baseline-ms") and ladder[0].noise.splits == ("train", "val")
-    assert experiment_runs("ladder", [7], [0], noisy_val=False)[0].relative_dir == Path("ladder/erode-dilate-L0-s7/baseline-ms")
+    assert ladder[0].relative_dir == Path("ladder/erode-dilate-L0-s7-noisyval/baseline-ms") and ladder[
+        0
+    ].noise.splits == ("train", "val")
+    assert experiment_runs("ladder", [7], [0], noisy_val=False)[0].relative_dir == Path(
+        "ladder/erode-dilate-L0-s7/baseline-ms"
+    )
     assert {s.architecture for s in experiment_runs("coarse", [0], [])} == {"deeplabv3plus"}
     study = experiment_runs("armstudy", [0], [])
     assert [s.relative_dir.name for s in study] == [
-        "baseline", "arm", "arm@arm.lr=0.01", "arm@arm.warmup_fraction=0.2", "arm@arm.momentum=0.0", "baseline@seed=1",
+        "baseline",
+        "arm",
+        "arm@arm.lr=0.01",
+        "arm@arm.warmup_fraction=0.2",
+        "arm@arm.momentum=0.0",
+        "baseline@seed=1",
     ]
 
 
@@ -167,13 +194,34 @@ def test_a_variant_run_trains_with_its_overrides(tmp_path: Path) -> None:
     spec = RunSpec("armstudy", "arm", NoiseSpec("coarse"), "unet", ("arm.lr=0.01",))
     trainer = RecordingConfigs()
     run_experiments(tmp_path, [spec], TINY, trainer)
-    assert [(c.method, c.arm.lr, c.out) for c in trainer.configs] == [("arm", 0.01, str(tmp_path / "runs" / spec.relative_dir))]
+    assert [(c.method, c.arm.lr, c.out) for c in trainer.configs] == [
+        ("arm", 0.01, str(tmp_path / "runs" / spec.relative_dir))
+    ]
     trainer.configs.clear()
     # The ARM paper's setting trains under its multi-step policy, the study under a constant lr.
-    run_experiments(tmp_path, [RunSpec("coarse", "arm", NoiseSpec("coarse"), "unet"), RunSpec("armstudy", "baseline", NoiseSpec("coarse"), "unet", ("seed=1",))], TINY, trainer)
-    assert [(c.method, c.seed, c.optim.schedule) for c in trainer.configs] == [("arm", 0, "multistep"), ("baseline", 1, "constant")]
+    run_experiments(
+        tmp_path,
+        [
+            RunSpec("coarse", "arm", NoiseSpec("coarse"), "unet"),
+            RunSpec("armstudy", "baseline", NoiseSpec("coarse"), "unet", ("seed=1",)),
+        ],
+        TINY,
+        trainer,
+    )
+    assert [(c.method, c.seed, c.optim.schedule) for c in trainer.configs] == [
+        ("arm", 0, "multistep"),
+        ("baseline", 1, "constant"),
+    ]
     trainer.configs.clear()
-    run_experiments(tmp_path, [RunSpec("ladder", "adele", NoiseSpec(level=0, seed=2)), RunSpec("ladder", "adele", NoiseSpec(level=1, seed=2))], TINY, trainer)
+    run_experiments(
+        tmp_path,
+        [
+            RunSpec("ladder", "adele", NoiseSpec(level=0, seed=2)),
+            RunSpec("ladder", "adele", NoiseSpec(level=1, seed=2)),
+        ],
+        TINY,
+        trainer,
+    )
     assert [c.seed for c in trainer.configs] == [2, 0]
 
 
@@ -186,13 +234,19 @@ class RecordingConfigs:
     def __call__(self, config, resume):
         self.configs.append(config)
         return None
+
     with pytest.raises(ValueError, match="unknown experiment 'table9'"):
         experiment_runs("table9", [0], [0])
 
 
 def fake_result(method: str, seed: int, per_class: list[float | None]) -> RunResult:
     summary = {"test_miou": {"best_val": 0.5, "last": 0.5, "max": 0.5}}
-    return RunResult(RunSpec("ladder", method, NoiseSpec(level=4, seed=seed)), summary, [{"test": {"per_class_iou": per_class}}], None)
+    return RunResult(
+        RunSpec("ladder", method, NoiseSpec(level=4, seed=seed)),
+        summary,
+        [{"test": {"per_class_iou": per_class}}],
+        None,
+    )
 
 
 def test_erased_classes_compare_with_the_same_settings_baseline() -> None:
@@ -203,7 +257,9 @@ def test_erased_classes_compare_with_the_same_settings_baseline() -> None:
         fake_result("adele", 1, [0.97, 0.25, 0.81, 0.06]),  # nothing below 5
         fake_result("adele-correction", 0, [0.97, 0.0, 0.0, 0.0]),  # not a method the target covers
     ]
-    assert erased_classes(results, ["bg", "a", "b", "c"]) == ["ladder/erode-dilate-L4-s0-noisyval/adele: a 4.0 (baseline-ms 30.0)"]
+    assert erased_classes(results, ["bg", "a", "b", "c"]) == [
+        "ladder/erode-dilate-L4-s0-noisyval/adele: a 4.0 (baseline-ms 30.0)"
+    ]
 
 
 def test_arm_statistics_on_a_hand_made_record() -> None:
@@ -228,6 +284,7 @@ def test_correction_table_scores_the_label_store_against_the_clean_masks(finishe
     store = LabelStore.load(checkpoint, data.train_labels, data.train_ids)
     store.update(np.array([0]), [np.full_like(store.maps[0], 2)])  # a correction: the first slice all heart
     store.save(checkpoint)
+
     # The reference: the mask files themselves, read with Pillow, and IoU by hand.
     def masks(folder: str) -> np.ndarray:
         return np.stack([np.array(Image.open(Path(folder) / "masks" / f"{i}.png")) for i in data.train_ids])
@@ -235,6 +292,7 @@ def test_correction_table_scores_the_label_store_against_the_clean_masks(finishe
     clean, given = masks(config.data), masks(config.labels)
     corrected = given.copy()
     corrected[0] = 2
+
     def iou(labels: np.ndarray, c: int) -> float:
         return np.count_nonzero((labels == c) & (clean == c)) / np.count_nonzero((labels == c) | (clean == c))
 
@@ -244,20 +302,38 @@ def test_correction_table_scores_the_label_store_against_the_clean_masks(finishe
     assert quality["corrected"] == pytest.approx([iou(corrected, c) for c in range(1, 5)])
     assert quality["corrected"][1] < quality["given"][1]  # the heart's labels got worse
     row = quality_row("table1 ref, adele", [quality], [{"2": 7}])
-    assert row.split("|")[4].strip() == f"{100 * quality['given'][1]:.0f} → {100 * quality['corrected'][1]:.0f} (1/1: 7)"
+    assert (
+        row.split("|")[4].strip() == f"{100 * quality['given'][1]:.0f} → {100 * quality['corrected'][1]:.0f} (1/1: 7)"
+    )
 
 
 def test_methods_option_picks_a_variant_by_its_run_name(tmp_path: Path) -> None:
     from noisyseg.cli import main
 
-    args = ["experiment", "--out", str(tmp_path), "--experiments", "armstudy", "--seeds", "0", "--epochs", "1", "--patients", "5", "--size", "32"]
+    args = [
+        "experiment",
+        "--out",
+        str(tmp_path),
+        "--experiments",
+        "armstudy",
+        "--seeds",
+        "0",
+        "--epochs",
+        "1",
+        "--patients",
+        "5",
+        "--size",
+        "32",
+    ]
     assert main([*args, "--methods", "baseline@seed=1", "--results", str(tmp_path / "results.md")]) == 0
     trained = sorted(p.parent.name for p in (tmp_path / "runs" / "armstudy").glob("*/*/summary.json"))
     assert trained == ["baseline@seed=1"]
     assert RunDir(tmp_path / "runs" / "armstudy" / "coarse-ref-s0-noisyval" / "baseline@seed=1").read_config().seed == 1
 
 
-def test_runs_select_on_noisy_validation_masks_and_the_document_shows_what_a_user_gets(finished_root: Path, tmp_path: Path) -> None:
+def test_runs_select_on_noisy_validation_masks_and_the_document_shows_what_a_user_gets(
+    finished_root: Path, tmp_path: Path
+) -> None:
     labels = data_paths(finished_root, TINY, NoiseSpec(seed=0))[1]
     noise = json.loads((labels / "noise.json").read_text())
     assert noise["splits"] == ["train", "val"] and "annotation_miou" in noise["val"]
@@ -275,7 +351,9 @@ def test_runs_select_on_noisy_validation_masks_and_the_document_shows_what_a_use
     baseline = json.loads((finished_root / "runs" / SPECS[0].relative_dir / "summary.json").read_text())["test_miou_at"]
     row = next(line for line in lines if line.startswith("| Table 1 | baseline-ms | 1 |") and "met" in line)
     noisy_cell = row.strip("|").split("|")[3].strip()
-    assert noisy_cell.startswith(f"{100 * (baseline['noisy-val'] - baseline['clean-val']):+.1f} / {100 * (baseline['noisy-val'] - baseline['last']):+.1f}")
+    assert noisy_cell.startswith(
+        f"{100 * (baseline['noisy-val'] - baseline['clean-val']):+.1f} / {100 * (baseline['noisy-val'] - baseline['last']):+.1f}"
+    )
     assert not any(line.startswith("| Table 1 | arm | 1 |") and "met" in line for line in lines)
     assert any(line.startswith("- Table 1: adele at least 5 points above baseline-ms") for line in lines)
 
@@ -290,7 +368,10 @@ def test_the_rivals_train_on_the_ladder(tmp_path: Path) -> None:
     assert configs["tloss"].method == "tloss" and not configs["tloss"].loader.augment.label_elastic
     for name in ("baseline-ms@loader.augment.label_elastic=true", "adele@loader.augment.label_elastic=true"):
         assert configs[name].loader.augment.label_elastic and configs[name].correction_timing() == "epoch"
-    records = [json.loads(line) for line in (tmp_path / "runs" / specs[0].relative_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line)
+        for line in (tmp_path / "runs" / specs[0].relative_dir / "metrics.jsonl").read_text().splitlines()
+    ]
     assert "tloss_nu" in records[-1]["loss"] and "val_noisy" in records[-1]
     text = write_results(tmp_path, tmp_path / "results.md", TINY, specs, [2], "noisyseg experiment").read_text()
     for spec in specs:

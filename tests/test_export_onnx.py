@@ -36,7 +36,11 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory):
     torch.manual_seed(0)
     model = create_model("unet", base_width=8)
     path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
-    save_model(path, model, ModelInfo("unet", {"base_width": 8}, CLASSES, method="adele+arm", extra={"epoch": 7, "selection": "noisy-val"}))
+    save_model(
+        path,
+        model,
+        ModelInfo("unet", {"base_width": 8}, CLASSES, method="adele+arm", extra={"epoch": 7, "selection": "noisy-val"}),
+    )
     return path
 
 
@@ -176,7 +180,9 @@ def test_tracing_on_a_missing_gpu_is_refused_before_anything_is_written(checkpoi
     assert not (tmp_path / "m.onnx").exists()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: torch.cuda.is_available() is False here")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device: torch.cuda.is_available() is False here"
+)
 def test_tracing_on_the_gpu_exports_a_graph_that_matches_pytorch_on_the_cpu(checkpoint, tmp_path) -> None:
     out = tmp_path / "cuda.onnx"
     export_checkpoint(checkpoint, out, ExportConfig(device="cuda", exporter="torchscript"))
@@ -193,8 +199,25 @@ def run_cli(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> int:
 
 def test_export_onnx_command_labels_static(checkpoint, tmp_path, monkeypatch, capsys) -> None:
     out = tmp_path / "cli.onnx"
-    code = run_cli(monkeypatch, ["export", "onnx", "--checkpoint", str(checkpoint.parent), "--out", str(out),
-                                 "--output", "labels", "--static", "64x96", "--exporter", "torchscript", "--opset", "17"])
+    code = run_cli(
+        monkeypatch,
+        [
+            "export",
+            "onnx",
+            "--checkpoint",
+            str(checkpoint.parent),
+            "--out",
+            str(out),
+            "--output",
+            "labels",
+            "--static",
+            "64x96",
+            "--exporter",
+            "torchscript",
+            "--opset",
+            "17",
+        ],
+    )
     assert code == 0 and "argmax agreement 100.0000%" in capsys.readouterr().out
     model = onnx.load(str(out))
     assert model.opset_import[0].version == 17 and tensorrt_compatibility_problems(model) == []

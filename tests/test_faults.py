@@ -66,7 +66,9 @@ def checkpoint_epoch(run_dir: Path) -> int:
 def kill_at_random_time(args: list[str], rng: random.Random) -> None:
     """Start training, wait for its first training log line, SIGKILL it a random moment later
     (at most 0.5 s: well before the two or more epochs left in every trial that uses this)."""
-    process = subprocess.Popen(command(args, log_level="INFO"), env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command(args, log_level="INFO"), env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     assert process.stderr is not None
     seen = []
     for line in process.stderr:
@@ -79,25 +81,38 @@ def kill_at_random_time(args: list[str], rng: random.Random) -> None:
     assert process.returncode == -signal.SIGKILL, "".join(seen) + rest
 
 
-def test_killed_at_exact_and_random_moments_resume_to_the_uninterrupted_result(phantom: tuple[Path, Path], reference: Path, tmp_path: Path) -> None:
+def test_killed_at_exact_and_random_moments_resume_to_the_uninterrupted_result(
+    phantom: tuple[Path, Path], reference: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "run"
     rng = random.Random(7)
     # Each entry: one process; a fault point (its N-th visit in that process) or a random-time
     # kill. Random kills come where at least two epochs remain; `label-store-update` happens in
     # epoch 4 only, `checkpoint-swap` / `label-store-write` then hit epoch 4's checkpoint.
-    trials = ["random", "checkpoint-write:2", "random", "label-store-update:1", "checkpoint-swap:1", "label-store-write:1"]
+    trials = [
+        "random",
+        "checkpoint-write:2",
+        "random",
+        "label-store-update:1",
+        "checkpoint-swap:1",
+        "label-store-write:1",
+    ]
     epochs_seen = []
     for index, trial in enumerate(trials):
         args = train_args(phantom, out) if index == 0 else ["train", "--resume", str(out), "--quiet"]
         if trial == "random":
             kill_at_random_time(args, rng)
         else:
-            result = subprocess.run(command(args), env=child_env(**{FAULT_ENV: trial}), capture_output=True, timeout=180)
+            result = subprocess.run(
+                command(args), env=child_env(**{FAULT_ENV: trial}), capture_output=True, timeout=180
+            )
             assert result.returncode == -signal.SIGKILL, f"{trial}: {result.stderr.decode()}"
         assert_nothing_corrupt(out)
         epochs_seen.append(checkpoint_epoch(out))
     assert epochs_seen == sorted(epochs_seen), "a kill never loses a complete checkpoint"
-    final = subprocess.run(command(["train", "--resume", str(out), "--quiet"]), env=child_env(), capture_output=True, timeout=180)
+    final = subprocess.run(
+        command(["train", "--resume", str(out), "--quiet"]), env=child_env(), capture_output=True, timeout=180
+    )
     assert final.returncode == 0, final.stderr.decode()
     assert_nothing_corrupt(out)
     expected = load_file(str(reference / "checkpoint" / "state.safetensors"))
@@ -112,7 +127,13 @@ def test_killed_at_exact_and_random_moments_resume_to_the_uninterrupted_result(p
     assert [r["epoch"] for r in records] == [1, 2, 3, 4] and records[-1]["labels_changed_fraction"] > 0
 
 
-def test_full_disk_during_a_checkpoint_stops_cleanly_and_keeps_the_last_one(phantom: tuple[Path, Path], reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_full_disk_during_a_checkpoint_stops_cleanly_and_keeps_the_last_one(
+    phantom: tuple[Path, Path],
+    reference: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     out = tmp_path / "run"
     monkeypatch.setenv(FAULT_ENV, "label-store-write:3:enospc")  # the epoch-3 checkpoint
     assert main(train_args(phantom, out)) == 2
@@ -127,7 +148,9 @@ def test_full_disk_during_a_checkpoint_stops_cleanly_and_keeps_the_last_one(phan
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
-def test_unwritable_run_directory_is_refused_before_training(phantom: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unwritable_run_directory_is_refused_before_training(
+    phantom: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # Tests run as root, where chmod does not stop writes: a path below a regular file cannot
     # be created by anyone.
     blocker = tmp_path / "file"
@@ -141,7 +164,9 @@ def test_unwritable_run_directory_is_refused_before_training(phantom: tuple[Path
 
 
 @pytest.mark.parametrize("fault", ["killed", "stalled"])
-def test_a_lost_rank_stops_the_others_with_a_clear_error(phantom: tuple[Path, Path], tmp_path: Path, fault: str) -> None:
+def test_a_lost_rank_stops_the_others_with_a_clear_error(
+    phantom: tuple[Path, Path], tmp_path: Path, fault: str
+) -> None:
     """Two ranks started as torchrun would. `killed`: rank 1 SIGKILLs itself at its 3rd training
     step (its sockets close, rank 0 fails at once); `stalled`: rank 1 is stopped (SIGSTOP) after
     the first checkpoint and never answers, so rank 0 fails when the collective times out."""
@@ -152,7 +177,12 @@ def test_a_lost_rank_stops_the_others_with_a_clear_error(phantom: tuple[Path, Pa
     if fault == "killed":
         common.update({FAULT_ENV: "train-step:3", FAULT_RANK_ENV: "1"})
     ranks = [
-        subprocess.Popen(args, env=child_env(**common, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        subprocess.Popen(
+            args,
+            env=child_env(**common, RANK=str(r), LOCAL_RANK=str(r)),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         for r in range(2)
     ]
     try:

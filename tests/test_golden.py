@@ -29,7 +29,12 @@ def onnx_model(tmp_path_factory: pytest.TempPathFactory):
     torch.manual_seed(0)
     kwargs = {"base_width": 4, "depth": 3}
     path = tmp_path_factory.mktemp("golden") / "model.onnx"
-    export_model(create_model("unet", **kwargs).eval(), ModelInfo("unet", kwargs, list("abcde")), path, ExportConfig(exporter="torchscript"))
+    export_model(
+        create_model("unet", **kwargs).eval(),
+        ModelInfo("unet", kwargs, list("abcde")),
+        path,
+        ExportConfig(exporter="torchscript"),
+    )
     return path
 
 
@@ -94,7 +99,9 @@ def test_check_command_exit_codes(onnx_model, tmp_path, monkeypatch, capsys) -> 
     meta, inputs, _ = load_golden(golden)
     assert inputs[0].shape == (1, 1, 32, 32) and meta["cases"] == 1
     report = tmp_path / "check.json"
-    assert cli.main(["export", "check", "--model", str(onnx_model), "--golden", str(golden), "--report", str(report)]) == 0
+    assert (
+        cli.main(["export", "check", "--model", str(onnx_model), "--golden", str(golden), "--report", str(report)]) == 0
+    )
     assert "PASSED" in capsys.readouterr().out and json.loads(report.read_text())["passed"] is True
     perturbed = tmp_path / "perturbed.onnx"
     perturbed_copy(onnx_model, perturbed, scale=0.5)

@@ -58,9 +58,7 @@ def test_the_field_is_smoothed_noise_scaled_by_alpha() -> None:
     np.testing.assert_allclose(dx2, 2 * dx)
     # Uniform noise of sd 1/sqrt(3) smoothed by a 2D Gaussian of sd 4 keeps sd 1/(sqrt(3) 2 sqrt(pi) 4).
     assert np.std(dx) == pytest.approx(30.0 / (np.sqrt(3) * 2 * np.sqrt(np.pi) * 4.0), rel=0.25)
-    assert (
-        abs(np.corrcoef(dx[:, :-1].ravel(), dx[:, 1:].ravel())[0, 1]) > 0.9
-    )  # smooth: neighbours agree
+    assert abs(np.corrcoef(dx[:, :-1].ravel(), dx[:, 1:].ravel())[0, 1]) > 0.9  # smooth: neighbours agree
 
 
 def test_deformation_is_seeded_keeps_the_classes_and_moves_only_boundaries() -> None:
@@ -72,12 +70,8 @@ def test_deformation_is_seeded_keeps_the_classes_and_moves_only_boundaries() -> 
     )
     labels = disc(size=96, radius=30.0)
     first = deform_labels(labels, config, np.random.default_rng([0, 1, 5, 1]))
-    np.testing.assert_array_equal(
-        first, deform_labels(labels, config, np.random.default_rng([0, 1, 5, 1]))
-    )
-    assert not np.array_equal(
-        first, deform_labels(labels, config, np.random.default_rng([0, 2, 5, 1]))
-    )
+    np.testing.assert_array_equal(first, deform_labels(labels, config, np.random.default_rng([0, 1, 5, 1])))
+    assert not np.array_equal(first, deform_labels(labels, config, np.random.default_rng([0, 2, 5, 1])))
     assert set(np.unique(first)) <= set(np.unique(labels))
     changed = first != labels
     assert changed.any()
@@ -95,14 +89,10 @@ def test_deformation_is_seeded_keeps_the_classes_and_moves_only_boundaries() -> 
 
 
 def test_half_of_the_items_are_deformed() -> None:
-    config = AugmentConfig(
-        label_elastic=True, label_elastic_alpha=[40.0], label_elastic_sigma=[3.0]
-    )
+    config = AugmentConfig(label_elastic=True, label_elastic_alpha=[40.0], label_elastic_sigma=[3.0])
     labels = disc()
     deformed = [
-        not np.array_equal(
-            deform_labels(labels, config, np.random.default_rng([7, 1, i, 1])), labels
-        )
+        not np.array_equal(deform_labels(labels, config, np.random.default_rng([7, 1, i, 1])), labels)
         for i in range(400)
     ]
     assert np.mean(deformed) == pytest.approx(0.5, abs=0.08)

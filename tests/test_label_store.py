@@ -48,7 +48,9 @@ def test_store_is_a_private_copy_of_the_original(original: tuple[np.ndarray, lis
 
 
 @pytest.mark.parametrize("mismatch", ["ids", "shape", "labels"])
-def test_load_refuses_a_store_of_other_data(tmp_path: Path, original: tuple[np.ndarray, list[str]], mismatch: str) -> None:
+def test_load_refuses_a_store_of_other_data(
+    tmp_path: Path, original: tuple[np.ndarray, list[str]], mismatch: str
+) -> None:
     labels, ids = original
     LabelStore.from_original(labels, ids).save(tmp_path)
     if mismatch == "ids":

@@ -45,7 +45,9 @@ def test_gce_matches_hand_computation() -> None:
     np.testing.assert_allclose(per_pixel.reshape(-1).numpy(), expected, rtol=1e-6)
     mean = generalized_cross_entropy(logits, target, q=q)
     assert mean.item() == pytest.approx((expected[0] + expected[1]) / 2, rel=1e-6)
-    assert generalized_cross_entropy(logits, target, q=q, reduction="sum").item() == pytest.approx(sum(expected), rel=1e-6)
+    assert generalized_cross_entropy(logits, target, q=q, reduction="sum").item() == pytest.approx(
+        sum(expected), rel=1e-6
+    )
 
 
 def test_gce_gradient_matches_autograd_of_naive_formula() -> None:

@@ -75,9 +75,7 @@ def test_ignored_pixels_do_not_count_whatever_the_prediction() -> None:
     np.testing.assert_array_equal(conf_a, conf_b)
     np.testing.assert_array_equal(conf_a, np.eye(2))
     # A custom ignore index works the same way.
-    np.testing.assert_array_equal(
-        confusion_matrix(np.array([0, 1]), np.array([0, 9]), 2, 9), [[1, 0], [0, 0]]
-    )
+    np.testing.assert_array_equal(confusion_matrix(np.array([0, 1]), np.array([0, 9]), 2, 9), [[1, 0], [0, 0]])
 
 
 def test_absent_class_is_nan_and_left_out_of_the_means() -> None:
@@ -152,9 +150,7 @@ def test_noise_diagnostics_hand_case() -> None:
 def test_noise_counts_accumulate_over_batches() -> None:
     total = NoiseCounts.zeros(3)
     for part in (slice(0, 3), slice(3, 8)):
-        total = total + noise_diagnostics(
-            torch.as_tensor(PRED[part]), torch.as_tensor(NOISY[part]), CLEAN[part], 3
-        )
+        total = total + noise_diagnostics(torch.as_tensor(PRED[part]), torch.as_tensor(NOISY[part]), CLEAN[part], 3)
     whole = noise_diagnostics(PRED, NOISY, CLEAN, 3)
     np.testing.assert_array_equal(total.pred_vs_clean, whole.pred_vs_clean)
     np.testing.assert_array_equal(total.pred_vs_noisy, whole.pred_vs_noisy)
@@ -199,7 +195,9 @@ def test_meter_matches_confusion_matrix_on_random_labels_with_ignored_pixels() -
 
 def test_confidence_meter_bins_arms_input_by_label_correctness() -> None:
     # Three classes. A one-hot pixel has v^ = 1 (last bin), a uniform one v^ = -1 (first bin).
-    probs = torch.tensor([[1.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3], [0.0, 1.0, 0.0], [0.5, 0.5, 0.0]]).T.reshape(1, 3, 1, 4)
+    probs = torch.tensor([[1.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3], [0.0, 1.0, 0.0], [0.5, 0.5, 0.0]]).T.reshape(
+        1, 3, 1, 4
+    )
     target = torch.tensor([[[0, 1, 255, 2]]])
     clean = torch.tensor([[[0, 2, 1, 2]]])
     meter = ConfidenceMeter(device="cpu")

@@ -20,9 +20,7 @@ SMALL_MODELS = [
     ("deeplabv3plus", {"base_width": 4}),
     ("deeplabv3plus", {"base_width": 4, "output_stride": 8}),
 ]
-MODEL_IDS = [
-    f"{name}-{'-'.join(f'{k}{v}' for k, v in kwargs.items())}" for name, kwargs in SMALL_MODELS
-]
+MODEL_IDS = [f"{name}-{'-'.join(f'{k}{v}' for k, v in kwargs.items())}" for name, kwargs in SMALL_MODELS]
 
 
 def build(name: str, kwargs: dict, seed: int = 0, **extra) -> nn.Module:
@@ -31,17 +29,10 @@ def build(name: str, kwargs: dict, seed: int = 0, **extra) -> nn.Module:
 
 
 @pytest.mark.parametrize(("name", "kwargs"), SMALL_MODELS, ids=MODEL_IDS)
-def test_logits_have_input_size_at_stride_multiples_and_other_sizes(
-    name: str, kwargs: dict
-) -> None:
+def test_logits_have_input_size_at_stride_multiples_and_other_sizes(name: str, kwargs: dict) -> None:
     model = build(name, kwargs, in_channels=2, num_classes=3).eval()
     s = model.stride
-    assert (
-        s
-        == {"unet": 2 ** kwargs.get("depth", 4), "deeplabv3plus": kwargs.get("output_stride", 16)}[
-            name
-        ]
-    )
+    assert s == {"unet": 2 ** kwargs.get("depth", 4), "deeplabv3plus": kwargs.get("output_stride", 16)}[name]
     # Multiples of the stride (square and not), then the 0.7x / 1.5x multiscale sizes.
     sizes = [
         (s, s),
@@ -75,9 +66,7 @@ REFERENCE_UNET_BLOCKS = [
     (256, 64),
     (128, 64),
 ]
-REFERENCE_UNET_PARAMETERS = (
-    sum(_double_conv_parameters(cin, cout) for cin, cout in REFERENCE_UNET_BLOCKS) + 64 * 5 + 5
-)
+REFERENCE_UNET_PARAMETERS = sum(_double_conv_parameters(cin, cout) for cin, cout in REFERENCE_UNET_BLOCKS) + 64 * 5 + 5
 
 
 def test_default_unet_matches_reference_structure_and_size() -> None:

@@ -72,7 +72,10 @@ def needs_timm(test):
 def timm_model(output_stride: int = 16, seed: int = 0, **kwargs) -> torch.nn.Module:
     torch.manual_seed(seed)
     return create_model(
-        "deeplabv3plus_timm", **{**TIMM_KWARGS, **kwargs}, output_stride=output_stride, in_channels=3,
+        "deeplabv3plus_timm",
+        **{**TIMM_KWARGS, **kwargs},
+        output_stride=output_stride,
+        in_channels=3,
         num_classes=len(CLASSES),
     )
 
@@ -166,8 +169,12 @@ def test_hub_weights_offline_without_cache_is_a_clear_one_line_error(tmp_path: P
     cache = tmp_path / "cache"
     cache.mkdir()
     env = {
-        **os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(cache), "HF_HUB_CACHE": str(cache / "hub"),
-        "TORCH_HOME": str(cache / "torch"), "XDG_CACHE_HOME": str(cache),
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(cache),
+        "HF_HUB_CACHE": str(cache / "hub"),
+        "TORCH_HOME": str(cache / "torch"),
+        "XDG_CACHE_HOME": str(cache),
     }
     code = (
         "from noisyseg.models import create_model\n"
@@ -190,7 +197,13 @@ def test_hub_weights_offline_without_cache_is_a_clear_one_line_error(tmp_path: P
 def test_model_info_round_trip_needs_neither_hub_nor_weight_file(tmp_path: Path) -> None:
     weights = tmp_path / "imagenet.safetensors"
     save_file({k: v.contiguous() for k, v in timm.create_model(BACKBONE).state_dict().items()}, str(weights))
-    kwargs = {**TIMM_KWARGS, "output_stride": 8, "pretrained": str(weights), "in_channels": 3, "num_classes": len(CLASSES)}
+    kwargs = {
+        **TIMM_KWARGS,
+        "output_stride": 8,
+        "pretrained": str(weights),
+        "in_channels": 3,
+        "num_classes": len(CLASSES),
+    }
     model = create_model("deeplabv3plus_timm", **kwargs).eval()
     info = ModelInfo("deeplabv3plus_timm", kwargs, CLASSES, normalization="imagenet", method="arm")
     path = tmp_path / "model.safetensors"
@@ -216,7 +229,12 @@ def test_imagenet_normalisation_in_the_wrapper_matches_the_training_loader() -> 
 
 RGB_MODELS = [
     pytest.param("deeplabv3plus", {"base_width": 4}, id="deeplabv3plus"),
-    pytest.param("deeplabv3plus_timm", TIMM_KWARGS, id=f"deeplabv3plus_timm-{BACKBONE}", marks=[pytest.mark.timm, skip_without_timm]),
+    pytest.param(
+        "deeplabv3plus_timm",
+        TIMM_KWARGS,
+        id=f"deeplabv3plus_timm-{BACKBONE}",
+        marks=[pytest.mark.timm, skip_without_timm],
+    ),
 ]
 
 
@@ -250,6 +268,10 @@ def test_rgb_imagenet_model_exports_and_serves(tmp_path: Path, architecture: str
         for runtime in runtimes:
             tensor = httpclient.InferInput("image", list(images.shape), "FP32")
             tensor.set_data_from_numpy(images, binary_data=True)
-            result = client.infer(runtime.name, [tensor], outputs=[httpclient.InferRequestedOutput("logits", binary_data=True)])
-            np.testing.assert_allclose(result.as_numpy("logits"), expected, rtol=1e-3, atol=1e-3, err_msg=runtime.backend)
+            result = client.infer(
+                runtime.name, [tensor], outputs=[httpclient.InferRequestedOutput("logits", binary_data=True)]
+            )
+            np.testing.assert_allclose(
+                result.as_numpy("logits"), expected, rtol=1e-3, atol=1e-3, err_msg=runtime.backend
+            )
         client.close()

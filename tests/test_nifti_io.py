@@ -98,7 +98,9 @@ def expected_labels(run: Path, patient: str) -> np.ndarray:
         normalised = (image - image.mean()) / (image.std() + 1e-6)
         with torch.no_grad():
             label = model(torch.from_numpy(normalised.astype(np.float32))[None, None]).argmax(1)[0].numpy()
-        back = scipy.ndimage.zoom(label, (SHAPE[1] / TRAINED_SIZE, SHAPE[0] / TRAINED_SIZE), order=0, grid_mode=True, mode="grid-constant")
+        back = scipy.ndimage.zoom(
+            label, (SHAPE[1] / TRAINED_SIZE, SHAPE[0] / TRAINED_SIZE), order=0, grid_mode=True, mode="grid-constant"
+        )
         out[:, :, z] = back.T  # slices are (rows = y, columns = x)
     return out
 
@@ -119,7 +121,10 @@ def check_written(path: Path, source: Path, expected: np.ndarray) -> None:
 def test_predict_one_volume_matches_an_independent_computation(run: Path, segthor: Path, tmp_path: Path) -> None:
     source = segthor / "Patient_01" / "Patient_01.nii.gz"
     out = tmp_path / "pred"
-    assert main(["predict", "--run", str(run), "--input", str(source), "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+    assert (
+        main(["predict", "--run", str(run), "--input", str(source), "--out", str(out), "--quiet", "--device", "cpu"])
+        == 0
+    )
     expected = expected_labels(run, "Patient_01")
     assert len(np.unique(expected)) >= 3, "the test model should predict several classes"
     assert sorted(p.name for p in out.iterdir()) == ["Patient_01.nii.gz"]
@@ -140,7 +145,23 @@ def test_predict_segthor_layout_and_flat_folder(run: Path, segthor: Path, tmp_pa
     nib.save(nib.load(segthor / "Patient_03" / "Patient_03.nii.gz"), flat / "b.nii")
     out_flat = tmp_path / "pred_flat"
     model_file = RunDir(run).model_file
-    assert main(["predict", "--run", str(model_file), "--input", str(flat), "--out", str(out_flat), "--size", str(TRAINED_SIZE), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--run",
+                str(model_file),
+                "--input",
+                str(flat),
+                "--out",
+                str(out_flat),
+                "--size",
+                str(TRAINED_SIZE),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in out_flat.iterdir()) == ["a.nii.gz", "b.nii"]
     check_written(out_flat / "a.nii.gz", flat / "a.nii.gz", expected_labels(run, "Patient_02"))
     check_written(out_flat / "b.nii", flat / "b.nii", expected_labels(run, "Patient_03"))
@@ -149,15 +170,22 @@ def test_predict_segthor_layout_and_flat_folder(run: Path, segthor: Path, tmp_pa
 def test_predict_volume_errors(run: Path, segthor: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     source = segthor / "Patient_01" / "Patient_01.nii.gz"
     # A model file alone does not say its trained size.
-    assert main(["predict", "--run", str(RunDir(run).model_file), "--input", str(source), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(["predict", "--run", str(RunDir(run).model_file), "--input", str(source), "--out", str(tmp_path / "o")])
+        == 2
+    )
     assert "pass --size" in capsys.readouterr().err
-    assert main(["predict", "--run", str(run), "--input", str(source), "--out", str(tmp_path / "o"), "--size", "30"]) == 2
+    assert (
+        main(["predict", "--run", str(run), "--input", str(source), "--out", str(tmp_path / "o"), "--size", "30"]) == 2
+    )
     assert "divisible by 4" in capsys.readouterr().err
     # --size with an image folder, and an output that would overwrite the input.
     images = tmp_path / "images"
     images.mkdir()
     np.save(images / "s.npy", np.zeros((32, 32), dtype=np.float32))
-    assert main(["predict", "--run", str(run), "--input", str(images), "--out", str(tmp_path / "o"), "--size", "32"]) == 2
+    assert (
+        main(["predict", "--run", str(run), "--input", str(images), "--out", str(tmp_path / "o"), "--size", "32"]) == 2
+    )
     assert "--size applies to NIfTI volumes" in capsys.readouterr().err
     flat = tmp_path / "flat"
     flat.mkdir()
@@ -187,7 +215,9 @@ def test_image_folders_still_predict_pngs(run: Path, tmp_path: Path) -> None:
     images = tmp_path / "images"
     images.mkdir()
     np.save(images / "s.npy", np.random.default_rng(0).normal(size=(32, 32)).astype(np.float32))
-    assert main(["predict", "--run", str(run), "--input", str(images), "--out", str(tmp_path / "masks"), "--quiet"]) == 0
+    assert (
+        main(["predict", "--run", str(run), "--input", str(images), "--out", str(tmp_path / "masks"), "--quiet"]) == 0
+    )
     assert [p.name for p in (tmp_path / "masks").iterdir()] == ["s.png"]
 
 
@@ -217,7 +247,9 @@ def test_eval_volumes_hand_computed(tmp_path: Path, capsys: pytest.CaptureFixtur
     write_labels(tmp_path / "gt" / "Patient_A" / "GT.nii.gz", truth_a)  # SegTHOR layout
     write_labels(tmp_path / "gt" / "Patient_B.nii.gz", truth_b)  # a flat file
     write_labels(tmp_path / "gt" / "Patient_C" / "GT.nii.gz", truth_b)  # not predicted: reported, not scored
-    result = eval_json(capsys, "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--classes", "bg,one,two")
+    result = eval_json(
+        capsys, "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--classes", "bg,one,two"
+    )
     assert result["classes"] == ["bg", "one", "two"]
     assert [p["patient"] for p in result["patients"]] == ["Patient_A", "Patient_B"]
     a, b = result["patients"]
@@ -233,12 +265,27 @@ def test_eval_volumes_hand_computed(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert mean["dice_no_background"] == pytest.approx(((4 / 6 + 1) / 2 + 0.0) / 2)
     assert result["gt_without_prediction"] == ["Patient_C"]
     # Two files pair whatever their names; the table names patients and classes.
-    assert main(["eval", "--pred", str(tmp_path / "pred" / "Patient_A.nii.gz"), "--gt", str(tmp_path / "gt" / "Patient_A" / "GT.nii.gz"), "--classes", "bg,one,two"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--pred",
+                str(tmp_path / "pred" / "Patient_A.nii.gz"),
+                "--gt",
+                str(tmp_path / "gt" / "Patient_A" / "GT.nii.gz"),
+                "--classes",
+                "bg,one,two",
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert "Patient_A" in table and "Dice (%)" in table and " 66.67" in table
 
 
-def test_eval_scores_predict_output_with_run_classes(run: Path, segthor: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_scores_predict_output_with_run_classes(
+    run: Path, segthor: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "pred"
     assert main(["predict", "--run", str(run), "--input", str(segthor), "--out", str(out), "--quiet"]) == 0
     capsys.readouterr()
@@ -263,11 +310,32 @@ def test_eval_volume_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     write_labels(tmp_path / "bad" / "Patient_A.nii.gz", np.full((2, 2, 2), 7))
     write_labels(tmp_path / "gt2" / "Patient_A.nii.gz", np.zeros((2, 2, 2)))
     cases = [
-        (["--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt")], ["Patient_A.nii.gz: prediction shape (2, 2, 2) does not match ground truth", "GT.nii.gz shape (2, 2, 3)"]),
-        (["--pred", str(tmp_path / "pred2"), "--gt", str(tmp_path / "gt")], ["Patient_Z.nii.gz: no ground truth for 'Patient_Z'"]),
-        (["--pred", str(tmp_path / "bad"), "--gt", str(tmp_path / "gt2")], ["bad/Patient_A.nii.gz vs", "class ids must lie in [0, 4]"]),
+        (
+            ["--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt")],
+            ["Patient_A.nii.gz: prediction shape (2, 2, 2) does not match ground truth", "GT.nii.gz shape (2, 2, 3)"],
+        ),
+        (
+            ["--pred", str(tmp_path / "pred2"), "--gt", str(tmp_path / "gt")],
+            ["Patient_Z.nii.gz: no ground truth for 'Patient_Z'"],
+        ),
+        (
+            ["--pred", str(tmp_path / "bad"), "--gt", str(tmp_path / "gt2")],
+            ["bad/Patient_A.nii.gz vs", "class ids must lie in [0, 4]"],
+        ),
         (["--pred", str(tmp_path / "pred")], ["--pred and --gt go together"]),
-        (["--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--classes", "a,b", "--data", str(tmp_path)], ["one of --classes, --run or --data"]),
+        (
+            [
+                "--pred",
+                str(tmp_path / "pred"),
+                "--gt",
+                str(tmp_path / "gt"),
+                "--classes",
+                "a,b",
+                "--data",
+                str(tmp_path),
+            ],
+            ["one of --classes, --run or --data"],
+        ),
         (["--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "nowhere")], ["nowhere: no such file or folder"]),
         ([], ["eval needs --run"]),
     ]

@@ -111,7 +111,12 @@ def test_erode_dilate_is_deterministic_per_slice(clean_masks: list[np.ndarray]) 
 def test_reference_setting_and_ladder_match_the_paper(phantom_dir: Path, tmp_path: Path) -> None:
     reference = corrupt_dataset(phantom_dir, tmp_path / "reference", "erode-dilate", level=None, seed=0)
     assert 0.55 <= reference["annotation_miou_fg"] <= 0.70
-    ladder = [corrupt_dataset(phantom_dir, tmp_path / f"level{level}", "erode-dilate", level=level, seed=0)["annotation_miou_fg"] for level in range(len(LEVEL_ITERATIONS))]
+    ladder = [
+        corrupt_dataset(phantom_dir, tmp_path / f"level{level}", "erode-dilate", level=level, seed=0)[
+            "annotation_miou_fg"
+        ]
+        for level in range(len(LEVEL_ITERATIONS))
+    ]
     assert ladder[0] == 1.0
     assert all(later < earlier for earlier, later in zip(ladder, ladder[1:], strict=False)), ladder
     assert 0.2 <= ladder[-1] <= 0.45
@@ -154,10 +159,15 @@ def test_markov_is_deterministic_and_changes_only_near_organs(clean_masks: list[
 # ------------------------------------------------------------------ data corrupt command
 
 
-def test_corrupt_command_reports_ious_and_leaves_clean_masks(phantom_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_corrupt_command_reports_ious_and_leaves_clean_masks(
+    phantom_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     before = folder_digest(phantom_dir)
     out = tmp_path / "noisy"
-    assert main(["data", "corrupt", "--data", str(phantom_dir), "--noise", "coarse", "--seed", "3", "--out", str(out)]) == 0
+    assert (
+        main(["data", "corrupt", "--data", str(phantom_dir), "--noise", "coarse", "--seed", "3", "--out", str(out)])
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert folder_digest(phantom_dir) == before
     train_ids = read_split_ids(phantom_dir, "train")
@@ -180,24 +190,70 @@ def test_corrupt_command_reports_ious_and_leaves_clean_masks(phantom_dir: Path, 
     assert 0.0 < summary["labelled_fraction"] < 1.0
 
 
-def test_corrupt_splits_train_and_val_draws_the_same_noise_independently(phantom_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_corrupt_splits_train_and_val_draws_the_same_noise_independently(
+    phantom_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     train_only, both = tmp_path / "train", tmp_path / "both"
-    assert main(["data", "corrupt", "--data", str(phantom_dir), "--noise", "erode-dilate", "--level", "3", "--seed", "4", "--out", str(train_only)]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "corrupt",
+                "--data",
+                str(phantom_dir),
+                "--noise",
+                "erode-dilate",
+                "--level",
+                "3",
+                "--seed",
+                "4",
+                "--out",
+                str(train_only),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    assert main(["data", "corrupt", "--data", str(phantom_dir), "--noise", "erode-dilate", "--level", "3", "--seed", "4", "--splits", "train,val", "--out", str(both)]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "corrupt",
+                "--data",
+                str(phantom_dir),
+                "--noise",
+                "erode-dilate",
+                "--level",
+                "3",
+                "--seed",
+                "4",
+                "--splits",
+                "train,val",
+                "--out",
+                str(both),
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     train_ids, val_ids = read_split_ids(phantom_dir, "train"), read_split_ids(phantom_dir, "val")
     assert sorted(p.stem for p in (both / "masks").glob("*.png")) == sorted(train_ids + val_ids)
     # The training masks are those of a train-only corruption; its summary keeps the train split's quality.
     for slice_id in train_ids:
-        assert (both / "masks" / f"{slice_id}.png").read_bytes() == (train_only / "masks" / f"{slice_id}.png").read_bytes()
+        assert (both / "masks" / f"{slice_id}.png").read_bytes() == (
+            train_only / "masks" / f"{slice_id}.png"
+        ).read_bytes()
     assert summary["annotation_miou"] == json.loads((train_only / "noise.json").read_text())["annotation_miou"]
-    assert summary["splits"] == ["train", "val"] and json.loads((train_only / "noise.json").read_text())["splits"] == ["train"]
+    assert summary["splits"] == ["train", "val"] and json.loads((train_only / "noise.json").read_text())["splits"] == [
+        "train"
+    ]
     # Each validation slice is the same noise model drawn from its own generator.
     noise = ErodeDilateNoise(level=3)
     clean = {i: read_mask(phantom_dir / "masks" / f"{i}.png") for i in val_ids}
     for slice_id in val_ids:
-        np.testing.assert_array_equal(read_mask(both / "masks" / f"{slice_id}.png"), noise.apply(clean[slice_id], slice_rng(4, slice_id)))
+        np.testing.assert_array_equal(
+            read_mask(both / "masks" / f"{slice_id}.png"), noise.apply(clean[slice_id], slice_rng(4, slice_id))
+        )
     # The validation split's quality: an independent IoU over its pixels.
     noisy = np.stack([read_mask(both / "masks" / f"{i}.png") for i in val_ids])
     stacked = np.stack([clean[i] for i in val_ids])

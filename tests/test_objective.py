@@ -22,7 +22,9 @@ def logits_and_target(seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
 
 @pytest.mark.parametrize("divisor", [1.0, 3.0])
 def test_logit_divisor_divides_inside_the_cross_entropy_only(divisor: float) -> None:
-    config = build_config(overrides=["data=unused", "out=unused", "method=adele", f"adele.logit_divisor={divisor}", "loss.backend=torch"])
+    config = build_config(
+        overrides=["data=unused", "out=unused", "method=adele", f"adele.logit_divisor={divisor}", "loss.backend=torch"]
+    )
     logits, target = logits_and_target()
     _, terms = MethodObjective(config, ignore_index=255)(logits, target, None, False)
     expected_ce = torch.stack([F.cross_entropy(z / divisor, target, ignore_index=255) for z in logits]).mean()

@@ -30,7 +30,12 @@ def exported(tmp_path_factory: pytest.TempPathFactory):
     torch.manual_seed(0)
     model = create_model("unet", num_classes=3, base_width=4, depth=3).eval()
     path = tmp_path_factory.mktemp("runner") / "model.onnx"
-    export_model(model, ModelInfo("unet", {"num_classes": 3, "base_width": 4, "depth": 3}, CLASSES), path, ExportConfig(exporter="torchscript"))
+    export_model(
+        model,
+        ModelInfo("unet", {"num_classes": 3, "base_width": 4, "depth": 3}, CLASSES),
+        path,
+        ExportConfig(exporter="torchscript"),
+    )
     return path, model
 
 

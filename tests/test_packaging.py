@@ -22,14 +22,10 @@ def test_every_subpackage_is_listed_in_pyproject() -> None:
     for folder, subfolders, files in os.walk(ROOT):
         # Not into .venv, .git and the like, nor the folders that are not part of the package.
         subfolders[:] = [
-            d
-            for d in subfolders
-            if not d.startswith(".") and d not in NOT_PACKAGED and d != "__pycache__"
+            d for d in subfolders if not d.startswith(".") and d not in NOT_PACKAGED and d != "__pycache__"
         ]
         if "__init__.py" in files:
             found.add(".".join(("noisyseg", *Path(folder).relative_to(ROOT).parts)))
     assert found == set(setuptools["packages"])
     assert setuptools["package-data"]["noisyseg.recipes"] == ["*.yaml"]
-    assert recipe_names() and all(
-        (ROOT / "recipes" / f"{name}.yaml").is_file() for name in recipe_names()
-    )
+    assert recipe_names() and all((ROOT / "recipes" / f"{name}.yaml").is_file() for name in recipe_names())

@@ -56,7 +56,9 @@ def test_dataset_folder_is_deterministic(tmp_path: Path, phantom_dir: Path) -> N
     generate_phantom(again, num_patients=5, seed=3, config=SMALL)
     ids = read_split_ids(phantom_dir, "train")
     assert read_split_ids(again, "train") == ids
-    np.testing.assert_array_equal(read_image(again / "images" / f"{ids[0]}.npy"), read_image(phantom_dir / "images" / f"{ids[0]}.npy"))
+    np.testing.assert_array_equal(
+        read_image(again / "images" / f"{ids[0]}.npy"), read_image(phantom_dir / "images" / f"{ids[0]}.npy")
+    )
 
 
 def test_patients_are_never_in_two_splits(phantom_dir: Path) -> None:
@@ -124,7 +126,24 @@ def test_folder_round_trip_matches_rendering(phantom_dir: Path) -> None:
 
 def test_phantom_command_prints_json_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
-    code = main(["data", "phantom", "--out", str(out), "--patients", "3", "--size", "32", "--slices-per-patient", "6", "--seed", "1", "--field-of-view", "0.8"])
+    code = main(
+        [
+            "data",
+            "phantom",
+            "--out",
+            str(out),
+            "--patients",
+            "3",
+            "--size",
+            "32",
+            "--slices-per-patient",
+            "6",
+            "--seed",
+            "1",
+            "--field-of-view",
+            "0.8",
+        ]
+    )
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     for split in ("train", "val", "test"):

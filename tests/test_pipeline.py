@@ -99,9 +99,13 @@ def test_label_store_keeps_one_map_per_image_size_and_checks_on_load(tmp_path: P
     loaded = LabelStore.load(tmp_path / "ck", maps, ["a", "b"])
     assert [m.tolist() for m in (loaded.maps[0], loaded.maps[1])] == [store.maps[0].tolist(), store.maps[1].tolist()]
     with pytest.raises(ValueError, match="sizes do not match"):
-        LabelStore.load(tmp_path / "ck", LabelMaps.from_arrays([np.ones((2, 3), np.uint8), np.ones((2, 2), np.uint8)]), ["a", "b"])
+        LabelStore.load(
+            tmp_path / "ck", LabelMaps.from_arrays([np.ones((2, 3), np.uint8), np.ones((2, 2), np.uint8)]), ["a", "b"]
+        )
     with pytest.raises(ValueError, match="fingerprint"):
-        LabelStore.load(tmp_path / "ck", LabelMaps.from_arrays([np.ones((2, 3), np.uint8), np.ones((4, 1), np.uint8)]), ["a", "b"])
+        LabelStore.load(
+            tmp_path / "ck", LabelMaps.from_arrays([np.ones((2, 3), np.uint8), np.ones((4, 1), np.uint8)]), ["a", "b"]
+        )
 
 
 class Constant(nn.Module):
@@ -150,7 +154,9 @@ def test_default_crop_is_the_largest_stride_multiple_in_the_smallest_image_at_mo
     assert default_crop([(6, 40), (9, 12)], 8) == [8, 8]  # below the stride: one stride, padded
 
 
-def test_images_of_different_sizes_train_from_a_default_crop_when_none_is_set(mixed: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
+def test_images_of_different_sizes_train_from_a_default_crop_when_none_is_set(
+    mixed: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
     # The smallest image is 28x28; a UNet of depth 3 has stride 8: 24x24 crops. (The folder
     # layout streams only when asked: its in-memory default stacks images of one size.)
     out = tmp_path / "nocrop"
@@ -167,19 +173,41 @@ def test_images_of_different_sizes_train_from_a_default_crop_when_none_is_set(mi
 
 
 def test_images_of_different_sizes_train_from_crops(mixed: Path, tmp_path: Path) -> None:
-    summary = train(config(mixed, tmp_path / "crop", "method=adele", "loader.num_workers=0", "loader.augment.crop_size=[24,24]", "loader.augment.flip=true"))
+    summary = train(
+        config(
+            mixed,
+            tmp_path / "crop",
+            "method=adele",
+            "loader.num_workers=0",
+            "loader.augment.crop_size=[24,24]",
+            "loader.augment.flip=true",
+        )
+    )
     assert 0.0 <= summary["test_miou"]["last"] <= 1.0
     with pytest.raises(ValueError, match="loader.cache"):
         config(mixed, tmp_path / "x", "loader.cache=true", "loader.augment.flip=true")
     with pytest.raises(ValueError, match="correction_timing"):
-        config(mixed, tmp_path / "x", "adele.correction_timing=iteration", "loader.augment.rescale=true", "loader.augment.crop_size=[24,24]")
+        config(
+            mixed,
+            tmp_path / "x",
+            "adele.correction_timing=iteration",
+            "loader.augment.rescale=true",
+            "loader.augment.crop_size=[24,24]",
+        )
     assert config(mixed, tmp_path / "x", "loader.augment.flip=true").correction_timing() == "epoch"
 
 
 # `auto` resolves to epoch timing under random augmentation (checked by the corrections below).
 @pytest.mark.parametrize("timing", ["auto", "iteration"])
-def test_streamed_run_with_workers_and_augmentation_resumes_exactly(mixed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, timing: str) -> None:
-    augment = ["loader.num_workers=2", "loader.augment.crop_size=[24,24]", "loader.augment.flip=true", "loader.augment.jitter=true"]
+def test_streamed_run_with_workers_and_augmentation_resumes_exactly(
+    mixed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, timing: str
+) -> None:
+    augment = [
+        "loader.num_workers=2",
+        "loader.augment.crop_size=[24,24]",
+        "loader.augment.flip=true",
+        "loader.augment.jitter=true",
+    ]
     augment += ["loader.augment.rescale=true", "loader.augment.scale_range=[0.75,1.25]"] if timing == "auto" else []
     overrides = ["method=adele", "epochs=5", f"adele.correction_timing={timing}", *EARLY_CORRECTION, *augment]
     straight = tmp_path / "straight"
@@ -189,7 +217,10 @@ def test_streamed_run_with_workers_and_augmentation_resumes_exactly(mixed: Path,
     train(config(mixed, out, *overrides), resume=True)
     records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["labels_changed_fraction"] > 0.0
-    a, b = load_file(str(straight / "checkpoint" / "state.safetensors")), load_file(str(out / "checkpoint" / "state.safetensors"))
+    a, b = (
+        load_file(str(straight / "checkpoint" / "state.safetensors")),
+        load_file(str(out / "checkpoint" / "state.safetensors")),
+    )
     assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
     assert (straight / "checkpoint" / "labels.npy").read_bytes() == (out / "checkpoint" / "labels.npy").read_bytes()
     assert (straight / "metrics.jsonl").read_text() == (out / "metrics.jsonl").read_text()
@@ -205,8 +236,20 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def peak_rss_kib(data: Path, out: Path) -> int:
-    args = [f"data={data}", f"out={out}", "epochs=1", "method=baseline", "batch_size=16", "eval_batch_size=16", "loader.cache=false", "loader.num_workers=0", *TINY]
-    result = subprocess.run([sys.executable, "-c", RSS_SCRIPT, *args], capture_output=True, text=True, check=True, timeout=300)
+    args = [
+        f"data={data}",
+        f"out={out}",
+        "epochs=1",
+        "method=baseline",
+        "batch_size=16",
+        "eval_batch_size=16",
+        "loader.cache=false",
+        "loader.num_workers=0",
+        *TINY,
+    ]
+    result = subprocess.run(
+        [sys.executable, "-c", RSS_SCRIPT, *args], capture_output=True, text=True, check=True, timeout=300
+    )
     return int(result.stdout.split()[-1])
 
 
@@ -214,7 +257,9 @@ def peak_rss_kib(data: Path, out: Path) -> int:
 def test_peak_rss_does_not_grow_with_the_number_of_images(tmp_path: Path) -> None:
     """200 and 2,000 96x96 images streamed: cached, their float images alone would add ~70 MB."""
     small = write_folder(tmp_path / "small", {"train": [(96, 96)] * 200, "val": [(96, 96)] * 4, "test": [(96, 96)] * 4})
-    large = write_folder(tmp_path / "large", {"train": [(96, 96)] * 2000, "val": [(96, 96)] * 4, "test": [(96, 96)] * 4})
+    large = write_folder(
+        tmp_path / "large", {"train": [(96, 96)] * 2000, "val": [(96, 96)] * 4, "test": [(96, 96)] * 4}
+    )
     rss_small, rss_large = peak_rss_kib(small, tmp_path / "run_small"), peak_rss_kib(large, tmp_path / "run_large")
     print(f"peak RSS: 200 images {rss_small / 1024:.0f} MiB, 2000 images {rss_large / 1024:.0f} MiB")
     assert rss_large / rss_small < 1.1, (rss_small, rss_large)

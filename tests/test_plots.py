@@ -30,9 +30,17 @@ def _record(epoch: int, with_diagnostics: bool) -> dict:
         # Class 4 has no prediction yet in epoch 1: NaN written as null.
         "train_iou": {c: (None if (c == "4" and epoch == 1) else rising * (0.9 + 0.02 * int(c))) for c in CLASSES},
         "val": {"per_class_iou": [0.98, 0.5, 0.6, 0.7, 0.8], "miou": 0.5 + 0.02 * epoch, "miou_fg": 0.4 + 0.02 * epoch},
-        "test": {"per_class_iou": [0.97, 0.5, 0.6, 0.7, 0.8], "miou": 0.45 + 0.02 * epoch, "miou_fg": 0.35 + 0.02 * epoch},
+        "test": {
+            "per_class_iou": [0.97, 0.5, 0.6, 0.7, 0.8],
+            "miou": 0.45 + 0.02 * epoch,
+            "miou_fg": 0.35 + 0.02 * epoch,
+        },
         "trigger": {
-            "1": {"triggered": triggered, "epoch": TRIGGER_EPOCH if triggered else None, "fit": FIT if epoch >= 3 else None},
+            "1": {
+                "triggered": triggered,
+                "epoch": TRIGGER_EPOCH if triggered else None,
+                "fit": FIT if epoch >= 3 else None,
+            },
             **{c: {"triggered": False, "epoch": None, "fit": None} for c in CLASSES[1:]},
         },
         "labels_changed_fraction": 0.01 * max(0, epoch - TRIGGER_EPOCH),
@@ -75,7 +83,9 @@ def test_figure_has_a_fit_and_a_diagnostics_panel_per_class_and_a_summary(tmp_pa
 
 def test_figure_without_clean_labels_has_no_diagnostics_row(tmp_path: Path) -> None:
     metrics = _write_run(tmp_path / "run", with_diagnostics=False) / "metrics.jsonl"
-    titles = _titled_axes(build_run_figure(read_metrics(metrics), class_names=["bg", "eso", "heart", "trachea", "aorta"]))
+    titles = _titled_axes(
+        build_run_figure(read_metrics(metrics), class_names=["bg", "eso", "heart", "trachea", "aorta"])
+    )
     assert sorted(titles) == sorted(["class 1 eso", "class 2 heart", "class 3 trachea", "class 4 aorta", "adele: mIoU"])
 
 

@@ -39,9 +39,7 @@ def test_cached_rows_count_the_changed_fraction_of_all_pixels() -> None:
     assert changes.end_epoch() == 0.0
 
 
-def geometry(
-    index: int, top: int, left: int, valid_h: int, valid_w: int, flipped: int, rescaled: int = 0
-) -> list[int]:
+def geometry(index: int, top: int, left: int, valid_h: int, valid_w: int, flipped: int, rescaled: int = 0) -> list[int]:
     return [index, top, left, valid_h, valid_w, flipped, rescaled]
 
 
@@ -60,17 +58,13 @@ def test_streamed_crops_are_compared_where_they_overlap_in_the_image() -> None:
     seen = image.copy()
     seen[1:3, 3] = (seen[1:3, 3] + 1) % K
     crop = seen[:, 2:6][:, ::-1].copy()
-    changes.observe(
-        prediction_of(crop[None]), torch.tensor([0]), torch.tensor([geometry(0, 0, 2, 4, 4, 1)])
-    )
+    changes.observe(prediction_of(crop[None]), torch.tensor([0]), torch.tensor([geometry(0, 0, 2, 4, 4, 1)]))
     assert changes.end_epoch() == pytest.approx(2 / 8)
     assert np.array_equal(changes.maps[0], seen)
     # A padded crop (valid 2x3 of 4x4) compares only its valid part; a rescaled crop nothing.
     padded = np.full((4, 4), 3)
     padded[:2, :3] = image[2:4, 3:6]
-    changes.observe(
-        prediction_of(padded[None]), torch.tensor([0]), torch.tensor([geometry(0, 2, 3, 2, 3, 0)])
-    )
+    changes.observe(prediction_of(padded[None]), torch.tensor([0]), torch.tensor([geometry(0, 2, 3, 2, 3, 0)]))
     changes.observe(
         prediction_of(np.zeros((1, 4, 4), int)),
         torch.tensor([0]),

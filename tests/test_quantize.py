@@ -75,13 +75,17 @@ def test_quantised_model_is_qdq_int8_that_tensorrt_accepts(dataset, fp32_model, 
     # Metadata carried over, plus how it was quantised.
     metadata = {p.key: p.value for p in quantized.metadata_props}
     assert metadata["output"] == "logits" and "int8 static QDQ" in metadata["quantization"]
-    assert metadata["calibration_images"] == str(report.calibration_images) == str(len(load_split(dataset, "train").ids))
+    assert (
+        metadata["calibration_images"] == str(report.calibration_images) == str(len(load_split(dataset, "train").ids))
+    )
 
     # The reported numbers, recomputed independently: PyTorch for fp32, plain ORT for int8.
     assert report.fp32_miou == pytest.approx(pytorch_test_miou(model, dataset), abs=0.05)
     split = load_split(dataset, "test")
     (logits,) = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"image": split.images})
-    int8_miou = 100 * mean_iou(confusion_matrix(logits.argmax(axis=1), split.masks, read_dataset_info(dataset).num_classes))
+    int8_miou = 100 * mean_iou(
+        confusion_matrix(logits.argmax(axis=1), split.masks, read_dataset_info(dataset).num_classes)
+    )
     assert report.int8_miou == pytest.approx(int8_miou, abs=1e-6)
     assert report.miou_drop == pytest.approx(report.fp32_miou - report.int8_miou)
     assert report.miou_drop <= 1.0
@@ -99,12 +103,39 @@ def test_model_losing_too_much_accuracy_is_not_written(dataset, fp32_model, tmp_
 def test_quantize_command(dataset, fp32_model, tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setattr(cli, "COMMAND_MODULES", ["noisyseg.commands.export"])
     out, report = tmp_path / "q.onnx", tmp_path / "q.json"
-    argv = ["export", "quantize", "--onnx", str(fp32_model[0]), "--calib-data", str(dataset), "--out", str(out),
-            "--calib-images", "4", "--quantize-classifier", "--report", str(report)]
+    argv = [
+        "export",
+        "quantize",
+        "--onnx",
+        str(fp32_model[0]),
+        "--calib-data",
+        str(dataset),
+        "--out",
+        str(out),
+        "--calib-images",
+        "4",
+        "--quantize-classifier",
+        "--report",
+        str(report),
+    ]
     assert cli.main(argv) == 0
     assert "speed-up" in capsys.readouterr().out and out.is_file()
     assert '"calibration_images": 4' in report.read_text() and '"excluded_nodes": []' in report.read_text()
-    assert cli.main(["export", "quantize", "--onnx", str(fp32_model[0]), "--calib-data", str(tmp_path / "none"), "--out", str(out)]) == 2
+    assert (
+        cli.main(
+            [
+                "export",
+                "quantize",
+                "--onnx",
+                str(fp32_model[0]),
+                "--calib-data",
+                str(tmp_path / "none"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "none" in capsys.readouterr().err
 
 
@@ -134,7 +165,10 @@ def rgb_dataset(dataset, tmp_path_factory: pytest.TempPathFactory):
     shutil.copytree(dataset, root)
     for path in sorted((root / "images").glob("*.npy")):
         hu = np.load(path)
-        rgb = np.stack([np.clip((hu - low) / width * 255, 0, 255) for low, width in ((-200, 400), (-400, 800), (-100, 300))], axis=-1)
+        rgb = np.stack(
+            [np.clip((hu - low) / width * 255, 0, 255) for low, width in ((-200, 400), (-400, 800), (-100, 300))],
+            axis=-1,
+        )
         Image.fromarray(rgb.astype(np.uint8), "RGB").save(path.with_suffix(".png"))
         path.unlink()
     write_dataset_info(root, dataclasses.replace(read_dataset_info(root), image_format="png", normalization="imagenet"))
@@ -157,7 +191,9 @@ def test_rgb_imagenet_model_calibrates_and_evaluates_on_raw_pixels(rgb_dataset, 
     raw = load_split(rgb_dataset, "train", normalize=False).images
     assert images.shape[1] == 3 and images.max() > 200 and np.array_equal(images, raw[: len(images)])
 
-    report = quantize_onnx(fp32_path, rgb_dataset, tmp_path / "model.int8.onnx", QuantizeConfig(timing_runs=1, max_miou_drop=100.0))
+    report = quantize_onnx(
+        fp32_path, rgb_dataset, tmp_path / "model.int8.onnx", QuantizeConfig(timing_runs=1, max_miou_drop=100.0)
+    )
     split = load_split(rgb_dataset, "test")  # ImageNet-normalised by the training loader
     assert split.images.max() < 3.0
     with torch.inference_mode():
@@ -179,7 +215,9 @@ def test_voc_tree_of_different_sizes_calibrates_and_evaluates_per_image(voc, tmp
     source = open_source(voc, "val")
     kwargs = {"base_width": 4, "depth": 2, "in_channels": 3}
     model = create_model("unet", num_classes=source.info.num_classes, **kwargs).eval()
-    info = ModelInfo("unet", {**kwargs, "num_classes": source.info.num_classes}, source.info.classes, normalization="imagenet")
+    info = ModelInfo(
+        "unet", {**kwargs, "num_classes": source.info.num_classes}, source.info.classes, normalization="imagenet"
+    )
     fp32_path = tmp_path / "model.onnx"
     export_model(model, info, fp32_path, ExportConfig(exporter="torchscript"))
     stride = model.stride
@@ -188,8 +226,24 @@ def test_voc_tree_of_different_sizes_calibrates_and_evaluates_per_image(voc, tmp
 
     monkeypatch.setattr(cli, "COMMAND_MODULES", ["noisyseg.commands.export"])
     out, report_path = tmp_path / "q.onnx", tmp_path / "q.json"
-    argv = ["export", "quantize", "--onnx", str(fp32_path), "--calib-data", str(voc), "--out", str(out), "--layout", "voc",
-            "--option", "aug=false", "--max-miou-drop", "100", "--report", str(report_path)]
+    argv = [
+        "export",
+        "quantize",
+        "--onnx",
+        str(fp32_path),
+        "--calib-data",
+        str(voc),
+        "--out",
+        str(out),
+        "--layout",
+        "voc",
+        "--option",
+        "aug=false",
+        "--max-miou-drop",
+        "100",
+        "--report",
+        str(report_path),
+    ]
     assert cli.main(argv) == 0 and out.is_file()
     report = json.loads(report_path.read_text())
     assert report["calibration_images"] == len(open_source(voc, "train")) and report["eval_images"] == len(source)
@@ -202,9 +256,16 @@ def test_voc_tree_of_different_sizes_calibrates_and_evaluates_per_image(voc, tmp
         padded = np.zeros((1, 3, -(-height // stride) * stride, -(-width // stride) * stride), dtype=np.float32)
         padded[0, :, :height, :width] = image
         (logits,) = session.run(None, {"image": padded})
-        matrix += confusion_matrix(logits.argmax(axis=1)[:, :height, :width], mask[None].copy(), source.info.num_classes, source.info.ignore_index)
+        matrix += confusion_matrix(
+            logits.argmax(axis=1)[:, :height, :width],
+            mask[None].copy(),
+            source.info.num_classes,
+            source.info.ignore_index,
+        )
     assert report["fp32_miou"] == pytest.approx(100 * mean_iou(matrix), abs=1e-9)
 
     # The histogram calibrators stack all activations: images of several sizes are refused by name.
     with pytest.raises(ValueError, match="needs images of one size"):
-        quantize_onnx(fp32_path, voc, tmp_path / "p.onnx", QuantizeConfig(calibration_method="percentile", layout="voc"))
+        quantize_onnx(
+            fp32_path, voc, tmp_path / "p.onnx", QuantizeConfig(calibration_method="percentile", layout="voc")
+        )

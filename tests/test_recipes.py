@@ -28,9 +28,7 @@ TINY_UNET = "model.kwargs={base_width: 4, depth: 2}"
 try:
     import timm  # noqa: F401
 
-    CPU_SIZED = [
-        "model.kwargs={backbone: resnet18, output_stride: 16, pretrained: false, aspp_channels: 32}"
-    ]
+    CPU_SIZED = ["model.kwargs={backbone: resnet18, output_stride: 16, pretrained: false, aspp_channels: 32}"]
 except Exception:  # timm, or the torchvision it needs, does not import next to this torch
     CPU_SIZED = ["model.architecture=unet", TINY_UNET]
 RUN = ["--epochs", "1", "--quiet", "--set=loss.backend=torch", "--set=loader.num_workers=0"]
@@ -78,23 +76,16 @@ def test_cityscapes_recipe_is_the_arm_papers_setting() -> None:
         16,
         {"annotations": "gtCoarse"},
     )
+    assert config.model.architecture == "deeplabv3plus_timm" and config.model.kwargs["backbone"] == "resnet101"
     assert (
-        config.model.architecture == "deeplabv3plus_timm"
-        and config.model.kwargs["backbone"] == "resnet101"
-    )
-    assert (
-        config.loader.augment.crop_size == [512, 1024]
-        and config.loader.augment.flip
-        and config.loader.augment.jitter
+        config.loader.augment.crop_size == [512, 1024] and config.loader.augment.flip and config.loader.augment.jitter
     )
     assert (config.optim.lr, config.optim.weight_decay, config.optim.schedule) == (
         0.02,
         0.0001,
         "multistep",
     )
-    iterations = config.epochs * math.ceil(
-        2975 / config.batch_size
-    )  # Cityscapes' 2,975 training images
+    iterations = config.epochs * math.ceil(2975 / config.batch_size)  # Cityscapes' 2,975 training images
     assert 40_000 <= iterations < 40_000 + math.ceil(2975 / config.batch_size)
 
 
@@ -109,11 +100,7 @@ def test_voc_recipe_is_the_weakly_supervised_setting() -> None:
         512,
         512,
     ]
-    assert (
-        config.adele.tau == 0.8
-        and config.correction_timing() == "epoch"
-        and config.adele.correction_flip
-    )
+    assert config.adele.tau == 0.8 and config.correction_timing() == "epoch" and config.adele.correction_flip
 
 
 def test_a_recipe_refuses_to_start_without_what_it_needs(
@@ -128,12 +115,9 @@ def test_a_recipe_refuses_to_start_without_what_it_needs(
     assert "recipe voc-weak-adele needs layout_options.pseudo_labels" in error(
         "--recipe", "voc-weak-adele", "--data", str(voc)
     )
-    assert "recipe segthor-adele needs labels" in error(
-        "--recipe", "segthor-adele", "--data", str(voc)
-    )
-    assert (
-        "unknown recipe 'voc'; known recipes: cityscapes-coarse-arm, segthor-adele, voc-weak-adele"
-        in error("--recipe", "voc")
+    assert "recipe segthor-adele needs labels" in error("--recipe", "segthor-adele", "--data", str(voc))
+    assert "unknown recipe 'voc'; known recipes: cityscapes-coarse-arm, segthor-adele, voc-weak-adele" in error(
+        "--recipe", "voc"
     )
     assert "--config and --recipe are alternatives" in error(
         "--recipe", "segthor-adele", "--config", str(tmp_path / "c.yaml")
@@ -142,9 +126,7 @@ def test_a_recipe_refuses_to_start_without_what_it_needs(
 
 
 def trained_iterations(run: Path) -> list[int]:
-    return [
-        json.loads(line)["iteration"] for line in (run / "metrics.jsonl").read_text().splitlines()
-    ]
+    return [json.loads(line)["iteration"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_segthor_recipe_trains_one_iteration(folders: tuple[Path, Path], tmp_path: Path) -> None:
@@ -195,7 +177,5 @@ def test_voc_recipe_trains_one_iteration(voc: Path, tmp_path: Path) -> None:
         str(tmp_path / "run"),
         f"--set=layout_options.pseudo_labels={pseudo}",
     ]
-    assert (
-        main([*args, *RUN, *[f"--set={o}" for o in CPU_SIZED]]) == 0
-    )  # trainaug's 3 images: one batch of 10
+    assert main([*args, *RUN, *[f"--set={o}" for o in CPU_SIZED]]) == 0  # trainaug's 3 images: one batch of 10
     assert trained_iterations(tmp_path / "run") == [1]

@@ -176,7 +176,9 @@ def test_multiscale_consistency_gradcheck_float64(mask, num_scales):
     gen = torch.Generator().manual_seed(5)
     target = torch.randint(0, 4, (2, 3, 4), generator=gen)
     target[0, 0] = 255
-    scales = [torch.randn(2, 4, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(num_scales)]
+    scales = [
+        torch.randn(2, 4, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(num_scales)
+    ]
     assert torch.autograd.gradcheck(
         lambda *z: multiscale_consistency(list(z), target, rho=0.0, mask=mask), tuple(scales)
     )
@@ -289,11 +291,25 @@ def test_half_precision_inputs_give_fp32_loss_and_input_dtype_gradients():
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: arm_cross_entropy(torch.randn(2, 3, 4), torch.zeros(2, 5, dtype=torch.long), None), "target: expected shape"),
+        (
+            lambda: arm_cross_entropy(torch.randn(2, 3, 4), torch.zeros(2, 5, dtype=torch.long), None),
+            "target: expected shape",
+        ),
         (lambda: arm_cross_entropy(torch.randn(2, 3, 4), torch.zeros(2, 4), None), "integer class ids"),
-        (lambda: arm_cross_entropy(torch.randn(1, 3, 2), torch.tensor([[0, 7]]), None), r"class ids must be in \[0, 3\)"),
-        (lambda: multiscale_consistency([torch.randn(1, 3, 2), torch.randn(1, 3, 3)], torch.zeros(1, 2, dtype=torch.long)), "logits_per_scale"),
-        (lambda: multiscale_consistency([torch.randn(1, 3, 2)], torch.zeros(1, 2, dtype=torch.long), mask="global"), "mask"),
+        (
+            lambda: arm_cross_entropy(torch.randn(1, 3, 2), torch.tensor([[0, 7]]), None),
+            r"class ids must be in \[0, 3\)",
+        ),
+        (
+            lambda: multiscale_consistency(
+                [torch.randn(1, 3, 2), torch.randn(1, 3, 3)], torch.zeros(1, 2, dtype=torch.long)
+            ),
+            "logits_per_scale",
+        ),
+        (
+            lambda: multiscale_consistency([torch.randn(1, 3, 2)], torch.zeros(1, 2, dtype=torch.long), mask="global"),
+            "mask",
+        ),
     ],
 )
 def test_bad_inputs_are_named(call, message):

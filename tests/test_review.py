@@ -53,7 +53,10 @@ def dataset(tmp_path: Path) -> Path:
     ids = [f"P00{i}_000" for i in range(5)]
     rng = np.random.default_rng(0)
     for i, slice_id in enumerate(ids):
-        write_image(root / "images" / f"{slice_id}.npy", (clean_mask(i) * 100 + rng.normal(0, 10, (SIZE, SIZE))).astype(np.float32))
+        write_image(
+            root / "images" / f"{slice_id}.npy",
+            (clean_mask(i) * 100 + rng.normal(0, 10, (SIZE, SIZE))).astype(np.float32),
+        )
         write_mask(root / "masks" / f"{slice_id}.png", noisy_mask(i))
     write_split_ids(root, "train", ids)
     write_dataset_info(root, DatasetInfo(name="tiny", classes=CLASSES))
@@ -99,18 +102,30 @@ def test_scores_rank_the_worst_label_first_and_the_masks_are_written(review: tup
         assert np.array_equal(read_mask(out / "issues" / f"{slice_id}.png") == 255, noisy_mask(i) != clean_mask(i))
     assert summary["worst"] == [f"P00{i}_000" for i in (4, 3, 2)]
     moved = np.array(summary["transitions"])
-    expected = sum(np.bincount(noisy_mask(i).ravel().astype(np.int64) * 3 + clean_mask(i).ravel(), minlength=9) for i in range(5)).reshape(3, 3)
+    expected = sum(
+        np.bincount(noisy_mask(i).ravel().astype(np.int64) * 3 + clean_mask(i).ravel(), minlength=9) for i in range(5)
+    ).reshape(3, 3)
     assert np.array_equal(moved, expected)
 
 
 def test_sorting_by_the_relabelled_share(dataset: Path, tmp_path: Path) -> None:
     from noisyseg.review.runner import ReviewRow, worst_first
 
-    rows = [ReviewRow(0, "a", 0.1, 0.0, 0.0, []), ReviewRow(1, "b", 0.5, 0.3, 0.0, []), ReviewRow(2, "c", float("nan"), float("nan"), 0.0, []), ReviewRow(3, "d", 0.2, 0.1, 0.0, [])]
+    rows = [
+        ReviewRow(0, "a", 0.1, 0.0, 0.0, []),
+        ReviewRow(1, "b", 0.5, 0.3, 0.0, []),
+        ReviewRow(2, "c", float("nan"), float("nan"), 0.0, []),
+        ReviewRow(3, "d", 0.2, 0.1, 0.0, []),
+    ]
     assert [r.slice_id for r in sorted(rows, key=worst_first("label_quality"))] == ["a", "d", "b", "c"]
     assert [r.slice_id for r in sorted(rows, key=worst_first("changed_fraction"))] == ["b", "d", "a", "c"]
-    summary = run_review(source(dataset), tmp_path / "out", ReviewOptions(top=2, formats=["html"], sort="changed_fraction"))
-    assert summary["worst"] == ["P004_000", "P003_000"] and "worst images (by changed fraction)" in (tmp_path / "out" / "index.html").read_text()
+    summary = run_review(
+        source(dataset), tmp_path / "out", ReviewOptions(top=2, formats=["html"], sort="changed_fraction")
+    )
+    assert (
+        summary["worst"] == ["P004_000", "P003_000"]
+        and "worst images (by changed fraction)" in (tmp_path / "out" / "index.html").read_text()
+    )
     with pytest.raises(ValueError, match="--sort"):
         ReviewOptions(sort="area")
 
@@ -125,7 +140,9 @@ def test_corrected_masks_keep_the_datasets_mask_format(dataset: Path, tmp_path: 
 
 
 def test_label_studio_tasks_decode_with_label_studios_converter(review: tuple[Path, dict]) -> None:
-    brush = pytest.importorskip("label_studio_converter.brush", reason="label-studio-converter (dev extra) decodes Label Studio's brush RLE")
+    brush = pytest.importorskip(
+        "label_studio_converter.brush", reason="label-studio-converter (dev extra) decodes Label Studio's brush RLE"
+    )
     out, summary = review
     tasks = json.loads((out / "label-studio" / "tasks.json").read_text())
     assert [t["data"]["slice_id"] for t in tasks] == summary["worst"]
@@ -138,7 +155,9 @@ def test_label_studio_tasks_decode_with_label_studios_converter(review: tuple[Pa
             assert (result["from_name"], result["to_name"], result["type"]) == ("label", "image", "brushlabels")
             (name,) = result["value"]["brushlabels"]
             assert f'value="{name}"' in config
-            layer = brush.decode_rle(result["value"]["rle"]).reshape(result["original_height"], result["original_width"], 4)[:, :, 3]
+            layer = brush.decode_rle(result["value"]["rle"]).reshape(
+                result["original_height"], result["original_width"], 4
+            )[:, :, 3]
             decoded[layer == 255] = CLASSES.index(name)
         assert np.array_equal(decoded, clean_mask(int(slice_id[3])))
 
@@ -175,11 +194,15 @@ def test_the_page_shows_its_images_and_tables_in_a_browser(review: tuple[Path, d
         pytest.skip("no Chromium on this machine (Debian: apt-get install chromium; `make browser`)")
     out, summary = review
     with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        browser = playwright.chromium.launch(
+            executable_path=executable, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+        )
         try:
             page = browser.new_page()
             page.goto((out / "index.html").resolve().as_uri())
-            loaded = page.eval_on_selector_all("img.view", "images => images.map(i => i.complete && i.naturalWidth > 0)")
+            loaded = page.eval_on_selector_all(
+                "img.view", "images => images.map(i => i.complete && i.naturalWidth > 0)"
+            )
             assert loaded == [True] * (4 * 3)
             assert page.locator("table.worst tr").count() == 1 + 3
             assert page.locator("table.transitions tr").count() == 1 + len(CLASSES)
@@ -198,7 +221,9 @@ def test_review_needs_one_model(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert len(err.splitlines()) == 1 and "--run RUN_DIR or --model" in err
 
 
-def test_a_missing_run_is_a_one_line_error_and_leaves_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_missing_run_is_a_one_line_error_and_leaves_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["review", "--run", str(tmp_path / "typo")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not a noisyseg run directory" in err

@@ -56,7 +56,12 @@ def test_one_image_by_hand() -> None:
 def test_a_given_correction_replaces_the_prediction() -> None:
     given = np.array([[0, 1], [1, IGNORE]], dtype=np.uint8)
     store = np.array([[1, 1], [0, IGNORE]], dtype=np.uint8)
-    review = review_image(probabilities(np.zeros((2, 2), dtype=np.int64), 0.99, 2), torch.from_numpy(given), IGNORE, corrected=torch.from_numpy(store))
+    review = review_image(
+        probabilities(np.zeros((2, 2), dtype=np.int64), 0.99, 2),
+        torch.from_numpy(given),
+        IGNORE,
+        corrected=torch.from_numpy(store),
+    )
     assert np.array_equal(review.corrected.numpy(), store)
     assert review.changed_fraction == pytest.approx(2 / 3)
     assert review.issue.sum() == 2  # the two 1s under a confident 0
@@ -75,7 +80,9 @@ def test_bad_shapes_and_class_ids_are_refused() -> None:
 
 
 def test_label_quality_matches_cleanlab() -> None:
-    rank = pytest.importorskip("cleanlab.segmentation.rank", reason="cleanlab is the optional benchmark extra (pip install .[bench])")
+    rank = pytest.importorskip(
+        "cleanlab.segmentation.rank", reason="cleanlab is the optional benchmark extra (pip install .[bench])"
+    )
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(3, 4, 9, 11))
     probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)

@@ -41,9 +41,7 @@ def history(n: int, **columns: list) -> list[dict]:
 
 
 def test_validation_rules_take_the_first_best_epoch() -> None:
-    records = history(
-        6, val=[0.1, 0.5, 0.7, 0.7, 0.6, None], val_noisy=[0.2, 0.6, 0.55, 0.4, 0.6, 0.3]
-    )
+    records = history(6, val=[0.1, 0.5, 0.7, 0.7, 0.6, None], val_noisy=[0.2, 0.6, 0.55, 0.4, 0.6, 0.3])
     assert selected_epoch("clean-val", records) == 3  # 0.7 first at epoch 3, the tie at 4 loses
     assert selected_epoch("noisy-val", records) == 2  # 0.6 at epoch 2 beats the tie at 5
     assert selected_epoch("last", records) == 6
@@ -88,9 +86,7 @@ def test_fitted_curves_wait_for_every_class() -> None:
     records = history(8, fits={"1": FIT_EPOCH_4, "2": FIT_EPOCH_6})
     assert selected_epoch("label-free-curves", records) == 6
     assert selected_epoch("label-free-curves", history(8, fits={"1": FIT_EPOCH_4})) == 4
-    assert (
-        selected_epoch("label-free-curves", records[:5]) == 5
-    )  # class 2 not yet: the newest epoch
+    assert selected_epoch("label-free-curves", records[:5]) == 5  # class 2 not yet: the newest epoch
     # A class without a fit (never learned) never meets the rule: the last epoch.
     assert selected_epoch("label-free-curves", history(8, fits={"1": FIT_EPOCH_4, "2": None})) == 8
 
@@ -111,15 +107,10 @@ def test_every_rule_moves_only_to_the_newest_epoch() -> None:
         records = history(
             n,
             val=list(rng.uniform(0, 1, n).round(2)),
-            val_noisy=[
-                None if rng.random() < 0.2 else float(v) for v in rng.uniform(0, 1, n).round(2)
-            ],
+            val_noisy=[None if rng.random() < 0.2 else float(v) for v in rng.uniform(0, 1, n).round(2)],
             pc=[
                 None,
-                *(
-                    None if rng.random() < 0.1 else float(v)
-                    for v in rng.uniform(0, 1, n - 1).round(2)
-                ),
+                *(None if rng.random() < 0.1 else float(v) for v in rng.uniform(0, 1, n - 1).round(2)),
             ],
             fits=fits,
         )
@@ -165,10 +156,7 @@ def test_selection_summary_gives_the_test_score_at_each_rule() -> None:
     }
     assert summary["test_miou_fg_at"]["label-free"] == 0.4
     without = selection_summary(history(3, val=[0.1, 0.2, 0.1]), "clean-val")
-    assert (
-        without["selected_epoch"]["noisy-val"] is None
-        and without["test_miou_at"]["noisy-val"] is None
-    )
+    assert without["selected_epoch"]["noisy-val"] is None and without["test_miou_at"]["noisy-val"] is None
 
 
 def test_default_rule_follows_the_masks_a_user_has() -> None:

@@ -85,9 +85,7 @@ def miou_of(model: torch.nn.Module, data: Path, split: str, masks: Path) -> floa
         normalised = (image - image.mean()) / (image.std() + 1e-6)
         with torch.no_grad():
             prediction = (
-                whole_image_logits(model, torch.from_numpy(normalised[None, None]).float())
-                .argmax(dim=1)[0]
-                .numpy()
+                whole_image_logits(model, torch.from_numpy(normalised[None, None]).float()).argmax(dim=1)[0].numpy()
             )
         mask = read_mask(masks / "masks" / f"{slice_id}.png")
         for c in range(len(CLASSES)):
@@ -108,10 +106,7 @@ def test_noisy_validation_masks_select_the_checkpoint(
     noisy = [r["val_noisy"]["miou"] for r in records]
     chosen = int(np.argmax(noisy)) + 1
     assert summary["selection"] == {"rule": "noisy-val", "epoch": chosen}
-    assert (
-        summary["selected_epoch"]["clean-val"]
-        == int(np.argmax([r["val"]["miou"] for r in records])) + 1
-    )
+    assert summary["selected_epoch"]["clean-val"] == int(np.argmax([r["val"]["miou"] for r in records])) + 1
     assert summary["selected_epoch"]["last"] == 4
     for rule, epoch in summary["selected_epoch"].items():
         assert summary["test_miou_at"][rule] == records[epoch - 1]["test"]["miou"], rule
@@ -120,18 +115,11 @@ def test_noisy_validation_masks_select_the_checkpoint(
     # clean validation mIoU; its metadata names the epoch and the rule.
     with caplog.at_level(logging.INFO):
         assert main(["eval", "--run", str(out), "--json"]) == 0
-    assert (
-        f"{out / 'model.safetensors'}: baseline model, epoch {chosen} (selected by noisy-val)"
-        in caplog.text
-    )
+    assert f"{out / 'model.safetensors'}: baseline model, epoch {chosen} (selected by noisy-val)" in caplog.text
     model, info = load_model(resolve_model_file(out))
     assert info.extra["epoch"] == chosen and info.extra["selection"] == "noisy-val"
-    assert miou_of(model, data, "val", labels) == pytest.approx(
-        records[chosen - 1]["val_noisy"]["miou"], abs=1e-9
-    )
-    assert miou_of(model, data, "val", data) == pytest.approx(
-        records[chosen - 1]["val"]["miou"], abs=1e-9
-    )
+    assert miou_of(model, data, "val", labels) == pytest.approx(records[chosen - 1]["val_noisy"]["miou"], abs=1e-9)
+    assert miou_of(model, data, "val", data) == pytest.approx(records[chosen - 1]["val"]["miou"], abs=1e-9)
     # Label Wave's measure: none at epoch 1, then a fraction of the training pixels.
     assert records[0]["prediction_change"] is None
     assert all(0.0 <= r["prediction_change"] <= 1.0 for r in records[1:])
@@ -145,29 +133,20 @@ def test_cached_and_streamed_runs_measure_the_same_prediction_changes(
     data, labels = folders
     runs = {cache: tmp_path / cache for cache in ("true", "false")}
     for cache, out in runs.items():
-        train(
-            run_config(
-                data, labels, out, f"loader.cache={cache}", "loader.num_workers=0", "epochs=3"
-            )
-        )
+        train(run_config(data, labels, out, f"loader.cache={cache}", "loader.num_workers=0", "epochs=3"))
     cached, streamed = (read_records(out) for out in runs.values())
     assert [r["prediction_change"] for r in cached] == pytest.approx(
         [r["prediction_change"] for r in streamed], abs=1e-3
     )
 
 
-def test_without_noisy_masks_the_datasets_validation_masks_select(
-    folders: tuple[Path, Path], tmp_path: Path
-) -> None:
+def test_without_noisy_masks_the_datasets_validation_masks_select(folders: tuple[Path, Path], tmp_path: Path) -> None:
     data, _ = folders
     out = tmp_path / "own"
     summary = train(run_config(data, None, out, "epochs=3"))
     records = read_records(out)
     assert all("val_noisy" not in r for r in records)
-    assert (
-        summary["selection"]["rule"] == "clean-val"
-        and summary["selected_epoch"]["noisy-val"] is None
-    )
+    assert summary["selection"]["rule"] == "clean-val" and summary["selected_epoch"]["noisy-val"] is None
     assert summary["selection"]["epoch"] == int(np.argmax([r["val"]["miou"] for r in records])) + 1
     assert load_model(resolve_model_file(out))[1].extra["selection"] == "clean-val"
 
@@ -185,15 +164,11 @@ def test_without_a_validation_split_the_rule_is_label_free(
     records = read_records(out)
     assert all(r["val"]["miou"] is None for r in records)
     assert summary["selection"]["rule"] == "label-free"
-    assert (
-        summary["selection"]["epoch"] == RULES["label-free"](records) == 3
-    )  # no moving average yet in 3 epochs
+    assert summary["selection"]["epoch"] == RULES["label-free"](records) == 3  # no moving average yet in 3 epochs
     assert load_model(resolve_model_file(out))[1].extra["epoch"] == 3
 
 
-def test_a_labels_folder_with_some_validation_masks_is_refused(
-    folders: tuple[Path, Path], tmp_path: Path
-) -> None:
+def test_a_labels_folder_with_some_validation_masks_is_refused(folders: tuple[Path, Path], tmp_path: Path) -> None:
     data, labels = folders
     partial = tmp_path / "partial"
     shutil.copytree(labels, partial)

@@ -24,9 +24,7 @@ EPOCHS = 5
 
 
 def events(run_dir: Path) -> EventAccumulator:
-    accumulator = EventAccumulator(
-        str(run_dir / TENSORBOARD_DIR), size_guidance={"scalars": 0, "images": 0}
-    )
+    accumulator = EventAccumulator(str(run_dir / TENSORBOARD_DIR), size_guidance={"scalars": 0, "images": 0})
     accumulator.Reload()
     return accumulator
 
@@ -66,9 +64,7 @@ def test_scalars_are_the_metrics_records(arm_run: Path) -> None:
     } <= terms  # arm_objective: ARM's warm-up only
     for term in terms:
         written = scalar_series(accumulator, f"loss/{term}")
-        assert written == pytest.approx(
-            {r["epoch"]: r["loss"][term] for r in records if term in r["loss"]}, **f32
-        )
+        assert written == pytest.approx({r["epoch"]: r["loss"][term] for r in records if term in r["loss"]}, **f32)
     assert series("lr") == pytest.approx([r["lr"] for r in records], **f32)
     for split in ("val", "test"):
         assert series(f"{split}/miou") == pytest.approx([r[split]["miou"] for r in records], **f32)
@@ -76,9 +72,7 @@ def test_scalars_are_the_metrics_records(arm_run: Path) -> None:
             assert series(f"{split}_iou/{name}") == pytest.approx(
                 [r[split]["per_class_iou"][c] for r in records], **f32
             )
-    assert series("labels/corrected_fraction") == pytest.approx(
-        [r["labels_changed_fraction"] for r in records], **f32
-    )
+    assert series("labels/corrected_fraction") == pytest.approx([r["labels_changed_fraction"] for r in records], **f32)
     assert series("labels/corrected_pixels") == [r["corrected_pixels"] for r in records]
     assert any(r["corrected_pixels"] for r in records)
     # correcting/<class> rises at the class's trigger epoch and falls where the guard stopped it.
@@ -110,15 +104,11 @@ def test_validation_images_show_image_mask_and_prediction(
     # The last epoch's weights, from the checkpoint, predict independently of the trainer.
     state = load_file(str(arm_run / "checkpoint" / "state.safetensors"))
     model = create_model("unet", in_channels=1, num_classes=len(CLASSES), base_width=4, depth=2)
-    model.load_state_dict(
-        {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-    )
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
     model.eval()
     for index, slice_id in enumerate(val.ids):
         shots = accumulator.Images(f"val_images/{slice_id}")
-        assert [s.step for s in shots] == list(
-            range(1, EPOCHS + 1)
-        )  # every epoch for a 5-epoch run
+        assert [s.step for s in shots] == list(range(1, EPOCHS + 1))  # every epoch for a 5-epoch run
         panels = np.asarray(Image.open(io.BytesIO(shots[-1].encoded_image_string)).convert("RGB"))
         height, width = val.masks[index].shape
         assert panels.shape == (height, 3 * width, 3)
@@ -156,6 +146,4 @@ def test_a_resumed_run_shows_each_epoch_once(
     train(config, resume=True)
     losses = scalar_series(events(out), "loss/total")
     assert sorted(losses) == [1, 2, 3, 4]
-    assert [losses[e] for e in (1, 2, 3, 4)] == pytest.approx(
-        [r["loss"]["total"] for r in read_records(out)], rel=1e-6
-    )
+    assert [losses[e] for e in (1, 2, 3, 4)] == pytest.approx([r["loss"]["total"] for r in read_records(out)], rel=1e-6)

@@ -44,7 +44,9 @@ from noisyseg.models.model_file import ModelInfo
 
 HAS_TENSORRT_GPU = tensorrt_available() and torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not HAS_TENSORRT_GPU, reason=f"needs TensorRT and a CUDA device: {GPU_EXTRA_MESSAGE}")
-without_tensorrt = pytest.mark.skipif(tensorrt_available(), reason="TensorRT is installed here: the missing-TensorRT path cannot be exercised")
+without_tensorrt = pytest.mark.skipif(
+    tensorrt_available(), reason="TensorRT is installed here: the missing-TensorRT path cannot be exercised"
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,12 @@ def onnx_model(tmp_path_factory: pytest.TempPathFactory):
     torch.manual_seed(0)
     kwargs = {"base_width": 4, "depth": 3}
     path = tmp_path_factory.mktemp("trt") / "model.onnx"
-    export_model(create_model("unet", **kwargs).eval(), ModelInfo("unet", kwargs, list("abcde")), path, ExportConfig(exporter="torchscript"))
+    export_model(
+        create_model("unet", **kwargs).eval(),
+        ModelInfo("unet", kwargs, list("abcde")),
+        path,
+        ExportConfig(exporter="torchscript"),
+    )
     return path
 
 
@@ -105,8 +112,20 @@ def test_module_type_checks_against_tensorrt_stubs(tmp_path) -> None:
     (package_root / "noisyseg").symlink_to(Path(noisyseg.__file__).parent, target_is_directory=True)
     (tmp_path / "mypy.ini").write_text(MYPY_CONFIG)
     (package_root / "misuse.py").write_text(MISUSE)
-    command = [sys.executable, "-m", "mypy", "--strict", "--config-file", str(tmp_path / "mypy.ini"),
-               "--cache-dir", str(tmp_path / "cache"), "-m", "noisyseg.export.tensorrt_engine", "-m", "misuse"]
+    command = [
+        sys.executable,
+        "-m",
+        "mypy",
+        "--strict",
+        "--config-file",
+        str(tmp_path / "mypy.ini"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "-m",
+        "noisyseg.export.tensorrt_engine",
+        "-m",
+        "misuse",
+    ]
     env = {**os.environ, "MYPYPATH": f"{stubs}{os.pathsep}{package_root}"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     errors = [line for line in result.stdout.splitlines() if ": error:" in line]
@@ -117,6 +136,7 @@ def test_module_type_checks_against_tensorrt_stubs(tmp_path) -> None:
 
 
 # ---------------------------------------------------------------- no GPU needed
+
 
 def test_shapes_and_profiles() -> None:
     assert parse_shape("2x1x256x320", "--max-shape") == (2, 1, 256, 320)
@@ -139,10 +159,17 @@ def test_engine_metadata_mismatch_says_rebuild(tmp_path) -> None:
     plan = tmp_path / "model.plan"
     plan.write_bytes(b"plan bytes")
     metadata = EngineMetadata(
-        tensorrt_version="10.13.0.35", gpu_name="NVIDIA H100", compute_capability="9.0", precision="fp16",
-        input_name="image", input_shape=["batch", 1, "height", "width"], output_names=["logits"],
+        tensorrt_version="10.13.0.35",
+        gpu_name="NVIDIA H100",
+        compute_capability="9.0",
+        precision="fp16",
+        input_name="image",
+        input_shape=["batch", 1, "height", "width"],
+        output_names=["logits"],
         profiles=[{"min": [1, 1, 64, 64], "opt": [1, 1, 256, 256], "max": [8, 1, 512, 512]}],
-        onnx_file="model.onnx", onnx_sha256="0" * 64, plan_sha256=file_sha256(plan),
+        onnx_file="model.onnx",
+        onnx_sha256="0" * 64,
+        plan_sha256=file_sha256(plan),
     )
     assert engine_mismatches(metadata, plan, "10.13.0.35", "9.0") == []
     problems = engine_mismatches(metadata, plan, "10.8.0.43", "8.6")
@@ -167,8 +194,19 @@ def test_engine_command_names_the_gpu_extra(onnx_model, tmp_path, monkeypatch, c
     assert not plan.exists()
     # Checking a plan needs TensorRT too: same message, once the plan's metadata is found.
     plan.write_bytes(b"plan")
-    metadata = EngineMetadata("10.13.0.35", "gpu", "9.0", "fp16", "image", ["batch", 1, "height", "width"], ["logits"],
-                              [{"min": [1, 1, 32, 32], "opt": [1, 1, 32, 32], "max": [1, 1, 32, 32]}], "model.onnx", "0", "0")
+    metadata = EngineMetadata(
+        "10.13.0.35",
+        "gpu",
+        "9.0",
+        "fp16",
+        "image",
+        ["batch", 1, "height", "width"],
+        ["logits"],
+        [{"min": [1, 1, 32, 32], "opt": [1, 1, 32, 32], "max": [1, 1, 32, 32]}],
+        "model.onnx",
+        "0",
+        "0",
+    )
     plan_metadata_path(plan).write_text(json.dumps(asdict(metadata)))
     np.savez(tmp_path / "golden.npz", meta=np.array(json.dumps({"cases": 0, "output_names": []})))
     assert cli.main(["export", "check", "--model", str(plan), "--golden", str(tmp_path / "golden.npz")]) == 2
@@ -181,6 +219,7 @@ def test_engine_command_names_the_gpu_extra(onnx_model, tmp_path, monkeypatch, c
 
 # ---------------------------------------------------------------- TensorRT and a GPU
 
+
 @needs_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
@@ -190,8 +229,14 @@ def test_engine_reproduces_onnxruntime(onnx_model, tmp_path, precision) -> None:
 
     plan = tmp_path / f"model.{precision}.plan"
     cache = tmp_path / "timing.cache"
-    config = EngineBuildConfig(precision=precision, min_shape=(1, 1, 32, 32), opt_shape=(2, 1, 64, 64),
-                               max_shape=(4, 1, 128, 128), timing_cache=cache, workspace_gib=1)
+    config = EngineBuildConfig(
+        precision=precision,
+        min_shape=(1, 1, 32, 32),
+        opt_shape=(2, 1, 64, 64),
+        max_shape=(4, 1, 128, 128),
+        timing_cache=cache,
+        workspace_gib=1,
+    )
     metadata = build_engine(onnx_model, plan, config)
     assert cache.is_file() and metadata.plan_sha256 == file_sha256(plan)
     assert metadata.onnx_sha256 == file_sha256(onnx_model) and metadata.precision == precision

@@ -44,18 +44,14 @@ def test_values_are_the_negative_log_density_of_scipys_multivariate_t() -> None:
     target = torch.from_numpy(rng.integers(0, 4, size=(2, 3, 3)))
     target[0, 0, 0] = target[1, 2, 1] = 255
     log_nu = 0.4
-    losses = student_t_loss(
-        logits, target, torch.tensor(log_nu, dtype=torch.float64), reduction="none"
-    )
+    losses = student_t_loss(logits, target, torch.tensor(log_nu, dtype=torch.float64), reduction="none")
     probs = torch.softmax(logits, dim=1).numpy()
     nu = math.exp(log_nu) + 1e-8
     expected = np.zeros((2, 3, 3))
     for n, i, j in np.ndindex(2, 3, 3):
         if target[n, i, j] != 255:
             one_hot = np.eye(4)[int(target[n, i, j])]
-            expected[n, i, j] = -stats.multivariate_t(
-                loc=probs[n, :, i, j], shape=np.eye(4), df=nu
-            ).logpdf(one_hot)
+            expected[n, i, j] = -stats.multivariate_t(loc=probs[n, :, i, j], shape=np.eye(4), df=nu).logpdf(one_hot)
     np.testing.assert_allclose(losses.numpy(), expected, rtol=1e-10, atol=1e-12)
     mean = student_t_loss(logits, target, torch.tensor(log_nu, dtype=torch.float64))
     assert mean.item() == pytest.approx(expected.sum() / 16, rel=1e-12)
@@ -99,9 +95,7 @@ def test_gradients_match_finite_differences_and_the_closed_form() -> None:
 
 def test_the_module_owns_nu_and_the_objective_trains_it() -> None:
     module = TLoss()
-    assert [name for name, _ in module.named_parameters()] == [
-        "log_nu"
-    ] and module.nu.item() == pytest.approx(math.e)
+    assert [name for name, _ in module.named_parameters()] == ["log_nu"] and module.nu.item() == pytest.approx(math.e)
     with pytest.raises(ValueError, match="needs its TLoss module"):
         pixel_loss("tloss", torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long))
     config = build_config(None, ["data=x", "out=y", "method=tloss", "loss.tloss_log_nu=0.5"])
@@ -114,11 +108,7 @@ def test_the_module_owns_nu_and_the_objective_trains_it() -> None:
     torch.testing.assert_close(loss, expected)
     assert terms["tloss_nu"].item() == pytest.approx(math.exp(0.5))
     loss.backward()
-    assert (
-        objective.tloss is not None
-        and objective.tloss.log_nu.grad is not None
-        and objective.tloss.log_nu.grad != 0
-    )
+    assert objective.tloss is not None and objective.tloss.log_nu.grad is not None and objective.tloss.log_nu.grad != 0
     with pytest.raises(ValueError, match="loss.tloss_log_nu"):
         build_config(None, ["data=x", "out=y", "loss.tloss_log_nu=.inf"])
 

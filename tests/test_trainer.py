@@ -58,7 +58,9 @@ def noisy_version(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     noisy = np.zeros_like(mask)
     for class_id in range(1, len(CLASSES)):
         organ = mask == class_id
-        changed = ndimage.binary_dilation(organ, iterations=2) if dilate else ndimage.binary_erosion(organ, iterations=2)
+        changed = (
+            ndimage.binary_dilation(organ, iterations=2) if dilate else ndimage.binary_erosion(organ, iterations=2)
+        )
         noisy[changed & (noisy == 0)] = class_id
     return noisy
 
@@ -87,7 +89,14 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
             if split == "train":
                 write_png(labels / "masks" / f"{slice_id}.png", noisy_version(mask, rng))
         (data / "splits" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
-    info = {"name": "tiny", "classes": CLASSES, "ignore_index": 255, "modality": "CT", "image_format": "npy", "patients": {s: [p] for s, (p, _) in patients.items()}}
+    info = {
+        "name": "tiny",
+        "classes": CLASSES,
+        "ignore_index": 255,
+        "modality": "CT",
+        "image_format": "npy",
+        "patients": {s: [p] for s, (p, _) in patients.items()},
+    }
     (data / "dataset.json").write_text(json.dumps(info))
     return data, labels
 
@@ -96,12 +105,29 @@ def tiny_config(folders: tuple[Path, Path], out: Path, *overrides: str) -> Train
     data, labels = folders
     return build_config(
         None,
-        [f"data={data}", f"labels={labels}", f"out={out}", "epochs=2", "batch_size=3", "quiet=true", "optim.lr=0.01", "optim.momentum=0.9", f"loss.backend={REFERENCE_LOSS}", *TINY_MODEL, *overrides],
+        [
+            f"data={data}",
+            f"labels={labels}",
+            f"out={out}",
+            "epochs=2",
+            "batch_size=3",
+            "quiet=true",
+            "optim.lr=0.01",
+            "optim.momentum=0.9",
+            f"loss.backend={REFERENCE_LOSS}",
+            *TINY_MODEL,
+            *overrides,
+        ],
     )
 
 
 def tree_digest(*folders: Path) -> dict[str, str]:
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for folder in folders for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+        for folder in folders
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def read_records(run_dir: Path) -> list[dict]:
@@ -125,7 +151,20 @@ def test_outputs_follow_the_contract(straight_run: Path) -> None:
     records = read_records(straight_run)
     assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5]
     last = records[-1]
-    assert {"epoch", "iteration", "method", "lr", "loss", "train_iou", "val", "test", "trigger", "labels_changed_fraction", "iou_el", "iou_m"} <= set(last)
+    assert {
+        "epoch",
+        "iteration",
+        "method",
+        "lr",
+        "loss",
+        "train_iou",
+        "val",
+        "test",
+        "trigger",
+        "labels_changed_fraction",
+        "iou_el",
+        "iou_m",
+    } <= set(last)
     assert last["iteration"] == 5 * 3  # 8 slices in batches of 3
     assert set(last["train_iou"]) == set(last["iou_el"]) == set(last["iou_m"]) == {"1", "2", "3", "4"}
     assert {"total", "ce", "consistency"} <= set(last["loss"])
@@ -145,7 +184,9 @@ def test_outputs_follow_the_contract(straight_run: Path) -> None:
     assert info.method == "adele+arm" and info.extra["epoch"] == best_epoch
 
 
-def test_label_correction_changes_the_store_but_never_the_files(folders: tuple[Path, Path], straight_run: Path, tmp_path: Path) -> None:
+def test_label_correction_changes_the_store_but_never_the_files(
+    folders: tuple[Path, Path], straight_run: Path, tmp_path: Path
+) -> None:
     records = read_records(straight_run)
     assert records[2]["labels_changed_fraction"] == 0.0  # triggered at 3, iteration timing corrects from 4
     assert records[4]["labels_changed_fraction"] > 0.0
@@ -158,7 +199,9 @@ def test_label_correction_changes_the_store_but_never_the_files(folders: tuple[P
     assert tree_digest(*folders) == before
 
 
-def test_the_review_of_an_adele_run_corrects_with_its_label_store(folders: tuple[Path, Path], straight_run: Path, tmp_path: Path) -> None:
+def test_the_review_of_an_adele_run_corrects_with_its_label_store(
+    folders: tuple[Path, Path], straight_run: Path, tmp_path: Path
+) -> None:
     from noisyseg.data.folder import read_mask
     from noisyseg.review.runner import ReviewOptions, run_review
     from noisyseg.review.sources import RunSource
@@ -171,8 +214,13 @@ def test_the_review_of_an_adele_run_corrects_with_its_label_store(folders: tuple
     for index, slice_id in enumerate(original.ids):
         assert np.array_equal(read_mask(tmp_path / "review" / "corrected" / f"{slice_id}.png"), store[index])
     moved = np.array(summary["transitions"])
-    changed = np.bincount(original.masks.astype(np.int64).ravel() * len(CLASSES) + store.ravel(), minlength=len(CLASSES) ** 2).reshape(moved.shape)
-    assert np.array_equal(moved, changed) and moved.sum() - np.trace(moved) == np.count_nonzero(store != original.masks) > 0
+    changed = np.bincount(
+        original.masks.astype(np.int64).ravel() * len(CLASSES) + store.ravel(), minlength=len(CLASSES) ** 2
+    ).reshape(moved.shape)
+    assert (
+        np.array_equal(moved, changed)
+        and moved.sum() - np.trace(moved) == np.count_nonzero(store != original.masks) > 0
+    )
 
 
 def train_until_crash(config: TrainConfig, epoch: int, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -190,7 +238,9 @@ def train_until_crash(config: TrainConfig, epoch: int, monkeypatch: pytest.Monke
     monkeypatch.setattr(Trainer, "save_checkpoint", save)
 
 
-def test_interrupted_and_resumed_run_ends_with_the_same_state(folders: tuple[Path, Path], straight_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_and_resumed_run_ends_with_the_same_state(
+    folders: tuple[Path, Path], straight_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "run"
     config = tiny_config(folders, out, "method=adele+arm", "epochs=5", *EARLY_CORRECTION)
     train_until_crash(config, 4, monkeypatch)
@@ -204,7 +254,9 @@ def test_interrupted_and_resumed_run_ends_with_the_same_state(folders: tuple[Pat
     assert any(k.startswith("arm.") for k in straight) and any(k.startswith("opt.arm.") for k in straight)
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
-    assert np.array_equal(np.load(straight_run / "checkpoint" / "labels.npy"), np.load(out / "checkpoint" / "labels.npy"))
+    assert np.array_equal(
+        np.load(straight_run / "checkpoint" / "labels.npy"), np.load(out / "checkpoint" / "labels.npy")
+    )
     assert (straight_run / "metrics.jsonl").read_text() == (out / "metrics.jsonl").read_text()
 
 
@@ -245,7 +297,14 @@ def checkpoint_arm(tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
 
 def test_deeplab_trains(folders: tuple[Path, Path], tmp_path: Path) -> None:
     """The coarse-label setting's network (regression: channels_last crashed its backward)."""
-    config = tiny_config(folders, tmp_path / "deeplab", "method=gce+arm", "epochs=1", "model.architecture=deeplabv3plus", "model.kwargs={base_width: 4}")
+    config = tiny_config(
+        folders,
+        tmp_path / "deeplab",
+        "method=gce+arm",
+        "epochs=1",
+        "model.architecture=deeplabv3plus",
+        "model.kwargs={base_width: 4}",
+    )
     summary = train(config)
     assert np.isfinite(read_records(tmp_path / "deeplab")[0]["loss"]["total"])
     assert 0.0 <= summary["test_miou"]["last"] <= 1.0
@@ -256,14 +315,19 @@ def test_arm_warm_up_trains_the_network_on_plain_ce_and_arm_alone(folders: tuple
     trainer = make_trainer(config, load_run_data(config))
     images = trainer.data.train_images[:2]
     target = torch.from_numpy(trainer.data.train_labels.stacked()[:2]).long()
-    assert trainer.arm.warming_up(trainer.iteration, trainer.total_iterations) and trainer.arm.optimizer.defaults["maximize"]
+    assert (
+        trainer.arm.warming_up(trainer.iteration, trainer.total_iterations)
+        and trainer.arm.optimizer.defaults["maximize"]
+    )
 
     def gradients(loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         trainer.model.zero_grad()
         trainer.arm.arm.zero_grad()
         loss.backward()
         net = torch.cat([p.grad.flatten() for p in trainer.model.parameters()])
-        arm = torch.cat([torch.zeros(p.numel()) if p.grad is None else p.grad.flatten() for p in trainer.arm.arm.parameters()])
+        arm = torch.cat(
+            [torch.zeros(p.numel()) if p.grad is None else p.grad.flatten() for p in trainer.arm.arm.parameters()]
+        )
         return net, arm
 
     loss, _ = trainer.loss_terms([trainer.model(images)], target)
@@ -278,7 +342,15 @@ def test_arm_warm_up_trains_the_network_on_plain_ce_and_arm_alone(folders: tuple
 
 
 def test_adam_option_builds_adam_for_network_and_ascending_arm(folders: tuple[Path, Path], tmp_path: Path) -> None:
-    config = tiny_config(folders, tmp_path / "adam", "method=arm", "epochs=1", "optim.optimizer=adam", "optim.lr=0.001", "optim.momentum=0.8")
+    config = tiny_config(
+        folders,
+        tmp_path / "adam",
+        "method=arm",
+        "epochs=1",
+        "optim.optimizer=adam",
+        "optim.lr=0.001",
+        "optim.momentum=0.8",
+    )
     trainer = make_trainer(config, load_run_data(config))
     assert isinstance(trainer.optimizer, torch.optim.Adam) and trainer.optimizer.defaults["betas"] == (0.8, 0.999)
     assert isinstance(trainer.arm.optimizer, torch.optim.Adam) and trainer.arm.optimizer.defaults["maximize"]
@@ -289,13 +361,17 @@ def test_adam_option_builds_adam_for_network_and_ascending_arm(folders: tuple[Pa
 
 
 def test_arm_learning_rate_option_follows_the_networks_schedule(folders: tuple[Path, Path], tmp_path: Path) -> None:
-    config = tiny_config(folders, tmp_path / "armlr", "method=arm", "optim.lr=0.2", "arm.lr=0.01", "optim.schedule=poly", "epochs=4")
+    config = tiny_config(
+        folders, tmp_path / "armlr", "method=arm", "optim.lr=0.2", "arm.lr=0.01", "optim.schedule=poly", "epochs=4"
+    )
     trainer = make_trainer(config, load_run_data(config))
     trainer.iteration = trainer.total_iterations // 2
     factor = 0.5**config.optim.poly_power
     assert trainer.set_learning_rate() == pytest.approx(0.2 * factor)
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.2 * factor)
-    assert trainer.arm.optimizer is not None and trainer.arm.optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * factor)
+    assert trainer.arm.optimizer is not None and trainer.arm.optimizer.param_groups[0]["lr"] == pytest.approx(
+        0.01 * factor
+    )
 
 
 def test_multistep_schedule_is_the_arm_papers() -> None:
@@ -303,7 +379,9 @@ def test_multistep_schedule_is_the_arm_papers() -> None:
     total = 1000
     assert lr_factor("multistep", 0, total) == pytest.approx(0.01)
     assert lr_factor("multistep", 25, total) == pytest.approx(0.01 + 0.99 * 0.5)
-    assert [lr_factor("multistep", i, total) for i in (50, 599, 600, 899, 900, 999)] == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
+    assert [lr_factor("multistep", i, total) for i in (50, 599, 600, 899, 900, 999)] == pytest.approx(
+        [1.0, 1.0, 0.1, 0.1, 0.01, 0.01]
+    )
     assert lr_factor("constant", 500, total) == 1.0
 
 
@@ -319,7 +397,13 @@ def test_trigger_state_fires_per_class_or_all_at_once(adaptive: bool) -> None:
     curves = {c: saturating(0.8, b, 15) for c, b in rates.items()}
     state = adele.TriggerState(num_classes=5)
     for epoch in range(1, 16):
-        state.update(epoch, np.array([0.9, *(curves[c][epoch - 1] for c in range(1, 5))]), AdeleConfig(r=0.9, min_fit_points=3, min_rise=0.05), detect=True, adaptive=adaptive)
+        state.update(
+            epoch,
+            np.array([0.9, *(curves[c][epoch - 1] for c in range(1, 5))]),
+            AdeleConfig(r=0.9, min_fit_points=3, min_rise=0.05),
+            detect=True,
+            adaptive=adaptive,
+        )
     if adaptive:
         assert state.trigger_epoch == {1: 4, 2: 11, 3: 6, 4: 6}
     else:
@@ -331,7 +415,13 @@ def test_trigger_state_fires_per_class_or_all_at_once(adaptive: bool) -> None:
 
 def test_correction_schedule_follows_timing_and_frequency(folders: tuple[Path, Path], tmp_path: Path) -> None:
     def due_epochs(timing: str, every: int) -> list[int]:
-        config = tiny_config(folders, tmp_path / "schedule", "method=adele", f"adele.correction_timing={timing}", f"adele.correction_every={every}")
+        config = tiny_config(
+            folders,
+            tmp_path / "schedule",
+            "method=adele",
+            f"adele.correction_timing={timing}",
+            f"adele.correction_every={every}",
+        )
         trainer = make_trainer(config, load_run_data(config))
         trainer.labels.triggers.trigger_epoch.update({1: 3, 2: 5})
         return [e for e in range(1, 25) if trainer.labels.correction_classes(e) is not None]
@@ -360,8 +450,18 @@ def collapse_onto_background(model: torch.nn.Module, num_classes: int) -> None:
 
 
 @pytest.mark.parametrize("guard", [True, False])
-def test_guard_stops_and_undoes_a_correction_that_erases_a_class(folders: tuple[Path, Path], tmp_path: Path, guard: bool) -> None:
-    config = tiny_config(folders, tmp_path / "guard", "method=adele", "epochs=1", "optim.lr=1e-6", "adele.correction_timing=epoch", f"adele.guard={str(guard).lower()}")
+def test_guard_stops_and_undoes_a_correction_that_erases_a_class(
+    folders: tuple[Path, Path], tmp_path: Path, guard: bool
+) -> None:
+    config = tiny_config(
+        folders,
+        tmp_path / "guard",
+        "method=adele",
+        "epochs=1",
+        "optim.lr=1e-6",
+        "adele.correction_timing=epoch",
+        f"adele.guard={str(guard).lower()}",
+    )
     trainer = make_trainer(config, load_run_data(config))
     collapse_onto_background(trainer.model, trainer.data.num_classes)
     trainer.labels.triggers.trigger_epoch[2] = 1  # class 2 triggered, then its prediction collapsed
@@ -401,7 +501,9 @@ def test_noise_diagnostics_of_the_training_pass_on_a_hand_made_case(folders: tup
     assert iou_per_class(counters.train_meter.matrix)[1] == pytest.approx(2 / 3)
 
 
-def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(folders: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(
+    folders: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "nan"
     terms = Trainer.loss_terms
 
@@ -423,10 +525,31 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(folders
 
 def cli_train(folders: tuple[Path, Path], out: Path, *extra: str) -> int:
     data, labels = folders
-    return main(["train", "--data", str(data), "--labels", str(labels), "--out", str(out), "--epochs", "1", "--batch-size", "4", "--quiet", "--loss-backend", REFERENCE_LOSS, *[f"--set={o}" for o in TINY_MODEL], *extra])
+    return main(
+        [
+            "train",
+            "--data",
+            str(data),
+            "--labels",
+            str(labels),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--quiet",
+            "--loss-backend",
+            REFERENCE_LOSS,
+            *[f"--set={o}" for o in TINY_MODEL],
+            *extra,
+        ]
+    )
 
 
-def test_cli_train_resume_and_refusals(folders: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_train_resume_and_refusals(
+    folders: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "run"
     config_file = tmp_path / "run.yaml"
     config_file.write_text("method: baseline-ms\nepochs: 5\nadele: {scales: [1.0, 0.5]}\n", encoding="utf-8")
@@ -449,7 +572,9 @@ def test_cli_train_resume_and_refusals(folders: tuple[Path, Path], tmp_path: Pat
     assert tree_digest(out) == before
 
 
-def test_resume_refuses_a_label_store_that_does_not_match_the_data(folders: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_refuses_a_label_store_that_does_not_match_the_data(
+    folders: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data, labels = folders
     changed_labels = tmp_path / "noisy_copy"
     (changed_labels / "masks").mkdir(parents=True)
@@ -467,7 +592,9 @@ def test_resume_refuses_a_label_store_that_does_not_match_the_data(folders: tupl
     assert tree_digest(out) == before
 
 
-def test_eval_and_predict_agree_with_an_independent_computation(folders: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_and_predict_agree_with_an_independent_computation(
+    folders: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data, _ = folders
     out = tmp_path / "run"
     assert cli_train(folders, out, "--method", "baseline") == 0
@@ -497,7 +624,9 @@ def test_eval_and_predict_agree_with_an_independent_computation(folders: tuple[P
     masks = tmp_path / "masks"
     assert main(["predict", "--run", str(out), "--input", str(inputs), "--out", str(masks), "--quiet"]) == 0
     for slice_id in val_ids:
-        assert np.array_equal(np.asarray(Image.open(masks / f"{slice_id}.png")), np.load(tmp_path / f"expected_{slice_id}.npy"))
+        assert np.array_equal(
+            np.asarray(Image.open(masks / f"{slice_id}.png")), np.load(tmp_path / f"expected_{slice_id}.npy")
+        )
 
 
 def test_commands_report_bad_input_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -509,7 +638,12 @@ def test_commands_report_bad_input_in_one_line(tmp_path: Path, capsys: pytest.Ca
 
 def test_checkpoint_survives_a_crash_between_the_directory_renames(tmp_path: Path) -> None:
     def write(epoch: int) -> None:
-        write_checkpoint(tmp_path, {"w": torch.full((2,), float(epoch))}, {"epoch": epoch}, lambda d: (d / "extra.txt").write_text(str(epoch)))
+        write_checkpoint(
+            tmp_path,
+            {"w": torch.full((2,), float(epoch))},
+            {"epoch": epoch},
+            lambda d: (d / "extra.txt").write_text(str(epoch)),
+        )
 
     write(1)
     write(2)
@@ -528,7 +662,9 @@ def test_checkpoint_survives_a_crash_between_the_directory_renames(tmp_path: Pat
 
 # ----------------------------------------------------------------------------- device and precision
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: torch.cuda.is_available() is False here")
+CUDA = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device: torch.cuda.is_available() is False here"
+)
 
 
 def spy_logit_dtypes(monkeypatch: pytest.MonkeyPatch) -> list[torch.dtype]:
@@ -544,7 +680,9 @@ def spy_logit_dtypes(monkeypatch: pytest.MonkeyPatch) -> list[torch.dtype]:
     return seen
 
 
-def test_bf16_autocast_trains_on_the_cpu_close_to_fp32(folders: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bf16_autocast_trains_on_the_cpu_close_to_fp32(
+    folders: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     seen = spy_logit_dtypes(monkeypatch)
     fp32 = train(tiny_config(folders, tmp_path / "fp32", "method=adele+arm", "epochs=1", "precision=fp32"))
     assert set(seen) == {torch.float32}
@@ -560,7 +698,9 @@ def test_bf16_autocast_trains_on_the_cpu_close_to_fp32(folders: tuple[Path, Path
     assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float32}
 
 
-def test_a_run_resumes_in_another_precision_and_fp16_keeps_its_loss_scale(folders: tuple[Path, Path], tmp_path: Path) -> None:
+def test_a_run_resumes_in_another_precision_and_fp16_keeps_its_loss_scale(
+    folders: tuple[Path, Path], tmp_path: Path
+) -> None:
     out = tmp_path / "fp16"
     train(tiny_config(folders, out, "method=baseline", "epochs=1", "precision=fp16"))
     state = json.loads((out / "checkpoint" / "state.json").read_text())
@@ -569,7 +709,9 @@ def test_a_run_resumes_in_another_precision_and_fp16_keeps_its_loss_scale(folder
     assert summary["epochs"] == 2 and [r["epoch"] for r in read_records(out)] == [1, 2]
 
 
-def test_compiled_network_trains_and_saves_the_plain_modules_weights(folders: tuple[Path, Path], tmp_path: Path) -> None:
+def test_compiled_network_trains_and_saves_the_plain_modules_weights(
+    folders: tuple[Path, Path], tmp_path: Path
+) -> None:
     out = tmp_path / "compiled"
     train(tiny_config(folders, out, "method=baseline", "epochs=1", "model.compile=true"))
     model, _ = load_model(resolve_model_file(out))  # keys without torch.compile's `_orig_mod.` prefix
@@ -577,14 +719,23 @@ def test_compiled_network_trains_and_saves_the_plain_modules_weights(folders: tu
 
 
 @CUDA
-def test_cuda_bf16_run_uses_the_triton_loss_and_resumes_on_the_cpu(folders: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cuda_bf16_run_uses_the_triton_loss_and_resumes_on_the_cpu(
+    folders: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from noisyseg.kernels import functional
 
     backends: list[str] = []
     resolve = functional.resolve_backend
-    monkeypatch.setattr(functional, "resolve_backend", lambda name, example: backends.append(resolve(name, example)) or backends[-1])
+    monkeypatch.setattr(
+        functional, "resolve_backend", lambda name, example: backends.append(resolve(name, example)) or backends[-1]
+    )
     out = tmp_path / "cuda"
-    train(tiny_config(folders, out, "method=adele+arm", "epochs=1", "device=cuda", "precision=auto", "loss.backend=auto"))
+    train(
+        tiny_config(folders, out, "method=adele+arm", "epochs=1", "device=cuda", "precision=auto", "loss.backend=auto")
+    )
     assert "triton" in backends and "numba" not in backends
-    summary = train(tiny_config(folders, out, "method=adele+arm", "epochs=2", "device=cpu", "precision=auto", "loss.backend=auto"), resume=True)
+    summary = train(
+        tiny_config(folders, out, "method=adele+arm", "epochs=2", "device=cpu", "precision=auto", "loss.backend=auto"),
+        resume=True,
+    )
     assert summary["epochs"] == 2

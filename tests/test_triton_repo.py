@@ -24,10 +24,15 @@ from noisyseg.models import create_model
 from noisyseg.models.model_file import ModelInfo
 
 CLASSES = ["background", "esophagus", "heart", "trachea", "aorta"]
-ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: model_config_pb2.TYPE_FP32, onnx.TensorProto.INT64: model_config_pb2.TYPE_INT64}
+ONNX_TO_TRITON = {
+    onnx.TensorProto.FLOAT: model_config_pb2.TYPE_FP32,
+    onnx.TensorProto.INT64: model_config_pb2.TYPE_INT64,
+}
 
 
-@pytest.fixture(scope="module", params=[("logits", None), ("labels", (32, 48))], ids=["logits-dynamic", "labels-static"])
+@pytest.fixture(
+    scope="module", params=[("logits", None), ("labels", (32, 48))], ids=["logits-dynamic", "labels-static"]
+)
 def onnx_model(request, tmp_path_factory: pytest.TempPathFactory):
     output, static_size = request.param
     torch.manual_seed(0)
@@ -45,8 +50,11 @@ def parse_config(path) -> model_config_pb2.ModelConfig:
 def expected_io(values: list[onnx.ValueInfoProto]) -> list[tuple[str, int, list[int]]]:
     """(name, Triton data type, dims without batch; -1 where the graph has a symbolic dim)."""
     return [
-        (v.name, ONNX_TO_TRITON[v.type.tensor_type.elem_type],
-         [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim][1:])
+        (
+            v.name,
+            ONNX_TO_TRITON[v.type.tensor_type.elem_type],
+            [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim][1:],
+        )
         for v in values
     ]
 
@@ -70,10 +78,13 @@ def test_config_matches_the_onnx_graph(onnx_model, tmp_path) -> None:
 
 def test_the_served_json_and_the_file_are_the_same_configuration() -> None:
     config = TritonModelConfig(
-        "seg", "onnxruntime_onnx", 4,
+        "seg",
+        "onnxruntime_onnx",
+        4,
         [TritonTensor("image", "TYPE_FP32", [1, -1, -1])],
         [TritonTensor("logits", "TYPE_FP32", [5, -1, -1]), TritonTensor("labels", "TYPE_INT64", [-1, -1])],
-        {"class_names": json.dumps(["a", 'b "quoted"']), "stride": "16"}, 250,
+        {"class_names": json.dumps(["a", 'b "quoted"']), "stride": "16"},
+        250,
     )
     from_file = text_format.Parse(config.to_pbtxt(), model_config_pb2.ModelConfig())
     from_json = json_format.ParseDict(config.to_json(), model_config_pb2.ModelConfig())
@@ -88,10 +99,17 @@ def fake_engine_files(tmp_path, onnx_model, max_batch: int):
     plan = tmp_path / "model.plan"
     plan.write_bytes(b"serialized engine bytes")
     metadata = EngineMetadata(
-        tensorrt_version="10.13.0.35", gpu_name="NVIDIA H100", compute_capability="9.0", precision="fp16",
-        input_name="image", input_shape=["batch", 1, "height", "width"], output_names=["logits"],
+        tensorrt_version="10.13.0.35",
+        gpu_name="NVIDIA H100",
+        compute_capability="9.0",
+        precision="fp16",
+        input_name="image",
+        input_shape=["batch", 1, "height", "width"],
+        output_names=["logits"],
         profiles=[{"min": [1, 1, 32, 32], "opt": [1, 1, 64, 64], "max": [max_batch, 1, 128, 128]}],
-        onnx_file=onnx_model.name, onnx_sha256="0" * 64, plan_sha256="0" * 64,
+        onnx_file=onnx_model.name,
+        onnx_sha256="0" * 64,
+        plan_sha256="0" * 64,
     )
     plan_metadata_path(plan).write_text(json.dumps(asdict(metadata)))
     return plan
@@ -100,7 +118,18 @@ def fake_engine_files(tmp_path, onnx_model, max_batch: int):
 def test_engine_repository_uses_the_plan_and_respects_its_profile(onnx_model, tmp_path, monkeypatch, capsys) -> None:
     plan = fake_engine_files(tmp_path, onnx_model, max_batch=8)
     monkeypatch.setattr(cli, "COMMAND_MODULES", ["noisyseg.commands.export"])
-    argv = ["export", "triton-repo", "--onnx", str(onnx_model), "--engine", str(plan), "--out", str(tmp_path / "repo"), "--name", "seg_trt"]
+    argv = [
+        "export",
+        "triton-repo",
+        "--onnx",
+        str(onnx_model),
+        "--engine",
+        str(plan),
+        "--out",
+        str(tmp_path / "repo"),
+        "--name",
+        "seg_trt",
+    ]
     assert cli.main(argv) == 0
     config = parse_config(tmp_path / "repo" / "seg_trt" / "config.pbtxt")
     assert config.platform == "tensorrt_plan" and config.max_batch_size == 8

@@ -54,7 +54,14 @@ class Batch:
 class CachedBatches:
     eval_workers = 0
 
-    def __init__(self, config: TrainConfig, data: RunData, corrections: LabelCorrections, device: torch.device, memory_format: torch.memory_format) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        data: RunData,
+        corrections: LabelCorrections,
+        device: torch.device,
+        memory_format: torch.memory_format,
+    ) -> None:
         self.config, self.corrections, self.device, self.memory_format = config, corrections, device, memory_format
         assert data.train_images is not None
         self.images = data.train_images.to(device)
@@ -73,13 +80,17 @@ class CachedBatches:
             return Batch(rows, images, target)
         return Batch(rows, images, target, self.annotations[rows], self.clean[rows])
 
-    def correct_whole_images(self, model: nn.Module, precision: Precision, block: range, scales: list[float], classes: torch.Tensor) -> torch.Tensor:
+    def correct_whole_images(
+        self, model: nn.Module, precision: Precision, block: range, scales: list[float], classes: torch.Tensor
+    ) -> torch.Tensor:
         """`epoch` timing: predict this rank's `block` of training images, correct their rows."""
         if not len(block):
             return torch.zeros((), dtype=torch.int64, device=self.device)
         with precision.autocast(self.device):
             images = self.images[block.start : block.stop]
-            probs = predict_batches(model, images, self.config.eval_batch_size, scales, self.config.adele.correction_flip)
+            probs = predict_batches(
+                model, images, self.config.eval_batch_size, scales, self.config.adele.correction_flip
+            )
         rows = torch.arange(block.start, block.stop, device=self.device)
         return self.corrections.correct_rows(rows, self.corrections.labels[rows].long(), probs, classes)
 
@@ -88,8 +99,21 @@ class CachedBatches:
 
 
 class StreamedBatches:
-    def __init__(self, config: TrainConfig, data: RunData, corrections: LabelCorrections, device: torch.device, memory_format: torch.memory_format) -> None:
-        self.config, self.data, self.corrections, self.device, self.memory_format = config, data, corrections, device, memory_format
+    def __init__(
+        self,
+        config: TrainConfig,
+        data: RunData,
+        corrections: LabelCorrections,
+        device: torch.device,
+        memory_format: torch.memory_format,
+    ) -> None:
+        self.config, self.data, self.corrections, self.device, self.memory_format = (
+            config,
+            data,
+            corrections,
+            device,
+            memory_format,
+        )
         self.eval_workers = worker_count(config.loader.num_workers)
         self.loader: DataLoader | None = None
         self.sampler: EpochBatches | None = None
@@ -100,7 +124,14 @@ class StreamedBatches:
         checkpoint was restored, so its workers map the store that training continues from."""
         if self.loader is None:
             data = self.data
-            items = TrainingItems(data.train_source, self.corrections.store, data.train_labels, data.clean_train_labels, self.config.loader.augment, self.config.seed)
+            items = TrainingItems(
+                data.train_source,
+                self.corrections.store,
+                data.train_labels,
+                data.clean_train_labels,
+                self.config.loader.augment,
+                self.config.seed,
+            )
             self.loader, self.sampler = training_loader(items, self.config.loader, self.device)
         assert self.sampler is not None
         self.sampler.epoch = epoch
@@ -115,7 +146,9 @@ class StreamedBatches:
         clean = maps[:, 2] if maps.shape[1] > 2 else None
         return Batch(rows, images, maps[:, 0].long(), maps[:, 1], clean, geometry)
 
-    def correct_whole_images(self, model: nn.Module, precision: Precision, block: range, scales: list[float], classes: torch.Tensor) -> torch.Tensor:
+    def correct_whole_images(
+        self, model: nn.Module, precision: Precision, block: range, scales: list[float], classes: torch.Tensor
+    ) -> torch.Tensor:
         """`epoch` timing: each whole training image of `block`, unaugmented, at its own size."""
         changed = torch.zeros((), dtype=torch.int64, device=self.device)
         items = split_items(ImageDataset(self.data.train_source), block, self.eval_workers)

@@ -94,7 +94,19 @@ class Trainer:
     """One run: the network and its optimiser, the hooks of its method, the batch source and
     the history. Built by `trainer.make_trainer`, which composes the parts."""
 
-    def __init__(self, config: TrainConfig, data: RunData, ctx: DistContext, model: nn.Module, network: nn.Module, objective: MethodObjective, optimizer: torch.optim.Optimizer, labels: LabelHook, arm: ArmHook | None, memory_format: torch.memory_format) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        data: RunData,
+        ctx: DistContext,
+        model: nn.Module,
+        network: nn.Module,
+        objective: MethodObjective,
+        optimizer: torch.optim.Optimizer,
+        labels: LabelHook,
+        arm: ArmHook | None,
+        memory_format: torch.memory_format,
+    ) -> None:
         self.config, self.data, self.ctx, self.device = config, data, ctx, ctx.device
         self.precision = resolve_precision(config.precision, self.device)
         self.scaler = self.precision.grad_scaler(self.device)
@@ -117,7 +129,9 @@ class Trainer:
         # Checkpoint selection (`selection.py`): the rule model.safetensors follows; Label Wave's input.
         self.selection_rule = default_rule(data.noisy_val is not None, len(data.val) > 0)
         self.tensorboard: TensorBoardLog | None = None  # rank 0's event files, opened by fit()
-        self.prediction_changes = PredictionChanges(data.train_labels.shapes, self.device, data.cached, ctx, labels.workdir)
+        self.prediction_changes = PredictionChanges(
+            data.train_labels.shapes, self.device, data.cached, ctx, labels.workdir
+        )
 
     @property
     def total_iterations(self) -> int:
@@ -132,14 +146,23 @@ class Trainer:
             set_lr(self.arm.optimizer, self.arm.lr * factor)
         return optim.lr * factor
 
-    def loss_terms(self, logits_per_scale: list[torch.Tensor], target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss_terms(
+        self, logits_per_scale: list[torch.Tensor], target: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The method's loss and its logged terms (`objective.py`), with ARM warming up or not."""
         warming_up = self.arm is not None and self.arm.warming_up(self.iteration, self.total_iterations)
         return self.objective(logits_per_scale, target, None if self.arm is None else self.arm.arm, warming_up)
 
     # ---- one step
 
-    def train_step(self, batch: Batch, counters: EpochCounters, correct: torch.Tensor | None, loss_weight: float = 1.0, padding: bool = False) -> None:
+    def train_step(
+        self,
+        batch: Batch,
+        counters: EpochCounters,
+        correct: torch.Tensor | None,
+        loss_weight: float = 1.0,
+        padding: bool = False,
+    ) -> None:
         """One step on `batch`: this rank's shard of a global batch (all of it for one process).
         `loss_weight` rescales this rank's mean loss so that DDP's gradient average is the
         global batch mean; `padding` rows (weight 0) are neither counted nor corrected."""
@@ -202,14 +225,28 @@ class Trainer:
     def run_epoch(self) -> EpochCounters:
         """Train one epoch (self.epoch is the number of completed epochs before it)."""
         epoch = self.epoch + 1
-        counters = EpochCounters.zeros(self.data.num_classes, self.ignore_index, self.device, noise=self.data.clean_train_labels is not None, confidence=self.arm is not None)
+        counters = EpochCounters.zeros(
+            self.data.num_classes,
+            self.ignore_index,
+            self.device,
+            noise=self.data.clean_train_labels is not None,
+            confidence=self.arm is not None,
+        )
         correct = self.labels.correction_classes(epoch)
         order = torch.randperm(len(self.data.train_ids), generator=self.shuffle)
         self.model.train()
-        shards = [shard_batch(batch, self.ctx.rank, self.ctx.world_size) for batch in order.split(self.config.batch_size)]
+        shards = [
+            shard_batch(batch, self.ctx.rank, self.ctx.world_size) for batch in order.split(self.config.batch_size)
+        ]
         self.batches.start_epoch(epoch, shards)
         quiet = self.config.quiet or not self.ctx.is_main
-        with tqdm(shards, desc=f"{self.config.method} epoch {epoch}/{self.config.epochs}", unit="batch", disable=quiet, leave=False) as progress:
+        with tqdm(
+            shards,
+            desc=f"{self.config.method} epoch {epoch}/{self.config.epochs}",
+            unit="batch",
+            disable=quiet,
+            leave=False,
+        ) as progress:
             for step, shard in enumerate(progress, start=1):
                 self.train_step(self.batches.next(shard.rows), counters, correct, shard.loss_weight, shard.padding)
                 if step % SYNC_EVERY == 0:
@@ -234,7 +271,9 @@ class Trainer:
         """Trigger, end-of-epoch correction, evaluation; returns the epoch's metrics record."""
         self.epoch += 1
         train_iou = iou_per_class(counters.train_meter.matrix)
-        corrected = self.labels.end_epoch(self.epoch, train_iou, int(counters.corrected_pixels), self.correct_whole_images)
+        corrected = self.labels.end_epoch(
+            self.epoch, train_iou, int(counters.corrected_pixels), self.correct_whole_images
+        )
         record: dict[str, Any] = {
             "epoch": self.epoch,
             "iteration": self.iteration,
@@ -259,16 +298,40 @@ class Trainer:
     def evaluate(self, split: Any) -> dict[str, Any]:
         loader = self.config.loader
         with self.precision.autocast(self.device):
-            return evaluate_split(self.model, split, self.data.num_classes, self.ignore_index, self.config.eval_batch_size, self.ctx, loader.eval_window, loader.eval_overlap, self.batches.eval_workers)
+            return evaluate_split(
+                self.model,
+                split,
+                self.data.num_classes,
+                self.ignore_index,
+                self.config.eval_batch_size,
+                self.ctx,
+                loader.eval_window,
+                loader.eval_overlap,
+                self.batches.eval_workers,
+            )
 
     # ---- the run
 
     def fit(self) -> dict[str, Any]:
         """Train from the current epoch to `config.epochs`; writes outputs; returns the summary."""
         batches = self.total_iterations // self.config.epochs
-        log.info("training %s for %d epochs (%d batches each) on %s in %s into %s", self.config.method, self.config.epochs, batches, self.device, self.precision.name, self.run_dir)
+        log.info(
+            "training %s for %d epochs (%d batches each) on %s in %s into %s",
+            self.config.method,
+            self.config.epochs,
+            batches,
+            self.device,
+            self.precision.name,
+            self.run_dir,
+        )
         if self.ctx.is_main:
-            self.tensorboard = TensorBoardLog(self.run_dir.path, self.data.info.classes, self.ignore_index, self.config.epochs, resume_after=self.epoch)
+            self.tensorboard = TensorBoardLog(
+                self.run_dir.path,
+                self.data.info.classes,
+                self.ignore_index,
+                self.config.epochs,
+                resume_after=self.epoch,
+            )
         try:
             while self.epoch < self.config.epochs:
                 record = self.finish_epoch(self.run_epoch())
@@ -278,13 +341,23 @@ class Trainer:
                 if self.tensorboard is not None:
                     self.tensorboard.write_epoch(record, self.model, self.data.val)
                 self.persist(record)
-                log.info("epoch %d: loss %.4f, val mIoU %s, test mIoU %s, labels changed %.4f", record["epoch"], record["loss"]["total"], percent(record["val"]["miou"]), percent(record["test"]["miou"]), record["labels_changed_fraction"])
+                log.info(
+                    "epoch %d: loss %.4f, val mIoU %s, test mIoU %s, labels changed %.4f",
+                    record["epoch"],
+                    record["loss"]["total"],
+                    percent(record["val"]["miou"]),
+                    percent(record["test"]["miou"]),
+                    record["labels_changed_fraction"],
+                )
         finally:
             self.batches.close()
             if self.tensorboard is not None:
                 self.tensorboard.close()
         triggers = self.labels.triggers.trigger_epoch
-        summary = {**build_summary(self.history, triggers, self.best_epoch), **selection_summary(self.history, self.selection_rule)}
+        summary = {
+            **build_summary(self.history, triggers, self.best_epoch),
+            **selection_summary(self.history, self.selection_rule),
+        }
         if self.ctx.is_main:
             self.run_dir.write_summary(summary)
         return summary
@@ -300,8 +373,14 @@ class Trainer:
                 fault_point("metrics-write")
                 self.run_dir.write_metrics(self.history)  # always matches the checkpoint
             except OSError as err:
-                kept = f"the last complete checkpoint (epoch {self.saved_epoch}) is kept" if self.saved_epoch else "no checkpoint was completed"
-                error = RuntimeError(f"{self.run_dir}: could not write the outputs of epoch {record['epoch']} ({err}); training stopped, {kept}; free space and continue with --resume {self.run_dir}")
+                kept = (
+                    f"the last complete checkpoint (epoch {self.saved_epoch}) is kept"
+                    if self.saved_epoch
+                    else "no checkpoint was completed"
+                )
+                error = RuntimeError(
+                    f"{self.run_dir}: could not write the outputs of epoch {record['epoch']} ({err}); training stopped, {kept}; free space and continue with --resume {self.run_dir}"
+                )
         agree_on_error(self.ctx, error, f"writing the outputs of epoch {record['epoch']}")
 
     def track_best(self, record: dict[str, Any]) -> None:
@@ -320,7 +399,12 @@ class Trainer:
             class_names=list(self.data.info.classes),
             normalization=self.data.info.normalization,
             method=self.config.method,
-            extra={"epoch": self.epoch, "selection": self.selection_rule, "val_miou": self.history[-1]["val"]["miou"], "config_hash": self.config.semantic_hash()},
+            extra={
+                "epoch": self.epoch,
+                "selection": self.selection_rule,
+                "val_miou": self.history[-1]["val"]["miou"],
+                "config_hash": self.config.semantic_hash(),
+            },
         )
 
     @property
@@ -331,17 +415,31 @@ class Trainer:
         """Stop unless every rank holds the same weights, ARM, trigger state and label store."""
         if not (self.ctx.enabled and self.config.distributed.verify_replicas):
             return
-        tensors = [*self.model.state_dict().values(), *(self.arm.arm.state_dict().values() if self.arm is not None else [])]
-        digest = state_digest(tensors, [self.labels.store.maps.flat], json.dumps(self.labels.state_dict(), sort_keys=True))
+        tensors = [
+            *self.model.state_dict().values(),
+            *(self.arm.arm.state_dict().values() if self.arm is not None else []),
+        ]
+        digest = state_digest(
+            tensors, [self.labels.store.maps.flat], json.dumps(self.labels.state_dict(), sort_keys=True)
+        )
         verify_agreement(self.ctx, digest, f"the state after epoch {self.epoch}")
         if self.ctx.is_main:
-            log.info("epoch %d: replicas agree across %d ranks (weights, ARM, triggers, label store: sha256 %s)", self.epoch, self.ctx.world_size, digest[:16])
+            log.info(
+                "epoch %d: replicas agree across %d ranks (weights, ARM, triggers, label store: sha256 %s)",
+                self.epoch,
+                self.ctx.world_size,
+                digest[:16],
+            )
 
     # ---- the checkpoint: the trainer's state and each hook's entry
 
     def save_checkpoint(self) -> None:
         rng_tensors, rng = rng_state(self.shuffle, self.device)
-        tensors = {**prefixed("model", self.model.state_dict()), **prefixed("objective", self.objective.state_dict()), **rng_tensors}
+        tensors = {
+            **prefixed("model", self.model.state_dict()),
+            **prefixed("objective", self.objective.state_dict()),
+            **rng_tensors,
+        }
         opt_tensors, net_state = flatten_optimizer("net", self.optimizer)
         tensors.update(opt_tensors)
         optimizers = {"net": net_state}
@@ -358,11 +456,20 @@ class Trainer:
             "rng": rng,
             "triggers": self.labels.state_dict(),
             "history": self.history,
-            "best": {"selection": self.selection_rule, "val_miou": self.history[-1]["val"]["miou"], "epoch": self.best_epoch},
+            "best": {
+                "selection": self.selection_rule,
+                "val_miou": self.history[-1]["val"]["miou"],
+                "epoch": self.best_epoch,
+            },
             "world_size": self.ctx.world_size,
             "grad_scaler": self.scaler.state_dict(),
         }
-        write_checkpoint(self.run_dir.path, tensors, state, lambda directory: (self.labels.store.save(directory), self.prediction_changes.save(directory)))
+        write_checkpoint(
+            self.run_dir.path,
+            tensors,
+            state,
+            lambda directory: (self.labels.store.save(directory), self.prediction_changes.save(directory)),
+        )
         self.saved_epoch = self.epoch
 
     def load_checkpoint(self, directory: Path) -> None:
@@ -374,7 +481,11 @@ class Trainer:
         try:
             self.optimizer.load_state_dict(unflatten_optimizer("net", tensors, state["optimizers"]["net"]))
             if self.arm is not None:
-                self.arm.load_state_dict(tensors, state["optimizers"]["arm"], lambda module, weights, name: load_weights(module, weights, directory, name))
+                self.arm.load_state_dict(
+                    tensors,
+                    state["optimizers"]["arm"],
+                    lambda module, weights, name: load_weights(module, weights, directory, name),
+                )
             restore_rng(tensors, state["rng"], self.shuffle, self.device)
         except (KeyError, RuntimeError) as err:
             raise ValueError(f"{directory}: checkpoint does not match this run's model/method ({err})") from err
@@ -388,7 +499,12 @@ class Trainer:
         self.saved_epoch = self.epoch
         saved_world = int(state.get("world_size", 1))
         if saved_world != self.ctx.world_size:
-            log.warning("%s was written by %d rank(s), resuming with %d: batches are sharded differently from here on", directory, saved_world, self.ctx.world_size)
+            log.warning(
+                "%s was written by %d rank(s), resuming with %d: batches are sharded differently from here on",
+                directory,
+                saved_world,
+                self.ctx.world_size,
+            )
 
 
 def percent(value: float | None) -> str:

@@ -4,6 +4,8 @@ import warnings
 
 from noisyseg.models import create_model
 
-warnings.warn("noisyseg.models moved to noisyseg.models; import create_model from there", DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "noisyseg.models moved to noisyseg.models; import create_model from there", DeprecationWarning, stacklevel=2
+)
 
 __all__ = ["create_model"]

@@ -16,7 +16,9 @@ def make_optimizer(
     """SGD (the papers) or Adam with `optim.momentum` as beta1; `maximize` for ARM's ascent."""
     if optim.optimizer == "adam":
         betas = (optim.momentum, 0.999)
-        return torch.optim.Adam(parameters, lr=optim.lr, betas=betas, weight_decay=optim.weight_decay, maximize=maximize)
+        return torch.optim.Adam(
+            parameters, lr=optim.lr, betas=betas, weight_decay=optim.weight_decay, maximize=maximize
+        )
     return torch.optim.SGD(
         parameters, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay, maximize=maximize
     )

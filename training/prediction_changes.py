@@ -68,21 +68,15 @@ class PredictionChanges:
         self.maps = LabelMaps.allocate(shapes, workdir)
         self.maps.flat[:] = UNSEEN
         self.maps.release()
-        self.on_device = (
-            torch.from_numpy(self.maps.stacked()).to(device, copy=True) if cached else None
-        )
-        self.pending: list[
-            tuple[torch.Tensor, torch.Tensor]
-        ] = []  # (geometry, predictions) of streamed crops
+        self.on_device = torch.from_numpy(self.maps.stacked()).to(device, copy=True) if cached else None
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (geometry, predictions) of streamed crops
         self.zero_counts()
 
     def zero_counts(self) -> None:
         self.changed = torch.zeros((), dtype=torch.int64, device=self.device)
         self.compared = torch.zeros((), dtype=torch.int64, device=self.device)
 
-    def observe(
-        self, prediction: torch.Tensor, rows: torch.Tensor, geometry: torch.Tensor | None = None
-    ) -> None:
+    def observe(self, prediction: torch.Tensor, rows: torch.Tensor, geometry: torch.Tensor | None = None) -> None:
         """Compare a training step's scale-1.0 `prediction` (N, h, w class ids, the argmax the
         trainer's training-IoU counts already computed) with the last prediction of the same
         pixels and store it: `rows` of the cached split (on the device), or streamed crops with
@@ -145,9 +139,7 @@ class PredictionChanges:
         if len(rows):
             stored[rows] = maps
             if self.ctx.enabled:
-                self.on_device[torch.from_numpy(rows).to(self.device)] = torch.from_numpy(maps).to(
-                    self.device
-                )
+                self.on_device[torch.from_numpy(rows).to(self.device)] = torch.from_numpy(maps).to(self.device)
 
     def save(self, directory: str | Path) -> None:
         """Write the maps into a checkpoint directory (after `end_epoch`)."""

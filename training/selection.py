@@ -105,9 +105,7 @@ def label_wave_epoch(
     return best if best is not None else last_epoch(history)
 
 
-def fitted_curves_epoch(
-    history: Sequence[Record], r: float = AdeleConfig.r, min_rise: float = MIN_RISE
-) -> int | None:
+def fitted_curves_epoch(history: Sequence[Record], r: float = AdeleConfig.r, min_rise: float = MIN_RISE) -> int | None:
     """The first epoch by which every foreground class's fitted training-IoU curve (the fit each
     record holds, `record["trigger"][c]["fit"]`) has met ADELE's trigger rule at its epoch: its
     slope fell by the fraction `r` after a rise of `min_rise`. A class meets it once for good.
@@ -163,9 +161,7 @@ def selection_summary(history: Sequence[Record], rule: str) -> dict[str, Any]:
     epochs = {name: choose(history) for name, choose in RULES.items()}
 
     def at(key: str) -> dict[str, float | None]:
-        return {
-            name: by_epoch[e]["test"][key] if e in by_epoch else None for name, e in epochs.items()
-        }
+        return {name: by_epoch[e]["test"][key] if e in by_epoch else None for name, e in epochs.items()}
 
     return {
         "selection": {"rule": rule, "epoch": epochs[rule]},

@@ -73,13 +73,9 @@ class TensorBoardLog:
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step: events at or after the first epoch still to train are dropped from earlier files.
-        self.writer = SummaryWriter(
-            str(self.path), purge_step=resume_after + 1 if resume_after else None
-        )
+        self.writer = SummaryWriter(str(self.path), purge_step=resume_after + 1 if resume_after else None)
 
-    def write_epoch(
-        self, record: dict[str, Any], model: nn.Module | None = None, val: Any = None
-    ) -> None:
+    def write_epoch(self, record: dict[str, Any], model: nn.Module | None = None, val: Any = None) -> None:
         """The scalars of one epoch's `record`; with `model` and `val` (the validation split:
         (image, mask) items and their `ids`), the validation images when this epoch is due."""
         epoch = int(record["epoch"])
@@ -103,16 +99,12 @@ class TensorBoardLog:
     def scalars(self, record: dict[str, Any]) -> list[tuple[str, float]]:
         """(tag, value) of every finite number in `record` that the module docstring lists."""
         names = self.class_names
-        out: list[tuple[str, Any]] = [
-            (f"loss/{term}", value) for term, value in record["loss"].items()
-        ]
+        out: list[tuple[str, Any]] = [(f"loss/{term}", value) for term, value in record["loss"].items()]
         out.append(("lr", record["lr"]))
         for split in ("val", "test"):
             result = record[split]
             out += [(f"{split}/miou", result["miou"]), (f"{split}/miou_fg", result["miou_fg"])]
-            out += [
-                (f"{split}_iou/{names[c]}", iou) for c, iou in enumerate(result["per_class_iou"])
-            ]
+            out += [(f"{split}_iou/{names[c]}", iou) for c, iou in enumerate(result["per_class_iou"])]
         for key in ("train_iou", "iou_el", "iou_m"):
             out += [(f"{key}/{names[int(c)]}", iou) for c, iou in record.get(key, {}).items()]
         out += [
@@ -128,18 +120,12 @@ class TensorBoardLog:
                 ("arm/effective_sample_fraction", arm.effective_fraction),
                 ("arm/wrong_relative_weight", arm.wrong_relative_weight),
             ]
-        return [
-            (tag, float(value))
-            for tag, value in out
-            if value is not None and math.isfinite(float(value))
-        ]
+        return [(tag, float(value)) for tag, value in out if value is not None and math.isfinite(float(value))]
 
     def panels(self, model: nn.Module, image: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
         """(H, 3W, 3) uint8: the image, its mask and the model's single-scale prediction."""
         device = next(model.parameters()).device
-        prediction = (
-            predict_image(model, image[None].to(device), [1.0]).argmax(dim=1)[0].cpu().numpy()
-        )
+        prediction = predict_image(model, image[None].to(device), [1.0]).argmax(dim=1)[0].cpu().numpy()
         step = max(1, math.ceil(max(mask.shape[-2:]) / PANEL_MAX))
         shown = [
             display_image(image.float().numpy()),

@@ -79,9 +79,13 @@ def make_trainer(config: TrainConfig, data: RunData, ctx: DistContext = SINGLE_P
         model = convert_sync_batchnorm(model, ctx)
     model = model.to(device=device, memory_format=memory_format)
     # Images of several sizes and no crop set: a default crop, before anything reads the augmentation.
-    config = with_default_crop(config, data.train_labels.shapes, int(getattr(model, "stride", 1)), f"{config.data} (training split)")
+    config = with_default_crop(
+        config, data.train_labels.shapes, int(getattr(model, "stride", 1)), f"{config.data} (training split)"
+    )
     objective = MethodObjective(config, data.info.ignore_index).to(device)
-    optimizer = make_optimizer([*model.parameters(), *objective.parameters()], config.optim)  # a loss may learn (T-Loss's nu)
+    optimizer = make_optimizer(
+        [*model.parameters(), *objective.parameters()], config.optim
+    )  # a loss may learn (T-Loss's nu)
     arm = None
     if spec.arm:
         module = ARM().to(device)
@@ -112,7 +116,14 @@ def check_input_size(trainer: Trainer) -> None:
     config = trainer.config
     stride = int(getattr(trainer.model, "stride", 1))
     where = f"{config.data} (training split)"
-    check_network_input_size(stride, config.model.architecture, trainer.data.train_labels.shapes, trainer.scales, config.loader.augment, where)
+    check_network_input_size(
+        stride,
+        config.model.architecture,
+        trainer.data.train_labels.shapes,
+        trainer.scales,
+        config.loader.augment,
+        where,
+    )
 
 
 def check_free_space(trainer: Trainer) -> None:
@@ -123,7 +134,9 @@ def check_free_space(trainer: Trainer) -> None:
     checkpoint_bytes = 3 * sum(t.numel() * t.element_size() for t in tensors) + trainer.labels.store.maps.flat.nbytes
     free = shutil.disk_usage(trainer.run_dir.path).free
     if free < 2 * checkpoint_bytes:
-        raise ValueError(f"{trainer.run_dir}: only {free / 1e6:.1f} MB free, a checkpoint needs about {checkpoint_bytes / 1e6:.1f} MB and twice that while it replaces the previous one; free space or choose another --out")
+        raise ValueError(
+            f"{trainer.run_dir}: only {free / 1e6:.1f} MB free, a checkpoint needs about {checkpoint_bytes / 1e6:.1f} MB and twice that while it replaces the previous one; free space or choose another --out"
+        )
 
 
 def set_up_run(config: TrainConfig, resume: bool, ctx: DistContext) -> Trainer:

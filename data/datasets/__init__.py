@@ -21,4 +21,13 @@ from noisyseg.data.datasets.voc import VocSource
 
 # isort: on
 
-__all__ = ["LAYOUTS", "CityscapesSource", "FolderSource", "SegmentationSource", "VocSource", "detect_layout", "open_source", "resolve_layout"]
+__all__ = [
+    "LAYOUTS",
+    "CityscapesSource",
+    "FolderSource",
+    "SegmentationSource",
+    "VocSource",
+    "detect_layout",
+    "open_source",
+    "resolve_layout",
+]

@@ -70,7 +70,9 @@ class SegmentationSource(ABC):
         """(image, mask) of item `index`, checked: same size, class ids in range."""
         image, mask = self.read_image(index), self.read_mask(index)
         if image.shape[1:] != mask.shape:
-            raise ValueError(f"{self.mask_path(index)}: mask size {mask.shape} does not match image {self.image_path(index)} size {image.shape[1:]}")
+            raise ValueError(
+                f"{self.mask_path(index)}: mask size {mask.shape} does not match image {self.image_path(index)} size {image.shape[1:]}"
+            )
         check_mask_values(mask, self.info.num_classes, self.info.ignore_index, self.mask_path(index))
         return image, mask
 
@@ -107,7 +109,9 @@ def read_index_png(path: Path, what: str) -> np.ndarray:
 LAYOUTS: dict[str, tuple[type[SegmentationSource], Callable[[Path], bool]]] = {}
 
 
-def register_layout(name: str, detector: Callable[[Path], bool]) -> Callable[[type[SegmentationSource]], type[SegmentationSource]]:
+def register_layout(
+    name: str, detector: Callable[[Path], bool]
+) -> Callable[[type[SegmentationSource]], type[SegmentationSource]]:
     """Class decorator: add a layout to `LAYOUTS` under `name`."""
 
     def add(cls: type[SegmentationSource]) -> type[SegmentationSource]:
@@ -126,7 +130,9 @@ def detect_layout(root: str | Path) -> str:
     for name, (_, detector) in LAYOUTS.items():
         if detector(path):
             return name
-    raise ValueError(f"{path}: not a dataset folder of any supported layout ({', '.join(LAYOUTS)}); see docs/training.md")
+    raise ValueError(
+        f"{path}: not a dataset folder of any supported layout ({', '.join(LAYOUTS)}); see docs/training.md"
+    )
 
 
 def resolve_layout(root: str | Path, layout: str = "auto", options: Mapping[str, Any] | None = None) -> str:
@@ -140,7 +146,9 @@ def resolve_layout(root: str | Path, layout: str = "auto", options: Mapping[str,
     known = LAYOUTS[name][0].option_names()
     unknown = sorted(set(options or {}) - set(known))
     if unknown:
-        raise ValueError(f"{name} layout of {root}: unknown option(s) {', '.join(unknown)}; known: {', '.join(known) or 'none'}")
+        raise ValueError(
+            f"{name} layout of {root}: unknown option(s) {', '.join(unknown)}; known: {', '.join(known) or 'none'}"
+        )
     return name
 
 

@@ -38,7 +38,11 @@ IMAGE_SUFFIX = "_leftImg8bit.png"
 def _training_labels() -> tuple[list[str], np.ndarray, frozenset[int]]:
     """(the 19 class names by training id, label id -> training id lookup of 256 entries with
     255 for ignored labels, the label ids the table knows)."""
-    trained = sorted((label.trainId, label.id, label.name) for label in CITYSCAPES_LABELS if 0 <= label.trainId < IGNORE_INDEX and not label.ignoreInEval)
+    trained = sorted(
+        (label.trainId, label.id, label.name)
+        for label in CITYSCAPES_LABELS
+        if 0 <= label.trainId < IGNORE_INDEX and not label.ignoreInEval
+    )
     names: dict[int, str] = {}
     lookup = np.full(256, IGNORE_INDEX, dtype=np.uint8)
     for train_id, label_id, name in trained:
@@ -54,7 +58,14 @@ CLASSES, LABEL_TO_TRAIN_ID, KNOWN_LABEL_IDS = _training_labels()
 
 
 def cityscapes_info() -> DatasetInfo:
-    return DatasetInfo(name="cityscapes", classes=list(CLASSES), ignore_index=IGNORE_INDEX, modality="RGB", image_format="png", normalization="imagenet")
+    return DatasetInfo(
+        name="cityscapes",
+        classes=list(CLASSES),
+        ignore_index=IGNORE_INDEX,
+        modality="RGB",
+        image_format="png",
+        normalization="imagenet",
+    )
 
 
 def _is_cityscapes(root: Path) -> bool:
@@ -71,17 +82,27 @@ def _check_annotations(value: object, option: str) -> str:
 class CityscapesSource(SegmentationSource):
     """One split of a Cityscapes root; item ids are `<city>/<city>_<seq>_<frame>`."""
 
-    def __init__(self, root: str | Path, split: str, annotations: str = "gtFine", eval_annotations: str = "gtFine") -> None:
+    def __init__(
+        self, root: str | Path, split: str, annotations: str = "gtFine", eval_annotations: str = "gtFine"
+    ) -> None:
         root = Path(root)
         train_annotations = _check_annotations(annotations, "annotations")
-        chosen = train_annotations if split in TRAIN_SPLITS else _check_annotations(eval_annotations, "eval_annotations")
+        chosen = (
+            train_annotations if split in TRAIN_SPLITS else _check_annotations(eval_annotations, "eval_annotations")
+        )
         self.image_dir = root / IMAGE_DIR / split
         self.annotations = chosen
         self.mask_dir = root / chosen / split
-        for directory, expected in ((self.image_dir, f"{IMAGE_DIR}/{split}/<city>/*{IMAGE_SUFFIX}"), (self.mask_dir, f"{chosen}/{split}/<city>/*_{chosen}_labelIds.png")):
+        for directory, expected in (
+            (self.image_dir, f"{IMAGE_DIR}/{split}/<city>/*{IMAGE_SUFFIX}"),
+            (self.mask_dir, f"{chosen}/{split}/<city>/*_{chosen}_labelIds.png"),
+        ):
             if not directory.is_dir():
                 raise FileNotFoundError(f"{directory}: folder not found (expected {expected})")
-        ids = sorted(f"{path.parent.name}/{path.name[: -len(IMAGE_SUFFIX)]}" for path in self.image_dir.glob(f"*/*{IMAGE_SUFFIX}"))
+        ids = sorted(
+            f"{path.parent.name}/{path.name[: -len(IMAGE_SUFFIX)]}"
+            for path in self.image_dir.glob(f"*/*{IMAGE_SUFFIX}")
+        )
         super().__init__(root, split, cityscapes_info(), ids)
 
     @classmethod
@@ -99,7 +120,9 @@ class CityscapesSource(SegmentationSource):
             if masks.is_dir():
                 found.append(folder.name)
             elif folder.name == "train" or not masks.parent.is_dir():
-                raise FileNotFoundError(f"{masks}: folder not found (the masks of split '{folder.name}' with {option}={annotations}; expected {annotations}/{folder.name}/<city>/*_{annotations}_labelIds.png)")
+                raise FileNotFoundError(
+                    f"{masks}: folder not found (the masks of split '{folder.name}' with {option}={annotations}; expected {annotations}/{folder.name}/<city>/*_{annotations}_labelIds.png)"
+                )
         return found
 
     def image_path(self, index: int) -> Path:
@@ -117,5 +140,7 @@ class CityscapesSource(SegmentationSource):
         label_ids = read_index_png(path, f"{self.annotations} label-id mask of image {self.image_path(index).name}")
         unknown = sorted(set(np.unique(label_ids).tolist()) - KNOWN_LABEL_IDS)
         if unknown:
-            raise ValueError(f"{path}: label id(s) {unknown} are not Cityscapes label ids (expected {min(KNOWN_LABEL_IDS)}..{max(KNOWN_LABEL_IDS)}, cityscapesscripts.helpers.labels)")
+            raise ValueError(
+                f"{path}: label id(s) {unknown} are not Cityscapes label ids (expected {min(KNOWN_LABEL_IDS)}..{max(KNOWN_LABEL_IDS)}, cityscapesscripts.helpers.labels)"
+            )
         return LABEL_TO_TRAIN_ID[label_ids]

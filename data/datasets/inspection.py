@@ -21,7 +21,9 @@ MAX_LISTED_SIZES = 10
 CROP_STRIDES = (8, 16, 32)
 
 
-def inspect_dataset(root: str | Path, layout: str = "auto", options: dict[str, Any] | None = None, quiet: bool = False) -> dict[str, Any]:
+def inspect_dataset(
+    root: str | Path, layout: str = "auto", options: dict[str, Any] | None = None, quiet: bool = False
+) -> dict[str, Any]:
     """A JSON-ready summary: layout, classes, and per split the number of images, their sizes
     (min/max height and width, and the distinct sizes when few), pixels per class and the
     unlabelled fraction; when the training images differ in size, the crop training would choose
@@ -36,14 +38,22 @@ def inspect_dataset(root: str | Path, layout: str = "auto", options: dict[str, A
     for split in splits:
         source = open_source(root, split, name, **options)
         info = source.info
-        summary.update(name=info.name, classes=info.classes, ignore_index=info.ignore_index, modality=info.modality, normalization=info.normalization)
+        summary.update(
+            name=info.name,
+            classes=info.classes,
+            ignore_index=info.ignore_index,
+            modality=info.modality,
+            normalization=info.normalization,
+        )
         summary["splits"][split] = _inspect_split(source, quiet)
     train = summary["splits"].get("train")
     if train is not None and train["distinct_sizes"] > 1:
         from noisyseg.data.pipeline import default_crop
 
         # What training crops to without loader.augment.crop_size (depends on the network's stride).
-        train["crop_when_unset"] = {str(stride): default_crop([tuple(train["size_min"])], stride) for stride in CROP_STRIDES}
+        train["crop_when_unset"] = {
+            str(stride): default_crop([tuple(train["size_min"])], stride) for stride in CROP_STRIDES
+        }
     return summary
 
 

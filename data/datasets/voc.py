@@ -43,7 +43,14 @@ LISTED_SPLITS = ("train", "trainaug", "val")
 
 
 def voc_info() -> DatasetInfo:
-    return DatasetInfo(name="voc2012", classes=list(CLASSES), ignore_index=IGNORE_INDEX, modality="RGB", image_format="jpg", normalization="imagenet")
+    return DatasetInfo(
+        name="voc2012",
+        classes=list(CLASSES),
+        ignore_index=IGNORE_INDEX,
+        modality="RGB",
+        image_format="jpg",
+        normalization="imagenet",
+    )
 
 
 def voc_root(root: Path) -> Path | None:
@@ -70,11 +77,15 @@ def read_list_file(path: Path) -> list[str]:
 class VocSource(SegmentationSource):
     """One split of PASCAL VOC 2012; item ids are the image ids (`2007_000032`)."""
 
-    def __init__(self, root: str | Path, split: str, aug: bool = False, pseudo_labels: str | Path | None = None) -> None:
+    def __init__(
+        self, root: str | Path, split: str, aug: bool = False, pseudo_labels: str | Path | None = None
+    ) -> None:
         given = Path(root)
         found = voc_root(given)
         if found is None:
-            raise FileNotFoundError(f"{given}: not a PASCAL VOC 2012 folder (expected {IMAGE_DIR}/ and {LIST_DIR}/ in it or in {given / 'VOC2012'})")
+            raise FileNotFoundError(
+                f"{given}: not a PASCAL VOC 2012 folder (expected {IMAGE_DIR}/ and {LIST_DIR}/ in it or in {given / 'VOC2012'})"
+            )
         if not isinstance(aug, bool):
             raise ValueError(f"voc option 'aug': expected true or false, got {aug!r}")
         training = split in TRAIN_SPLITS
@@ -87,7 +98,9 @@ class VocSource(SegmentationSource):
             self.mask_dir = found / MASK_DIR
         self.image_dir = found / IMAGE_DIR
         if not self.mask_dir.is_dir():
-            raise FileNotFoundError(f"{self.mask_dir}: mask folder not found (expected <id>.png class-index masks for split '{split}')")
+            raise FileNotFoundError(
+                f"{self.mask_dir}: mask folder not found (expected <id>.png class-index masks for split '{split}')"
+            )
         ids = read_list_file(self.list_file)
         if not ids:
             raise ValueError(f"{self.list_file}: split '{split}' is empty")
