@@ -9,13 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from noisyseg.config import (
-    METHODS,
-    TrainConfig,
-    apply_overrides,
-    config_from_dict,
-    load_config_file,
-)
+from noisyseg.config import TrainConfig, apply_overrides, config_from_dict, load_config_file
+from noisyseg.method_table import METHODS
 
 # torch, tqdm and the training code are imported by the handlers, so `noisyseg --help` stays fast.
 

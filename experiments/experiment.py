@@ -48,17 +48,11 @@ from typing import Any, Literal
 import torch
 from tqdm import tqdm
 
-from noisyseg.config import (
-    ModelConfig,
-    OptimConfig,
-    TrainConfig,
-    apply_overrides,
-    config_from_dict,
-    method_names,
-)
+from noisyseg.config import ModelConfig, OptimConfig, TrainConfig, apply_overrides, config_from_dict
 from noisyseg.data.noise import LEVEL_ITERATIONS, NOISE_FILE, corrupt_dataset
 from noisyseg.data.phantom import PhantomConfig, generate_phantom
 from noisyseg.io import atomic_write_json
+from noisyseg.method_table import method_names
 from noisyseg.run.run_dir import RunDir
 
 log = logging.getLogger(__name__)

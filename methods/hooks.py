@@ -22,10 +22,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from noisyseg.config import MethodSpec, TrainConfig
+from noisyseg.config import TrainConfig
 from noisyseg.data.label_store import LabelMaps, LabelStore
 from noisyseg.evaluation.inference import mean_probabilities
 from noisyseg.evaluation.metrics import ConfidenceMeter
+from noisyseg.method_table import MethodSpec
 from noisyseg.methods import adele
 from noisyseg.methods.correction import LabelCorrections
 from noisyseg.run.checkpoint import flatten_optimizer, prefixed, unflatten_optimizer, unprefixed

@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from noisyseg.config import METHOD_SPECS, TrainConfig
+from noisyseg.config import TrainConfig
 from noisyseg.kernels import arm_cross_entropy, arm_reweighted_loss, multiscale_consistency
+from noisyseg.method_table import METHOD_SPECS
 from noisyseg.methods.losses import TLoss, pixel_loss, segmentation_loss
 
 

@@ -93,7 +93,7 @@ class RunSource(ProbabilitySource):
     def __init__(
         self, run_dir: str | Path, split: str = "train", device: str | None = None, workdir: str | Path | None = None
     ) -> None:
-        from noisyseg.config import METHOD_SPECS
+        from noisyseg.method_table import METHOD_SPECS
         from noisyseg.run.finished import open_run
 
         run = RunDir(run_dir)

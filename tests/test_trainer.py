@@ -15,13 +15,14 @@ from safetensors.torch import load_file
 from scipy import ndimage
 
 from noisyseg.cli import main
-from noisyseg.config import METHOD_SPECS, METHODS, AdeleConfig, TrainConfig, build_config
+from noisyseg.config import AdeleConfig, TrainConfig, build_config
 from noisyseg.data.run_data import RunData, load_run_data, load_split
 from noisyseg.evaluation.metrics import (
     early_learning_memorization_iou,
     iou_per_class,
 )
 from noisyseg.kernels.reference import ARM
+from noisyseg.method_table import METHOD_SPECS, METHODS
 from noisyseg.methods import adele
 from noisyseg.models.model_file import load_model
 from noisyseg.run.checkpoint import find_checkpoint, read_checkpoint, write_checkpoint

@@ -44,10 +44,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from noisyseg.config import METHOD_SPECS, TrainConfig
+from noisyseg.config import TrainConfig
 from noisyseg.data.run_data import RunData
 from noisyseg.evaluation.inference import evaluate_split, foreground_dict
 from noisyseg.evaluation.metrics import early_learning_memorization_iou, iou_per_class
+from noisyseg.method_table import METHOD_SPECS
 from noisyseg.methods.hooks import ArmHook, LabelHook
 from noisyseg.methods.objective import MethodObjective
 from noisyseg.models.model_file import ModelInfo, load_weights, save_model

@@ -16,12 +16,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from noisyseg.config import METHOD_SPECS, TrainConfig
+from noisyseg.config import TrainConfig
 from noisyseg.data.label_store import LabelStore
 from noisyseg.data.pipeline import check_network_input_size, with_default_crop
 from noisyseg.data.run_data import RunData, load_run_data
 from noisyseg.evaluation.inference import forward_scales
 from noisyseg.kernels import ARM
+from noisyseg.method_table import METHOD_SPECS
 from noisyseg.methods.correction import LabelCorrections
 from noisyseg.methods.hooks import ArmHook, LabelHook
 from noisyseg.methods.objective import MethodObjective
