@@ -51,8 +51,13 @@ class Batch:
     geometry: torch.Tensor | None = None
 
 
-class CachedBatches:
-    eval_workers = 0
+class BatchSource:
+    """What the loop asks of a batch source: `start_epoch` with this rank's shards, then
+    `next(rows)` for each step (read when its step comes, so it sees the corrections of the
+    steps before), `correct_whole_images` (the `epoch`-timing correction over this rank's block
+    of whole training images: the changed pixel count on the device), and `close`."""
+
+    eval_workers = 0  # DataLoader workers for evaluation passes
 
     def __init__(
         self,
@@ -62,15 +67,28 @@ class CachedBatches:
         device: torch.device,
         memory_format: torch.memory_format,
     ) -> None:
-        self.config, self.corrections, self.device, self.memory_format = config, corrections, device, memory_format
+        self.config, self.data, self.corrections = config, data, corrections
+        self.device, self.memory_format = device, memory_format
+        self.prepare()
+
+    def prepare(self) -> None:
+        """A source's own set-up, after the shared fields are set."""
+
+    def start_epoch(self, epoch: int, shards: list[Any]) -> None:
+        """Nothing to prepare: rows are read when their step comes."""
+
+    def close(self) -> None:
+        """Nothing runs in the background."""
+
+
+class CachedBatches(BatchSource):
+    def prepare(self) -> None:
+        data, device = self.data, self.device
         assert data.train_images is not None
         self.images = data.train_images.to(device)
         self.annotations = torch.from_numpy(data.train_labels.stacked()).to(device)
         clean = data.clean_train_labels
         self.clean = None if clean is None else torch.from_numpy(clean.stacked()).to(device)
-
-    def start_epoch(self, epoch: int, shards: list[Any]) -> None:
-        """Nothing to prepare: rows are read when their step comes."""
 
     def next(self, rows: torch.Tensor) -> Batch:
         rows = rows.to(self.device)
@@ -94,27 +112,10 @@ class CachedBatches:
         rows = torch.arange(block.start, block.stop, device=self.device)
         return self.corrections.correct_rows(rows, self.corrections.labels[rows].long(), probs, classes)
 
-    def close(self) -> None:
-        """Nothing runs in the background."""
 
-
-class StreamedBatches:
-    def __init__(
-        self,
-        config: TrainConfig,
-        data: RunData,
-        corrections: LabelCorrections,
-        device: torch.device,
-        memory_format: torch.memory_format,
-    ) -> None:
-        self.config, self.data, self.corrections, self.device, self.memory_format = (
-            config,
-            data,
-            corrections,
-            device,
-            memory_format,
-        )
-        self.eval_workers = worker_count(config.loader.num_workers)
+class StreamedBatches(BatchSource):
+    def prepare(self) -> None:
+        self.eval_workers = worker_count(self.config.loader.num_workers)
         self.loader: DataLoader | None = None
         self.sampler: EpochBatches | None = None
         self.items: Iterator[Any] | None = None

@@ -77,7 +77,7 @@ from noisyseg.runtime.distributed import (
     state_digest,
     verify_agreement,
 )
-from noisyseg.training.batches import Batch, CachedBatches, StreamedBatches
+from noisyseg.training.batches import Batch, BatchSource, CachedBatches, StreamedBatches
 from noisyseg.training.counters import EpochCounters, total_over_ranks
 from noisyseg.training.optim import lr_factor, set_lr
 from noisyseg.training.prediction_changes import PredictionChanges
@@ -120,7 +120,7 @@ class Trainer:
         self.labels, self.arm = labels, arm
         self.optimizers = [optimizer] + ([arm.optimizer] if arm is not None else [])
         self.shuffle = torch.Generator().manual_seed(config.seed)
-        source = CachedBatches if data.cached else StreamedBatches
+        source: type[BatchSource] = CachedBatches if data.cached else StreamedBatches
         self.batches = source(config, data, labels.corrections, self.device, memory_format)
         self.epoch = self.iteration = 0
         self.history: list[dict[str, Any]] = []
