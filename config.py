@@ -408,12 +408,14 @@ class TrainConfig:
             (
                 not (self.correction_timing() == "iteration" and self.loader.augment.rescale),
                 "adele.correction_timing",
-                "'epoch' (or 'auto') with loader.augment.rescale: a rescaled crop's predictions cannot be mapped back onto the stored labels without resampling them",
+                "'epoch' (or 'auto') with loader.augment.rescale: a rescaled crop's predictions "
+                "cannot be mapped back onto the stored labels without resampling them",
             ),
             (
                 not (self.correction_timing() == "iteration" and self.loader.augment.label_elastic),
                 "adele.correction_timing",
-                "'epoch' (or 'auto') with loader.augment.label_elastic: corrections of a deformed mask would write the deformation into the stored labels",
+                "'epoch' (or 'auto') with loader.augment.label_elastic: "
+                "corrections of a deformed mask would write the deformation into the stored labels",
             ),
             (0.0 <= self.loader.augment.label_elastic_p <= 1.0, "loader.augment.label_elastic_p", "in [0, 1]"),
             (
@@ -521,7 +523,8 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     unknown = sorted(set(values) - names)
     if unknown:
         raise ValueError(
-            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; known: {', '.join(sorted(prefix + n for n in names))}"
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"known: {', '.join(sorted(prefix + n for n in names))}"
         )
     return cls(**{name: _coerce(value, hints[name], prefix + name) for name, value in values.items()})
 

@@ -1,12 +1,13 @@
 """`noisyseg demo`: noisy labels in, a better segmenter out, on a fresh machine with no data.
 
-Builds the CT phantom, corrupts its training labels with ADELE's reference `erode-dilate`
-noise (annotation mIoU about 0.6 to 0.7), trains `baseline-ms`, `adele` and `arm` on the CPU,
-prints a side-by-side table, writes `curves.png` per method and `summary.json`, exports the
-model with the best validation mIoU to ONNX and checks that ONNX Runtime agrees with PyTorch on
-the test slices, and ends with the label review of the ADELE run (`noisyseg review`: its
-training labels ranked, corrected masks, a page to look at, relabelling imports). Everything lands in `--out` (default `runs/demo`); a second run with the same
-settings reuses the data and finished runs, and resumes an interrupted one.
+Builds the CT phantom, corrupts its training labels with ADELE's reference `erode-dilate` noise
+(annotation mIoU about 0.6 to 0.7), trains `baseline-ms`, `adele` and `arm` on the CPU, prints a
+side-by-side table, writes `curves.png` per method and `summary.json`, exports the model with
+the best validation mIoU to ONNX and checks that ONNX Runtime agrees with PyTorch on the test
+slices, and ends with the label review of the ADELE run (`noisyseg review`: its training labels
+ranked, corrected masks, a page to look at, relabelling imports). Everything lands in `--out`
+(default `runs/demo`); a second run with the same settings reuses the data and finished runs,
+and resumes an interrupted one.
 """
 
 from __future__ import annotations
@@ -143,7 +144,10 @@ class TrainingProgress:
             record = run.read_metrics()[-1]
         except (FileNotFoundError, ValueError):  # not started, or between its atomic rewrites
             return f"{method} starting"
-        return f"{method} epoch {record['epoch']}/{self.epochs} loss {record['loss']['total']:.3f} val mIoU {_pct(record['val']['miou'])}%"
+        return (
+            f"{method} epoch {record['epoch']}/{self.epochs} loss "
+            f"{record['loss']['total']:.3f} val mIoU {_pct(record['val']['miou'])}%"
+        )
 
     def report(self) -> None:
         line = " | ".join(self.method_status(m) for m in self.run_dirs)
@@ -289,7 +293,8 @@ def format_report(summary: dict[str, Any], out: Path) -> str:
         f"Noisy training labels: {noise['family']}, {noise['setting']}: annotation mIoU "
         f"{_pct(noise['annotation_miou'])}% (foreground {_pct(noise['annotation_miou_fg'])}%)",
         "",
-        "Test mIoU (%): with background (all) and without (fg), at the best validation epoch, the last epoch, and the maximum",
+        "Test mIoU (%): with background (all) and without (fg), "
+        "at the best validation epoch, the last epoch, and the maximum",
         _row(
             "",
             [f"all {k}" for k in ("best-val", "last", "max")] + [f"fg {k}" for k in ("best-val", "last", "max")],
@@ -312,12 +317,14 @@ def format_report(summary: dict[str, Any], out: Path) -> str:
         onnx = summary["onnx"]
         lines.append(
             f"ONNX: {onnx['method']} model -> {onnx['path']}; ONNX Runtime agrees with PyTorch on "
-            f"{100 * onnx['test_argmax_agreement']:.3f}% of test pixels (test mIoU {_pct(onnx['test_miou_onnxruntime'])}% vs "
+            f"{100 * onnx['test_argmax_agreement']:.3f}% of test pixels "
+            f"(test mIoU {_pct(onnx['test_miou_onnxruntime'])}% vs "
             f"{_pct(onnx['test_miou_pytorch'])}% in PyTorch)"
         )
     lines.append(f"Done in {summary['seconds']:.0f} s; summary: {out / 'summary.json'}")
     review = summary["review"]
     lines.append(
-        f"Label review of the adele run's {review['images']} training images ({review['seconds']:.0f} s), worst first in scores.csv; page: {review['page']}"
+        f"Label review of the adele run's {review['images']} training images "
+        f"({review['seconds']:.0f} s), worst first in scores.csv; page: {review['page']}"
     )
     return "\n".join(lines)

@@ -9,12 +9,12 @@ Quality: the experiment's phantom (`experiment.Scale()`: 8 patients, 96 px) with
 erode-dilate noise at three noise seeds, one ADELE run each (100 epochs, about 10 minutes on one
 core). On the training split the truth is known: an image's annotation mIoU (noisy vs clean mask,
 over the classes in either), its pixel accuracy (labelled pixels whose label is right) and which
-pixels are wrong. For each seed and scorer: Spearman's rank correlation between the image score
-and each truth, the precision of the worst `TOP_K_FRACTION` images (how many of the truly worst
-that many are among them), and the issue mask's pixel precision and recall. The table (mean and spread over the seeds) goes to
-``.benchmarks/review_summary.md``. cleanlab gets the probabilities the review computes (the run's
-model on its own training images, in-sample for both) and the given labels; `find_label_issues`
-runs at full resolution (`downsample=1`).
+pixels are wrong. For each seed and scorer: Spearman's rank correlation between the image score and
+each truth, the precision of the worst `TOP_K_FRACTION` images (how many of the truly worst that
+many are among them), and the issue mask's pixel precision and recall. The table (mean and spread
+over the seeds) goes to ``.benchmarks/review_summary.md``. cleanlab gets the probabilities the
+review computes (the run's model on its own training images, in-sample for both) and the given
+labels; `find_label_issues` runs at full resolution (`downsample=1`).
 
 Time and memory: `noisyseg review --model model.onnx --data DIR` in a child process over phantoms
 of about 250 and 1,000 training images (the seed-0 run's model exported to ONNX); wall time and

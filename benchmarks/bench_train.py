@@ -49,7 +49,8 @@ CASES = [
     pytest.param(
         device,
         *configuration,
-        id=f"{device}-{configuration[0]}-{'compile' if configuration[1] else 'eager'}-{'fused' if configuration[2] == 'auto' else 'reference'}",
+        id=f"{device}-{configuration[0]}-{'compile' if configuration[1] else 'eager'}-"
+        f"{'fused' if configuration[2] == 'auto' else 'reference'}",
     )
     for device in DEVICES
     for configuration in CONFIGURATIONS

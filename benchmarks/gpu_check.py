@@ -212,7 +212,10 @@ def install(runner: Runner, report: Report, target: Path, work: Path) -> dict[st
         shutil.copytree(source, target / "noisyseg", ignore=shutil.ignore_patterns("tests", "benchmarks", "docs"))
         method = "copied package tree into TMP/noisyseg"
         errors = [line.strip() for line in output.splitlines() if "error" in line.lower()][:3]
-        note = f"pip install failed (exit {rc}: {' | '.join(errors) or tail(output, 2)}); fell back to copying the package tree into TMP/noisyseg"
+        note = (
+            f"pip install failed (exit {rc}: {' | '.join(errors) or tail(output, 2)}); "
+            "fell back to copying the package tree into TMP/noisyseg"
+        )
     left = max(15.0, BUDGETS["install"] - (time.monotonic() - began))  # a cold first torch import is slow
     rc, output, _ = runner.python([str(SCRIPT), "--internal", "import-check", str(target)], left, work)
     found = result_of(output)
@@ -289,7 +292,8 @@ def kernel_tests(runner: Runner, report: Report, work: Path, out: Path, env_info
         report.step(
             "kernel_tests",
             "failed",
-            f"triton is not importable ({env_info.get('triton_error')}): the fused GPU kernels cannot run; losses fall back to backend='torch'",
+            f"triton is not importable ({env_info.get('triton_error')}): "
+            "the fused GPU kernels cannot run; losses fall back to backend='torch'",
         )
         return
     junit = out / "kernel_tests.xml"

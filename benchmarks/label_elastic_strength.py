@@ -41,7 +41,8 @@ def main() -> None:
                 confusion += confusion_matrix(warp_nearest(mask, dy, dx).ravel(), mask.ravel(), len(classes))
             iou = iou_per_class(confusion)[1:]
             print(
-                f"| {alpha:g} | {sigma:g} | {np.mean(shifts):.2f} | {np.nanmean(iou):.2f} | {' '.join(f'{v:.2f}' for v in iou)} |"
+                f"| {alpha:g} | {sigma:g} | {np.mean(shifts):.2f} | "
+                f"{np.nanmean(iou):.2f} | {' '.join(f'{v:.2f}' for v in iou)} |"
             )
 
 

@@ -98,8 +98,9 @@ def main() -> None:
         assert torch.isfinite(counters.loss_sums["total"]), "the measured steps must train"
     batches = math.ceil(images / config.batch_size)
     report = {
-        "recipe": args.recipe, "device": str(trainer.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "input": [batch, channels, height, width], "scales": trainer.scales, "recipe_batch": config.batch_size,
+        "recipe": args.recipe, "device": str(trainer.device), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "input": [batch, channels, height, width], "scales": trainer.scales,
+        "recipe_batch": config.batch_size,
         "epoch_images": images, "epoch_batches": batches,
     }  # fmt: skip
     for name, seconds in (("wall", wall), ("cpu", cpu)):

@@ -35,7 +35,8 @@ def register(subparsers: Any) -> None:
     phantom.add_argument(
         "--field-of-view",
         type=float,
-        help="fraction of the body's field of view rendered, centred on the mediastinum (default: the phantom's, the whole body)",
+        help="fraction of the body's field of view rendered, "
+        "centred on the mediastinum (default: the phantom's, the whole body)",
     )
     phantom.add_argument("--all-slices", action="store_true", help="also keep slices without foreground")
     phantom.set_defaults(func=run_phantom)
@@ -57,13 +58,15 @@ def register(subparsers: Any) -> None:
         "--level",
         type=int,
         choices=range(len(LEVEL_ITERATIONS)),
-        help="erode-dilate only: ADELE Table 6 level (0..6 = 0,1,2,3,4,6,8 iterations); default: the reference setting (2-4 iterations per slice)",
+        help="erode-dilate only: ADELE Table 6 level (0..6 = 0,1,2,3,4,6,8 iterations); "
+        "default: the reference setting (2-4 iterations per slice)",
     )
     corrupt.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     corrupt.add_argument(
         "--splits",
         default="train",
-        help="comma-separated splits to corrupt: train (the default) or train,val (validation masks as noisy as the training masks, independent draws; `train --labels` then selects the checkpoint on them)",
+        help="comma-separated splits to corrupt: train (the default) or train,val (validation masks as noisy "
+        "as the training masks, independent draws; `train --labels` then selects the checkpoint on them)",
     )
     corrupt.add_argument("--out", required=True, help="new noisy-label folder (must not exist or be empty)")
     corrupt.set_defaults(func=run_corrupt)
@@ -89,7 +92,8 @@ def add_layout_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a layout option as in the config's layout_options (value read as YAML), for example annotations=gtCoarse or aug=true; repeatable",
+        help="a layout option as in the config's layout_options (value read as YAML), "
+        "for example annotations=gtCoarse or aug=true; repeatable",
     )
 
 

@@ -55,12 +55,15 @@ def register(subparsers: Any) -> None:
         "--val-masks",
         choices=("noisy", "clean"),
         default="noisy",
-        help="validation masks the runs select their checkpoint on: noisy (the default: corrupted like the training masks, as a user's are; the clean-validation choice is reported as an oracle) or clean (the runs from before issue 23)",
+        help="validation masks the runs select their checkpoint on: noisy (the default: "
+        "corrupted like the training masks, as a user's are; the clean-validation "
+        "choice is reported as an oracle) or clean (the runs from before issue 23)",
     )
     parser.add_argument(
         "--methods",
         nargs="+",
-        help="train only these methods (or variants: arm@arm.lr=0.01) of the chosen experiments (default all; the document lists all)",
+        help="train only these methods (or variants: arm@arm.lr=0.01) "
+        "of the chosen experiments (default all; the document lists all)",
     )
     parser.add_argument("--epochs", type=int, help="epochs per run (default: the Scale default)")
     parser.add_argument("--patients", type=int, help="phantom patients (default: the Scale default)")

@@ -80,7 +80,8 @@ def run_engine(args: argparse.Namespace) -> int:
     )
     metadata = build_engine(args.onnx, args.out, config)
     print(
-        f"wrote {args.out} and {plan_metadata_path(args.out)}: TensorRT {metadata.tensorrt_version}, {metadata.gpu_name}, {metadata.precision}"
+        f"wrote {args.out} and {plan_metadata_path(args.out)}: "
+        f"TensorRT {metadata.tensorrt_version}, {metadata.gpu_name}, {metadata.precision}"
     )
     return 0
 
@@ -159,7 +160,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     quantize.add_argument(
         "--calib-data",
         required=True,
-        help="dataset root in any supported layout: its train split calibrates, its test split (val where there is none) evaluates",
+        help="dataset root in any supported layout: its train split calibrates, "
+        "its test split (val where there is none) evaluates",
     )
     quantize.add_argument("--out", required=True, help="output .onnx file")
     quantize.add_argument("--calib-images", type=int, default=64, help="calibration images (default 64)")

@@ -18,11 +18,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "review",
         help="rank images by label quality; page, corrected masks, Label Studio and CVAT imports",
-        description="Score every image of a split against a model's probabilities (cleanlab-style soft-minimum label quality, "
-        "fraction of labels the correction changed, per-class IoU of given mask and prediction), write scores.csv (worst first), "
-        "issues/<id>.png, corrected/<id>.png, index.html (the --top worst images), a Label Studio import and a CVAT (COCO RLE) archive. "
-        "The model is a run directory's (--run; for ADELE runs the corrected masks are its label store) or an exported ONNX "
-        "model over a data folder (--model with --data).",
+        description="Score every image of a split against a model's probabilities (cleanlab-style soft-minimum "
+        "label quality, fraction of labels the correction changed, per-class IoU of given mask and prediction), "
+        "write scores.csv (worst first), issues/<id>.png, corrected/<id>.png, index.html (the --top worst images), "
+        "a Label Studio import and a CVAT (COCO RLE) archive. The model is a run directory's (--run; for ADELE "
+        "runs the corrected masks are its label store) or an exported ONNX model over a data folder "
+        "(--model with --data).",
     )
     parser.add_argument(
         "--run", help="run directory (its model, data and, for methods that correct labels, its label store)"
@@ -36,7 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--allow-class-mismatch",
         action="store_true",
-        help="with --model: review even when the model's class names differ from the data's (same number, matched by index)",
+        help="with --model: review even when the model's class names "
+        "differ from the data's (same number, matched by index)",
     )
     parser.add_argument(
         "--split", default="train", choices=("train", "val", "test"), help="split to review (default train)"

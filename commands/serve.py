@@ -68,7 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         parser,
         "--max-held-body-mb",
         DEFAULT_MAX_HELD_BODY_BYTES / MIB,
-        "request bodies and gRPC messages held in memory at once, all requests together; beyond it 503 with Retry-After",
+        "request bodies and gRPC messages held in memory at once, "
+        "all requests together; beyond it 503 with Retry-After",
     )
     _option(
         parser,

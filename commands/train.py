@@ -80,7 +80,8 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
         if args.config or recipe:
             raise ValueError(
-                f"{'--config' if args.config else '--recipe'} cannot be combined with --resume: a resumed run keeps its stored configuration"
+                f"{'--config' if args.config else '--recipe'} cannot be combined "
+                "with --resume: a resumed run keeps its stored configuration"
             )
         base = RunDir(args.resume).read_config().to_dict()
         base["out"] = args.resume
@@ -322,7 +323,8 @@ def mask_targets(files: list[Path], out_dir: str | Path) -> dict[Path, Path]:
         target = Path(out_dir) / f"{path.stem}.png"
         if target in by_target:
             raise ValueError(
-                f"{path} and {by_target[target]} would both be written as {target}; rename one or predict them separately"
+                f"{path} and {by_target[target]} would both be written "
+                f"as {target}; rename one or predict them separately"
             )
         if target.resolve() == path.resolve():
             raise ValueError(f"{target}: the mask would overwrite its input image; choose another --out")

@@ -153,7 +153,8 @@ def check_labels_source(root: str | Path, labels_root: str | Path) -> None:
     path = Path(labels_root) / NOISE_FILE
     if not path.is_file():
         log.warning(
-            "%s: no %s, so the origin of these masks cannot be checked (that they label the images of %s); training on them unchecked",
+            "%s: no %s, so the origin of these masks cannot be checked "
+            "(that they label the images of %s); training on them unchecked",
             labels_root,
             NOISE_FILE,
             root,
@@ -170,7 +171,9 @@ def check_labels_source(root: str | Path, labels_root: str | Path) -> None:
         return
     if clean_masks_fingerprint(root) != expected:
         raise ValueError(
-            f"{path}: the labels were made from {noise.get('data', 'another data folder')}, whose clean training masks differ from those of {root}; make labels from this folder with `noisyseg data corrupt --data {root}`"
+            f"{path}: the labels were made from {noise.get('data', 'another data folder')}, "
+            f"whose clean training masks differ from those of {root}; "
+            f"make labels from this folder with `noisyseg data corrupt --data {root}`"
         )
 
 
@@ -197,7 +200,8 @@ def has_split_masks(root: str | Path, labels_root: str | Path, split: str) -> bo
     missing = [i for i in ids if not any((mask_dir / f"{i}{suffix}").is_file() for suffix in MASK_SUFFIXES)]
     if missing and len(missing) < len(ids):
         raise ValueError(
-            f"{mask_dir}: holds masks of {len(ids) - len(missing)} of the {len(ids)} slices of split '{split}' (first missing: {missing[0]}); expected all of them (noisy {split} masks) or none"
+            f"{mask_dir}: holds masks of {len(ids) - len(missing)} of the {len(ids)} slices of split "
+            f"'{split}' (first missing: {missing[0]}); expected all of them (noisy {split} masks) or none"
         )
     return not missing
 
@@ -306,7 +310,8 @@ def check_finite(array: np.ndarray, path: str | Path, what: str, unit: str) -> N
     bad = array.size - int(np.count_nonzero(np.isfinite(array)))
     if bad:
         raise ValueError(
-            f"{path}: {what} holds {bad} non-finite {unit}{'s' if bad > 1 else ''} (NaN or infinity); expected finite intensities"
+            f"{path}: {what} holds {bad} non-finite {unit}{'s' if bad > 1 else ''} "
+            "(NaN or infinity); expected finite intensities"
         )
 
 
@@ -447,7 +452,8 @@ class DatasetWriter:
             ids = [sid for patient in patient_splits[split] for sid in self.slices_by_patient.get(patient, [])]
             if not ids:
                 raise ValueError(
-                    f"{split_file(self.root, split)}: split '{split}' would be empty (patients {patient_splits[split]} have no slices)"
+                    f"{split_file(self.root, split)}: split '{split}' would be "
+                    f"empty (patients {patient_splits[split]} have no slices)"
                 )
             write_split_ids(self.root, split, ids)
             slices_per_split[split] = len(ids)

@@ -45,7 +45,8 @@ class LabelMaps:
         self.offsets = np.concatenate([[0], np.cumsum([h * w for h, w in self.shapes], dtype=np.int64)])
         if flat.dtype != np.uint8 or flat.ndim != 1 or len(flat) != self.offsets[-1]:
             raise ValueError(
-                f"label maps: expected {self.offsets[-1]} uint8 values for {len(self.shapes)} maps, got {flat.dtype} {flat.shape}"
+                f"label maps: expected {self.offsets[-1]} uint8 values for "
+                f"{len(self.shapes)} maps, got {flat.dtype} {flat.shape}"
             )
         self.flat = flat
 
@@ -299,24 +300,29 @@ class LabelStore:
         original = as_label_maps(original)
         if info.get("ids") != list(ids):
             raise ValueError(
-                f"{info_path}: label store slice ids do not match the training split of the data ({len(info.get('ids', []))} stored, {len(ids)} in the data)"
+                f"{info_path}: label store slice ids do not match the training split of "
+                f"the data ({len(info.get('ids', []))} stored, {len(ids)} in the data)"
             )
         if info.get("shapes") != [list(s) for s in original.shapes] or array.size != len(original.flat):
             raise ValueError(
-                f"{info_path}: label store sizes do not match the training labels ({array.size} stored pixels, {len(original.flat)} in the data)"
+                f"{info_path}: label store sizes do not match the training labels "
+                f"({array.size} stored pixels, {len(original.flat)} in the data)"
             )
         expected_fingerprint = original.fingerprint(ids)
         if info.get("original_fingerprint") != expected_fingerprint:
             raise ValueError(
-                f"{info_path}: label store was made from different original labels than the ones given (fingerprint mismatch)"
+                f"{info_path}: label store was made from different "
+                "original labels than the ones given (fingerprint mismatch)"
             )
         if array.dtype != np.uint8:
             raise ValueError(
-                f"{array_path}: label array does not match its description in {INFO_FILE} (damaged or from another save)"
+                f"{array_path}: label array does not match its "
+                f"description in {INFO_FILE} (damaged or from another save)"
             )
         maps = LabelMaps(array.reshape(-1), original.shapes).copy(workdir)
         if info.get("labels_sha256") != maps.digest():
             raise ValueError(
-                f"{array_path}: label array does not match its description in {INFO_FILE} (damaged or from another save)"
+                f"{array_path}: label array does not match its "
+                f"description in {INFO_FILE} (damaged or from another save)"
             )
         return cls(maps, ids, expected_fingerprint)

@@ -122,7 +122,8 @@ def load_patient(patient: SegthorPatient, size: int) -> tuple[np.ndarray, np.nda
     labels = load_volume(patient.label_path)
     if images.shape != labels.shape:
         raise ValueError(
-            f"{patient.label_path}: label volume shape {labels.shape} does not match CT {patient.image_path} shape {images.shape} (as Z, H, W)"
+            f"{patient.label_path}: label volume shape {labels.shape} does not "
+            f"match CT {patient.image_path} shape {images.shape} (as Z, H, W)"
         )
     labels = np.rint(labels).astype(np.int64)
     if labels.min() < 0 or labels.max() > 255:

@@ -204,7 +204,8 @@ class TrainingItems(Dataset):
             source.release(index)  # read once per epoch: keep no page of it resident
         if image.shape[1:] != maps.shape[1:]:
             raise ValueError(
-                f"{self.source.image_path(index)}: image size {image.shape[1:]} does not match its label map {maps.shape[1:]}"
+                f"{self.source.image_path(index)}: "
+                f"image size {image.shape[1:]} does not match its label map {maps.shape[1:]}"
             )
         rng = np.random.default_rng([self.seed, epoch, index])
         label_rng = np.random.default_rng([self.seed, epoch, index, LABEL_ELASTIC_STREAM])
@@ -268,7 +269,8 @@ def paste_back(store: LabelStore, corrected: np.ndarray, geometry: np.ndarray) -
     (flip undone, padding dropped); True when the map changed."""
     if geometry[GEOMETRY_FIELDS.index("rescaled")]:
         raise ValueError(
-            "label correction: a rescaled crop cannot be mapped back onto the stored labels; use adele.correction_timing=epoch"
+            "label correction: a rescaled crop cannot be mapped back "
+            "onto the stored labels; use adele.correction_timing=epoch"
         )
     target, crop = region_of_crop(store.maps, corrected, geometry)
     if np.array_equal(target, crop):
@@ -300,8 +302,10 @@ def check_network_input_size(
     if min(reached) < stride:
         needed = math.ceil(stride / factor)
         raise ValueError(
-            f"{where}: the {network} network (stride {stride}) needs at least {stride} pixels per side; {seen} reach it at "
-            f"{reached[0]}x{reached[1]} (scale {factor:.3g}); use images (or crops) of at least {needed} pixels per side, or a shallower network"
+            f"{where}: the {network} network (stride {stride}) "
+            f"needs at least {stride} pixels per side; {seen} reach it at "
+            f"{reached[0]}x{reached[1]} (scale {factor:.3g}); use images (or crops) "
+            f"of at least {needed} pixels per side, or a shallower network"
         )
 
 
@@ -325,8 +329,9 @@ def with_default_crop(config: TrainConfig, shapes: Sequence[tuple[int, int]], st
     crop = default_crop(sizes, stride)
     listed = ", ".join(f"{h}x{w}" for h, w in sizes[:3]) + (" ..." if len(sizes) > 3 else "")
     log.info(
-        "%s: training images differ in size (%s) and loader.augment.crop_size is not set: training on random %dx%d crops "
-        "(per side the largest multiple of the network's stride %d that fits the smallest image, at most %d; set loader.augment.crop_size to choose)",
+        "%s: training images differ in size (%s) and loader.augment.crop_size is not set: training on random "
+        "%dx%d crops (per side the largest multiple of the network's stride %d that fits the smallest image, "
+        "at most %d; set loader.augment.crop_size to choose)",
         where,
         listed,
         crop[0],

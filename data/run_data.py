@@ -42,7 +42,8 @@ def load_split(
     shapes = {image.shape for image, _ in pairs}
     if len(shapes) > 1:
         raise ValueError(
-            f"{split_file(root, split)}: slices of split '{split}' differ in size/channels {sorted(shapes)}; stacking needs one size"
+            f"{split_file(root, split)}: slices of split '{split}' differ "
+            f"in size/channels {sorted(shapes)}; stacking needs one size"
         )
     images = np.stack(
         [
@@ -136,7 +137,8 @@ def load_run_data(config: TrainConfig, workdir: str | Path | None = None) -> Run
     if use_cache(config, layout):
         if layout != "folder":
             raise ValueError(
-                f"loader.cache: the in-memory mode reads noisyseg's folder layout only, {config.data} is '{layout}'; set loader.cache=false"
+                "loader.cache: the in-memory mode reads noisyseg's folder layout only, "
+                f"{config.data} is '{layout}'; set loader.cache=false"
             )
         train = load_split(config.data, "train", labels_root=config.labels)
         val = load_split(config.data, "val") if has_val else []
@@ -181,7 +183,8 @@ def read_masks(source: Any, shape: tuple[int, ...]) -> np.ndarray:
         mask = source.read_mask(index)
         if mask.shape != tuple(shape):
             raise ValueError(
-                f"{source.mask_path(index)}: mask of {mask.shape[0]}x{mask.shape[1]} pixels, its image has {shape[0]}x{shape[1]}"
+                f"{source.mask_path(index)}: mask of {mask.shape[0]}x{mask.shape[1]} pixels, "
+                f"its image has {shape[0]}x{shape[1]}"
             )
         check_mask_values(mask, source.info.num_classes, source.info.ignore_index, source.mask_path(index))
         masks.append(mask)

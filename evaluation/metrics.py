@@ -130,7 +130,8 @@ class ConfusionMeter:
         counts = self.counts.cpu().numpy()
         if counts[-1]:
             raise ValueError(
-                f"pred/target: {int(counts[-1])} pixel(s) had class ids outside [0, {self.num_classes - 1}] (and not {self.ignore_index} = ignore)"
+                f"pred/target: {int(counts[-1])} pixel(s) had class ids outside [0, "
+                f"{self.num_classes - 1}] (and not {self.ignore_index} = ignore)"
             )
         return counts[:-2].reshape(self.num_classes, self.num_classes).astype(np.int64)
 

@@ -124,7 +124,10 @@ def ladder_table(root: Path, scale: Scale, results: list[RunResult], levels: Seq
         ]
         annotation = "-"
         if qualities:
-            annotation = f"{mean_std([q['annotation_miou'] for q in qualities])} ({mean_std([q['annotation_miou_fg'] for q in qualities])})"
+            annotation = (
+                f"{mean_std([q['annotation_miou'] for q in qualities])} "
+                f"({mean_std([q['annotation_miou_fg'] for q in qualities])})"
+            )
         cells = [f"{_cell(rs, 'test_miou', which)} (n={len(rs)})" if rs else "-" for rs in runs.values()]
         delta = paired(runs["adele"], runs["baseline-ms"], which)
         lines.append(
@@ -158,7 +161,8 @@ def erased_classes(results: list[RunResult], class_names: list[str]) -> list[str
             if theirs[c] is not None and theirs[c] > LEARNED and (ours[c] is None or ours[c] < ERASED):
                 name = class_names[c] if c < len(class_names) else str(c)
                 found.append(
-                    f"{run.spec.relative_dir}: {name} {100 * nan_if_none(ours[c]):.1f} (baseline-ms {100 * theirs[c]:.1f})"
+                    f"{run.spec.relative_dir}: "
+                    f"{name} {100 * nan_if_none(ours[c]):.1f} (baseline-ms {100 * theirs[c]:.1f})"
                 )
     return found
 
@@ -204,12 +208,14 @@ def target_lines(
             else "at least 5 points above baseline-ms (annotation mIoU 0.61 or below)"
         )
         lines.append(
-            f"- ladder level {level}: adele {goal}: {mean_std(delta) if delta else '-'} points over {len(delta)} paired seed(s), {verdict(ok)}"
+            f"- ladder level {level}: adele {goal}: {mean_std(delta) if delta else '-'} "
+            f"points over {len(delta)} paired seed(s), {verdict(ok)}"
         )
     erased = erased_classes(results, class_names)
     checked = [r for r in results if r.spec.name in ("adele", "adele+arm")]
     lines.append(
-        f"- no class that baseline-ms learns (test IoU > {100 * LEARNED:.0f}) ends below {100 * ERASED:.0f} under adele or adele+arm: "
+        f"- no class that baseline-ms learns (test IoU > {100 * LEARNED:.0f}) "
+        f"ends below {100 * ERASED:.0f} under adele or adele+arm: "
         f"{len(erased)} case(s) in {len(checked)} runs, {verdict(None if not checked else not erased)}"
     )
     lines += [f"  - {case}" for case in erased]
@@ -221,12 +227,14 @@ def target_lines(
     if len(arm) >= 3 and all(len(v) >= 2 for v in spread.values()):
         arm_ok = statistics.mean(arm) >= 0 and statistics.stdev(spread["arm"]) <= statistics.stdev(spread["baseline"])
     lines.append(
-        f"- coarse labels: arm at least baseline, spread no wider: arm - baseline {mean_std(arm) if arm else '-'} over {len(arm)} seeds; "
+        "- coarse labels: arm at least baseline, spread no wider: "
+        f"arm - baseline {mean_std(arm) if arm else '-'} over {len(arm)} seeds; "
         f"arm {mean_std(spread['arm'])} vs baseline {mean_std(spread['baseline'])}, {verdict(arm_ok)}"
     )
     adele_arm = paired(by_method(results, "table1", "adele+arm"), by_method(results, "table1", "adele"), "best_val")
     lines.append(
-        f"- Table 1: adele+arm at least adele: {mean_std(adele_arm) if adele_arm else '-'} over {len(adele_arm)} seeds, "
+        "- Table 1: adele+arm at least adele: "
+        f"{mean_std(adele_arm) if adele_arm else '-'} over {len(adele_arm)} seeds, "
         f"{verdict(None if not adele_arm else statistics.mean(adele_arm) >= 0)}"
     )
     return lines
@@ -245,7 +253,9 @@ ARM_RUNS = (
 def arm_table(results: list[RunResult]) -> list[str]:
     """Markdown rows: per ARM run group, what ARM's weights do to wrong labels (`arm_analysis`)."""
     lines = [
-        "| experiment | method | seeds | test mIoU best val | wrong-label pixel share (%) | wrong-label weight share (%) | relative weight of a wrong label | effective sample fraction (%) | relative weight, mean over epochs |",
+        "| experiment | method | seeds | test mIoU best val | wrong-label pixel share (%) "
+        "| wrong-label weight share (%) | relative weight of a wrong label "
+        "| effective sample fraction (%) | relative weight, mean over epochs |",
         "|" + " --- |" * 9,
     ]
     for experiment, method in ARM_RUNS:
@@ -256,8 +266,10 @@ def arm_table(results: list[RunResult]) -> list[str]:
         last = [s[-1] for s in series]
         over_epochs = [float(np.nanmean([e.wrong_relative_weight for e in s])) for s in series]
         lines.append(
-            f"| {experiment} | {method} | {len(series)} | {_cell(runs, 'test_miou', 'best_val')} | {mean_std([e.wrong_pixel_share for e in last])} | {mean_std([e.wrong_weight_share for e in last])} "
-            f"| {_ratio(e.wrong_relative_weight for e in last)} | {mean_std([e.effective_fraction for e in last])} | {_ratio(over_epochs)} |"
+            f"| {experiment} | {method} | {len(series)} | {_cell(runs, 'test_miou', 'best_val')} | "
+            f"{mean_std([e.wrong_pixel_share for e in last])} | {mean_std([e.wrong_weight_share for e in last])} "
+            f"| {_ratio(e.wrong_relative_weight for e in last)} | "
+            f"{mean_std([e.effective_fraction for e in last])} | {_ratio(over_epochs)} |"
         )
     return lines
 
@@ -397,7 +409,10 @@ def _timing_line(results: list[RunResult]) -> str:
         return "No run timings recorded."
     cpu = sum(t["cpu_seconds"] for t in timed) / 60
     wall = sum(t["wall_seconds"] for t in timed) / 60
-    return f"{len(timed)} timed runs: {cpu:.0f} CPU-minutes in total, {wall:.0f} minutes of wall time summed over runs (processes ran concurrently on a shared 2-core machine)."
+    return (
+        f"{len(timed)} timed runs: {cpu:.0f} CPU-minutes in total, {wall:.0f} minutes of "
+        "wall time summed over runs (processes ran concurrently on a shared 2-core machine)."
+    )
 
 
 def write_results(
@@ -418,7 +433,8 @@ def write_results(
         f"{len(results)} of {len(specs)} planned.",
         "",
         f"Scale: {scale.patients} phantom patients, "
-        f"{scale.slices_per_patient} slices each rendered at {scale.size} px over {scale.field_of_view:g} of the body's "
+        f"{scale.slices_per_patient} slices each rendered at "
+        f"{scale.size} px over {scale.field_of_view:g} of the body's "
         "field of view, centred on the mediastinum (slices without organs dropped), "
         f"UNet {scale.unet}, DeepLabv3+ {scale.deeplab}, {scale.epochs} epochs, batch {scale.batch_size}, "
         f"SGD lr {scale.lr}, momentum {scale.momentum}, lr schedule constant"
@@ -434,7 +450,8 @@ def write_results(
             "## What a user gets: the checkpoint chosen without clean masks",
             "",
             "Test mIoU at the last epoch, at the epoch chosen on the noisy validation masks (the runs' default, "
-            "`model.safetensors`), at the label-free choices (Label Wave: the first minimum of the moving average of the "
+            "`model.safetensors`), at the label-free choices (Label Wave: "
+            "the first minimum of the moving average of the "
             "training predictions' changes; ADELE's fitted curves: every class past its early learning), and at the "
             "clean-validation epoch, an oracle no user has (`noisyseg/training/selection.py`):",
             "",
@@ -494,7 +511,8 @@ def write_results(
         lines += [
             "## ARM: what its weights do",
             "",
-            "At the last epoch (the relative weight of a wrong label is its weight share over its pixel share: 1 = uniform, below 1 = ARM turns wrong labels down):",
+            "At the last epoch (the relative weight of a wrong label is its weight share "
+            "over its pixel share: 1 = uniform, below 1 = ARM turns wrong labels down):",
             "",
             *arm_table(results),
             "",
@@ -504,7 +522,8 @@ def write_results(
         lines += [
             "## What correction did to the labels",
             "",
-            "Per class: IoU of the labels trained on against the clean masks, as given → after the run's last correction "
+            "Per class: IoU of the labels trained on against the clean masks, "
+            "as given → after the run's last correction "
             "(mean over runs), then how many runs triggered the class and at which epochs:",
             "",
             *correction_table(results, class_names),
@@ -519,7 +538,8 @@ def write_results(
     if "coarse" in experiments:
         plot_training_dynamics(results, "coarse", COARSE_METHODS, figures / "coarse_dynamics.png")
         lines += [
-            "## 3. The ARM paper's coarse-label setting: DeepLabv3+ on coarse polygon labels, the paper's multi-step lr policy",
+            "## 3. The ARM paper's coarse-label setting: "
+            "DeepLabv3+ on coarse polygon labels, the paper's multi-step lr policy",
             "",
             *method_table(results, "coarse", COARSE_METHODS, PAPER_COARSE, "paper (Cityscapes coarse, val)"),
             "",
@@ -556,7 +576,8 @@ def _kept_sections(out: Path) -> str:
 def _copy_run_curves(root: Path, results: list[RunResult], experiment: str, figures: Path) -> list[str]:
     """Copy the first seed's curves.png of each method beside the document and link them."""
     lines = [
-        "Per-class curves of the first noise seed (IoU against the labels trained on, fitted curve, correction start; IoU_el and IoU_m):",
+        "Per-class curves of the first noise seed (IoU against the labels "
+        "trained on, fitted curve, correction start; IoU_el and IoU_m):",
         "",
     ]
     seen = set()

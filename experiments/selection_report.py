@@ -67,7 +67,8 @@ def selection_target_lines(results: list[RunResult], experiments: set[str], leve
     last epoch, mean over seeds. Cells: rule minus oracle / rule minus last epoch, met or not."""
     rules = [(rule, label) for rule, label in USER_COLUMNS if rule not in ("last", "clean-val")]
     lines = [
-        f"Selection targets: each rule within {100 * ORACLE_GAP:.1f} point of the clean-validation oracle and no more than {100 * LAST_GAP:.1f} below the last epoch "
+        f"Selection targets: each rule within {100 * ORACLE_GAP:.1f} point of the "
+        f"clean-validation oracle and no more than {100 * LAST_GAP:.1f} below the last epoch "
         "(test mIoU, mean over seeds; cells: minus oracle / minus last epoch):",
         "",
         "| setting | method | seeds | " + " | ".join(label for _, label in rules) + " |",
@@ -130,6 +131,7 @@ def never_loses_lines(results: list[RunResult], experiments: set[str], levels: S
         )
         ok = None if not delta else statistics.mean(delta) >= need
         lines.append(
-            f"- {label}: adele {goal}: {mean_std(delta) if delta else '-'} points over {len(delta)} paired seed(s), {verdict(ok)}"
+            f"- {label}: adele {goal}: {mean_std(delta) if delta else '-'} "
+            f"points over {len(delta)} paired seed(s), {verdict(ok)}"
         )
     return lines

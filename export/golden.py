@@ -93,7 +93,10 @@ class OutputComparison:
 
     def describe(self) -> str:
         verdict = "ok" if self.passed else "FAILED"
-        agreement = f"argmax agreement {100 * self.argmax_agreement:.4f}% (min {100 * self.tolerance.min_argmax_agreement:.2f}%)"
+        agreement = (
+            f"argmax agreement {100 * self.argmax_agreement:.4f}% "
+            f"(min {100 * self.tolerance.min_argmax_agreement:.2f}%)"
+        )
         if self.is_labels:
             return f"{self.name}: {verdict}: {agreement}"
         return (

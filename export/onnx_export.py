@@ -373,7 +373,8 @@ def tensorrt_compatibility_problems(model: onnx.ModelProto) -> list[str]:
         where = f"node '{node.name or node.output[0]}' ({node.op_type})"
         if node.domain not in ("", "ai.onnx") or node.op_type not in TENSORRT_OPS:
             problems.append(
-                f"{where}: operator {node.domain or 'ai.onnx'}::{node.op_type} is not supported by TensorRT's ONNX parser"
+                f"{where}: operator {node.domain or 'ai.onnx'}::{node.op_type} "
+                "is not supported by TensorRT's ONNX parser"
             )
             continue
         problems.extend(_constraint_problems(node, where, constants))
@@ -401,7 +402,8 @@ def _constraint_problems(node: onnx.NodeProto, where: str, constants: dict[str, 
             problems.append(f"{where}: Resize mode '{_attribute(node, 'mode', '')}' is not supported by TensorRT")
         if _attribute(node, "coordinate_transformation_mode", "half_pixel") not in TENSORRT_RESIZE_COORDINATES:
             problems.append(
-                f"{where}: Resize coordinate mode '{_attribute(node, 'coordinate_transformation_mode', '')}' is not supported by TensorRT"
+                f"{where}: Resize coordinate mode "
+                f"'{_attribute(node, 'coordinate_transformation_mode', '')}' is not supported by TensorRT"
             )
         if _attribute(node, "antialias", 0):
             problems.append(f"{where}: Resize with antialias is not supported by TensorRT")

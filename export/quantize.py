@@ -156,7 +156,8 @@ def calibration_batches(images: list[np.ndarray], batch_size: int, stride: int, 
     if method != "minmax" and len({batch.shape for batch in batches}) > 1:
         # ORT's histogram calibrators stack all batches' activations into one array.
         raise ValueError(
-            f"calibration method '{method}' needs images of one size (padded to the stride); these give {sorted({batch.shape[-2:] for batch in batches})}: use minmax"
+            f"calibration method '{method}' needs images of one size (padded to the stride); "
+            f"these give {sorted({batch.shape[-2:] for batch in batches})}: use minmax"
         )
     return batches
 
@@ -261,7 +262,8 @@ def quantize_onnx(
     report = evaluate_quantized(onnx_path, quantized_bytes, data_dir, config, len(images), excluded)
     if report.miou_drop > config.max_miou_drop:
         raise RuntimeError(
-            f"{out}: int8 model loses too much accuracy (allowed {config.max_miou_drop:.2f} points): {report.describe()}; nothing written"
+            f"{out}: int8 model loses too much accuracy (allowed "
+            f"{config.max_miou_drop:.2f} points): {report.describe()}; nothing written"
         )
     atomic_write_bytes(out, quantized_bytes)
     logger.info("wrote %s: %s", out, report.describe())

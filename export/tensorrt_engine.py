@@ -337,7 +337,8 @@ def engine_mismatches(
         problems.append(f"built with TensorRT {metadata.tensorrt_version}, this machine has {tensorrt_version}")
     if metadata.compute_capability != compute_capability:
         problems.append(
-            f"built for compute capability {metadata.compute_capability} ({metadata.gpu_name}), this GPU is {compute_capability}"
+            f"built for compute capability {metadata.compute_capability} "
+            f"({metadata.gpu_name}), this GPU is {compute_capability}"
         )
     actual_sha = file_sha256(plan_path)
     if metadata.plan_sha256 != actual_sha:
@@ -411,7 +412,8 @@ class TensorRTRunner:
         problems = engine_mismatches(self.engine_metadata, self.plan_path, tensorrt_version, capability)
         if problems:
             raise RuntimeError(
-                f"{self.plan_path}: engine does not match this machine ({'; '.join(problems)}); rebuild the engine here: "
+                f"{self.plan_path}: engine does not match this machine "
+                f"({'; '.join(problems)}); rebuild the engine here: "
                 f"noisyseg export engine --onnx {self.engine_metadata.onnx_file} --out {self.plan_path.name}"
             )
 

@@ -71,7 +71,8 @@ def triton_tensors(values: list[onnx.ValueInfoProto], what: str) -> list[TritonT
         tensor_type = value.type.tensor_type
         if tensor_type.elem_type not in TRITON_DATA_TYPES:
             raise ValueError(
-                f"{what} '{value.name}': element type {onnx.TensorProto.DataType.Name(tensor_type.elem_type)} has no Triton equivalent"
+                f"{what} '{value.name}': element type "
+                f"{onnx.TensorProto.DataType.Name(tensor_type.elem_type)} has no Triton equivalent"
             )
         dims = [dim.dim_value if dim.HasField("dim_value") else -1 for dim in tensor_type.shape.dim]
         if not dims or dims[0] != -1:

@@ -120,7 +120,8 @@ class LabelHook:
             self.triggers.stop(c, epoch)
             restored = self.corrections.give_back(c, self.annotations)
             log.warning(
-                "epoch %d: class %d (%s) kept %d of its %d annotated pixels under correction; the guard stopped its correction and restored %d pixels",
+                "epoch %d: class %d (%s) kept %d of its %d annotated pixels under correction; "
+                "the guard stopped its correction and restored %d pixels",
                 epoch,
                 c,
                 self.class_names[c],

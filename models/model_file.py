@@ -154,7 +154,8 @@ def load_model(path: str | Path, map_location: str = "cpu") -> tuple[torch.nn.Mo
     expected = metadata.get(CONTENT_HASH_KEY)
     if expected is not None and content_hash(state, metadata[METADATA_KEY]) != expected:
         raise ValueError(
-            f"{path}: damaged model file (its weights do not match the content hash written with them); retrain or restore it"
+            f"{path}: damaged model file (its weights do not match the "
+            "content hash written with them); retrain or restore it"
         )
     load_weights(model, state, path, info.architecture)
     log.info("%s: %s model, %s", path, info.method, info.checkpoint_description())

@@ -58,7 +58,8 @@ def check_needs(recipe: Recipe, config: Any) -> None:
             node = node.get(part) if isinstance(node, dict) else getattr(node, part, None)
         if node in (None, "", [], {}):
             raise ValueError(
-                f"recipe {recipe.name} needs {dotted} (give it with --set {dotted}=VALUE or the matching option; see the comments in {recipe.path})"
+                f"recipe {recipe.name} needs {dotted} (give it with --set {dotted}=VALUE "
+                f"or the matching option; see the comments in {recipe.path})"
             )
 
 

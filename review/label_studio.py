@@ -75,7 +75,10 @@ def labelling_config(class_names: Sequence[str]) -> str:
         for class_id, name in enumerate(class_names)
         if class_id > 0
     )
-    return f'<View>\n  <Image name="{TO_NAME}" value="$image" zoom="true"/>\n  <BrushLabels name="{FROM_NAME}" toName="{TO_NAME}">\n{labels}  </BrushLabels>\n</View>\n'
+    return (
+        f'<View>\n  <Image name="{TO_NAME}" value="$image" zoom="true"/>\n  <BrushLabels '
+        f'name="{FROM_NAME}" toName="{TO_NAME}">\n{labels}  </BrushLabels>\n</View>\n'
+    )
 
 
 def write_label_studio(

@@ -37,7 +37,8 @@ class OnnxSource(ProbabilitySource):
         outputs = [name for name in ("probs", "logits") if name in self.runner.output_names]
         if not outputs:
             raise ValueError(
-                f"{model}: the model returns {self.runner.output_names}; the review needs 'probs' or 'logits' (export with --output probs)"
+                f"{model}: the model returns {self.runner.output_names}; "
+                "the review needs 'probs' or 'logits' (export with --output probs)"
             )
         try:
             class_names = json.loads(self.runner.metadata["class_names"])

@@ -38,7 +38,8 @@ td.id, th.id { text-align: left; }
 img.view { width: 192px; height: auto; image-rendering: pixelated; display: block; }
 figure { margin: 0; }
 figcaption { font-size: 0.8em; color: #555; text-align: center; }
-.swatch { display: inline-block; width: 1em; height: 1em; border: 1px solid #888; vertical-align: middle; margin: 0 0.3em 0 1em; }
+.swatch { display: inline-block; width: 1em; height: 1em; border: 1px solid #888; \
+vertical-align: middle; margin: 0 0.3em 0 1em; }
 """
 
 
@@ -74,13 +75,15 @@ def histogram_svg(scores: Sequence[float], cut: float | None, width: int = 480, 
     left, bottom, plot_w, plot_h = 40, height - 24, width - 64, height - 40
     bar_w = plot_w / HISTOGRAM_BINS
     parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" aria-label="histogram of label-quality scores">'
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        'role="img" aria-label="histogram of label-quality scores">'
     ]
     for i, count in enumerate(counts.tolist()):
         h = plot_h * count / top
         low, high = upper * i / HISTOGRAM_BINS, upper * (i + 1) / HISTOGRAM_BINS
         parts.append(
-            f'<rect x="{left + i * bar_w:.1f}" y="{bottom - h:.1f}" width="{bar_w - 1:.1f}" height="{h:.1f}" fill="#4c78a8"><title>{low:.3f}-{high:.3f}: {count}</title></rect>'
+            f'<rect x="{left + i * bar_w:.1f}" y="{bottom - h:.1f}" width="{bar_w - 1:.1f}" '
+            f'height="{h:.1f}" fill="#4c78a8"><title>{low:.3f}-{high:.3f}: {count}</title></rect>'
         )
     parts.append(f'<line x1="{left}" y1="{bottom}" x2="{left + plot_w}" y2="{bottom}" stroke="#333"/>')
     for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
@@ -92,7 +95,8 @@ def histogram_svg(scores: Sequence[float], cut: float | None, width: int = 480, 
     if cut is not None and not math.isnan(cut):
         x = left + min(max(cut / upper, 0.0), 1.0) * plot_w
         parts.append(
-            f'<line x1="{x:.1f}" y1="{bottom - plot_h}" x2="{x:.1f}" y2="{bottom}" stroke="#d62728" stroke-dasharray="4 3"><title>worst images: score up to {cut:.3f}</title></line>'
+            f'<line x1="{x:.1f}" y1="{bottom - plot_h}" x2="{x:.1f}" y2="{bottom}" stroke="#d62728" '
+            f'stroke-dasharray="4 3"><title>worst images: score up to {cut:.3f}</title></line>'
         )
     parts.append("</svg>")
     return "".join(parts)
@@ -108,7 +112,10 @@ def transitions_table(transitions: Sequence[Sequence[int]], class_names: Sequenc
         )
         moved = sum(int(transitions[g][c]) for c in range(len(class_names)) if c != g)
         body.append(f'<tr><th class="id">{escape(name)}</th>{cells}<td>{moved}</td></tr>')
-    return f'<table class="transitions"><tr><th class="id">given \\ corrected</th>{head}<th>relabelled</th></tr>{"".join(body)}</table>'
+    return (
+        f'<table class="transitions"><tr><th class="id">given \\ corrected</th>{head}'
+        f"<th>relabelled</th></tr>{''.join(body)}</table>"
+    )
 
 
 def panel_row(rank: int, panel: Panel, class_names: Sequence[str], ignore_index: int) -> str:
@@ -120,7 +127,8 @@ def panel_row(rank: int, panel: Panel, class_names: Sequence[str], ignore_index:
         ("difference", difference_overlay(panel.image, panel.given, panel.corrected, panel.issue)),
     ]
     figures = "".join(
-        f'<td><figure><img class="view" src="{data_uri(rgb)}" alt="{escape(row.slice_id)} {what}"><figcaption>{what}</figcaption></figure></td>'
+        f'<td><figure><img class="view" src="{data_uri(rgb)}" alt="{escape(row.slice_id)} {what}">'
+        f"<figcaption>{what}</figcaption></figure></td>"
         for what, rgb in views
     )
     changes = (
@@ -128,7 +136,10 @@ def panel_row(rank: int, panel: Panel, class_names: Sequence[str], ignore_index:
         or "&ndash;"
     )
     quality = "n/a" if math.isnan(row.label_quality) else f"{row.label_quality:.3f}"
-    return f'<tr><td>{rank}</td><td class="id">{escape(row.slice_id)}</td><td>{quality}</td><td>{100 * row.changed_fraction:.1f}%</td><td class="id">{changes}</td>{figures}</tr>'
+    return (
+        f'<tr><td>{rank}</td><td class="id">{escape(row.slice_id)}</td><td>{quality}</td>'
+        f'<td>{100 * row.changed_fraction:.1f}%</td><td class="id">{changes}</td>{figures}</tr>'
+    )
 
 
 def render_page(summary: dict[str, Any], rows: Sequence[ReviewRow], panels: Sequence[Panel], ignore_index: int) -> str:
@@ -144,13 +155,16 @@ def render_page(summary: dict[str, Any], rows: Sequence[ReviewRow], panels: Sequ
 <html lang="en"><head><meta charset="utf-8"><title>noisyseg label review</title><style>{STYLE}</style></head>
 <body>
 <h1>Label review</h1>
-<p>{summary["images"]} images scored; corrected masks from the {escape(summary["correction"])}; issue pixels: given label differs from a prediction of probability &ge; {summary["confidence"]:g}. Files: {files}</p>
+<p>{summary["images"]} images scored; corrected masks from the {escape(summary["correction"])}; \
+issue pixels: given label differs from a prediction of probability &ge; {summary["confidence"]:g}. Files: {files}</p>
 {legend(names)}
 <h2>Label quality</h2>
-<p>Soft minimum of each labelled pixel's predicted probability of its given label (low = suspicious); the dashed line is the cut of the worst images shown below.</p>
+<p>Soft minimum of each labelled pixel's predicted probability of its given label (low = suspicious); \
+the dashed line is the cut of the worst images shown below.</p>
 {histogram_svg([r.label_quality for r in rows], cut)}
 <h2>The {len(panels)} worst images (by {escape(summary["sort"].replace("_", " "))})</h2>
-<table class="worst"><tr><th>rank</th><th class="id">image</th><th>label quality</th><th>relabelled</th><th class="id">changes (pixels)</th><th>image</th><th>given</th><th>corrected</th><th>difference</th></tr>
+<table class="worst"><tr><th>rank</th><th class="id">image</th><th>label quality</th><th>relabelled</th>\
+<th class="id">changes (pixels)</th><th>image</th><th>given</th><th>corrected</th><th>difference</th></tr>
 {worst}
 </table>
 <h2>Relabelled pixels per class</h2>

@@ -44,13 +44,15 @@ class ProbabilitySource(ABC):
     ) -> None:
         if len(class_names) != data.info.num_classes:
             raise ValueError(
-                f"{data.root}: the data has {data.info.num_classes} classes {data.info.classes}, the model {len(class_names)} {list(class_names)}"
+                f"{data.root}: the data has {data.info.num_classes} classes {data.info.classes}, "
+                f"the model {len(class_names)} {list(class_names)}"
             )
         # Same number, other names: the model's class i would be scored as the data's class i.
         if list(class_names) != list(data.info.classes) and not allow_class_mismatch:
             raise ValueError(
-                f"{model}: the model's classes {list(class_names)} are not the classes of {data.root} {data.info.classes}; "
-                "its scores would be of other classes (pass --allow-class-mismatch to review with them matched by index)"
+                f"{model}: the model's classes {list(class_names)} are not the classes of {data.root} "
+                f"{data.info.classes}; its scores would be of other classes (pass --allow-class-mismatch "
+                "to review with them matched by index)"
             )
         self.data = data
         self.class_names = list(class_names)

@@ -145,7 +145,8 @@ def read_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str,
     expected = state.get(TENSORS_HASH)
     if expected is not None and hashlib.sha256(payload).hexdigest() != expected:
         raise ValueError(
-            f"{directory / STATE_TENSORS}: damaged checkpoint tensors (their sha256 differs from the one in {STATE_JSON}); restore the file or start the run anew"
+            f"{directory / STATE_TENSORS}: damaged checkpoint tensors (their sha256 "
+            f"differs from the one in {STATE_JSON}); restore the file or start the run anew"
         )
     try:
         tensors = load(payload)
@@ -165,7 +166,9 @@ def check_checkpoint_config(directory: Path, state: dict[str, Any], config: Trai
             raise ValueError(f"{directory / STATE_JSON}: checkpoint without a readable configuration ({err})") from err
         if differences:
             raise ValueError(
-                f"{directory / STATE_JSON}: checkpoint of another configuration (differs in {', '.join(differences)}) than the run's {RunDir(config.out).config_file}; resuming it would mix two runs"
+                f"{directory / STATE_JSON}: checkpoint of another configuration (differs in "
+                f"{', '.join(differences)}) than the run's {RunDir(config.out).config_file}; "
+                "resuming it would mix two runs"
             )
     check_checkpoint_run(directory, state, RunDir(config.out))
 
@@ -177,7 +180,8 @@ def check_checkpoint_run(directory: Path, state: dict[str, Any], run: RunDir) ->
     found, expected = state.get(RUN_ID), run.run_id()
     if found != expected:
         raise ValueError(
-            f"{directory / STATE_JSON}: checkpoint of another run (run id {found or 'none'}, {run.config_file} has {expected or 'none'}); resuming it would mix two runs"
+            f"{directory / STATE_JSON}: checkpoint of another run (run id {found or 'none'}, "
+            f"{run.config_file} has {expected or 'none'}); resuming it would mix two runs"
         )
     epoch = int(state["epoch"])
     recorded = run.read_metrics()[-1]["epoch"] if run.metrics_file.is_file() else 0
@@ -185,7 +189,8 @@ def check_checkpoint_run(directory: Path, state: dict[str, Any], run: RunDir) ->
     # it one epoch behind; anything else is another run's (or an older) checkpoint.
     if recorded not in (epoch, epoch - 1):
         raise ValueError(
-            f"{directory / STATE_JSON}: checkpoint after epoch {epoch}, but the run's {run.metrics_file} records epochs up to {recorded}; resuming it would mix two runs"
+            f"{directory / STATE_JSON}: checkpoint after epoch {epoch}, but the run's "
+            f"{run.metrics_file} records epochs up to {recorded}; resuming it would mix two runs"
         )
 
 

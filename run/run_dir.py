@@ -120,11 +120,13 @@ class RunDir:
             differences = config_differences(self.read_config(), config)
             if differences:
                 raise ValueError(
-                    f"{run_dir}: run directory holds a run with another configuration (differs in {', '.join(differences)}); use another --out"
+                    f"{run_dir}: run directory holds a run with another configuration "
+                    f"(differs in {', '.join(differences)}); use another --out"
                 )
             if not resume:
                 raise FileExistsError(
-                    f"{run_dir}: run directory already holds this run; continue it with --resume {run_dir} or choose another --out"
+                    f"{run_dir}: run directory already holds this run; "
+                    f"continue it with --resume {run_dir} or choose another --out"
                 )
             self.probe()
             return

@@ -146,18 +146,21 @@ def training_size(run: FinishedRun, size: int | None) -> int:
         return size
     if run.config is None:
         raise ValueError(
-            f"{run.path}: a model file does not record the slice size it was trained at; pass --size (the `data segthor --size` of its data)"
+            f"{run.path}: a model file does not record the slice size it was "
+            "trained at; pass --size (the `data segthor --size` of its data)"
         )
     try:
         image = run.source("train").read_image(0)
     except (FileNotFoundError, ValueError) as err:
         raise ValueError(
-            f"{run.path}: cannot read the trained slice size from its data folder {run.config.data} ({err}); pass --size"
+            f"{run.path}: cannot read the trained slice size from "
+            f"its data folder {run.config.data} ({err}); pass --size"
         ) from err
     height, width = image.shape[1:]
     if height != width:
         raise ValueError(
-            f"{run.path}: its training slices are {height} x {width}, volume slices are resized to a square; pass --size"
+            f"{run.path}: its training slices are {height} x {width}, "
+            "volume slices are resized to a square; pass --size"
         )
     return int(height)
 
@@ -242,7 +245,8 @@ def score_volume(pred_path: Path, gt_path: Path, num_classes: int, ignore_index:
     gt_image, truth = read_label_volume(gt_path)
     if pred.shape != truth.shape:
         raise ValueError(
-            f"{pred_path}: prediction shape {pred_image.shape} does not match ground truth {gt_path} shape {gt_image.shape}"
+            f"{pred_path}: prediction shape {pred_image.shape} does "
+            f"not match ground truth {gt_path} shape {gt_image.shape}"
         )
     if not np.allclose(pred_image.affine, gt_image.affine, atol=1e-3):
         log.warning("%s: affine differs from that of %s (voxels are compared as stored)", pred_path, gt_path)

@@ -215,7 +215,8 @@ def init_distributed(backend: str = "auto", timeout_s: float = 300.0, device: st
             )
         except dist.DistError as err:
             raise RuntimeError(
-                f"rank {rank} of {world_size}: could not join the {backend} process group at {endpoint} within distributed.timeout_s={timeout_s:g} s ({_first_line(err)})"
+                f"rank {rank} of {world_size}: could not join the {backend} process group at "
+                f"{endpoint} within distributed.timeout_s={timeout_s:g} s ({_first_line(err)})"
             ) from err
     log.info(
         "rank %d of %d (local rank %d) joined the %s process group at %s",
@@ -404,7 +405,8 @@ def verify_agreement(ctx: DistContext, digest: str, what: str) -> None:
     differing = [rank for rank, other in enumerate(digests) if other != digests[0]]
     if differing:
         raise RuntimeError(
-            f"{ctx.describe()}: ranks {differing} disagree with rank 0 about {what} (digests {digests}); the replicas diverged, training stopped"
+            f"{ctx.describe()}: ranks {differing} disagree with rank 0 about "
+            f"{what} (digests {digests}); the replicas diverged, training stopped"
         )
 
 

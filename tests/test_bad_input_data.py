@@ -163,7 +163,7 @@ def test_inspect_names_the_annotation_folder_the_tree_lacks(
     assert f"{cityscapes / 'gtCoarse'}" in err and "eval_annotations=gtCoarse" in err
 
 
-# ----------------------------------------------------------------------------- review outputs and classes (items 12, 13)
+# -------------------------------------------------------------------------- review outputs and classes (items 12, 13)
 
 
 def test_review_out_below_a_regular_file_is_refused_before_any_work(
@@ -221,8 +221,8 @@ def test_review_refuses_a_model_of_other_class_names_unless_told(
     review = ["review", "--model", str(model), "--format", "png", "--quiet"]
     err = one_line_error(capsys, *review, "--data", str(other), "--out", str(tmp_path / "refused"))
     assert (
-        f"{model}: the model's classes {list(CLASS_NAMES)} are not the classes of {other} ['background', 'heart', 'aorta']"
-        in err
+        f"{model}: the model's classes {list(CLASS_NAMES)} are not "
+        f"the classes of {other} ['background', 'heart', 'aorta']" in err
     )
     assert "--allow-class-mismatch" in err
     assert not (tmp_path / "refused" / "scores.csv").exists()

@@ -29,7 +29,8 @@ def test_defaults_are_the_papers_values() -> None:
 def test_yaml_file_then_overrides(tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text(
-        "method: arm\nepochs: 7\nadele: {r: 0.8, tau: 0.75}\nmodel: {architecture: unet, kwargs: {base_width: 8, depth: 3}}\n",
+        "method: arm\nepochs: 7\nadele: {r: 0.8, tau: 0.75}\nmodel: "
+        "{architecture: unet, kwargs: {base_width: 8, depth: 3}}\n",
         encoding="utf-8",
     )
     config = build_config(path, [*REQUIRED, "adele.r=0.5", "model.kwargs.base_width=4", "adele.scales=[1.0, 0.5]"])

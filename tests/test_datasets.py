@@ -196,7 +196,8 @@ def test_cityscapes_missing_mask_is_named(cityscapes: Path) -> None:
     source = open_source(cityscapes, "val")
     with pytest.raises(
         FileNotFoundError,
-        match=r"gtFine/val/lindau/lindau_000000_000019_gtFine_labelIds\.png: gtFine label-id mask of image lindau_000000_000019_leftImg8bit\.png not found",
+        match=r"gtFine/val/lindau/lindau_000000_000019_gtFine_labelIds\.png: "
+        r"gtFine label-id mask of image lindau_000000_000019_leftImg8bit\.png not found",
     ):
         source.read(source.ids.index("lindau/lindau_000000_000019"))
 
@@ -208,7 +209,8 @@ def test_cityscapes_wrong_size_is_named(cityscapes: Path) -> None:
     source = open_source(cityscapes, "train")
     with pytest.raises(
         ValueError,
-        match=r"bremen_000000_000019_gtFine_labelIds\.png: mask size \(6, 11\) does not match image .*bremen_000000_000019_leftImg8bit\.png size \(6, 10\)",
+        match=r"bremen_000000_000019_gtFine_labelIds\.png: mask size \(6, 11\) "
+        r"does not match image .*bremen_000000_000019_leftImg8bit\.png size \(6, 10\)",
     ):
         source.read(source.ids.index("bremen/bremen_000000_000019"))
 
@@ -221,13 +223,15 @@ def test_cityscapes_unknown_label_id_and_colour_mask_are_named(cityscapes: Path)
     source = open_source(cityscapes, "val")
     with pytest.raises(
         ValueError,
-        match=r"frankfurt_000000_000294_gtFine_labelIds\.png: label id\(s\) \[77\] are not Cityscapes label ids \(expected 0\.\.33",
+        match=r"frankfurt_000000_000294_gtFine_labelIds\.png: label id\(s\) "
+        r"\[77\] are not Cityscapes label ids \(expected 0\.\.33",
     ):
         source.read(0)
     write_rgb(path, 8, 16, seed=0)
     with pytest.raises(
         ValueError,
-        match=r"frankfurt_000000_000294_gtFine_labelIds\.png: .* must be a greyscale \(L\) or palette \(P\) PNG of indices, got mode RGB",
+        match=r"frankfurt_000000_000294_gtFine_labelIds\.png: .* must be a "
+        r"greyscale \(L\) or palette \(P\) PNG of indices, got mode RGB",
     ):
         source.read(0)
 

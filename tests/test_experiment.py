@@ -352,7 +352,8 @@ def test_runs_select_on_noisy_validation_masks_and_the_document_shows_what_a_use
     row = next(line for line in lines if line.startswith("| Table 1 | baseline-ms | 1 |") and "met" in line)
     noisy_cell = row.strip("|").split("|")[3].strip()
     assert noisy_cell.startswith(
-        f"{100 * (baseline['noisy-val'] - baseline['clean-val']):+.1f} / {100 * (baseline['noisy-val'] - baseline['last']):+.1f}"
+        f"{100 * (baseline['noisy-val'] - baseline['clean-val']):+.1f} "
+        f"/ {100 * (baseline['noisy-val'] - baseline['last']):+.1f}"
     )
     assert not any(line.startswith("| Table 1 | arm | 1 |") and "met" in line for line in lines)
     assert any(line.startswith("- Table 1: adele at least 5 points above baseline-ms") for line in lines)

@@ -61,7 +61,8 @@ if TIMM_ERROR is not None and os.environ.get("NOISYSEG_REQUIRE_TIMM"):
 skip_without_timm = pytest.mark.skipif(
     TIMM_ERROR is not None,
     reason=f"timm does not import here ({TIMM_ERROR}); it is the optional extra noisyseg[timm] "
-    "(timm needs torchvision, whose PyPI wheels are CUDA builds that cannot load next to torch+cpu); make test-timm runs it",
+    "(timm needs torchvision, whose PyPI wheels are CUDA builds "
+    "that cannot load next to torch+cpu); make test-timm runs it",
 )
 
 

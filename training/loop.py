@@ -380,7 +380,8 @@ class Trainer:
                     else "no checkpoint was completed"
                 )
                 error = RuntimeError(
-                    f"{self.run_dir}: could not write the outputs of epoch {record['epoch']} ({err}); training stopped, {kept}; free space and continue with --resume {self.run_dir}"
+                    f"{self.run_dir}: could not write the outputs of epoch {record['epoch']} ({err}); "
+                    f"training stopped, {kept}; free space and continue with --resume {self.run_dir}"
                 )
         agree_on_error(self.ctx, error, f"writing the outputs of epoch {record['epoch']}")
 

@@ -63,7 +63,8 @@ class PredictionChanges:
         self.measured = cached or not ctx.enabled
         if not self.measured and ctx.is_main:
             log.warning(
-                "prediction changes (Label Wave's input) are not measured when several ranks stream their data; the label-free rule keeps the last epoch"
+                "prediction changes (Label Wave's input) are not measured when several "
+                "ranks stream their data; the label-free rule keeps the last epoch"
             )
         self.maps = LabelMaps.allocate(shapes, workdir)
         self.maps.flat[:] = UNSEEN
@@ -161,7 +162,8 @@ class PredictionChanges:
         info_path, array_path = directory / INFO_FILE, directory / ARRAY_FILE
         if not (info_path.is_file() and array_path.is_file()):
             log.warning(
-                "%s: no stored training predictions (a checkpoint from before Label Wave's measure); the first resumed epoch measures no prediction changes",
+                "%s: no stored training predictions (a checkpoint from before Label "
+                "Wave's measure); the first resumed epoch measures no prediction changes",
                 directory,
             )
             return
@@ -176,14 +178,16 @@ class PredictionChanges:
             or array.size != len(self.maps.flat)
         ):
             raise ValueError(
-                f"{array_path}: stored training predictions do not match the training split ({array.size} pixels stored, {len(self.maps.flat)} in the data)"
+                f"{array_path}: stored training predictions do not match the training "
+                f"split ({array.size} pixels stored, {len(self.maps.flat)} in the data)"
             )
         flat = array.reshape(-1)
         for start in range(0, len(flat), CHUNK):
             self.maps.flat[start : start + CHUNK] = flat[start : start + CHUNK]
         if info.get("sha256") != self.maps.digest():
             raise ValueError(
-                f"{array_path}: stored training predictions do not match their description in {INFO_FILE} (damaged or from another save)"
+                f"{array_path}: stored training predictions do not match their "
+                f"description in {INFO_FILE} (damaged or from another save)"
             )
         if self.on_device is not None:
             self.on_device.copy_(torch.from_numpy(self.maps.stacked()))

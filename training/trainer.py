@@ -136,7 +136,9 @@ def check_free_space(trainer: Trainer) -> None:
     free = shutil.disk_usage(trainer.run_dir.path).free
     if free < 2 * checkpoint_bytes:
         raise ValueError(
-            f"{trainer.run_dir}: only {free / 1e6:.1f} MB free, a checkpoint needs about {checkpoint_bytes / 1e6:.1f} MB and twice that while it replaces the previous one; free space or choose another --out"
+            f"{trainer.run_dir}: only {free / 1e6:.1f} MB free, a checkpoint needs about "
+            f"{checkpoint_bytes / 1e6:.1f} MB and twice that while it "
+            "replaces the previous one; free space or choose another --out"
         )
 
 

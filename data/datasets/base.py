@@ -71,7 +71,8 @@ class SegmentationSource(ABC):
         image, mask = self.read_image(index), self.read_mask(index)
         if image.shape[1:] != mask.shape:
             raise ValueError(
-                f"{self.mask_path(index)}: mask size {mask.shape} does not match image {self.image_path(index)} size {image.shape[1:]}"
+                f"{self.mask_path(index)}: mask size {mask.shape} does not "
+                f"match image {self.image_path(index)} size {image.shape[1:]}"
             )
         check_mask_values(mask, self.info.num_classes, self.info.ignore_index, self.mask_path(index))
         return image, mask

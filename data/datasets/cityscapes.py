@@ -121,7 +121,8 @@ class CityscapesSource(SegmentationSource):
                 found.append(folder.name)
             elif folder.name == "train" or not masks.parent.is_dir():
                 raise FileNotFoundError(
-                    f"{masks}: folder not found (the masks of split '{folder.name}' with {option}={annotations}; expected {annotations}/{folder.name}/<city>/*_{annotations}_labelIds.png)"
+                    f"{masks}: folder not found (the masks of split '{folder.name}' with {option}={annotations}; "
+                    f"expected {annotations}/{folder.name}/<city>/*_{annotations}_labelIds.png)"
                 )
         return found
 
@@ -141,6 +142,7 @@ class CityscapesSource(SegmentationSource):
         unknown = sorted(set(np.unique(label_ids).tolist()) - KNOWN_LABEL_IDS)
         if unknown:
             raise ValueError(
-                f"{path}: label id(s) {unknown} are not Cityscapes label ids (expected {min(KNOWN_LABEL_IDS)}..{max(KNOWN_LABEL_IDS)}, cityscapesscripts.helpers.labels)"
+                f"{path}: label id(s) {unknown} are not Cityscapes label ids (expected "
+                f"{min(KNOWN_LABEL_IDS)}..{max(KNOWN_LABEL_IDS)}, cityscapesscripts.helpers.labels)"
             )
         return LABEL_TO_TRAIN_ID[label_ids]

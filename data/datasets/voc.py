@@ -84,7 +84,8 @@ class VocSource(SegmentationSource):
         found = voc_root(given)
         if found is None:
             raise FileNotFoundError(
-                f"{given}: not a PASCAL VOC 2012 folder (expected {IMAGE_DIR}/ and {LIST_DIR}/ in it or in {given / 'VOC2012'})"
+                f"{given}: not a PASCAL VOC 2012 folder (expected "
+                f"{IMAGE_DIR}/ and {LIST_DIR}/ in it or in {given / 'VOC2012'})"
             )
         if not isinstance(aug, bool):
             raise ValueError(f"voc option 'aug': expected true or false, got {aug!r}")
