@@ -207,11 +207,14 @@ async def off_loop_if_large(size: int, function: Callable[..., T], *args: Any) -
 
 async def _submit(batcher: DynamicBatcher, images: np.ndarray, outputs: list[str], timeout: float) -> dict[str, np.ndarray]:
     try:
-        return await asyncio.wait_for(batcher.submit(images, outputs), timeout=timeout)
+        # Not asyncio.wait_for: its task and the exception it raises reference each other, so a
+        # refused request's tensors stayed in memory until the next garbage collection.
+        async with asyncio.timeout(timeout):
+            return await batcher.submit(images, outputs)
     except TimeoutError:
         raise RequestTimeout(f"model '{batcher.name}' did not answer within {timeout:g} s") from None
     except QueueFull as err:
-        raise Busy(str(err)) from None
+        raise Busy(str(err), err.retry_after_s) from None
     except BatcherStopped as err:
         raise Unavailable(str(err)) from None
     except ServeError:

@@ -317,14 +317,18 @@ def post_images(url: str, images: np.ndarray) -> httpx.Response:
                       timeout=30)
 
 
-def test_batches_stay_within_the_pixel_budget(budgeted, model_dir) -> None:
+def test_batches_stay_within_the_pixel_budget(model_dir) -> None:
+    # Room in the queue for all six requests, so each is answered.
+    settings = ServerSettings(max_batch_pixels=BUDGET, max_queued_pixels=6 * 128, max_batch_size=8, max_queue_delay_ms=1000)
     requests = [np.random.default_rng(seed).normal(size=(1, 1, 8, 16)).astype(np.float32) for seed in range(6)]
     replies: dict[int, httpx.Response] = {}
-    threads = [threading.Thread(target=lambda i=i: replies.__setitem__(i, post_images(budgeted.url, requests[i]))) for i in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    with running_server([conv_runtime(model_dir, "conv")], settings) as budgeted:
+        threads = [threading.Thread(target=lambda i=i: replies.__setitem__(i, post_images(budgeted.url, requests[i]))) for i in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        stats = model_stats(budgeted.url)
     runner = OnnxRuntimeRunner(model_dir / "conv.onnx")
     for index, images in enumerate(requests):
         reply = replies[index]
@@ -332,7 +336,7 @@ def test_batches_stay_within_the_pixel_budget(budgeted, model_dir) -> None:
         decoded = httpclient.InferenceServerClient.parse_response_body(
             reply.content, header_length=int(reply.headers["Inference-Header-Content-Length"]))
         np.testing.assert_array_equal(decoded.as_numpy("labels"), runner.run(images)["logits"].argmax(axis=1))
-    sizes = {entry["batch_size"]: entry["compute_infer"]["count"] for entry in model_stats(budgeted.url)["batch_stats"]}
+    sizes = {entry["batch_size"]: entry["compute_infer"]["count"] for entry in stats["batch_stats"]}
     # Six images that max_batch_size alone would run together ran two at a time, the budget's worth.
     assert set(sizes) == {2} and sizes[2] == 3, sizes
 
