@@ -301,8 +301,8 @@ class InferenceServicer:
         started = time.perf_counter()
         name = None
         try:
-            # The message and the tensors decoded from it are held until the answer is made, as an
-            # HTTP body is: they count against --max-held-body-mb.
+            # The message, the tensors decoded from it and the answer are held until the answer is
+            # made, as an HTTP body is: they count against --max-held-body-mb.
             with self.table.bodies.share() as take:
                 take(len(raw))
                 request = await self._parse("ModelInfer", raw)
@@ -315,10 +315,12 @@ class InferenceServicer:
                 del request  # its parsed copy of the tensors: the decoded ones are copies of their own
                 take(input_bytes_outside(decoded, raw))
 
-                def check_response(planned: list[PlannedOutput]) -> None:
-                    self._check_response_size(runtime.name, infer_response_bytes(request_id, runtime.name, runtime.version, planned))
+                def check_response(planned: list[PlannedOutput]) -> int | None:
+                    size = infer_response_bytes(request_id, runtime.name, runtime.version, planned)
+                    self._check_response_size(runtime.name, size)
+                    return size
 
-                outputs, results = await run_inference(self.table, model, decoded, check_response, deadline)
+                outputs, results = await run_inference(self.table, model, decoded, check_response, take, deadline)
                 answer = [(output, results[output]) for output in outputs]
                 response = await off_loop_if_large(
                     sum(array.nbytes for _, array in answer), encode_infer_response, request_id, runtime.name, runtime.version, answer

@@ -134,7 +134,7 @@ def test_bodies_held_at_once_are_bounded_with_503_and_retry_after(server) -> Non
             time.sleep(0.01)
         response = httpx.post(server.url + "/v2/models/conv/infer", json=json_body(np.ones((1, 1, 4, 4))))
         assert response.status_code == 503 and response.headers["retry-after"] == "1"
-        assert "already holds 131072 bytes of request bodies (limit 131072)" in response.json()["error"]
+        assert "already holds 131072 bytes of request bodies, decoded tensors and answers (limit 131072)" in response.json()["error"]
     finally:
         for conn in slow:
             conn.close()
@@ -298,6 +298,20 @@ def test_an_answer_over_the_response_limit_is_refused_before_any_inference(serve
     after = model_stats(server.url)
     assert after["execution_count"] == before["execution_count"], "the model ran for a refused answer"
     assert after["inference_stats"]["success"]["count"] == before["inference_stats"]["success"]["count"]
+
+
+def test_answers_count_in_what_the_server_holds_and_a_request_that_cannot_fit_alone_gets_413(model_dir) -> None:
+    settings = ServerSettings(max_body_bytes=BODY_LIMIT, max_held_body_bytes=BODY_LIMIT, max_response_bytes=BODY_LIMIT)
+    with running_server([conv_runtime(model_dir, "conv")], settings) as running:
+        images = np.zeros((1, 1, 64, 64), np.float32)  # 16 KiB of pixels; binary logits 48 KiB
+        fits = post_images(running.url, images)  # labels: 32 KiB
+        body, json_length = binary_infer_body(images, ["logits"])  # a 48 KiB answer and a 16 KiB body
+        alone = httpx.post(running.url + "/v2/models/conv/infer", content=body,
+                           headers={"Inference-Header-Content-Length": str(json_length)})
+        held_after = running.app.state.bodies.held
+    assert fits.status_code == 200
+    assert alone.status_code == 413 and "over the 65536 bytes the server holds for all requests at once (--max-held-body-mb)" in alone.json()["error"]
+    assert held_after == 0
 
 
 BUDGET = 256  # pixels per model call: two 8 x 16 images
