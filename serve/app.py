@@ -17,6 +17,7 @@ lifespan and, on shutdown, finish every queued request before the worker threads
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -188,19 +189,23 @@ async def _infer(
 ) -> Response:
     started = time.perf_counter()
     runtime = table.runtime(name, version)
+    # The body, the tensors decoded from it and the answer count against --max-held-body-mb from
+    # the body's first byte until the answer is sent (or the request fails).
+    held = contextlib.ExitStack()
+    take = held.enter_context(table.bodies.share())
     try:
         model = table.served(name, version)
-        with table.bodies.share() as take:
-            body = await read_body(request, settings, take)
-            decoded = await off_loop_if_large(len(body), decode_request, body, request.headers.get(HEADER_LENGTH_HEADER))
-            take(input_bytes_outside(decoded, body))
+        body = await read_body(request, settings, take)
+        decoded = await off_loop_if_large(len(body), decode_request, body, request.headers.get(HEADER_LENGTH_HEADER))
+        take(input_bytes_outside(decoded, body))
 
-            def check_response(planned: list[PlannedOutput]) -> None:
-                size = response_bytes_at_most(runtime.name, runtime.version, decoded.id, planned)
-                if size is not None and size > settings.max_response_bytes:
-                    raise response_too_large(runtime.name, settings.max_response_bytes, size)
+        def check_response(planned: list[PlannedOutput]) -> int | None:
+            size = response_bytes_at_most(runtime.name, runtime.version, decoded.id, planned)
+            if size is not None and size > settings.max_response_bytes:
+                raise response_too_large(runtime.name, settings.max_response_bytes, size)
+            return size
 
-            outputs, results = await run_inference(table, model, decoded, check_response)
+        outputs, results = await run_inference(table, model, decoded, check_response, take)
         encoded = [(out, results[out], decoded.wants_binary(out)) for out in outputs]
         # About 4 bytes of JSON text per number, at the least.
         json_size = 4 * sum(array.size for _, array, binary in encoded if not binary)
@@ -208,11 +213,15 @@ async def _infer(
             json_size, encode_response, runtime.name, runtime.version, decoded.id, encoded, settings.max_response_bytes
         )
     except ServeError:
+        held.close()
         metrics.inference_requests.inc(runtime.name, "error")
+        raise
+    except BaseException:
+        held.close()
         raise
     metrics.inference_requests.inc(runtime.name, "success")
     metrics.inference_latency.observe(time.perf_counter() - started, runtime.name)
-    return EncodedBodyResponse(response)
+    return EncodedBodyResponse(response, on_sent=held.close)
 
 
 def _route_label(path: str) -> str:

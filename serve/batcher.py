@@ -9,7 +9,9 @@ A batch is full at `max_batch_size` images or at `max_batch_pixels` pixels (imag
 width), whichever comes first: the pixel budget bounds the model's working memory, which grows
 with them. One batch runs at a time, so inference never holds more than one budget's worth.
 The queue holds at most `max_queued_images` images and `max_queued_pixels` pixels; beyond
-either, `QueueFull` (the server's 503 with Retry-After).
+either, `QueueFull` (the server's 503 with Retry-After): its wait is the queued and running
+pixels at the model's recent seconds per pixel, so clients of a slow model do not retry every
+second.
 
 Only requests whose images have the same shape apart from the batch dimension (channels, height,
 width) and the same dtype are batched together; each shape has its own queue. A request is never
@@ -41,7 +43,12 @@ BatchFunction = Callable[[np.ndarray, frozenset[str]], dict[str, np.ndarray]]
 
 
 class QueueFull(RuntimeError):
-    """The batcher already holds its maximum of waiting images."""
+    """The batcher already holds its maximum of waiting images or pixels; `retry_after_s` is how
+    long the queued and running batches are expected to take (at least 1 s)."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class BatcherStopped(RuntimeError):
@@ -108,6 +115,9 @@ class DynamicBatcher:
         self._queues: dict[tuple[object, ...], deque[_Pending]] = {}
         self._queued_images = 0
         self._queued_pixels = 0
+        self._running_pixels = 0
+        # Model-call seconds per pixel, averaged over recent batches (None: no batch yet).
+        self._seconds_per_pixel: float | None = None
         self.statistics = ModelStatistics()
         self._wakeup = asyncio.Event()
         self._stopping = False
@@ -153,13 +163,15 @@ class DynamicBatcher:
             raise ValueError("a request must hold at least one image")
         if self._queued_images + count > self.max_queued_images:
             raise QueueFull(
-                f"model '{self.name}' has {self._queued_images} images queued (limit {self.max_queued_images}); retry later"
+                f"model '{self.name}' has {self._queued_images} images queued (limit {self.max_queued_images}); retry later",
+                self._expected_wait_s(),
             )
         pixels = image_pixels(images.shape)
         if self.max_queued_pixels is not None and self._queued_pixels + pixels > self.max_queued_pixels:
             raise QueueFull(
                 f"model '{self.name}' has {self._queued_pixels} pixels queued, and this request's {pixels} would pass "
-                f"the limit of {self.max_queued_pixels}; retry later"
+                f"the limit of {self.max_queued_pixels}; retry later",
+                self._expected_wait_s(),
             )
         pending = _Pending(images, frozenset(outputs), asyncio.get_running_loop().create_future())
         key = (images.dtype.str, *images.shape[1:])
@@ -167,6 +179,11 @@ class DynamicBatcher:
         self._change_queued(pending)
         self._wakeup.set()
         return await pending.future
+
+    def _expected_wait_s(self) -> int:
+        """Whole seconds until the queued and running batches are done, by recent batches' pace."""
+        pending = (self._queued_pixels + self._running_pixels) * (self._seconds_per_pixel or 0.0)
+        return max(1, math.ceil(pending))
 
     def _change_queued(self, item: _Pending, sign: int = 1) -> None:
         self._queued_images += sign * item.count
@@ -260,6 +277,7 @@ class DynamicBatcher:
         images = batch[0].images if len(batch) == 1 else np.concatenate([item.images for item in batch])
         wanted = frozenset().union(*(item.outputs for item in batch))
         gathered = time.perf_counter_ns()
+        self._running_pixels = image_pixels(images.shape)
         try:
             outputs = await loop.run_in_executor(self._executor, self.batch_function, images, wanted)
         except Exception as err:  # the backend's failure belongs to every request in the batch
@@ -268,7 +286,12 @@ class DynamicBatcher:
                 if not item.future.done():
                     item.future.set_exception(err)
             return
+        finally:
+            self._running_pixels = 0
         inferred = time.perf_counter_ns()
+        per_pixel = (inferred - gathered) / 1e9 / image_pixels(images.shape)
+        previous = self._seconds_per_pixel
+        self._seconds_per_pixel = per_pixel if previous is None else (previous + per_pixel) / 2
         self._split_outputs(batch, outputs)
         split = time.perf_counter_ns()
         self.statistics.record_batch(queue_ns, len(images), BatchTimes(gathered - started, inferred - gathered, split - inferred))

@@ -56,8 +56,8 @@ SERVER_EXTENSIONS = [BINARY_EXTENSION, "model_configuration", "statistics"]
 _INLINE_CODEC_BYTES = 64 * 1024
 T = TypeVar("T")
 # A front end's check of the answer a request asks for, before inference: raises a ServeError
-# when its encoding of `outputs` would pass a limit.
-ResponseCheck = Callable[[list[PlannedOutput]], None]
+# when its encoding of `outputs` would pass a limit, else returns its size (None: not known).
+ResponseCheck = Callable[[list[PlannedOutput]], "int | None"]
 
 
 class BackendFailure(ServeError):
@@ -174,14 +174,21 @@ def _triton_tensor(spec: TensorSpec) -> TritonTensor:
 
 
 async def run_inference(
-    table: ModelTable, model: ServedModel, request: InferenceRequest, check_response: ResponseCheck, deadline_s: float = math.inf
+    table: ModelTable,
+    model: ServedModel,
+    request: InferenceRequest,
+    check_response: ResponseCheck,
+    take: Callable[[int], None],
+    deadline_s: float = math.inf,
 ) -> tuple[list[str], dict[str, np.ndarray]]:
     """Check a decoded request against its model, batch it and wait for the output names and arrays
     (HTTP and gRPC alike). `check_response` sees the outputs it asks for before it is queued, so an
-    answer over a size limit is refused before any work; `deadline_s` is the transport's own limit."""
+    answer over a size limit is refused before any work; the answer's size is then taken from the
+    request's share of `table.bodies` (`take`), which it holds until the answer is sent.
+    `deadline_s` is the transport's own limit."""
     runtime = model.runtime
     images, outputs = _validate_for_model(request, runtime, table.max_batch_size(runtime), table.settings.max_batch_pixels)
-    check_response(runtime.planned_outputs(images.shape, outputs, request.wants_binary))
+    take(check_response(runtime.planned_outputs(images.shape, outputs, request.wants_binary)) or 0)
     timeout = min(table.settings.request_timeout_s, request.timeout_s() or math.inf, deadline_s)
     return outputs, await _submit(model.batcher, images, outputs, timeout)
 
@@ -207,11 +214,14 @@ async def off_loop_if_large(size: int, function: Callable[..., T], *args: Any) -
 
 async def _submit(batcher: DynamicBatcher, images: np.ndarray, outputs: list[str], timeout: float) -> dict[str, np.ndarray]:
     try:
-        return await asyncio.wait_for(batcher.submit(images, outputs), timeout=timeout)
+        # Not asyncio.wait_for: its task and the exception it raises reference each other, so a
+        # refused request's tensors stayed in memory until the next garbage collection.
+        async with asyncio.timeout(timeout):
+            return await batcher.submit(images, outputs)
     except TimeoutError:
         raise RequestTimeout(f"model '{batcher.name}' did not answer within {timeout:g} s") from None
     except QueueFull as err:
-        raise Busy(str(err)) from None
+        raise Busy(str(err), err.retry_after_s) from None
     except BatcherStopped as err:
         raise Unavailable(str(err)) from None
     except ServeError:

@@ -97,6 +97,10 @@ _RAW_OUTPUT_FIELD = pb.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_output_
 UNAUTHORIZED_MESSAGE = "missing or wrong API key (send metadata 'authorization: Bearer <key>' or 'x-api-key: <key>')"
 
 
+class UnparsableMessage(BadRequest):
+    """A request message that is not the protobuf message its method takes."""
+
+
 def decode_infer_request(request: pb.ModelInferRequest) -> InferenceRequest:
     """The protocol's request object for a ModelInferRequest, checked as HTTP requests are."""
     raw = list(request.raw_input_contents)
@@ -248,19 +252,21 @@ class InferenceServicer:
     async def _call(self, method: str, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         if method == "ModelInfer":
             return await self.ModelInfer(raw, context)
-        request = await self._parse(method, raw, context)
-        response = await self._answer(method, context, lambda: getattr(self, method)(request))
+        try:
+            request = await self._parse(method, raw)
+            response = getattr(self, method)(request)
+        except ServeError as err:
+            return self._refuse(method, context, err)
+        self.metrics.grpc_requests.inc(method, grpc.StatusCode.OK.name)
         return response.SerializeToString()
 
-    async def _parse(self, method: str, raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-        """`raw` as the method's request message, or INVALID_ARGUMENT with one warning line."""
+    async def _parse(self, method: str, raw: bytes) -> Any:
+        """`raw` as the method's request message, or UnparsableMessage."""
         message_type = REQUEST_TYPES[method]
         try:
             return await off_loop_if_large(len(raw), message_type.FromString, raw)
         except DecodeError:
-            message = f"the {message_type.DESCRIPTOR.full_name} message ({len(raw)} bytes) could not be parsed"
-            logger.warning("gRPC %s: %s", method, message)
-            await self._abort(method, context, BadRequest(message), log=False)
+            raise UnparsableMessage(f"the {message_type.DESCRIPTOR.full_name} message ({len(raw)} bytes) could not be parsed") from None
 
     def ServerLive(self, request: pb.ServerLiveRequest) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -295,11 +301,11 @@ class InferenceServicer:
         started = time.perf_counter()
         name = None
         try:
-            # The message and the tensors decoded from it are held until the answer is made, as an
-            # HTTP body is: they count against --max-held-body-mb.
+            # The message, the tensors decoded from it and the answer are held until the answer is
+            # made, as an HTTP body is: they count against --max-held-body-mb.
             with self.table.bodies.share() as take:
                 take(len(raw))
-                request = await self._parse("ModelInfer", raw, context)
+                request = await self._parse("ModelInfer", raw)
                 name, request_id = request.model_name, request.id
                 model = self.table.served(name, request.model_version or None)
                 runtime = model.runtime
@@ -309,10 +315,12 @@ class InferenceServicer:
                 del request  # its parsed copy of the tensors: the decoded ones are copies of their own
                 take(input_bytes_outside(decoded, raw))
 
-                def check_response(planned: list[PlannedOutput]) -> None:
-                    self._check_response_size(runtime.name, infer_response_bytes(request_id, runtime.name, runtime.version, planned))
+                def check_response(planned: list[PlannedOutput]) -> int | None:
+                    size = infer_response_bytes(request_id, runtime.name, runtime.version, planned)
+                    self._check_response_size(runtime.name, size)
+                    return size
 
-                outputs, results = await run_inference(self.table, model, decoded, check_response, deadline)
+                outputs, results = await run_inference(self.table, model, decoded, check_response, take, deadline)
                 answer = [(output, results[output]) for output in outputs]
                 response = await off_loop_if_large(
                     sum(array.nbytes for _, array in answer), encode_infer_response, request_id, runtime.name, runtime.version, answer
@@ -322,7 +330,7 @@ class InferenceServicer:
         except ServeError as err:
             if name in self.table.models:
                 self.metrics.inference_requests.inc(name, "error")
-            await self._abort("ModelInfer", context, err)
+            return self._refuse("ModelInfer", context, err)
         self.metrics.inference_requests.inc(name, "success")
         self.metrics.inference_latency.observe(time.perf_counter() - started, name)
         self.metrics.grpc_requests.inc("ModelInfer", grpc.StatusCode.OK.name)
@@ -342,22 +350,20 @@ class InferenceServicer:
                 "(the smallest), or fewer or smaller images"
             )
 
-    async def _answer(self, method: str, context: grpc.aio.ServicerContext, build: Callable[[], Message]) -> Message:
-        try:
-            response = build()
-        except ServeError as err:
-            await self._abort(method, context, err)
-        self.metrics.grpc_requests.inc(method, grpc.StatusCode.OK.name)
-        return response
-
-    async def _abort(self, method: str, context: grpc.aio.ServicerContext, err: ServeError, log: bool = True) -> None:
+    def _refuse(self, method: str, context: grpc.aio.ServicerContext, err: ServeError) -> bytes:
+        """End the call with `err`'s status code and message, in one log line (a warning for a
+        message that does not parse). The status is set rather than raised with `context.abort`:
+        the raised error and the handler's frames held each other in a reference cycle, keeping
+        each refused request's tensors until the next garbage collection."""
         code = GRPC_CODES.get(err.status_code, grpc.StatusCode.INTERNAL)
         self.metrics.grpc_requests.inc(method, code.name)
-        if log:  # one line, as the HTTP access log has for each request
-            logger.info("gRPC %s: %s: %s", method, code.name, err)
+        level = logging.WARNING if isinstance(err, UnparsableMessage) else logging.INFO
+        logger.log(level, "gRPC %s: %s: %s", method, code.name, err)
         # Retry-After (a full queue, too many messages held) as trailing metadata: gRPC has no header for it.
         context.set_trailing_metadata(tuple((name.lower(), value) for name, value in err.headers.items()))
-        await context.abort(code, str(err))  # raises: the call ends here
+        context.set_code(code)
+        context.set_details(str(err))
+        return b""
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):

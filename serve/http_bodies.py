@@ -34,10 +34,12 @@ _DECOMPRESSION_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
 class BodyBudget:
-    """The bytes of request bodies held in memory at once, across all requests.
+    """The bytes requests hold in memory at once, across all requests and both protocols: request
+    bodies (HTTP) and messages (gRPC), the tensors decoded from them where those are not views of
+    the body, and the answers.
 
-    A request holds its share from the first byte until its handler ends (its tensors are views
-    of the body). Only the event loop touches it, so no lock is needed.
+    A request holds its share from the first byte until its answer is sent (or it fails). Only
+    the event loop touches it, so no lock is needed.
     """
 
     def __init__(self, limit: int) -> None:
@@ -51,10 +53,15 @@ class BodyBudget:
 
         def take(count: int) -> None:
             nonlocal taken
+            if taken + count > self.limit:  # not even with the server to itself: no use retrying
+                raise PayloadTooLarge(
+                    f"this request needs {taken + count} bytes for its body, decoded tensors and answer, over the "
+                    f"{self.limit} bytes the server holds for all requests at once (--max-held-body-mb)"
+                )
             if self.held + count > self.limit:
                 raise Busy(
-                    f"the server already holds {self.held} bytes of request bodies (limit {self.limit}); "
-                    "retry shortly"
+                    f"the server already holds {self.held} bytes of request bodies, decoded tensors and answers "
+                    f"(limit {self.limit}); retry shortly"
                 )
             self.held += count
             taken += count
@@ -115,14 +122,20 @@ class EncodedBodyResponse(Response):
     """An `EncodedResponse` sent chunk by chunk: the server's transport buffers one chunk at a
     time (uvicorn waits for the socket to drain), never a copy of the whole body."""
 
-    def __init__(self, encoded: EncodedResponse) -> None:
+    def __init__(self, encoded: EncodedResponse, on_sent: Callable[[], object] = lambda: None) -> None:
         self.status_code = 200
         self.background = None
         self.chunks = encoded.chunks
+        self.on_sent = on_sent
         self.init_headers({**encoded.headers, "content-length": str(encoded.size)})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        for chunk in self.chunks:
-            await send({"type": "http.response.body", "body": bytes(chunk), "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        """Send the chunks, then call `on_sent` (also when the client left halfway)."""
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            for chunk in self.chunks:
+                await send({"type": "http.response.body", "body": bytes(chunk), "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            self.chunks = []
+            self.on_sent()

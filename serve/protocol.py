@@ -100,9 +100,11 @@ class Unavailable(ServeError):
 
 
 class Busy(Unavailable):
-    """Too much is in flight right now; the client may retry shortly."""
+    """Too much is in flight right now; the client may retry after `retry_after_s` seconds."""
 
-    headers = {"Retry-After": "1"}
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after_s)}
 
 
 class BodyTimeout(ServeError):

@@ -244,3 +244,25 @@ def test_batches_stay_within_the_pixel_budget_and_the_queue_within_its_pixels() 
     assert max(pixels) <= budget, model.batch_shapes
     # Three 8 x 8 images fill a batch; a request of two 8 x 12 images (192 pixels) runs alone.
     assert (3, 1, 8, 8) in model.batch_shapes and (2, 1, 8, 12) in model.batch_shapes
+
+
+def test_a_full_queue_says_how_long_its_batches_will_take() -> None:
+    model = RecordingModel(seconds=0.3)
+
+    async def scenario() -> QueueFull:
+        batcher = make_batcher(model, max_delay_s=0.0, max_batch_pixels=64, max_queued_pixels=3 * 64)
+        batcher.start()
+        await batcher.submit(images(0, size=(8, 8)), ["scores"])  # the pace: 0.3 s for 64 pixels
+        running = asyncio.ensure_future(batcher.submit(images(1, size=(8, 8)), ["scores"]))
+        await asyncio.sleep(0.05)
+        queued = [asyncio.ensure_future(batcher.submit(images(2 + seed, size=(8, 8)), ["scores"])) for seed in range(3)]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull) as full:
+            await batcher.submit(images(9, size=(8, 8)), ["scores"])
+        await asyncio.gather(running, *queued)
+        await batcher.stop()
+        return full.value
+
+    full = asyncio.run(scenario())
+    # Three queued batches and the running one: four model calls of 0.3 s (a little more under load).
+    assert full.retry_after_s in (2, 3), full.retry_after_s

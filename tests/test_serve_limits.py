@@ -134,7 +134,7 @@ def test_bodies_held_at_once_are_bounded_with_503_and_retry_after(server) -> Non
             time.sleep(0.01)
         response = httpx.post(server.url + "/v2/models/conv/infer", json=json_body(np.ones((1, 1, 4, 4))))
         assert response.status_code == 503 and response.headers["retry-after"] == "1"
-        assert "already holds 131072 bytes of request bodies (limit 131072)" in response.json()["error"]
+        assert "already holds 131072 bytes of request bodies, decoded tensors and answers (limit 131072)" in response.json()["error"]
     finally:
         for conn in slow:
             conn.close()
@@ -300,6 +300,20 @@ def test_an_answer_over_the_response_limit_is_refused_before_any_inference(serve
     assert after["inference_stats"]["success"]["count"] == before["inference_stats"]["success"]["count"]
 
 
+def test_answers_count_in_what_the_server_holds_and_a_request_that_cannot_fit_alone_gets_413(model_dir) -> None:
+    settings = ServerSettings(max_body_bytes=BODY_LIMIT, max_held_body_bytes=BODY_LIMIT, max_response_bytes=BODY_LIMIT)
+    with running_server([conv_runtime(model_dir, "conv")], settings) as running:
+        images = np.zeros((1, 1, 64, 64), np.float32)  # 16 KiB of pixels; binary logits 48 KiB
+        fits = post_images(running.url, images)  # labels: 32 KiB
+        body, json_length = binary_infer_body(images, ["logits"])  # a 48 KiB answer and a 16 KiB body
+        alone = httpx.post(running.url + "/v2/models/conv/infer", content=body,
+                           headers={"Inference-Header-Content-Length": str(json_length)})
+        held_after = running.app.state.bodies.held
+    assert fits.status_code == 200
+    assert alone.status_code == 413 and "over the 65536 bytes the server holds for all requests at once (--max-held-body-mb)" in alone.json()["error"]
+    assert held_after == 0
+
+
 BUDGET = 256  # pixels per model call: two 8 x 16 images
 
 
@@ -317,14 +331,18 @@ def post_images(url: str, images: np.ndarray) -> httpx.Response:
                       timeout=30)
 
 
-def test_batches_stay_within_the_pixel_budget(budgeted, model_dir) -> None:
+def test_batches_stay_within_the_pixel_budget(model_dir) -> None:
+    # Room in the queue for all six requests, so each is answered.
+    settings = ServerSettings(max_batch_pixels=BUDGET, max_queued_pixels=6 * 128, max_batch_size=8, max_queue_delay_ms=1000)
     requests = [np.random.default_rng(seed).normal(size=(1, 1, 8, 16)).astype(np.float32) for seed in range(6)]
     replies: dict[int, httpx.Response] = {}
-    threads = [threading.Thread(target=lambda i=i: replies.__setitem__(i, post_images(budgeted.url, requests[i]))) for i in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    with running_server([conv_runtime(model_dir, "conv")], settings) as budgeted:
+        threads = [threading.Thread(target=lambda i=i: replies.__setitem__(i, post_images(budgeted.url, requests[i]))) for i in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        stats = model_stats(budgeted.url)
     runner = OnnxRuntimeRunner(model_dir / "conv.onnx")
     for index, images in enumerate(requests):
         reply = replies[index]
@@ -332,7 +350,7 @@ def test_batches_stay_within_the_pixel_budget(budgeted, model_dir) -> None:
         decoded = httpclient.InferenceServerClient.parse_response_body(
             reply.content, header_length=int(reply.headers["Inference-Header-Content-Length"]))
         np.testing.assert_array_equal(decoded.as_numpy("labels"), runner.run(images)["logits"].argmax(axis=1))
-    sizes = {entry["batch_size"]: entry["compute_infer"]["count"] for entry in model_stats(budgeted.url)["batch_stats"]}
+    sizes = {entry["batch_size"]: entry["compute_infer"]["count"] for entry in stats["batch_stats"]}
     # Six images that max_batch_size alone would run together ran two at a time, the budget's worth.
     assert set(sizes) == {2} and sizes[2] == 3, sizes
 
