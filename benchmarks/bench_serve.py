@@ -98,7 +98,9 @@ def export_demo_unet(directory: Path, config: BenchConfig) -> Path:
     return onnx_path
 
 
-def measure_direct(runner: OnnxRuntimeRunner, batch: np.ndarray, seconds: float, min_calls: int = 3) -> tuple[float, list[float]]:
+def measure_direct(
+    runner: OnnxRuntimeRunner, batch: np.ndarray, seconds: float, min_calls: int = 3
+) -> tuple[float, list[float]]:
     """Images/s and per-call latencies of the runner on `batch`, after one warm-up call."""
     runner.run(batch)
     latencies: list[float] = []
@@ -123,19 +125,38 @@ class PerfAnalyzerRow:
     server_compute_infer_ms: float
 
 
-def run_perf_analyzer(binary: str, onnx_path: Path, config: BenchConfig, workdir: Path, concurrency_range: str) -> list[PerfAnalyzerRow]:
+def run_perf_analyzer(
+    binary: str, onnx_path: Path, config: BenchConfig, workdir: Path, concurrency_range: str
+) -> list[PerfAnalyzerRow]:
     """perf_analyzer over HTTP and gRPC against `noisyseg serve` serving `onnx_path`."""
     server = ServerProcess(
-        onnx_path, "--name", "unet", "--max-batch-size", str(config.max_batch_size),
-        "--max-queue-delay-ms", str(config.max_queue_delay_ms), log_level="WARNING",
+        onnx_path,
+        "--name",
+        "unet",
+        "--max-batch-size",
+        str(config.max_batch_size),
+        "--max-queue-delay-ms",
+        str(config.max_queue_delay_ms),
+        log_level="WARNING",
     ).wait_until_ready()
     rows: list[PerfAnalyzerRow] = []
     try:
         for protocol, address in (("http", server.address), ("grpc", server.grpc_address)):
             report = workdir / f"perf_analyzer_{protocol}.csv"
             command = [
-                binary, "-m", "unet", "-u", address, "-i", protocol, "--shape", f"image:1,{config.size},{config.size}",
-                "--concurrency-range", concurrency_range, "-f", str(report),
+                binary,
+                "-m",
+                "unet",
+                "-u",
+                address,
+                "-i",
+                protocol,
+                "--shape",
+                f"image:1,{config.size},{config.size}",
+                "--concurrency-range",
+                concurrency_range,
+                "-f",
+                str(report),
             ]
             subprocess.run(command, check=True, timeout=3600)
             rows.extend(_perf_analyzer_rows(protocol, report))
@@ -149,9 +170,13 @@ def _perf_analyzer_rows(protocol: str, report: Path) -> list[PerfAnalyzerRow]:
     with report.open(newline="") as handle:
         rows = [
             PerfAnalyzerRow(
-                protocol, int(line["Concurrency"]), float(line["Inferences/Second"]),
-                float(line["p50 latency"]) / 1000, float(line["p99 latency"]) / 1000,
-                float(line["Server Queue"]) / 1000, float(line["Server Compute Infer"]) / 1000,
+                protocol,
+                int(line["Concurrency"]),
+                float(line["Inferences/Second"]),
+                float(line["p50 latency"]) / 1000,
+                float(line["p99 latency"]) / 1000,
+                float(line["Server Queue"]) / 1000,
+                float(line["Server Compute Infer"]) / 1000,
             )
             for line in csv.DictReader(handle)
         ]
@@ -177,8 +202,14 @@ def run_benchmark(config: BenchConfig, onnx_path: Path) -> list[Row]:
     # The server's own backend, whose session runs without thread spinning.
     no_spin_runner = OnnxRuntimeBackend(onnx_path, "unet").load().runner
     server = ServerProcess(
-        onnx_path, "--name", "unet", "--max-batch-size", str(config.max_batch_size),
-        "--max-queue-delay-ms", str(config.max_queue_delay_ms), log_level="WARNING",
+        onnx_path,
+        "--name",
+        "unet",
+        "--max-batch-size",
+        str(config.max_batch_size),
+        "--max-queue-delay-ms",
+        str(config.max_queue_delay_ms),
+        log_level="WARNING",
     ).wait_until_ready()
     rows = []
     try:
@@ -194,16 +225,18 @@ def run_benchmark(config: BenchConfig, onnx_path: Path) -> list[Row]:
             result = asyncio.run(run_load("127.0.0.1", server.port, "unet", images, concurrency))
             if result.errors():
                 raise RuntimeError(f"server errors at concurrency {concurrency}: {result.errors()[:3]}")
-            rows.append(Row(
-                concurrency,
-                default_rate,
-                no_spin_rate,
-                float(np.percentile(direct_latencies, 50) * 1000),
-                float(np.percentile(direct_latencies, 99) * 1000),
-                result.throughput,
-                result.percentile_ms(50),
-                result.percentile_ms(99),
-            ))
+            rows.append(
+                Row(
+                    concurrency,
+                    default_rate,
+                    no_spin_rate,
+                    float(np.percentile(direct_latencies, 50) * 1000),
+                    float(np.percentile(direct_latencies, 99) * 1000),
+                    result.throughput,
+                    result.percentile_ms(50),
+                    result.percentile_ms(99),
+                )
+            )
     finally:
         server.kill()
     return rows
@@ -226,16 +259,24 @@ def markdown_table(rows: list[Row]) -> str:
 
 def conditions() -> str:
     load = os.getloadavg()[0]
-    return f"{os.cpu_count()} CPU cores, load average {load:.1f} at the start, onnxruntime CPU, torch {torch.__version__}"
+    return (
+        f"{os.cpu_count()} CPU cores, load average {load:.1f} at the start, onnxruntime CPU, torch {torch.__version__}"
+    )
 
 
 def test_server_throughput_vs_direct_runner(benchmark, tmp_path: Path) -> None:
     quick = benchmark.disabled
-    config = BenchConfig(size=64, base_width=4, min_requests=8, requests_per_client=1, direct_seconds=0.2) if quick else BenchConfig()
+    config = (
+        BenchConfig(size=64, base_width=4, min_requests=8, requests_per_client=1, direct_seconds=0.2)
+        if quick
+        else BenchConfig()
+    )
     started_conditions = conditions()
     onnx_path = export_demo_unet(tmp_path, config)
     rows = benchmark.pedantic(run_benchmark, args=(config, onnx_path), rounds=1, iterations=1)
-    benchmark.extra_info.update({"config": asdict(config), "rows": [asdict(row) for row in rows], "conditions": started_conditions})
+    benchmark.extra_info.update(
+        {"config": asdict(config), "rows": [asdict(row) for row in rows], "conditions": started_conditions}
+    )
     print(f"\n{started_conditions}\n{markdown_table(rows)}")
     assert [row.concurrency for row in rows] == list(CONCURRENCIES)
     assert all(row.server_images_per_s > 0 and row.direct_images_per_s > 0 for row in rows)
@@ -255,7 +296,10 @@ def test_perf_analyzer_csv_is_read_as_its_documentation_shows(tmp_path: Path) ->
     assert [row.concurrency for row in rows] == [1, 3]
 
 
-@pytest.mark.skipif(shutil.which("perf_analyzer") is None, reason="no perf_analyzer on PATH (pip install perf-analyzer; needs glibc 2.38+)")
+@pytest.mark.skipif(
+    shutil.which("perf_analyzer") is None,
+    reason="no perf_analyzer on PATH (pip install perf-analyzer; needs glibc 2.38+)",
+)
 def test_perf_analyzer_over_http_and_grpc(benchmark, tmp_path: Path) -> None:
     quick = benchmark.disabled
     config = BenchConfig(size=64, base_width=4) if quick else BenchConfig()
@@ -263,7 +307,9 @@ def test_perf_analyzer_over_http_and_grpc(benchmark, tmp_path: Path) -> None:
     binary = shutil.which("perf_analyzer")
     assert binary is not None
     concurrency = "1:2" if quick else "1:32"
-    rows = benchmark.pedantic(run_perf_analyzer, args=(binary, onnx_path, config, tmp_path, concurrency), rounds=1, iterations=1)
+    rows = benchmark.pedantic(
+        run_perf_analyzer, args=(binary, onnx_path, config, tmp_path, concurrency), rounds=1, iterations=1
+    )
     benchmark.extra_info.update({"config": asdict(config), "perf_analyzer": [asdict(row) for row in rows]})
     print(f"\n{conditions()}\n{perf_analyzer_table(rows)}")
     assert {row.protocol for row in rows} == {"http", "grpc"}
@@ -275,19 +321,32 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=BenchConfig.size, help="image height = width (default 128)")
     parser.add_argument("--requests-per-client", type=int, default=BenchConfig.requests_per_client)
     parser.add_argument("--direct-seconds", type=float, default=BenchConfig.direct_seconds)
-    parser.add_argument("--max-queue-delay-ms", type=float, default=BenchConfig.max_queue_delay_ms, help="the server's batching delay")
+    parser.add_argument(
+        "--max-queue-delay-ms", type=float, default=BenchConfig.max_queue_delay_ms, help="the server's batching delay"
+    )
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument(
-        "--perf-analyzer", nargs="?", const="perf_analyzer", metavar="BINARY",
+        "--perf-analyzer",
+        nargs="?",
+        const="perf_analyzer",
+        metavar="BINARY",
         help="also run Triton's perf_analyzer (default: the one on PATH) over HTTP and gRPC",
     )
-    parser.add_argument("--concurrency-range", default="1:32", help="perf_analyzer's --concurrency-range (default 1:32)")
+    parser.add_argument(
+        "--concurrency-range", default="1:32", help="perf_analyzer's --concurrency-range (default 1:32)"
+    )
     args = parser.parse_args()
-    config = BenchConfig(size=args.size, requests_per_client=args.requests_per_client, direct_seconds=args.direct_seconds,
-                         max_queue_delay_ms=args.max_queue_delay_ms)
+    config = BenchConfig(
+        size=args.size,
+        requests_per_client=args.requests_per_client,
+        direct_seconds=args.direct_seconds,
+        max_queue_delay_ms=args.max_queue_delay_ms,
+    )
     binary = shutil.which(args.perf_analyzer) if args.perf_analyzer else None
     if args.perf_analyzer and binary is None:
-        parser.error(f"--perf-analyzer: no executable {args.perf_analyzer!r} (pip install perf-analyzer; it needs glibc 2.38+)")
+        parser.error(
+            f"--perf-analyzer: no executable {args.perf_analyzer!r} (pip install perf-analyzer; it needs glibc 2.38+)"
+        )
     started_conditions = conditions()
     analyzer_rows: list[PerfAnalyzerRow] = []
     with tempfile.TemporaryDirectory() as workdir:
@@ -300,11 +359,21 @@ def main() -> int:
     if analyzer_rows:
         print(perf_analyzer_table(analyzer_rows))
     at_32 = rows[-1].ratio
-    print(f"target (server >= {100 * TARGET_RATIO:.0f}% of direct at concurrency 32): {'met' if at_32 >= TARGET_RATIO else 'NOT met'} ({100 * at_32:.0f}%)")
+    print(
+        f"target (server >= {100 * TARGET_RATIO:.0f}% of direct at concurrency 32): {'met' if at_32 >= TARGET_RATIO else 'NOT met'} ({100 * at_32:.0f}%)"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({"config": asdict(config), "conditions": started_conditions,
-                                               "rows": [asdict(row) for row in rows],
-                                               "perf_analyzer": [asdict(row) for row in analyzer_rows]}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "config": asdict(config),
+                    "conditions": started_conditions,
+                    "rows": [asdict(row) for row in rows],
+                    "perf_analyzer": [asdict(row) for row in analyzer_rows],
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

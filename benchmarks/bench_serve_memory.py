@@ -115,7 +115,9 @@ def request_body(image: np.ndarray, case: Case) -> tuple[bytes, dict[str, str]]:
         tensor["data"] = np.round(image.astype(np.float64), 3).ravel().tolist()
     header: dict = {"inputs": [tensor]}
     if case.outputs is not None:
-        header["outputs"] = [{"name": name, "parameters": {"binary_data": case.binary_outputs}} for name in case.outputs]
+        header["outputs"] = [
+            {"name": name, "parameters": {"binary_data": case.binary_outputs}} for name in case.outputs
+        ]
     text = json.dumps(header).encode()
     return text + raw, {"Inference-Header-Content-Length": str(len(text))} if raw else {}
 
@@ -125,8 +127,11 @@ def tensor_bytes(image: np.ndarray, case: Case) -> int:
     pixels = image.size
     classes = len(CLASS_NAMES)
     wanted = set(case.outputs) if case.outputs is not None else {"logits", "probs", "labels"}
-    computed = {"logits": 4 * classes * pixels, "probs": 4 * classes * pixels if "probs" in wanted else 0,
-                "labels": 8 * pixels if "labels" in wanted else 0}
+    computed = {
+        "logits": 4 * classes * pixels,
+        "probs": 4 * classes * pixels if "probs" in wanted else 0,
+        "labels": 8 * pixels if "labels" in wanted else 0,
+    }
     return image.nbytes + sum(computed.values())
 
 
@@ -149,8 +154,18 @@ def _status_mib(field: str) -> float:
 
 def model_alone_growth(model: Path, size: int, outputs: tuple[str, ...], threads: int = 1) -> float:
     """Peak RSS growth of `Runtime.infer` on one S x S image, in a fresh process (MiB)."""
-    command = [sys.executable, __file__, "--model-alone", str(model), "--size", str(size), "--outputs", ",".join(outputs),
-               "--threads", str(threads)]
+    command = [
+        sys.executable,
+        __file__,
+        "--model-alone",
+        str(model),
+        "--size",
+        str(size),
+        "--outputs",
+        ",".join(outputs),
+        "--threads",
+        str(threads),
+    ]
     return float(subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()[-1])
 
 
@@ -180,8 +195,17 @@ def measure(model: Path, case: Case, size: int) -> Row:
     finally:
         server.kill()
     alone = model_alone_growth(model, size, case.outputs or OUTPUT_NAMES)
-    return Row(case.name, status, len(body) / MIB, response_size / MIB, tensor_bytes(image, case) / MIB,
-               before / MIB, peak / MIB, after / MIB, alone)
+    return Row(
+        case.name,
+        status,
+        len(body) / MIB,
+        response_size / MIB,
+        tensor_bytes(image, case) / MIB,
+        before / MIB,
+        peak / MIB,
+        after / MIB,
+        alone,
+    )
 
 
 def run_benchmark(size: int, workdir: Path) -> list[Row]:
@@ -301,9 +325,17 @@ class Client(threading.Thread):
     """Sends one image for `labels` until it gets an answer other than 503 / UNAVAILABLE, waiting
     Retry-After (1 s over gRPC, which has no header) between tries."""
 
-    def __init__(self, server: ServerProcess, model: str, image_index: int, image: np.ndarray, protocol: str, deadline: float) -> None:
+    def __init__(
+        self, server: ServerProcess, model: str, image_index: int, image: np.ndarray, protocol: str, deadline: float
+    ) -> None:
         super().__init__(daemon=True)
-        self.server, self.model, self.image_index, self.protocol, self.deadline = server, model, image_index, protocol, deadline
+        self.server, self.model, self.image_index, self.protocol, self.deadline = (
+            server,
+            model,
+            image_index,
+            protocol,
+            deadline,
+        )
         self.answers: list[Answer] = []
         self.labels: np.ndarray | None = None
         if protocol == "http":
@@ -312,8 +344,10 @@ class Client(threading.Thread):
             self.message = grpc_request(model, image, ("labels",))
 
     def run(self) -> None:
-        channel = grpc.insecure_channel(self.server.grpc_address, options=[("grpc.max_receive_message_length", 2**31 - 1),
-                                                                           ("grpc.max_send_message_length", 2**31 - 1)])
+        channel = grpc.insecure_channel(
+            self.server.grpc_address,
+            options=[("grpc.max_receive_message_length", 2**31 - 1), ("grpc.max_send_message_length", 2**31 - 1)],
+        )
         try:
             while time.monotonic() < self.deadline:
                 started = time.perf_counter()
@@ -327,14 +361,20 @@ class Client(threading.Thread):
     def _http(self, started: float) -> float | None:
         conn = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=RUN_LIMIT_S)
         try:
-            conn.request("POST", f"/v2/models/{self.model}/infer", body=self.body,
-                         headers={"Inference-Header-Content-Length": str(self.header_length)})
+            conn.request(
+                "POST",
+                f"/v2/models/{self.model}/infer",
+                body=self.body,
+                headers={"Inference-Header-Content-Length": str(self.header_length)},
+            )
             response = conn.getresponse()
             body = response.read()
         finally:
             conn.close()
         retry_after = response.getheader("Retry-After")
-        self.answers.append(Answer("http", str(response.status), retry_after is not None, time.perf_counter() - started))
+        self.answers.append(
+            Answer("http", str(response.status), retry_after is not None, time.perf_counter() - started)
+        )
         if response.status == 200:
             self.labels = http_labels(body, int(response.getheader("Inference-Header-Content-Length")))
         return float(retry_after) if response.status == 503 and retry_after is not None else None
@@ -372,11 +412,18 @@ def over_limit_refusals(server: ServerProcess, model: str, image: np.ndarray) ->
         started = time.perf_counter()
         if protocol == "http":
             conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
-            conn.request("POST", f"/v2/models/{model}/infer", body=body, headers={"Inference-Header-Content-Length": str(header_length)})
+            conn.request(
+                "POST",
+                f"/v2/models/{model}/infer",
+                body=body,
+                headers={"Inference-Header-Content-Length": str(header_length)},
+            )
             status = str(conn.getresponse().status)
             conn.close()
         else:
-            with grpc.insecure_channel(server.grpc_address, options=[("grpc.max_send_message_length", 2**31 - 1)]) as channel:
+            with grpc.insecure_channel(
+                server.grpc_address, options=[("grpc.max_send_message_length", 2**31 - 1)]
+            ) as channel:
                 try:
                     channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(message, timeout=600)
                     status = "OK"
@@ -390,23 +437,42 @@ def run_concurrent(model: Path, name: str, size: int, clients: int) -> Concurren
     """`clients` clients at once against `noisyseg serve` on `model`, every other one over gRPC."""
     threads = os.cpu_count() or 1
     scale = (size / 2048) ** 2  # the default limits, for 2048 x 2048 images, scaled to this size
-    server_args = ("--threads", str(threads), "--max-batch-pixels", str(size * size), "--max-response-mb", str(64 * scale),
-                   "--max-held-body-mb", str(256 * scale), "--max-body-mb", str(64 * scale), "--grpc-max-receive-mb", str(64 * scale))
+    server_args = (
+        "--threads",
+        str(threads),
+        "--max-batch-pixels",
+        str(size * size),
+        "--max-response-mb",
+        str(64 * scale),
+        "--max-held-body-mb",
+        str(256 * scale),
+        "--max-body-mb",
+        str(64 * scale),
+        "--grpc-max-receive-mb",
+        str(64 * scale),
+    )
     images = [np.random.default_rng(seed).normal(size=(1, 1, size, size)).astype(np.float32) for seed in range(2)]
     server = ServerProcess(model, *server_args, log_level="WARNING").wait_until_ready()
     stop = Path(tempfile.mkdtemp()) / "stop"
     try:
         warm = images[0][:, :, :64, :64].copy()
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
-        conn.request("POST", f"/v2/models/{name}/infer", body=binary_infer_body(warm, ["labels"])[0],
-                     headers={"Inference-Header-Content-Length": str(binary_infer_body(warm, ["labels"])[1])})
+        conn.request(
+            "POST",
+            f"/v2/models/{name}/infer",
+            body=binary_infer_body(warm, ["labels"])[0],
+            headers={"Inference-Header-Content-Length": str(binary_infer_body(warm, ["labels"])[1])},
+        )
         assert conn.getresponse().status == 200
         conn.close()
         time.sleep(1.0)
         rest = server.rss_bytes()
         refusals = over_limit_refusals(server, name, images[0])
-        prober = subprocess.Popen([sys.executable, "-c", HEALTH_PROBER, str(server.port), str(stop), str(HEALTH_INTERVAL_S)],
-                                  stdout=subprocess.PIPE, text=True)
+        prober = subprocess.Popen(
+            [sys.executable, "-c", HEALTH_PROBER, str(server.port), str(stop), str(HEALTH_INTERVAL_S)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         sampled = [0]
         sampling = threading.Event()
 
@@ -419,7 +485,10 @@ def run_concurrent(model: Path, name: str, size: int, clients: int) -> Concurren
         sampler.start()
         started = time.perf_counter()
         deadline = time.monotonic() + RUN_LIMIT_S
-        workers = [Client(server, name, index % 2, images[index % 2], "grpc" if index % 2 else "http", deadline) for index in range(clients)]
+        workers = [
+            Client(server, name, index % 2, images[index % 2], "grpc" if index % 2 else "http", deadline)
+            for index in range(clients)
+        ]
         for worker in workers:
             worker.start()
         for worker in workers:
@@ -437,14 +506,31 @@ def run_concurrent(model: Path, name: str, size: int, clients: int) -> Concurren
     answers = [answer for worker in workers for answer in worker.answers]
     counted = Counter(f"{a.protocol} {a.status}{' +Retry-After' if a.retry_after else ''}" for a in answers)
     references = [reference_labels(model, image).reshape(-1) for image in images]
-    wrong = sum(1 for w in workers if w.labels is not None and not np.array_equal(w.labels.reshape(-1), references[w.image_index]))
+    wrong = sum(
+        1
+        for w in workers
+        if w.labels is not None and not np.array_equal(w.labels.reshape(-1), references[w.image_index])
+    )
     latencies = np.array([seconds for _, seconds, _ in probes]) * 1000
     if any(status != 200 for _, _, status in probes):
         counted["health not 200"] = sum(1 for _, _, status in probes if status != 200)
     return ConcurrentRow(
-        name, size, clients, dict(sorted(counted.items())), wrong, sum(1 for w in workers if w.labels is None),
-        seconds, rest / MIB, peak / MIB, after / MIB, model_alone_growth(model, size, ("labels",), threads),
-        len(probes), float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99)), float(latencies.max()), refusals,
+        name,
+        size,
+        clients,
+        dict(sorted(counted.items())),
+        wrong,
+        sum(1 for w in workers if w.labels is None),
+        seconds,
+        rest / MIB,
+        peak / MIB,
+        after / MIB,
+        model_alone_growth(model, size, ("labels",), threads),
+        len(probes),
+        float(np.percentile(latencies, 50)),
+        float(np.percentile(latencies, 99)),
+        float(latencies.max()),
+        refusals,
     )
 
 
@@ -463,7 +549,9 @@ def concurrent_table(rows: list[ConcurrentRow]) -> str:
     ]
     for row in rows:
         answers = ", ".join(f"{key}: {count}" for key, count in row.answers.items())
-        refused = " / ".join(f"{status} in {ms:.0f} ms ({'ran' if ran else 'not run'})" for status, ms, ran in row.refusals.values())
+        refused = " / ".join(
+            f"{status} in {ms:.0f} ms ({'ran' if ran else 'not run'})" for status, ms, ran in row.refusals.values()
+        )
         lines.append(
             f"| {row.model} | {row.clients} x 1 x 1 x {row.size} x {row.size} ({row.clients - row.clients // 2} + {row.clients // 2}), labels "
             f"| {answers} | {row.wrong} / {row.missing} | {row.seconds:.0f} | {row.rss_rest_mib:.0f} / {row.peak_mib:.0f} / {row.rss_after_mib:.0f} "
@@ -485,7 +573,9 @@ def check_concurrent(row: ConcurrentRow) -> list[str]:
         problems.append(f"health took up to {row.health_max_ms:.0f} ms")
     for protocol, (status, ms, ran) in row.refusals.items():
         if status not in ("400", "INVALID_ARGUMENT") or ran or ms >= 100:
-            problems.append(f"{protocol} over-limit answer: {status} in {ms:.0f} ms, model {'ran' if ran else 'did not run'}")
+            problems.append(
+                f"{protocol} over-limit answer: {status} in {ms:.0f} ms, model {'ran' if ran else 'did not run'}"
+            )
     return problems
 
 
@@ -500,7 +590,9 @@ def test_server_memory_and_health_under_many_large_requests(benchmark, tmp_path:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=2048, help="image height = width (default 2048)")
-    parser.add_argument("--part", choices=("single", "concurrent", "both"), default="both", help="which part to run (default both)")
+    parser.add_argument(
+        "--part", choices=("single", "concurrent", "both"), default="both", help="which part to run (default both)"
+    )
     parser.add_argument("--clients", type=int, default=CLIENTS, help=f"requests at once in part 2 (default {CLIENTS})")
     parser.add_argument("--model", type=Path, help="part 2's first model (default: the UNet exported here)")
     parser.add_argument("--model-alone", type=Path, help=argparse.SUPPRESS)  # the child of `model_alone_growth`
@@ -518,14 +610,18 @@ def main() -> int:
             print(markdown_table(rows, args.size))
             worst = max(row.ratio for row in rows)
             failed |= worst > TARGET_RATIO
-            print(f"target (server's share <= {TARGET_RATIO:g}x the tensors): {'met' if worst <= TARGET_RATIO else 'NOT met'} (worst {worst:.2f}x)")
+            print(
+                f"target (server's share <= {TARGET_RATIO:g}x the tensors): {'met' if worst <= TARGET_RATIO else 'NOT met'} (worst {worst:.2f}x)"
+            )
         if args.part in ("concurrent", "both"):
             concurrent = run_concurrent_benchmark(args.size, args.clients, Path(workdir), args.model)
             print(concurrent_table(concurrent))
             for row in concurrent:
                 problems = check_concurrent(row)
                 failed |= bool(problems)
-                print(f"{row.model}: {'; '.join(problems) or 'every answer a correct 200 or a 503 with Retry-After, health under 1 s, over-limit answers refused before inference'}")
+                print(
+                    f"{row.model}: {'; '.join(problems) or 'every answer a correct 200 or a 503 with Retry-After, health under 1 s, over-limit answers refused before inference'}"
+                )
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
     return 1 if failed else 0
 

@@ -43,15 +43,13 @@ from noisyseg.serve.core import (
     presented_key,
     run_inference,
 )
+from noisyseg.serve.errors import ServeError, Unauthorized, Unavailable
 from noisyseg.serve.http_bodies import EncodedBodyResponse, read_body
 from noisyseg.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from noisyseg.serve.metrics import ServerMetrics
 from noisyseg.serve.protocol import (
     HEADER_LENGTH_HEADER,
     PlannedOutput,
-    ServeError,
-    Unauthorized,
-    Unavailable,
     decode_request,
     encode_response,
     error_body,
@@ -106,8 +104,12 @@ def create_app(runtimes: Sequence[Runtime], settings: ServerSettings | None = No
             logger.info("server stopped")
 
     app = FastAPI(
-        title="noisyseg inference server", version=__version__, lifespan=lifespan,
-        docs_url=None, redoc_url=None, openapi_url="/openapi.json" if settings.openapi else None,
+        title="noisyseg inference server",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if settings.openapi else None,
     )
     app.state.models = table
     app.state.bodies = table.bodies
@@ -185,7 +187,12 @@ def _add_routes(app: FastAPI, table: ModelTable, settings: ServerSettings, metri
 
 
 async def _infer(
-    request: Request, table: ModelTable, settings: ServerSettings, metrics: ServerMetrics, name: str, version: str | None
+    request: Request,
+    table: ModelTable,
+    settings: ServerSettings,
+    metrics: ServerMetrics,
+    name: str,
+    version: str | None,
 ) -> Response:
     started = time.perf_counter()
     runtime = table.runtime(name, version)
@@ -228,8 +235,6 @@ def _route_label(path: str) -> str:
     return next((label for pattern, label in _ROUTE_PATTERNS if pattern.match(path)), "other")
 
 
-
-
 class AccessMiddleware:
     """API-key check (constant-time), access log lines (JSON) and HTTP metrics for every request."""
 
@@ -270,8 +275,11 @@ class AccessMiddleware:
     async def _reject(send: Send) -> None:
         message = "missing or wrong API key (send 'Authorization: Bearer <key>' or 'X-API-Key: <key>')"
         body = error_body(message)
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   (b"www-authenticate", b"Bearer")]
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"www-authenticate", b"Bearer"),
+        ]
         await send({"type": "http.response.start", "status": Unauthorized.status_code, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
@@ -281,12 +289,16 @@ class AccessMiddleware:
         if not access_logger.isEnabledFor(logging.INFO):
             return
         client = scope.get("client")
-        access_logger.info(json.dumps({
-            "event": "http_request",
-            "method": scope["method"],
-            "path": scope["path"],
-            "route": route,
-            "status": status,
-            "duration_ms": round(seconds * 1000.0, 3),
-            "client": f"{client[0]}:{client[1]}" if client else None,
-        }))
+        access_logger.info(
+            json.dumps(
+                {
+                    "event": "http_request",
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "route": route,
+                    "status": status,
+                    "duration_ms": round(seconds * 1000.0, 3),
+                    "client": f"{client[0]}:{client[1]}" if client else None,
+                }
+            )
+        )

@@ -294,7 +294,9 @@ class DynamicBatcher:
         self._seconds_per_pixel = per_pixel if previous is None else (previous + per_pixel) / 2
         self._split_outputs(batch, outputs)
         split = time.perf_counter_ns()
-        self.statistics.record_batch(queue_ns, len(images), BatchTimes(gathered - started, inferred - gathered, split - inferred))
+        self.statistics.record_batch(
+            queue_ns, len(images), BatchTimes(gathered - started, inferred - gathered, split - inferred)
+        )
         record = BatchRecord(images=len(images), requests=len(batch), seconds=(inferred - gathered) / 1e9)
         if self._on_batch is not None:
             self._on_batch(record)
@@ -305,5 +307,7 @@ class DynamicBatcher:
         for item in batch:
             stop = start + item.count
             if not item.future.done():
-                item.future.set_result({name: value[start:stop] for name, value in outputs.items() if name in item.outputs})
+                item.future.set_result(
+                    {name: value[start:stop] for name, value in outputs.items() if name in item.outputs}
+                )
             start = stop

@@ -61,7 +61,11 @@ def header_timeout_protocol(timeout_s: float) -> type[H11Protocol]:
             client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
             logger.info("closing the connection of %s: request headers not received within %g s", client, timeout_s)
             body = error_body(f"request headers not received within {timeout_s:g} s")
-            headers = [(b"content-type", b"application/json"), (b"connection", b"close"), (b"content-length", str(len(body)).encode())]
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"connection", b"close"),
+                (b"content-length", str(len(body)).encode()),
+            ]
             try:
                 for event in (h11.Response(status_code=408, headers=headers), h11.Data(data=body), h11.EndOfMessage()):
                     self.transport.write(self.conn.send(event) or b"")

@@ -29,20 +29,10 @@ from noisyseg.serve.batcher import (
     QueueFull,
     image_pixels,
 )
+from noisyseg.serve.errors import BadRequest, Busy, NotFound, RequestTimeout, ServeError, Unavailable, quoted
 from noisyseg.serve.http_bodies import BodyBudget
 from noisyseg.serve.metrics import ServerMetrics
-from noisyseg.serve.protocol import (
-    BINARY_EXTENSION,
-    BadRequest,
-    Busy,
-    InferenceRequest,
-    NotFound,
-    PlannedOutput,
-    RequestTimeout,
-    ServeError,
-    Unavailable,
-    quoted,
-)
+from noisyseg.serve.protocol import BINARY_EXTENSION, InferenceRequest, PlannedOutput
 from noisyseg.serve.runtimes import Runtime, TensorSpec
 from noisyseg.serve.settings import ServerSettings
 
@@ -154,23 +144,28 @@ class ModelTable:
         the batching this server applies and every output it offers."""
         runtime = self.runtime(name, version)
         return TritonModelConfig(
-            runtime.name, runtime.platform, self.max_batch_size(runtime),
-            [_triton_tensor(runtime.input_spec())], [_triton_tensor(spec) for spec in runtime.output_specs()],
-            runtime.model_metadata, round(self.max_queue_delay_s(runtime) * 1e6),
+            runtime.name,
+            runtime.platform,
+            self.max_batch_size(runtime),
+            [_triton_tensor(runtime.input_spec())],
+            [_triton_tensor(spec) for spec in runtime.output_specs()],
+            runtime.model_metadata,
+            round(self.max_queue_delay_s(runtime) * 1e6),
         )
 
     def statistics(self, name: str | None = None, version: str | None = None) -> dict[str, Any]:
         """Triton's statistics response for one model, or for every model when `name` is None."""
         names = [self.runtime(name, version).name] if name else [runtime.name for runtime in self.runtimes]
-        return {"model_stats": [
-            self.served(item).batcher.statistics.to_json(item, self.models[item].runtime.version) for item in names
-        ]}
+        return {
+            "model_stats": [
+                self.served(item).batcher.statistics.to_json(item, self.models[item].runtime.version) for item in names
+            ]
+        }
 
 
 def _triton_tensor(spec: TensorSpec) -> TritonTensor:
     """A served tensor as the model configuration describes it (without the batch dimension)."""
     return TritonTensor(spec.name, triton_data_type(spec.datatype), list(spec.shape[1:]))
-
 
 
 async def run_inference(
@@ -187,7 +182,9 @@ async def run_inference(
     request's share of `table.bodies` (`take`), which it holds until the answer is sent.
     `deadline_s` is the transport's own limit."""
     runtime = model.runtime
-    images, outputs = _validate_for_model(request, runtime, table.max_batch_size(runtime), table.settings.max_batch_pixels)
+    images, outputs = _validate_for_model(
+        request, runtime, table.max_batch_size(runtime), table.settings.max_batch_pixels
+    )
     take(check_response(runtime.planned_outputs(images.shape, outputs, request.wants_binary)) or 0)
     timeout = min(table.settings.request_timeout_s, request.timeout_s() or math.inf, deadline_s)
     return outputs, await _submit(model.batcher, images, outputs, timeout)
@@ -212,7 +209,9 @@ async def off_loop_if_large(size: int, function: Callable[..., T], *args: Any) -
     return function(*args)
 
 
-async def _submit(batcher: DynamicBatcher, images: np.ndarray, outputs: list[str], timeout: float) -> dict[str, np.ndarray]:
+async def _submit(
+    batcher: DynamicBatcher, images: np.ndarray, outputs: list[str], timeout: float
+) -> dict[str, np.ndarray]:
     try:
         # Not asyncio.wait_for: its task and the exception it raises reference each other, so a
         # refused request's tensors stayed in memory until the next garbage collection.
@@ -231,7 +230,9 @@ async def _submit(batcher: DynamicBatcher, images: np.ndarray, outputs: list[str
         raise BackendFailure(f"model '{batcher.name}' failed to run the batch ({type(err).__name__}: {err})") from None
 
 
-def _validate_for_model(request: InferenceRequest, runtime: Runtime, max_batch: int, max_pixels: int) -> tuple[np.ndarray, list[str]]:
+def _validate_for_model(
+    request: InferenceRequest, runtime: Runtime, max_batch: int, max_pixels: int
+) -> tuple[np.ndarray, list[str]]:
     """The image batch and the output names to return, or BadRequest saying what is wrong."""
     names = [tensor.name for tensor in request.inputs]
     if names != [runtime.input_name]:
@@ -276,9 +277,13 @@ def _check_shape(where: str, shape: tuple[int, ...], expected: tuple[int, ...], 
             raise BadRequest(f"{where}: dimension {axis} must be {want}; {described}")
     batch, _, height, width = shape
     if not 1 <= batch <= max_batch:
-        raise BadRequest(f"{where}: batch dimension must be between 1 and the maximum batch size {max_batch}, got {batch}")
+        raise BadRequest(
+            f"{where}: batch dimension must be between 1 and the maximum batch size {max_batch}, got {batch}"
+        )
     if height < min_size or width < min_size:
-        raise BadRequest(f"{where}: height and width must be at least {min_size} pixels (the model's stride), got {height}x{width}")
+        raise BadRequest(
+            f"{where}: height and width must be at least {min_size} pixels (the model's stride), got {height}x{width}"
+        )
 
 
 def presented_key(headers: dict[bytes, bytes]) -> bytes | None:
@@ -287,5 +292,3 @@ def presented_key(headers: dict[bytes, bytes]) -> bytes | None:
     if authorization is not None and authorization[:7].lower() == b"bearer ":
         return authorization[7:].strip()
     return headers.get(b"x-api-key")
-
-

@@ -41,19 +41,16 @@ from noisyseg.serve.core import (
     presented_key,
     run_inference,
 )
+from noisyseg.serve.errors import BadRequest, PayloadTooLarge, ServeError, quoted
 from noisyseg.serve.metrics import ServerMetrics
 from noisyseg.serve.proto import inference_pb2 as pb
 from noisyseg.serve.protocol import (
     DATATYPES,
-    BadRequest,
     InferenceRequest,
-    PayloadTooLarge,
     PlannedOutput,
     RequestedOutput,
-    ServeError,
     datatype_of,
     decode_input,
-    quoted,
     response_too_large,
 )
 from noisyseg.serve.settings import ServerSettings
@@ -63,7 +60,8 @@ logger = logging.getLogger(__name__)
 SERVICE = "inference.GRPCInferenceService"
 # Method name -> its request message class, from the service's descriptor.
 REQUEST_TYPES: dict[str, type[Message]] = {
-    method.name: getattr(pb, method.input_type.name) for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods
+    method.name: getattr(pb, method.input_type.name)
+    for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods
 }
 UNAUTHENTICATED_METHODS = frozenset({f"/{SERVICE}/ServerLive", f"/{SERVICE}/ServerReady"})
 # HTTP status of a ServeError -> gRPC status code.
@@ -105,7 +103,9 @@ def decode_infer_request(request: pb.ModelInferRequest) -> InferenceRequest:
     """The protocol's request object for a ModelInferRequest, checked as HTTP requests are."""
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
-        raise BadRequest(f"raw_input_contents holds {len(raw)} tensors for {len(request.inputs)} inputs; give one per input")
+        raise BadRequest(
+            f"raw_input_contents holds {len(raw)} tensors for {len(request.inputs)} inputs; give one per input"
+        )
     inputs = []
     for index, tensor in enumerate(request.inputs):
         header: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
@@ -130,17 +130,21 @@ def _contents_values(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarra
     image and holds the GIL, and so the event loop, meanwhile."""
     entry = CONTENTS_FIELDS.get(tensor.datatype)
     if entry is None:
-        raise BadRequest(f"input {quoted(tensor.name)}: datatype {quoted(tensor.datatype)} must be sent in raw_input_contents")
+        raise BadRequest(
+            f"input {quoted(tensor.name)}: datatype {quoted(tensor.datatype)} must be sent in raw_input_contents"
+        )
     field, encoding, dtype = entry
     others = [described.name for described, _ in tensor.contents.ListFields() if described.name != field]
     if others:
-        raise BadRequest(f"input {quoted(tensor.name)}: a {tensor.datatype} tensor's contents go in {field}, not {', '.join(others)}")
+        raise BadRequest(
+            f"input {quoted(tensor.name)}: a {tensor.datatype} tensor's contents go in {field}, not {', '.join(others)}"
+        )
     wire = np.frombuffer(tensor.contents.SerializeToString(), np.uint8)
     if not wire.size:
         return np.zeros(0, dtype)
     # The field's tag, then its byte length: both varints.
     length_end = int(np.flatnonzero(wire[1:11] < 0x80)[0]) + 1  # tags of fields 1-15 take one byte
-    payload = wire[length_end + 1:]
+    payload = wire[length_end + 1 :]
     if encoding == "fixed":
         return payload.view(dtype)
     values = _varints(payload)
@@ -179,7 +183,9 @@ def _varint(value: int) -> bytes:
 _RAW_OUTPUT_TAG = _varint(_RAW_OUTPUT_FIELD << 3 | 2)
 
 
-def _response_skeleton(request_id: str, name: str, version: str, outputs: list[tuple[str, str, tuple[int, ...]]]) -> pb.ModelInferResponse:
+def _response_skeleton(
+    request_id: str, name: str, version: str, outputs: list[tuple[str, str, tuple[int, ...]]]
+) -> pb.ModelInferResponse:
     """The response without its raw output bytes, which `encode_infer_response` appends."""
     response = pb.ModelInferResponse(model_name=name, model_version=version, id=request_id)
     for output, datatype, shape in outputs:
@@ -195,7 +201,9 @@ def infer_response_bytes(request_id: str, name: str, version: str, planned: list
     """The exact size of the ModelInferResponse for `planned` outputs (None: a shape not known)."""
     if not all(output.known for output in planned):
         return None
-    skeleton = _response_skeleton(request_id, name, version, [(output.name, output.datatype, output.shape) for output in planned])
+    skeleton = _response_skeleton(
+        request_id, name, version, [(output.name, output.datatype, output.shape) for output in planned]
+    )
     return skeleton.ByteSize() + sum(_raw_entry_bytes(output.nbytes) for output in planned)
 
 
@@ -204,7 +212,12 @@ def encode_infer_response(request_id: str, name: str, version: str, results: lis
     per output straight from its array (protobuf readers take fields in any order), so the
     tensors are copied once, not into a message and again out of it."""
     arrays = [np.ascontiguousarray(array, dtype=DATATYPES[datatype_of(array.dtype)]) for _, array in results]
-    skeleton = _response_skeleton(request_id, name, version, [(output, datatype_of(array.dtype), array.shape) for (output, _), array in zip(results, arrays, strict=True)])
+    skeleton = _response_skeleton(
+        request_id,
+        name,
+        version,
+        [(output, datatype_of(array.dtype), array.shape) for (output, _), array in zip(results, arrays, strict=True)],
+    )
     pieces: list[bytes | np.ndarray] = [skeleton.SerializeToString()]
     for array in arrays:
         pieces += [_RAW_OUTPUT_TAG + _varint(array.nbytes), array]
@@ -266,7 +279,9 @@ class InferenceServicer:
         try:
             return await off_loop_if_large(len(raw), message_type.FromString, raw)
         except DecodeError:
-            raise UnparsableMessage(f"the {message_type.DESCRIPTOR.full_name} message ({len(raw)} bytes) could not be parsed") from None
+            raise UnparsableMessage(
+                f"the {message_type.DESCRIPTOR.full_name} message ({len(raw)} bytes) could not be parsed"
+            ) from None
 
     def ServerLive(self, request: pb.ServerLiveRequest) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -323,7 +338,12 @@ class InferenceServicer:
                 outputs, results = await run_inference(self.table, model, decoded, check_response, take, deadline)
                 answer = [(output, results[output]) for output in outputs]
                 response = await off_loop_if_large(
-                    sum(array.nbytes for _, array in answer), encode_infer_response, request_id, runtime.name, runtime.version, answer
+                    sum(array.nbytes for _, array in answer),
+                    encode_infer_response,
+                    request_id,
+                    runtime.name,
+                    runtime.version,
+                    answer,
                 )
                 # Known in advance unless the model does not say how many classes it has.
                 self._check_response_size(runtime.name, len(response))
@@ -391,7 +411,8 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
 
     def _authorized(self, metadata: Any) -> bool:
         headers = {
-            str(key).lower().encode(): value if isinstance(value, bytes) else str(value).encode() for key, value in metadata
+            str(key).lower().encode(): value if isinstance(value, bytes) else str(value).encode()
+            for key, value in metadata
         }
         presented = presented_key(headers)
         return presented is not None and hmac.compare_digest(presented, self.key)
@@ -412,7 +433,9 @@ async def start_grpc_server(table: ModelTable, settings: ServerSettings, metrics
     try:
         port = server.add_insecure_port(address)
     except RuntimeError:  # grpc's own message names no cause and no way out
-        raise OSError(f"gRPC endpoint: cannot listen on {address} (port in use? choose --grpc-port, or --no-grpc)") from None
+        raise OSError(
+            f"gRPC endpoint: cannot listen on {address} (port in use? choose --grpc-port, or --no-grpc)"
+        ) from None
     await server.start()
     logger.info("gRPC listening on %s:%d", settings.host, port)
     return server

@@ -17,17 +17,16 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from noisyseg.serve.protocol import (
+from noisyseg.serve.errors import (
     BadRequest,
     BodyTimeout,
     Busy,
     ClientGone,
-    EncodedResponse,
     PayloadTooLarge,
     UnsupportedMediaType,
-    parse_length,
     quoted,
 )
+from noisyseg.serve.protocol import EncodedResponse, parse_length
 from noisyseg.serve.settings import ServerSettings
 
 _DECOMPRESSION_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}

@@ -62,17 +62,29 @@ class LoadResult:
         return float(np.percentile(np.asarray(self.latencies_s), q) * 1000.0)
 
     def errors(self) -> list[str]:
-        return [f"request {i}: HTTP {r.status} {r.body[:200]!r}" for i, r in enumerate(self.replies) if r and r.status != 200]
+        return [
+            f"request {i}: HTTP {r.status} {r.body[:200]!r}"
+            for i, r in enumerate(self.replies)
+            if r and r.status != 200
+        ]
 
 
 def binary_infer_body(image_batch: np.ndarray, outputs: Sequence[str], input_name: str = "image") -> tuple[bytes, int]:
     """A binary-extension infer request for one FP32 batch; returns the body and its JSON length."""
     raw = np.ascontiguousarray(image_batch, dtype="<f4").tobytes()
-    header = json.dumps({
-        "inputs": [{"name": input_name, "shape": list(image_batch.shape), "datatype": "FP32",
-                    "parameters": {"binary_data_size": len(raw)}}],
-        "outputs": [{"name": name, "parameters": {"binary_data": True}} for name in outputs],
-    }).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": input_name,
+                    "shape": list(image_batch.shape),
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ],
+            "outputs": [{"name": name, "parameters": {"binary_data": True}} for name in outputs],
+        }
+    ).encode()
     return header + raw, len(header)
 
 
@@ -147,8 +159,21 @@ class ServerProcess:
         self.grpc_port = free_port()
         while self.grpc_port == self.port:
             self.grpc_port = free_port()
-        command = [sys.executable, "-m", "noisyseg", "--log-level", log_level, "serve", "--model", str(model_path),
-                   "--port", str(self.port), "--grpc-port", str(self.grpc_port), *args]
+        command = [
+            sys.executable,
+            "-m",
+            "noisyseg",
+            "--log-level",
+            log_level,
+            "serve",
+            "--model",
+            str(model_path),
+            "--port",
+            str(self.port),
+            "--grpc-port",
+            str(self.grpc_port),
+            *args,
+        ]
         # A file, not a pipe: a full pipe would block the server's logging under load.
         self.log_file = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(command, stdout=self.log_file, stderr=subprocess.STDOUT, text=True)

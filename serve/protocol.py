@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from noisyseg.serve.errors import BadRequest, ServeError, quoted
+from noisyseg.serve.json_body import STEPPED_PARSE_BYTES, parse_in_steps, parse_json_object
 
 HEADER_LENGTH_HEADER = "Inference-Header-Content-Length"
 BINARY_EXTENSION = "binary_tensor_data"
@@ -51,85 +53,11 @@ _MAX_ELEMENTS = 2**63 - 1
 _JSON_STEP = 8192
 # Binary response tensors go out in slices this size, so the transport buffers one slice, not a copy.
 _SEND_SLICE_BYTES = 1 << 20
-# JSON bodies above this size have their flat `data` lists read in steps of about `_STEP_BYTES`:
-# one json.loads of a 30 MB body holds the GIL for seconds, a step for a millisecond or two.
-_STEPPED_PARSE_BYTES = 1 << 20
-_STEP_BYTES = 64 * 1024
-_DATA_LIST = re.compile(rb'"data"\s*:\s*\[')
-# Element types whose per-step arrays concatenate to what one np.array of the whole list gives.
-_STEP_DTYPES = {np.dtype(np.int64), np.dtype(np.float64)}
 # Significant digits that let each float width round-trip exactly through decimal text.
 _FLOAT_FORMATS = {2: "%.5g,", 4: "%.9g,", 8: "%.17g,"}
 # The longest text one float prints as with `_FLOAT_FORMATS`, comma included: a sign, the digits,
 # a point and an exponent ("-1.17549435e-38," for FP32).
 _FLOAT_WIDTHS = {2: 12, 4: 16, 8: 25}
-# A client's names and values are quoted in errors cut to this many characters: a 16 KB model name
-# would otherwise make an error message too large for a client (or gRPC's metadata) to take.
-_QUOTED_CHARS = 80
-
-
-class ServeError(Exception):
-    """An error with the HTTP status it maps to; its message is returned as `{"error": ...}`."""
-
-    status_code = 500
-    headers: Mapping[str, str] = {}
-
-
-class BadRequest(ServeError):
-    status_code = 400
-
-
-class Unauthorized(ServeError):
-    status_code = 401
-
-
-class NotFound(ServeError):
-    status_code = 404
-
-
-class PayloadTooLarge(ServeError):
-    status_code = 413
-
-
-class UnsupportedMediaType(ServeError):
-    status_code = 415
-
-
-class Unavailable(ServeError):
-    status_code = 503
-
-
-class Busy(Unavailable):
-    """Too much is in flight right now; the client may retry after `retry_after_s` seconds."""
-
-    def __init__(self, message: str, retry_after_s: int = 1) -> None:
-        super().__init__(message)
-        self.headers = {"Retry-After": str(retry_after_s)}
-
-
-class BodyTimeout(ServeError):
-    status_code = 408
-
-
-class RequestTimeout(ServeError):
-    status_code = 504
-
-
-class ClientGone(ServeError):
-    """The client closed the connection before its request was read: nobody to answer, no fault.
-
-    499 is nginx's "client closed request"; it only ever appears in logs and metrics.
-    """
-
-    status_code = 499
-
-
-def quoted(value: object) -> str:
-    """A client's name or value as an error quotes it: its repr, cut to a bounded length."""
-    text = repr(value)
-    if len(text) <= _QUOTED_CHARS:
-        return text
-    return f"{text[:_QUOTED_CHARS]}... ({len(text)} characters)"
 
 
 def datatype_of(dtype: np.dtype) -> str:
@@ -175,7 +103,9 @@ class InferenceRequest:
             return None
         # At most Triton's uint64; a larger integer would not even convert to a float.
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 2**64:
-            raise BadRequest(f"request parameter 'timeout' must be a positive number of microseconds below 2**64, got {quoted(value)}")
+            raise BadRequest(
+                f"request parameter 'timeout' must be a positive number of microseconds below 2**64, got {quoted(value)}"
+            )
         return float(value) / 1e6
 
 
@@ -243,7 +173,9 @@ def check_shape(shape: Sequence[int], where: str) -> None:
         raise BadRequest(f"{where}: 'shape' must be a list of non-negative integers, got {quoted(list(shape))}")
     # Zero-sized dimensions included: numpy rejects [0, 10**20] as it rejects [1, 10**20].
     if math.prod(max(dim, 1) for dim in shape) > _MAX_ELEMENTS:
-        raise BadRequest(f"{where}: shape {quoted(list(shape))} has more elements than a tensor can hold (at most 2**63 - 1)")
+        raise BadRequest(
+            f"{where}: shape {quoted(list(shape))} has more elements than a tensor can hold (at most 2**63 - 1)"
+        )
 
 
 def check_finite(tensor: InputTensor) -> None:
@@ -269,8 +201,8 @@ def decode_request(body: bytes | bytearray, header_length: str | None) -> Infere
     """
     json_end = _json_header_end(body, header_length)
     header_text = body if json_end == len(body) else body[:json_end]
-    stepped = _parse_in_steps(header_text) if len(header_text) > _STEPPED_PARSE_BYTES else None
-    header = stepped if stepped is not None else _parse_json_object(header_text)
+    stepped = parse_in_steps(header_text) if len(header_text) > STEPPED_PARSE_BYTES else None
+    header = stepped if stepped is not None else parse_json_object(header_text)
     binary = memoryview(body)[json_end:]
     inputs_json = header.get("inputs")
     if not isinstance(inputs_json, list) or not inputs_json:
@@ -337,7 +269,9 @@ def response_bytes_at_most(
         if output.binary:
             size += len(_tensor_head(output.name, output.datatype, output.shape, output.nbytes)) + output.nbytes
         else:
-            size += len(_tensor_head(output.name, output.datatype, output.shape)) + output.json_bytes_at_most() + len(b"]}")
+            size += (
+                len(_tensor_head(output.name, output.datatype, output.shape)) + output.json_bytes_at_most() + len(b"]}")
+            )
     return size
 
 
@@ -376,7 +310,9 @@ def encode_response(
             continue
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             # JSON has no NaN or infinity; inputs are finite, so the model produced them (500).
-            raise ServeError(f"model '{model_name}' produced NaN or infinite values in output '{name}', which JSON cannot carry")
+            raise ServeError(
+                f"model '{model_name}' produced NaN or infinite values in output '{name}', which JSON cannot carry"
+            )
         add(separator + _tensor_head(name, datatype_of(array.dtype), array.shape))
         for numbers in _json_numbers(array):
             add(numbers)
@@ -385,10 +321,13 @@ def encode_response(
     binaries = [array for _, array, binary in outputs if binary]
     if not binaries:
         return EncodedResponse(chunks, {"content-type": "application/json"})
-    headers = {"content-type": "application/octet-stream", HEADER_LENGTH_HEADER: str(sum(len(chunk) for chunk in chunks))}
+    headers = {
+        "content-type": "application/octet-stream",
+        HEADER_LENGTH_HEADER: str(sum(len(chunk) for chunk in chunks)),
+    }
     for array in binaries:
         raw = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).reshape(-1).view(np.uint8).data
-        chunks.extend(raw[start:start + _SEND_SLICE_BYTES] for start in range(0, len(raw), _SEND_SLICE_BYTES))
+        chunks.extend(raw[start : start + _SEND_SLICE_BYTES] for start in range(0, len(raw), _SEND_SLICE_BYTES))
     return EncodedResponse(chunks, headers)
 
 
@@ -418,7 +357,7 @@ def _json_numbers(array: np.ndarray) -> Iterator[bytes]:
     """The elements of `array` in row-major order as comma-separated JSON numbers, in steps."""
     flat = array.reshape(-1)
     for start in range(0, flat.size, _JSON_STEP):
-        step = flat[start:start + _JSON_STEP]
+        step = flat[start : start + _JSON_STEP]
         if step.dtype.kind in "iu":
             numbers = _integer_text(step)
         elif step.dtype.kind == "b":
@@ -433,7 +372,9 @@ def _json_numbers(array: np.ndarray) -> Iterator[bytes]:
 
 def _integer_text(values: np.ndarray) -> bytes:
     """Integers printed with array operations alone: one row of ASCII bytes per number."""
-    magnitude = values.astype(np.uint64) if values.dtype.kind == "u" else np.abs(values.astype(np.int64)).astype(np.uint64)
+    magnitude = (
+        values.astype(np.uint64) if values.dtype.kind == "u" else np.abs(values.astype(np.int64)).astype(np.uint64)
+    )
     width = len(str(int(magnitude.max()))) if magnitude.size else 1
     powers = np.uint64(10) ** np.arange(width - 1, -1, -1, dtype=np.uint64)
     digits = (magnitude[:, None] // powers) % np.uint64(10)
@@ -458,85 +399,6 @@ def _json_header_end(body: bytes | bytearray, header_length: str | None) -> int:
     if not 0 < length <= len(body):
         raise BadRequest(f"header {HEADER_LENGTH_HEADER} is {length}, but the body has {len(body)} bytes")
     return length
-
-
-def _parse_json_object(raw: bytes | bytearray) -> dict[str, Any]:
-    try:
-        parsed = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BadRequest(f"request body is not valid JSON ({err})") from None
-    except ValueError as err:  # an integer literal past Python's 4,300-digit conversion limit
-        raise BadRequest(f"request body holds a number too long to read ({err})") from None
-    except RecursionError:
-        raise BadRequest("request body JSON is nested too deeply") from None
-    if not isinstance(parsed, dict):
-        raise BadRequest(f"request body must be a JSON object, got {type(parsed).__name__}")
-    return parsed
-
-
-def _parse_in_steps(raw: bytes | bytearray) -> dict[str, Any] | None:
-    """A large request header with each flat `data` list of numbers read in short steps.
-
-    The lists are cut out (a placeholder string in their place), the rest parsed as usual,
-    and each list read a step at a time into one array, letting other threads run between
-    steps. None whenever this does not apply cleanly (nested lists, strings in the data, a
-    "data" list that is no input's, mixed element types): the caller then parses it whole.
-    A `"data": [` cannot match inside a JSON string, whose quotes are all escaped.
-    """
-    pieces: list[bytes | bytearray] = []
-    spans: dict[str, tuple[int, int]] = {}
-    position = 0
-    for match in _DATA_LIST.finditer(raw):
-        start = match.end()
-        end = raw.find(b"]", start)
-        if start < position or end < 0 or any(raw.find(char, start, end) >= 0 for char in (b'"', b"[", b"{", b"}")):
-            continue
-        placeholder = f"\u0000noisyseg-data-{len(spans)}"
-        pieces += [raw[position:start - 1], json.dumps(placeholder).encode()]
-        spans[placeholder] = (start, end)
-        position = end + 1
-    if not spans:
-        return None
-    pieces.append(raw[position:])
-    try:
-        header = json.loads(b"".join(pieces))
-    except (ValueError, RecursionError):
-        return None
-    inputs = header.get("inputs") if isinstance(header, dict) else None
-    tensors = [item for item in inputs if isinstance(item, dict)] if isinstance(inputs, list) else []
-    claimed = [tensor for tensor in tensors if isinstance(tensor.get("data"), str) and tensor["data"] in spans]
-    if sorted(tensor["data"] for tensor in claimed) != sorted(spans):
-        return None
-    for tensor in claimed:
-        array = _numbers_in_steps(raw, *spans[tensor["data"]])
-        if array is None:
-            return None
-        tensor["data"] = array
-    return header
-
-
-def _numbers_in_steps(raw: bytes | bytearray, start: int, end: int) -> np.ndarray | None:
-    """The flat JSON list `raw[start:end]` (between its brackets), parsed a step at a time."""
-    steps: list[np.ndarray] = []
-    while start <= end:
-        comma = raw.find(b",", min(start + _STEP_BYTES, end), end)
-        stop = end if comma < 0 else comma
-        text = raw[start:stop]
-        if not text.strip():
-            if not steps and comma < 0:  # "[]"
-                return np.array([])
-            raise BadRequest("request body is not valid JSON (an empty element in a 'data' list)")
-        try:
-            steps.append(np.array(json.loads(b"[" + text + b"]")))
-        except json.JSONDecodeError as err:
-            raise BadRequest(f"request body is not valid JSON ({err.msg} in a 'data' list)") from None
-        except ValueError as err:  # an integer past Python's 4,300-digit conversion limit
-            raise BadRequest(f"request body holds a number too long to read ({err})") from None
-        start = stop + 1
-    dtypes = {step.dtype for step in steps}
-    if len(dtypes) > 1 and not dtypes <= _STEP_DTYPES:
-        return None
-    return np.concatenate(steps)
 
 
 def _decode_input(tensor_json: Any, index: int, binary: memoryview) -> tuple[InputTensor, int]:
@@ -585,13 +447,15 @@ def _binary_tensor(
             f"needs {count} elements = {expected} bytes"
         )
     if size > len(binary):
-        raise BadRequest(f"{where}: binary_data_size is {size} bytes, but only {len(binary)} binary bytes remain in the body")
+        raise BadRequest(
+            f"{where}: binary_data_size is {size} bytes, but only {len(binary)} binary bytes remain in the body"
+        )
     array = np.frombuffer(binary[:size], dtype=dtype).reshape(shape)
     return InputTensor(name, datatype, shape, array)
 
 
 def _json_tensor_data(data: Any, where: str, datatype: str, count: int, dtype: np.dtype) -> np.ndarray:
-    if isinstance(data, np.ndarray):  # a flat list already read by `_parse_in_steps`
+    if isinstance(data, np.ndarray):  # a flat list already read by `parse_in_steps`
         parsed = data
     elif not isinstance(data, list):
         raise BadRequest(f"{where}: 'data' must be a JSON list of numbers, got {type(data).__name__}")

@@ -134,7 +134,12 @@ class Runtime(ABC):
             self._loaded = True
             logger.info(
                 "model %s (version %s): %s backend, input %s %s, outputs %s, checkpoint %s",
-                self.name, self.version, self.backend, self.input_name, list(self.input_shape), self.output_names,
+                self.name,
+                self.version,
+                self.backend,
+                self.input_name,
+                list(self.input_shape),
+                self.output_names,
                 self.model_metadata.get("checkpoint", "not recorded"),
             )
         return self
@@ -162,14 +167,18 @@ class Runtime(ABC):
         }
         return [specs[name] for name in self.output_names]
 
-    def planned_outputs(self, input_shape: tuple[int, ...], names: Sequence[str], binary: Callable[[str], bool]) -> list[PlannedOutput]:
+    def planned_outputs(
+        self, input_shape: tuple[int, ...], names: Sequence[str], binary: Callable[[str], bool]
+    ) -> list[PlannedOutput]:
         """The outputs `names` of a batch of `input_shape`, as the response will carry them (`binary`
         says which go as raw bytes), known before the batch runs."""
         specs = {spec.name: spec for spec in self.output_specs(input_shape)}
         # Labels are class indices.
         largest = self.num_classes - 1 if self.num_classes > 0 else None
         return [
-            PlannedOutput(name, specs[name].datatype, specs[name].shape, binary(name), largest if name == "labels" else None)
+            PlannedOutput(
+                name, specs[name].datatype, specs[name].shape, binary(name), largest if name == "labels" else None
+            )
             for name in names
         ]
 
@@ -259,14 +268,19 @@ class OnnxRuntimeBackend(_RunnerRuntime):
         # answers requests (measured on 2 cores: about 45% more throughput with spinning off).
         # Arena shrunk after large inputs: it would keep the buffers of the largest image ever served.
         runner = OnnxRuntimeRunner(
-            self.path, intra_op_threads=self.intra_op_threads, allow_spinning=False, shrink_arena_above_bytes=SHRINK_ARENA_ABOVE_BYTES
+            self.path,
+            intra_op_threads=self.intra_op_threads,
+            allow_spinning=False,
+            shrink_arena_above_bytes=SHRINK_ARENA_ABOVE_BYTES,
         )
         self._adopt_runner(runner, runner.metadata)
         # The arena never gives back its first region, which is as large as the first run needs:
         # a first run on the smallest image keeps it small whatever the first request.
         _, channels, height, width = self.input_shape
         side = self.min_spatial_size
-        runner.run(np.zeros((1, max(channels, 1), height if height > 0 else side, width if width > 0 else side), np.float32))
+        runner.run(
+            np.zeros((1, max(channels, 1), height if height > 0 else side, width if width > 0 else side), np.float32)
+        )
 
 
 class PyTorchBackend(Runtime):
@@ -347,7 +361,9 @@ REPOSITORY_CONFIG = "config.pbtxt"
 REPOSITORY_MODEL_FILES = ("model.onnx", "model.plan")
 
 
-def open_runtimes(path: str | Path, name: str | None = None, intra_op_threads: int | None = None, device: str = "cpu") -> list[Runtime]:
+def open_runtimes(
+    path: str | Path, name: str | None = None, intra_op_threads: int | None = None, device: str = "cpu"
+) -> list[Runtime]:
     """Load what `path` holds: an ONNX model, a TensorRT plan, a PyTorch checkpoint (file or run
     directory, run on `device`) or a Triton model repository (every model in it). `name` renames
     a single model.
@@ -360,7 +376,9 @@ def open_runtimes(path: str | Path, name: str | None = None, intra_op_threads: i
         return [PyTorchBackend(path, name or model_name_from(path.resolve()), device=device).load()]
     if path.is_dir():
         if name is not None:
-            raise ValueError(f"{path}: --name renames a single model, but a model repository serves each model under its own name")
+            raise ValueError(
+                f"{path}: --name renames a single model, but a model repository serves each model under its own name"
+            )
         return [runtime.load() for runtime in repository_runtimes(path, intra_op_threads)]
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such model file or directory")
@@ -373,7 +391,9 @@ def open_runtimes(path: str | Path, name: str | None = None, intra_op_threads: i
     return [_create(backend, path, name or model_name_from(path), "1", intra_op_threads, device).load()]
 
 
-def _create(backend: type[Runtime], path: Path, name: str, version: str, intra_op_threads: int | None, device: str = "cpu") -> Runtime:
+def _create(
+    backend: type[Runtime], path: Path, name: str, version: str, intra_op_threads: int | None, device: str = "cpu"
+) -> Runtime:
     if issubclass(backend, OnnxRuntimeBackend):
         return backend(path, name, version, intra_op_threads=intra_op_threads)
     if issubclass(backend, PyTorchBackend):
@@ -392,7 +412,9 @@ def repository_runtimes(repository: Path, intra_op_threads: int | None = None) -
 
 
 def _repository_model(model_dir: Path, intra_op_threads: int | None) -> Runtime:
-    versions = sorted((int(child.name), child) for child in model_dir.iterdir() if child.is_dir() and child.name.isdigit())
+    versions = sorted(
+        (int(child.name), child) for child in model_dir.iterdir() if child.is_dir() and child.name.isdigit()
+    )
     # Triton's default version policy: serve the latest version.
     for version, version_dir in reversed(versions):
         for filename in REPOSITORY_MODEL_FILES:

@@ -146,7 +146,10 @@ class ServerSettings:
         for name, value in positive.items():
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"server setting {name} must be a positive finite number, got {value}")
-        for name, value in (("max_queue_delay_ms", self.max_queue_delay_ms), ("graceful_shutdown_s", self.graceful_shutdown_s)):
+        for name, value in (
+            ("max_queue_delay_ms", self.max_queue_delay_ms),
+            ("graceful_shutdown_s", self.graceful_shutdown_s),
+        ):
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"server setting {name} must be a finite number, not negative, got {value}")
         if self.queued_pixels < self.max_batch_pixels:
@@ -157,7 +160,9 @@ class ServerSettings:
             if port is not None and not 0 <= port <= 65535:
                 raise ValueError(f"server setting {name} must be in 0..65535, got {port}")
         if max(self.grpc_max_receive_bytes, self.grpc_max_send_bytes) >= 2**31:
-            raise ValueError("server settings grpc_max_receive_bytes and grpc_max_send_bytes must be below 2 GiB (gRPC's limit)")
+            raise ValueError(
+                "server settings grpc_max_receive_bytes and grpc_max_send_bytes must be below 2 GiB (gRPC's limit)"
+            )
         if self.grpc_port is not None and self.grpc_port == self.port != 0:
             raise ValueError(f"server settings port and grpc_port must differ, both are {self.port}")
         if self.max_queued_images < self.max_batch_size:

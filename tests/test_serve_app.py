@@ -50,8 +50,12 @@ def direct(model_dir):
     return OnnxRuntimeRunner(model_dir / "conv.onnx")
 
 
-def infer_json(images: np.ndarray, outputs: list[str] | None = None, name: str = "image", datatype: str = "FP32") -> dict:
-    body: dict = {"inputs": [{"name": name, "shape": list(images.shape), "datatype": datatype, "data": images.ravel().tolist()}]}
+def infer_json(
+    images: np.ndarray, outputs: list[str] | None = None, name: str = "image", datatype: str = "FP32"
+) -> dict:
+    body: dict = {
+        "inputs": [{"name": name, "shape": list(images.shape), "datatype": datatype, "data": images.ravel().tolist()}]
+    }
     if outputs is not None:
         body["outputs"] = [{"name": output} for output in outputs]
     return body
@@ -89,7 +93,9 @@ def test_model_metadata_lists_every_output_the_model_can_give(client) -> None:
     assert conv["platform"] == "onnxruntime_onnx" and conv["versions"] == ["1"]
     assert conv["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 1, -1, -1]}]
     assert [(o["name"], o["datatype"], o["shape"]) for o in conv["outputs"]] == [
-        ("logits", "FP32", [-1, 3, -1, -1]), ("probs", "FP32", [-1, 3, -1, -1]), ("labels", "INT64", [-1, -1, -1])
+        ("logits", "FP32", [-1, 3, -1, -1]),
+        ("probs", "FP32", [-1, 3, -1, -1]),
+        ("labels", "INT64", [-1, -1, -1]),
     ]
     assert json.loads(conv["parameters"]["class_names"]) == CLASS_NAMES
     masks = client.get("/v2/models/masks/versions/1").json()
@@ -134,10 +140,16 @@ def test_labels_only_model_serves_labels_and_says_what_is_available(client, mode
         (infer_json(np.zeros((1, 1, STRIDE - 1, 8), np.float32)), 400, f"at least {STRIDE} pixels"),
         (infer_json(sample(), outputs=["mask"]), 400, "cannot produce outputs ['mask']"),
         (infer_json(sample(), outputs=["labels", "labels"]), 400, "more than once"),
-        ({**infer_json(sample()), "inputs": [{**infer_json(sample())["inputs"][0], "data": [1.0] * 63}]}, 400,
-         "has 63 elements, but shape implies 64"),
-        ({"inputs": [{"name": "image", "shape": [1, 1, 2, 2], "datatype": "FP32", "data": [1, 2, "3", 4]}]}, 400,
-         "only FP32 values"),
+        (
+            {**infer_json(sample()), "inputs": [{**infer_json(sample())["inputs"][0], "data": [1.0] * 63}]},
+            400,
+            "has 63 elements, but shape implies 64",
+        ),
+        (
+            {"inputs": [{"name": "image", "shape": [1, 1, 2, 2], "datatype": "FP32", "data": [1, 2, "3", 4]}]},
+            400,
+            "only FP32 values",
+        ),
     ],
 )
 def test_bad_tensors_get_400_saying_what_was_wrong(client, body: dict, status: int, message: str) -> None:
@@ -150,10 +162,14 @@ def test_malformed_json_unknown_model_and_version(client) -> None:
     response = client.post("/v2/models/conv/infer", content=b'{"inputs": [')
     assert response.status_code == 400 and "not valid JSON" in response.json()["error"]
     response = client.post("/v2/models/unet/infer", json=infer_json(sample()))
-    assert response.status_code == 404 and "unknown model 'unet' (served models: conv, masks)" in response.json()["error"]
+    assert (
+        response.status_code == 404 and "unknown model 'unet' (served models: conv, masks)" in response.json()["error"]
+    )
     for path in ("/v2/models/unet", "/v2/models/unet/ready", "/v2/models/conv/versions/2"):
         assert client.get(path).status_code == 404
-    assert "no version '2'" in client.post("/v2/models/conv/versions/2/infer", json=infer_json(sample())).json()["error"]
+    assert (
+        "no version '2'" in client.post("/v2/models/conv/versions/2/infer", json=infer_json(sample())).json()["error"]
+    )
     assert client.get("/v2/nothing/here").json() == {"error": "Not Found"}
 
 
@@ -174,7 +190,9 @@ def test_compressed_requests_are_accepted(client, direct) -> None:
     for encoding, data in (("gzip", gzip.compress(raw)), ("deflate", zlib.compress(raw))):
         response = client.post("/v2/models/conv/infer", content=data, headers={"content-encoding": encoding})
         labels = response.json()["outputs"][0]
-        np.testing.assert_array_equal(np.array(labels["data"]).reshape(labels["shape"]), direct.run(images)["logits"].argmax(1))
+        np.testing.assert_array_equal(
+            np.array(labels["data"]).reshape(labels["shape"]), direct.run(images)["logits"].argmax(1)
+        )
     response = client.post("/v2/models/conv/infer", content=raw, headers={"content-encoding": "br"})
     assert response.status_code == 415 and "'br' is not supported" in response.json()["error"]
     response = client.post("/v2/models/conv/infer", content=b"not gzip", headers={"content-encoding": "gzip"})
@@ -192,7 +210,10 @@ def test_client_deadline_turns_into_504(client) -> None:
 def test_metrics_count_requests_errors_latency_and_batches(client) -> None:
     before = client.get("/metrics").text
     for seed in range(3):
-        assert client.post("/v2/models/conv/infer", json=infer_json(sample(seed=seed), outputs=["labels"])).status_code == 200
+        assert (
+            client.post("/v2/models/conv/infer", json=infer_json(sample(seed=seed), outputs=["labels"])).status_code
+            == 200
+        )
     assert client.post("/v2/models/conv/infer", json=infer_json(sample(), name="x")).status_code == 400
     after = client.get("/metrics")
     assert after.headers["content-type"].startswith("text/plain; version=0.0.4")
@@ -209,7 +230,7 @@ def test_metrics_count_requests_errors_latency_and_batches(client) -> None:
     ]:
         assert value(after.text, series) - value(before, series) == increase, series
     assert value(after.text, 'noisyseg_batch_size_count{model="conv"}') >= 3
-    assert '# TYPE noisyseg_batch_size histogram' in after.text
+    assert "# TYPE noisyseg_batch_size histogram" in after.text
     assert 'noisyseg_batch_size_bucket{model="conv",le="+Inf"}' in after.text
 
 
@@ -218,7 +239,12 @@ def test_api_key_is_required_except_for_health_probes(model_dir) -> None:
         with httpx.Client(base_url=keyed.url) as http:
             assert http.get("/v2/health/ready").status_code == 200
             body = infer_json(sample(), outputs=["labels"])
-            for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-API-Key": API_KEY + "x"}, {"Authorization": API_KEY}):
+            for headers in (
+                {},
+                {"Authorization": "Bearer wrong"},
+                {"X-API-Key": API_KEY + "x"},
+                {"Authorization": API_KEY},
+            ):
                 response = http.post("/v2/models/keyed/infer", json=body, headers=headers)
                 assert response.status_code == 401 and "API key" in response.json()["error"]
             assert http.get("/v2/models/nope").status_code == 401  # no probing for model names
@@ -250,7 +276,9 @@ def test_graceful_shutdown_finishes_requests_in_flight(model_dir) -> None:
 
     def send(seed: int) -> None:
         with httpx.Client(base_url=server.url, timeout=30) as http:
-            results[seed] = http.post("/v2/models/draining/infer", json=infer_json(sample(seed=seed), outputs=["labels"]))
+            results[seed] = http.post(
+                "/v2/models/draining/infer", json=infer_json(sample(seed=seed), outputs=["labels"])
+            )
 
     threads = [threading.Thread(target=send, args=(seed,)) for seed in range(4)]
     for thread in threads:
@@ -278,17 +306,34 @@ _tensor_fields = st.fixed_dictionaries(
         "datatype": st.sampled_from(["FP32", "FP64", "INT64", "UINT8", "BOOL", "BYTES", "fp32"]),
     },
     optional={
-        "data": st.lists(st.one_of(st.floats(width=32), st.integers(-2**40, 2**40), st.booleans(), st.none(), st.text(max_size=2)), max_size=100),
-        "parameters": st.dictionaries(st.sampled_from(["binary_data_size", "other"]), st.integers(-4, 400) | st.text(max_size=3)),
+        "data": st.lists(
+            st.one_of(st.floats(width=32), st.integers(-(2**40), 2**40), st.booleans(), st.none(), st.text(max_size=2)),
+            max_size=100,
+        ),
+        "parameters": st.dictionaries(
+            st.sampled_from(["binary_data_size", "other"]), st.integers(-4, 400) | st.text(max_size=3)
+        ),
     },
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(
     inputs=st.lists(_tensor_fields, max_size=2),
-    outputs=st.none() | st.lists(st.fixed_dictionaries({"name": st.sampled_from(["logits", "probs", "labels", "x"])},
-                                                        optional={"parameters": st.dictionaries(st.sampled_from(["binary_data", "classification"]), st.booleans() | st.integers(0, 3))}), max_size=3),
+    outputs=st.none()
+    | st.lists(
+        st.fixed_dictionaries(
+            {"name": st.sampled_from(["logits", "probs", "labels", "x"])},
+            optional={
+                "parameters": st.dictionaries(
+                    st.sampled_from(["binary_data", "classification"]), st.booleans() | st.integers(0, 3)
+                )
+            },
+        ),
+        max_size=3,
+    ),
     binary_tail=st.binary(max_size=64),
     header_length=st.none() | st.integers(-1, 2000),
     model=st.sampled_from(["conv", "masks", "other"]),
@@ -311,8 +356,17 @@ def test_metrics_text_format_histograms_are_cumulative_and_labels_escaped() -> N
         metrics.inference_latency.observe(seconds, 'we"ird\nname')
     text = metrics.render()
     prefix = 'noisyseg_inference_request_duration_seconds_bucket{model="we\\"ird\\nname",'
-    buckets = {line[len(prefix):].split("}")[0]: float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix)}
-    assert buckets['le="0.001"'] == 1 and buckets['le="0.005"'] == 3 and buckets['le="10"'] == 3 and buckets['le="+Inf"'] == 4
+    buckets = {
+        line[len(prefix) :].split("}")[0]: float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith(prefix)
+    }
+    assert (
+        buckets['le="0.001"'] == 1
+        and buckets['le="0.005"'] == 3
+        and buckets['le="10"'] == 3
+        and buckets['le="+Inf"'] == 4
+    )
     counts = list(buckets.values())
     assert counts == sorted(counts)
     assert 'noisyseg_inference_request_duration_seconds_count{model="we\\"ird\\nname"} 4' in text

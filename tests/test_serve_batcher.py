@@ -221,7 +221,9 @@ def test_batches_stay_within_the_pixel_budget_and_the_queue_within_its_pixels() 
     budget = 3 * 8 * 8  # pixels: three 8 x 8 images
 
     async def scenario() -> list:
-        batcher = make_batcher(model, max_batch_size=8, max_delay_s=0.05, max_batch_pixels=budget, max_queued_pixels=4 * budget)
+        batcher = make_batcher(
+            model, max_batch_size=8, max_delay_s=0.05, max_batch_pixels=budget, max_queued_pixels=4 * budget
+        )
         batcher.start()
         small = [images(seed, size=(8, 8)) for seed in range(5)]
         wide = [images(10 + seed, count=2, size=(8, 12)) for seed in range(2)]
@@ -229,9 +231,13 @@ def test_batches_stay_within_the_pixel_budget_and_the_queue_within_its_pixels() 
         # The queue holds 4 budgets' worth: 12 images of 8 x 8 wait, a 13th is refused.
         blocker = asyncio.ensure_future(batcher.submit(images(20, count=3, size=(8, 8)), ["scores"]))
         await asyncio.sleep(0.05)  # a full batch: running now (0.2 s), and the queue empty again
-        queued = [asyncio.ensure_future(batcher.submit(images(30 + seed, size=(8, 8)), ["scores"])) for seed in range(12)]
+        queued = [
+            asyncio.ensure_future(batcher.submit(images(30 + seed, size=(8, 8)), ["scores"])) for seed in range(12)
+        ]
         await asyncio.sleep(0)
-        with pytest.raises(QueueFull, match=f"768 pixels queued, and this request's 64 would pass the limit of {4 * budget}"):
+        with pytest.raises(
+            QueueFull, match=f"768 pixels queued, and this request's 64 would pass the limit of {4 * budget}"
+        ):
             await batcher.submit(images(50, size=(8, 8)), ["scores"])
         await asyncio.gather(blocker, *queued)
         await batcher.stop()

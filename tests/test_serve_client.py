@@ -37,7 +37,10 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     save_model(RunDir(run_dir).model_file, model, ModelInfo("unet", {"base_width": 4}, CLASSES, method="adele+arm"))
     onnx_path = run_dir / "model.onnx"
     # Exported by the command a user runs (the faster tracer keeps the test short).
-    assert cli.main(["export", "onnx", "--checkpoint", str(run_dir), "--out", str(onnx_path), "--exporter", "torchscript"]) == 0
+    assert (
+        cli.main(["export", "onnx", "--checkpoint", str(run_dir), "--out", str(onnx_path), "--exporter", "torchscript"])
+        == 0
+    )
     return run_dir, onnx_path
 
 
@@ -69,7 +72,9 @@ def test_readiness_and_metadata(served) -> None:
     metadata = client.get_model_metadata("unet")
     assert metadata["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 1, -1, -1]}]
     assert [(o["name"], o["shape"]) for o in metadata["outputs"]] == [
-        ("logits", [-1, 5, -1, -1]), ("probs", [-1, 5, -1, -1]), ("labels", [-1, -1, -1])
+        ("logits", [-1, 5, -1, -1]),
+        ("probs", [-1, 5, -1, -1]),
+        ("labels", [-1, -1, -1]),
     ]
 
 
@@ -80,7 +85,9 @@ def test_infer_equals_the_onnx_runtime_runner(served, exported, binary: bool) ->
     result = infer(client, "unet", images, ["logits", "probs", "labels"], binary)
     expected = OnnxRuntimeRunner(exported[1], intra_op_threads=1).run(images)["logits"]
     np.testing.assert_allclose(result.as_numpy("logits"), expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(result.as_numpy("probs"), torch.softmax(torch.from_numpy(expected), 1).numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        result.as_numpy("probs"), torch.softmax(torch.from_numpy(expected), 1).numpy(), atol=1e-6
+    )
     np.testing.assert_array_equal(result.as_numpy("labels"), expected.argmax(axis=1))
     assert result.as_numpy("labels").dtype == np.int64
 
@@ -90,7 +97,9 @@ def test_default_outputs_come_back_in_binary_and_errors_reach_the_client(served,
     images = sample_images((1, 1, 32, 32), seed=6)
     result = infer(client, "unet", images, None, binary=True)
     assert [out["name"] for out in result.get_response()["outputs"]] == ["logits", "probs", "labels"]
-    np.testing.assert_array_equal(result.as_numpy("labels"), OnnxRuntimeRunner(exported[1]).run(images)["logits"].argmax(1))
+    np.testing.assert_array_equal(
+        result.as_numpy("labels"), OnnxRuntimeRunner(exported[1]).run(images)["logits"].argmax(1)
+    )
     wrong = httpclient.InferInput("image", [1, 1, 32, 32], "FP64")
     wrong.set_data_from_numpy(images.astype(np.float64))
     with pytest.raises(InferenceServerException, match="datatype must be FP32, got FP64") as caught:
@@ -101,15 +110,29 @@ def test_default_outputs_come_back_in_binary_and_errors_reach_the_client(served,
 def test_sigterm_shuts_the_cli_server_down_cleanly(served) -> None:
     # Runs last in this module: it stops the shared server.
     client, server = served
-    assert infer(client, "unet", sample_images((1, 1, 32, 32)), ["labels"], True).as_numpy("labels").shape == (1, 32, 32)
+    assert infer(client, "unet", sample_images((1, 1, 32, 32)), ["labels"], True).as_numpy("labels").shape == (
+        1,
+        32,
+        32,
+    )
     server.process.send_signal(signal.SIGTERM)
     # uvicorn finishes its shutdown, then re-raises the signal so the parent sees why it ended.
     assert server.process.wait(20) == -signal.SIGTERM
     log = server.log()
     assert "server stopped" in log and "Traceback" not in log
     # One structured (JSON) access line per request.
-    access = [json.loads(line.split("noisyseg.serve.access: ", 1)[1]) for line in log.splitlines() if "noisyseg.serve.access: " in line]
-    assert {"event": "http_request", "method": "POST", "path": "/v2/models/unet/infer", "route": "infer", "status": 200}.items() <= access[-1].items()
+    access = [
+        json.loads(line.split("noisyseg.serve.access: ", 1)[1])
+        for line in log.splitlines()
+        if "noisyseg.serve.access: " in line
+    ]
+    assert {
+        "event": "http_request",
+        "method": "POST",
+        "path": "/v2/models/unet/infer",
+        "route": "infer",
+        "status": 200,
+    }.items() <= access[-1].items()
 
 
 def test_pytorch_checkpoint_gives_the_onnx_answers(exported) -> None:
@@ -130,7 +153,18 @@ def test_pytorch_checkpoint_gives_the_onnx_answers(exported) -> None:
     assert (result.as_numpy("labels") == expected.argmax(1)).mean() >= 0.999
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: torch.cuda.is_available() is False here"))])
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(
+                not torch.cuda.is_available(), reason="needs a CUDA device: torch.cuda.is_available() is False here"
+            ),
+        ),
+    ],
+)
 def test_pytorch_checkpoint_runs_on_the_requested_device(exported, device: str) -> None:
     run_dir, onnx_path = exported
     (runtime,) = open_runtimes(run_dir, device=device)
@@ -146,7 +180,8 @@ def test_model_repository_serves_every_model_with_its_batching_config(exported, 
     make_triton_repo(onnx_path, tmp_path, config=TritonRepoConfig(model_name="seg_b", max_batch_size=16))
     runtimes = open_runtimes(tmp_path)
     assert [(r.name, r.version, r.max_batch_size, r.max_queue_delay_ms) for r in runtimes] == [
-        ("seg_a", "1", 4, 0.1), ("seg_b", "1", 16, 0.1)
+        ("seg_a", "1", 4, 0.1),
+        ("seg_b", "1", 16, 0.1),
     ]
     images = sample_images((1, 1, 32, 32), seed=9)
     expected = OnnxRuntimeRunner(onnx_path).run(images)["logits"].argmax(1)
@@ -182,4 +217,3 @@ def test_bad_model_paths_are_clear_errors(tmp_path: Path, capsys) -> None:
     key_file.write_text("  \n")
     assert cli.main(["serve", "--model", str(tmp_path), "--api-key-file", str(key_file)]) == 2
     assert "API key file is empty" in capsys.readouterr().err
-

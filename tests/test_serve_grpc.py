@@ -48,7 +48,11 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`export triton-repo` of a small real ONNX model; returns the repository directory."""
     directory = tmp_path_factory.mktemp("grpc")
     model = write_conv_model(directory / "conv.onnx")
-    make_triton_repo(model, directory / "repo", config=TritonRepoConfig(max_batch_size=MAX_BATCH, max_queue_delay_microseconds=DELAY_US))
+    make_triton_repo(
+        model,
+        directory / "repo",
+        config=TritonRepoConfig(max_batch_size=MAX_BATCH, max_queue_delay_microseconds=DELAY_US),
+    )
     return directory / "repo"
 
 
@@ -76,7 +80,9 @@ def guarded(repo: Path, tmp_path_factory: pytest.TempPathFactory):
     key_file = tmp_path_factory.mktemp("key") / "key.txt"
     key_file.write_text(API_KEY)
     model = repo / "conv" / "1" / "model.onnx"
-    with grpc_server(model, "--name", "conv", "--api-key-file", str(key_file), "--grpc-max-receive-mb", str(10 / 1024)) as running:
+    with grpc_server(
+        model, "--name", "conv", "--api-key-file", str(key_file), "--grpc-max-receive-mb", str(10 / 1024)
+    ) as running:
         yield running
 
 
@@ -103,7 +109,9 @@ def test_health_and_metadata_agree_with_http(served) -> None:
     model = client.get_model_metadata("conv")
     assert (model.name, list(model.versions), model.platform) == ("conv", ["1"], "onnxruntime_onnx")
     for ours, theirs in ((model.inputs, expected["inputs"]), (model.outputs, expected["outputs"])):
-        assert [(t.name, t.datatype, list(t.shape)) for t in ours] == [(t["name"], t["datatype"], t["shape"]) for t in theirs]
+        assert [(t.name, t.datatype, list(t.shape)) for t in ours] == [
+            (t["name"], t["datatype"], t["shape"]) for t in theirs
+        ]
     http.close()
 
 
@@ -111,7 +119,15 @@ def test_model_config_is_what_export_triton_repo_wrote(served, repo: Path) -> No
     client, server = served
     written = text_format.Parse((repo / "conv" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     config = client.get_model_config("conv").config
-    for field in ("name", "platform", "max_batch_size", "input", "dynamic_batching", "parameters", "model_transaction_policy"):
+    for field in (
+        "name",
+        "platform",
+        "max_batch_size",
+        "input",
+        "dynamic_batching",
+        "parameters",
+        "model_transaction_policy",
+    ):
         assert getattr(config, field) == getattr(written, field), field
     # The graph's own output first, then what the server derives from it.
     assert list(config.output)[: len(written.output)] == list(written.output)
@@ -219,7 +235,9 @@ def test_http_and_grpc_requests_share_one_batch_and_both_count(served) -> None:
     assert set(results) == {"http", "grpc"}
     after = stats_of(http)
     # Both protocols' statistics are the same counts.
-    from_grpc = json_format.MessageToDict(client.get_inference_statistics("conv").model_stats[0], preserving_proto_field_name=True)
+    from_grpc = json_format.MessageToDict(
+        client.get_inference_statistics("conv").model_stats[0], preserving_proto_field_name=True
+    )
     assert int(from_grpc["execution_count"]) == after["execution_count"]
     assert int(from_grpc["inference_stats"]["success"]["count"]) == after["inference_stats"]["success"]["count"]
 
@@ -247,7 +265,9 @@ def test_errors_carry_the_matching_status_and_name_the_problem(served) -> None:
     assert bad_name.value.status() == "StatusCode.INVALID_ARGUMENT" and "named 'image'" in bad_name.value.message()
     with pytest.raises(InferenceServerException) as too_many:
         grpc_infer(client, batch(6, count=MAX_BATCH + 1))
-    assert too_many.value.status() == "StatusCode.INVALID_ARGUMENT" and "maximum batch size 2" in too_many.value.message()
+    assert (
+        too_many.value.status() == "StatusCode.INVALID_ARGUMENT" and "maximum batch size 2" in too_many.value.message()
+    )
     # The HTTP checks on decoded tensors hold for gRPC: a NaN pixel is refused, naming the input.
     nan = batch(7, count=1, size=(8, 8))
     nan[0, 0, 3, 4] = np.nan
@@ -285,7 +305,9 @@ def test_command_line_grpc_options_become_settings() -> None:
     default = settings_from_args(parser.parse_args(["serve", "--model", "m.onnx"]))
     assert (default.host, default.grpc_port) == ("127.0.0.1", 8001)
     assert (default.grpc_max_receive_bytes, default.grpc_max_send_bytes) == (64 * 2**20, 256 * 2**20)
-    off = settings_from_args(parser.parse_args(["serve", "--model", "m.onnx", "--no-grpc", "--grpc-max-send-mb", "0.5"]))
+    off = settings_from_args(
+        parser.parse_args(["serve", "--model", "m.onnx", "--no-grpc", "--grpc-max-send-mb", "0.5"])
+    )
     assert off.grpc_port is None and off.grpc_max_send_bytes == 2**19
     with pytest.raises(ValueError, match="port and grpc_port must differ"):
         ServerSettings(port=9000, grpc_port=9000)
@@ -298,10 +320,24 @@ def test_a_busy_grpc_port_stops_the_server_with_a_message_naming_it(repo: Path) 
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        command = [sys.executable, "-m", "noisyseg", "serve", "--model", str(repo), "--port", "0", "--grpc-port", str(port)]
+        command = [
+            sys.executable,
+            "-m",
+            "noisyseg",
+            "serve",
+            "--model",
+            str(repo),
+            "--port",
+            "0",
+            "--grpc-port",
+            str(port),
+        ]
         run = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert run.returncode != 0
-    assert f"gRPC endpoint: cannot listen on 127.0.0.1:{port} (port in use? choose --grpc-port, or --no-grpc)" in run.stderr
+    assert (
+        f"gRPC endpoint: cannot listen on 127.0.0.1:{port} (port in use? choose --grpc-port, or --no-grpc)"
+        in run.stderr
+    )
 
 
 def raw_call(address: str, method: str, message: bytes) -> grpc.RpcError:
@@ -315,17 +351,22 @@ def raw_call(address: str, method: str, message: bytes) -> grpc.RpcError:
 
 def test_a_message_that_does_not_parse_is_invalid_argument_with_one_warning_line(served) -> None:
     _, server = served
-    valid = service_pb2.ModelInferRequest(model_name="conv", inputs=[service_pb2.ModelInferRequest.InferInputTensor(
-        name="image", datatype="FP32", shape=[1, 1, 8, 8])], raw_input_contents=[bytes(256)]).SerializeToString()
+    valid = service_pb2.ModelInferRequest(
+        model_name="conv",
+        inputs=[service_pb2.ModelInferRequest.InferInputTensor(name="image", datatype="FP32", shape=[1, 1, 8, 8])],
+        raw_input_contents=[bytes(256)],
+    ).SerializeToString()
     log_before = server.log()
     cases = {"garbage": b"\xff\xff\xff\xff\xff", "truncated": valid[: len(valid) // 2], "cut length": b"\x0a\x80"}
     for case, message in cases.items():
         error = raw_call(server.grpc_address, "ModelInfer", message)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, case
-        assert f"the inference.ModelInferRequest message ({len(message)} bytes) could not be parsed" == error.details(), case
+        assert (
+            f"the inference.ModelInferRequest message ({len(message)} bytes) could not be parsed" == error.details()
+        ), case
     error = raw_call(server.grpc_address, "ModelMetadata", b"\xff")
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "ModelMetadataRequest" in error.details()
-    logged = server.log()[len(log_before):].splitlines()
+    logged = server.log()[len(log_before) :].splitlines()
     assert "Traceback" not in "\n".join(logged) and not [line for line in logged if " ERROR " in line], logged
     assert len([line for line in logged if "could not be parsed" in line]) == 4, logged
 
@@ -355,8 +396,16 @@ PIXEL_BUDGET = 4096
 @pytest.fixture(scope="module")
 def limited(repo: Path):
     model = repo / "conv" / "1" / "model.onnx"
-    args = ("--name", "conv", "--grpc-max-send-mb", str(SEND_LIMIT_MB), "--max-response-mb", str(RESPONSE_LIMIT_MB),
-            "--max-batch-pixels", str(PIXEL_BUDGET))
+    args = (
+        "--name",
+        "conv",
+        "--grpc-max-send-mb",
+        str(SEND_LIMIT_MB),
+        "--max-response-mb",
+        str(RESPONSE_LIMIT_MB),
+        "--max-batch-pixels",
+        str(PIXEL_BUDGET),
+    )
     with grpc_server(model, *args) as running:
         yield running
 
@@ -387,30 +436,53 @@ def test_answers_over_the_limits_and_requests_over_the_budget_are_refused_before
     metrics_before = {series: metric(url, series) for series in (success, error)}
     cases = [
         # Every output: over --max-response-mb, INVALID_ARGUMENT as HTTP's 400.
-        (None, "StatusCode.INVALID_ARGUMENT", f"exceeds the limit of {int(RESPONSE_LIMIT_MB * 2**20)} bytes",
-         expected_response_bytes([("logits", "FP32", [1, 3, 48, 48], scores), ("probs", "FP32", [1, 3, 48, 48], scores),
-                                  ("labels", "INT64", [1, 48, 48], labels)])),
+        (
+            None,
+            "StatusCode.INVALID_ARGUMENT",
+            f"exceeds the limit of {int(RESPONSE_LIMIT_MB * 2**20)} bytes",
+            expected_response_bytes(
+                [
+                    ("logits", "FP32", [1, 3, 48, 48], scores),
+                    ("probs", "FP32", [1, 3, 48, 48], scores),
+                    ("labels", "INT64", [1, 48, 48], labels),
+                ]
+            ),
+        ),
         # Under it, but over --grpc-max-send-mb: RESOURCE_EXHAUSTED, gRPC's own code for it.
-        (["logits", "labels"], "StatusCode.RESOURCE_EXHAUSTED", f"over the gRPC message limit of {int(SEND_LIMIT_MB * 2**20)} bytes",
-         expected_response_bytes([("logits", "FP32", [1, 3, 48, 48], scores), ("labels", "INT64", [1, 48, 48], labels)])),
+        (
+            ["logits", "labels"],
+            "StatusCode.RESOURCE_EXHAUSTED",
+            f"over the gRPC message limit of {int(SEND_LIMIT_MB * 2**20)} bytes",
+            expected_response_bytes(
+                [("logits", "FP32", [1, 3, 48, 48], scores), ("labels", "INT64", [1, 48, 48], labels)]
+            ),
+        ),
     ]
     for outputs, status, message, size in cases:
         with pytest.raises(InferenceServerException) as refused:
             grpc_infer(client, images, outputs)
         assert refused.value.status() == status and message in refused.value.message(), refused.value.message()
-        assert f" {size} bytes" in refused.value.message(), (size, refused.value.message())  # the exact size, known in advance
+        assert f" {size} bytes" in refused.value.message(), (
+            size,
+            refused.value.message(),
+        )  # the exact size, known in advance
     with pytest.raises(InferenceServerException) as over:
         grpc_infer(client, batch(11, count=1, size=(80, 80)), ["labels"])
     assert over.value.status() == "StatusCode.INVALID_ARGUMENT"
-    assert "6400 pixels exceeds the server's inference budget of 4096 pixels per model call (--max-batch-pixels)" in over.value.message()
+    assert (
+        "6400 pixels exceeds the server's inference budget of 4096 pixels per model call (--max-batch-pixels)"
+        in over.value.message()
+    )
     # Nothing ran, nothing counted as answered; /metrics counts the three as failures.
     after = client.get_inference_statistics("conv").model_stats[0]
     assert after.execution_count == before.execution_count
     assert after.inference_stats.success.count == before.inference_stats.success.count
     assert metric(url, success) == metrics_before[success]
     assert metric(url, error) == metrics_before[error] + 3
-    logged = server.log()[len(log_before):]
-    assert "Traceback" not in logged and len([line for line in logged.splitlines() if "--grpc-max-send-mb" in line]) == 1, logged
+    logged = server.log()[len(log_before) :]
+    assert (
+        "Traceback" not in logged and len([line for line in logged.splitlines() if "--grpc-max-send-mb" in line]) == 1
+    ), logged
     # Labels alone fit both limits.
     assert grpc_infer(client, images, ["labels"]).as_numpy("labels").shape == (1, 48, 48)
 
@@ -463,7 +535,9 @@ def test_health_stays_quick_while_a_2048_square_request_with_typed_contents_is_i
                 probe.get("/v2/health/ready")
                 idle.append(time.perf_counter() - started)
                 time.sleep(0.02)
-            sender = subprocess.Popen([sys.executable, "-c", SEND_TYPED, server.grpc_address, str(answer)], stdout=subprocess.PIPE, text=True)
+            sender = subprocess.Popen(
+                [sys.executable, "-c", SEND_TYPED, server.grpc_address, str(answer)], stdout=subprocess.PIPE, text=True
+            )
             probes: list[tuple[float, float]] = []
             while sender.poll() is None:
                 started = time.time()
@@ -487,4 +561,6 @@ def test_health_stays_quick_while_a_2048_square_request_with_typed_contents_is_i
     assert len(during) >= 5, f"only {len(during)} probes while the request was in flight ({done - sent:.2f} s)"
     print(f"\n{len(during)} probes in {done - sent:.2f} s, worst {max(during) * 1000:.1f} ms")
     bound = STALL_BOUND_S + max(idle)
-    assert max(during) < bound, f"health took up to {max(during) * 1000:.0f} ms (idle worst {max(idle) * 1000:.0f} ms): {sorted(during)[-5:]}"
+    assert max(during) < bound, (
+        f"health took up to {max(during) * 1000:.0f} ms (idle worst {max(idle) * 1000:.0f} ms): {sorted(during)[-5:]}"
+    )

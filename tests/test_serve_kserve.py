@@ -34,9 +34,18 @@ def test_kserve_rest_and_grpc_clients_get_onnx_runtime_results(tmp_path: Path) -
     server = ServerProcess(model, "--threads", "1").wait_until_ready()
     try:
         run = subprocess.run(
-            [sys.executable, str(CLIENTS), f"http://{server.address}", server.grpc_address, "conv",
-             str(tmp_path / "images.npy"), str(tmp_path / "answers.npz")],
-            capture_output=True, text=True, timeout=120,
+            [
+                sys.executable,
+                str(CLIENTS),
+                f"http://{server.address}",
+                server.grpc_address,
+                "conv",
+                str(tmp_path / "images.npy"),
+                str(tmp_path / "answers.npz"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
     finally:
         server.kill()

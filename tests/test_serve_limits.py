@@ -25,8 +25,8 @@ from serve_helpers import conv_runtime, running_server, write_conv_model
 from noisyseg.cli import build_parser, main
 from noisyseg.commands.serve import settings_from_args
 from noisyseg.export.onnxruntime_runner import OnnxRuntimeRunner
+from noisyseg.serve.errors import _QUOTED_CHARS
 from noisyseg.serve.loadgen import ServerProcess, binary_infer_body
-from noisyseg.serve.protocol import _QUOTED_CHARS
 from noisyseg.serve.settings import ServerSettings
 
 BODY_LIMIT = 64 * 1024
@@ -41,7 +41,10 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def server(model_dir):
     settings = ServerSettings(
-        max_body_bytes=BODY_LIMIT, max_held_body_bytes=2 * BODY_LIMIT, body_timeout_s=1.0, max_response_bytes=RESPONSE_LIMIT
+        max_body_bytes=BODY_LIMIT,
+        max_held_body_bytes=2 * BODY_LIMIT,
+        body_timeout_s=1.0,
+        max_response_bytes=RESPONSE_LIMIT,
     )
     with running_server([conv_runtime(model_dir, "conv")], settings) as running:
         yield running
@@ -80,24 +83,56 @@ def metric(url: str, series: str) -> float:
 
 
 def json_body(images: np.ndarray, **extra) -> dict:
-    return {"inputs": [{"name": "image", "shape": list(images.shape), "datatype": "FP32", "data": images.ravel().tolist()}], **extra}
+    return {
+        "inputs": [{"name": "image", "shape": list(images.shape), "datatype": "FP32", "data": images.ravel().tolist()}],
+        **extra,
+    }
 
 
 @pytest.mark.parametrize(
     ("body", "headers", "message"),
     [
-        (b'{"inputs": [{"name": "image", "shape": [0, 100000000000000000000], "datatype": "FP32", "data": []}]}', {},
-         "has more elements than a tensor can hold"),
-        (b'{"inputs": [{"name": "image", "shape": [1, 1, 2, 2], "datatype": "FP32", "data": [1, 2, 3, 1' + b"0" * 5000 + b"]}]}",
-         {}, "number too long to read"),
-        (json.dumps(json_body(np.ones((1, 1, 2, 2)), parameters={"timeout": 10**400})).encode(), {}, "'timeout' must be"),
-        (json.dumps(json_body(np.ones((1, 1, 2, 2)))).encode(), {"Inference-Header-Content-Length": "\u00b2"}, "in ASCII digits"),
-        (b'{"inputs": [{"name": "image", "shape": [1, 1, 2, 2], "datatype": "FP32", "data": [1, NaN, 3, 4]}]}', {},
-         "input 'image': element 1 (row-major) is nan"),
-        (json.dumps(json_body(np.array([[[[1, 2], [3, 1e39]]]]))).encode(), {}, "input 'image': element 3 (row-major) is inf"),
-        (binary_infer_body(np.array([[[[0, np.inf], [2, 3]]]], np.float32), ["labels"])[0],
-         {"Inference-Header-Content-Length": str(binary_infer_body(np.zeros((1, 1, 2, 2), np.float32), ["labels"])[1])},
-         "input 'image': element 1 (row-major) is inf"),
+        (
+            b'{"inputs": [{"name": "image", "shape": [0, 100000000000000000000], "datatype": "FP32", "data": []}]}',
+            {},
+            "has more elements than a tensor can hold",
+        ),
+        (
+            b'{"inputs": [{"name": "image", "shape": [1, 1, 2, 2], "datatype": "FP32", "data": [1, 2, 3, 1'
+            + b"0" * 5000
+            + b"]}]}",
+            {},
+            "number too long to read",
+        ),
+        (
+            json.dumps(json_body(np.ones((1, 1, 2, 2)), parameters={"timeout": 10**400})).encode(),
+            {},
+            "'timeout' must be",
+        ),
+        (
+            json.dumps(json_body(np.ones((1, 1, 2, 2)))).encode(),
+            {"Inference-Header-Content-Length": "\u00b2"},
+            "in ASCII digits",
+        ),
+        (
+            b'{"inputs": [{"name": "image", "shape": [1, 1, 2, 2], "datatype": "FP32", "data": [1, NaN, 3, 4]}]}',
+            {},
+            "input 'image': element 1 (row-major) is nan",
+        ),
+        (
+            json.dumps(json_body(np.array([[[[1, 2], [3, 1e39]]]]))).encode(),
+            {},
+            "input 'image': element 3 (row-major) is inf",
+        ),
+        (
+            binary_infer_body(np.array([[[[0, np.inf], [2, 3]]]], np.float32), ["labels"])[0],
+            {
+                "Inference-Header-Content-Length": str(
+                    binary_infer_body(np.zeros((1, 1, 2, 2), np.float32), ["labels"])[1]
+                )
+            },
+            "input 'image': element 1 (row-major) is inf",
+        ),
     ],
 )
 def test_inputs_that_once_crashed_the_route_get_400_naming_the_problem(server, body, headers, message) -> None:
@@ -134,7 +169,10 @@ def test_bodies_held_at_once_are_bounded_with_503_and_retry_after(server) -> Non
             time.sleep(0.01)
         response = httpx.post(server.url + "/v2/models/conv/infer", json=json_body(np.ones((1, 1, 4, 4))))
         assert response.status_code == 503 and response.headers["retry-after"] == "1"
-        assert "already holds 131072 bytes of request bodies, decoded tensors and answers (limit 131072)" in response.json()["error"]
+        assert (
+            "already holds 131072 bytes of request bodies, decoded tensors and answers (limit 131072)"
+            in response.json()["error"]
+        )
     finally:
         for conn in slow:
             conn.close()
@@ -167,7 +205,9 @@ def test_responses_over_the_limit_get_400_pointing_at_labels_or_binary(server, m
     decoded = httpclient.InferenceServerClient.parse_response_body(
         logits.content, header_length=int(logits.headers["Inference-Header-Content-Length"])
     )
-    np.testing.assert_array_equal(decoded.as_numpy("logits"), OnnxRuntimeRunner(model_dir / "conv.onnx").run(images)["logits"])
+    np.testing.assert_array_equal(
+        decoded.as_numpy("logits"), OnnxRuntimeRunner(model_dir / "conv.onnx").run(images)["logits"]
+    )
 
 
 def test_schema_routes_are_off_unless_asked_for_and_docs_pages_never_served(model_dir) -> None:
@@ -184,13 +224,33 @@ def test_schema_routes_are_off_unless_asked_for_and_docs_pages_never_served(mode
 
 def test_limits_come_from_the_serve_flags_with_triton_like_defaults() -> None:
     defaults = settings_from_args(build_parser().parse_args(["serve", "--model", "m.onnx"]))
-    assert (defaults.max_body_bytes, defaults.max_response_bytes, defaults.max_held_body_bytes) == (64 * 2**20, 64 * 2**20, 256 * 2**20)
+    assert (defaults.max_body_bytes, defaults.max_response_bytes, defaults.max_held_body_bytes) == (
+        64 * 2**20,
+        64 * 2**20,
+        256 * 2**20,
+    )
     assert defaults.body_timeout_s == 30.0 and defaults.openapi is False
-    args = build_parser().parse_args(["serve", "--model", "m.onnx", "--max-response-mb", "1.5", "--max-held-body-mb", "128",
-                                      "--body-timeout-s", "2", "--openapi"])
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--model",
+            "m.onnx",
+            "--max-response-mb",
+            "1.5",
+            "--max-held-body-mb",
+            "128",
+            "--body-timeout-s",
+            "2",
+            "--openapi",
+        ]
+    )
     chosen = settings_from_args(args)
     assert (chosen.max_response_bytes, chosen.max_held_body_bytes, chosen.body_timeout_s, chosen.openapi) == (
-        3 * 2**19, 128 * 2**20, 2.0, True)
+        3 * 2**19,
+        128 * 2**20,
+        2.0,
+        True,
+    )
     with pytest.raises(ValueError, match=r"max_held_body_bytes \(1024\) must be at least max_body_bytes"):
         ServerSettings(max_held_body_bytes=1024)
     for field in ("max_response_bytes", "body_timeout_s", "header_timeout_s"):
@@ -202,11 +262,23 @@ def test_limits_come_from_the_serve_flags_with_triton_like_defaults() -> None:
 @pytest.mark.parametrize(
     ("flag", "value"),
     [
-        ("--max-response-mb", "0"), ("--max-response-mb", "-1"), ("--max-body-mb", "-5"), ("--max-body-mb", "inf"),
-        ("--max-body-mb", "nan"), ("--body-timeout-s", "nan"), ("--header-timeout-s", "0"), ("--request-timeout-s", "inf"),
-        ("--max-held-body-mb", "1e9"), ("--grpc-max-receive-mb", "2048"), ("--grpc-max-send-mb", "-1"),
-        ("--grpc-max-send-mb", "nan"), ("--max-batch-pixels", "1.5"), ("--max-batch-size", "0"), ("--threads", "two"),
-        ("--max-queue-delay-ms", "-1"), ("--port", "70000"),
+        ("--max-response-mb", "0"),
+        ("--max-response-mb", "-1"),
+        ("--max-body-mb", "-5"),
+        ("--max-body-mb", "inf"),
+        ("--max-body-mb", "nan"),
+        ("--body-timeout-s", "nan"),
+        ("--header-timeout-s", "0"),
+        ("--request-timeout-s", "inf"),
+        ("--max-held-body-mb", "1e9"),
+        ("--grpc-max-receive-mb", "2048"),
+        ("--grpc-max-send-mb", "-1"),
+        ("--grpc-max-send-mb", "nan"),
+        ("--max-batch-pixels", "1.5"),
+        ("--max-batch-size", "0"),
+        ("--threads", "two"),
+        ("--max-queue-delay-ms", "-1"),
+        ("--port", "70000"),
     ],
 )
 def test_a_bad_size_or_time_option_stops_serve_before_it_starts_naming_the_flag(tmp_path, capsys, flag, value) -> None:
@@ -218,16 +290,37 @@ def test_a_bad_size_or_time_option_stops_serve_before_it_starts_naming_the_flag(
 
 
 def test_option_ranges_admit_their_bounds() -> None:
-    args = build_parser().parse_args(["serve", "--model", "m.onnx", "--grpc-max-send-mb", "2047", "--max-queue-delay-ms", "0",
-                                      "--max-batch-pixels", "65536", "--header-timeout-s", "0.5", "--port", "0"])
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--model",
+            "m.onnx",
+            "--grpc-max-send-mb",
+            "2047",
+            "--max-queue-delay-ms",
+            "0",
+            "--max-batch-pixels",
+            "65536",
+            "--header-timeout-s",
+            "0.5",
+            "--port",
+            "0",
+        ]
+    )
     chosen = settings_from_args(args)
-    assert (chosen.grpc_max_send_bytes, chosen.max_queue_delay_ms, chosen.max_batch_pixels) == (2047 * 2**20, 0.0, 65536)
+    assert (chosen.grpc_max_send_bytes, chosen.max_queue_delay_ms, chosen.max_batch_pixels) == (
+        2047 * 2**20,
+        0.0,
+        65536,
+    )
     assert (chosen.header_timeout_s, chosen.port, chosen.queued_pixels) == (0.5, 0, 65536)
 
 
 def test_connections_that_send_their_headers_too_slowly_are_closed(model_dir) -> None:
     with running_server([conv_runtime(model_dir, "slow")], ServerSettings(header_timeout_s=0.5)) as running:
-        fresh = [raw_request(running.port, "GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n".rstrip("\r\n")) for _ in range(3)]
+        fresh = [
+            raw_request(running.port, "GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n".rstrip("\r\n")) for _ in range(3)
+        ]
         # A keep-alive connection after one answered request: its next request's headers are timed too.
         kept = socket.create_connection(("127.0.0.1", running.port), timeout=10)
         kept.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -288,12 +381,26 @@ def test_an_answer_over_the_response_limit_is_refused_before_any_inference(serve
     ]
     for reply in refused:
         assert reply.status_code == 400
-        assert re.search(rf"\(up to \d+ bytes\) exceeds the limit of {RESPONSE_LIMIT} bytes; .*--max-response-mb",
-                         reply.json()["error"]), reply.json()
+        assert re.search(
+            rf"\(up to \d+ bytes\) exceeds the limit of {RESPONSE_LIMIT} bytes; .*--max-response-mb",
+            reply.json()["error"],
+        ), reply.json()
     # Exactly the binary answer's size: its JSON header and 49,152 bytes of logits.
-    header = json.dumps({"model_name": "conv", "model_version": "1", "outputs": [
-        {"name": "logits", "datatype": "FP32", "shape": [1, 3, 64, 64], "parameters": {"binary_data_size": 49152}}]},
-        separators=(",", ":"))
+    header = json.dumps(
+        {
+            "model_name": "conv",
+            "model_version": "1",
+            "outputs": [
+                {
+                    "name": "logits",
+                    "datatype": "FP32",
+                    "shape": [1, 3, 64, 64],
+                    "parameters": {"binary_data_size": 49152},
+                }
+            ],
+        },
+        separators=(",", ":"),
+    )
     assert f"(up to {len(header) + 49152} bytes)" in refused[0].json()["error"]
     after = model_stats(server.url)
     assert after["execution_count"] == before["execution_count"], "the model ran for a refused answer"
@@ -306,11 +413,18 @@ def test_answers_count_in_what_the_server_holds_and_a_request_that_cannot_fit_al
         images = np.zeros((1, 1, 64, 64), np.float32)  # 16 KiB of pixels; binary logits 48 KiB
         fits = post_images(running.url, images)  # labels: 32 KiB
         body, json_length = binary_infer_body(images, ["logits"])  # a 48 KiB answer and a 16 KiB body
-        alone = httpx.post(running.url + "/v2/models/conv/infer", content=body,
-                           headers={"Inference-Header-Content-Length": str(json_length)})
+        alone = httpx.post(
+            running.url + "/v2/models/conv/infer",
+            content=body,
+            headers={"Inference-Header-Content-Length": str(json_length)},
+        )
         held_after = running.app.state.bodies.held
     assert fits.status_code == 200
-    assert alone.status_code == 413 and "over the 65536 bytes the server holds for all requests at once (--max-held-body-mb)" in alone.json()["error"]
+    assert (
+        alone.status_code == 413
+        and "over the 65536 bytes the server holds for all requests at once (--max-held-body-mb)"
+        in alone.json()["error"]
+    )
     assert held_after == 0
 
 
@@ -327,17 +441,26 @@ def budgeted(model_dir):
 
 def post_images(url: str, images: np.ndarray) -> httpx.Response:
     body, json_length = binary_infer_body(images, ["labels"])
-    return httpx.post(url + "/v2/models/conv/infer", content=body, headers={"Inference-Header-Content-Length": str(json_length)},
-                      timeout=30)
+    return httpx.post(
+        url + "/v2/models/conv/infer",
+        content=body,
+        headers={"Inference-Header-Content-Length": str(json_length)},
+        timeout=30,
+    )
 
 
 def test_batches_stay_within_the_pixel_budget(model_dir) -> None:
     # Room in the queue for all six requests, so each is answered.
-    settings = ServerSettings(max_batch_pixels=BUDGET, max_queued_pixels=6 * 128, max_batch_size=8, max_queue_delay_ms=1000)
+    settings = ServerSettings(
+        max_batch_pixels=BUDGET, max_queued_pixels=6 * 128, max_batch_size=8, max_queue_delay_ms=1000
+    )
     requests = [np.random.default_rng(seed).normal(size=(1, 1, 8, 16)).astype(np.float32) for seed in range(6)]
     replies: dict[int, httpx.Response] = {}
     with running_server([conv_runtime(model_dir, "conv")], settings) as budgeted:
-        threads = [threading.Thread(target=lambda i=i: replies.__setitem__(i, post_images(budgeted.url, requests[i]))) for i in range(6)]
+        threads = [
+            threading.Thread(target=lambda i=i: replies.__setitem__(i, post_images(budgeted.url, requests[i])))
+            for i in range(6)
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -348,7 +471,8 @@ def test_batches_stay_within_the_pixel_budget(model_dir) -> None:
         reply = replies[index]
         assert reply.status_code == 200, reply.text
         decoded = httpclient.InferenceServerClient.parse_response_body(
-            reply.content, header_length=int(reply.headers["Inference-Header-Content-Length"]))
+            reply.content, header_length=int(reply.headers["Inference-Header-Content-Length"])
+        )
         np.testing.assert_array_equal(decoded.as_numpy("labels"), runner.run(images)["logits"].argmax(axis=1))
     sizes = {entry["batch_size"]: entry["compute_infer"]["count"] for entry in stats["batch_stats"]}
     # Six images that max_batch_size alone would run together ran two at a time, the budget's worth.
@@ -360,8 +484,14 @@ def test_a_full_queue_gets_503_with_retry_after_and_a_request_over_the_budget_40
     waiting: dict[str, httpx.Response] = {}
     # Two lone requests of different shapes wait for partners (1 s), holding the queue's 256 pixels.
     shapes = {"wide": (8, 16), "tall": (16, 8)}
-    threads = [threading.Thread(target=lambda k=k: waiting.__setitem__(k, post_images(budgeted.url, np.zeros((1, 1, *shapes[k]), np.float32))))
-               for k in shapes]
+    threads = [
+        threading.Thread(
+            target=lambda k=k: waiting.__setitem__(
+                k, post_images(budgeted.url, np.zeros((1, 1, *shapes[k]), np.float32))
+            )
+        )
+        for k in shapes
+    ]
     for thread in threads:
         thread.start()
     deadline = time.monotonic() + 10
@@ -376,7 +506,10 @@ def test_a_full_queue_gets_503_with_retry_after_and_a_request_over_the_budget_40
     assert [waiting[k].status_code for k in shapes] == [200, 200]
     over = post_images(budgeted.url, np.zeros((1, 1, 16, 17), np.float32))
     assert over.status_code == 400
-    assert "1 x 16 x 17 = 272 pixels exceeds the server's inference budget of 256 pixels per model call (--max-batch-pixels)" in over.json()["error"]
+    assert (
+        "1 x 16 x 17 = 272 pixels exceeds the server's inference budget of 256 pixels per model call (--max-batch-pixels)"
+        in over.json()["error"]
+    )
 
 
 HEALTH_BOUND_S = 0.1
@@ -391,8 +524,10 @@ def big_request(image: np.ndarray, kind: str) -> tuple[bytes, dict[str, str]]:
     """The body and headers of one `kind` of request for `image`."""
     if kind == "json-input-labels":  # pixels with three decimals, as a JSON client may send them: ~30 MB
         data = np.round(image.astype(np.float64), 3).ravel().tolist()
-        body = {"inputs": [{"name": "image", "shape": list(image.shape), "datatype": "FP32", "data": data}],
-                "outputs": [{"name": "labels"}]}
+        body = {
+            "inputs": [{"name": "image", "shape": list(image.shape), "datatype": "FP32", "data": data}],
+            "outputs": [{"name": "labels"}],
+        }
         return json.dumps(body).encode(), {}
     body, json_length = binary_infer_body(image, ["logits", "probs", "labels"])  # binary-all-outputs
     return body, {"Inference-Header-Content-Length": str(json_length)}
@@ -412,7 +547,9 @@ def big_request(image: np.ndarray, kind: str) -> tuple[bytes, dict[str, str]]:
 def test_health_answers_quickly_while_a_2048_square_request_is_in_flight_and_memory_comes_back(
     tmp_path, kind, server_args, status
 ) -> None:
-    server = ServerProcess(write_conv_model(tmp_path / "conv.onnx"), "--threads", "1", *server_args, log_level="WARNING").wait_until_ready()
+    server = ServerProcess(
+        write_conv_model(tmp_path / "conv.onnx"), "--threads", "1", *server_args, log_level="WARNING"
+    ).wait_until_ready()
     try:
         body, headers = big_request(np.random.default_rng(0).normal(size=(1, 1, BIG, BIG)).astype(np.float32), kind)
         big: dict[str, float | int] = {}
@@ -460,7 +597,11 @@ def test_health_answers_quickly_while_a_2048_square_request_is_in_flight_and_mem
     assert kept <= MAX_RSS_KEPT_BYTES, f"the server kept {kept / 2**20:.0f} MiB after the request"
     assert big["status"] == status
     during = [end - start for start, end in probes if start >= big["sent"] and end <= big["done"]]
-    assert len(during) >= 5, f"only {len(during)} probes while the request was in flight ({big['done'] - big['sent']:.2f} s)"
+    assert len(during) >= 5, (
+        f"only {len(during)} probes while the request was in flight ({big['done'] - big['sent']:.2f} s)"
+    )
     print(f"\n{len(during)} probes in {big['done'] - big['sent']:.2f} s, worst {max(during) * 1000:.1f} ms")
     bound = HEALTH_BOUND_S + max(idle)
-    assert max(during) < bound, f"health took up to {max(during) * 1000:.0f} ms during the request (idle worst {max(idle) * 1000:.0f} ms): {sorted(during)[-5:]}"
+    assert max(during) < bound, (
+        f"health took up to {max(during) * 1000:.0f} ms during the request (idle worst {max(idle) * 1000:.0f} ms): {sorted(during)[-5:]}"
+    )

@@ -29,7 +29,9 @@ def model_path(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def server(model_path):
-    server = ServerProcess(model_path, "--max-batch-size", "8", "--max-queue-delay-ms", "2", "--threads", "1", log_level="WARNING")
+    server = ServerProcess(
+        model_path, "--max-batch-size", "8", "--max-queue-delay-ms", "2", "--threads", "1", log_level="WARNING"
+    )
     try:
         yield server.wait_until_ready()
     finally:
@@ -54,7 +56,9 @@ def test_2000_requests_at_concurrency_32(server, model_path) -> None:
     rss_before = server.rss_bytes()
     calls_before, images_before = batch_sizes(server.address)
 
-    result = asyncio.run(run_load(host, port, "tiny", images, CONCURRENCY, outputs=("logits", "labels"), keep_replies=True))
+    result = asyncio.run(
+        run_load(host, port, "tiny", images, CONCURRENCY, outputs=("logits", "labels"), keep_replies=True)
+    )
     rss_after = server.rss_bytes()
     calls_after, images_after = batch_sizes(server.address)
 

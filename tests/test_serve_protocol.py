@@ -11,12 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from noisyseg.serve.errors import BadRequest, ServeError
 from noisyseg.serve.protocol import (
     DATATYPES,
-    BadRequest,
     InputTensor,
     PlannedOutput,
-    ServeError,
     check_finite,
     check_shape,
     datatype_of,
@@ -34,7 +33,9 @@ def client_request(array: np.ndarray, datatype: str, binary: bool, outputs: list
     tensor = httpclient.InferInput("image", list(array.shape), datatype)
     tensor.set_data_from_numpy(array, binary_data=binary)
     requested = [httpclient.InferRequestedOutput(name, binary_data=flag) for name, flag in outputs] if outputs else None
-    body, json_size = httpclient.InferenceServerClient.generate_request_body([tensor], outputs=requested, request_id="r1")
+    body, json_size = httpclient.InferenceServerClient.generate_request_body(
+        [tensor], outputs=requested, request_id="r1"
+    )
     return body, None if json_size is None else str(json_size)
 
 
@@ -60,7 +61,9 @@ def test_no_requested_outputs_means_all_outputs_in_binary_as_tritonclient_asks()
 
 def test_nested_json_data_is_read_in_row_major_order() -> None:
     array = np.arange(12, dtype=np.float32).reshape(1, 1, 3, 4)
-    body = json.dumps({"inputs": [{"name": "image", "shape": [1, 1, 3, 4], "datatype": "FP32", "data": array.tolist()}]})
+    body = json.dumps(
+        {"inputs": [{"name": "image", "shape": [1, 1, 3, 4], "datatype": "FP32", "data": array.tolist()}]}
+    )
     np.testing.assert_array_equal(decode_request(body.encode(), None).inputs[0].array, array)
 
 
@@ -138,27 +141,48 @@ GOOD = {"name": "image", "shape": [1, 1, 2, 2], "datatype": "FP32", "data": [1, 
         (_request(GOOD, outputs=[{"name": "labels", "parameters": {"classification": 3}}]), None, "classification"),
         (_request(GOOD, id=7), None, "'id' must be a string"),
         # Element counts numpy cannot hold, zero-sized or not.
-        (b'{"inputs": [{"name": "image", "shape": [0, 100000000000000000000], "datatype": "FP32", "data": []}]}',
-         None, r"input 'image': shape \[0, 100000000000000000000\] has more elements than a tensor can hold"),
+        (
+            b'{"inputs": [{"name": "image", "shape": [0, 100000000000000000000], "datatype": "FP32", "data": []}]}',
+            None,
+            r"input 'image': shape \[0, 100000000000000000000\] has more elements than a tensor can hold",
+        ),
         (_request({**GOOD, "shape": [2**32, 2**32], "parameters": {"binary_data_size": 0}}), None, "more elements"),
         # Integer literals too large for a float, or past Python's 4,300-digit conversion limit.
-        (b'{"inputs": [{"name": "image", "shape": [1], "datatype": "FP32", "data": [1' + b"0" * 400 + b"]}]}",
-         None, "input 'image': 'data' must hold only FP32 values, found non-numeric values or integers beyond 64 bits"),
-        (_request(GOOD, parameters={"timeout": 10**400}), None, "'timeout' must be a positive number of microseconds below 2"),
-        (b'{"inputs": [{"name": "image", "shape": [1], "datatype": "FP32", "data": [1' + b"0" * 5000 + b"]}]}",
-         None, "number too long to read"),
+        (
+            b'{"inputs": [{"name": "image", "shape": [1], "datatype": "FP32", "data": [1' + b"0" * 400 + b"]}]}",
+            None,
+            "input 'image': 'data' must hold only FP32 values, found non-numeric values or integers beyond 64 bits",
+        ),
+        (
+            _request(GOOD, parameters={"timeout": 10**400}),
+            None,
+            "'timeout' must be a positive number of microseconds below 2",
+        ),
+        (
+            b'{"inputs": [{"name": "image", "shape": [1], "datatype": "FP32", "data": [1' + b"0" * 5000 + b"]}]}",
+            None,
+            "number too long to read",
+        ),
         # Digits other than ASCII ones pass str.isdigit but are no length.
         (_request(GOOD), "\u00b2", "Inference-Header-Content-Length must be a non-negative integer in ASCII digits"),
         (_request(GOOD), "\u0661\u0662", "in ASCII digits"),
         # Non-finite pixels, and numbers beyond the float32 range, name the input and the element.
-        (b'{"inputs": [{"name": "image", "shape": [1, 1, 2, 2], "datatype": "FP32", "data": [1, 2, NaN, 4]}]}',
-         None, "input 'image': element 2 \\(row-major\\) is nan; FP32 inputs must be finite"),
-        (b'{"inputs": [{"name": "image", "shape": [1, 1, 2, 2], "datatype": "FP32", "data": [1, -Infinity, 3, 4]}]}',
-         None, "element 1 .* is -inf"),
+        (
+            b'{"inputs": [{"name": "image", "shape": [1, 1, 2, 2], "datatype": "FP32", "data": [1, 2, NaN, 4]}]}',
+            None,
+            "input 'image': element 2 \\(row-major\\) is nan; FP32 inputs must be finite",
+        ),
+        (
+            b'{"inputs": [{"name": "image", "shape": [1, 1, 2, 2], "datatype": "FP32", "data": [1, -Infinity, 3, 4]}]}',
+            None,
+            "element 1 .* is -inf",
+        ),
         (_request({**GOOD, "data": [1, 2, 3, 1e39]}), None, "element 3 .* is inf; .* nothing beyond the FP32 range"),
     ],
 )
-def test_malformed_requests_are_rejected_with_what_is_wrong(body: bytes, header_length: str | None, message: str) -> None:
+def test_malformed_requests_are_rejected_with_what_is_wrong(
+    body: bytes, header_length: str | None, message: str
+) -> None:
     with pytest.raises(BadRequest, match=message):
         decode_request(body, header_length)
 
@@ -186,7 +210,10 @@ def test_shape_and_value_checks_serve_any_front_end() -> None:
 def test_extreme_values_round_trip_through_the_json_response() -> None:
     f32, f64 = np.finfo(np.float32), np.finfo(np.float64)
     tensors = {
-        "f32": np.array([f32.max, -f32.max, f32.smallest_subnormal, f32.tiny, -0.0, -0.0, -0.0, 0.1, 1 / 3, 16777217.0, -0.0], np.float32),
+        "f32": np.array(
+            [f32.max, -f32.max, f32.smallest_subnormal, f32.tiny, -0.0, -0.0, -0.0, 0.1, 1 / 3, 16777217.0, -0.0],
+            np.float32,
+        ),
         "f64": np.array([f64.max, f64.smallest_subnormal, -0.1, 1 / 3, 2.0**60], np.float64),
         "i64": np.array([np.iinfo(np.int64).min, np.iinfo(np.int64).max, 0, -1, 10], np.int64),
         "u64": np.array([np.iinfo(np.uint64).max, 0, 10**19], np.uint64),
@@ -220,7 +247,9 @@ def test_response_size_limit_is_exact_and_says_what_to_ask_for() -> None:
     outputs = [("labels", labels, False)]
     size = len(encode_response("m", "1", None, outputs).body())
     assert len(encode_response("m", "1", None, outputs, max_bytes=size).body()) == size
-    with pytest.raises(BadRequest, match=f"exceeds the limit of {size - 1} bytes; request only the 'labels' output .* binary data"):
+    with pytest.raises(
+        BadRequest, match=f"exceeds the limit of {size - 1} bytes; request only the 'labels' output .* binary data"
+    ):
         encode_response("m", "1", None, outputs, max_bytes=size - 1)
     binary = [("labels", labels, True)]
     with pytest.raises(BadRequest, match="exceeds the limit"):
@@ -228,7 +257,10 @@ def test_response_size_limit_is_exact_and_says_what_to_ask_for() -> None:
 
 
 def planned(outputs: list[tuple[str, np.ndarray, bool]], largest: dict[str, int] | None = None) -> list[PlannedOutput]:
-    return [PlannedOutput(name, datatype_of(array.dtype), array.shape, binary, (largest or {}).get(name)) for name, array, binary in outputs]
+    return [
+        PlannedOutput(name, datatype_of(array.dtype), array.shape, binary, (largest or {}).get(name))
+        for name, array, binary in outputs
+    ]
 
 
 def test_the_answer_size_known_before_inference_is_exact_for_binary_and_the_widest_json() -> None:
@@ -239,13 +271,18 @@ def test_the_answer_size_known_before_inference_is_exact_for_binary_and_the_wide
     # The widest text each kind prints as: a sign, every significant digit and a two- or
     # three-digit negative exponent; for labels, the last class index.
     widest = [
-        ("h", np.full((2, 3), -f16.tiny, np.float16), False), ("f", np.full((1, 3, 4, 5), -f32.tiny, np.float32), False),
-        ("d", np.full((7,), -f64.tiny, np.float64), False), ("labels", np.full((1, 4, 5), 4, np.int64), False),
-        ("b", np.zeros((3,), np.bool_), False), ("i", np.full((2,), np.iinfo(np.int64).min, np.int64), False),
+        ("h", np.full((2, 3), -f16.tiny, np.float16), False),
+        ("f", np.full((1, 3, 4, 5), -f32.tiny, np.float32), False),
+        ("d", np.full((7,), -f64.tiny, np.float64), False),
+        ("labels", np.full((1, 4, 5), 4, np.int64), False),
+        ("b", np.zeros((3,), np.bool_), False),
+        ("i", np.full((2,), np.iinfo(np.int64).min, np.int64), False),
     ]
     typical = [
-        ("f", rng.normal(size=(1, 3, 4, 5)).astype(np.float32), False), ("labels", rng.integers(0, 5, (1, 4, 5)), False),
-        ("raw", rng.normal(size=(1, 3, 4, 5)).astype(np.float32), True), ("u", rng.integers(0, 9, (2, 3)).astype(np.uint8), True),
+        ("f", rng.normal(size=(1, 3, 4, 5)).astype(np.float32), False),
+        ("labels", rng.integers(0, 5, (1, 4, 5)), False),
+        ("raw", rng.normal(size=(1, 3, 4, 5)).astype(np.float32), True),
+        ("u", rng.integers(0, 9, (2, 3)).astype(np.uint8), True),
     ]
     for outputs, exact in ((widest, True), (typical, False), (typical[2:], True)):
         bound = response_bytes_at_most("model", "1", "an id", planned(outputs, {"labels": 4}))
@@ -294,8 +331,10 @@ def test_large_json_lists_mixing_integers_and_decimals_or_nested_decode_whole() 
     decoded = decode_request(_large_body(text, [LARGE]), None)
     np.testing.assert_array_equal(decoded.inputs[0].array, values.astype(np.float32))
     nested = json.dumps(values.reshape(1, 1, 400, 500).tolist())[1:-1]  # not flat: parsed whole
-    np.testing.assert_array_equal(decode_request(_large_body(nested, [1, 1, 400, 500]), None).inputs[0].array,
-                                  values.reshape(1, 1, 400, 500).astype(np.float32))
+    np.testing.assert_array_equal(
+        decode_request(_large_body(nested, [1, 1, 400, 500]), None).inputs[0].array,
+        values.reshape(1, 1, 400, 500).astype(np.float32),
+    )
     # A "data" list that belongs to no input: the body is parsed whole, that list kept.
     decoded = decode_request(_large_body(text, [LARGE], parameters='{"data": [1, 2]}'), None)
     assert decoded.parameters == {"data": [1, 2]}
