@@ -250,9 +250,11 @@ def markdown_table(rows: list[Row]) -> str:
     ]
     for row in rows:
         lines.append(
-            f"| {row.concurrency} | {row.direct_default_images_per_s:.1f} / {row.direct_no_spin_images_per_s:.1f} | "
+            f"| {row.concurrency} | "
+            f"{row.direct_default_images_per_s:.1f} / {row.direct_no_spin_images_per_s:.1f} | "
             f"{row.direct_p50_ms:.0f} / {row.direct_p99_ms:.0f} | "
-            f"{row.server_images_per_s:.1f} | {row.server_p50_ms:.0f} / {row.server_p99_ms:.0f} | {100 * row.ratio:.0f}% |"
+            f"{row.server_images_per_s:.1f} | {row.server_p50_ms:.0f} / {row.server_p99_ms:.0f} | "
+            f"{100 * row.ratio:.0f}% |"
         )
     return "\n".join(lines)
 
@@ -360,7 +362,8 @@ def main() -> int:
         print(perf_analyzer_table(analyzer_rows))
     at_32 = rows[-1].ratio
     print(
-        f"target (server >= {100 * TARGET_RATIO:.0f}% of direct at concurrency 32): {'met' if at_32 >= TARGET_RATIO else 'NOT met'} ({100 * at_32:.0f}%)"
+        f"target (server >= {100 * TARGET_RATIO:.0f}% of direct at concurrency 32): "
+        f"{'met' if at_32 >= TARGET_RATIO else 'NOT met'} ({100 * at_32:.0f}%)"
     )
     if args.json:
         Path(args.json).write_text(

@@ -215,14 +215,16 @@ def run_benchmark(size: int, workdir: Path) -> list[Row]:
 
 def markdown_table(rows: list[Row], size: int) -> str:
     lines = [
-        f"| 1 x 1 x {size} x {size} request | HTTP | request MiB | response MiB | tensors MiB | server RSS before / peak / after MiB "
+        f"| 1 x 1 x {size} x {size} request | HTTP | request MiB | response MiB | tensors MiB "
+        "| server RSS before / peak / after MiB "
         "| server growth MiB (/ tensors) | model alone growth MiB | server's share MiB (/ tensors) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         lines.append(
             f"| {row.case} | {row.status} | {row.request_mib:.1f} | {row.response_mib:.1f} | {row.tensors_mib:.0f} | "
-            f"{row.rss_before_mib:.0f} / {row.peak_mib:.0f} / {row.rss_after_mib:.0f} | {row.growth_mib:.0f} ({row.growth_mib / row.tensors_mib:.2f}x) | "
+            f"{row.rss_before_mib:.0f} / {row.peak_mib:.0f} / {row.rss_after_mib:.0f} | "
+            f"{row.growth_mib:.0f} ({row.growth_mib / row.tensors_mib:.2f}x) | "
             f"{row.model_alone_growth_mib:.0f} | {row.server_share_mib:.0f} ({row.ratio:.2f}x) |"
         )
     return "\n".join(lines)
@@ -542,7 +544,8 @@ def run_concurrent_benchmark(size: int, clients: int, workdir: Path, model: Path
 
 def concurrent_table(rows: list[ConcurrentRow]) -> str:
     lines = [
-        "| model | requests at once (HTTP + gRPC) | answers (every try) | wrong / missing | wall s | server RSS at rest / peak / after MiB "
+        "| model | requests at once (HTTP + gRPC) | answers (every try) | wrong / missing | wall s "
+        "| server RSS at rest / peak / after MiB "
         "| budget's cost: model alone at the budget MiB | peak - rest - cost MiB | health p50 / p99 / max ms (probes) "
         "| over-limit answer refused: HTTP / gRPC (ms, model ran?) |",
         "| --- | --- | --- | --- | ---: | --- | ---: | ---: | --- | --- |",
@@ -553,10 +556,13 @@ def concurrent_table(rows: list[ConcurrentRow]) -> str:
             f"{status} in {ms:.0f} ms ({'ran' if ran else 'not run'})" for status, ms, ran in row.refusals.values()
         )
         lines.append(
-            f"| {row.model} | {row.clients} x 1 x 1 x {row.size} x {row.size} ({row.clients - row.clients // 2} + {row.clients // 2}), labels "
-            f"| {answers} | {row.wrong} / {row.missing} | {row.seconds:.0f} | {row.rss_rest_mib:.0f} / {row.peak_mib:.0f} / {row.rss_after_mib:.0f} "
+            f"| {row.model} | {row.clients} x 1 x 1 x {row.size} x {row.size} "
+            f"({row.clients - row.clients // 2} + {row.clients // 2}), labels "
+            f"| {answers} | {row.wrong} / {row.missing} | {row.seconds:.0f} "
+            f"| {row.rss_rest_mib:.0f} / {row.peak_mib:.0f} / {row.rss_after_mib:.0f} "
             f"| {row.budget_cost_mib:.0f} | {row.over_rest_and_budget_mib:.0f} "
-            f"| {row.health_p50_ms:.0f} / {row.health_p99_ms:.0f} / {row.health_max_ms:.0f} ({row.health_probes}) | {refused} |"
+            f"| {row.health_p50_ms:.0f} / {row.health_p99_ms:.0f} / {row.health_max_ms:.0f} ({row.health_probes}) "
+            f"| {refused} |"
         )
     return "\n".join(lines)
 
@@ -611,7 +617,8 @@ def main() -> int:
             worst = max(row.ratio for row in rows)
             failed |= worst > TARGET_RATIO
             print(
-                f"target (server's share <= {TARGET_RATIO:g}x the tensors): {'met' if worst <= TARGET_RATIO else 'NOT met'} (worst {worst:.2f}x)"
+                f"target (server's share <= {TARGET_RATIO:g}x the tensors): "
+                f"{'met' if worst <= TARGET_RATIO else 'NOT met'} (worst {worst:.2f}x)"
             )
         if args.part in ("concurrent", "both"):
             concurrent = run_concurrent_benchmark(args.size, args.clients, Path(workdir), args.model)
@@ -619,9 +626,11 @@ def main() -> int:
             for row in concurrent:
                 problems = check_concurrent(row)
                 failed |= bool(problems)
-                print(
-                    f"{row.model}: {'; '.join(problems) or 'every answer a correct 200 or a 503 with Retry-After, health under 1 s, over-limit answers refused before inference'}"
+                summary = "; ".join(problems) or (
+                    "every answer a correct 200 or a 503 with Retry-After, health under 1 s, "
+                    "over-limit answers refused before inference"
                 )
+                print(f"{row.model}: {summary}")
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
     return 1 if failed else 0
 

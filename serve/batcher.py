@@ -163,7 +163,8 @@ class DynamicBatcher:
             raise ValueError("a request must hold at least one image")
         if self._queued_images + count > self.max_queued_images:
             raise QueueFull(
-                f"model '{self.name}' has {self._queued_images} images queued (limit {self.max_queued_images}); retry later",
+                f"model '{self.name}' has {self._queued_images} images queued "
+                f"(limit {self.max_queued_images}); retry later",
                 self._expected_wait_s(),
             )
         pixels = image_pixels(images.shape)

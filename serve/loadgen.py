@@ -4,8 +4,9 @@
 busy, each sending one request at a time in the binary tensor format, and records every
 request's latency and status. It speaks plain HTTP/1.1 over asyncio streams, so the client
 costs little CPU next to the server it measures. `ServerProcess` starts `noisyseg serve` in its
-own process, as a user would (HTTP and gRPC, each on a free port), and reads its memory use. `write_conv_model` writes a tiny real
-ONNX segmenter, so the server's own costs are what a test or benchmark sees.
+own process, as a user would (HTTP and gRPC, each on a free port), and reads its memory use.
+`write_conv_model` writes a tiny real ONNX segmenter, so the server's own costs are what a test
+or benchmark sees.
 """
 
 from __future__ import annotations

@@ -104,7 +104,8 @@ class InferenceRequest:
         # At most Triton's uint64; a larger integer would not even convert to a float.
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 2**64:
             raise BadRequest(
-                f"request parameter 'timeout' must be a positive number of microseconds below 2**64, got {quoted(value)}"
+                "request parameter 'timeout' must be a positive number of microseconds below 2**64, "
+                f"got {quoted(value)}"
             )
         return float(value) / 1e6
 

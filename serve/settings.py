@@ -41,7 +41,8 @@ class OptionRange:
     whole: bool = False
 
     def __str__(self) -> str:
-        return f"{'[' if self.low_included else '('}{plain_number(self.low)}, {plain_number(self.high)}] {self.unit}".rstrip()
+        opening = "[" if self.low_included else "("
+        return f"{opening}{plain_number(self.low)}, {plain_number(self.high)}] {self.unit}".rstrip()
 
     def parse(self, value: str | float, flag: str) -> float:
         """`value` (the command line's text or a default) as a number, or ValueError naming `flag`."""
@@ -154,7 +155,8 @@ class ServerSettings:
                 raise ValueError(f"server setting {name} must be a finite number, not negative, got {value}")
         if self.queued_pixels < self.max_batch_pixels:
             raise ValueError(
-                f"server setting max_queued_pixels ({self.queued_pixels}) must be at least max_batch_pixels ({self.max_batch_pixels})"
+                f"server setting max_queued_pixels ({self.queued_pixels}) "
+                f"must be at least max_batch_pixels ({self.max_batch_pixels})"
             )
         for name, port in (("port", self.port), ("grpc_port", self.grpc_port)):
             if port is not None and not 0 <= port <= 65535:

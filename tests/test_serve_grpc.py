@@ -161,7 +161,8 @@ from noisyseg.serve.grpc_server import CONTENTS_FIELDS, decode_infer_request
 from noisyseg.serve.proto import inference_pb2 as pb
 rng = np.random.default_rng(0)
 values = {
-    "BOOL": rng.integers(0, 2, 300).astype(bool), "INT8": np.array([-128, 127, 0, -1]), "INT16": rng.integers(-2**15, 2**15, 300),
+    "BOOL": rng.integers(0, 2, 300).astype(bool), "INT8": np.array([-128, 127, 0, -1]),
+    "INT16": rng.integers(-2**15, 2**15, 300),
     "INT32": np.array([-2**31, 2**31 - 1, 0, -1, 300, 1 << 20]), "INT64": np.array([-2**63, 2**63 - 1, 0, -1, 1 << 40]),
     "UINT8": np.array([0, 255, 128]), "UINT16": np.array([0, 65535]), "UINT32": np.array([0, 2**32 - 1, 127, 128]),
     "UINT64": np.array([0, 2**64 - 1, 2**63], np.uint64), "FP32": rng.normal(size=300).astype(np.float32),

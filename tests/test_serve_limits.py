@@ -507,8 +507,8 @@ def test_a_full_queue_gets_503_with_retry_after_and_a_request_over_the_budget_40
     over = post_images(budgeted.url, np.zeros((1, 1, 16, 17), np.float32))
     assert over.status_code == 400
     assert (
-        "1 x 16 x 17 = 272 pixels exceeds the server's inference budget of 256 pixels per model call (--max-batch-pixels)"
-        in over.json()["error"]
+        "1 x 16 x 17 = 272 pixels exceeds the server's inference budget of 256 pixels per model call "
+        "(--max-batch-pixels)" in over.json()["error"]
     )
 
 
@@ -603,5 +603,6 @@ def test_health_answers_quickly_while_a_2048_square_request_is_in_flight_and_mem
     print(f"\n{len(during)} probes in {big['done'] - big['sent']:.2f} s, worst {max(during) * 1000:.1f} ms")
     bound = HEALTH_BOUND_S + max(idle)
     assert max(during) < bound, (
-        f"health took up to {max(during) * 1000:.0f} ms during the request (idle worst {max(idle) * 1000:.0f} ms): {sorted(during)[-5:]}"
+        f"health took up to {max(during) * 1000:.0f} ms during the request "
+        f"(idle worst {max(idle) * 1000:.0f} ms): {sorted(during)[-5:]}"
     )

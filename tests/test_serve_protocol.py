@@ -308,7 +308,8 @@ LARGE = 200_000
 
 def _large_body(data_text: str, shape: list[int], datatype: str = "FP32", **extra) -> bytes:
     tensor = f'{{"name": "image", "shape": {json.dumps(shape)}, "datatype": "{datatype}", "data": [{data_text}]}}'
-    return f'{{"id": "r", "inputs": [{tensor}], "outputs": [{{"name": "labels"}}]{"".join(f", {k!r}: {v}".replace(chr(39), chr(34)) for k, v in extra.items())}}}'.encode()
+    extras = "".join(f", {k!r}: {v}".replace(chr(39), chr(34)) for k, v in extra.items())
+    return f'{{"id": "r", "inputs": [{tensor}], "outputs": [{{"name": "labels"}}]{extras}}}'.encode()
 
 
 def test_large_json_lists_read_in_steps_decode_as_tritonclient_sends_them() -> None:
