@@ -22,6 +22,7 @@ import anyio
 import numpy as np
 
 from noisyseg.export.triton_repo import TritonModelConfig, TritonTensor, triton_data_type
+from noisyseg.serve.allocator import release_free_memory
 from noisyseg.serve.batcher import (
     BatcherStopped,
     BatchRecord,
@@ -77,8 +78,12 @@ class ModelTable:
         self.runtimes = list(runtimes)
         self.models: dict[str, ServedModel] = {}
         self.ready = False
-        # Request bodies (HTTP) and messages (gRPC) held in memory at once, both endpoints together.
-        self.bodies = BodyBudget(settings.max_held_body_bytes)
+        # What requests hold at once, both endpoints together; once the last large one is done,
+        # malloc's free pages go back to the system (in a worker thread: it takes milliseconds).
+        self.bodies = BodyBudget(
+            settings.max_held_body_bytes,
+            on_idle=lambda: asyncio.get_running_loop().run_in_executor(None, release_free_memory),
+        )
 
     def start(self) -> None:
         """Create and start one batcher per model (inside the running event loop)."""

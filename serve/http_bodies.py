@@ -41,9 +41,13 @@ class BodyBudget:
     the event loop touches it, so no lock is needed.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, on_idle: Callable[[], object] = lambda: None, large: int = 4 << 20) -> None:
         self.limit = limit
         self.held = 0
+        # Called when the last request holding anything ends after one that held `large` bytes.
+        self.on_idle = on_idle
+        self.large = large
+        self._large_since_idle = False
 
     @contextlib.contextmanager
     def share(self) -> Iterator[Callable[[int], None]]:
@@ -69,6 +73,10 @@ class BodyBudget:
             yield take
         finally:
             self.held -= taken
+            self._large_since_idle |= taken >= self.large
+            if self.held == 0 and self._large_since_idle:
+                self._large_since_idle = False
+                self.on_idle()
 
 
 async def read_body(request: Request, settings: ServerSettings, take: Callable[[int], None]) -> bytes | bytearray:
