@@ -580,7 +580,8 @@ def check_concurrent(row: ConcurrentRow, timing: bool = True) -> list[str]:
     problems = []
     if row.over_rest_and_budget_mib > stated_overhead_mib(row.size):
         problems.append(
-            f"peak RSS {row.over_rest_and_budget_mib:.0f} MiB over rest + budget, more than {stated_overhead_mib(row.size):.0f}"
+            f"peak RSS {row.over_rest_and_budget_mib:.0f} MiB over rest + budget, "
+            f"more than {stated_overhead_mib(row.size):.0f}"
         )
     allowed = {"http 200", "http 503 +Retry-After", "grpc OK", "grpc UNAVAILABLE +Retry-After"}
     if set(row.answers) - allowed:
