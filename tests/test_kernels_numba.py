@@ -84,6 +84,10 @@ def evaluate(module, name, logits_list, target, arm, grad_output=1.0, **kwargs):
 
 
 def assert_matches_reference(name, logits_list, target, arm, tol=FP32, grad_output=1.0, **kwargs):
+    """The fused loss against the reference computing the same function: ARM through its table
+    unless ``arm_mode="exact"`` is passed (the table's own bound: tests/test_arm_table.py)."""
+    if name != "multiscale_consistency":
+        kwargs.setdefault("arm_mode", "table")
     want = evaluate(reference, name, logits_list, target, arm, grad_output, **kwargs)
     got = evaluate(fused, name, logits_list, target, arm, grad_output, **kwargs)
     assert got[0].dtype == want[0].dtype
@@ -118,12 +122,12 @@ SHAPES = [(3, 17, 23), (2, 16, 16)]
 
 @pytest.mark.parametrize("num_classes", [2, 5, 19, 21, 150])
 @pytest.mark.parametrize("shape", SHAPES, ids=["odd", "pow2"])
-@pytest.mark.parametrize("with_arm", [True, False], ids=["arm", "uniform"])
-def test_arm_cross_entropy_matches_reference(num_classes, shape, with_arm):
+@pytest.mark.parametrize("arm_mode", ["table", "exact", None], ids=["arm-table", "arm-exact", "uniform"])
+def test_arm_cross_entropy_matches_reference(num_classes, shape, arm_mode):
     n, h, w = shape
     logits, target = make_batch(n, num_classes, h, w, seed=num_classes)
-    arm = seeded_arm(num_classes) if with_arm else None
-    assert_matches_reference("arm_cross_entropy", [logits], target, arm)
+    arm = seeded_arm(num_classes) if arm_mode else None
+    assert_matches_reference("arm_cross_entropy", [logits], target, arm, arm_mode=arm_mode or "table")
 
 
 @pytest.mark.parametrize("num_classes", [2, 19])
@@ -162,13 +166,26 @@ def test_consistency_survives_probabilities_that_underflow_in_every_scale():
 
 
 @pytest.mark.parametrize("num_scales", [2, 3])
-@pytest.mark.parametrize("with_arm", [True, False], ids=["arm", "uniform"])
+@pytest.mark.parametrize("arm_mode", ["table", "exact", None], ids=["arm-table", "arm-exact", "uniform"])
 @pytest.mark.parametrize("mask", ["image", "pixel"])
-def test_adele_arm_loss_matches_reference(num_scales, with_arm, mask):
+def test_adele_arm_loss_matches_reference(num_scales, arm_mode, mask):
     logits, target = make_batch(3, 21, 17, 23, seed=5)
-    arm = seeded_arm(5) if with_arm else None
+    arm = seeded_arm(5) if arm_mode else None
     scales = related_scales(logits, num_scales)
-    assert_matches_reference("adele_arm_loss", scales, target, arm, lam=0.7, rho=0.4, mask=mask)
+    assert_matches_reference(
+        "adele_arm_loss", scales, target, arm, lam=0.7, rho=0.4, mask=mask, arm_mode=arm_mode or "table"
+    )
+
+
+@pytest.mark.parametrize("arm_mode", ["table", "exact"])
+def test_adele_arm_loss_without_consistency_term(arm_mode):
+    """lam = 0: the table path writes every scale's gradient in one pass and leaves each
+    scale's own 1/sum(w) to backward."""
+    logits, target = make_batch(2, 7, 17, 23, seed=15)
+    scales = related_scales(logits, 3)
+    assert_matches_reference(
+        "adele_arm_loss", scales, target, seeded_arm(15), grad_output=-1.5, lam=0.0, arm_mode=arm_mode
+    )
 
 
 @pytest.mark.parametrize("name", ["arm_cross_entropy", "multiscale_consistency", "adele_arm_loss"])
