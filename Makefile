@@ -8,7 +8,7 @@ STAMP := $(VENV)/.noisyseg-installed
 LOCK := constraints.txt
 PIP_LOCKED := $(BIN)/python -m pip install --quiet -c $(LOCK)
 
-.PHONY: demo test test-timm install bench browser lint lock lock-timm proto gpu-check wheel-check clean
+.PHONY: demo test test-timm install bench browser lint lock lock-timm proto gpu-check kernels-compile kernels-compile-triton36 kernels-test-triton36 wheel-check clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -115,9 +115,33 @@ proto: $(STAMP)
 # the paper's scale, ONNX export, TensorRT tests), at most 8 minutes: benchmarks/gpu_check.py.
 # It runs the system interpreter ($(PYTHON), with its own torch), not .venv, on an install of
 # this tree into a temporary target; without CUDA it says so and exits 2.
-OUT ?= runs/gpu-check
 gpu-check:
-	$(PYTHON) benchmarks/gpu_check.py $(OUT)
+	$(PYTHON) benchmarks/gpu_check.py $(or $(OUT),runs/gpu-check)
+
+# Every Triton kernel the package launches, compiled for sm_80 (A100) and sm_90 (H100) without a
+# GPU, with registers, spills, shared memory and occupancy read from the compiled kernels
+# (kernels/compile_report.py): OUT/report.json and report.md; fails on a compile error or a spill.
+kernels-compile: $(STAMP)
+	$(BIN)/python -m noisyseg.kernels.compile_report --out $(or $(OUT),runs/kernels-compile)
+
+# The same, and the Triton kernel tests, with Triton 3.6 (the GPU machines' version) in a second
+# environment: the CPU torch wheel as above, triton 3.6.0 and pytest, this tree installed
+# editable without dependencies (the kernels need only torch and triton).
+TRITON36_VENV ?= .venv-triton36
+TRITON36_STAMP := $(TRITON36_VENV)/.noisyseg-installed
+$(TRITON36_STAMP): pyproject.toml $(LOCK)
+	test -x $(TRITON36_VENV)/bin/python || $(PYTHON) -m venv $(TRITON36_VENV)
+	$(TRITON36_VENV)/bin/python -m pip install --quiet -c $(LOCK) torch
+	grep -v '^triton==' $(LOCK) > $(TRITON36_VENV)/constraints.txt
+	$(TRITON36_VENV)/bin/python -m pip install --quiet -c $(TRITON36_VENV)/constraints.txt triton==3.6.0 numpy pytest
+	$(TRITON36_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	touch $@
+
+kernels-compile-triton36: $(TRITON36_STAMP)
+	$(TRITON36_VENV)/bin/python -m noisyseg.kernels.compile_report --out $(or $(OUT),runs/kernels-compile-triton36)
+
+kernels-test-triton36: $(TRITON36_STAMP)
+	$(TRITON36_VENV)/bin/python -m pytest -q tests/test_kernels_triton.py tests/test_kernels_compile.py
 
 clean:
-	rm -rf $(VENV) $(TIMM_VENV) runs .pytest_cache .benchmarks $(WHEEL_CHECK) build
+	rm -rf $(VENV) $(TIMM_VENV) .venv-triton36 runs .pytest_cache .benchmarks $(WHEEL_CHECK) build

@@ -83,14 +83,10 @@ def _set_malloc_thresholds(mmap_bytes: int, trim_bytes: int) -> bool:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    return bool(
-        libc.mallopt(_M_MMAP_THRESHOLD, mmap_bytes) and libc.mallopt(_M_TRIM_THRESHOLD, trim_bytes)
-    )
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_bytes) and libc.mallopt(_M_TRIM_THRESHOLD, trim_bytes))
 
 
-_MEMORY_MEASURABLE = (
-    _set_malloc_thresholds(*_STEADY_THRESHOLDS) and Path("/proc/self/clear_refs").exists()
-)
+_MEMORY_MEASURABLE = _set_malloc_thresholds(*_STEADY_THRESHOLDS) and Path("/proc/self/clear_refs").exists()
 
 
 def _status_kib(field: str) -> int:
@@ -195,9 +191,7 @@ def loss_function(impl: str, num_scales: int) -> Callable:
     return lambda logits, target, arm: combined(logits, target, arm)
 
 
-def forward_backward(
-    loss: Callable, logits: list[torch.Tensor], target: torch.Tensor, arm: ARM
-) -> list:
+def forward_backward(loss: Callable, logits: list[torch.Tensor], target: torch.Tensor, arm: ARM) -> list:
     leaves = [z.detach().requires_grad_(True) for z in logits]
     loss(leaves, target, arm).backward()
     if leaves[0].is_cuda:
@@ -242,19 +236,13 @@ def test_loss_forward_backward(benchmark, shape_name, num_scales, impl):
             raise
         pytest.skip(f"torch.compile of the reference failed: {type(err).__name__}: {err}")
     benchmark.extra_info["first_call_s"] = round(time.perf_counter() - started, 2)
-    benchmark.pedantic(
-        forward_backward, args=(loss, logits, target, arm), rounds=ROUNDS, warmup_rounds=1
-    )
+    benchmark.pedantic(forward_backward, args=(loss, logits, target, arm), rounds=ROUNDS, warmup_rounds=1)
     median = record_side_by_side(_MEDIANS, benchmark, (shape_name, num_scales), impl)
     if median is not None and device == "cuda":
         record_roofline(benchmark, logits, target, median)
 
     logits_bytes = sum(z.numel() * z.element_size() for z in logits)
-    extra = (
-        extra_peak_bytes(lambda: forward_backward(loss, logits, target, arm))
-        if device == "cpu"
-        else None
-    )
+    extra = extra_peak_bytes(lambda: forward_backward(loss, logits, target, arm)) if device == "cpu" else None
     if extra is not None:
         benchmark.extra_info["extra_peak_over_logits"] = round(extra / logits_bytes, 3)
         _MEMORY.setdefault((shape_name, num_scales), {})[impl] = extra / logits_bytes

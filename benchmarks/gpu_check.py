@@ -20,8 +20,9 @@ skipped, reason, seconds, figures) written to ``OUT_DIR/gpu-check.json`` after e
    bf16 on CUDA for 3 epochs; images/s (wall clock of the run, and a steady-state step loop on the
    trained model); the fused loss (backend auto, Triton on CUDA) against the reference on one
    batch of the trained model's logits.
-4. onnx: ``noisyseg export onnx`` of the trained model, then PyTorch against ONNX Runtime (CPU)
-   on test images: argmax agreement and max abs difference.
+4. onnx: ``noisyseg export onnx`` of the trained model (the TorchScript exporter at opset 17
+   where onnxscript, which the default dynamo exporter needs, is not installed), then PyTorch
+   against ONNX Runtime (CPU) on test images: argmax agreement and max abs difference.
 5. tensorrt: ``tests/test_tensorrt_engine.py`` when ``import tensorrt`` works; skipped with the
    ImportError otherwise.
 
@@ -281,6 +282,14 @@ def import_check(target: str) -> dict[str, Any]:
     except ImportError as err:
         found["triton"] = None
         found["triton_error"] = f"{type(err).__name__}: {err}"
+    # PyTorch's dynamo ONNX exporter (`export onnx`'s default) needs onnxscript; the GPU
+    # machines lack it, so the onnx step uses the TorchScript exporter there (`onnx_export_args`).
+    try:
+        import onnxscript
+
+        found["onnxscript"] = onnxscript.__version__
+    except ImportError:
+        found["onnxscript"] = None
     return found
 
 
@@ -596,14 +605,30 @@ def loss_check(run_dir: str, data: str, device_name: str = "cuda") -> dict[str, 
 # ------------------------------------------------------------------------------ step 4
 
 
-def onnx_step(runner: Runner, report: Report, work: Path, out: Path, run_dir: Path | None) -> None:
+def onnx_export_args(env_info: dict[str, Any]) -> tuple[list[str], str]:
+    """`export onnx` options for this machine, and the note saying why: the default (dynamo)
+    exporter where onnxscript is installed, else the TorchScript exporter at opset 17."""
+    if env_info.get("onnxscript") is not None:
+        return [], ""
+    return [
+        "--exporter",
+        "torchscript",
+        "--opset",
+        "17",
+    ], "onnxscript not installed: exported with the TorchScript exporter, opset 17"
+
+
+def onnx_step(
+    runner: Runner, report: Report, work: Path, out: Path, run_dir: Path | None, env_info: dict[str, Any]
+) -> None:
     if run_dir is None:
         report.step("onnx", "skipped", "no trained model (the training step failed)")
         return
     began = time.monotonic()
     model_path = out / "model.onnx"
+    exporter, note = onnx_export_args(env_info)
     rc, output, _ = runner.python(
-        ["-m", "noisyseg", "export", "onnx", "--checkpoint", str(run_dir), "--out", str(model_path)],
+        ["-m", "noisyseg", "export", "onnx", "--checkpoint", str(run_dir), "--out", str(model_path), *exporter],
         BUDGETS["onnx"] - 15,
         work,
     )
@@ -623,7 +648,7 @@ def onnx_step(runner: Runner, report: Report, work: Path, out: Path, run_dir: Pa
         report.step(
             "onnx",
             status,
-            "" if found["passed"] else "ONNX Runtime disagrees with PyTorch",
+            note if found["passed"] else "ONNX Runtime disagrees with PyTorch",
             seconds,
             model=str(model_path),
             **found,
@@ -758,7 +783,7 @@ def main(argv: list[str] | None = None) -> int:
         kernel_tests(runner, report, work, out, env_info)
         kernel_benchmark(runner, report, work, out)
         run_dir = training(runner, report, work, out, env_info)
-        onnx_step(runner, report, work, out, run_dir)
+        onnx_step(runner, report, work, out, run_dir, env_info)
         tensorrt_step(runner, report, work, out)
         failed = [name for name, step in report.data["steps"].items() if step["status"] == "failed"]
         code = 1 if failed else 0

@@ -4,6 +4,9 @@ input checks.
 * `LossTerms` describes what a fused call computes, ``ce_weight * sum_k CE_k^ARM + kl_weight *
   L_ms`` over the S scales, with the rho mask and the ignored id; `noisyseg.kernels.functional`
   builds it from the public arguments, and each fused backend (Triton, numba) reads it.
+* ARM's weight comes from a table of K node values with linear interpolation (``arm_mode
+  "table"``, the default) or from the MLP per pixel (``"exact"``); the table's size, nodes,
+  interpolation and how its gradient reaches ARM's parameters are defined here once.
 * ARM's 53 parameters reach the kernels as one flat fp32 vector (`pack_arm_parameters`); the
   offsets of each layer's weight (out x in, row-major) and bias in it are `ARM_W0` ... `ARM_B3`
   (layer l is the module's ``layers.l``). Both backends' kernels are written for the 1-4-4-4-1
@@ -53,6 +56,50 @@ ARM_W2, ARM_B2 = ARM_PARAMETER_OFFSETS["layers.2.weight"][0], ARM_PARAMETER_OFFS
 ARM_W3, ARM_B3 = ARM_PARAMETER_OFFSETS["layers.3.weight"][0], ARM_PARAMETER_OFFSETS["layers.3.bias"][0]
 
 
+# ---------------------------------------------------------------------------------------------
+# ARM's weight from a table (the default) or the exact MLP
+#
+# ARM maps one scalar per pixel, the confidence v in [-1, 1], to its weight w(v). ``"table"``
+# evaluates the MLP at ARM_TABLE_SIZE evenly spaced nodes v_k = -1 + 2k / (K - 1) once per call
+# and interpolates linearly between the two nodes around each pixel's v (`arm_table_position`):
+# w~(v) = (1 - f) w(v_k) + f w(v_k+1). The loss is then a function of the K node values, so
+# ARM's 53 parameter gradients are sum_k u_k dw(v_k)/dtheta with u_k = sum_i g_i phi_k(v_i),
+# the per-pixel upstream gradients g_i accumulated into K bins with the same interpolation
+# weights phi (1 - f at node k, f at node k + 1): one MLP backward over K nodes instead of one
+# per pixel. Every backend computes exactly this function and its gradient (the reference with
+# autograd through the table: `reference.arm_table_weights`); ``"exact"`` runs the MLP per pixel.
+#
+# K: linear interpolation is off by at most h^2 / 8 max |w''| (h = 2 / (K - 1)), and trained ARMs
+# are steep (a step from 1 to 0 about 0.1 wide in v: max |w''| in the hundreds). Measured in
+# fp64 against the exact path (docs/benchmarks.md, "ARM's table"): at K = 8192 the loss, every
+# logit gradient and ARM's gradient (all 53 entries, relative to the largest) stay within
+# ARM_TABLE_RTOL for ARMs up to max |w''| = 364, where K = 4096 reached 2.2e-5; the exact path's
+# own fp32 rounding moves ARM's gradient by 1e-5 to 1e-2 on the same cases.
+
+ARM_MODES = ("table", "exact")
+ARM_TABLE_SIZE = 8192
+ARM_TABLE_SCALE = (ARM_TABLE_SIZE - 1) / 2.0  # t = (v + 1) * ARM_TABLE_SCALE, node spacing 1
+ARM_TABLE_RTOL = 1e-5  # the table path's stated bound against the exact path (tests)
+
+
+def check_arm_mode(arm_mode: str) -> None:
+    if arm_mode not in ARM_MODES:
+        raise ValueError(f"arm_mode: expected one of {ARM_MODES}, got {arm_mode!r}")
+
+
+def arm_table_nodes(dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+    """The K confidences at which the table holds ARM's weight: -1, ..., 1, evenly spaced."""
+    return torch.linspace(-1.0, 1.0, ARM_TABLE_SIZE, dtype=dtype, device=device)
+
+
+def arm_table_position(confidence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k, f) per pixel: v lies between nodes k and k + 1, a fraction f of the way (confidences
+    rounded past [-1, 1] are clamped to the end nodes). The kernels compute the same in fp32."""
+    position = ((confidence + 1.0) * ARM_TABLE_SCALE).clamp(0.0, ARM_TABLE_SIZE - 1.0)
+    index = position.floor().clamp(max=ARM_TABLE_SIZE - 2)
+    return index.long(), position - index
+
+
 def pack_arm_parameters(arm: nn.Module) -> torch.Tensor:
     """ARM's 53 parameters as one flat fp32 vector, differentiable (gradients flow back to
     the module's parameters through the concatenation).
@@ -88,14 +135,16 @@ class LossTerms:
     rho: float = 0.8
     mask: str = "image"
     ignore_index: int = 255
+    arm_mode: str = "table"
 
     def __post_init__(self) -> None:
         check_mask(self.mask)
+        check_arm_mode(self.arm_mode)
 
     @classmethod
-    def cross_entropy(cls, ignore_index: int = 255) -> LossTerms:
+    def cross_entropy(cls, ignore_index: int = 255, arm_mode: str = "table") -> LossTerms:
         """`arm_cross_entropy`: one scale's (ARM-weighted) cross-entropy."""
-        return cls(ce_weight=1.0, kl_weight=0.0, ignore_index=ignore_index)
+        return cls(ce_weight=1.0, kl_weight=0.0, ignore_index=ignore_index, arm_mode=arm_mode)
 
     @classmethod
     def consistency(cls, rho: float = 0.8, mask: str = "image", ignore_index: int = 255) -> LossTerms:
@@ -104,11 +153,24 @@ class LossTerms:
 
     @classmethod
     def adele_arm(
-        cls, num_scales: int, lam: float = 1.0, rho: float = 0.8, mask: str = "image", ignore_index: int = 255
+        cls,
+        num_scales: int,
+        lam: float = 1.0,
+        rho: float = 0.8,
+        mask: str = "image",
+        ignore_index: int = 255,
+        arm_mode: str = "table",
     ) -> LossTerms:
         """`adele_arm_loss`: (sum_k CE_k + lam * L_ms) / S."""
         scales = max(num_scales, 1)  # no scale at all is refused by check_scales
-        return cls(ce_weight=1.0 / scales, kl_weight=lam / scales, rho=rho, mask=mask, ignore_index=ignore_index)
+        return cls(
+            ce_weight=1.0 / scales,
+            kl_weight=lam / scales,
+            rho=rho,
+            mask=mask,
+            ignore_index=ignore_index,
+            arm_mode=arm_mode,
+        )
 
     @property
     def has_cross_entropy(self) -> bool:
@@ -121,6 +183,10 @@ class LossTerms:
     @property
     def pixel_mask(self) -> bool:
         return self.mask == "pixel"
+
+    @property
+    def arm_table(self) -> bool:
+        return self.arm_mode == "table"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +209,9 @@ def check_logits_and_target(logits: torch.Tensor, target: torch.Tensor, name: st
         raise ValueError(f"target: expected integer class ids, got {target.dtype}")
     expected = (logits.shape[0], *logits.shape[2:])
     if tuple(target.shape) != expected:
-        raise ValueError(f"target: expected shape {expected} to match {name} {tuple(logits.shape)}, got {tuple(target.shape)}")
+        raise ValueError(
+            f"target: expected shape {expected} to match {name} {tuple(logits.shape)}, got {tuple(target.shape)}"
+        )
 
 
 def check_class_ids(target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
@@ -155,13 +223,17 @@ def check_class_ids(target: torch.Tensor, num_classes: int, ignore_index: int) -
     valid = target != ignore_index
     if target.is_cuda:
         in_range = (target >= 0) & (target < num_classes)
-        torch._assert_async((in_range | ~valid).all(), f"target: class ids must be in [0, {num_classes}) or {ignore_index} (ignored)")
+        torch._assert_async(
+            (in_range | ~valid).all(), f"target: class ids must be in [0, {num_classes}) or {ignore_index} (ignored)"
+        )
         return valid
     if valid.any():
         ids = target[valid]
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= num_classes:
-            raise ValueError(f"target: class ids must be in [0, {num_classes}) or {ignore_index} (ignored), found {low if low < 0 else high}")
+            raise ValueError(
+                f"target: class ids must be in [0, {num_classes}) or {ignore_index} (ignored), found {low if low < 0 else high}"
+            )
     return valid
 
 

@@ -85,7 +85,10 @@ BACKEND_REGISTRY: tuple[Backend, ...] = (
         None,
         None,
         None,
-        {name: f"noisyseg.kernels.reference:{name}" for name in ("arm_cross_entropy", "multiscale_consistency", "adele_arm_loss")},
+        {
+            name: f"noisyseg.kernels.reference:{name}"
+            for name in ("arm_cross_entropy", "multiscale_consistency", "adele_arm_loss")
+        },
     ),
 )
 _BY_NAME = {backend.name: backend for backend in BACKEND_REGISTRY}
@@ -112,12 +115,15 @@ def arm_cross_entropy(
     arm: nn.Module | None,
     ignore_index: int = 255,
     backend: str = "auto",
+    arm_mode: str = "table",
 ) -> torch.Tensor:
-    """ARM-weighted cross-entropy; see `reference.arm_cross_entropy` for the semantics."""
+    """ARM-weighted cross-entropy; see `reference.arm_cross_entropy` for the semantics.
+    ``arm_mode``: ARM's weight from its table (default) or the exact MLP (`contract`)."""
+    terms = LossTerms.cross_entropy(ignore_index, arm_mode)
     name, loss = _dispatch("arm_cross_entropy", backend, logits)
     if name == REFERENCE:
-        return loss(logits, target, arm, ignore_index)
-    return loss([logits], target, arm, LossTerms.cross_entropy(ignore_index))
+        return loss(logits, target, arm, ignore_index, arm_mode)
+    return loss([logits], target, arm, terms)
 
 
 def multiscale_consistency(
@@ -144,21 +150,23 @@ def adele_arm_loss(
     mask: str = "image",
     ignore_index: int = 255,
     backend: str = "auto",
+    arm_mode: str = "table",
 ) -> torch.Tensor:
-    """The combined ADELE+ARM loss; see `reference.adele_arm_loss`."""
+    """The combined ADELE+ARM loss; see `reference.adele_arm_loss` (``arm_mode`` as in
+    `arm_cross_entropy`)."""
+    terms = LossTerms.adele_arm(len(logits_per_scale), lam, rho, mask, ignore_index, arm_mode)
     name, loss = _dispatch("adele_arm_loss", backend, logits_per_scale[0])
     if name == REFERENCE:
-        return loss(logits_per_scale, target, arm, lam, rho, mask, ignore_index)
-    terms = LossTerms.adele_arm(len(logits_per_scale), lam, rho, mask, ignore_index)
+        return loss(logits_per_scale, target, arm, lam, rho, mask, ignore_index, arm_mode)
     return loss(logits_per_scale, target, arm, terms)
 
 
-def losses_on(backend: str) -> SimpleNamespace:
-    """The three losses with `backend` fixed (``losses_on("numba").adele_arm_loss(...)``), for
-    tests and benchmarks that run one backend."""
+def losses_on(backend: str, arm_mode: str | None = None) -> SimpleNamespace:
+    """The three losses with `backend` fixed (``losses_on("numba").adele_arm_loss(...)``), and
+    ARM's mode too when given, for tests and benchmarks that run one backend."""
+    fixed_mode = {} if arm_mode is None else {"arm_mode": arm_mode}
     return SimpleNamespace(
-        **{
-            loss.__name__: functools.partial(loss, backend=backend)
-            for loss in (arm_cross_entropy, multiscale_consistency, adele_arm_loss)
-        }
+        arm_cross_entropy=functools.partial(arm_cross_entropy, backend=backend, **fixed_mode),
+        multiscale_consistency=functools.partial(multiscale_consistency, backend=backend),
+        adele_arm_loss=functools.partial(adele_arm_loss, backend=backend, **fixed_mode),
     )

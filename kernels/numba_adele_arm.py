@@ -15,18 +15,23 @@ gradient of every logit. Sums over pixels are written per block and reduced in b
 from vectorising them.
 
 The loss normalisers (sum of ARM weights per scale, which images pass the rho mask) are only
-known after every pixel was seen. Three schedules, picked per call by `_FusedCall.run`:
+known after every pixel was seen. The schedules, picked per call by `_FusedCall.run`:
 
 * normalisers known up front (no ARM; per-pixel or no rho mask): one pass writes the final
   gradient;
-* ARM-weighted CE alone, 10 classes or more: one pass writes w_i (p - onehot) and keeps
+* ARM from its table (`contract`, the default): each pixel's weight is read from the table and
+  its loss and weight go into K bins, from which ARM's gradient comes after the pass (one MLP
+  backward over the nodes). Without the consistency term one pass writes w_i (p - onehot) and
+  1/sum(w) is applied in backward with grad_output; with it, a statistics pass (which fills the
+  bins) comes before the pass writing the gradient (a CE and a KL normaliser cannot share one
+  deferred scale);
+* exact ARM, CE alone, 10 classes or more: one pass writes w_i (p - onehot) and keeps
   (confidence, loss) per pixel, two floats; a light pass over that scratch back-propagates
   ARM's 53-parameter MLP and applies the deferred 1/sum(w) to the gradient in the same loop
   (Liger-style deferral);
-* otherwise (several scales with ARM, the per-image rho mask, ARM CE with few classes): a
+* otherwise (exact ARM with several scales, the per-image rho mask, or few classes): a
   statistics-only pass, then a pass that recomputes the softmax, writes the gradient already
-  scaled and back-propagates ARM per pixel (a CE and a KL normaliser cannot share one deferred
-  scale).
+  scaled and back-propagates ARM per pixel.
 
 Backward scales the gradient buffer in place by grad_output (skipped when it is 1).
 
@@ -50,6 +55,7 @@ from torch import nn
 from noisyseg.kernels.contract import (
     ARM_HIDDEN,
     ARM_NUM_PARAMETERS,
+    ARM_TABLE_SIZE,
     LossTerms,
     check_arm_classes,
     check_class_ids,
@@ -57,7 +63,15 @@ from noisyseg.kernels.contract import (
     check_logits_and_target,
     pack_arm_parameters,
 )
-from noisyseg.kernels.numba_arm import arm_gradient_pass, block_arm_backward, block_arm_forward
+from noisyseg.kernels.numba_arm import (
+    arm_gradient_pass,
+    arm_table_gradient,
+    arm_table_values,
+    block_arm_backward,
+    block_arm_forward,
+    block_table_bins,
+    block_table_weights,
+)
 from noisyseg.kernels.numba_common import (
     HELPER_JIT,
     MAX_BLOCK,
@@ -74,6 +88,8 @@ from noisyseg.kernels.numba_common import (
 MASK_OFF, MASK_IMAGE, MASK_PIXEL = 0, 1, 2
 _PACKED_SCALES = 3
 _NO_SCRATCH = np.empty((1, 1), np.float32)
+_NO_TABLE = np.empty(1, np.float32)
+_NO_BINS = np.empty((1, 1, 1, 2))
 # Deferred scaling keeps 2 floats per pixel: at most 0.2x the logits from 10 classes on. Below,
 # two passes over the logits take about as long (measured at C = 5) and keep no scratch.
 _MIN_CLASSES_TO_DEFER = 10
@@ -113,9 +129,7 @@ def _block_softmax(z, n, start, width, exps, peak, total, total_sq, lse):
 
 
 @numba.njit(**HELPER_JIT)
-def _block_log_q(
-    logits, num_scales, n, start, width, exps, inv_total, lse, log_q, pixel_max_q, underflow
-):
+def _block_log_q(logits, num_scales, n, start, width, exps, inv_total, lse, log_q, pixel_max_q, underflow):
     """log q per class (C x B) for q = mean_k p_k, and max_c q per pixel."""
     num_classes = exps.shape[1]
     log_scales = np.float32(math.log(num_scales))
@@ -164,7 +178,6 @@ def _block_kl(logits, num_scales, n, start, width, exps, inv_total, lse, log_q, 
                 kl[k, j] += p * (logit[j] - lse[k, j] - log_q[c, j])
 
 
-
 # ---------------------------------------------------------------------------------------------
 # The kernel.
 
@@ -195,6 +208,10 @@ def _fused_pass(
     defer_ce_scale,  # one scale, no KL: ARM's gradient left to arm_gradient_pass
     scratch_confidence,  # (N, L) float32, written when defer_ce_scale and use_arm
     scratch_loss,  # (N, L) float32, likewise (0 at ignored pixels)
+    arm_table,  # (K,) float32: ARM's weight at the table's nodes; used when use_arm and table
+    table,  # ARM's weight from arm_table (its gradient from arm_bins) instead of the MLP
+    arm_bins,  # (chunks, S, K, 2) float64: loss and weight per node, written when table and collect_bins
+    collect_bins,
 ):
     num_images, num_classes, num_pixels = logits[0].shape
     tiles = (num_pixels + block - 1) // block
@@ -213,6 +230,8 @@ def _fused_pass(
         labels = np.empty(block, np.int64)
         valid = np.empty(block, np.bool_)
         ce_weightf = np.empty((num_scales, block), np.float32)
+        node = np.empty(block, np.int64)
+        fraction = np.empty(block, np.float32)
         loss = np.zeros(block, np.float32)
         weight = np.ones(block, np.float32)  # stays 1 without ARM
         confidence = np.empty(block, np.float32)
@@ -240,9 +259,7 @@ def _fused_pass(
                 labels[j] = label if valid[j] else -1
             bad_label_partials[index] = bad_labels
             for k in range(num_scales):
-                _block_softmax(
-                    logits[k], n, start, width, exps[k], peak, total[k], total_sq[k], lse[k]
-                )
+                _block_softmax(logits[k], n, start, width, exps[k], peak, total[k], total_sq[k], lse[k])
                 for j in range(width):
                     inv_total[k, j] = np.float32(1.0) / total[k, j]
 
@@ -259,7 +276,12 @@ def _fused_pass(
                         for j in range(width):
                             sum_p2 = total_sq[k, j] * inv_total[k, j] * inv_total[k, j]
                             confidence[j] = confidence_gain * (sum_p2 - inv_classes) - np.float32(1.0)
-                        block_arm_forward(arm_params, confidence, width, pre, sig, weight)
+                        if table:
+                            block_table_weights(arm_table, confidence, width, weight, node, fraction)
+                            if collect_bins:
+                                block_table_bins(arm_bins[chunk, k], node, fraction, loss, weight, valid, width)
+                        else:
+                            block_arm_forward(arm_params, confidence, width, pre, sig, weight)
                     sum_w = 0.0
                     sum_w2 = 0.0
                     sum_wl = 0.0
@@ -278,7 +300,7 @@ def _fused_pass(
                         for j in range(width):
                             confidence_row[j] = confidence[j]
                             loss_row[j] = loss[j] if valid[j] else np.float32(0.0)
-                    elif use_arm and write_grad:
+                    elif use_arm and write_grad and not table:
                         for j in range(width):
                             gain = arm_upstream[k, 0] * loss[j] - arm_upstream[k, 1] * weight[j]
                             upstream[j] = gain if valid[j] else np.float32(0.0)
@@ -294,7 +316,7 @@ def _fused_pass(
                             delta,
                             back,
                         )
-                if use_arm and write_grad and not defer_ce_scale:
+                if use_arm and write_grad and not defer_ce_scale and not table:
                     arm_partials[index, :] = arm_grad
 
             # Multiscale consistency: kl_weightf[j] multiplies the KL gradient of pixel j.
@@ -388,6 +410,8 @@ class _FusedCall:
             if self.use_arm
             else np.zeros(ARM_NUM_PARAMETERS, np.float32)
         )
+        self.table = self.use_arm and terms.arm_table
+        self.arm_table = arm_table_values(self.arm_params) if self.table else _NO_TABLE
         self.num_valid = int((self.target != terms.ignore_index).sum())
         self.block = block_size(len(logits), num_classes)
         self.tiles = -(-self.target.shape[1] // self.block)
@@ -396,28 +420,60 @@ class _FusedCall:
         return self.use_arm or self.mask_mode == MASK_IMAGE
 
     def defers_ce_scale(self) -> bool:
-        """ARM-weighted CE alone: one pass writes w_i (p - onehot) and keeps (confidence, loss)
-        per pixel; a light pass over that scratch gives ARM's gradient and applies 1/sum(w) to
-        the logit gradient, so the logits are read once instead of twice. With few classes the
+        """Exact ARM-weighted CE alone: one pass writes w_i (p - onehot) and keeps (confidence,
+        loss) per pixel; a light pass over that scratch gives ARM's gradient and applies 1/sum(w)
+        to the logit gradient, so the logits are read once instead of twice. With few classes the
         scratch (2/C of the logits) costs more memory than the second read costs time."""
         single_ce = self.use_arm and self.mask_mode == MASK_OFF and len(self.logits) == 1
         return single_ce and self.shape[1] >= _MIN_CLASSES_TO_DEFER
 
-    def run(self, write_grad: bool) -> tuple[float, np.ndarray | None, np.ndarray | None]:
-        """Loss value, gradient (S, N, C, L) float32 or None, ARM's gradient (53,) or None."""
+    def run(self, write_grad: bool, arm_grad: bool) -> tuple[float, np.ndarray | None, np.ndarray | None, np.ndarray]:
+        """Loss value, gradient (S, N, C, L) float32 or None, ARM's gradient (53,) or None, and
+        the factor per scale (S,) the gradient still needs (1 unless deferred to backward)."""
+        if self.table:
+            return self._run_table(write_grad, arm_grad)
+        write_grad = write_grad or arm_grad  # the exact path back-propagates ARM in the gradient pass
+        done = np.ones(len(self.logits))
         if write_grad and self.defers_ce_scale():
-            return self._run_deferred()
+            return (*self._run_deferred(), done)
         partials = None
         if self.needs_statistics_pass():
             partials = self._pass(self._normalisers(None), write_grad=False)
             if not write_grad:
-                return self._value(partials), None, None
-        grad = (
-            float32_buffer((len(self.logits), *self.logits[0].shape)) if write_grad else None
-        )
+                return self._value(partials), None, None, done
+        grad = float32_buffer((len(self.logits), *self.logits[0].shape)) if write_grad else None
         final = self._pass(self._normalisers(partials), write_grad, grad)
-        arm_grad = final.arm.sum(axis=0) if (write_grad and self.use_arm) else None
-        return self._value(partials if partials is not None else final), grad, arm_grad
+        arm_grad_out = final.arm.sum(axis=0) if (write_grad and self.use_arm) else None
+        return self._value(partials if partials is not None else final), grad, arm_grad_out, done
+
+    def _run_table(
+        self, write_grad: bool, arm_grad: bool
+    ) -> tuple[float, np.ndarray | None, np.ndarray | None, np.ndarray]:
+        """ARM's table: the pixels' loss and weight go into K bins in the pass that sees them
+        first, and ARM's gradient comes from the bins. Without the consistency term one pass
+        writes the gradient with ce_weight w_i (p - onehot) and the 1/sum(w) of each scale is
+        applied in backward together with grad_output; with it (two normalisers of different
+        kinds, per scale and per image) a statistics pass comes first."""
+        num_scales = len(self.logits)
+        grad = float32_buffer((num_scales, *self.logits[0].shape)) if write_grad else None
+        bins = np.zeros((parallel_chunks(self.shape[0] * self.tiles), num_scales, ARM_TABLE_SIZE, 2))
+        if self.mask_mode == MASK_OFF:
+            unnormalised = _Normalisers(
+                np.full(num_scales, self.terms.ce_weight, np.float32),
+                np.zeros((num_scales, 2)),
+                np.zeros(self.shape[0], np.float32),
+            )
+            partials = self._pass(unnormalised, write_grad, grad, bins=bins)
+            norm = self._normalisers(partials)
+            pending = norm.ce_grad_scale.astype(np.float64) / self.terms.ce_weight
+        else:
+            partials = self._pass(self._normalisers(None), write_grad=False, bins=bins)
+            norm = self._normalisers(partials)
+            if write_grad:
+                self._pass(norm, True, grad)
+            pending = np.ones(num_scales)
+        arm_grad_out = arm_table_gradient(self.arm_params, bins, norm.arm_upstream) if arm_grad else None
+        return self._value(partials), grad, arm_grad_out, pending
 
     def _run_deferred(self) -> tuple[float, np.ndarray, np.ndarray]:
         grad = float32_buffer((1, *self.logits[0].shape))
@@ -445,23 +501,30 @@ class _FusedCall:
         write_grad: bool,
         grad: np.ndarray | None = None,
         scratch: tuple[np.ndarray, np.ndarray] | None = None,
+        bins: np.ndarray | None = None,
     ) -> _Partials:
         blocks = self.shape[0] * self.tiles
         partials = _Partials(
             ce=np.zeros((blocks, len(self.logits), 3)),
             kl=np.zeros(blocks),
             max_q=np.full(blocks, -np.inf, np.float32),
-            arm=np.zeros((blocks if write_grad and self.use_arm else 1, ARM_NUM_PARAMETERS)),
+            arm=np.zeros(
+                (
+                    blocks if write_grad and self.use_arm and not self.table else 1,
+                    ARM_NUM_PARAMETERS,
+                )
+            ),
             bad_labels=np.zeros(blocks, np.int64),
         )
         _fused_pass(
             self._padded_logits(), len(self.logits), self.target, self.terms.ignore_index,
             self.terms.ce_weight != 0.0, self.arm_params, self.use_arm, self.mask_mode,
-            np.float32(self.terms.rho), self.block, parallel_chunks(self.shape[0] * self.tiles),
+            np.float32(self.terms.rho), self.block, parallel_chunks(blocks),
             write_grad, norm.ce_grad_scale, norm.arm_upstream, norm.kl_grad_scale,
             grad if grad is not None else np.empty((1, 1, 1, 1), np.float32),
             partials.ce, partials.kl, partials.max_q, partials.arm, partials.bad_labels,
             scratch is not None, *(scratch if scratch is not None else (_NO_SCRATCH, _NO_SCRATCH)),
+            self.arm_table, self.table, bins if bins is not None else _NO_BINS, bins is not None,
         )  # fmt: skip
         if partials.bad_labels.any():  # the reference's check names the offending id
             check_class_ids(torch.from_numpy(self.target), self.shape[1], self.terms.ignore_index)
@@ -493,9 +556,7 @@ class _FusedCall:
         ce_scale = np.where(has_pixels, self.terms.ce_weight / safe_w, 0.0)
         # dQ/dw_i = (l_i - w_i sum(w l) / sum(w^2)) / sum(w): w / ||w||_2 differentiable, the L1
         # normaliser constant.
-        arm_upstream = np.stack(
-            [ce_scale, ce_scale * sum_wl / np.where(has_pixels, sum_w2, 1.0)], axis=1
-        )
+        arm_upstream = np.stack([ce_scale, ce_scale * sum_wl / np.where(has_pixels, sum_w2, 1.0)], axis=1)
         kl_scale = self.terms.kl_weight * self._kept_images(partials) / max(self.num_valid, 1)
         return _Normalisers(ce_scale.astype(np.float32), arm_upstream, kl_scale.astype(np.float32))
 
@@ -527,18 +588,16 @@ class _FusedLoss(torch.autograd.Function):
         arm_params: torch.Tensor | None,
         *logits: torch.Tensor,
     ) -> torch.Tensor:  # type: ignore[override]
-        write_grad = any(ctx.needs_input_grad[2:])
         call = _FusedCall(logits, target, arm_params, terms)
         with threads_like_torch():
-            value, grad, arm_grad = call.run(write_grad)
-        ctx.scaled_in_place = False
+            value, grad, arm_grad, pending = call.run(
+                any(ctx.needs_input_grad[3:]), bool(ctx.needs_input_grad[2]) and call.use_arm
+            )
+        ctx.pending = pending
+        ctx.applied_scales = [None] * len(logits)
         ctx.logit_dtypes = [z.dtype for z in logits]
         # Plain attributes, not save_for_backward: these are our own buffers, scaled in place.
-        ctx.grad = (
-            torch.from_numpy(grad).reshape(len(logits), *logits[0].shape)
-            if grad is not None
-            else None
-        )
+        ctx.grad = torch.from_numpy(grad).reshape(len(logits), *logits[0].shape) if grad is not None else None
         ctx.arm_grad = torch.from_numpy(arm_grad).float() if arm_grad is not None else None
         out_dtype = torch.float64 if logits[0].dtype == torch.float64 else torch.float32
         return torch.tensor(value, dtype=out_dtype)
@@ -547,30 +606,35 @@ class _FusedLoss(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
         upstream = float(grad_output)
         logit_grads = _scaled_logit_grads(ctx, upstream)
-        arm_out = (
-            ctx.arm_grad * upstream
-            if (ctx.arm_grad is not None and ctx.needs_input_grad[2])
-            else None
-        )
+        arm_out = ctx.arm_grad * upstream if (ctx.arm_grad is not None and ctx.needs_input_grad[2]) else None
         return (None, None, arm_out, *logit_grads)
 
 
-def _scaled_logit_grads(ctx, scale: float) -> list[torch.Tensor | None]:
-    """The first backward scales the buffer in place and hands it out (no copy); a repeated
-    backward (retain_graph) must not touch what the first one returned, so it scales a copy."""
-    if scale == 0.0:
-        grad = torch.zeros_like(ctx.grad)
-    elif not ctx.scaled_in_place:
-        ctx.scaled_in_place = True
-        if scale != 1.0:
-            ctx.grad.mul_(scale)
-        grad, ctx.applied_scale = ctx.grad, scale
-    else:
-        grad = ctx.grad * (scale / ctx.applied_scale)
-    return [
-        grad[k].to(dtype) if ctx.needs_input_grad[3 + k] else None
-        for k, dtype in enumerate(ctx.logit_dtypes)
-    ]
+def _scaled_logit_grads(ctx, upstream: float) -> list[torch.Tensor | None]:
+    """Each scale's gradient times grad_output and what forward left pending (1/sum(w) on the
+    table path). The first backward scales a scale's buffer in place and hands it out (no
+    copy); a repeated backward (retain_graph) must not touch what an earlier one returned, so it
+    scales a copy; a zero factor gives fresh zeros and leaves the buffer as it is."""
+    grads: list[torch.Tensor | None] = []
+    for k, dtype in enumerate(ctx.logit_dtypes):
+        if ctx.grad is None or not ctx.needs_input_grad[3 + k]:
+            grads.append(None)
+            continue
+        scale, buffer, applied = (
+            upstream * float(ctx.pending[k]),
+            ctx.grad[k],
+            ctx.applied_scales[k],
+        )
+        if scale == 0.0:
+            grad = torch.zeros_like(buffer)
+        elif applied is None:
+            if scale != 1.0:
+                buffer.mul_(scale)
+            grad, ctx.applied_scales[k] = buffer, scale
+        else:
+            grad = buffer * (scale / applied)
+        grads.append(grad.to(dtype))
+    return grads
 
 
 def _mask_mode(terms: LossTerms) -> int:

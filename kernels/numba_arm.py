@@ -1,5 +1,7 @@
 """ARM's MLP on the numba backend, over a block of pixels: forward, backward, and the pass that
-back-propagates ARM from per-pixel scratch (confidence, loss) once the weight sums are known.
+back-propagates ARM from per-pixel scratch (confidence, loss) once the weight sums are known
+(the exact path); and ARM's table (`contract`, the default): the MLP at the K nodes, the
+interpolated weights of a block, the bins its pixels accumulate, and ARM's gradient from them.
 
 The parameters are the flat vector of `contract.pack_arm_parameters`, read at the offsets
 `contract.ARM_W0` ... `contract.ARM_B3`.
@@ -18,12 +20,17 @@ from noisyseg.kernels.contract import (
     ARM_B3,
     ARM_HIDDEN,
     ARM_NUM_PARAMETERS,
+    ARM_TABLE_SCALE,
+    ARM_TABLE_SIZE,
     ARM_W0,
     ARM_W1,
     ARM_W2,
     ARM_W3,
 )
 from noisyseg.kernels.numba_common import HELPER_JIT, PARALLEL_JIT, block_span, fast_sigmoid
+
+_TABLE_SCALE = np.float32(ARM_TABLE_SCALE)
+_TABLE_TOP = np.float32(ARM_TABLE_SIZE - 1)
 
 # ---------------------------------------------------------------------------------------------
 # ARM's MLP over a block of pixels: 1 -> 4 -> 4 -> 4 -> 1, Swish between layers, sigmoid last.
@@ -121,9 +128,7 @@ def block_arm_backward(params, confidence, width, pre, sig, weight, upstream, gr
         for o in range(ARM_HIDDEN):
             grad[b_at + o] += _total(delta[o], width)
             for i in range(ARM_HIDDEN):
-                grad[w_at + o * ARM_HIDDEN + i] += _dot3(
-                    delta[o], pre[layer - 1, i], sig[layer - 1, i], width
-                )
+                grad[w_at + o * ARM_HIDDEN + i] += _dot3(delta[o], pre[layer - 1, i], sig[layer - 1, i], width)
         for i in range(ARM_HIDDEN):
             for j in range(width):
                 back[i, j] = 0.0
@@ -138,7 +143,6 @@ def block_arm_backward(params, confidence, width, pre, sig, weight, upstream, gr
     for o in range(ARM_HIDDEN):
         grad[ARM_W0 + o] += _dot(delta[o], confidence, width)
         grad[ARM_B0 + o] += _total(delta[o], width)
-
 
 
 @numba.njit(**PARALLEL_JIT)
@@ -180,11 +184,100 @@ def arm_gradient_pass(
             for j in range(width):
                 gain = upstream_loss * loss_row[j] - upstream_weight * weight[j]
                 upstream[j] = gain if target_row[j] != ignore_index else np.float32(0.0)
-            block_arm_backward(
-                arm_params, pixels, width, pre, sig, weight, upstream, arm_grad, delta, back
-            )
+            block_arm_backward(arm_params, pixels, width, pre, sig, weight, upstream, arm_grad, delta, back)
             arm_partials[index, :] = arm_grad
             for c in range(grad.shape[1]):
                 grad_row = grad[n, c, start : start + width]
                 for j in range(width):
                     grad_row[j] *= grad_scale
+
+
+# ---------------------------------------------------------------------------------------------
+# ARM's table: w at K nodes, linear interpolation per pixel, the per-pixel upstream gradients
+# accumulated into K bins, and one MLP backward over the nodes (contract, arm_mode "table").
+
+
+@numba.njit(**HELPER_JIT)
+def _table_nodes(indices, count):
+    """The confidences of nodes ``indices[:count]`` (v_k = -1 + 2k / (K - 1))."""
+    nodes = np.empty(count, np.float32)
+    for j in range(count):
+        nodes[j] = np.float32(indices[j]) / _TABLE_SCALE - np.float32(1.0)
+    return nodes
+
+
+@numba.njit(**HELPER_JIT)
+def arm_table_values(params):
+    """ARM's weight at the K table nodes, (K,) float32."""
+    nodes = _table_nodes(np.arange(ARM_TABLE_SIZE), ARM_TABLE_SIZE)
+    pre = np.empty((3, ARM_HIDDEN, ARM_TABLE_SIZE), np.float32)
+    sig = np.empty((3, ARM_HIDDEN, ARM_TABLE_SIZE), np.float32)
+    table = np.empty(ARM_TABLE_SIZE, np.float32)
+    block_arm_forward(params, nodes, ARM_TABLE_SIZE, pre, sig, table)
+    return table
+
+
+@numba.njit(**HELPER_JIT)
+def block_table_weights(table, confidence, width, weight, node, fraction):
+    """Each pixel's weight interpolated in ARM's table, with its node k and fraction f
+    (`contract.arm_table_position`: k = floor(t), f = t - k, t = (v + 1) (K - 1) / 2 clamped)."""
+    for j in range(width):
+        position = min(max((confidence[j] + np.float32(1.0)) * _TABLE_SCALE, np.float32(0.0)), _TABLE_TOP)
+        k = min(np.int64(position), ARM_TABLE_SIZE - 2)  # position >= 0: truncation is floor
+        f = position - np.float32(k)
+        node[j] = k
+        fraction[j] = f
+        weight[j] = table[k] + f * (table[k + 1] - table[k])
+
+
+@numba.njit(**HELPER_JIT)
+def block_table_bins(bins, node, fraction, loss, weight, valid, width):
+    """Add the valid pixels' loss (column 0) and weight (column 1) to the bins (K, 2) of their
+    two nodes, with the interpolation weights 1 - f and f: ARM's upstream gradient at a pixel is
+    a l - b w, with a and b known only once every pixel was seen."""
+    for j in range(width):
+        if valid[j]:
+            k = node[j]
+            f = np.float64(fraction[j])
+            loss_j = np.float64(loss[j])
+            weight_j = np.float64(weight[j])
+            bins[k, 0] += (1.0 - f) * loss_j
+            bins[k, 1] += (1.0 - f) * weight_j
+            bins[k + 1, 0] += f * loss_j
+            bins[k + 1, 1] += f * weight_j
+
+
+@numba.njit(**HELPER_JIT)
+def arm_table_gradient(params, bins, arm_upstream):
+    """ARM's 53 parameter gradients from the bins (chunks, S, K, 2) of every scale:
+    sum_k u_k dw(v_k)/dparams with u_k = sum_s a_s bins[s, k, 0] - b_s bins[s, k, 1] and
+    (a_s, b_s) = arm_upstream[s]. The MLP runs over the nodes some pixel reached only."""
+    chunks, num_scales = bins.shape[0], bins.shape[1]
+    upstream_all = np.zeros(ARM_TABLE_SIZE)
+    for chunk in range(chunks):
+        for k in range(num_scales):
+            for node in range(ARM_TABLE_SIZE):
+                upstream_all[node] += (
+                    arm_upstream[k, 0] * bins[chunk, k, node, 0] - arm_upstream[k, 1] * bins[chunk, k, node, 1]
+                )
+    indices = np.empty(ARM_TABLE_SIZE, np.int64)
+    count = 0
+    for node in range(ARM_TABLE_SIZE):
+        if upstream_all[node] != 0.0:
+            indices[count] = node
+            count += 1
+    grad = np.zeros(ARM_NUM_PARAMETERS)
+    if count == 0:
+        return grad
+    nodes = _table_nodes(indices, count)
+    upstream = np.empty(count, np.float32)
+    for j in range(count):
+        upstream[j] = upstream_all[indices[j]]
+    pre = np.empty((3, ARM_HIDDEN, count), np.float32)
+    sig = np.empty((3, ARM_HIDDEN, count), np.float32)
+    weight = np.empty(count, np.float32)
+    delta = np.empty((ARM_HIDDEN, count), np.float32)
+    back = np.empty((ARM_HIDDEN, count), np.float32)
+    block_arm_forward(params, nodes, count, pre, sig, weight)
+    block_arm_backward(params, nodes, count, pre, sig, weight, upstream, grad, delta, back)
+    return grad

@@ -8,6 +8,8 @@ Every fused backend (Triton, numba) is tested against these functions. Semantics
 * Every loss is computed in fp32 for fp16/bf16/fp32 logits (fp64 stays fp64, for gradcheck);
   gradients reach the logits in their own dtype through autograd.
 * A batch with no valid pixel gives a loss of exactly 0 (and zero gradients), never NaN.
+* ARM is the exact MLP per pixel by default here (``arm_mode="exact"``); ``"table"`` is the
+  interpolated table every backend computes by default (`contract`, `arm_table_weights`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from torch import nn
 
 from noisyseg.kernels.contract import (
     ARM_WIDTHS,
+    arm_table_nodes,
+    arm_table_position,
+    check_arm_mode,
     check_class_ids,
     check_logits_and_target,
     check_mask,
@@ -64,14 +69,25 @@ def normalized_confidence(probs: torch.Tensor) -> torch.Tensor:
     return variance * (2.0 * num_classes**2 / (num_classes - 1)) - 1.0
 
 
-def arm_pixel_weights(arm: nn.Module, confidence: torch.Tensor) -> torch.Tensor:
+def arm_table_weights(arm: nn.Module, confidence: torch.Tensor) -> torch.Tensor:
+    """ARM's weights through its table (`contract`, ``arm_mode="table"``): the MLP at the K
+    nodes, interpolated linearly at each confidence. Autograd through the node values gives ARM's
+    gradient the fused backends compute from K bins."""
+    table = arm(arm_table_nodes(confidence.dtype, confidence.device))
+    index, fraction = arm_table_position(confidence)
+    return table[index] * (1.0 - fraction) + table[index + 1] * fraction
+
+
+def arm_pixel_weights(arm: nn.Module, confidence: torch.Tensor, arm_mode: str = "exact") -> torch.Tensor:
     """Per-pixel weights over the valid pixels: ARM, then L2 then constant L1 normalisation.
 
     w2 = w / ||w||_2 carries ARM's gradient (the constraint that makes the adversarial game
     converge); dividing by sum(w2) as a stop-gradient constant gives weights that sum to 1
     without collapsing the two steps into a plain L1 normalisation (which does not converge).
+    ``arm_mode``: ARM itself (``"exact"``) or its table (``"table"``, `arm_table_weights`).
     """
-    weights = arm(confidence)
+    check_arm_mode(arm_mode)
+    weights = arm(confidence) if arm_mode == "exact" else arm_table_weights(arm, confidence)
     weights_l2 = weights / weights.norm(p=2)
     return weights_l2 / weights_l2.sum().detach()
 
@@ -81,6 +97,7 @@ def arm_reweighted_loss(
     probs: torch.Tensor | None,
     valid: torch.Tensor,
     arm: nn.Module | None,
+    arm_mode: str = "exact",
 ) -> torch.Tensor:
     """Reduce a per-pixel loss over the valid pixels, ARM-weighted or uniformly.
 
@@ -100,7 +117,7 @@ def arm_reweighted_loss(
     if probs is None:
         raise ValueError("probs: ARM reweighting needs the class probabilities, got None")
     confidence = normalized_confidence(_accumulation_precision(probs.detach()))[valid]
-    weights = arm_pixel_weights(arm, confidence)
+    weights = arm_pixel_weights(arm, confidence, arm_mode)
     constant_weights = weights.detach()
     # One scalar with two gradient paths: (w_const * l) for the network, (w - w_const) * l_const
     # for ARM; the second term is zero in value.
@@ -116,6 +133,7 @@ def arm_cross_entropy(
     target: torch.Tensor,
     arm: nn.Module | None,
     ignore_index: int = 255,
+    arm_mode: str = "exact",
 ) -> torch.Tensor:
     """ARM-weighted cross-entropy (method-spec section 5); ``arm=None``: mean CE over valid pixels.
 
@@ -127,7 +145,7 @@ def arm_cross_entropy(
     logits32 = _accumulation_precision(logits)
     pixel_loss = F.cross_entropy(logits32, target.long(), ignore_index=ignore_index, reduction="none")
     probs = torch.softmax(logits32.detach(), dim=1) if arm is not None else None
-    return arm_reweighted_loss(pixel_loss, probs, valid, arm)
+    return arm_reweighted_loss(pixel_loss, probs, valid, arm, arm_mode)
 
 
 def consistency_mask(q: torch.Tensor, valid: torch.Tensor, rho: float, mask: str) -> torch.Tensor:
@@ -179,8 +197,9 @@ def adele_arm_loss(
     rho: float = 0.8,
     mask: str = "image",
     ignore_index: int = 255,
+    arm_mode: str = "exact",
 ) -> torch.Tensor:
     """(sum_k CE_k + lam * L_ms) / S, each CE_k ARM-weighted over its own scale's valid pixels."""
-    cross_entropy = sum(arm_cross_entropy(z, target, arm, ignore_index) for z in logits_per_scale)
+    cross_entropy = sum(arm_cross_entropy(z, target, arm, ignore_index, arm_mode) for z in logits_per_scale)
     consistency = multiscale_consistency(logits_per_scale, target, rho, mask, ignore_index)
     return (cross_entropy + lam * consistency) / len(logits_per_scale)

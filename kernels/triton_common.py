@@ -24,7 +24,12 @@ import triton.language as tl
 from torch import nn
 
 from noisyseg.kernels import contract
-from noisyseg.kernels.contract import ARM_NUM_PARAMETERS, FUSED_DTYPES, pack_arm_parameters
+from noisyseg.kernels.contract import (
+    ARM_NUM_PARAMETERS,
+    FUSED_DTYPES,
+    LossTerms,
+    pack_arm_parameters,
+)
 
 # ARM's parameter layout: the kernels read `contract.ARM_W0` ... `contract.ARM_B3` (offsets into
 # the flat vector of `pack_arm_parameters`) as attributes of the module, which Triton takes as
@@ -48,6 +53,18 @@ MAX_BLOCK_P = 256
 MIN_BLOCK_P = 16
 ARM_BLOCK_P = 128
 ARM_NUM_WARPS = 4
+ARM_TABLE_BLOCK = 128  # table nodes per program (`arm_table_kernel`)
+# The kernels' constexpr ARM: no ARM (weight 1), ARM's table (`contract`), the exact MLP.
+ARM_NONE, ARM_TABLE, ARM_EXACT = 0, 1, 2
+# Compile-time constants for static loops and shapes: ARM's 53 parameters padded to a power of
+# two, and the scale slots of the multiscale kernels (MAX_SCALES pointer arguments; the scale
+# count is a runtime value).
+PARAMETER_SPAN = tl.constexpr(triton.next_power_of_2(ARM_NUM_PARAMETERS))
+SCALE_SLOTS = tl.constexpr(contract.MAX_SCALES)
+if contract.ARM_TABLE_SIZE % ARM_TABLE_BLOCK:
+    raise RuntimeError(
+        f"arm_table_kernel needs ARM_TABLE_SIZE a multiple of {ARM_TABLE_BLOCK}, got {contract.ARM_TABLE_SIZE}"
+    )
 
 
 @dataclass(frozen=True)
@@ -106,6 +123,21 @@ def arm_parameter_vector(arm: nn.Module | None, like: torch.Tensor) -> torch.Ten
     if arm_params.device != like.device:
         raise ValueError(f"arm: parameters on {arm_params.device}, logits on {like.device}")
     return arm_params
+
+
+def arm_kernel_mode(has_arm: bool, terms: LossTerms) -> int:
+    """The kernels' constexpr ARM: ARM_NONE (weight 1), ARM_TABLE or ARM_EXACT."""
+    if not has_arm:
+        return ARM_NONE
+    return ARM_TABLE if terms.arm_table else ARM_EXACT
+
+
+def forward_table(arm_params: torch.Tensor, arm_mode: int) -> torch.Tensor:
+    """The table the forward kernels read: ARM's weight at the K nodes on the table path, a
+    one-element placeholder otherwise."""
+    if arm_mode == ARM_TABLE:
+        return arm_table(arm_params.detach())
+    return arm_params.new_empty(1)
 
 
 def confidence_constants(num_classes: int) -> tuple[float, float]:
@@ -210,17 +242,14 @@ def normalized_confidence(sum_exp, sum_exp_sq, inv_c, confidence_scale):
 
 @triton.jit
 def cross_entropy_terms(
-    row_max, sum_exp, sum_exp_sq, target_logit, valid, arm_params, inv_c, confidence_scale, HAS_ARM: tl.constexpr
+    row_max, sum_exp, sum_exp_sq, target_logit, valid, arm_params, table, inv_c, confidence_scale, ARM: tl.constexpr
 ):
     """Per pixel from the softmax statistics: log-normaliser, loss (0 where not valid),
-    ARM's confidence v_hat and the weight (ARM(v_hat), or 1 without ARM; 0 where not valid)."""
+    ARM's confidence v_hat and the weight (`arm_weight`; 0 where not valid)."""
     log_norm = row_max + tl.log(sum_exp)
     loss = tl.where(valid, log_norm - target_logit, 0.0)
     confidence = normalized_confidence(sum_exp, sum_exp_sq, inv_c, confidence_scale)
-    if HAS_ARM:
-        weight = tl.where(valid, arm_forward(confidence, arm_params), 0.0)
-    else:
-        weight = tl.where(valid, 1.0, 0.0)
+    weight = tl.where(valid, arm_weight(confidence, arm_params, table, ARM), 0.0)
     return log_norm, loss, confidence, weight
 
 
@@ -244,10 +273,15 @@ def arm_forward_intermediates(x, arm_params):
     """ARM 1-4-4-4-1 on a vector of confidences: pre-activations of the three hidden layers
     and the output weight in (0, 1)."""
     j = tl.arange(0, contract.ARM_HIDDEN)
-    u1 = x[:, None] * tl.load(arm_params + contract.ARM_W0 + j)[None, :] + tl.load(arm_params + contract.ARM_B0 + j)[None, :]
+    u1 = (
+        x[:, None] * tl.load(arm_params + contract.ARM_W0 + j)[None, :]
+        + tl.load(arm_params + contract.ARM_B0 + j)[None, :]
+    )
     u2 = _arm_hidden_layer(silu(u1), arm_params, contract.ARM_W1, contract.ARM_B1)
     u3 = _arm_hidden_layer(silu(u2), arm_params, contract.ARM_W2, contract.ARM_B2)
-    u4 = tl.sum(silu(u3) * tl.load(arm_params + contract.ARM_W3 + j)[None, :], axis=1) + tl.load(arm_params + contract.ARM_B3)
+    u4 = tl.sum(silu(u3) * tl.load(arm_params + contract.ARM_W3 + j)[None, :], axis=1) + tl.load(
+        arm_params + contract.ARM_B3
+    )
     return u1, u2, u3, sigmoid(u4)
 
 
@@ -258,11 +292,55 @@ def arm_forward(x, arm_params):
 
 
 @triton.jit
-def _store_hidden_layer_gradient(out, upstream, hidden_in, W_OFFSET: tl.constexpr, B_OFFSET: tl.constexpr):
+def table_position(x):
+    """`contract.arm_table_position` in fp32: the node k below x and the fraction f past it."""
+    position = tl.minimum(tl.maximum((x + 1.0) * contract.ARM_TABLE_SCALE, 0.0), contract.ARM_TABLE_SIZE - 1.0)
+    node = tl.minimum(position.to(tl.int32), contract.ARM_TABLE_SIZE - 2)  # position >= 0: truncation is floor
+    return node, position - node.to(tl.float32)
+
+
+@triton.jit
+def table_weight(node, fraction, table):
+    """ARM's weight interpolated in its table between nodes k and k + 1."""
+    left = tl.load(table + node)
+    return left + fraction * (tl.load(table + node + 1) - left)
+
+
+@triton.jit
+def arm_weight(x, arm_params, table, ARM: tl.constexpr):
+    """ARM's weight of each confidence: from the table (ARM_TABLE), the MLP (ARM_EXACT), or 1."""
+    if ARM == 1:
+        node, fraction = table_position(x)
+        weight = table_weight(node, fraction, table)
+    elif ARM == 2:
+        weight = arm_forward(x, arm_params)
+    else:
+        weight = tl.full(x.shape, 1.0, tl.float32)
+    return weight
+
+
+@triton.jit
+def _store_terms(out, term, OFFSET: tl.constexpr, rows, ROWS: tl.constexpr, RANK: tl.constexpr):
+    """A per-pixel gradient term of RANK 1, 2 or 3 ((P,), (P, 4), (P, 4, 4)) at parameter
+    OFFSET: its sum over the pixels at ``out``, or (ROWS) one row of 53 per pixel at
+    ``out + rows * 53``."""
     j = tl.arange(0, contract.ARM_HIDDEN)
-    weight_grad = tl.sum(upstream[:, :, None] * hidden_in[:, None, :], axis=0)
-    tl.store(out + W_OFFSET + j[:, None] * contract.ARM_HIDDEN + j[None, :], weight_grad)
-    tl.store(out + B_OFFSET + j, tl.sum(upstream, axis=0))
+    if RANK == 1:
+        if ROWS:
+            tl.store(out + rows * contract.ARM_NUM_PARAMETERS + OFFSET, term)
+        else:
+            tl.store(out + OFFSET, tl.sum(term, axis=0))
+    elif RANK == 2:
+        if ROWS:
+            tl.store(out + rows[:, None] * contract.ARM_NUM_PARAMETERS + OFFSET + j[None, :], term)
+        else:
+            tl.store(out + OFFSET + j, tl.sum(term, axis=0))
+    else:
+        matrix = j[:, None] * contract.ARM_HIDDEN + j[None, :]
+        if ROWS:
+            tl.store(out + rows[:, None, None] * contract.ARM_NUM_PARAMETERS + OFFSET + matrix[None, :, :], term)
+        else:
+            tl.store(out + OFFSET + matrix, tl.sum(term, axis=0))
 
 
 @triton.jit
@@ -274,23 +352,62 @@ def _backprop_hidden_layer(upstream, arm_params, W_OFFSET: tl.constexpr):
 
 
 @triton.jit
-def store_arm_gradient(out, x, upstream, arm_params):
+def store_arm_gradient(out, x, upstream, arm_params, rows, ROWS: tl.constexpr):
     """Backpropagate per-pixel upstream gradients (dQ/dw_i, 0 for excluded pixels) through
-    ARM and store the block's sum of the 53 parameter gradients at ``out``."""
+    ARM; store the block's sum of the 53 parameter gradients at ``out`` or (ROWS) each pixel's
+    own 53 at ``out + rows * 53``."""
     j = tl.arange(0, contract.ARM_HIDDEN)
     u1, u2, u3, weight = arm_forward_intermediates(x, arm_params)
     h1 = silu(u1)
     h2 = silu(u2)
     d4 = upstream * weight * (1.0 - weight)
-    tl.store(out + contract.ARM_W3 + j, tl.sum(d4[:, None] * silu(u3), axis=0))
-    tl.store(out + contract.ARM_B3, tl.sum(d4, axis=0))
+    _store_terms(out, d4[:, None] * silu(u3), contract.ARM_W3, rows, ROWS, 2)
+    _store_terms(out, d4, contract.ARM_B3, rows, ROWS, 1)
     d3 = d4[:, None] * tl.load(arm_params + contract.ARM_W3 + j)[None, :] * silu_derivative(u3)
-    _store_hidden_layer_gradient(out, d3, h2, contract.ARM_W2, contract.ARM_B2)
+    _store_terms(out, d3[:, :, None] * h2[:, None, :], contract.ARM_W2, rows, ROWS, 3)
+    _store_terms(out, d3, contract.ARM_B2, rows, ROWS, 2)
     d2 = _backprop_hidden_layer(d3, arm_params, contract.ARM_W2) * silu_derivative(u2)
-    _store_hidden_layer_gradient(out, d2, h1, contract.ARM_W1, contract.ARM_B1)
+    _store_terms(out, d2[:, :, None] * h1[:, None, :], contract.ARM_W1, rows, ROWS, 3)
+    _store_terms(out, d2, contract.ARM_B1, rows, ROWS, 2)
     d1 = _backprop_hidden_layer(d2, arm_params, contract.ARM_W1) * silu_derivative(u1)
-    tl.store(out + contract.ARM_W0 + j, tl.sum(d1 * x[:, None], axis=0))
-    tl.store(out + contract.ARM_B0 + j, tl.sum(d1, axis=0))
+    _store_terms(out, d1 * x[:, None], contract.ARM_W0, rows, ROWS, 2)
+    _store_terms(out, d1, contract.ARM_B0, rows, ROWS, 2)
+
+
+@triton.jit
+def arm_table_kernel(arm_params, table, jacobian, WITH_JACOBIAN: tl.constexpr, BLOCK: tl.constexpr):
+    """ARM's table: its weight at nodes v_k = -1 + 2k / (K - 1), and (WITH_JACOBIAN) each
+    node's 53 parameter gradients dw(v_k)/dtheta as a (K, 53) row-major matrix."""
+    nodes = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = nodes.to(tl.float32) / contract.ARM_TABLE_SCALE - 1.0
+    if WITH_JACOBIAN:
+        store_arm_gradient(jacobian, x, tl.full([BLOCK], 1.0, tl.float32), arm_params, nodes.to(tl.int64), True)
+    else:
+        tl.store(table + nodes, arm_forward(x, arm_params))
+
+
+@triton.jit
+def _store_table_gradient(out, node, fraction, upstream, jacobian, BLOCK_P: tl.constexpr):
+    """The block's sum of upstream * ((1 - f) J_k + f J_k+1) over its pixels, J the (K, 53)
+    node Jacobian: the K bins of `contract` summed pixel by pixel instead of bin by bin (a
+    deterministic scatter into K bins is what a GPU does worst; a per-block sum it does best)."""
+    low = upstream * (1.0 - fraction)
+    high = upstream * fraction
+    rows = node.to(tl.int64)[:, None] * contract.ARM_NUM_PARAMETERS
+    for start in tl.static_range(0, PARAMETER_SPAN, 16):
+        columns = start + tl.arange(0, 16)
+        mask = columns[None, :] < contract.ARM_NUM_PARAMETERS
+        left = tl.load(jacobian + rows + columns[None, :], mask=mask, other=0.0)
+        right = tl.load(jacobian + rows + contract.ARM_NUM_PARAMETERS + columns[None, :], mask=mask, other=0.0)
+        total = tl.sum(low[:, None] * left + high[:, None] * right, axis=0)
+        tl.store(out + columns, total, mask=columns < contract.ARM_NUM_PARAMETERS)
+
+
+@triton.jit
+def _arm_upstream(coefficients, scale, loss, weight, valid):
+    """dQ/dw_i = coef0 (l_i - w_i coef1) of scale `scale`, 0 where not valid."""
+    upstream = tl.load(coefficients + 2 * scale) * (loss - weight * tl.load(coefficients + 2 * scale + 1))
+    return tl.where(valid, upstream, 0.0)
 
 
 @triton.jit
@@ -302,15 +419,19 @@ def arm_backward_kernel(
     target_stride_l,
     coefficients,
     arm_params,
+    table,
+    jacobian,
     partials,
     L,
     num_blocks,
     ignore_index,
+    ARM: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
     """ARM's parameter gradient from per-pixel scratch (v_hat, loss), one scale per grid row
     ``program_id(2)``: upstream g_i = coef0 * (l_i - w_i * coef1) with coef0 = grad_output /
-    sum(w), coef1 = sum(w l) / sum(w^2). Writes one row of 53 partial sums per block."""
+    sum(w), coef1 = sum(w l) / sum(w^2). Writes one row of 53 partial sums per block: through
+    the table's node Jacobian (ARM_TABLE) or ARM's MLP per pixel (ARM_EXACT)."""
     image, offsets, in_range = pixel_block(L, BLOCK_P)
     scale = tl.program_id(2).to(tl.int64)
     num_images = tl.num_programs(0).to(tl.int64)
@@ -318,11 +439,26 @@ def arm_backward_kernel(
     scratch = (scale * num_images + image) * L + offsets
     x = tl.load(confidence + scratch, mask=in_range, other=0.0)
     loss = tl.load(pixel_loss + scratch, mask=in_range, other=0.0)
-    weight = arm_forward(x, arm_params)
-    upstream = tl.load(coefficients + 2 * scale) * (loss - weight * tl.load(coefficients + 2 * scale + 1))
-    upstream = tl.where(valid, upstream, 0.0)
     row = (scale * num_images + image) * num_blocks + tl.program_id(1).to(tl.int64)
-    store_arm_gradient(partials + row * contract.ARM_NUM_PARAMETERS, x, upstream, arm_params)
+    out = partials + row * contract.ARM_NUM_PARAMETERS
+    if ARM == 1:
+        node, fraction = table_position(x)
+        upstream = _arm_upstream(coefficients, scale, loss, table_weight(node, fraction, table), valid)
+        _store_table_gradient(out, node, fraction, upstream, jacobian, BLOCK_P)
+    else:
+        upstream = _arm_upstream(coefficients, scale, loss, arm_forward(x, arm_params), valid)
+        store_arm_gradient(out, x, upstream, arm_params, offsets, False)
+
+
+def arm_table(arm_params: torch.Tensor, with_jacobian: bool = False) -> torch.Tensor:
+    """ARM's weight at the K table nodes (K,), or with_jacobian its (K, 53) node Jacobian."""
+    size = contract.ARM_TABLE_SIZE
+    shape = (size, ARM_NUM_PARAMETERS) if with_jacobian else (size,)
+    out = torch.empty(shape, dtype=torch.float32, device=arm_params.device)
+    arm_table_kernel[(triton.cdiv(size, ARM_TABLE_BLOCK),)](
+        arm_params, out, out, WITH_JACOBIAN=with_jacobian, BLOCK=ARM_TABLE_BLOCK, num_warps=ARM_NUM_WARPS
+    )
+    return out
 
 
 def arm_parameter_gradient(
@@ -331,6 +467,8 @@ def arm_parameter_gradient(
     target: torch.Tensor,
     coefficients: torch.Tensor,
     arm_params: torch.Tensor,
+    table: torch.Tensor,
+    arm_mode: int,
     ignore_index: int,
 ) -> torch.Tensor:
     """Launch `arm_backward_kernel` over scratch of shape (S, N, L) and reduce the partials.
@@ -339,10 +477,27 @@ def arm_parameter_gradient(
     per scale. Returns the 53-vector gradient in fp32."""
     num_scales, num_images, num_pixels = confidence.shape
     num_blocks = triton.cdiv(num_pixels, ARM_BLOCK_P)
-    partials = torch.empty(num_scales * num_images * num_blocks, ARM_NUM_PARAMETERS, dtype=torch.float32, device=confidence.device)
+    jacobian = arm_table(arm_params, with_jacobian=True) if arm_mode == ARM_TABLE else table
+    partials = torch.empty(
+        num_scales * num_images * num_blocks, ARM_NUM_PARAMETERS, dtype=torch.float32, device=confidence.device
+    )
     arm_backward_kernel[(num_images, num_blocks, num_scales)](
-        confidence, pixel_loss, target, target.stride(0), target.stride(1), coefficients.float().contiguous(),
-        arm_params, partials, num_pixels, num_blocks, ignore_index, BLOCK_P=ARM_BLOCK_P, num_warps=ARM_NUM_WARPS,
+        confidence,
+        pixel_loss,
+        target,
+        target.stride(0),
+        target.stride(1),
+        coefficients.float().contiguous(),
+        arm_params,
+        table,
+        jacobian,
+        partials,
+        num_pixels,
+        num_blocks,
+        ignore_index,
+        ARM=arm_mode,
+        BLOCK_P=ARM_BLOCK_P,
+        num_warps=ARM_NUM_WARPS,
     )
     return reduce_partials(partials, (0,)).float()
 
@@ -375,7 +530,9 @@ def column(matrix, columns, k):
 
 
 @triton.jit
-def log_prob_tile(k: tl.constexpr, z0, z1, z2, z3, base, stride_c, channels, channel_mask, in_range, log_norms, scale_columns):
+def log_prob_tile(
+    k: tl.constexpr, z0, z1, z2, z3, base, stride_c, channels, channel_mask, in_range, log_norms, scale_columns
+):
     """log p_k = z_k - logsumexp_c(z_k) on a (BLOCK_P, BLOCK_C) tile of scale k."""
     z = load_channels(select_scale(k, z0, z1, z2, z3) + base, stride_c, channels, channel_mask, in_range)
     return z - column(log_norms, scale_columns, k)[:, None]
@@ -383,24 +540,54 @@ def log_prob_tile(k: tl.constexpr, z0, z1, z2, z3, base, stride_c, channels, cha
 
 @triton.jit
 def log_mean_prob_tile(
-    z0, z1, z2, z3, base, stride_c, channels, channel_mask, in_range, log_norms, scale_columns,
-    log_num_scales, NUM_SCALES: tl.constexpr,
+    z0,
+    z1,
+    z2,
+    z3,
+    base,
+    stride_c,
+    channels,
+    channel_mask,
+    in_range,
+    log_norms,
+    scale_columns,
+    log_num_scales,
+    num_scales,
 ):
-    """log q = logsumexp_k(log p_k) - log S on a tile (online over the scales, fp32)."""
-    running_max = log_prob_tile(0, z0, z1, z2, z3, base, stride_c, channels, channel_mask, in_range, log_norms, scale_columns)
+    """log q = logsumexp_k(log p_k) - log S on a tile over the first num_scales scales (online,
+    fp32)."""
+    running_max = log_prob_tile(
+        0, z0, z1, z2, z3, base, stride_c, channels, channel_mask, in_range, log_norms, scale_columns
+    )
     total = running_max * 0.0 + 1.0
-    for k in tl.static_range(1, NUM_SCALES):
-        log_p = log_prob_tile(k, z0, z1, z2, z3, base, stride_c, channels, channel_mask, in_range, log_norms, scale_columns)
-        new_max = tl.maximum(running_max, log_p)
-        total = total * tl.exp(running_max - new_max) + tl.exp(log_p - new_max)
-        running_max = new_max
+    for k in tl.static_range(1, SCALE_SLOTS):
+        if k < num_scales:
+            log_p = log_prob_tile(
+                k, z0, z1, z2, z3, base, stride_c, channels, channel_mask, in_range, log_norms, scale_columns
+            )
+            new_max = tl.maximum(running_max, log_p)
+            total = total * tl.exp(running_max - new_max) + tl.exp(log_p - new_max)
+            running_max = new_max
     return running_max + tl.log(total) - log_num_scales
 
 
 @triton.jit
 def multiscale_kl(
-    z0, z1, z2, z3, base, stride_c, in_range, log_norms, scale_columns, log_num_scales, C,
-    NUM_SCALES: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, SCALES: tl.constexpr,
+    z0,
+    z1,
+    z2,
+    z3,
+    base,
+    stride_c,
+    in_range,
+    log_norms,
+    scale_columns,
+    log_num_scales,
+    C,
+    num_scales,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    SCALES: tl.constexpr,
 ):
     """Per pixel and scale KL(p_k || q) as a (BLOCK_P, SCALES) matrix, and max_c q."""
     kl = tl.zeros([BLOCK_P, SCALES], tl.float32)
@@ -408,12 +595,26 @@ def multiscale_kl(
     for c_start in range(0, C, BLOCK_C):
         channels, channel_mask = channel_block(c_start, C, BLOCK_C)
         log_q = log_mean_prob_tile(
-            z0, z1, z2, z3, base, stride_c, channels, channel_mask, in_range, log_norms, scale_columns,
-            log_num_scales, NUM_SCALES,
+            z0,
+            z1,
+            z2,
+            z3,
+            base,
+            stride_c,
+            channels,
+            channel_mask,
+            in_range,
+            log_norms,
+            scale_columns,
+            log_num_scales,
+            num_scales,
         )
         max_q = tl.maximum(max_q, tl.max(tl.where(channel_mask[None, :], tl.exp(log_q), 0.0), axis=1))
-        for k in tl.static_range(NUM_SCALES):
-            log_p = log_prob_tile(k, z0, z1, z2, z3, base, stride_c, channels, channel_mask, in_range, log_norms, scale_columns)
-            term = tl.where(channel_mask[None, :], tl.exp(log_p) * (log_p - log_q), 0.0)
-            kl += tl.where(scale_columns[None, :] == k, tl.sum(term, axis=1)[:, None], 0.0)
+        for k in tl.static_range(SCALES):
+            if k < num_scales:
+                log_p = log_prob_tile(
+                    k, z0, z1, z2, z3, base, stride_c, channels, channel_mask, in_range, log_norms, scale_columns
+                )
+                term = tl.where(channel_mask[None, :], tl.exp(log_p) * (log_p - log_q), 0.0)
+                kl += tl.where(scale_columns[None, :] == k, tl.sum(term, axis=1)[:, None], 0.0)
     return kl, max_q

@@ -48,9 +48,7 @@ def make_batch(n=3, c=5, h=17, w=23, ignore_fraction=0.2, seed=0, scale=2.0):
 def related_scales(logits, num_scales, seed=0):
     """Scale maps that agree in part (like a network's outputs at three input sizes)."""
     gen = torch.Generator().manual_seed(seed + 100)
-    return [logits] + [
-        logits * 0.7 + torch.randn(logits.shape, generator=gen) for _ in range(num_scales - 1)
-    ]
+    return [logits] + [logits * 0.7 + torch.randn(logits.shape, generator=gen) for _ in range(num_scales - 1)]
 
 
 def seeded_arm(seed=0):
@@ -76,22 +74,22 @@ def evaluate(module, name, logits_list, target, arm, grad_output=1.0, **kwargs):
     (loss * grad_output).backward()
     # An all-ignored batch leaves the reference's ARM outside the graph: no gradient means zero.
     arm_grads = (
-        [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in arm.parameters()]
-        if arm is not None
-        else []
+        [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in arm.parameters()] if arm is not None else []
     )
     return loss.detach(), [z.grad for z in leaves], arm_grads
 
 
 def assert_matches_reference(name, logits_list, target, arm, tol=FP32, grad_output=1.0, **kwargs):
+    """The fused loss against the reference computing the same function: ARM through its table
+    unless ``arm_mode="exact"`` is passed (the table's own bound: tests/test_arm_table.py)."""
+    if name != "multiscale_consistency":
+        kwargs.setdefault("arm_mode", "table")
     want = evaluate(reference, name, logits_list, target, arm, grad_output, **kwargs)
     got = evaluate(fused, name, logits_list, target, arm, grad_output, **kwargs)
     assert got[0].dtype == want[0].dtype
     if tol is None:  # fp32: from the sizes of the sums involved
         assert all(z.dtype == torch.float32 for z in logits_list)
-        fp32 = fp32_tolerance(
-            logits_list, target, arm, want[1], grad_output, kwargs.get("ignore_index", 255)
-        )
+        fp32 = fp32_tolerance(logits_list, target, arm, want[1], grad_output, kwargs.get("ignore_index", 255))
         assert_within(got[0], want[0], fp32.value_atol, fp32.value_rtol, "loss value")
         for got_grad, want_grad, atol in zip(got[1], want[1], fp32.logit_atol):
             assert got_grad.dtype == want_grad.dtype and got_grad.shape == want_grad.shape
@@ -107,9 +105,7 @@ def assert_matches_reference(name, logits_list, target, arm, tol=FP32, grad_outp
     # tolerance also scales with the largest entry.
     arm_scale = max((g.abs().max().item() for g in want[2]), default=0.0)
     for got_grad, want_grad in zip(got[2], want[2]):
-        torch.testing.assert_close(
-            got_grad, want_grad, rtol=tol["rtol"], atol=tol["arm_atol"] + 1e-4 * arm_scale
-        )
+        torch.testing.assert_close(got_grad, want_grad, rtol=tol["rtol"], atol=tol["arm_atol"] + 1e-4 * arm_scale)
     return got
 
 
@@ -118,12 +114,12 @@ SHAPES = [(3, 17, 23), (2, 16, 16)]
 
 @pytest.mark.parametrize("num_classes", [2, 5, 19, 21, 150])
 @pytest.mark.parametrize("shape", SHAPES, ids=["odd", "pow2"])
-@pytest.mark.parametrize("with_arm", [True, False], ids=["arm", "uniform"])
-def test_arm_cross_entropy_matches_reference(num_classes, shape, with_arm):
+@pytest.mark.parametrize("arm_mode", ["table", "exact", None], ids=["arm-table", "arm-exact", "uniform"])
+def test_arm_cross_entropy_matches_reference(num_classes, shape, arm_mode):
     n, h, w = shape
     logits, target = make_batch(n, num_classes, h, w, seed=num_classes)
-    arm = seeded_arm(num_classes) if with_arm else None
-    assert_matches_reference("arm_cross_entropy", [logits], target, arm)
+    arm = seeded_arm(num_classes) if arm_mode else None
+    assert_matches_reference("arm_cross_entropy", [logits], target, arm, arm_mode=arm_mode or "table")
 
 
 @pytest.mark.parametrize("num_classes", [2, 19])
@@ -145,9 +141,7 @@ def test_image_mask_drops_the_images_below_rho():
     scales = related_scales(logits, 3)
     scales[1][1] *= 0.01
     scales[2][1] *= 0.01
-    loss, _, _ = assert_matches_reference(
-        "multiscale_consistency", scales, target, None, rho=0.6, mask="image"
-    )
+    loss, _, _ = assert_matches_reference("multiscale_consistency", scales, target, None, rho=0.6, mask="image")
     assert 0.0 < loss.item()
 
 
@@ -155,20 +149,31 @@ def test_consistency_survives_probabilities_that_underflow_in_every_scale():
     """Logits spread over hundreds: some p_k are 0 in fp32 at every scale; log q stays finite."""
     logits, target = make_batch(n=2, c=5, h=6, w=7, seed=4, scale=80.0)
     scales = [logits, logits * 1.1, logits * 0.9]
-    got = assert_matches_reference(
-        "multiscale_consistency", scales, target, None, rho=0.0, mask="pixel"
-    )
+    got = assert_matches_reference("multiscale_consistency", scales, target, None, rho=0.0, mask="pixel")
     assert torch.isfinite(got[0]) and all(torch.isfinite(g).all() for g in got[1])
 
 
 @pytest.mark.parametrize("num_scales", [2, 3])
-@pytest.mark.parametrize("with_arm", [True, False], ids=["arm", "uniform"])
+@pytest.mark.parametrize("arm_mode", ["table", "exact", None], ids=["arm-table", "arm-exact", "uniform"])
 @pytest.mark.parametrize("mask", ["image", "pixel"])
-def test_adele_arm_loss_matches_reference(num_scales, with_arm, mask):
+def test_adele_arm_loss_matches_reference(num_scales, arm_mode, mask):
     logits, target = make_batch(3, 21, 17, 23, seed=5)
-    arm = seeded_arm(5) if with_arm else None
+    arm = seeded_arm(5) if arm_mode else None
     scales = related_scales(logits, num_scales)
-    assert_matches_reference("adele_arm_loss", scales, target, arm, lam=0.7, rho=0.4, mask=mask)
+    assert_matches_reference(
+        "adele_arm_loss", scales, target, arm, lam=0.7, rho=0.4, mask=mask, arm_mode=arm_mode or "table"
+    )
+
+
+@pytest.mark.parametrize("arm_mode", ["table", "exact"])
+def test_adele_arm_loss_without_consistency_term(arm_mode):
+    """lam = 0: the table path writes every scale's gradient in one pass and leaves each
+    scale's own 1/sum(w) to backward."""
+    logits, target = make_batch(2, 7, 17, 23, seed=15)
+    scales = related_scales(logits, 3)
+    assert_matches_reference(
+        "adele_arm_loss", scales, target, seeded_arm(15), grad_output=-1.5, lam=0.0, arm_mode=arm_mode
+    )
 
 
 @pytest.mark.parametrize("name", ["arm_cross_entropy", "multiscale_consistency", "adele_arm_loss"])
@@ -178,9 +183,7 @@ def test_grad_output_other_than_one_is_honoured(name):
     if name == "arm_cross_entropy":
         assert_matches_reference(name, [logits], target, arm, grad_output=-2.5)
     else:
-        assert_matches_reference(
-            name, related_scales(logits, 3), target, arm, grad_output=-2.5, rho=0.3
-        )
+        assert_matches_reference(name, related_scales(logits, 3), target, arm, grad_output=-2.5, rho=0.3)
 
 
 @pytest.mark.parametrize(
@@ -198,9 +201,7 @@ def test_non_contiguous_inputs(layout):
     assert not strided.is_contiguous()
     arm = seeded_arm(7)
     assert_matches_reference("arm_cross_entropy", [strided], target, arm)
-    assert_matches_reference(
-        "adele_arm_loss", [strided, layout(logits * 0.5)], target, arm, rho=0.3
-    )
+    assert_matches_reference("adele_arm_loss", [strided, layout(logits * 0.5)], target, arm, rho=0.3)
 
 
 def test_logits_without_two_spatial_dimensions():
@@ -208,9 +209,7 @@ def test_logits_without_two_spatial_dimensions():
     logits, target = make_batch(n=2, c=6, h=1, w=29, seed=8)
     arm = seeded_arm(8)
     assert_matches_reference("arm_cross_entropy", [logits[:, :, 0]], target[:, 0], arm)
-    assert_matches_reference(
-        "adele_arm_loss", [logits[:, :, 0, 0]] * 2, target[:, 0, 0], arm, rho=0.2
-    )
+    assert_matches_reference("adele_arm_loss", [logits[:, :, 0, 0]] * 2, target[:, 0, 0], arm, rho=0.2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -218,9 +217,7 @@ def test_half_precision_inputs(dtype):
     logits, target = make_batch(seed=9)
     arm = seeded_arm(9)
     scales = [z.to(dtype) for z in related_scales(logits, 3)]
-    assert_matches_reference(
-        "adele_arm_loss", scales, target, arm, tol=LOW_PRECISION[dtype], rho=0.3
-    )
+    assert_matches_reference("adele_arm_loss", scales, target, arm, tol=LOW_PRECISION[dtype], rho=0.3)
     assert_matches_reference("arm_cross_entropy", scales[:1], target, arm, tol=LOW_PRECISION[dtype])
 
 
@@ -297,9 +294,7 @@ def test_forward_without_gradients_gives_the_same_value():
             r"class ids must be in \[0, 3\)",
         ),
         (
-            lambda: fused.arm_cross_entropy(
-                torch.randn(2, 3, 4), torch.zeros(2, 5, dtype=torch.long), None
-            ),
+            lambda: fused.arm_cross_entropy(torch.randn(2, 3, 4), torch.zeros(2, 5, dtype=torch.long), None),
             "target: expected shape",
         ),
         (
@@ -362,9 +357,7 @@ def test_block_size_bounds():
     mask=st.sampled_from(["image", "pixel"]),
     seed=st.integers(0, 2**16),
 )
-def test_property_adele_arm_loss_matches_reference(
-    n, c, h, w, num_scales, ignore_fraction, with_arm, mask, seed
-):
+def test_property_adele_arm_loss_matches_reference(n, c, h, w, num_scales, ignore_fraction, with_arm, mask, seed):
     logits, target = make_batch(n, c, h, w, ignore_fraction, seed)
     arm = seeded_arm(seed) if with_arm else None
     scales = related_scales(logits, num_scales, seed)
@@ -395,9 +388,7 @@ def test_repeated_backward_with_retained_graph(num_scales):
     loss = fused.adele_arm_loss(leaves, target, arm, rho=0.3)
     grads = {}
     for upstream in (0.0, 3.0, -0.5):
-        grads[upstream] = torch.autograd.grad(
-            loss, leaves, torch.tensor(upstream), retain_graph=True
-        )
+        grads[upstream] = torch.autograd.grad(loss, leaves, torch.tensor(upstream), retain_graph=True)
     want = evaluate(reference, "adele_arm_loss", scales, target, arm, grad_output=-0.5, rho=0.3)[1]
     for got, expected in zip(grads[-0.5], want):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)

@@ -104,10 +104,16 @@ def _loss_fn(fn, target, ignore_index):
     return fn
 
 
-def ce_pair(target, ignore_index=255):
+# Each pair is the fused loss and the reference computing the same function: ARM through its
+# table by default (its bound against the exact ARM: tests/test_arm_table.py), or "exact".
+def ce_pair(target, ignore_index=255, arm_mode="table"):
     return (
-        _loss_fn(lambda zs, arm: fused.arm_cross_entropy(zs[0], target, arm, ignore_index), target, ignore_index),
-        lambda zs, arm: reference.arm_cross_entropy(zs[0], target, arm, ignore_index),
+        _loss_fn(
+            lambda zs, arm: fused.arm_cross_entropy(zs[0], target, arm, ignore_index, arm_mode=arm_mode),
+            target,
+            ignore_index,
+        ),
+        lambda zs, arm: reference.arm_cross_entropy(zs[0], target, arm, ignore_index, arm_mode),
     )
 
 
@@ -118,10 +124,10 @@ def ms_pair(target, rho, mask):
     )
 
 
-def adele_pair(target, lam, rho, mask="image"):
+def adele_pair(target, lam, rho, mask="image", arm_mode="table"):
     return (
-        _loss_fn(lambda zs, arm: fused.adele_arm_loss(zs, target, arm, lam, rho, mask), target, 255),
-        lambda zs, arm: reference.adele_arm_loss(zs, target, arm, lam, rho, mask),
+        _loss_fn(lambda zs, arm: fused.adele_arm_loss(zs, target, arm, lam, rho, mask, arm_mode=arm_mode), target, 255),
+        lambda zs, arm: reference.adele_arm_loss(zs, target, arm, lam, rho, mask, 255, arm_mode),
     )
 
 
@@ -143,12 +149,12 @@ def kept_image_count(logits_list, target, rho):
 
 
 @pytest.mark.parametrize("num_classes", [2, 5, 19, 21])
-@pytest.mark.parametrize("with_arm", [False, True], ids=["uniform", "arm"])
-def test_arm_cross_entropy_matches_reference(num_classes, with_arm):
+@pytest.mark.parametrize("arm_mode", [None, "table", "exact"], ids=["uniform", "arm-table", "arm-exact"])
+def test_arm_cross_entropy_matches_reference(num_classes, arm_mode):
     logits = make_logits(3, num_classes, 17, 23, seed=num_classes)
     target = make_target(3, num_classes, 17, 23, seed=num_classes)
-    arm = seeded_arm() if with_arm else None
-    _, _, arm_grads = assert_matches_reference(*ce_pair(target), [logits], arm)
+    arm = seeded_arm() if arm_mode else None
+    _, _, arm_grads = assert_matches_reference(*ce_pair(target, arm_mode=arm_mode or "table"), [logits], arm)
     assert all(bool(g.abs().sum() > 0) for g in arm_grads)
 
 
@@ -215,12 +221,16 @@ def test_losses_without_grad_match_reference():
     arm = seeded_arm()
     with torch.no_grad():
         got = (fused.arm_cross_entropy(logits[0], target, arm), fused.adele_arm_loss(logits, target, arm))
-        expected = (reference.arm_cross_entropy(logits[0], target, arm), reference.adele_arm_loss(logits, target, arm))
+        expected = (
+            reference.arm_cross_entropy(logits[0], target, arm, arm_mode="table"),
+            reference.adele_arm_loss(logits, target, arm, arm_mode="table"),
+        )
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("arm_mode", ["table", "exact"])
 @pytest.mark.parametrize("loss", ["cross_entropy", "adele"])
-def test_arm_step_on_detached_logits(loss):
+def test_arm_step_on_detached_logits(loss, arm_mode):
     """ARM's adversarial step backpropagates into ARM only; the logits are detached."""
     logits = mixed_confidence_scales(2, 5, 6, 7, 2, seed=12)
     target = make_target(2, 5, 6, 7, seed=12)
@@ -228,9 +238,9 @@ def test_arm_step_on_detached_logits(loss):
     for module in (fused, reference):
         arm = seeded_arm()
         if loss == "cross_entropy":
-            module.arm_cross_entropy(logits[0], target, arm).backward()
+            module.arm_cross_entropy(logits[0], target, arm, arm_mode=arm_mode).backward()
         else:
-            module.adele_arm_loss(logits, target, arm, 0.5, 0.8).backward()
+            module.adele_arm_loss(logits, target, arm, 0.5, 0.8, arm_mode=arm_mode).backward()
         grads.append([p.grad for p in arm.parameters()])
     for got, expected in zip(*grads):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
@@ -303,14 +313,23 @@ def test_multiscale_consistency_all_ignored_gives_zero_not_nan():
 
 
 @pytest.mark.parametrize("num_scales", [2, 3])
-@pytest.mark.parametrize("with_arm", [False, True], ids=["uniform", "arm"])
-def test_adele_arm_loss_matches_reference(num_scales, with_arm):
+@pytest.mark.parametrize("arm_mode", [None, "table", "exact"], ids=["uniform", "arm-table", "arm-exact"])
+def test_adele_arm_loss_matches_reference(num_scales, arm_mode):
     logits = mixed_confidence_scales(3, 5, 9, 11, num_scales, seed=30)
     target = make_target(3, 5, 9, 11, seed=30)
     assert kept_image_count(logits, target, 0.8) in (1, 2)
-    arm = seeded_arm() if with_arm else None
-    _, _, arm_grads = assert_matches_reference(*adele_pair(target, 0.7, 0.8), logits, arm)
+    arm = seeded_arm() if arm_mode else None
+    _, _, arm_grads = assert_matches_reference(*adele_pair(target, 0.7, 0.8, arm_mode=arm_mode or "table"), logits, arm)
     assert all(bool(g.abs().sum() > 0) for g in arm_grads)
+
+
+@pytest.mark.parametrize("num_scales", [1, 4])
+def test_adele_arm_loss_one_and_four_scales_without_consistency(num_scales):
+    """The scale count and the consistency switch are runtime values of one compiled kernel."""
+    logits = mixed_confidence_scales(2, 5, 6, 7, num_scales, seed=36)
+    target = make_target(2, 5, 6, 7, seed=36)
+    assert_matches_reference(*adele_pair(target, 0.0, 0.8), logits, seeded_arm())
+    assert_matches_reference(*adele_pair(target, 1.0, 0.5, "pixel"), logits, seeded_arm())
 
 
 def test_adele_arm_loss_pixel_mask_many_classes_single_scale():
@@ -344,11 +363,12 @@ def test_registered_through_the_public_dispatch():
     logits = mixed_confidence_scales(2, 5, 4, 6, 2, seed=34)
     target = make_target(2, 5, 4, 6, seed=34)
     arm = seeded_arm()
-    expected = reference.adele_arm_loss(logits, target, arm, 0.5, 0.8)
+    expected = reference.adele_arm_loss(logits, target, arm, 0.5, 0.8, arm_mode="table")
     got = functional.adele_arm_loss(logits, target, arm, 0.5, 0.8, backend="triton")
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     got_ce = functional.arm_cross_entropy(logits[0], target, arm, backend="triton")
-    torch.testing.assert_close(got_ce, reference.arm_cross_entropy(logits[0], target, arm), rtol=1e-5, atol=1e-6)
+    expected_ce = reference.arm_cross_entropy(logits[0], target, arm, arm_mode="table")
+    torch.testing.assert_close(got_ce, expected_ce, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------- compiled code, without a GPU
@@ -413,13 +433,22 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.split() == sorted(
-        ["_arm_cross_entropy_forward_kernel", "_rescale_kernel", "arm_backward_kernel", "_statistics_kernel", "_gradient_kernel"]
+        [
+            "_arm_cross_entropy_forward_kernel",
+            "_rescale_kernel",
+            "arm_backward_kernel",
+            "arm_table_kernel",
+            "_statistics_kernel",
+            "_gradient_kernel",
+        ]
     )
 
 
 # ------------------------------------------------ larger shapes and bf16, compiled (CUDA only)
 
-needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="larger shapes run compiled on CUDA only (too slow for the interpreter)")
+needs_cuda = pytest.mark.skipif(
+    DEVICE != "cuda", reason="larger shapes run compiled on CUDA only (too slow for the interpreter)"
+)
 # The benchmark's shapes (benchmarks/bench_kernels.py). fp32 tolerances are derived from the
 # sizes of the sums (10^5 pixels here instead of 10^2); bf16 as above (inputs rounded alike).
 LARGE_SHAPES = {"cityscapes": (4, 19, 256, 256), "ade20k": (2, 150, 128, 128), "segthor": (5, 5, 256, 256)}

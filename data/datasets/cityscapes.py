@@ -15,11 +15,11 @@ on the coarse annotations, evaluate on the fine `val` ones.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from cityscapesscripts.helpers.labels import labels as CITYSCAPES_LABELS
 
 from noisyseg.data.datasets.base import (
     SegmentationSource,
@@ -35,9 +35,13 @@ TRAIN_SPLITS = ("train", "train_extra")
 IMAGE_SUFFIX = "_leftImg8bit.png"
 
 
+@functools.cache
 def _training_labels() -> tuple[list[str], np.ndarray, frozenset[int]]:
     """(the 19 class names by training id, label id -> training id lookup of 256 entries with
-    255 for ignored labels, the label ids the table knows)."""
+    255 for ignored labels, the label ids the table knows). Read on first use: registering the
+    layout must not need cityscapesscripts, which the GPU machines lack (tests/test_gpu_check.py)."""
+    from cityscapesscripts.helpers.labels import labels as CITYSCAPES_LABELS
+
     trained = sorted(
         (label.trainId, label.id, label.name)
         for label in CITYSCAPES_LABELS
@@ -54,13 +58,10 @@ def _training_labels() -> tuple[list[str], np.ndarray, frozenset[int]]:
     return [names[i] for i in range(len(names))], lookup, known
 
 
-CLASSES, LABEL_TO_TRAIN_ID, KNOWN_LABEL_IDS = _training_labels()
-
-
 def cityscapes_info() -> DatasetInfo:
     return DatasetInfo(
         name="cityscapes",
-        classes=list(CLASSES),
+        classes=list(_training_labels()[0]),
         ignore_index=IGNORE_INDEX,
         modality="RGB",
         image_format="png",
@@ -139,10 +140,10 @@ class CityscapesSource(SegmentationSource):
         """Training ids: the label ids of the file mapped through cityscapesscripts' table."""
         path = self.mask_path(index)
         label_ids = read_index_png(path, f"{self.annotations} label-id mask of image {self.image_path(index).name}")
-        unknown = sorted(set(np.unique(label_ids).tolist()) - KNOWN_LABEL_IDS)
+        _, label_to_train_id, known_label_ids = _training_labels()
+        unknown = sorted(set(np.unique(label_ids).tolist()) - known_label_ids)
         if unknown:
             raise ValueError(
-                f"{path}: label id(s) {unknown} are not Cityscapes label ids (expected "
-                f"{min(KNOWN_LABEL_IDS)}..{max(KNOWN_LABEL_IDS)}, cityscapesscripts.helpers.labels)"
+                f"{path}: label id(s) {unknown} are not Cityscapes label ids (expected {min(known_label_ids)}..{max(known_label_ids)}, cityscapesscripts.helpers.labels)"
             )
-        return LABEL_TO_TRAIN_ID[label_ids]
+        return label_to_train_id[label_ids]
