@@ -4,7 +4,7 @@ This module holds the fused pass, the host scheduler and the autograd Function; 
 `numba_arm`, threads, exp/log and block scheduling in `numba_common`, and what the loss is
 (`contract.LossTerms`) comes from `noisyseg.kernels.functional`.
 
-One kernel, `_fused_pass`, serves all three losses. It works on blocks of pixels of one image
+One kernel, `fused_pass`, serves all three losses. It works on blocks of pixels of one image
 (a block never straddles two images), one run of consecutive blocks per thread, and, per
 block, computes the softmax of every
 scale in fp32 (the exponentials kept in a block-local buffer), the per-pixel cross-entropy,
@@ -42,18 +42,14 @@ is cast back to the input dtype. float64 inputs are computed in fp32.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 import torch
-from numba import prange
 from torch import nn
 
 from noisyseg.kernels.contract import (
-    ARM_HIDDEN,
     ARM_NUM_PARAMETERS,
     ARM_TABLE_SIZE,
     LossTerms,
@@ -63,29 +59,20 @@ from noisyseg.kernels.contract import (
     check_logits_and_target,
     pack_arm_parameters,
 )
+from noisyseg.kernels.numba_adele_arm_pass import MASK_IMAGE, MASK_OFF, MASK_PIXEL, fused_pass
 from noisyseg.kernels.numba_arm import (
     arm_gradient_pass,
     arm_table_gradient,
     arm_table_values,
-    block_arm_backward,
-    block_arm_forward,
-    block_table_bins,
-    block_table_weights,
 )
 from noisyseg.kernels.numba_common import (
-    HELPER_JIT,
     MAX_BLOCK,
-    PARALLEL_JIT,
     block_size,
-    block_span,
-    fast_exp,
-    fast_log,
     float32_buffer,
     parallel_chunks,
     threads_like_torch,
 )
 
-MASK_OFF, MASK_IMAGE, MASK_PIXEL = 0, 1, 2
 _PACKED_SCALES = 3
 _NO_SCRATCH = np.empty((1, 1), np.float32)
 _NO_TABLE = np.empty(1, np.float32)
@@ -93,277 +80,14 @@ _NO_BINS = np.empty((1, 1, 1, 2))
 # Deferred scaling keeps 2 floats per pixel: at most 0.2x the logits from 10 classes on. Below,
 # two passes over the logits take about as long (measured at C = 5) and keep no scratch.
 _MIN_CLASSES_TO_DEFER = 10
-# Below this sum of p_k (near the bottom of fp32's normal range) log q uses a stable logsumexp.
-_TINY = np.float32(1e-30)
 
 
 # ---------------------------------------------------------------------------------------------
 # Block steps. A block is `width` pixels starting at `start` in image `n`.
 
 
-@numba.njit(**HELPER_JIT)
-def _block_softmax(z, n, start, width, exps, peak, total, total_sq, lse):
-    """exp(z - max) per class into `exps` (C x B), their sum, sum of squares and logsumexp."""
-    num_classes = z.shape[1]
-    end = start + width
-    first = z[n, 0, start:end]
-    for j in range(width):
-        peak[j] = first[j]
-    for c in range(1, num_classes):
-        logit = z[n, c, start:end]
-        for j in range(width):
-            peak[j] = max(peak[j], logit[j])
-    for j in range(width):
-        total[j] = 0.0
-        total_sq[j] = 0.0
-    for c in range(num_classes):
-        row = exps[c]
-        logit = z[n, c, start:end]
-        for j in range(width):
-            e = fast_exp(logit[j] - peak[j])
-            row[j] = e
-            total[j] += e
-            total_sq[j] += e * e
-    for j in range(width):
-        lse[j] = fast_log(total[j]) + peak[j]  # total >= 1: a positive normal number
-
-
-@numba.njit(**HELPER_JIT)
-def _block_log_q(logits, num_scales, n, start, width, exps, inv_total, lse, log_q, pixel_max_q, underflow):
-    """log q per class (C x B) for q = mean_k p_k, and max_c q per pixel."""
-    num_classes = exps.shape[1]
-    log_scales = np.float32(math.log(num_scales))
-    inv_scales = np.float32(1.0 / num_scales)
-    for j in range(width):
-        pixel_max_q[j] = 0.0
-    for c in range(num_classes):
-        row = log_q[c]
-        for j in range(width):
-            row[j] = exps[0, c, j] * inv_total[0, j]
-        for k in range(1, num_scales):
-            for j in range(width):
-                row[j] += exps[k, c, j] * inv_total[k, j]
-        for j in range(width):
-            pixel_max_q[j] = max(pixel_max_q[j], row[j] * inv_scales)
-            underflow[j] = row[j] <= _TINY
-            row[j] = fast_log(max(row[j], _TINY)) - log_scales
-        for j in range(width):
-            if underflow[j]:  # every p_k underflowed: logsumexp of the log-probabilities
-                row[j] = _stable_log_mean(logits, num_scales, n, c, start + j, j, lse)
-
-
-@numba.njit(fastmath=False, cache=True)
-def _stable_log_mean(logits, num_scales, n, c, pixel, j, lse):
-    top = np.float32(-np.inf)
-    for k in range(num_scales):
-        top = max(top, logits[k][n, c, pixel] - lse[k, j])
-    acc = np.float32(0.0)
-    for k in range(num_scales):
-        acc += np.exp(logits[k][n, c, pixel] - lse[k, j] - top)
-    return top + np.log(acc) - np.float32(math.log(num_scales))
-
-
-@numba.njit(**HELPER_JIT)
-def _block_kl(logits, num_scales, n, start, width, exps, inv_total, lse, log_q, kl):
-    """KL(p_k || q) per scale and pixel into `kl` (S x B); a term with p = 0 adds 0."""
-    num_classes = exps.shape[1]
-    for k in range(num_scales):
-        z = logits[k]
-        for j in range(width):
-            kl[k, j] = 0.0
-        for c in range(num_classes):
-            logit = z[n, c, start : start + width]
-            for j in range(width):
-                p = exps[k, c, j] * inv_total[k, j]
-                kl[k, j] += p * (logit[j] - lse[k, j] - log_q[c, j])
-
-
 # ---------------------------------------------------------------------------------------------
 # The kernel.
-
-
-@numba.njit(**PARALLEL_JIT)
-def _fused_pass(
-    logits,  # tuple of arrays (N, C, L) float32, C-contiguous; the first num_scales are used
-    num_scales,
-    target,  # (N, L) int64
-    ignore_index,
-    use_ce,
-    arm_params,  # (53,) float32; ignored unless use_arm
-    use_arm,
-    mask_mode,  # MASK_OFF / MASK_IMAGE / MASK_PIXEL
-    rho,
-    block,
-    chunks,  # parallel work items, each a run of consecutive blocks with its own buffers
-    write_grad,
-    ce_grad_scale,  # (S,) float32: factor on w_i (p - onehot) per scale
-    arm_upstream,  # (S, 2) float64: dQ/dw_i = a_k l_i - b_k w_i
-    kl_grad_scale,  # (N,) float32: factor on the KL gradient per image
-    grad,  # (S, N, C, L) float32, written when write_grad
-    ce_partials,  # (blocks, S, 3) float64: sum w, sum w^2, sum w l
-    kl_partials,  # (blocks,) float64: sum of KL over valid (pixel mask: kept) pixels
-    max_q_partials,  # (blocks,) float32: max over valid pixels of max_c q
-    arm_partials,  # (blocks, 53) float64: ARM's gradient, written when write_grad and use_arm
-    bad_label_partials,  # (blocks,) int64: targets neither ignored nor in [0, C)
-    defer_ce_scale,  # one scale, no KL: ARM's gradient left to arm_gradient_pass
-    scratch_confidence,  # (N, L) float32, written when defer_ce_scale and use_arm
-    scratch_loss,  # (N, L) float32, likewise (0 at ignored pixels)
-    arm_table,  # (K,) float32: ARM's weight at the table's nodes; used when use_arm and table
-    table,  # ARM's weight from arm_table (its gradient from arm_bins) instead of the MLP
-    arm_bins,  # (chunks, S, K, 2) float64: loss and weight per node, written when table and collect_bins
-    collect_bins,
-):
-    num_images, num_classes, num_pixels = logits[0].shape
-    tiles = (num_pixels + block - 1) // block
-    confidence_gain = np.float32(2.0 * num_classes / max(num_classes - 1, 1))
-    inv_classes = np.float32(1.0 / num_classes)
-    blocks = num_images * tiles
-    for chunk in prange(chunks):
-        # Per-block buffers, allocated once per chunk of consecutive blocks: an allocation per
-        # block cost a malloc/free of up to ~100 KiB each time, an mmap/munmap when glibc maps it.
-        exps = np.empty((num_scales, num_classes, block), np.float32)
-        peak = np.empty(block, np.float32)
-        total = np.empty((num_scales, block), np.float32)
-        total_sq = np.empty((num_scales, block), np.float32)
-        lse = np.empty((num_scales, block), np.float32)
-        inv_total = np.empty((num_scales, block), np.float32)
-        labels = np.empty(block, np.int64)
-        valid = np.empty(block, np.bool_)
-        ce_weightf = np.empty((num_scales, block), np.float32)
-        node = np.empty(block, np.int64)
-        fraction = np.empty(block, np.float32)
-        loss = np.zeros(block, np.float32)
-        weight = np.ones(block, np.float32)  # stays 1 without ARM
-        confidence = np.empty(block, np.float32)
-        upstream = np.empty(block, np.float32)
-        pre = np.empty((3, ARM_HIDDEN, block), np.float32)
-        sig = np.empty((3, ARM_HIDDEN, block), np.float32)
-        delta = np.empty((ARM_HIDDEN, block), np.float32)
-        back = np.empty((ARM_HIDDEN, block), np.float32)
-        arm_grad = np.empty(ARM_NUM_PARAMETERS, np.float64)
-        kl_weightf = np.empty(block, np.float32)
-        log_q = np.empty((num_classes, block), np.float32)
-        kl = np.empty((num_scales, block), np.float32)
-        pixel_max_q = np.empty(block, np.float32)
-        underflow = np.empty(block, np.bool_)
-        for index in range(chunk * blocks // chunks, (chunk + 1) * blocks // chunks):
-            n, start, width = block_span(index, tiles, block, num_pixels)
-            end = start + width
-            bad_labels = 0
-            target_row = target[n, start:end]
-            for j in range(width):
-                label = target_row[j]
-                in_range = label >= 0 and label < num_classes
-                bad_labels += label != ignore_index and not in_range
-                valid[j] = in_range and label != ignore_index
-                labels[j] = label if valid[j] else -1
-            bad_label_partials[index] = bad_labels
-            for k in range(num_scales):
-                _block_softmax(logits[k], n, start, width, exps[k], peak, total[k], total_sq[k], lse[k])
-                for j in range(width):
-                    inv_total[k, j] = np.float32(1.0) / total[k, j]
-
-            # Cross-entropy and ARM weights: ce_weightf[k, j] multiplies (p - onehot) in the gradient.
-            ce_weightf[:] = 0.0
-            if use_ce:
-                arm_grad[:] = 0.0
-                for k in range(num_scales):
-                    z = logits[k]
-                    for j in range(width):
-                        if valid[j]:
-                            loss[j] = lse[k, j] - z[n, labels[j], start + j]
-                    if use_arm:
-                        for j in range(width):
-                            sum_p2 = total_sq[k, j] * inv_total[k, j] * inv_total[k, j]
-                            confidence[j] = confidence_gain * (sum_p2 - inv_classes) - np.float32(1.0)
-                        if table:
-                            block_table_weights(arm_table, confidence, width, weight, node, fraction)
-                            if collect_bins:
-                                block_table_bins(arm_bins[chunk, k], node, fraction, loss, weight, valid, width)
-                        else:
-                            block_arm_forward(arm_params, confidence, width, pre, sig, weight)
-                    sum_w = 0.0
-                    sum_w2 = 0.0
-                    sum_wl = 0.0
-                    for j in range(width):
-                        if valid[j]:
-                            sum_w += weight[j]
-                            sum_w2 += weight[j] * weight[j]
-                            sum_wl += weight[j] * loss[j]
-                            ce_weightf[k, j] = ce_grad_scale[k] * weight[j]
-                    ce_partials[index, k, 0] = sum_w
-                    ce_partials[index, k, 1] = sum_w2
-                    ce_partials[index, k, 2] = sum_wl
-                    if use_arm and defer_ce_scale:  # ARM's gradient comes later, from this scratch
-                        confidence_row = scratch_confidence[n, start:end]
-                        loss_row = scratch_loss[n, start:end]
-                        for j in range(width):
-                            confidence_row[j] = confidence[j]
-                            loss_row[j] = loss[j] if valid[j] else np.float32(0.0)
-                    elif use_arm and write_grad and not table:
-                        for j in range(width):
-                            gain = arm_upstream[k, 0] * loss[j] - arm_upstream[k, 1] * weight[j]
-                            upstream[j] = gain if valid[j] else np.float32(0.0)
-                        block_arm_backward(
-                            arm_params,
-                            confidence,
-                            width,
-                            pre,
-                            sig,
-                            weight,
-                            upstream,
-                            arm_grad,
-                            delta,
-                            back,
-                        )
-                if use_arm and write_grad and not defer_ce_scale and not table:
-                    arm_partials[index, :] = arm_grad
-
-            # Multiscale consistency: kl_weightf[j] multiplies the KL gradient of pixel j.
-            kl_weightf[:] = 0.0
-            if mask_mode != MASK_OFF:
-                _block_log_q(
-                    logits,
-                    num_scales,
-                    n,
-                    start,
-                    width,
-                    exps,
-                    inv_total,
-                    lse,
-                    log_q,
-                    pixel_max_q,
-                    underflow,
-                )
-                _block_kl(logits, num_scales, n, start, width, exps, inv_total, lse, log_q, kl)
-                kl_sum = 0.0
-                max_q = np.float32(-np.inf)
-                for j in range(width):
-                    if not valid[j]:
-                        continue
-                    max_q = max(max_q, pixel_max_q[j])
-                    if mask_mode == MASK_PIXEL and not pixel_max_q[j] > rho:
-                        continue
-                    for k in range(num_scales):
-                        kl_sum += kl[k, j]
-                    kl_weightf[j] = kl_grad_scale[n]
-                kl_partials[index] = kl_sum
-                max_q_partials[index] = max_q
-
-            if write_grad:
-                for k in range(num_scales):
-                    z = logits[k]
-                    for c in range(num_classes):
-                        logit = z[n, c, start:end]
-                        grad_row = grad[k, n, c, start:end]
-                        for j in range(width):
-                            p = exps[k, c, j] * inv_total[k, j]
-                            onehot = np.float32(1.0) if labels[j] == c else np.float32(0.0)
-                            g = ce_weightf[k, j] * (p - onehot)
-                            if mask_mode != MASK_OFF:
-                                log_p = logit[j] - lse[k, j]
-                                g += kl_weightf[j] * p * (log_p - log_q[c, j] - kl[k, j])
-                            grad_row[j] = g
 
 
 # ---------------------------------------------------------------------------------------------
@@ -516,7 +240,7 @@ class _FusedCall:
             ),
             bad_labels=np.zeros(blocks, np.int64),
         )
-        _fused_pass(
+        fused_pass(
             self._padded_logits(), len(self.logits), self.target, self.terms.ignore_index,
             self.terms.ce_weight != 0.0, self.arm_params, self.use_arm, self.mask_mode,
             np.float32(self.terms.rho), self.block, parallel_chunks(blocks),

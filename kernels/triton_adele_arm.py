@@ -43,15 +43,14 @@ from noisyseg.kernels.contract import (
     check_class_ids,
     check_fused_scales,
 )
+from noisyseg.kernels.triton_arm import arm_backward_coefficients, arm_parameter_gradient, forward_table
 from noisyseg.kernels.triton_common import (
     ARM_NONE,
     MULTISCALE_NUM_WARPS,
     MULTISCALE_TILE_ELEMENTS,
     SCALE_SLOTS,
     LaunchGeometry,
-    arm_backward_coefficients,
     arm_kernel_mode,
-    arm_parameter_gradient,
     arm_parameter_vector,
     channel_block,
     check_device,
@@ -62,7 +61,6 @@ from noisyseg.kernels.triton_common import (
     cross_entropy_terms,
     flatten_logits,
     flatten_target,
-    forward_table,
     load_target,
     log_mean_prob_tile,
     log_prob_tile,

@@ -26,14 +26,13 @@ from noisyseg.kernels.contract import (
     check_class_ids,
     check_logits_and_target,
 )
+from noisyseg.kernels.triton_arm import arm_backward_coefficients, arm_parameter_gradient, forward_table
 from noisyseg.kernels.triton_common import (
     ARM_NONE,
     CE_NUM_WARPS,
     CE_TILE_ELEMENTS,
     LaunchGeometry,
-    arm_backward_coefficients,
     arm_kernel_mode,
-    arm_parameter_gradient,
     arm_parameter_vector,
     channel_block,
     check_device,
@@ -43,7 +42,6 @@ from noisyseg.kernels.triton_common import (
     cross_entropy_terms,
     flatten_logits,
     flatten_target,
-    forward_table,
     load_channels,
     load_target,
     pixel_block,
