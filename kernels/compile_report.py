@@ -367,7 +367,8 @@ def markdown(report: dict[str, Any]) -> str:
         dtype = e["signature"].get("logits") or e["signature"].get("z0") or e["signature"].get("grad") or ""
         lines.append(
             f"| {e['kernel']} | {e['arch']} | {dtype} {flags} | {e['num_warps']} | {e.get('registers', '')} | "
-            f"{e.get('spill_bytes', '')} | {e.get('shared_bytes', '')} | {e.get('max_warps_per_sm', '')} | {e['status']} | {len(e['cases'])} |"
+            f"{e.get('spill_bytes', '')} | {e.get('shared_bytes', '')} | {e.get('max_warps_per_sm', '')} | "
+            f"{e['status']} | {len(e['cases'])} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -398,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     for e in bad:
         print(f"{e['kernel']} {e['arch']} {e['constexprs']}: {e['status']}", file=sys.stderr)
     print(
-        f"triton {report['triton']}: {len(report['entries'])} kernels compiled, {len(bad)} failing or spilling; {args.out / 'report.json'}"
+        f"triton {report['triton']}: {len(report['entries'])} kernels compiled, "
+        f"{len(bad)} failing or spilling; {args.out / 'report.json'}"
     )
     return 1 if bad else 0
 

@@ -232,7 +232,8 @@ def check_class_ids(target: torch.Tensor, num_classes: int, ignore_index: int) -
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= num_classes:
             raise ValueError(
-                f"target: class ids must be in [0, {num_classes}) or {ignore_index} (ignored), found {low if low < 0 else high}"
+                f"target: class ids must be in [0, {num_classes}) or {ignore_index} (ignored), "
+                f"found {low if low < 0 else high}"
             )
     return valid
 

@@ -7,7 +7,8 @@ written straight into a buffer in the logits' dtype, plus per-block partial sums
 w l. The global normalisation 1/sum(w) is not known until every block is done, so it is
 applied as a deferred scale in backward together with grad_output (one fp32 rescale pass).
 ARM's 53 parameter gradients come from a light second pass over two floats of per-pixel
-scratch (v_hat, l): through the table's node Jacobian, or ARM's MLP per pixel. With ``arm=None`` every valid pixel has weight 1: the plain mean.
+scratch (v_hat, l): through the table's node Jacobian, or ARM's MLP per pixel. With
+``arm=None`` every valid pixel has weight 1: the plain mean.
 """
 
 from __future__ import annotations

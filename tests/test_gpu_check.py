@@ -47,9 +47,10 @@ def test_gpu_check_without_cuda_installs_reports_and_fails(tmp_path):
 # What the GPU steps import beyond the CPU path: the commands they run (data phantom and corrupt,
 # train, export onnx) and the modules of gpu_check's own internal checks.
 GPU_STEP_MODULES = (
-    "noisyseg.data.phantom", "noisyseg.data.noise", "noisyseg.training.trainer", "noisyseg.models.model_file",
-    "noisyseg.data.folder", "noisyseg.export.onnx_export", "noisyseg.export.onnxruntime_runner",
-    "noisyseg.kernels.triton_arm_cross_entropy", "noisyseg.kernels.triton_adele_arm", "noisyseg.kernels.numba_adele_arm",
+    "noisyseg.data.phantom", "noisyseg.data.noise", "noisyseg.training.trainer",
+    "noisyseg.models.model_file", "noisyseg.data.folder", "noisyseg.export.onnx_export",
+    "noisyseg.export.onnxruntime_runner", "noisyseg.kernels.triton_arm_cross_entropy",
+    "noisyseg.kernels.triton_adele_arm", "noisyseg.kernels.numba_adele_arm",
 )  # fmt: skip
 TINY_MODEL = """
 import sys
@@ -72,7 +73,8 @@ def test_gpu_check_needs_only_what_the_gpu_machines_have(tmp_path):
         assert probe.returncode != 0 and "ModuleNotFoundError" in probe.stderr, absent
 
     out = tmp_path / "report"
-    result = subprocess.run([python, str(SCRIPT), str(out), "--keep-target"], env=env, capture_output=True, text=True, timeout=300)
+    command = [python, str(SCRIPT), str(out), "--keep-target"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stdout + result.stderr
     report = json.loads((out / "gpu-check.json").read_text())
     assert report["steps"]["install"]["status"] == "passed", report["steps"]["install"]
@@ -81,13 +83,21 @@ def test_gpu_check_needs_only_what_the_gpu_machines_have(tmp_path):
 
     imports = subprocess.run(
         [python, "-c", f"import importlib\nfor name in {GPU_STEP_MODULES!r}: importlib.import_module(name)"],
-        env=installed, capture_output=True, text=True, timeout=300,
+        env=installed,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert imports.returncode == 0, imports.stderr[-3000:]
     repo = SCRIPT.parents[1]
     collected = subprocess.run(
-        [python, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests/test_kernels_triton.py", "benchmarks/bench_kernels.py"],
-        cwd=repo, env=installed, capture_output=True, text=True, timeout=300,
+        [python, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"]
+        + ["tests/test_kernels_triton.py", "benchmarks/bench_kernels.py"],
+        cwd=repo,
+        env=installed,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert collected.returncode == 0, collected.stdout[-3000:] + collected.stderr[-3000:]
 
@@ -101,8 +111,12 @@ def test_gpu_check_needs_only_what_the_gpu_machines_have(tmp_path):
     exporter, note = onnx_export_args(report["environment"])
     assert exporter and "onnxscript" in note
     exported = subprocess.run(
-        [python, "-m", "noisyseg", "export", "onnx", "--checkpoint", str(model), "--out", str(tmp_path / "model.onnx"), *exporter],
-        env=installed, capture_output=True, text=True, timeout=300,
+        [python, "-m", "noisyseg", "export", "onnx", "--checkpoint", str(model)]
+        + ["--out", str(tmp_path / "model.onnx"), *exporter],
+        env=installed,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert (tmp_path / "model.onnx").stat().st_size > 0

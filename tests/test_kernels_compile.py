@@ -81,8 +81,10 @@ def test_report_reads_spills_from_the_compiled_kernel(tmp_path):
         """
         import json, tempfile
         from noisyseg.kernels.compile_report import Specialization, compile_one
-        spec = Specialization("hoarding", "hoarding_kernel", {"x": "*fp32", "y": "*fp32", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
-                              {"BLOCK_R": 64, "BLOCK_C": 256}, {"x": [["tt.divisibility", 16]], "y": [["tt.divisibility", 16]]}, {"num_warps": 1})
+        signature = {"x": "*fp32", "y": "*fp32", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"}
+        hints = {"x": [["tt.divisibility", 16]], "y": [["tt.divisibility", 16]]}
+        blocks = {"BLOCK_R": 64, "BLOCK_C": 256}
+        spec = Specialization("hoarding", "hoarding_kernel", signature, blocks, hints, {"num_warps": 1})
         with tempfile.TemporaryDirectory() as cache:
             print(json.dumps(compile_one(spec, 90, cache)))
         """

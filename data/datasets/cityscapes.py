@@ -144,6 +144,7 @@ class CityscapesSource(SegmentationSource):
         unknown = sorted(set(np.unique(label_ids).tolist()) - known_label_ids)
         if unknown:
             raise ValueError(
-                f"{path}: label id(s) {unknown} are not Cityscapes label ids (expected {min(known_label_ids)}..{max(known_label_ids)}, cityscapesscripts.helpers.labels)"
+                f"{path}: label id(s) {unknown} are not Cityscapes label ids "
+                f"(expected {min(known_label_ids)}..{max(known_label_ids)}, cityscapesscripts.helpers.labels)"
             )
         return label_to_train_id[label_ids]
