@@ -357,12 +357,12 @@ def test_names_are_quoted_in_errors_cut_to_a_bounded_length(server) -> None:
     reply = httpx.get(f"{server.url}/v2/models/{long_name}/ready")
     message = reply.json()["error"]
     assert reply.status_code == 404 and message.startswith("unknown model 'mmmm") and "(12002 characters)" in message
-    assert len(message) < _QUOTED_CHARS + 200
+    assert len(message) < 300
     body = json_body(np.ones((1, 1, 4, 4)))
     body["inputs"][0]["name"] = "i" * 20_000
     body["outputs"] = [{"name": "o" * 20_000}]
     reply = httpx.post(server.url + "/v2/models/conv/infer", json=body)
-    assert reply.status_code == 400 and len(reply.json()["error"]) < 2 * _QUOTED_CHARS + 200, reply.text[:300]
+    assert reply.status_code == 400 and len(reply.json()["error"]) < 400, reply.text[:300]
     assert "takes exactly one input named 'image', got ['iiii" in reply.json()["error"]
 
 
