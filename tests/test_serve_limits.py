@@ -25,7 +25,6 @@ from serve_helpers import conv_runtime, running_server, write_conv_model
 from noisyseg.cli import build_parser, main
 from noisyseg.commands.serve import settings_from_args
 from noisyseg.export.onnxruntime_runner import OnnxRuntimeRunner
-from noisyseg.serve.errors import _QUOTED_CHARS
 from noisyseg.serve.loadgen import ServerProcess, binary_infer_body
 from noisyseg.serve.settings import ServerSettings
 
