@@ -579,16 +579,11 @@ def check_concurrent(row: ConcurrentRow, timing: bool = True, memory: bool = Tru
     which on this shared machine the upload of a 16 MiB body alone can pass); `memory`: also the
     peak RSS bound (meaningless for small images, whose tensors are smaller than allocator noise)."""
     problems = []
-<<<<<<< HEAD
-    if row.over_rest_and_budget_mib > stated_overhead_mib(row.size):
+    if memory and row.over_rest_and_budget_mib > stated_overhead_mib(row.size):
         problems.append(
             f"peak RSS {row.over_rest_and_budget_mib:.0f} MiB over rest + budget, "
             f"more than {stated_overhead_mib(row.size):.0f}"
         )
-=======
-    if memory and row.over_rest_and_budget_mib > stated_overhead_mib(row.size):
-        problems.append(f"peak RSS {row.over_rest_and_budget_mib:.0f} MiB over rest + budget, more than {stated_overhead_mib(row.size):.0f}")
->>>>>>> wt-serve
     allowed = {"http 200", "http 503 +Retry-After", "grpc OK", "grpc UNAVAILABLE +Retry-After"}
     if set(row.answers) - allowed:
         problems.append(f"answers other than 200 or 503 with Retry-After: {row.answers}")
@@ -609,7 +604,8 @@ def test_server_memory_and_health_under_many_large_requests(benchmark, tmp_path:
     rows = benchmark.pedantic(run_concurrent_benchmark, args=(size, clients, tmp_path), rounds=1, iterations=1)
     benchmark.extra_info.update({"size": size, "clients": clients, "rows": [asdict(row) for row in rows]})
     print(f"\n{concurrent_table(rows)}")
-    problems = [problem for row in rows for problem in check_concurrent(row, timing=False, memory=not benchmark.disabled)]
+    memory = not benchmark.disabled
+    problems = [problem for row in rows for problem in check_concurrent(row, timing=False, memory=memory)]
     assert not problems, concurrent_table(rows)
 
 
