@@ -23,10 +23,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from noisyseg.cli import build_parser
-from noisyseg.commands.train import train_config_from_args
+from noisyseg.commands.train import train_and_draw, train_config_from_args
 from noisyseg.data.run_data import load_split
 from noisyseg.runtime import distributed as D
-from noisyseg.training.trainer import train
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -209,7 +208,8 @@ def test_two_process_training_matches_the_single_process_run(tmp_path: Path, tim
     # mismatch stops the run); rank 0 logs the agreement.
     agreements = [line for line in log.splitlines() if "replicas agree" in line]
     assert len(agreements) == 4 and all("2 ranks" in line for line in agreements), log[-4000:]
-    train(train_config_from_args(build_parser().parse_args(train_args(phantom, single_out, *options))))
+    # As the train command does (train, then draw the curves): the outputs are compared below.
+    train_and_draw(train_config_from_args(build_parser().parse_args(train_args(phantom, single_out, *options))))
 
     ddp_summary, single_summary = (json.loads((o / "summary.json").read_text()) for o in (ddp_out, single_out))
     assert (
