@@ -73,7 +73,7 @@ def kill_at_random_time(args: list[str], rng: random.Random) -> None:
     seen = []
     for line in process.stderr:
         seen.append(line)
-        if "noisyseg.training.trainer: training " in line:
+        if "noisyseg.training.loop: training " in line:
             break
     time.sleep(rng.uniform(0.0, 0.5))
     process.send_signal(signal.SIGKILL)
