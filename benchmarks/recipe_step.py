@@ -30,7 +30,8 @@ from noisyseg.config import build_config
 from noisyseg.data.folder import DatasetInfo
 from noisyseg.data.run_data import RunData
 from noisyseg.recipes import read_recipe
-from noisyseg.training.trainer import EpochCounters, Trainer
+from noisyseg.training.counters import EpochCounters
+from noisyseg.training.trainer import make_trainer
 
 # recipe: (input channels, classes, normalisation, training images of the dataset it names)
 DATASETS = {
@@ -78,7 +79,7 @@ def main() -> None:
             test=None,
         )
         torch.set_num_threads(config.threads or torch.get_num_threads())
-        trainer = Trainer(config, data)
+        trainer = make_trainer(config, data)
         counters = EpochCounters.zeros(
             num_classes,
             trainer.ignore_index,
@@ -90,7 +91,7 @@ def main() -> None:
         wall, cpu = [], []
         for _ in range(args.steps + 1):
             started, started_cpu = time.perf_counter(), time.process_time()
-            trainer.train_step(rows, counters, None)
+            trainer.train_step(trainer.batches.next(rows), counters, None)
             if trainer.device.type == "cuda":
                 torch.cuda.synchronize(trainer.device)
             wall.append(time.perf_counter() - started)
