@@ -62,8 +62,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--methods",
         nargs="+",
-        help="train only these methods (or variants: arm@arm.lr=0.01) "
-        "of the chosen experiments (default all; the document lists all)",
+        help="train only these runs of the chosen experiments: a method name picks its plain run, "
+        "a variant name (arm@arm.lr=0.01) that variant (default all; the document lists all)",
     )
     parser.add_argument("--epochs", type=int, help="epochs per run (default: the Scale default)")
     parser.add_argument("--patients", type=int, help="phantom patients (default: the Scale default)")
@@ -124,9 +124,7 @@ def run_experiment_command(args: argparse.Namespace) -> int:
         for spec in experiment_runs(name, args.seeds or DEFAULT_SEEDS[name], args.levels, args.val_masks == "noisy")
     ]
     if not args.report_only:
-        chosen = [
-            spec for spec in specs if args.methods is None or spec.method in args.methods or spec.name in args.methods
-        ]
+        chosen = [spec for spec in specs if args.methods is None or spec.name in args.methods]
         if not chosen:
             raise ValueError(
                 f"--methods {' '.join(args.methods)}: none of them is part of {', '.join(args.experiments)}"
