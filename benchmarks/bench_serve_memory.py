@@ -57,6 +57,7 @@ from noisyseg.serve.loadgen import CLASS_NAMES, ServerProcess, binary_infer_body
 from noisyseg.serve.runtimes import OUTPUT_NAMES, OnnxRuntimeBackend
 
 TARGET_RATIO = 1.0
+REFUSAL_LIMIT_MS = 100.0
 AFTER_S = 2.0
 MIB = 2**20
 
@@ -435,6 +436,29 @@ def over_limit_refusals(server: ServerProcess, model: str, image: np.ndarray) ->
     return refusals
 
 
+def refusal_rounds(workdir: Path, size: int, rounds: int = 5) -> float:
+    """`over_limit_refusals` `rounds` times against one server on the one-layer model with the
+    default limits; prints each protocol's times and returns the slowest."""
+    model = write_conv_model(workdir / "conv.onnx")
+    image = np.random.default_rng(0).normal(size=(1, 1, size, size)).astype(np.float32)
+    server = ServerProcess(model, "--threads", "1", log_level="WARNING").wait_until_ready()
+    try:
+        rows = [over_limit_refusals(server, "conv", image) for _ in range(rounds)]
+    finally:
+        server.kill()
+    for protocol in ("http", "grpc"):
+        answers = {row[protocol][0] for row in rows}
+        ran = any(row[protocol][2] for row in rows)
+        times = sorted(row[protocol][1] for row in rows)
+        print(
+            f"{protocol}: {'/'.join(sorted(answers))} in {' '.join(f'{ms:.0f}' for ms in times)} ms "
+            f"(median {times[len(times) // 2]:.0f}), model {'ran' if ran else 'not run'}"
+        )
+    worst = max(row[protocol][1] for row in rows for protocol in ("http", "grpc"))
+    print(f"target (refused in under {REFUSAL_LIMIT_MS:g} ms): {'met' if worst < REFUSAL_LIMIT_MS else 'NOT met'}")
+    return worst
+
+
 def run_concurrent(model: Path, name: str, size: int, clients: int) -> ConcurrentRow:
     """`clients` clients at once against `noisyseg serve` on `model`, every other one over gRPC."""
     threads = os.cpu_count() or 1
@@ -592,7 +616,7 @@ def check_concurrent(row: ConcurrentRow, timing: bool = True, memory: bool = Tru
     if row.health_max_ms >= 1000:
         problems.append(f"health took up to {row.health_max_ms:.0f} ms")
     for protocol, (status, ms, ran) in row.refusals.items():
-        if status not in ("400", "INVALID_ARGUMENT") or ran or (timing and ms >= 100):
+        if status not in ("400", "INVALID_ARGUMENT") or ran or (timing and ms >= REFUSAL_LIMIT_MS):
             problems.append(
                 f"{protocol} over-limit answer: {status} in {ms:.0f} ms, model {'ran' if ran else 'did not run'}"
             )
@@ -613,7 +637,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=2048, help="image height = width (default 2048)")
     parser.add_argument(
-        "--part", choices=("single", "concurrent", "both"), default="both", help="which part to run (default both)"
+        "--part",
+        choices=("single", "concurrent", "both", "refusals"),
+        default="both",
+        help="which part to run (default both; refusals: only the over-limit refusals, 5 rounds)",
     )
     parser.add_argument("--clients", type=int, default=CLIENTS, help=f"requests at once in part 2 (default {CLIENTS})")
     parser.add_argument("--model", type=Path, help="part 2's first model (default: the UNet exported here)")
@@ -627,6 +654,8 @@ def main() -> int:
     print(f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at the start")
     failed = False
     with tempfile.TemporaryDirectory() as workdir:
+        if args.part == "refusals":
+            failed |= refusal_rounds(Path(workdir), args.size) > REFUSAL_LIMIT_MS
         if args.part in ("single", "both"):
             rows = run_benchmark(args.size, Path(workdir))
             print(markdown_table(rows, args.size))

@@ -187,12 +187,22 @@ async def run_inference(
     request's share of `table.bodies` (`take`), which it holds until the answer is sent.
     `deadline_s` is the transport's own limit."""
     runtime = model.runtime
+    images, outputs, size = plan_answer(table, runtime, request, check_response)
+    take(size or 0)
+    timeout = min(table.settings.request_timeout_s, request.timeout_s() or math.inf, deadline_s)
+    return outputs, await _submit(model.batcher, images, outputs, timeout)
+
+
+def plan_answer(
+    table: ModelTable, runtime: Runtime, request: InferenceRequest, check_response: ResponseCheck
+) -> tuple[np.ndarray, list[str], int | None]:
+    """A request checked against its model: its image batch, the outputs to return and the
+    answer's size as `check_response` sees it (which refuses one over a limit). Needs only the
+    inputs' shapes, so it also runs on `decode_request_header`'s placeholders."""
     images, outputs = _validate_for_model(
         request, runtime, table.max_batch_size(runtime), table.settings.max_batch_pixels
     )
-    take(check_response(runtime.planned_outputs(images.shape, outputs, request.wants_binary)) or 0)
-    timeout = min(table.settings.request_timeout_s, request.timeout_s() or math.inf, deadline_s)
-    return outputs, await _submit(model.batcher, images, outputs, timeout)
+    return images, outputs, check_response(runtime.planned_outputs(images.shape, outputs, request.wants_binary))
 
 
 def input_bytes_outside(request: InferenceRequest, message: bytes | bytearray) -> int:

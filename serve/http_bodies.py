@@ -26,7 +26,7 @@ from noisyseg.serve.errors import (
     UnsupportedMediaType,
     quoted,
 )
-from noisyseg.serve.protocol import EncodedResponse, parse_length
+from noisyseg.serve.protocol import HEADER_LENGTH_HEADER, EncodedResponse, parse_length
 from noisyseg.serve.settings import ServerSettings
 
 _DECOMPRESSION_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
@@ -79,15 +79,26 @@ class BodyBudget:
                 self.on_idle()
 
 
-async def read_body(request: Request, settings: ServerSettings, take: Callable[[int], None]) -> bytes | bytearray:
-    """The request body, decompressed if the client compressed it, within every limit."""
+async def read_body(
+    request: Request,
+    settings: ServerSettings,
+    take: Callable[[int], None],
+    check_header: Callable[[bytes, int], object] | None = None,
+) -> bytes | bytearray:
+    """The request body, decompressed if the client compressed it, within every limit.
+
+    For an uncompressed binary-extension body of declared length, `check_header(json_header,
+    binary_length)` runs as soon as the JSON header has arrived, before the tensors are read:
+    what it raises refuses the request without waiting for the rest of the upload."""
     limit = settings.max_body_bytes
     declared = request.headers.get("content-length")
+    size = None
     if declared is not None:
         size = parse_length(declared, "header Content-Length")
         if size > limit:
             raise PayloadTooLarge(f"request body of {size} bytes exceeds the limit of {limit} bytes")
         take(size)  # all of it now, so slow uploads cannot pile up past the budget
+    header_end = _early_header_end(request, size) if check_header is not None else None
     body = bytearray()
     try:
         async with asyncio.timeout(settings.body_timeout_s):
@@ -97,6 +108,9 @@ async def read_body(request: Request, settings: ServerSettings, take: Callable[[
                 if declared is None:
                     take(len(chunk))
                 body += chunk
+                if header_end is not None and size is not None and check_header is not None and len(body) >= header_end:
+                    check_header(bytes(body[:header_end]), size - header_end)
+                    header_end = None
     except TimeoutError:
         raise BodyTimeout(
             f"request body not received within {settings.body_timeout_s:g} s ({len(body)} bytes arrived)"
@@ -111,6 +125,17 @@ async def read_body(request: Request, settings: ServerSettings, take: Callable[[
     data = _decompress(body, encoding, limit)
     take(len(data))
     return data
+
+
+def _early_header_end(request: Request, size: int | None) -> int | None:
+    """Where the JSON header of a binary body ends, when it can be checked before the rest
+    arrives: a declared, uncompressed body with a valid header length inside it."""
+    header_length = request.headers.get(HEADER_LENGTH_HEADER)
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if size is None or header_length is None or encoding != "identity":
+        return None
+    length = parse_length(header_length, f"header {HEADER_LENGTH_HEADER}")
+    return length if 0 < length < size else None  # otherwise `decode_request` says what is wrong
 
 
 def _decompress(body: bytearray, encoding: str, limit: int) -> bytes:

@@ -202,23 +202,36 @@ def decode_request(body: bytes | bytearray, header_length: str | None) -> Infere
     """
     json_end = _json_header_end(body, header_length)
     header_text = body if json_end == len(body) else body[:json_end]
+    return _decode_header(header_text, memoryview(body)[json_end:], len(body) - json_end)
+
+
+def decode_request_header(header_text: bytes | bytearray, binary_length: int) -> InferenceRequest:
+    """What a binary request asks for, from its JSON header alone, while its `binary_length`
+    bytes of tensors are still arriving: names, datatypes, shapes, outputs, id and parameters,
+    checked as `decode_request` checks them. Binary inputs hold a zero placeholder (a broadcast
+    view, no memory), so the server can plan and refuse the answer before reading the body."""
+    return _decode_header(header_text, None, binary_length)
+
+
+def _decode_header(header_text: bytes | bytearray, binary: memoryview | None, binary_length: int) -> InferenceRequest:
     stepped = parse_in_steps(header_text) if len(header_text) > STEPPED_PARSE_BYTES else None
     header = stepped if stepped is not None else parse_json_object(header_text)
-    binary = memoryview(body)[json_end:]
     inputs_json = header.get("inputs")
     if not isinstance(inputs_json, list) or not inputs_json:
         raise BadRequest("request field 'inputs' must be a non-empty list of tensors")
     inputs: list[InputTensor] = []
     offset = 0
     for index, tensor_json in enumerate(inputs_json):
-        tensor, used = _decode_input(tensor_json, index, binary[offset:])
-        check_finite(tensor)
+        rest = binary[offset:] if binary is not None else None
+        tensor, used = _decode_input(tensor_json, index, rest, binary_length - offset)
+        if rest is not None or used == 0:  # a placeholder is zeros
+            check_finite(tensor)
         inputs.append(tensor)
         offset += used
-    if offset != len(binary):
+    if offset != binary_length:
         raise BadRequest(
-            f"request body has {len(binary) - offset} bytes after the JSON header that no input's "
-            f"'binary_data_size' accounts for ({len(binary)} binary bytes, {offset} announced)"
+            f"request body has {binary_length - offset} bytes after the JSON header that no input's "
+            f"'binary_data_size' accounts for ({binary_length} binary bytes, {offset} announced)"
         )
     parameters = _optional_object(header, "parameters", "request")
     request = InferenceRequest(
@@ -238,7 +251,7 @@ def decode_input(tensor: Mapping[str, Any], index: int, binary: bytes = b"") -> 
     Other encodings of the protocol (gRPC) describe their tensors this way, so they are checked
     by the very code that checks HTTP requests.
     """
-    decoded, used = _decode_input(tensor, index, memoryview(binary))
+    decoded, used = _decode_input(tensor, index, memoryview(binary), len(binary))
     if used != len(binary):
         raise BadRequest(f"input {quoted(decoded.name)}: {len(binary)} raw bytes given, {used} expected")
     check_finite(decoded)
@@ -402,8 +415,9 @@ def _json_header_end(body: bytes | bytearray, header_length: str | None) -> int:
     return length
 
 
-def _decode_input(tensor_json: Any, index: int, binary: memoryview) -> tuple[InputTensor, int]:
-    """One input tensor; returns it and how many bytes of `binary` it consumed."""
+def _decode_input(tensor_json: Any, index: int, binary: memoryview | None, available: int) -> tuple[InputTensor, int]:
+    """One input tensor; returns it and how many of the `available` binary bytes it consumed
+    (`binary` None: they have not arrived, and a binary tensor is a zero placeholder)."""
     if not isinstance(tensor_json, dict):
         raise BadRequest(f"inputs[{index}] must be a JSON object with name, shape, datatype and data")
     name = tensor_json.get("name")
@@ -421,7 +435,7 @@ def _decode_input(tensor_json: Any, index: int, binary: memoryview) -> tuple[Inp
     if binary_size is not None:
         if "data" in tensor_json:
             raise BadRequest(f"{where}: has both 'data' and parameters.binary_data_size; send one")
-        return _binary_tensor(binary, binary_size, name, datatype, shape, count, dtype), binary_size
+        return _binary_tensor(binary, available, binary_size, name, datatype, shape, count, dtype), binary_size
     if "data" not in tensor_json:
         raise BadRequest(f"{where}: missing 'data' (or parameters.binary_data_size for binary data)")
     array = _json_tensor_data(tensor_json["data"], where, datatype, count, dtype)
@@ -436,7 +450,14 @@ def _decode_shape(shape: Any, where: str) -> tuple[int, ...]:
 
 
 def _binary_tensor(
-    binary: memoryview, size: Any, name: str, datatype: str, shape: tuple[int, ...], count: int, dtype: np.dtype
+    binary: memoryview | None,
+    available: int,
+    size: Any,
+    name: str,
+    datatype: str,
+    shape: tuple[int, ...],
+    count: int,
+    dtype: np.dtype,
 ) -> InputTensor:
     where = f"input {quoted(name)}"
     if type(size) is not int or size < 0:
@@ -447,10 +468,12 @@ def _binary_tensor(
             f"{where}: binary_data_size is {size} bytes, but shape {list(shape)} of {datatype} "
             f"needs {count} elements = {expected} bytes"
         )
-    if size > len(binary):
+    if size > available:
         raise BadRequest(
-            f"{where}: binary_data_size is {size} bytes, but only {len(binary)} binary bytes remain in the body"
+            f"{where}: binary_data_size is {size} bytes, but only {available} binary bytes remain in the body"
         )
+    if binary is None:
+        return InputTensor(name, datatype, shape, np.broadcast_to(np.zeros((), dtype), shape))
     array = np.frombuffer(binary[:size], dtype=dtype).reshape(shape)
     return InputTensor(name, datatype, shape, array)
 

@@ -406,6 +406,28 @@ def test_an_answer_over_the_response_limit_is_refused_before_any_inference(serve
     assert after["inference_stats"]["success"]["count"] == before["inference_stats"]["success"]["count"]
 
 
+def test_a_binary_request_is_refused_from_its_json_header_before_its_tensors_arrive(server) -> None:
+    images = np.random.default_rng(2).normal(size=(1, 1, 64, 64)).astype(np.float32)
+    body, json_length = binary_infer_body(images, ["logits"])
+    extra = f"Inference-Header-Content-Length: {json_length}\r\n"
+    # Only the JSON header is sent; the body timeout (1 s) would answer 408 if the server waited.
+    with raw_request(server.port, infer_head(server.port, len(body), extra), body[:json_length]) as conn:
+        status, _, reply = read_reply(conn)
+    assert status == 400 and f"exceeds the limit of {RESPONSE_LIMIT} bytes" in json.loads(reply)["error"]
+    # A header the model refuses (a wrong input name) is answered as early, naming the input.
+    body, json_length = binary_infer_body(images, ["labels"], input_name="picture")
+    extra = f"Inference-Header-Content-Length: {json_length}\r\n"
+    with raw_request(server.port, infer_head(server.port, len(body), extra), body[:json_length]) as conn:
+        status, _, reply = read_reply(conn)
+    assert status == 400 and "takes exactly one input named 'image', got ['picture']" in json.loads(reply)["error"]
+    # A request within the limits is still answered once its tensors arrive.
+    body, json_length = binary_infer_body(images[:, :, :32, :32], ["labels"])
+    extra = f"Inference-Header-Content-Length: {json_length}\r\n"
+    with raw_request(server.port, infer_head(server.port, len(body), extra), body) as conn:
+        status, _, _ = read_reply(conn)
+    assert status == 200
+
+
 def test_answers_count_in_what_the_server_holds_and_a_request_that_cannot_fit_alone_gets_413(model_dir) -> None:
     settings = ServerSettings(max_body_bytes=BODY_LIMIT, max_held_body_bytes=BODY_LIMIT, max_response_bytes=BODY_LIMIT)
     with running_server([conv_runtime(model_dir, "conv")], settings) as running:

@@ -20,6 +20,7 @@ from noisyseg.serve.protocol import (
     check_shape,
     datatype_of,
     decode_request,
+    decode_request_header,
     encode_response,
     response_bytes_at_most,
 )
@@ -417,3 +418,34 @@ def test_arbitrary_request_json_only_ever_raises_bad_request(request_json: dict)
         decode_request(json.dumps(request_json).encode(), None)
     except BadRequest:
         pass
+
+
+def test_a_binary_requests_json_header_alone_decodes_to_what_the_whole_body_does() -> None:
+    # tritonclient builds the body: two binary tensors and one in JSON, outputs and an id.
+    first = httpclient.InferInput("a", [2, 3], "FP32")
+    first.set_data_from_numpy(np.arange(6, dtype=np.float32).reshape(2, 3), binary_data=True)
+    second = httpclient.InferInput("b", [4], "INT64")
+    second.set_data_from_numpy(np.arange(4, dtype=np.int64), binary_data=True)
+    third = httpclient.InferInput("c", [2], "INT32")
+    third.set_data_from_numpy(np.array([7, 8], dtype=np.int32), binary_data=False)
+    body, json_size = httpclient.InferenceServerClient.generate_request_body(
+        [first, second, third], outputs=[httpclient.InferRequestedOutput("labels", binary_data=True)], request_id="r1"
+    )
+    whole = decode_request(body, str(json_size))
+    header = decode_request_header(body[:json_size], len(body) - json_size)
+    assert (header.id, header.outputs, header.parameters) == (whole.id, whole.outputs, whole.parameters)
+    for got, want in zip(header.inputs, whole.inputs, strict=True):
+        assert (got.name, got.datatype, got.shape, got.array.shape) == (
+            want.name,
+            want.datatype,
+            want.shape,
+            want.shape,
+        )
+    assert not header.inputs[0].array.any() and header.inputs[0].array.nbytes == 24  # a zero placeholder view
+    assert header.inputs[0].array.base is not None and header.inputs[0].array.strides == (0, 0)
+    np.testing.assert_array_equal(header.inputs[2].array, [7, 8])  # JSON data is in the header
+    # The header's own errors are found without the tensors: a length that does not add up.
+    with pytest.raises(BadRequest, match="4 bytes after the JSON header that no input's 'binary_data_size'"):
+        decode_request_header(body[:json_size], len(body) - json_size + 4)
+    with pytest.raises(BadRequest, match="input 'b': binary_data_size is 32 bytes, but only 8 binary bytes remain"):
+        decode_request_header(body[:json_size], 32)
