@@ -21,19 +21,23 @@ reweights; `segmentation_loss` does that combination for any of the losses here 
   image, so the selection does not depend on the batch size.
 - T-Loss (Gonzalez-Jimenez et al., MICCAI 2023): the negative log-likelihood of a Student-t
   distribution centred on the prediction, with an identity scale matrix and a tolerance nu
-  (the degrees of freedom) learned by backpropagation. For a one-hot label y in D dimensions and
-  the predicted probabilities p:
+  (the degrees of freedom) learned by backpropagation. As in the paper, a whole mask is one
+  observation: for an image with P valid pixels, y its one-hot labels and p its softmax, both
+  flattened to D = P * C dimensions (the paper's binary masks have D = P), and the residual
+  r = ||y - p||^2 summed over the image:
 
-      -log p(y | p, I, nu) = -log G((nu + D) / 2) + log G(nu / 2) + D/2 log(pi nu)
-                             + (nu + D) / 2 * log(1 + ||y - p||^2 / nu)
+      L = -log G((nu + D) / 2) + log G(nu / 2) + D/2 log(pi nu) + (nu + D) / 2 * log(1 + r / nu)
 
-  The paper treats a whole binary mask as one observation (D = its pixel count); noisyseg treats
-  each pixel as one (D = the number of classes, y its one-hot label, p its softmax), so the
-  T-Loss is a per-pixel loss like the others here: averaged over valid pixels, ARM-weighted,
-  ignore index respected. The robustness is the same mechanism one level down: a pixel's
-  gradient through ||y - p||^2 is scaled by (nu + D) / (nu + ||y - p||^2), so pixels far from
-  their label (mislabelled ones, once the network disagrees) pull less. nu = exp(log_nu) + 1e-8
-  keeps it positive; log_nu starts at 1.0 (nu about 2.72), the authors' code's default.
+  The robustness is the image-level weight (nu + D) / (nu + r) on every pixel's gradient of
+  ||y - p||^2: an image whose labels disagree with the network pulls less per pixel, and nu
+  sets how sharply. One pixel at a time (D = C) is not a usable variant: a saturated pixel has
+  r = 0 exactly, where L falls without bound as nu -> 0, and the phantom runs collapsed to
+  background within two epochs (nu -> 1e-8). So that the T-Loss composes with the per-pixel
+  losses here (`reduction="none"`, the mean over valid pixels, ARM's weights), each valid pixel
+  carries L / P, its image's loss shared equally; the mean is then sum(L) / sum(P), the paper's
+  per-image loss divided by the pixel count (a per-image constant, so the same minimiser and a
+  CE-like scale under SGD). nu = exp(log_nu) + 1e-8 keeps it positive; log_nu starts at 1.0
+  (nu about 2.72), the authors' code's default.
 """
 
 from __future__ import annotations
@@ -159,10 +163,12 @@ def student_t_loss(
     ignore_index: int = 255,
     reduction: Reduction = "mean",
 ) -> Tensor:
-    """The T-Loss per pixel (module docstring) with tolerance nu = exp(`log_nu`) + 1e-8, averaged
-    over valid pixels. Computed in fp32 (fp64 inputs stay fp64).
+    """The T-Loss of each image (module docstring) with tolerance nu = exp(`log_nu`) + 1e-8,
+    shared equally among its valid pixels, averaged over the valid pixels of the batch.
+    Computed in fp32 (fp64 inputs stay fp64).
 
-    `reduction="none"` returns `(N, H, W)` with 0 at ignored pixels.
+    `reduction="none"` returns `(N, H, W)`: each valid pixel holds its image's loss divided by
+    the image's valid pixel count, 0 at ignored pixels.
     """
     check_logits_and_target(logits, target)
     num_classes = logits.shape[1]
@@ -171,16 +177,21 @@ def student_t_loss(
     values = logits if logits.dtype == torch.float64 else logits.float()
     probs = torch.softmax(values, dim=1)
     # ||y - p||^2 = sum_c p_c^2 - 2 p_y + 1 for a one-hot y (no one-hot tensor is built).
-    distance = ((probs * probs).sum(dim=1) - 2.0 * probs.gather(1, safe_target.unsqueeze(1)).squeeze(1) + 1.0).clamp(
-        min=0.0
-    )
+    distance = (probs * probs).sum(dim=1) - 2.0 * probs.gather(1, safe_target.unsqueeze(1)).squeeze(1) + 1.0
+    residual = torch.where(valid, distance, torch.zeros_like(distance)).flatten(1).sum(dim=1).clamp(min=0.0)
+    pixels = valid.flatten(1).sum(dim=1).to(values.dtype)
+    dims = pixels * num_classes
     nu = torch.exp(log_nu.to(values.dtype)) + TLOSS_EPSILON
-    half_sum = (nu + num_classes) / 2.0
-    normaliser = (
-        -torch.lgamma(half_sum) + torch.lgamma(nu / 2.0) + num_classes / 2.0 * (math.log(math.pi) + torch.log(nu))
+    half_sum = (nu + dims) / 2.0
+    # An image without valid pixels has D = r = 0 and a loss of exactly 0.
+    image_loss = (
+        -torch.lgamma(half_sum)
+        + torch.lgamma(nu / 2.0)
+        + dims / 2.0 * (math.log(math.pi) + torch.log(nu))
+        + half_sum * torch.log1p(residual / nu)
     )
-    losses = normaliser + half_sum * torch.log1p(distance / nu)
-    losses = torch.where(valid, losses, torch.zeros_like(losses))
+    share = image_loss / pixels.clamp(min=1.0)
+    losses = torch.where(valid, share[:, None, None].expand_as(distance), torch.zeros_like(distance))
     return _reduce(losses, valid, reduction)
 
 

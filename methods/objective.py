@@ -10,6 +10,8 @@ optimises with the network's and checkpoints with the run.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -17,6 +19,9 @@ from noisyseg.config import TrainConfig
 from noisyseg.kernels import arm_cross_entropy, arm_reweighted_loss, multiscale_consistency
 from noisyseg.method_table import METHOD_SPECS
 from noisyseg.methods.losses import TLoss, pixel_loss, segmentation_loss
+
+
+log = logging.getLogger(__name__)
 
 
 class MethodObjective(nn.Module):
@@ -29,6 +34,14 @@ class MethodObjective(nn.Module):
         self.adele, self.loss = config.adele, config.loss
         self.ignore_index = ignore_index
         self.tloss = TLoss(config.loss.tloss_log_nu) if self.spec.pixel_loss == "tloss" else None
+        if self.tloss is not None and config.optim.optimizer != "adam":
+            # Measured on the phantom (docs/results.md): under SGD at lr 0.2 the T-Loss, whose
+            # gradient goes through the softmax's probabilities, never left all-background.
+            log.warning(
+                "method tloss with optim.optimizer=%s: the T-Loss's authors train it with Adam "
+                "(--set optim.optimizer=adam --set optim.lr=0.001); under SGD it can stay at background",
+                config.optim.optimizer,
+            )
 
     def forward(
         self, logits_per_scale: list[torch.Tensor], target: torch.Tensor, arm: nn.Module | None, arm_warming_up: bool

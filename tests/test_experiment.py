@@ -161,7 +161,7 @@ def test_experiment_plans() -> None:
         "adele-correction",
         "adele-consistency",
         "adele",
-        "tloss",
+        "tloss@optim.optimizer=adam@optim.lr=0.001",
         "baseline-ms@loader.augment.label_elastic=true",
         "adele@loader.augment.label_elastic=true",
     ]
@@ -366,7 +366,9 @@ def test_the_rivals_train_on_the_ladder(tmp_path: Path) -> None:
     trainer = RecordingTrain()
     assert run_experiments(tmp_path, specs, TINY, trainer) == {"done": 0, "trained": 3, "busy": 0}
     configs = {spec.name: RunDir(tmp_path / "runs" / spec.relative_dir).read_config() for spec in specs}
-    assert configs["tloss"].method == "tloss" and not configs["tloss"].loader.augment.label_elastic
+    tloss = configs["tloss@optim.optimizer=adam@optim.lr=0.001"]
+    assert tloss.method == "tloss" and not tloss.loader.augment.label_elastic
+    assert (tloss.optim.optimizer, tloss.optim.lr) == ("adam", 0.001)
     for name in ("baseline-ms@loader.augment.label_elastic=true", "adele@loader.augment.label_elastic=true"):
         assert configs[name].loader.augment.label_elastic and configs[name].correction_timing() == "epoch"
     records = [

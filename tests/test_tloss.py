@@ -38,23 +38,32 @@ def test_value_by_hand() -> None:
     assert expected == pytest.approx(2.4460747, abs=1e-6)
 
 
-def test_values_are_the_negative_log_density_of_scipys_multivariate_t() -> None:
+def test_values_are_the_negative_log_density_of_scipys_multivariate_t_over_each_image() -> None:
     rng = np.random.default_rng(0)
     logits = torch.from_numpy(rng.normal(0, 2, size=(2, 4, 3, 3)))
     target = torch.from_numpy(rng.integers(0, 4, size=(2, 3, 3)))
-    target[0, 0, 0] = target[1, 2, 1] = 255
+    target[0, 0, 0] = target[1, 2, 1] = target[1, 0, 2] = 255
     log_nu = 0.4
     losses = student_t_loss(logits, target, torch.tensor(log_nu, dtype=torch.float64), reduction="none")
     probs = torch.softmax(logits, dim=1).numpy()
     nu = math.exp(log_nu) + 1e-8
     expected = np.zeros((2, 3, 3))
-    for n, i, j in np.ndindex(2, 3, 3):
-        if target[n, i, j] != 255:
-            one_hot = np.eye(4)[int(target[n, i, j])]
-            expected[n, i, j] = -stats.multivariate_t(loc=probs[n, :, i, j], shape=np.eye(4), df=nu).logpdf(one_hot)
+    image_losses = []
+    for n in range(2):
+        valid = target[n].numpy() != 255
+        # The image is one observation: its valid pixels' one-hot labels and softmax, flattened.
+        one_hot = np.eye(4)[target[n].numpy()[valid]].ravel()
+        mean = probs[n].transpose(1, 2, 0)[valid].ravel()
+        image_loss = -stats.multivariate_t(loc=mean, shape=np.eye(one_hot.size), df=nu).logpdf(one_hot)
+        expected[n][valid] = image_loss / valid.sum()
+        image_losses.append(image_loss)
     np.testing.assert_allclose(losses.numpy(), expected, rtol=1e-10, atol=1e-12)
-    mean = student_t_loss(logits, target, torch.tensor(log_nu, dtype=torch.float64))
-    assert mean.item() == pytest.approx(expected.sum() / 16, rel=1e-12)
+    mean_loss = student_t_loss(logits, target, torch.tensor(log_nu, dtype=torch.float64))
+    assert mean_loss.item() == pytest.approx(sum(image_losses) / 15, rel=1e-12)  # 15 valid pixels
+    # An image without valid pixels adds nothing, and no NaN.
+    target[1] = 255
+    alone = student_t_loss(logits, target, torch.tensor(log_nu, dtype=torch.float64), reduction="none")
+    assert torch.all(alone[1] == 0) and alone[0].sum().item() == pytest.approx(image_losses[0], rel=1e-12)
 
 
 def test_gradients_match_finite_differences_and_the_closed_form() -> None:
@@ -64,33 +73,44 @@ def test_gradients_match_finite_differences_and_the_closed_form() -> None:
     target[1, 0, :2] = 255
     log_nu = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda z, v: student_t_loss(z, target, v), (logits, log_nu))
-    # Closed form: for pixel loss l(p, nu) with d = ||y - p||^2 and D classes,
-    #   dl/dp = (nu + D) / (nu + d) * (p - y)
-    #   dl/dnu = -psi((nu + D)/2)/2 + psi(nu/2)/2 + D/(2 nu) + log(1 + d/nu)/2 - (nu + D) d / (2 nu (nu + d))
-    # and dnu/dlog_nu = exp(log_nu) = nu - 1e-8.
+    # Closed form, per image with P valid pixels, D = 3 P and residual r = sum ||y - p||^2:
+    #   dL/dp = (nu + D) / (nu + r) * (p - y)
+    #   dL/dnu = -psi((nu + D)/2)/2 + psi(nu/2)/2 + D/(2 nu) + log(1 + r/nu)/2 - (nu + D) r / (2 nu (nu + r))
+    # the mean divides the sum of L by the batch's valid pixels, and dnu/dlog_nu = nu - 1e-8.
     probs = torch.softmax(logits.detach(), dim=1).requires_grad_()
     valid = target != 255
-    safe = torch.where(valid, target, 0)
-    one_hot = torch.nn.functional.one_hot(safe, 3).permute(0, 3, 1, 2).double()
-    d = ((one_hot - probs.detach()) ** 2).sum(dim=1)
-    nu, big_d = math.exp(0.7) + 1e-8, 3
+    one_hot = torch.nn.functional.one_hot(torch.where(valid, target, 0), 3).permute(0, 3, 1, 2).double()
+    squared = ((one_hot - probs.detach()) ** 2).sum(dim=1) * valid
+    pixels = valid.flatten(1).sum(dim=1).double()
+    r, big_d = squared.flatten(1).sum(dim=1), 3 * pixels
+    nu = math.exp(0.7) + 1e-8
     # The loss as a function of p: differentiate through p with the same formula.
-    distance = ((one_hot - probs) ** 2).sum(dim=1)
-    per_pixel = (nu + big_d) / 2 * torch.log1p(distance / nu)
-    (grad_p,) = torch.autograd.grad(per_pixel[valid].sum(), probs)
-    expected_p = (nu + big_d) / (nu + d)[:, None] * (probs.detach() - one_hot) * valid[:, None]
+    residual = (((one_hot - probs) ** 2).sum(dim=1) * valid).flatten(1).sum(dim=1)
+    (grad_p,) = torch.autograd.grad(((nu + big_d) / 2 * torch.log1p(residual / nu)).sum(), probs)
+    expected_p = ((nu + big_d) / (nu + r))[:, None, None, None] * (probs.detach() - one_hot) * valid[:, None]
     torch.testing.assert_close(grad_p, expected_p, rtol=1e-12, atol=1e-12)
     loss = student_t_loss(logits.detach(), target, log_nu)
     (grad_nu,) = torch.autograd.grad(loss, log_nu)
-    dn = d.numpy()[valid.numpy()]
-    per_pixel_dnu = (
-        -special.digamma((nu + big_d) / 2) / 2
+    rn, dn = r.numpy(), big_d.numpy()
+    per_image_dnu = (
+        -special.digamma((nu + dn) / 2) / 2
         + special.digamma(nu / 2) / 2
-        + big_d / (2 * nu)
-        + np.log1p(dn / nu) / 2
-        - (nu + big_d) * dn / (2 * nu * (nu + dn))
+        + dn / (2 * nu)
+        + np.log1p(rn / nu) / 2
+        - (nu + dn) * rn / (2 * nu * (nu + rn))
     )
-    assert grad_nu.item() == pytest.approx((nu - 1e-8) * per_pixel_dnu.mean(), rel=1e-9)
+    assert grad_nu.item() == pytest.approx((nu - 1e-8) * per_image_dnu.sum() / pixels.sum().item(), rel=1e-9)
+
+
+def test_a_saturated_pixel_does_not_send_nu_to_zero() -> None:
+    # The per-pixel form's failure: a pixel predicted exactly (r = 0) had a loss falling without
+    # bound as nu -> 0. Over an image with one pixel still wrong, L has a finite minimiser in nu.
+    logits = torch.zeros(1, 3, 4, 4, dtype=torch.float64)
+    logits[:, 0] = 200.0  # background everywhere, saturated: p = (1, 0, 0) exactly
+    target = torch.zeros(1, 4, 4, dtype=torch.long)
+    target[0, 0, 0] = 1
+    values = [student_t_loss(logits, target, torch.tensor(v, dtype=torch.float64)).item() for v in (-12.0, -6.0, 0.0)]
+    assert values[0] > values[1] and np.isfinite(values).all()
 
 
 def test_the_module_owns_nu_and_the_objective_trains_it() -> None:
