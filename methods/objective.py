@@ -20,7 +20,6 @@ from noisyseg.kernels import arm_cross_entropy, arm_reweighted_loss, multiscale_
 from noisyseg.method_table import METHOD_SPECS
 from noisyseg.methods.losses import TLoss, pixel_loss, segmentation_loss
 
-
 log = logging.getLogger(__name__)
 
 
