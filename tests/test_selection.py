@@ -162,6 +162,6 @@ def test_selection_summary_gives_the_test_score_at_each_rule() -> None:
 def test_default_rule_follows_the_masks_a_user_has() -> None:
     assert default_rule(has_noisy_val=True, has_val=True) == "noisy-val"
     assert default_rule(has_noisy_val=False, has_val=True) == "clean-val"
-    assert default_rule(has_noisy_val=False, has_val=False) == "label-free"
+    assert default_rule(has_noisy_val=False, has_val=False) == "label-free-curves"
     with pytest.raises(ValueError, match="selection rule: expected one of"):
         selected_epoch("best", history(2))

@@ -163,8 +163,8 @@ def test_without_a_validation_split_the_rule_is_label_free(
     assert "no validation split" in caplog.text
     records = read_records(out)
     assert all(r["val"]["miou"] is None for r in records)
-    assert summary["selection"]["rule"] == "label-free"
-    assert summary["selection"]["epoch"] == RULES["label-free"](records) == 3  # no moving average yet in 3 epochs
+    assert summary["selection"]["rule"] == "label-free-curves"
+    assert summary["selection"]["epoch"] == RULES["label-free-curves"](records) == 3  # no class has ended its rise
     assert load_model(resolve_model_file(out))[1].extra["epoch"] == 3
 
 
