@@ -22,6 +22,11 @@ fewest bytes a forward + backward must move (read the logits and the target once
 logits' gradient) over the median time, as a fraction of the device-to-device copy bandwidth
 (read + write bytes of a 1 GiB `copy_`, best of 20) measured once in the same session.
 
+ARM at the cost of plain cross-entropy (`test_cost_against_plain_cross_entropy`): ARM-weighted
+CE against ``F.cross_entropy`` and the three-scale ADELE+ARM loss against three of them, at
+(4, C, 256, 256) for C = 5 and 19, the two alternating within each round, threads pinned (see
+the section below); ``-k cost`` runs these alone.
+
 Peak memory: torch's CPU allocator keeps no statistics and tracemalloc does not see it, so the
 extra peak is measured as the process's resident high-water mark (VmHWM, reset through
 /proc/self/clear_refs) minus the resident size before the call, with glibc's mmap threshold
@@ -32,9 +37,11 @@ and is given as a multiple of the bytes of the logits (all scales).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -253,6 +260,103 @@ def test_loss_forward_backward(benchmark, shape_name, num_scales, impl):
         benchmark.extra_info["extra_peak_over_logits"] = round(
             (torch.cuda.max_memory_allocated() - base) / logits_bytes, 3
         )
+
+
+# ------------------------------------------------------------------------------------------
+# ARM at the cost of plain cross-entropy: ARM-weighted CE against F.cross_entropy, and the
+# three-scale ADELE+ARM loss against three F.cross_entropy, forward + backward at (4, C, 256, 256).
+# The fused call and its baseline alternate within every round (A B B A), so a change of machine
+# load between rounds reaches both; each round's two times go to extra_info, and the ratio of
+# their medians is the figure. Threads are pinned: torch's intra-op pool (which the numba kernels
+# follow, `numba_common.threads_like_torch`) set to NOISYSEG_BENCH_THREADS (default 1) for both,
+# and the process bound to that many CPUs (os.sched_setaffinity, inherited by the OpenMP workers
+# started after it), so both sides run on the same threads whatever else the machine runs.
+
+COST_CLASSES = (5, 19)
+COST_SHAPE = (4, 256, 256)  # N, H, W
+COST_SCALES = {"arm_ce": 1, "adele_arm": 3}
+COST_TARGETS = {("arm_ce", 5): 1.10, ("arm_ce", 19): 1.0, ("adele_arm", 5): 1.15, ("adele_arm", 19): 1.15}
+COST_THREADS = int(os.environ.get("NOISYSEG_BENCH_THREADS", "1"))
+COST_ROUNDS = int(os.environ.get("NOISYSEG_BENCH_COST_ROUNDS", "11"))
+
+
+@contextlib.contextmanager
+def pinned_threads(threads: int):
+    """torch (and so the numba kernels) on `threads` threads, the process on as many CPUs."""
+    previous_threads = torch.get_num_threads()
+    previous_cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    torch.set_num_threads(threads)
+    if previous_cpus is not None:
+        os.sched_setaffinity(0, sorted(previous_cpus)[:threads])
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous_threads)
+        if previous_cpus is not None:
+            os.sched_setaffinity(0, previous_cpus)
+
+
+def cost_pair(loss: str, impl: str) -> tuple[Callable, Callable]:
+    """(fused loss, its plain cross-entropy baseline), each loss(logits_list, target, arm)."""
+    if impl == "triton" and not CUDA:
+        pytest.skip("triton fused kernels are benchmarked on CUDA only (no GPU here)")
+    fused = functional.losses_on(impl)
+    if loss == "arm_ce":
+        return (
+            lambda logits, target, arm: fused.arm_cross_entropy(logits[0], target, arm),
+            lambda logits, target, arm: F.cross_entropy(logits[0], target, ignore_index=255),
+        )
+    return (
+        lambda logits, target, arm: fused.adele_arm_loss(logits, target, arm),
+        lambda logits, target, arm: sum(F.cross_entropy(z, target, ignore_index=255) for z in logits),
+    )
+
+
+@pytest.mark.parametrize("impl", ["numba", "triton"])
+@pytest.mark.parametrize("num_classes", COST_CLASSES, ids=[f"C{c}" for c in COST_CLASSES])
+@pytest.mark.parametrize("loss", list(COST_SCALES))
+def test_cost_against_plain_cross_entropy(benchmark, loss, num_classes, impl):
+    fused, plain = cost_pair(loss, impl)
+    device = "cuda" if impl == "triton" else "cpu"
+    n, h, w = COST_SHAPE
+    logits, target = make_inputs((n, num_classes, h, w), COST_SCALES[loss], device)
+    arm = seeded_arm().to(device)
+    times: dict[str, list[float]] = {"fused": [], "plain": []}
+
+    def timed(name: str, fn: Callable) -> None:
+        started = time.perf_counter()
+        forward_backward(fn, logits, target, arm)
+        times[name].append(time.perf_counter() - started)
+
+    def interleaved_round() -> None:
+        for name, fn in (("fused", fused), ("plain", plain), ("plain", plain), ("fused", fused)):
+            timed(name, fn)
+
+    benchmark.group = f"cost {loss} C={num_classes}"
+    load_before = os.getloadavg()[0]
+    with pinned_threads(COST_THREADS):
+        interleaved_round()  # warm-up (numba's cache, allocator state), not counted
+        times["fused"].clear()
+        times["plain"].clear()
+        benchmark.pedantic(interleaved_round, rounds=COST_ROUNDS)
+    if benchmark.stats is None:  # --benchmark-disable: ran once as a smoke test
+        return
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    ratio = medians["fused"] / medians["plain"]
+    benchmark.extra_info.update(
+        threads=COST_THREADS,
+        load_average=[round(load_before, 2), round(os.getloadavg()[0], 2)],
+        fused_ms=round(medians["fused"] * 1e3, 3),
+        plain_ms=round(medians["plain"] * 1e3, 3),
+        ratio=round(ratio, 3),
+        target=COST_TARGETS[(loss, num_classes)],
+        target_met=ratio <= COST_TARGETS[(loss, num_classes)],
+    )
+    LOGGER.warning(
+        "%s C=%d %s: fused %.2f ms, plain %.2f ms, ratio %.3f (target %.2f), threads %d, load %.1f -> %.1f",
+        loss, num_classes, impl, medians["fused"] * 1e3, medians["plain"] * 1e3, ratio,
+        COST_TARGETS[(loss, num_classes)], COST_THREADS, load_before, os.getloadavg()[0],
+    )  # fmt: skip
 
 
 def time_calls(shape_name: str, num_scales: int, impl: str, calls: int) -> list[float]:

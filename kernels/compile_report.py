@@ -354,10 +354,53 @@ def build_report(subset: bool = False, jobs: int = 1, archs: tuple[int, ...] = A
     }
 
 
+def _layout(entry: dict[str, Any]) -> str:
+    constexprs = entry["constexprs"]
+    if constexprs.get("stride_c") == 1:
+        return "channels-last"
+    return "NCHW" if constexprs.get("stride_l") == 1 else "-"
+
+
+ARM_NAMES = {0: "none", 1: "table", 2: "exact"}
+
+
+def summary_rows(report: dict[str, Any]) -> list[str]:
+    """One row per kernel, architecture, logits layout and ARM mode: how many specializations,
+    and the range of their registers, spills and resident warps."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for e in report["entries"]:
+        arm = ARM_NAMES.get(e["constexprs"].get("ARM"), "-")
+        groups.setdefault((e["kernel"], e["arch"], _layout(e), arm), []).append(e)
+    rows = [
+        "| kernel | arch | layout | ARM | specializations | warps | registers | spill bytes | warps/SM | not ok |",
+        "| --- | --- | --- | --- | ---: | --- | --- | ---: | --- | ---: |",
+    ]
+
+    def span(values: list[int]) -> str:
+        return f"{min(values)}-{max(values)}" if min(values) != max(values) else str(values[0])
+
+    for (kernel, arch, layout, arm), entries in sorted(groups.items()):
+        compiled = [e for e in entries if "registers" in e]
+        figures = (
+            [span([e[key] for e in compiled]) for key in ("num_warps", "registers")]
+            + [
+                str(max(e["spill_bytes"] for e in compiled)),
+                span([e["max_warps_per_sm"] for e in compiled]),
+            ]
+            if compiled
+            else ["", "", "", ""]
+        )
+        bad = sum(e["status"] != "ok" for e in entries)
+        rows.append(f"| {kernel} | {arch} | {layout} | {arm} | {len(entries)} | {' | '.join(figures)} | {bad} |")
+    return rows
+
+
 def markdown(report: dict[str, Any]) -> str:
-    """The report as a table: one row per kernel, architecture and specialization."""
+    """The summary, then one row per kernel, architecture and specialization."""
     lines = [
         f"Triton {report['triton']}; {len(report['entries'])} compiled kernels",
+        "",
+        *summary_rows(report),
         "",
         "| kernel | arch | constexprs | warps | registers | spill bytes | shared bytes | warps/SM | status | cases |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |",

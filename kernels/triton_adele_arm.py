@@ -46,8 +46,7 @@ from noisyseg.kernels.contract import (
 from noisyseg.kernels.triton_arm import arm_backward_coefficients, arm_parameter_gradient, forward_table
 from noisyseg.kernels.triton_common import (
     ARM_NONE,
-    MULTISCALE_NUM_WARPS,
-    MULTISCALE_TILE_ELEMENTS,
+    MULTISCALE_TILES,
     SCALE_SLOTS,
     LaunchGeometry,
     arm_kernel_mode,
@@ -367,7 +366,7 @@ class FusedMultiscaleLossFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         num_scales = len(logits)
         num_images, num_classes, num_pixels = logits[0].shape
-        geometry = LaunchGeometry.for_shape(num_classes, num_pixels, MULTISCALE_TILE_ELEMENTS)
+        geometry = LaunchGeometry.for_logits(logits[0], MULTISCALE_TILES)
         device = logits[0].device
         scratch_shape = (num_scales, num_images, num_pixels) if arm_mode != ARM_NONE else (1, 1, 1)
         confidence = torch.empty(scratch_shape, dtype=torch.float32, device=device)
@@ -398,7 +397,7 @@ class FusedMultiscaleLossFunction(torch.autograd.Function):
             ARM=arm_mode,
             BLOCK_P=geometry.block_p,
             BLOCK_C=geometry.block_c,
-            num_warps=MULTISCALE_NUM_WARPS,
+            **geometry.options,
         )
         ce_sums = reduce_partials(ce_partials, (0, 1))  # (S, 3): sum w, sum w^2, sum w l
         kl_per_image = reduce_partials(kl_partials[..., 0], (1,))
@@ -475,7 +474,7 @@ def _logit_gradients(
         ARM=arm_mode,
         BLOCK_P=geometry.block_p,
         BLOCK_C=geometry.block_c,
-        num_warps=MULTISCALE_NUM_WARPS,
+        **geometry.options,
     )
     return grads
 

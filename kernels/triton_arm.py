@@ -13,7 +13,7 @@ from noisyseg.kernels import contract
 from noisyseg.kernels.contract import ARM_NUM_PARAMETERS
 from noisyseg.kernels.triton_common import (
     ARM_BLOCK_P,
-    ARM_NUM_WARPS,
+    ARM_LAUNCH,
     ARM_TABLE,
     ARM_TABLE_BLOCK,
     PARAMETER_SPAN,
@@ -152,7 +152,7 @@ def arm_table(arm_params: torch.Tensor, with_jacobian: bool = False) -> torch.Te
     shape = (size, ARM_NUM_PARAMETERS) if with_jacobian else (size,)
     out = torch.empty(shape, dtype=torch.float32, device=arm_params.device)
     arm_table_kernel[(triton.cdiv(size, ARM_TABLE_BLOCK),)](
-        arm_params, out, out, WITH_JACOBIAN=with_jacobian, BLOCK=ARM_TABLE_BLOCK, num_warps=ARM_NUM_WARPS
+        arm_params, out, out, WITH_JACOBIAN=with_jacobian, BLOCK=ARM_TABLE_BLOCK, **ARM_LAUNCH
     )
     return out
 
@@ -193,7 +193,7 @@ def arm_parameter_gradient(
         ignore_index,
         ARM=arm_mode,
         BLOCK_P=ARM_BLOCK_P,
-        num_warps=ARM_NUM_WARPS,
+        **ARM_LAUNCH,
     )
     return reduce_partials(partials, (0,)).float()
 

@@ -30,8 +30,7 @@ from noisyseg.kernels.contract import (
 from noisyseg.kernels.triton_arm import arm_backward_coefficients, arm_parameter_gradient, forward_table
 from noisyseg.kernels.triton_common import (
     ARM_NONE,
-    CE_NUM_WARPS,
-    CE_TILE_ELEMENTS,
+    CE_TILES,
     LaunchGeometry,
     arm_kernel_mode,
     arm_parameter_vector,
@@ -130,7 +129,7 @@ class ArmCrossEntropyFunction(torch.autograd.Function):
         ctx: Any, logits: torch.Tensor, target: torch.Tensor, arm_params: torch.Tensor, arm_mode: int, ignore_index: int
     ) -> torch.Tensor:
         num_images, num_classes, num_pixels = logits.shape
-        geometry = LaunchGeometry.for_shape(num_classes, num_pixels, CE_TILE_ELEMENTS)
+        geometry = LaunchGeometry.for_logits(logits, CE_TILES)
         write_grad = bool(ctx.needs_input_grad[0])
         grad = torch.empty_like(logits) if write_grad else logits.new_empty(1)
         scratch_shape = (1, num_images, num_pixels) if arm_mode != ARM_NONE else (1, 1, 1)
@@ -160,7 +159,7 @@ class ArmCrossEntropyFunction(torch.autograd.Function):
             ARM=arm_mode,
             BLOCK_P=geometry.block_p,
             BLOCK_C=geometry.block_c,
-            num_warps=CE_NUM_WARPS,
+            **geometry.options,
         )
         sums = reduce_partials(partials, (0, 1))  # (sum w, sum w^2, sum w l), float64
         ctx.save_for_backward(grad, target, arm_params.detach(), table, confidence, pixel_loss, sums)
@@ -197,7 +196,7 @@ class ArmCrossEntropyFunction(torch.autograd.Function):
             grad.shape[2],
             BLOCK_P=geometry.block_p,
             BLOCK_C=geometry.block_c,
-            num_warps=CE_NUM_WARPS,
+            **geometry.options,
         )
         return grad, None, grad_params, None, None
 

@@ -35,24 +35,45 @@ from noisyseg.kernels.contract import (
 # the flat vector of `pack_arm_parameters`) as attributes of the module, which Triton takes as
 # compile-time constants (a plain int global would have to be wrapped in tl.constexpr).
 
-# GPU launch parameters, chosen from ptxas' register report for sm_90 (Triton 3.9; no GPU was
-# available to time them). Pixels are the fast (coalesced) axis of a (BLOCK_P x BLOCK_C) tile
-# for NCHW logits.
-# * Cross-entropy: 4096-value fp32 tiles at 4 warps (32 values per thread) compile to 128
-#   registers without spills, leaving room for 4 blocks per SM.
-# * Multiscale kernels keep S-wide per-pixel matrices and ARM's (P, 4, 4) products live beside
-#   the tiles: 4096 values at 4 warps needed 255 registers and spilled; 2048 values at 8 warps
-#   compile to about 128 registers without spills.
-# * ARM's backward holds (BLOCK_P, 4, 4) products: 128 pixels at 4 warps, 137 registers.
-CE_TILE_ELEMENTS = 4096
-CE_NUM_WARPS = 4
-MULTISCALE_TILE_ELEMENTS = 2048
-MULTISCALE_NUM_WARPS = 8
-MAX_BLOCK_C = 64
+# GPU launch parameters, chosen from `make kernels-compile` (kernels/compile_report.py: every
+# specialization compiled for sm_80 and sm_90 with Triton 3.9 and 3.6; the tables are in
+# docs/benchmarks.md). No GPU was available to time them. A tile is BLOCK_P pixels x BLOCK_C
+# channels; per logits layout:
+# * NCHW (pixels contiguous): loads vectorise along the pixels. Cross-entropy: 2048-value tiles
+#   at 4 warps, 56-168 registers (ARM's table: up to 128), no spills, 12-36 warps per SM; the
+#   4096-value tiles used before needed up to 255 registers and spilled in bf16 at C = 150.
+# * channels-last (channels contiguous, rows C values apart, unaligned for most C): each value
+#   needs its own 64-bit address, so the same tile takes about twice the registers; 4096-value
+#   tiles used 255 registers and spilled 0.6-2 KB. Half the NCHW tile, and channel blocks of at
+#   most 32.
+# * The multiscale kernels hold (BLOCK_P, MAX_SCALES) matrices of per-pixel statistics and
+#   per-scale tiles beside the channel tile: smaller tiles again.
+# * ARM's backward holds (BLOCK_P, 4, 4) products (exact path) or gathers rows of the table's
+#   node Jacobian: 128 pixels at 4 warps, 100-155 registers.
+# * Every launch passes maxnreg = 255 (no limit below the hardware's): left to itself ptxas
+#   trades a few registers for one more resident block at its register steps (64, 72, 80, 96,
+#   128) and spills the difference (8-72 bytes in 14 of 392 specializations); told the limit, it
+#   allocates what the kernel needs and spills nothing.
+# The figures per kernel and specialization: docs/benchmarks.md, "Triton kernels compiled".
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A kernel family's tile for one logits layout: about `elements` values, at most
+    `max_block_c` channels, run by `num_warps` warps."""
+
+    elements: int
+    max_block_c: int
+    num_warps: int
+
+
+CE_TILES = {"nchw": Tile(2048, 64, 4), "channels_last": Tile(1024, 32, 4)}
+MULTISCALE_TILES = {"nchw": Tile(512, 32, 4), "channels_last": Tile(512, 32, 8)}
 MAX_BLOCK_P = 256
 MIN_BLOCK_P = 16
+MAX_REGISTERS = 255
 ARM_BLOCK_P = 128
-ARM_NUM_WARPS = 4
+ARM_LAUNCH = {"num_warps": 4, "maxnreg": MAX_REGISTERS}  # ARM's table and backward kernels
 ARM_TABLE_BLOCK = 128  # table nodes per program (`arm_table_kernel`)
 # The kernels' constexpr ARM: no ARM (weight 1), ARM's table (`contract`), the exact MLP.
 ARM_NONE, ARM_TABLE, ARM_EXACT = 0, 1, 2
@@ -67,21 +88,41 @@ if contract.ARM_TABLE_SIZE % ARM_TABLE_BLOCK:
     )
 
 
+def logits_layout(logits: torch.Tensor) -> str:
+    """ "channels_last" when a (N, C, L) view has contiguous channels and strided pixels."""
+    _, stride_c, stride_l = logits.stride()
+    return "channels_last" if stride_c == 1 and stride_l != 1 else "nchw"
+
+
 @dataclass(frozen=True)
 class LaunchGeometry:
-    """Block sizes and grid for logits viewed as (N, C, L)."""
+    """Block sizes, warps and grid for logits viewed as (N, C, L)."""
 
     block_p: int
     block_c: int
     num_blocks: int
+    num_warps: int
+
+    @property
+    def options(self) -> dict[str, int]:
+        """The launch options: warps and the register limit."""
+        return {"num_warps": self.num_warps, "maxnreg": MAX_REGISTERS}
 
     @classmethod
-    def for_shape(cls, num_classes: int, num_pixels: int, tile_elements: int) -> LaunchGeometry:
-        """Channel blocks of up to MAX_BLOCK_C, pixel blocks filling a tile of about
-        ``tile_elements`` values (never wider than the image needs)."""
-        block_c = min(triton.next_power_of_2(num_classes), MAX_BLOCK_C)
-        block_p = max(MIN_BLOCK_P, min(tile_elements // block_c, MAX_BLOCK_P, triton.next_power_of_2(num_pixels)))
-        return cls(block_p=block_p, block_c=block_c, num_blocks=triton.cdiv(num_pixels, block_p))
+    def for_shape(cls, num_classes: int, num_pixels: int, tile: Tile) -> LaunchGeometry:
+        """Channel blocks of up to the tile's max_block_c, pixel blocks filling a tile of about
+        ``tile.elements`` values (never wider than the image needs)."""
+        block_c = min(triton.next_power_of_2(num_classes), tile.max_block_c)
+        block_p = max(MIN_BLOCK_P, min(tile.elements // block_c, MAX_BLOCK_P, triton.next_power_of_2(num_pixels)))
+        return cls(
+            block_p=block_p, block_c=block_c, num_blocks=triton.cdiv(num_pixels, block_p), num_warps=tile.num_warps
+        )
+
+    @classmethod
+    def for_logits(cls, logits: torch.Tensor, tiles: dict[str, Tile]) -> LaunchGeometry:
+        """The geometry for (N, C, L) logits in their layout, from a family's `tiles`."""
+        _, num_classes, num_pixels = logits.shape
+        return cls.for_shape(num_classes, num_pixels, tiles[logits_layout(logits)])
 
 
 def check_device(tensor: torch.Tensor, name: str) -> None:
