@@ -112,6 +112,10 @@ class AdeleConfig:
     r: relative slope drop that starts correction of a class; min_fit_points: fewest epochs fitted;
     min_rise: the fitted curve must have risen this much since epoch 1 (noisyseg's guard against
         triggering on a class the network does not predict yet; 0 = the papers' rule alone).
+    trigger_epochs: epochs in a row the rule must hold before a class triggers, each judged on the
+        fit of the history up to it (1 = the paper: the first epoch it holds). A fit on the first
+        few points can take a temporary plateau for the end of early learning: on clean phantom
+        labels the heart triggered at epochs 6 and 9 and lost 10 points (docs/results.md).
     fit_weights: `equal` (every epoch alike, the default) or `reference` (the reference code's
         sigma = geomspace(1, 0.1): the latest epoch weighs 100x the first; it fires at epoch 5
         or earlier on noisy slow rises, `docs/method.md`).
@@ -149,6 +153,7 @@ class AdeleConfig:
     r: float = 0.9
     min_fit_points: int = 3
     min_rise: float = 0.05
+    trigger_epochs: int = 1
     fit_weights: str = "equal"
     tau: float = 0.7
     correction_timing: str = "auto"
@@ -359,6 +364,7 @@ class TrainConfig:
             (0.0 <= self.adele.r < 1.0, "adele.r", "in [0, 1)"),
             (self.adele.min_fit_points >= 3, "adele.min_fit_points", "at least 3"),
             (0.0 <= self.adele.min_rise < 1.0, "adele.min_rise", "in [0, 1)"),
+            (self.adele.trigger_epochs >= 1, "adele.trigger_epochs", "at least 1"),
             (self.adele.fit_weights in FIT_WEIGHTS, "adele.fit_weights", " or ".join(f"'{w}'" for w in FIT_WEIGHTS)),
             (0.0 <= self.adele.tau < 1.0, "adele.tau", "in [0, 1)"),
             (self.adele.rho_mask in ("image", "pixel"), "adele.rho_mask", "'image' or 'pixel'"),

@@ -281,11 +281,7 @@ class TriggerState:
             return []
         pending = [c for c in range(1, self.num_classes) if self.trigger_epoch[c] is None]
         if adaptive:
-            fired = [
-                c
-                for c in pending
-                if self.fits[c] is not None and fit_triggers(CurveFit(**self.fits[c]), epoch, rule.r, rule.min_rise)
-            ]
+            fired = [c for c in pending if self._holds(c, epoch, rule)]
         elif pending and correction_started(
             self.mean_history(), rule.r, rule.min_fit_points, rule.min_rise, rule.fit_weights
         ):
@@ -295,6 +291,19 @@ class TriggerState:
         for c in fired:
             self.trigger_epoch[c] = epoch
         return fired
+
+    def _holds(self, c: int, epoch: int, rule: AdeleConfig) -> bool:
+        """Whether the trigger rule held for class `c` at each of the last `rule.trigger_epochs`
+        epochs, each on the fit of the history up to it (refitted here, so a resumed run needs
+        no state beyond the history)."""
+        if self.fits[c] is None or not fit_triggers(CurveFit(**self.fits[c]), epoch, rule.r, rule.min_rise):
+            return False
+        history = self.iou_history[c]
+        for back in range(1, rule.trigger_epochs):
+            earlier = fit_iou_curve(history[: len(history) - back], rule.min_fit_points, rule.fit_weights)
+            if not fit_triggers(earlier, epoch - back, rule.r, rule.min_rise):
+                return False
+        return True
 
     def mean_history(self) -> list[float | None]:
         """Mean foreground training IoU per epoch (the non-adaptive ablation's single curve)."""

@@ -10,6 +10,7 @@ import pytest
 import torch
 from scipy.optimize import brentq
 
+from noisyseg.config import AdeleConfig, build_config
 from noisyseg.methods import adele
 from noisyseg.methods.adele import correct_labels, correction_started, fit_iou_curve
 
@@ -240,3 +241,26 @@ def test_correction_rejects_mismatched_shapes() -> None:
         correct_labels(torch.zeros(1, 2, 2, dtype=torch.long), torch.rand(1, 3, 2, 3), torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="triggered"):
         correct_labels(torch.zeros(1, 2, 2, dtype=torch.long), torch.rand(1, 3, 2, 2), torch.ones(4, dtype=torch.bool))
+
+
+def test_a_temporary_plateau_triggers_at_once_but_not_when_the_rule_must_hold_three_epochs() -> None:
+    # A class learned in two steps: a plateau at epochs 4-7, then the rise to its real plateau.
+    series = [0, 0, 0, 0.45, 0.44, 0.46, 0.47, 0.6, 0.68, 0.75, 0.8, 0.84, 0.87, 0.89, 0.9, 0.91]
+    series += [0.91, 0.92, 0.92, 0.92, 0.92, 0.93]
+
+    def fired(trigger_epochs: int) -> int | None:
+        state = adele.TriggerState(2)
+        rule = AdeleConfig(trigger_epochs=trigger_epochs)
+        for epoch, value in enumerate(series, start=1):
+            if state.update(epoch, np.array([1.0, value]), rule, detect=True, adaptive=True):
+                return epoch
+        return None
+
+    assert fired(1) == first_trigger(series) == 6  # the paper's rule fires on the temporary plateau
+    late = fired(3)
+    assert late is not None and late > 15
+    # The rule held on the history up to each of the last three epochs, and not at the one before.
+    assert all(correction_started(series[:e]) for e in (late - 2, late - 1, late))
+    assert not correction_started(series[: late - 3])
+    with pytest.raises(ValueError, match="adele.trigger_epochs"):
+        build_config(None, ["data=x", "out=y", "adele.trigger_epochs=0"])
