@@ -126,14 +126,16 @@ kernels-compile: $(STAMP)
 
 # The same, and the Triton kernel tests, with Triton 3.6 (the GPU machines' version) in a second
 # environment: the CPU torch wheel as above, triton 3.6.0 and pytest, this tree installed
-# editable without dependencies (the kernels need only torch and triton).
+# editable without dependencies (the kernels need only torch and triton). numpy below 2.4: Triton
+# 3.6's interpreter turns scalar kernel arguments into one-element arrays and int()s them in
+# `range(0, C, BLOCK_C)`, which numpy 2.4 refuses (TypeError); 2.3 still allows it.
 TRITON36_VENV ?= .venv-triton36
 TRITON36_STAMP := $(TRITON36_VENV)/.noisyseg-installed
 $(TRITON36_STAMP): pyproject.toml $(LOCK)
 	test -x $(TRITON36_VENV)/bin/python || $(PYTHON) -m venv $(TRITON36_VENV)
 	$(TRITON36_VENV)/bin/python -m pip install --quiet -c $(LOCK) torch
-	grep -v '^triton==' $(LOCK) > $(TRITON36_VENV)/constraints.txt
-	$(TRITON36_VENV)/bin/python -m pip install --quiet -c $(TRITON36_VENV)/constraints.txt triton==3.6.0 numpy pytest
+	grep -v '^triton==\|^numpy==' $(LOCK) > $(TRITON36_VENV)/constraints.txt
+	$(TRITON36_VENV)/bin/python -m pip install --quiet -c $(TRITON36_VENV)/constraints.txt triton==3.6.0 'numpy<2.4' pytest
 	$(TRITON36_VENV)/bin/python -m pip install --quiet --no-deps -e .
 	touch $@
 
