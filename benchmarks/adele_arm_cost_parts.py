@@ -1,0 +1,73 @@
+"""Where the fused three-scale ADELE+ARM loss spends its time, against three plain cross-entropies.
+
+``.venv/bin/python benchmarks/adele_arm_cost_parts.py [--rounds 7] [--backend numba]`` times
+forward + backward of `adele_arm_loss` with its terms switched off one at a time (ARM off, the
+consistency term off with lam = 0, both) beside three `F.cross_entropy`, at (4, C, 256, 256) for
+C = 5 and 19, interleaved within every round, on one thread bound to one CPU. Prints the medians.
+The figures behind docs/benchmarks.md, "ARM at the cost of plain cross-entropy".
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from bench_kernels import make_inputs, seeded_arm
+
+from noisyseg.kernels import functional
+
+
+def forward_backward_ms(loss: Callable[[], torch.Tensor], logits: list[torch.Tensor]) -> float:
+    for z in logits:
+        z.grad = None
+    started = time.perf_counter()
+    loss().backward()
+    return (time.perf_counter() - started) * 1e3
+
+
+def loss_cases(
+    fused: Any, logits: list[torch.Tensor], target: torch.Tensor, arm: torch.nn.Module
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """The losses timed side by side: three plain CEs, then the fused loss with terms switched off."""
+    return {
+        "three plain CEs": lambda: sum(F.cross_entropy(z, target, ignore_index=255) for z in logits),
+        "ADELE+ARM": lambda: fused.adele_arm_loss(logits, target, arm),
+        "ADELE, no ARM": lambda: fused.adele_arm_loss(logits, target, None),
+        "ADELE+ARM, lam = 0": lambda: fused.adele_arm_loss(logits, target, arm, lam=0.0),
+        "ADELE, no ARM, lam = 0": lambda: fused.adele_arm_loss(logits, target, None, lam=0.0),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--backend", default="numba")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:1])
+    fused = functional.losses_on(args.backend)
+    for num_classes in (5, 19):
+        logits, target = make_inputs((4, num_classes, 256, 256), 3, "cpu")
+        logits = [z.requires_grad_() for z in logits]
+        cases = loss_cases(fused, logits, target, seeded_arm())
+        times: dict[str, list[float]] = {name: [] for name in cases}
+        for loss in cases.values():  # warm-up: numba's cache, the allocator
+            forward_backward_ms(loss, logits)
+        for _ in range(args.rounds):
+            for name, loss in cases.items():
+                times[name].append(forward_backward_ms(loss, logits))
+        plain = statistics.median(times["three plain CEs"])
+        for name, values in times.items():
+            median = statistics.median(values)
+            print(f"C={num_classes:3d} {name:24s} {median:8.1f} ms  {median / plain:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()
