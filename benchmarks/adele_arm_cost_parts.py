@@ -18,30 +18,29 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from bench_kernels import make_inputs, seeded_arm
+from bench_kernels import forward_backward, make_inputs, seeded_arm
 
 from noisyseg.kernels import functional
 
 
-def forward_backward_ms(loss: Callable[[], torch.Tensor], logits: list[torch.Tensor]) -> float:
-    for z in logits:
-        z.grad = None
-    started = time.perf_counter()
-    loss().backward()
-    return (time.perf_counter() - started) * 1e3
-
-
-def loss_cases(
-    fused: Any, logits: list[torch.Tensor], target: torch.Tensor, arm: torch.nn.Module
-) -> dict[str, Callable[[], torch.Tensor]]:
-    """The losses timed side by side: three plain CEs, then the fused loss with terms switched off."""
+def loss_cases(fused: Any) -> dict[str, Callable]:
+    """The losses timed side by side, each loss(logits, target, arm) as `forward_backward` takes
+    them: three plain CEs, then the fused loss with its terms switched off one at a time."""
     return {
-        "three plain CEs": lambda: sum(F.cross_entropy(z, target, ignore_index=255) for z in logits),
-        "ADELE+ARM": lambda: fused.adele_arm_loss(logits, target, arm),
-        "ADELE, no ARM": lambda: fused.adele_arm_loss(logits, target, None),
-        "ADELE+ARM, lam = 0": lambda: fused.adele_arm_loss(logits, target, arm, lam=0.0),
-        "ADELE, no ARM, lam = 0": lambda: fused.adele_arm_loss(logits, target, None, lam=0.0),
+        "three plain CEs": lambda logits, target, arm: sum(
+            F.cross_entropy(z, target, ignore_index=255) for z in logits
+        ),
+        "ADELE+ARM": lambda logits, target, arm: fused.adele_arm_loss(logits, target, arm),
+        "ADELE, no ARM": lambda logits, target, arm: fused.adele_arm_loss(logits, target, None),
+        "ADELE+ARM, lam = 0": lambda logits, target, arm: fused.adele_arm_loss(logits, target, arm, lam=0.0),
+        "ADELE, no ARM, lam = 0": lambda logits, target, arm: fused.adele_arm_loss(logits, target, None, lam=0.0),
     }
+
+
+def timed_ms(loss: Callable, logits: list[torch.Tensor], target: torch.Tensor, arm: torch.nn.Module) -> float:
+    started = time.perf_counter()
+    forward_backward(loss, logits, target, arm)
+    return (time.perf_counter() - started) * 1e3
 
 
 def main() -> None:
@@ -55,14 +54,14 @@ def main() -> None:
     fused = functional.losses_on(args.backend)
     for num_classes in (5, 19):
         logits, target = make_inputs((4, num_classes, 256, 256), 3, "cpu")
-        logits = [z.requires_grad_() for z in logits]
-        cases = loss_cases(fused, logits, target, seeded_arm())
+        arm = seeded_arm()
+        cases = loss_cases(fused)
         times: dict[str, list[float]] = {name: [] for name in cases}
         for loss in cases.values():  # warm-up: numba's cache, the allocator
-            forward_backward_ms(loss, logits)
+            timed_ms(loss, logits, target, arm)
         for _ in range(args.rounds):
             for name, loss in cases.items():
-                times[name].append(forward_backward_ms(loss, logits))
+                times[name].append(timed_ms(loss, logits, target, arm))
         plain = statistics.median(times["three plain CEs"])
         for name, values in times.items():
             median = statistics.median(values)

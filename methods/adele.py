@@ -299,11 +299,10 @@ class TriggerState:
         if self.fits[c] is None or not fit_triggers(CurveFit(**self.fits[c]), epoch, rule.r, rule.min_rise):
             return False
         history = self.iou_history[c]
-        for back in range(1, rule.trigger_epochs):
-            earlier = fit_iou_curve(history[: len(history) - back], rule.min_fit_points, rule.fit_weights)
-            if not fit_triggers(earlier, epoch - back, rule.r, rule.min_rise):
-                return False
-        return True
+        return all(
+            correction_started(history[:-back], rule.r, rule.min_fit_points, rule.min_rise, rule.fit_weights)
+            for back in range(1, rule.trigger_epochs)
+        )
 
     def mean_history(self) -> list[float | None]:
         """Mean foreground training IoU per epoch (the non-adaptive ablation's single curve)."""

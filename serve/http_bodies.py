@@ -98,7 +98,8 @@ async def read_body(
         if size > limit:
             raise PayloadTooLarge(f"request body of {size} bytes exceeds the limit of {limit} bytes")
         take(size)  # all of it now, so slow uploads cannot pile up past the budget
-    header_end = _early_header_end(request, size) if check_header is not None else None
+    # (where the JSON header ends, the binary bytes after it), or None: no early check
+    early = _early_header(request, size) if check_header is not None else None
     body = bytearray()
     try:
         async with asyncio.timeout(settings.body_timeout_s):
@@ -108,9 +109,9 @@ async def read_body(
                 if declared is None:
                     take(len(chunk))
                 body += chunk
-                if header_end is not None and size is not None and check_header is not None and len(body) >= header_end:
-                    check_header(bytes(body[:header_end]), size - header_end)
-                    header_end = None
+                if early is not None and check_header is not None and len(body) >= early[0]:
+                    check_header(bytes(body[: early[0]]), early[1])
+                    early = None
     except TimeoutError:
         raise BodyTimeout(
             f"request body not received within {settings.body_timeout_s:g} s ({len(body)} bytes arrived)"
@@ -127,15 +128,16 @@ async def read_body(
     return data
 
 
-def _early_header_end(request: Request, size: int | None) -> int | None:
-    """Where the JSON header of a binary body ends, when it can be checked before the rest
-    arrives: a declared, uncompressed body with a valid header length inside it."""
+def _early_header(request: Request, size: int | None) -> tuple[int, int] | None:
+    """(where the JSON header of a binary body ends, the binary bytes after it), when the header
+    can be checked before the rest arrives: a declared, uncompressed body with a valid header
+    length inside it."""
     header_length = request.headers.get(HEADER_LENGTH_HEADER)
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if size is None or header_length is None or encoding != "identity":
         return None
     length = parse_length(header_length, f"header {HEADER_LENGTH_HEADER}")
-    return length if 0 < length < size else None  # otherwise `decode_request` says what is wrong
+    return (length, size - length) if 0 < length < size else None  # else `decode_request` says what is wrong
 
 
 def _decompress(body: bytearray, encoding: str, limit: int) -> bytes:
