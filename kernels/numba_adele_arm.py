@@ -1,5 +1,6 @@
 """Fused CPU loss kernels (numba): ARM-weighted cross-entropy, multiscale consistency and the
-combined ADELE+ARM loss, forward and backward, without softmax/weight/loss maps of logits size.
+combined ADELE+ARM loss, forward and backward, without softmax/weight/loss maps of logits size
+(one gradient-sized buffer besides the gradient on one schedule, below).
 This module holds the fused pass, the host scheduler and the autograd Function; ARM's MLP is in
 `numba_arm`, threads, exp/log and block scheduling in `numba_common`, and what the loss is
 (`contract.LossTerms`) comes from `noisyseg.kernels.functional`.
@@ -22,14 +23,18 @@ known after every pixel was seen. The schedules, picked per call by `_FusedCall.
 * ARM from its table (`contract`, the default): each pixel's weight is read from the table and
   its loss and weight go into K bins, from which ARM's gradient comes after the pass (one MLP
   backward over the nodes). Without the consistency term one pass writes w_i (p - onehot) and
-  1/sum(w) is applied in backward with grad_output; with it, a statistics pass (which fills the
-  bins) comes before the pass writing the gradient (a CE and a KL normaliser cannot share one
-  deferred scale);
+  1/sum(w) is applied in backward with grad_output;
+* the consistency term with ARM's table, or without ARM under the per-image rho mask (a CE and
+  a KL normaliser, per scale and per image, cannot share one deferred scale): one pass writes
+  the CE and the KL parts of the gradient to two buffers, and a light pass
+  (`combine_split_gradient`) scales and adds them. The second buffer, of the gradient's size,
+  is the memory traded for reading the logits and computing every softmax once instead of
+  twice (`docs/benchmarks.md`);
 * exact ARM, CE alone, 10 classes or more: one pass writes w_i (p - onehot) and keeps
   (confidence, loss) per pixel, two floats; a light pass over that scratch back-propagates
   ARM's 53-parameter MLP and applies the deferred 1/sum(w) to the gradient in the same loop
   (Liger-style deferral);
-* otherwise (exact ARM with several scales, the per-image rho mask, or few classes): a
+* otherwise (exact ARM with several scales or the consistency term, or few classes): a
   statistics-only pass, then a pass that recomputes the softmax, writes the gradient already
   scaled and back-propagates ARM per pixel.
 
@@ -59,7 +64,13 @@ from noisyseg.kernels.contract import (
     check_logits_and_target,
     pack_arm_parameters,
 )
-from noisyseg.kernels.numba_adele_arm_pass import MASK_IMAGE, MASK_OFF, MASK_PIXEL, fused_pass
+from noisyseg.kernels.numba_adele_arm_pass import (
+    MASK_IMAGE,
+    MASK_OFF,
+    MASK_PIXEL,
+    combine_split_gradient,
+    fused_pass,
+)
 from noisyseg.kernels.numba_arm import (
     arm_gradient_pass,
     arm_table_gradient,
@@ -77,6 +88,7 @@ _PACKED_SCALES = 3
 _NO_SCRATCH = np.empty((1, 1), np.float32)
 _NO_TABLE = np.empty(1, np.float32)
 _NO_BINS = np.empty((1, 1, 1, 2))
+_NO_GRAD = np.empty((1, 1, 1, 1), np.float32)
 # Deferred scaling keeps 2 floats per pixel: at most 0.2x the logits from 10 classes on. Below,
 # two passes over the logits take about as long (measured at C = 5) and keep no scratch.
 _MIN_CLASSES_TO_DEFER = 10
@@ -151,9 +163,17 @@ class _FusedCall:
         single_ce = self.use_arm and self.mask_mode == MASK_OFF and len(self.logits) == 1
         return single_ce and self.shape[1] >= _MIN_CLASSES_TO_DEFER
 
+    def splits_kl_gradient(self) -> bool:
+        """The consistency term with normalisers only known after the pass (ARM's weight sums,
+        the per-image rho mask) and no per-pixel ARM backward: one pass writes the CE and the KL
+        parts of the gradient apart, and a light pass adds them with their normalisers."""
+        return self.mask_mode != MASK_OFF and self.needs_statistics_pass() and (self.table or not self.use_arm)
+
     def run(self, write_grad: bool, arm_grad: bool) -> tuple[float, np.ndarray | None, np.ndarray | None, np.ndarray]:
         """Loss value, gradient (S, N, C, L) float32 or None, ARM's gradient (53,) or None, and
         the factor per scale (S,) the gradient still needs (1 unless deferred to backward)."""
+        if write_grad and self.splits_kl_gradient():
+            return self._run_split(arm_grad)
         if self.table:
             return self._run_table(write_grad, arm_grad)
         write_grad = write_grad or arm_grad  # the exact path back-propagates ARM in the gradient pass
@@ -176,12 +196,13 @@ class _FusedCall:
         """ARM's table: the pixels' loss and weight go into K bins in the pass that sees them
         first, and ARM's gradient comes from the bins. Without the consistency term one pass
         writes the gradient with ce_weight w_i (p - onehot) and the 1/sum(w) of each scale is
-        applied in backward together with grad_output; with it (two normalisers of different
-        kinds, per scale and per image) a statistics pass comes first."""
+        applied in backward together with grad_output; with it, one pass gives the value and
+        ARM's gradient (the logits' gradient is `_run_split`'s)."""
         num_scales = len(self.logits)
-        grad = float32_buffer((num_scales, *self.logits[0].shape)) if write_grad else None
+        grad = None
         bins = np.zeros((parallel_chunks(self.shape[0] * self.tiles), num_scales, ARM_TABLE_SIZE, 2))
         if self.mask_mode == MASK_OFF:
+            grad = float32_buffer((num_scales, *self.logits[0].shape)) if write_grad else None
             unnormalised = _Normalisers(
                 np.full(num_scales, self.terms.ce_weight, np.float32),
                 np.zeros((num_scales, 2)),
@@ -193,11 +214,26 @@ class _FusedCall:
         else:
             partials = self._pass(self._normalisers(None), write_grad=False, bins=bins)
             norm = self._normalisers(partials)
-            if write_grad:
-                self._pass(norm, True, grad)
             pending = np.ones(num_scales)
         arm_grad_out = arm_table_gradient(self.arm_params, bins, norm.arm_upstream) if arm_grad else None
         return self._value(partials), grad, arm_grad_out, pending
+
+    def _run_split(self, arm_grad: bool) -> tuple[float, np.ndarray, np.ndarray | None, np.ndarray]:
+        """One pass writes the CE part of the gradient (w_i (p - onehot), ARM's weights from the
+        table) and the KL part (unmasked, unnormalised) to two buffers and fills ARM's bins; then
+        `combine_split_gradient` scales and adds them. Replaces a statistics pass and a pass
+        that recomputed every softmax, for a second buffer of the gradient's size."""
+        num_scales, num_images = len(self.logits), self.shape[0]
+        grad = float32_buffer((num_scales, *self.logits[0].shape))
+        kl_grad = float32_buffer(grad.shape)
+        collect = self.table and arm_grad
+        bins = np.zeros((parallel_chunks(num_images * self.tiles), num_scales, ARM_TABLE_SIZE, 2)) if collect else None
+        unit = _Normalisers(np.ones(num_scales, np.float32), np.zeros((num_scales, 2)), np.ones(num_images, np.float32))
+        partials = self._pass(unit, True, grad, bins=bins, kl_grad=kl_grad)
+        norm = self._normalisers(partials)
+        combine_split_gradient(grad, kl_grad, norm.ce_grad_scale, norm.kl_grad_scale)
+        arm_grad_out = arm_table_gradient(self.arm_params, bins, norm.arm_upstream) if collect else None
+        return self._value(partials), grad, arm_grad_out, np.ones(num_scales)
 
     def _run_deferred(self) -> tuple[float, np.ndarray, np.ndarray]:
         grad = float32_buffer((1, *self.logits[0].shape))
@@ -226,6 +262,7 @@ class _FusedCall:
         grad: np.ndarray | None = None,
         scratch: tuple[np.ndarray, np.ndarray] | None = None,
         bins: np.ndarray | None = None,
+        kl_grad: np.ndarray | None = None,
     ) -> _Partials:
         blocks = self.shape[0] * self.tiles
         partials = _Partials(
@@ -245,10 +282,11 @@ class _FusedCall:
             self.terms.ce_weight != 0.0, self.arm_params, self.use_arm, self.mask_mode,
             np.float32(self.terms.rho), self.block, parallel_chunks(blocks),
             write_grad, norm.ce_grad_scale, norm.arm_upstream, norm.kl_grad_scale,
-            grad if grad is not None else np.empty((1, 1, 1, 1), np.float32),
+            grad if grad is not None else _NO_GRAD,
             partials.ce, partials.kl, partials.max_q, partials.arm, partials.bad_labels,
             scratch is not None, *(scratch if scratch is not None else (_NO_SCRATCH, _NO_SCRATCH)),
             self.arm_table, self.table, bins if bins is not None else _NO_BINS, bins is not None,
+            kl_grad is not None, kl_grad if kl_grad is not None else _NO_GRAD,
         )  # fmt: skip
         if partials.bad_labels.any():  # the reference's check names the offending id
             check_class_ids(torch.from_numpy(self.target), self.shape[1], self.terms.ignore_index)

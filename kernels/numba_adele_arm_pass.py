@@ -134,6 +134,8 @@ def fused_pass(
     table,  # ARM's weight from arm_table (its gradient from arm_bins) instead of the MLP
     arm_bins,  # (chunks, S, K, 2) float64: loss and weight per node, written when table and collect_bins
     collect_bins,
+    split_kl_grad,  # write the KL part of the gradient to kl_grad instead of adding it to grad
+    kl_grad,  # (S, N, C, L) float32, written when write_grad and split_kl_grad
 ):
     num_images, num_classes, num_pixels = logits[0].shape
     tiles = (num_pixels + block - 1) // block
@@ -272,7 +274,20 @@ def fused_pass(
                 kl_partials[index] = kl_sum
                 max_q_partials[index] = max_q
 
-            if write_grad:
+            if write_grad and split_kl_grad:
+                for k in range(num_scales):
+                    z = logits[k]
+                    for c in range(num_classes):
+                        logit = z[n, c, start:end]
+                        grad_row = grad[k, n, c, start:end]
+                        kl_row = kl_grad[k, n, c, start:end]
+                        for j in range(width):
+                            p = exps[k, c, j] * inv_total[k, j]
+                            onehot = np.float32(1.0) if labels[j] == c else np.float32(0.0)
+                            grad_row[j] = ce_weightf[k, j] * (p - onehot)
+                            log_p = logit[j] - lse[k, j]
+                            kl_row[j] = kl_weightf[j] * p * (log_p - log_q[c, j] - kl[k, j])
+            elif write_grad:
                 for k in range(num_scales):
                     z = logits[k]
                     for c in range(num_classes):
@@ -286,3 +301,18 @@ def fused_pass(
                                 log_p = logit[j] - lse[k, j]
                                 g += kl_weightf[j] * p * (log_p - log_q[c, j] - kl[k, j])
                             grad_row[j] = g
+
+
+@numba.njit(**PARALLEL_JIT)
+def combine_split_gradient(grad, kl_grad, ce_factor, kl_factor):
+    """grad[k, n] = ce_factor[k] grad[k, n] + kl_factor[n] kl_grad[k, n], in place: the two parts
+    of a gradient written apart by `fused_pass` (split_kl_grad), each with its own normaliser."""
+    num_scales, num_images = grad.shape[0], grad.shape[1]
+    for slab in prange(num_scales * num_images):
+        k, n = slab // num_images, slab % num_images
+        ce, kl = ce_factor[k], kl_factor[n]
+        for c in range(grad.shape[2]):
+            row = grad[k, n, c]
+            kl_row = kl_grad[k, n, c]
+            for j in range(row.shape[0]):
+                row[j] = ce * row[j] + kl * kl_row[j]

@@ -133,16 +133,43 @@ def test_multiscale_consistency_matches_reference(num_classes, num_scales, mask,
     assert_matches_reference("multiscale_consistency", scales, target, None, rho=rho, mask=mask)
 
 
-def test_image_mask_drops_the_images_below_rho():
-    """Image 0 confident, image 1 near-uniform: rho between them keeps only image 0."""
+def confident_and_uniform_images():
+    """Three scales of two images: image 0 confident, image 1 near-uniform at every scale."""
     logits, target = make_batch(n=2, c=5, h=8, w=9, seed=3)
     logits[0] *= 6.0
     logits[1] *= 0.01
     scales = related_scales(logits, 3)
     scales[1][1] *= 0.01
     scales[2][1] *= 0.01
-    loss, _, _ = assert_matches_reference("multiscale_consistency", scales, target, None, rho=0.6, mask="image")
+    return scales, target
+
+
+@pytest.mark.parametrize("arm_mode", ["table", "exact", None], ids=["arm-table", "arm-exact", "no-arm"])
+def test_image_mask_drops_the_images_below_rho(arm_mode):
+    """rho between the two images keeps only image 0's KL term; each scale's CE keeps both."""
+    scales, target = confident_and_uniform_images()
+    if arm_mode is None:
+        loss, _, _ = assert_matches_reference("multiscale_consistency", scales, target, None, rho=0.6, mask="image")
+    else:
+        loss, _, _ = assert_matches_reference(
+            "adele_arm_loss", scales, target, seeded_arm(3), rho=0.6, mask="image", arm_mode=arm_mode
+        )
     assert 0.0 < loss.item()
+
+
+@pytest.mark.parametrize("arm_mode", ["table", "exact"])
+def test_arm_gradient_alone_with_the_consistency_term(arm_mode):
+    """Logits that need no gradient: the value and ARM's gradient without writing the logits'."""
+    scales, target = confident_and_uniform_images()
+    arm_fused, arm_reference = seeded_arm(4), seeded_arm(4)
+    values = []
+    for module, arm in ((fused, arm_fused), (reference, arm_reference)):
+        loss = module.adele_arm_loss(scales, target, arm, lam=0.7, rho=0.6, mask="image", arm_mode=arm_mode)
+        loss.backward()
+        values.append(loss.detach())
+    torch.testing.assert_close(values[0], values[1], rtol=1e-5, atol=1e-6)
+    for got, want in zip(arm_fused.parameters(), arm_reference.parameters()):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_consistency_survives_probabilities_that_underflow_in_every_scale():
