@@ -24,12 +24,14 @@ known after every pixel was seen. The schedules, picked per call by `_FusedCall.
   its loss and weight go into K bins, from which ARM's gradient comes after the pass (one MLP
   backward over the nodes). Without the consistency term one pass writes w_i (p - onehot) and
   1/sum(w) is applied in backward with grad_output;
-* the consistency term with ARM's table, or without ARM under the per-image rho mask (a CE and
-  a KL normaliser, per scale and per image, cannot share one deferred scale): one pass writes
-  the CE and the KL parts of the gradient to two buffers, and a light pass
-  (`combine_split_gradient`) scales and adds them. The second buffer, of the gradient's size,
-  is the memory traded for reading the logits and computing every softmax once instead of
-  twice (`docs/benchmarks.md`);
+* the consistency term with ARM's table (a CE and a KL normaliser, per scale and per image,
+  cannot share one deferred scale): one pass writes the CE and the KL parts of the gradient to
+  two buffers, and a light pass (`combine_split_gradient`) scales and adds them. The second
+  buffer, of the gradient's size, is the memory traded for reading the logits and computing
+  every softmax once instead of twice (`docs/benchmarks.md`);
+* the consistency term without ARM under the per-image rho mask: one pass writes the final
+  gradient assuming the mask keeps every image, and a second pass with the mask runs only when
+  it did not (early in training, before the network is confident anywhere in an image);
 * exact ARM, CE alone, 10 classes or more: one pass writes w_i (p - onehot) and keeps
   (confidence, loss) per pixel, two floats; a light pass over that scratch back-propagates
   ARM's 53-parameter MLP and applies the deferred 1/sum(w) to the gradient in the same loop
@@ -164,16 +166,24 @@ class _FusedCall:
         return single_ce and self.shape[1] >= _MIN_CLASSES_TO_DEFER
 
     def splits_kl_gradient(self) -> bool:
-        """The consistency term with normalisers only known after the pass (ARM's weight sums,
-        the per-image rho mask) and no per-pixel ARM backward: one pass writes the CE and the KL
-        parts of the gradient apart, and a light pass adds them with their normalisers."""
-        return self.mask_mode != MASK_OFF and self.needs_statistics_pass() and (self.table or not self.use_arm)
+        """The consistency term with ARM's table: the weight sums are only known after the pass,
+        so one pass writes the CE and the KL parts of the gradient apart, and a light pass adds
+        them with their normalisers."""
+        return self.mask_mode != MASK_OFF and self.table
+
+    def assumes_images_kept(self) -> bool:
+        """The consistency term under the per-image rho mask without ARM: every normaliser but
+        the mask is known up front, and once the network is confident anywhere in an image the
+        mask keeps it, so one pass assumes every image kept and a second runs only if not."""
+        return self.mask_mode == MASK_IMAGE and not self.use_arm
 
     def run(self, write_grad: bool, arm_grad: bool) -> tuple[float, np.ndarray | None, np.ndarray | None, np.ndarray]:
         """Loss value, gradient (S, N, C, L) float32 or None, ARM's gradient (53,) or None, and
         the factor per scale (S,) the gradient still needs (1 unless deferred to backward)."""
         if write_grad and self.splits_kl_gradient():
             return self._run_split(arm_grad)
+        if write_grad and self.assumes_images_kept():
+            return self._run_assuming_kept()
         if self.table:
             return self._run_table(write_grad, arm_grad)
         write_grad = write_grad or arm_grad  # the exact path back-propagates ARM in the gradient pass
@@ -234,6 +244,13 @@ class _FusedCall:
         combine_split_gradient(grad, kl_grad, norm.ce_grad_scale, norm.kl_grad_scale)
         arm_grad_out = arm_table_gradient(self.arm_params, bins, norm.arm_upstream) if collect else None
         return self._value(partials), grad, arm_grad_out, np.ones(num_scales)
+
+    def _run_assuming_kept(self) -> tuple[float, np.ndarray, None, np.ndarray]:
+        grad = float32_buffer((len(self.logits), *self.logits[0].shape))
+        partials = self._pass(self._normalisers(None), True, grad)
+        if not self._kept_images(partials).all():  # early in training: the mask dropped an image
+            partials = self._pass(self._normalisers(partials), True, grad)
+        return self._value(partials), grad, None, np.ones(len(self.logits))
 
     def _run_deferred(self) -> tuple[float, np.ndarray, np.ndarray]:
         grad = float32_buffer((1, *self.logits[0].shape))
