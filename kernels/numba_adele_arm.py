@@ -236,13 +236,12 @@ class _FusedCall:
         num_scales, num_images = len(self.logits), self.shape[0]
         grad = float32_buffer((num_scales, *self.logits[0].shape))
         kl_grad = float32_buffer(grad.shape)
-        collect = self.table and arm_grad
-        bins = np.zeros((parallel_chunks(num_images * self.tiles), num_scales, ARM_TABLE_SIZE, 2)) if collect else None
+        bins = np.zeros((parallel_chunks(num_images * self.tiles), num_scales, ARM_TABLE_SIZE, 2)) if arm_grad else None
         unit = _Normalisers(np.ones(num_scales, np.float32), np.zeros((num_scales, 2)), np.ones(num_images, np.float32))
         partials = self._pass(unit, True, grad, bins=bins, kl_grad=kl_grad)
         norm = self._normalisers(partials)
         combine_split_gradient(grad, kl_grad, norm.ce_grad_scale, norm.kl_grad_scale)
-        arm_grad_out = arm_table_gradient(self.arm_params, bins, norm.arm_upstream) if collect else None
+        arm_grad_out = arm_table_gradient(self.arm_params, bins, norm.arm_upstream) if arm_grad else None
         return self._value(partials), grad, arm_grad_out, np.ones(num_scales)
 
     def _run_assuming_kept(self) -> tuple[float, np.ndarray, None, np.ndarray]:
