@@ -210,14 +210,10 @@ class _FusedCall:
         ARM's gradient (the logits' gradient is `_run_split`'s)."""
         num_scales = len(self.logits)
         grad = None
-        bins = np.zeros((parallel_chunks(self.shape[0] * self.tiles), num_scales, ARM_TABLE_SIZE, 2))
+        bins = self._bins()
         if self.mask_mode == MASK_OFF:
             grad = float32_buffer((num_scales, *self.logits[0].shape)) if write_grad else None
-            unnormalised = _Normalisers(
-                np.full(num_scales, self.terms.ce_weight, np.float32),
-                np.zeros((num_scales, 2)),
-                np.zeros(self.shape[0], np.float32),
-            )
+            unnormalised = self._fixed_normalisers(num_scales, self.terms.ce_weight, 0.0)
             partials = self._pass(unnormalised, write_grad, grad, bins=bins)
             norm = self._normalisers(partials)
             pending = norm.ce_grad_scale.astype(np.float64) / self.terms.ce_weight
@@ -233,12 +229,11 @@ class _FusedCall:
         table) and the KL part (unmasked, unnormalised) to two buffers and fills ARM's bins; then
         `combine_split_gradient` scales and adds them. Replaces a statistics pass and a pass
         that recomputed every softmax, for a second buffer of the gradient's size."""
-        num_scales, num_images = len(self.logits), self.shape[0]
+        num_scales = len(self.logits)
         grad = float32_buffer((num_scales, *self.logits[0].shape))
         kl_grad = float32_buffer(grad.shape)
-        bins = np.zeros((parallel_chunks(num_images * self.tiles), num_scales, ARM_TABLE_SIZE, 2)) if arm_grad else None
-        unit = _Normalisers(np.ones(num_scales, np.float32), np.zeros((num_scales, 2)), np.ones(num_images, np.float32))
-        partials = self._pass(unit, True, grad, bins=bins, kl_grad=kl_grad)
+        bins = self._bins() if arm_grad else None
+        partials = self._pass(self._fixed_normalisers(num_scales, 1.0, 1.0), True, grad, bins=bins, kl_grad=kl_grad)
         norm = self._normalisers(partials)
         combine_split_gradient(grad, kl_grad, norm.ce_grad_scale, norm.kl_grad_scale)
         arm_grad_out = arm_table_gradient(self.arm_params, bins, norm.arm_upstream) if arm_grad else None
@@ -254,12 +249,7 @@ class _FusedCall:
     def _run_deferred(self) -> tuple[float, np.ndarray, np.ndarray]:
         grad = float32_buffer((1, *self.logits[0].shape))
         scratch = (float32_buffer(self.target.shape), float32_buffer(self.target.shape))
-        unnormalised = _Normalisers(
-            np.full(1, self.terms.ce_weight, np.float32),
-            np.zeros((1, 2)),
-            np.zeros(self.shape[0], np.float32),
-        )
-        partials = self._pass(unnormalised, True, grad, scratch)
+        partials = self._pass(self._fixed_normalisers(1, self.terms.ce_weight, 0.0), True, grad, scratch)
         norm = self._normalisers(partials)
         blocks = self.shape[0] * -(-self.target.shape[1] // MAX_BLOCK)
         arm_partials = np.zeros((blocks, ARM_NUM_PARAMETERS))
@@ -307,6 +297,19 @@ class _FusedCall:
         if partials.bad_labels.any():  # the reference's check names the offending id
             check_class_ids(torch.from_numpy(self.target), self.shape[1], self.terms.ignore_index)
         return partials
+
+    def _fixed_normalisers(self, num_scales: int, ce_scale: float, kl_scale: float) -> _Normalisers:
+        """Normalisers fixed before the pass (the CE's and the KL's factors; no ARM upstream),
+        for schedules that apply the real ones after it."""
+        return _Normalisers(
+            np.full(num_scales, ce_scale, np.float32),
+            np.zeros((num_scales, 2)),
+            np.full(self.shape[0], kl_scale, np.float32),
+        )
+
+    def _bins(self) -> np.ndarray:
+        """ARM's gradient bins: per parallel chunk and scale, loss and weight at the K nodes."""
+        return np.zeros((parallel_chunks(self.shape[0] * self.tiles), len(self.logits), ARM_TABLE_SIZE, 2))
 
     def _padded_logits(self) -> tuple[np.ndarray, ...]:
         """At least _PACKED_SCALES arrays (repeats of the first), so 1, 2 and 3 scales share one

@@ -274,6 +274,8 @@ def fused_pass(
                 kl_partials[index] = kl_sum
                 max_q_partials[index] = max_q
 
+            # Two loops, not one with a branch on split_kl_grad inside: the merged loop took the
+            # no-ARM three-scale loss from 29 to 45 ms at C = 5 (from 209 to 309 ms at C = 19).
             if write_grad and split_kl_grad:
                 for k in range(num_scales):
                     z = logits[k]
