@@ -59,9 +59,12 @@ NO_CUDA = "no CUDA device: GPU checks not run"
 TRAIN_PATIENTS = 6
 TRAIN_EPOCHS = 3
 TRAIN_OVERRIDES = ["device=cuda", "precision=bf16", "model.kwargs.base_width=64", "threads=0"]
+# Every environment the Makefile builds beside the tree (.venv, .venv-timm, .venv-triton36, the
+# wheel check's) is GBs that the install never needs.
 COPY_IGNORE = shutil.ignore_patterns(
     ".git",
-    ".venv",
+    ".venv*",
+    ".wheel-check",
     "runs",
     "build",
     "dist",
