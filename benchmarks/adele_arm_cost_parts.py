@@ -1,9 +1,10 @@
 """Where the fused three-scale ADELE+ARM loss spends its time, against three plain cross-entropies.
 
 ``.venv/bin/python benchmarks/adele_arm_cost_parts.py [--rounds 7] [--backend numba]`` times
-forward + backward of `adele_arm_loss` with its terms switched off one at a time (ARM off, the
-consistency term off with lam = 0, both) beside three `F.cross_entropy`, at (4, C, 256, 256) for
-C = 5 and 19, interleaved within every round, on one thread bound to one CPU. Prints the medians.
+forward + backward of `adele_arm_loss` with its terms switched off one at a time (ARM's
+gradient off, ARM off, the consistency term off with lam = 0, both) beside three
+`F.cross_entropy`, at (4, C, 256, 256) for C = 5 and 19, interleaved within every round, on one
+thread bound to one CPU. Prints the medians.
 The figures behind docs/benchmarks.md, "ARM at the cost of plain cross-entropy".
 """
 
@@ -31,10 +32,20 @@ def loss_cases(fused: Any) -> dict[str, Callable]:
             F.cross_entropy(z, target, ignore_index=255) for z in logits
         ),
         "ADELE+ARM": lambda logits, target, arm: fused.adele_arm_loss(logits, target, arm),
+        "ADELE+ARM, ARM frozen": lambda logits, target, arm: frozen_arm_loss(fused, logits, target, arm),
         "ADELE, no ARM": lambda logits, target, arm: fused.adele_arm_loss(logits, target, None),
         "ADELE+ARM, lam = 0": lambda logits, target, arm: fused.adele_arm_loss(logits, target, arm, lam=0.0),
         "ADELE, no ARM, lam = 0": lambda logits, target, arm: fused.adele_arm_loss(logits, target, None, lam=0.0),
     }
+
+
+def frozen_arm_loss(fused: Any, logits: list[torch.Tensor], target: torch.Tensor, arm: torch.nn.Module) -> torch.Tensor:
+    """The full loss with ARM's parameters out of the graph: no ARM gradient, so no K bins of it."""
+    arm.requires_grad_(False)
+    try:
+        return fused.adele_arm_loss(logits, target, arm)
+    finally:
+        arm.requires_grad_(True)
 
 
 def timed_ms(loss: Callable, logits: list[torch.Tensor], target: torch.Tensor, arm: torch.nn.Module) -> float:
