@@ -144,6 +144,10 @@ class AdeleConfig:
     logit_divisor: the reference code divides logits by 3 before its CE, and only there (the
         consistency term, its rho mask and the correction see the undivided logits; a temperature
         the paper never mentions); 1.0 = off, the default.
+    consistency_start: `always` (the paper: the term from the first step) or `first_trigger`
+        (only from the epoch after the first class triggered: the paper adds the term to make
+        the outputs that correct labels more accurate, and at heavy phantom noise, where no
+        class triggered, the term alone cost 2.6 points, docs/results.md).
     """
 
     lam: float = 1.0
@@ -164,6 +168,7 @@ class AdeleConfig:
     guard: bool = True
     guard_min_area: float = 0.5
     logit_divisor: float = 1.0
+    consistency_start: str = "always"
 
 
 @dataclass
@@ -368,6 +373,11 @@ class TrainConfig:
             (self.adele.fit_weights in FIT_WEIGHTS, "adele.fit_weights", " or ".join(f"'{w}'" for w in FIT_WEIGHTS)),
             (0.0 <= self.adele.tau < 1.0, "adele.tau", "in [0, 1)"),
             (self.adele.rho_mask in ("image", "pixel"), "adele.rho_mask", "'image' or 'pixel'"),
+            (
+                self.adele.consistency_start in ("always", "first_trigger"),
+                "adele.consistency_start",
+                "'always' or 'first_trigger'",
+            ),
             (
                 self.adele.correction_timing in ("auto", "iteration", "epoch"),
                 "adele.correction_timing",

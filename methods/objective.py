@@ -43,11 +43,17 @@ class MethodObjective(nn.Module):
             )
 
     def forward(
-        self, logits_per_scale: list[torch.Tensor], target: torch.Tensor, arm: nn.Module | None, arm_warming_up: bool
+        self,
+        logits_per_scale: list[torch.Tensor],
+        target: torch.Tensor,
+        arm: nn.Module | None,
+        arm_warming_up: bool,
+        consistency: bool = True,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(what to backpropagate, logged terms as detached tensors). The network minimises the
         method's loss; `arm` ascends the same loss, or while `arm_warming_up` its own detached
-        objective (the network then sees uniform weights)."""
+        objective (the network then sees uniform weights). `consistency` False leaves out the
+        method's consistency term (`adele.consistency_start`: the trainer knows the triggers)."""
         weighting = None if arm_warming_up else arm
         # The reference code's temperature divides the logits inside its CE only: the consistency
         # term and its rho mask see the undivided logits (method-spec section 4).
@@ -58,8 +64,8 @@ class MethodObjective(nn.Module):
         if self.tloss is not None:
             terms["tloss_nu"] = self.tloss.nu.detach()
         network_loss = supervised
-        if self.spec.consistency:
-            consistency = multiscale_consistency(
+        if self.spec.consistency and consistency:
+            kl_term = multiscale_consistency(
                 logits_per_scale,
                 target,
                 self.adele.rho,
@@ -68,8 +74,8 @@ class MethodObjective(nn.Module):
                 backend=self.loss.backend,
             )
             # (sum_k CE_k + lambda L_ms) / S, method-spec section 4.
-            network_loss = supervised + self.adele.lam * consistency / len(logits)
-            terms["consistency"] = consistency.detach()
+            network_loss = supervised + self.adele.lam * kl_term / len(logits)
+            terms["consistency"] = kl_term.detach()
         terms["total"] = network_loss.detach()
         if arm is not None and arm_warming_up:
             objective = self.arm_warmup_objective(logits, target, arm)

@@ -441,6 +441,30 @@ def test_epoch_timing_corrects_at_the_end_of_the_trigger_epoch(folders: tuple[Pa
     assert records[1]["labels_changed_fraction"] == 0.0
 
 
+def test_consistency_from_the_first_trigger_leaves_the_term_out_until_then(
+    folders: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # EARLY_CORRECTION triggers at epoch 3: the term is left out in epochs 1-3 and added from 4
+    # on; a low rho keeps the tiny network's images in the term.
+    options = [*EARLY_CORRECTION, "adele.rho=0.2"]
+    late = tmp_path / "late"
+    train(tiny_config(folders, late, "method=adele", "epochs=4", "adele.consistency_start=first_trigger", *options))
+    records = read_records(late)
+    assert [r["trigger"]["1"]["epoch"] for r in records] == [None, None, 3, 3]
+    assert ["consistency" in r["loss"] for r in records] == [False, False, False, True]
+    assert records[3]["loss"]["consistency"] > 0.0
+    # Until the trigger, adele without the term trains exactly as baseline-ms does; with the term
+    # (the paper's `always`) it does not.
+    runs = {name: tmp_path / name for name in ("baseline-ms", "first_trigger", "always")}
+    train(tiny_config(folders, runs["baseline-ms"], "method=baseline-ms", *options))
+    for start in ("first_trigger", "always"):
+        train(tiny_config(folders, runs[start], "method=adele", f"adele.consistency_start={start}", *options))
+    weights = {name: load_file(str(out / "model.safetensors")) for name, out in runs.items()}
+    base = weights["baseline-ms"]
+    assert all(torch.equal(base[k], weights["first_trigger"][k]) for k in base)
+    assert not all(torch.equal(base[k], weights["always"][k]) for k in base)
+
+
 def collapse_onto_background(model: torch.nn.Module, num_classes: int) -> None:
     """The failure of ladder level 4: the network's prediction of every organ collapses to a
     confident background (the classifier answers background at 0.98 everywhere)."""
