@@ -98,8 +98,15 @@ class OptimConfig:
     poly_power: float = 0.9
 
 
-# How the trigger's curve fit weighs the epochs (`adele.fit_sigma`).
+# How the trigger's curve fit weighs the epochs (`adele.fit_sigma`), and when the consistency term starts.
 FIT_WEIGHTS = ("equal", "reference")
+CONSISTENCY_STARTS = ("always", "first_trigger")
+
+
+def _choice(value: str, field_name: str, options: tuple[str, ...]) -> tuple[bool, str, str]:
+    """A check of `validate`'s list for a field that takes one of `options` ('a', 'b' or 'c')."""
+    quoted = [f"'{option}'" for option in options]
+    return value in options, field_name, ", ".join(quoted[:-1]) + " or " + quoted[-1]
 
 
 @dataclass
@@ -144,10 +151,8 @@ class AdeleConfig:
     logit_divisor: the reference code divides logits by 3 before its CE, and only there (the
         consistency term, its rho mask and the correction see the undivided logits; a temperature
         the paper never mentions); 1.0 = off, the default.
-    consistency_start: `always` (the paper: the term from the first step) or `first_trigger`
-        (only from the epoch after the first class triggered: the paper adds the term to make
-        the outputs that correct labels more accurate, and at heavy phantom noise, where no
-        class triggered, the term alone cost 2.6 points, docs/results.md).
+    consistency_start: `always` (the paper) or `first_trigger`: the consistency term only from
+        the epoch after the first class triggered (docs/method.md says why).
     """
 
     lam: float = 1.0
@@ -354,12 +359,8 @@ class TrainConfig:
                 "a mapping of option names to values",
             ),
             (self.optim.lr > 0, "optim.lr", "positive"),
-            (
-                self.optim.schedule in ("constant", "poly", "multistep"),
-                "optim.schedule",
-                "'constant', 'poly' or 'multistep'",
-            ),
-            (self.optim.optimizer in ("sgd", "adam"), "optim.optimizer", "'sgd' or 'adam'"),
+            _choice(self.optim.schedule, "optim.schedule", ("constant", "poly", "multistep")),
+            _choice(self.optim.optimizer, "optim.optimizer", ("sgd", "adam")),
             (0.0 <= self.optim.momentum < 1.0, "optim.momentum", "in [0, 1)"),
             (
                 1.0 in self.adele.scales and all(s > 0 for s in self.adele.scales),
@@ -370,32 +371,20 @@ class TrainConfig:
             (self.adele.min_fit_points >= 3, "adele.min_fit_points", "at least 3"),
             (0.0 <= self.adele.min_rise < 1.0, "adele.min_rise", "in [0, 1)"),
             (self.adele.trigger_epochs >= 1, "adele.trigger_epochs", "at least 1"),
-            (self.adele.fit_weights in FIT_WEIGHTS, "adele.fit_weights", " or ".join(f"'{w}'" for w in FIT_WEIGHTS)),
+            _choice(self.adele.fit_weights, "adele.fit_weights", FIT_WEIGHTS),
             (0.0 <= self.adele.tau < 1.0, "adele.tau", "in [0, 1)"),
-            (self.adele.rho_mask in ("image", "pixel"), "adele.rho_mask", "'image' or 'pixel'"),
-            (
-                self.adele.consistency_start in ("always", "first_trigger"),
-                "adele.consistency_start",
-                "'always' or 'first_trigger'",
-            ),
-            (
-                self.adele.correction_timing in ("auto", "iteration", "epoch"),
-                "adele.correction_timing",
-                "'auto', 'iteration' or 'epoch'",
-            ),
+            _choice(self.adele.rho_mask, "adele.rho_mask", ("image", "pixel")),
+            _choice(self.adele.consistency_start, "adele.consistency_start", CONSISTENCY_STARTS),
+            _choice(self.adele.correction_timing, "adele.correction_timing", ("auto", "iteration", "epoch")),
             (self.adele.correction_every >= 1, "adele.correction_every", "at least 1"),
-            (
-                self.adele.correction_prediction in ("multiscale", "single"),
-                "adele.correction_prediction",
-                "'multiscale' or 'single'",
-            ),
+            _choice(self.adele.correction_prediction, "adele.correction_prediction", ("multiscale", "single")),
             (self.adele.logit_divisor > 0, "adele.logit_divisor", "positive"),
             (0.0 < self.adele.guard_min_area < 1.0, "adele.guard_min_area", "in (0, 1)"),
             (0.0 <= self.arm.warmup_fraction <= 1.0, "arm.warmup_fraction", "in [0, 1]"),
             (self.arm.lr is None or self.arm.lr > 0, "arm.lr", "positive (or null: the network's)"),
             (0.0 < self.loss.gce_q <= 1.0, "loss.gce_q", "in (0, 1]"),
             (math.isfinite(self.loss.tloss_log_nu), "loss.tloss_log_nu", "a finite number (nu = exp(log_nu))"),
-            (self.distributed.backend in ("auto", "gloo", "nccl"), "distributed.backend", "'auto', 'gloo' or 'nccl'"),
+            _choice(self.distributed.backend, "distributed.backend", ("auto", "gloo", "nccl")),
             (self.distributed.timeout_s > 0, "distributed.timeout_s", "positive (seconds)"),
             (self.loader.num_workers >= -1, "loader.num_workers", "-1 (from the CPU count), 0 or more"),
             (self.loader.eval_window >= 0, "loader.eval_window", "0 (whole images) or a window size in pixels"),
