@@ -26,8 +26,11 @@ demo: $(STAMP)
 	$(BIN)/noisyseg demo --out runs/demo
 
 # PYTEST_ARGS: more pytest options (CI: -m 'not timm', since test-timm runs those).
+# TEST_WORKERS processes (pytest-xdist), one per core by default; --dist loadfile keeps a test
+# file in one worker, so a module's expensive fixture (the demo, the export) is built once.
+TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The timm backbones (`deeplabv3plus_timm`) in a second locked environment, .venv-timm: timm needs
 # torchvision, and PyPI's torchvision wheels are CUDA builds that import only beside the matching

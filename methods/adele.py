@@ -57,8 +57,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import stats
 from scipy.optimize import OptimizeWarning, curve_fit
+from scipy.special import fdtrc
 
 from noisyseg.config import FIT_WEIGHTS, AdeleConfig
 from noisyseg.io import json_float
@@ -137,7 +137,9 @@ def fit_iou_curve(
     if residual_knee <= 0.0:
         return knee
     f_statistic = (residual_concave - residual_knee) / (residual_knee / dof)
-    return knee if stats.f.sf(f_statistic, 1, dof) < KNEE_ALPHA else concave
+    # fdtrc is the F distribution's survival function (scipy.stats.f.sf without importing
+    # scipy.stats, about 1.5 s of every training process's start).
+    return knee if fdtrc(1, dof, f_statistic) < KNEE_ALPHA else concave
 
 
 def _least_squares(
