@@ -738,7 +738,9 @@ def test_compiled_network_trains_and_saves_the_plain_modules_weights(
     folders: tuple[Path, Path], tmp_path: Path
 ) -> None:
     out = tmp_path / "compiled"
-    train(tiny_config(folders, out, "method=baseline", "epochs=1", "model.compile=true"))
+    # Batches of 4 over the 8 slices: one graph (a smaller last batch would recompile it with
+    # dynamic shapes, which took as long again with a cold inductor cache).
+    train(tiny_config(folders, out, "method=baseline", "epochs=1", "batch_size=4", "model.compile=true"))
     model, _ = load_model(resolve_model_file(out))  # keys without torch.compile's `_orig_mod.` prefix
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
