@@ -463,6 +463,11 @@ def test_consistency_from_the_first_trigger_leaves_the_term_out_until_then(
     base = weights["baseline-ms"]
     assert all(torch.equal(base[k], weights["first_trigger"][k]) for k in base)
     assert not all(torch.equal(base[k], weights["always"][k]) for k in base)
+    # The consistency-only ablation corrects nothing, so it never triggers: its term is on at once.
+    ablation = tmp_path / "ablation"
+    start = "adele.consistency_start=first_trigger"
+    train(tiny_config(folders, ablation, "method=adele-consistency", "epochs=1", start, *options))
+    assert read_records(ablation)[0]["loss"]["consistency"] > 0.0
 
 
 def collapse_onto_background(model: torch.nn.Module, num_classes: int) -> None:

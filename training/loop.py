@@ -152,7 +152,10 @@ class Trainer:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The method's loss and its logged terms (`objective.py`), with ARM warming up or not."""
         warming_up = self.arm is not None and self.arm.warming_up(self.iteration, self.total_iterations)
-        consistency = self.config.adele.consistency_start == "always" or self.labels.triggers.any_triggered()
+        # `first_trigger` waits for a trigger only in a method that corrects: the consistency-only
+        # ablation (`adele-consistency`) detects none and keeps its term from the start.
+        start = self.config.adele.consistency_start
+        consistency = start == "always" or not self.spec.correction or self.labels.triggers.any_triggered()
         return self.objective(
             logits_per_scale, target, None if self.arm is None else self.arm.arm, warming_up, consistency
         )
