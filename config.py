@@ -151,8 +151,9 @@ class AdeleConfig:
     logit_divisor: the reference code divides logits by 3 before its CE, and only there (the
         consistency term, its rho mask and the correction see the undivided logits; a temperature
         the paper never mentions); 1.0 = off, the default.
-    consistency_start: `always` (the paper) or `first_trigger`: the consistency term only from
-        the epoch after the first class triggered (docs/method.md says why).
+    consistency_start: `first_trigger` (noisyseg's default): in a method that corrects labels,
+        the consistency term only from the epoch after the first class triggered; `always`: the
+        paper's, from the first step (docs/method.md and docs/results.md say why).
     """
 
     lam: float = 1.0
@@ -173,7 +174,7 @@ class AdeleConfig:
     guard: bool = True
     guard_min_area: float = 0.5
     logit_divisor: float = 1.0
-    consistency_start: str = "always"
+    consistency_start: str = "first_trigger"
 
 
 @dataclass

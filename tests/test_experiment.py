@@ -154,13 +154,14 @@ def test_mean_std_formats_percentages() -> None:
 
 
 def test_experiment_plans() -> None:
-    assert len(experiment_runs("table1", [0, 1, 2], [0])) == 27  # 6 methods and 3 rivals
+    assert len(experiment_runs("table1", [0, 1, 2], [0])) == 30  # 6 methods, the paper's adele, 3 rivals
     ladder = experiment_runs("ladder", [7, 8], [0, 3])
     names = [
         "baseline-ms",
         "adele-correction",
         "adele-consistency",
         "adele",
+        "adele@adele.consistency_start=always",
         "tloss@optim.optimizer=adam@optim.lr=0.001",
         "baseline-ms@loader.augment.label_elastic=true",
         "adele@loader.augment.label_elastic=true",
