@@ -138,7 +138,7 @@ def fit_iou_curve(
         return knee
     f_statistic = (residual_concave - residual_knee) / (residual_knee / dof)
     # fdtrc is the F distribution's survival function (scipy.stats.f.sf without importing
-    # scipy.stats, about 1.5 s of every training process's start).
+    # scipy.stats, about 1 s of every training process's start).
     return knee if fdtrc(1, dof, f_statistic) < KNEE_ALPHA else concave
 
 
