@@ -154,7 +154,8 @@ def test_mean_std_formats_percentages() -> None:
 
 
 def test_experiment_plans() -> None:
-    assert len(experiment_runs("table1", [0, 1, 2], [0])) == 30  # 6 methods, the paper's adele, 3 rivals
+    # 6 methods, the paper's adele, 3 rivals, baseline-ms and adele in bf16
+    assert len(experiment_runs("table1", [0, 1, 2], [0])) == 36
     ladder = experiment_runs("ladder", [7, 8], [0, 3])
     names = [
         "baseline-ms",
