@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from safetensors.torch import load, save
 
-from noisyseg.config import TrainConfig, config_from_dict
+from noisyseg.config import TrainConfig, stored_config_from_dict
 from noisyseg.io import _fsync_directory, atomic_write_bytes, atomic_write_json
 from noisyseg.run.run_dir import RUN_ID, RunDir, config_differences
 from noisyseg.runtime.distributed import fault_point
@@ -161,7 +161,7 @@ def check_checkpoint_config(directory: Path, state: dict[str, Any], config: Trai
     differ. Then `check_checkpoint_run`: the configuration alone does not tell two runs apart."""
     if state.get("config_hash") != config.semantic_hash():
         try:
-            differences = config_differences(config_from_dict(state["config"]), config)
+            differences = config_differences(stored_config_from_dict(state["config"]), config)
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{directory / STATE_JSON}: checkpoint without a readable configuration ({err})") from err
         if differences:

@@ -30,7 +30,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from noisyseg.config import TrainConfig, config_from_dict, semantic_fields
+from noisyseg.config import TrainConfig, semantic_fields, stored_config_from_dict
 from noisyseg.io import atomic_write_json, atomic_write_text, probe_writable_folder
 
 CONFIG_FILE = "config.json"
@@ -83,7 +83,7 @@ class RunDir:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except ValueError as err:
             raise ValueError(f"{path}: unreadable run configuration ({err})") from err
-        return config_from_dict(raw["config"])
+        return stored_config_from_dict(raw["config"])
 
     def write_config(self, config: TrainConfig) -> None:
         """`config.json` of a new run: the configuration, its hash, a new run id (written into

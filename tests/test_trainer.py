@@ -605,6 +605,30 @@ def test_cli_train_resume_and_refusals(
     assert tree_digest(out) == before
 
 
+def test_a_run_stored_before_a_field_existed_resumes_as_it_ran(
+    folders: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """config.json and the checkpoint of an ADELE run written before `adele.guard` and
+    `adele.consistency_start` existed: it ran without the guard and with the consistency term
+    from the first step, and resumes that way, not with today's defaults."""
+    out = tmp_path / "run"
+    assert cli_train(folders, out, "--method", "adele") == 0
+    capsys.readouterr()
+    for path, key in ((out / "config.json", "config"), (out / "checkpoint" / "state.json", "config")):
+        stored = json.loads(path.read_text())
+        for field in ("guard", "consistency_start"):
+            del stored[key]["adele"][field]
+        path.write_text(json.dumps(stored))
+    old = RunDir(out).read_config()
+    assert (old.adele.guard, old.adele.consistency_start) == (False, "always")
+    assert AdeleConfig().guard and AdeleConfig().consistency_start == "first_trigger"
+    assert main(["train", "--resume", str(out), "--epochs", "2", "--quiet"]) == 0
+    assert [r["epoch"] for r in read_records(out)] == [1, 2]
+    # Today's `adele` in that directory is another configuration: refused, named.
+    assert cli_train(folders, out, "--method", "adele") == 2
+    assert "differs in adele.consistency_start, adele.guard" in capsys.readouterr().err
+
+
 def test_resume_refuses_a_label_store_that_does_not_match_the_data(
     folders: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
