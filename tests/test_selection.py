@@ -139,7 +139,9 @@ def test_selection_summary_gives_the_test_score_at_each_rule() -> None:
         fits={"1": FIT_EPOCH_6},
     )
     summary = selection_summary(records, "noisy-val")
-    assert summary["selection"] == {"rule": "noisy-val", "epoch": 1}
+    assert summary["selection"] == {"rule": "noisy-val", "epoch": 1, "val_miou": 0.3}
+    assert selection_summary(records, "clean-val")["selection"] == {"rule": "clean-val", "epoch": 14, "val_miou": 0.2}
+    assert selection_summary(records, "label-free")["selection"]["val_miou"] is None
     assert summary["selected_epoch"] == {
         "noisy-val": 1,
         "clean-val": 14,

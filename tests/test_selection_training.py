@@ -105,7 +105,7 @@ def test_noisy_validation_masks_select_the_checkpoint(
     records = read_records(out)
     noisy = [r["val_noisy"]["miou"] for r in records]
     chosen = int(np.argmax(noisy)) + 1
-    assert summary["selection"] == {"rule": "noisy-val", "epoch": chosen}
+    assert summary["selection"] == {"rule": "noisy-val", "epoch": chosen, "val_miou": max(noisy)}
     assert summary["selected_epoch"]["clean-val"] == int(np.argmax([r["val"]["miou"] for r in records])) + 1
     assert summary["selected_epoch"]["last"] == 4
     for rule, epoch in summary["selected_epoch"].items():

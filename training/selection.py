@@ -125,6 +125,9 @@ def fitted_curves_epoch(history: Sequence[Record], r: float = AdeleConfig.r, min
     return last_epoch(history)
 
 
+# The validation split each rule scores on (the others score on none).
+RULE_SPLITS = {"noisy-val": "val_noisy", "clean-val": "val"}
+
 RULES: dict[str, Callable[[Sequence[Record]], int | None]] = {
     "noisy-val": noisy_val_epoch,
     "clean-val": clean_val_epoch,
@@ -157,16 +160,24 @@ def keeps_epoch(rule: str, history: Sequence[Record]) -> bool:
 
 
 def selection_summary(history: Sequence[Record], rule: str) -> dict[str, Any]:
-    """The summary's selection part: the rule and epoch of `model.safetensors`, every rule's epoch
-    and the test mIoU (with and without background) at it (None where a rule has no epoch)."""
+    """The summary's selection part: the rule and epoch of `model.safetensors` with its mIoU on
+    the validation masks the rule scores on (`val_miou`, None for the rules that use none: two
+    runs on the same data compare by it, as a user can), every rule's epoch and the test mIoU
+    (with and without background) at it (None where a rule has no epoch)."""
     by_epoch = {_epoch(r): r for r in history}
     epochs = {name: choose(history) for name, choose in RULES.items()}
 
     def at(key: str) -> dict[str, float | None]:
         return {name: by_epoch[e]["test"][key] if e in by_epoch else None for name, e in epochs.items()}
 
+    chosen = by_epoch.get(epochs[rule]) if epochs[rule] is not None else None
+    split = RULE_SPLITS.get(rule)
     return {
-        "selection": {"rule": rule, "epoch": epochs[rule]},
+        "selection": {
+            "rule": rule,
+            "epoch": epochs[rule],
+            "val_miou": _miou(split)(chosen) if chosen is not None and split else None,
+        },
         "selected_epoch": epochs,
         "test_miou_at": at("miou"),
         "test_miou_fg_at": at("miou_fg"),
