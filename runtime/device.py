@@ -4,7 +4,8 @@
 else the CPU. `resolve_precision("auto", device)` is bf16 on a CUDA device that supports it
 (Ampere and newer), fp32 elsewhere: bf16 needs no loss scaling and halves the activations'
 memory, while on the CPU fp32 stays the default because the exact-resume guarantee is stated
-for it (bf16 autocast works there too and is tested).
+for it (bf16 autocast works there too and is tested) and because bf16 moved Table 1's accuracy
+by more than the ±1 point allowed for that switch (5 paired seeds, docs/results.md).
 
 `Precision.autocast(device)` wraps the network's forward (never the loss: the fused kernels read
 half-precision logits and accumulate in fp32, and ARM with its optimiser stays fp32); fp16 also
