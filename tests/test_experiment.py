@@ -30,6 +30,7 @@ from noisyseg.experiments.experiment import (
 )
 from noisyseg.experiments.report import KEEP_MARKER, erased_classes, write_results
 from noisyseg.experiments.results import RunResult, mean_std
+from noisyseg.experiments.selection_report import chosen_on_noisy_val, never_loses_lines
 from noisyseg.methods.hooks import arm_epoch
 from noisyseg.run.checkpoint import find_checkpoint
 from noisyseg.run.run_dir import RunDir
@@ -262,6 +263,42 @@ def test_erased_classes_compare_with_the_same_settings_baseline() -> None:
     assert erased_classes(results, ["bg", "a", "b", "c"]) == [
         "ladder/erode-dilate-L4-s0-noisyval/adele: a 4.0 (baseline-ms 30.0)"
     ]
+
+
+def selected_run(method: str, seed: int, val_miou: float | None, test_miou: float) -> RunResult:
+    summary = {
+        "test_miou": {"best_val": test_miou, "last": test_miou, "max": test_miou},
+        "selection": {"rule": "noisy-val", "epoch": 7, "val_miou": val_miou},
+        "test_miou_at": {"noisy-val": test_miou},
+    }
+    return RunResult(RunSpec("ladder", method, NoiseSpec(level=0, seed=seed)), summary, [], None)
+
+
+def test_the_run_the_noisy_validation_masks_prefer() -> None:
+    results = [
+        # seed 0: adele scores higher on the noisy masks and on the test set
+        selected_run("adele", 0, 0.80, 0.75),
+        selected_run("baseline-ms", 0, 0.70, 0.70),
+        # seed 1: the masks prefer baseline-ms, which is worse on the test set by 0.02
+        selected_run("adele", 1, 0.60, 0.72),
+        selected_run("baseline-ms", 1, 0.65, 0.70),
+        # seed 2: a summary without the validation score (written before it existed): left out
+        selected_run("adele", 2, None, 0.90),
+        selected_run("baseline-ms", 2, 0.50, 0.50),
+    ]
+    adele = [r for r in results if r.spec.method == "adele"]
+    baseline = [r for r in results if r.spec.method == "baseline-ms"]
+    delta, adele_chosen = chosen_on_noisy_val(adele, baseline)
+    assert delta == pytest.approx([0.05, 0.0]) and adele_chosen == 1
+    lines = never_loses_lines(results, {"ladder"}, [0])
+    # adele itself on all three seeds (+5, +2, +40); the preferred run on the two it can judge (+5, 0)
+    assert (
+        "- ladder level 0: adele at least baseline-ms - 0.5: 15.7 ± 21.1 points over 3 paired seed(s), **met**" in lines
+    )
+    assert (
+        "  - the one of adele and baseline-ms that the noisy validation masks prefer (adele in 1 of 2): "
+        "2.5 ± 3.5 points, **met**"
+    ) in lines
 
 
 def test_arm_statistics_on_a_hand_made_record() -> None:
