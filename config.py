@@ -542,28 +542,6 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
     return _build(TrainConfig, values)
 
 
-# Fields added after runs had been stored, whose default is not what those runs did: a stored
-# configuration without the field ran with this value (the guard came on 2026-11-29, the
-# consistency term's start on 2026-12-07 with the paper's `always`, later made `first_trigger`).
-VALUES_BEFORE_ADDED: dict[str, Any] = {"adele.guard": False, "adele.consistency_start": "always"}
-
-
-def stored_config_from_dict(values: dict[str, Any]) -> TrainConfig:
-    """The configuration a run stored (`config.json`, a checkpoint). Stored configurations are
-    complete, so a field one lacks was added after it was written: it takes the value the run ran
-    with (`VALUES_BEFORE_ADDED`), not today's default, so that a resumed old run stays itself."""
-    if not isinstance(values, dict):
-        raise ValueError(f"configuration must be a mapping of keys to values, got {type(values).__name__}")
-    completed = json.loads(json.dumps(values))
-    for dotted, value in VALUES_BEFORE_ADDED.items():
-        *sections, key = dotted.split(".")
-        node = completed
-        for section in sections:
-            node = node.setdefault(section, {})
-        node.setdefault(key, value)
-    return config_from_dict(completed)
-
-
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """The nested mapping of a YAML (or JSON) configuration file."""
     path = Path(path)

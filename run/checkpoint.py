@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from safetensors.torch import load, save
 
-from noisyseg.config import TrainConfig, stored_config_from_dict
+from noisyseg.config import TrainConfig
 from noisyseg.io import _fsync_directory, atomic_write_bytes, atomic_write_json
-from noisyseg.run.run_dir import RUN_ID, RunDir, config_differences
+from noisyseg.run.run_dir import RUN_ID, RunDir, config_differences, stored_config_from_dict
 from noisyseg.runtime.distributed import fault_point
 
 STATE_TENSORS = "state.safetensors"

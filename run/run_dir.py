@@ -30,7 +30,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from noisyseg.config import TrainConfig, semantic_fields, stored_config_from_dict
+from noisyseg.config import TrainConfig, config_from_dict, semantic_fields
 from noisyseg.io import atomic_write_json, atomic_write_text, probe_writable_folder
 
 CONFIG_FILE = "config.json"
@@ -46,6 +46,29 @@ RUN_ID = "run_id"
 def _file(name: str, doc: str = "") -> property:
     """A path in the run directory, as a read-only attribute."""
     return property(lambda self: self.path / name, doc=doc or f"`{name}` in the run directory")
+
+
+# Fields added after runs had been stored, whose default is not what those runs did: a stored
+# configuration without the field ran with this value (the guard came on 2026-11-29, the
+# consistency term's start on 2026-12-07 with the paper's `always`, later made `first_trigger`).
+VALUES_BEFORE_ADDED: dict[str, Any] = {"adele.guard": False, "adele.consistency_start": "always"}
+
+
+def stored_config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """The configuration a run stored (`config.json`, a checkpoint of `run/checkpoint.py`). Stored
+    configurations are complete, so a field one lacks was added after it was written: it takes
+    the value the run ran with (`VALUES_BEFORE_ADDED`), not today's default, so that a resumed old
+    run stays itself."""
+    if not isinstance(values, dict):
+        raise ValueError(f"configuration must be a mapping of keys to values, got {type(values).__name__}")
+    completed = json.loads(json.dumps(values))
+    for dotted, value in VALUES_BEFORE_ADDED.items():
+        *sections, key = dotted.split(".")
+        node = completed
+        for section in sections:
+            node = node.setdefault(section, {})
+        node.setdefault(key, value)
+    return config_from_dict(completed)
 
 
 class RunDir:
