@@ -124,18 +124,24 @@ def chosen_on_noisy_val(adele: list[RunResult], baseline: list[RunResult]) -> tu
     delta, adele_chosen = [], 0
     for run in adele:
         other = by_seed.get(run.spec.noise.seed)
-        vals = [_noisy_val_miou(r) for r in (run, other)] if other else [None]
-        scores = [score(r, "noisy-val") for r in (run, other)] if other else [None]
-        if None in vals or None in scores:
+        if other is None:
             continue
-        pick_adele = vals[0] >= vals[1]
+        val_a, val_b, test_a, test_b = (
+            _noisy_val_miou(run),
+            _noisy_val_miou(other),
+            score(run, "noisy-val"),
+            score(other, "noisy-val"),
+        )
+        if None in (val_a, val_b, test_a, test_b):
+            continue
+        pick_adele = val_a >= val_b
         adele_chosen += pick_adele
-        delta.append((scores[0] if pick_adele else scores[1]) - scores[1])
+        delta.append((test_a if pick_adele else test_b) - test_b)
     return delta, adele_chosen
 
 
-def _noisy_val_miou(run: RunResult | None) -> float | None:
-    selection = (run.summary.get("selection") or {}) if run else {}
+def _noisy_val_miou(run: RunResult) -> float | None:
+    selection = run.summary.get("selection") or {}
     return selection.get("val_miou") if selection.get("rule") == "noisy-val" else None
 
 

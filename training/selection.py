@@ -67,14 +67,18 @@ def _miou(split: str) -> Callable[[Record], float | None]:
     return lambda record: (record.get(split) or {}).get("miou")
 
 
+# The record entry each validation rule scores on (the other rules score on none).
+RULE_SPLITS = {"noisy-val": "val_noisy", "clean-val": "val"}
+
+
 def noisy_val_epoch(history: Sequence[Record]) -> int | None:
     """The best mIoU on the noisy validation masks; None when the run has none."""
-    return _best_value(history, _miou("val_noisy"))
+    return _best_value(history, _miou(RULE_SPLITS["noisy-val"]))
 
 
 def clean_val_epoch(history: Sequence[Record]) -> int | None:
     """The best mIoU on the dataset's validation masks; None when it has no validation split."""
-    return _best_value(history, _miou("val"))
+    return _best_value(history, _miou(RULE_SPLITS["clean-val"]))
 
 
 def last_epoch(history: Sequence[Record]) -> int | None:
@@ -125,9 +129,6 @@ def fitted_curves_epoch(history: Sequence[Record], r: float = AdeleConfig.r, min
     return last_epoch(history)
 
 
-# The validation split each rule scores on (the others score on none).
-RULE_SPLITS = {"noisy-val": "val_noisy", "clean-val": "val"}
-
 RULES: dict[str, Callable[[Sequence[Record]], int | None]] = {
     "noisy-val": noisy_val_epoch,
     "clean-val": clean_val_epoch,
@@ -170,13 +171,12 @@ def selection_summary(history: Sequence[Record], rule: str) -> dict[str, Any]:
     def at(key: str) -> dict[str, float | None]:
         return {name: by_epoch[e]["test"][key] if e in by_epoch else None for name, e in epochs.items()}
 
-    chosen = by_epoch.get(epochs[rule]) if epochs[rule] is not None else None
-    split = RULE_SPLITS.get(rule)
+    chosen, split = by_epoch.get(epochs[rule]), RULE_SPLITS.get(rule)
     return {
         "selection": {
             "rule": rule,
             "epoch": epochs[rule],
-            "val_miou": _miou(split)(chosen) if chosen is not None and split else None,
+            "val_miou": _miou(split)(chosen) if chosen and split else None,
         },
         "selected_epoch": epochs,
         "test_miou_at": at("miou"),
