@@ -154,6 +154,8 @@ class AdeleConfig:
     consistency_start: `first_trigger` (noisyseg's default): in a method that corrects labels,
         the consistency term only from the epoch after the first class triggered; `always`: the
         paper's, from the first step (docs/method.md and docs/results.md say why).
+    fork: at the first trigger, also continue the run as the method's `branch` (`method_table.py`)
+        and keep the model that scores higher on the validation masks (`training/fork.py`).
     """
 
     lam: float = 1.0
@@ -175,6 +177,7 @@ class AdeleConfig:
     guard_min_area: float = 0.5
     logit_divisor: float = 1.0
     consistency_start: str = "first_trigger"
+    fork: bool = True
 
 
 @dataclass

@@ -21,6 +21,7 @@ class MethodSpec:
     adaptive: bool = True  # per-class trigger (False: one trigger on the mean foreground curve)
     arm: bool = False  # ARM reweights the per-pixel losses
     pixel_loss: str = "ce"  # "ce", "gce", "ohem" or "tloss" (`losses.py`)
+    branch: str | None = None  # what `adele.fork` continues as, from the first trigger (`fork.py`)
 
 
 METHOD_SPECS = {
@@ -31,6 +32,7 @@ METHOD_SPECS = {
         multiscale=True,
         consistency=True,
         correction=True,
+        branch="baseline-ms",
     ),
     "adele-correction": MethodSpec(
         "ADELE's label correction alone, on the multiscale baseline (Table 6's ablation)",

@@ -111,7 +111,8 @@ class RunSource(ProbabilitySource):
         info = finished.info
         self.normalization = info.normalization
         self.store: LabelStore | None = None
-        if split == "train" and METHOD_SPECS[config.method].correction:
+        # The store goes with the model trained on it: not when `adele.fork` kept its branch's.
+        if split == "train" and METHOD_SPECS[config.method].correction and info.method == config.method:
             self.store = read_store(run, data, workdir)
         super().__init__(
             data,

@@ -220,3 +220,21 @@ def restore_rng(
     np.random.set_state((numpy_state[0], np.array(numpy_state[1], dtype=np.uint32), *numpy_state[2:]))
     python_state = rest["python"]
     random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
+
+
+def adopt_checkpoint(source: Path, run: RunDir, config: TrainConfig) -> None:
+    """Make the complete checkpoint `source` (another run's) the checkpoint of `run`, a run
+    directory that stores `config` and has no checkpoint yet: copied, its state.json naming `run`'s
+    id and `config` (so resuming it is `run` continuing, not two runs mixed), and `run`'s
+    metrics.jsonl rewritten from its history. The branch of `adele.fork` starts so."""
+    final = run.checkpoint_dir
+    staging = final.with_name(final.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    state = json.loads((staging / STATE_JSON).read_text(encoding="utf-8"))
+    state.update(config=config.to_dict(), config_hash=config.semantic_hash(), **{RUN_ID: run.run_id()})
+    atomic_write_json(staging / STATE_JSON, state)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging, final)
+    _fsync_directory(run.path)
+    run.write_metrics(state["history"])

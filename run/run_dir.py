@@ -19,6 +19,10 @@
                          predictions (predictions.npy, predictions.json) inside it
     curves.png           from `noisyseg.experiments.plots.plot_run_curves`
     tensorboard/         TensorBoard event files, one point per epoch (`tensorboard_log.py`)
+    fork_point/          with `adele.fork`, from the first trigger until the branch starts: the
+                         checkpoint and the selected model of the epoch before it
+    branch/              with `adele.fork`, the run directory of the branch (`training/fork.py`);
+                         when it scores higher, `model.safetensors` is a copy of its model
 
 No torch here: the model-file and serving code read the names without importing the trainer.
 """
@@ -39,6 +43,8 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 MODEL_FILE = "model.safetensors"
 CURVES_FILE = "curves.png"
+FORK_POINT_DIR = "fork_point"
+BRANCH_DIR = "branch"
 # The key of the run's id in config.json and in each checkpoint's state.json.
 RUN_ID = "run_id"
 
@@ -50,8 +56,13 @@ def _file(name: str, doc: str = "") -> property:
 
 # Fields added after runs had been stored, whose default is not what those runs did: a stored
 # configuration without the field ran with this value (the guard came on 2026-11-29, the
-# consistency term's start on 2026-12-07 with the paper's `always`, later made `first_trigger`).
-VALUES_BEFORE_ADDED: dict[str, Any] = {"adele.guard": False, "adele.consistency_start": "always"}
+# consistency term's start on 2026-12-07 with the paper's `always`, later made `first_trigger`;
+# the fork on 2026-12-07).
+VALUES_BEFORE_ADDED: dict[str, Any] = {
+    "adele.guard": False,
+    "adele.consistency_start": "always",
+    "adele.fork": False,
+}
 
 
 def stored_config_from_dict(values: dict[str, Any]) -> TrainConfig:
@@ -86,6 +97,8 @@ class RunDir:
     summary_file = _file(SUMMARY_FILE)
     model_file = _file(MODEL_FILE)
     curves_file = _file(CURVES_FILE)
+    fork_point_dir = _file(FORK_POINT_DIR, "`adele.fork`'s starting checkpoint and model (`training/fork.py`)")
+    branch_dir = _file(BRANCH_DIR, "`adele.fork`'s branch, a run directory (`training/fork.py`)")
 
     def has_config(self) -> bool:
         """A run was started here (a rerun must resume it)."""

@@ -608,25 +608,26 @@ def test_cli_train_resume_and_refusals(
 def test_a_run_stored_before_a_field_existed_resumes_as_it_ran(
     folders: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """config.json and the checkpoint of an ADELE run written before `adele.guard` and
-    `adele.consistency_start` existed: it ran without the guard and with the consistency term
-    from the first step, and resumes that way, not with today's defaults."""
+    """config.json and the checkpoint of an ADELE run written before `adele.guard`,
+    `adele.consistency_start` and `adele.fork` existed: it ran without the guard, with the
+    consistency term from the first step and without a fork, and resumes that way, not with
+    today's defaults."""
     out = tmp_path / "run"
     assert cli_train(folders, out, "--method", "adele") == 0
     capsys.readouterr()
     for path, key in ((out / "config.json", "config"), (out / "checkpoint" / "state.json", "config")):
         stored = json.loads(path.read_text())
-        for field in ("guard", "consistency_start"):
+        for field in ("guard", "consistency_start", "fork"):
             del stored[key]["adele"][field]
         path.write_text(json.dumps(stored))
     old = RunDir(out).read_config()
-    assert (old.adele.guard, old.adele.consistency_start) == (False, "always")
-    assert AdeleConfig().guard and AdeleConfig().consistency_start == "first_trigger"
+    assert (old.adele.guard, old.adele.consistency_start, old.adele.fork) == (False, "always", False)
+    assert AdeleConfig().guard and AdeleConfig().consistency_start == "first_trigger" and AdeleConfig().fork
     assert main(["train", "--resume", str(out), "--epochs", "2", "--quiet"]) == 0
     assert [r["epoch"] for r in read_records(out)] == [1, 2]
     # Today's `adele` in that directory is another configuration: refused, named.
     assert cli_train(folders, out, "--method", "adele") == 2
-    assert "differs in adele.consistency_start, adele.guard" in capsys.readouterr().err
+    assert "differs in adele.consistency_start, adele.fork, adele.guard" in capsys.readouterr().err
 
 
 def test_resume_refuses_a_label_store_that_does_not_match_the_data(

@@ -79,6 +79,7 @@ from noisyseg.runtime.distributed import (
 )
 from noisyseg.training.batches import Batch, BatchSource, CachedBatches, StreamedBatches
 from noisyseg.training.counters import EpochCounters, total_over_ranks
+from noisyseg.training.fork import first_trigger, forks, keep_fork_point
 from noisyseg.training.optim import lr_factor, set_lr
 from noisyseg.training.prediction_changes import PredictionChanges
 from noisyseg.training.selection import default_rule, keeps_epoch, selection_summary
@@ -320,7 +321,8 @@ class Trainer:
     # ---- the run
 
     def fit(self) -> dict[str, Any]:
-        """Train from the current epoch to `config.epochs`; writes outputs; returns the summary."""
+        """Train from the current epoch to `config.epochs`; writes the run's files but the
+        summary; returns the summary."""
         batches = self.total_iterations // self.config.epochs
         log.info(
             "training %s for %d epochs (%d batches each) on %s in %s into %s",
@@ -361,13 +363,10 @@ class Trainer:
             if self.tensorboard is not None:
                 self.tensorboard.close()
         triggers = self.labels.triggers.trigger_epoch
-        summary = {
+        return {  # `trainer.train` writes it, after `adele.fork`'s branch
             **build_summary(self.history, triggers, self.best_epoch),
             **selection_summary(self.history, self.selection_rule),
         }
-        if self.ctx.is_main:
-            self.run_dir.write_summary(summary)
-        return summary
 
     def persist(self, record: dict[str, Any]) -> None:
         """Rank 0 writes the best model, the checkpoint and the metrics; a failed write (a full
@@ -375,6 +374,11 @@ class Trainer:
         error = None
         if self.ctx.is_main:
             try:
+                if (
+                    forks(self.config, self.selection_rule)
+                    and first_trigger(self.labels.triggers.trigger_epoch) == self.epoch
+                ):
+                    keep_fork_point(self.run_dir)  # before this epoch's checkpoint and model replace them
                 self.track_best(record)
                 self.save_checkpoint()
                 fault_point("metrics-write")

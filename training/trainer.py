@@ -39,6 +39,7 @@ from noisyseg.runtime.distributed import (
     reset_fault_counts,
     shutdown,
 )
+from noisyseg.training.fork import branch_config, first_trigger, fork_summary, forks, keep_branch_model, start_branch
 from noisyseg.training.loop import Trainer
 from noisyseg.training.optim import make_optimizer
 
@@ -213,9 +214,40 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
             # so CUDA runs warn about those instead of stopping: exact resume is a CPU guarantee.
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(config.deterministic, warn_only=ctx.device.type == "cuda")
-        summary = set_up_run(config, resume, ctx).fit()
+        summary = train_run(config, resume, ctx)
         shutdown(ctx)
         return summary
     finally:
         torch.set_num_threads(previous_threads)
         torch.use_deterministic_algorithms(previous_deterministic)
+
+
+def train_run(config: TrainConfig, resume: bool, ctx: DistContext) -> dict[str, Any]:
+    """Train the run of `config` (and, with `adele.fork`, its branch); write its summary."""
+    trainer = set_up_run(config, resume, ctx)
+    summary = trainer.fit()
+    fork_epoch = first_trigger(summary["trigger_epoch"])
+    if forks(config, trainer.selection_rule) and fork_epoch is not None:
+        run, branch = RunDir(config.out), branch_config(config)
+        error = None
+        if ctx.is_main:
+            try:
+                start_branch(run, branch)
+            except (ValueError, OSError) as err:
+                error = err
+        agree_on_error(ctx, error, "starting the branch of adele.fork")
+        log.info(
+            "adele.fork: %s continues as %s from epoch %d in %s",
+            config.method,
+            branch.method,
+            fork_epoch - 1,
+            branch.out,
+        )
+        branch_summary = train_run(branch, True, ctx)
+        summary["fork"] = fork_summary(summary, branch_summary, config.method, branch.method, fork_epoch - 1)
+        if ctx.is_main and summary["fork"]["kept"] == branch.method:
+            keep_branch_model(run)
+        log.info("adele.fork: kept %s (validation mIoU %s)", summary["fork"]["kept"], summary["fork"]["val_miou"])
+    if ctx.is_main:
+        RunDir(config.out).write_summary(summary)
+    return summary

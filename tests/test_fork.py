@@ -1,0 +1,137 @@
+"""`adele.fork` end to end on the trainer's tiny data: the branch is the `baseline-ms` run of the
+same seed (compared with one trained on its own), the run keeps the model its validation masks
+prefer, an interrupted branch resumes to the same end, and `fork: false` makes no branch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_trainer import EARLY_CORRECTION, folders, read_records, tiny_config  # noqa: F401 (a fixture)
+
+from noisyseg.models.model_file import read_model_info
+from noisyseg.run.run_dir import RunDir
+from noisyseg.training.fork import fork_summary
+from noisyseg.training.loop import Trainer
+from noisyseg.training.trainer import train
+
+# EARLY_CORRECTION triggers at epoch 3, so the fork starts from epoch 2's checkpoint. At lr 0.1
+# ADELE's correction moves the validation score (at 0.01 the two runs tie); here the branch
+# scored higher (0.3436 against 0.3433), so the copy of its model runs; the other outcomes are
+# the hand-made cases at the end.
+OPTIONS = ["epochs=5", *EARLY_CORRECTION, "optim.lr=0.1"]
+
+
+def state_tensors(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoint" / "state.safetensors"))
+
+
+def same_model(a: Path, b: Path) -> bool:
+    """Same weights and metadata (the file's bytes may order the metadata differently)."""
+    weights = load_file(str(a)), load_file(str(b))
+    same_weights = weights[0].keys() == weights[1].keys() and all(
+        torch.equal(weights[0][k], weights[1][k]) for k in weights[0]
+    )
+    return same_weights and read_model_info(a) == read_model_info(b)
+
+
+@pytest.fixture(scope="module")
+def runs(folders: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:  # noqa: F811
+    """An `adele` run with its fork and a `baseline-ms` run of the same seed, uninterrupted."""
+    root = tmp_path_factory.mktemp("fork")
+    out = {"adele": root / "adele", "baseline-ms": root / "baseline-ms"}
+    for method, run in out.items():
+        train(tiny_config(folders, run, f"method={method}", *OPTIONS))
+    return out
+
+
+def test_the_branch_is_the_baseline_run_and_the_better_model_is_kept(runs: dict[str, Path]) -> None:
+    adele, baseline = RunDir(runs["adele"]), RunDir(runs["baseline-ms"])
+    branch = RunDir(adele.branch_dir)
+    summary, base_summary = adele.read_summary(), baseline.read_summary()
+    assert summary["trigger_epoch"]["1"] == 3 and not adele.fork_point_dir.exists()
+    fork = summary["fork"]
+    assert (fork["epoch"], fork["branch"]) == (2, "baseline-ms")
+    # The branch ends where baseline-ms, trained alone, ends: weights, optimiser, label store, records.
+    base_state, branch_state = state_tensors(baseline.path), state_tensors(branch.path)
+    assert base_state.keys() == branch_state.keys()
+    assert all(torch.equal(base_state[k], branch_state[k]) for k in base_state)
+    strip = lambda records: [{k: v for k, v in r.items() if k != "method"} for r in records]  # noqa: E731
+    assert strip(read_records(branch.path)) == strip(read_records(baseline.path))
+    assert [r["method"] for r in read_records(branch.path)] == ["adele"] * 2 + ["baseline-ms"] * 3
+    assert same_model(branch.model_file, baseline.model_file)
+    # Each run's score at its own selected epoch; the summary's selection stays ADELE's own.
+    assert fork["val_miou"] == {
+        "adele": summary["selection"]["val_miou"],
+        "baseline-ms": base_summary["selection"]["val_miou"],
+    }
+    assert fork["test_miou"]["baseline-ms"] == base_summary["test_miou_at"]["clean-val"]
+    assert summary["selection"]["rule"] == "clean-val"  # the tiny data has no noisy validation masks
+    kept = "baseline-ms" if fork["val_miou"]["baseline-ms"] > fork["val_miou"]["adele"] else "adele"
+    assert fork["kept"] == kept
+    assert read_model_info(adele.model_file).method == kept
+    if kept == "baseline-ms":
+        assert adele.model_file.read_bytes() == branch.model_file.read_bytes()
+
+
+def test_an_interrupted_branch_resumes_to_the_same_end(
+    folders: tuple[Path, Path],  # noqa: F811
+    runs: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = tmp_path / "adele"
+    config = tiny_config(folders, out, "method=adele", *OPTIONS)
+    save = Trainer.save_checkpoint
+
+    def crash_in_the_branch(self: Trainer) -> None:
+        save(self)
+        if self.config.method == "baseline-ms" and self.epoch == 4:
+            raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", crash_in_the_branch)
+    with pytest.raises(KeyboardInterrupt):
+        train(config)
+    monkeypatch.setattr(Trainer, "save_checkpoint", save)
+    run = RunDir(out)
+    assert (
+        not run.is_finished() and json.loads((run.branch_dir / "checkpoint" / "state.json").read_text())["epoch"] == 4
+    )
+    train(config, resume=True)
+    straight = RunDir(runs["adele"])
+    for name in ("adele", "branch"):
+        a, b = (straight.path, out) if name == "adele" else (straight.branch_dir, run.branch_dir)
+        assert state_tensors(a).keys() == state_tensors(b).keys()
+        assert all(torch.equal(state_tensors(a)[k], state_tensors(b)[k]) for k in state_tensors(a))
+    assert run.read_summary()["fork"] == straight.read_summary()["fork"]
+
+
+def test_without_the_fork_no_branch_is_trained(folders: tuple[Path, Path], tmp_path: Path) -> None:  # noqa: F811
+    out = tmp_path / "adele"
+    summary = train(tiny_config(folders, out, "method=adele", "epochs=4", "adele.fork=false", *EARLY_CORRECTION))
+    assert summary["trigger_epoch"]["1"] == 3 and "fork" not in summary
+    assert not RunDir(out).branch_dir.exists() and not RunDir(out).fork_point_dir.exists()
+
+
+def selection(val: float | None, test: float) -> dict:
+    return {"selection": {"rule": "noisy-val", "epoch": 7, "val_miou": val}, "test_miou_at": {"noisy-val": test}}
+
+
+@pytest.mark.parametrize(
+    ("val_adele", "val_branch", "kept"),
+    [(0.70, 0.72, "baseline-ms"), (0.72, 0.70, "adele"), (0.70, 0.70, "adele"), (0.70, None, "adele")],
+)
+def test_the_fork_keeps_the_higher_validation_score_and_adele_on_a_tie(
+    val_adele: float, val_branch: float | None, kept: str
+) -> None:
+    fork = fork_summary(selection(val_adele, 0.6), selection(val_branch, 0.5), "adele", "baseline-ms", 12)
+    assert fork == {
+        "epoch": 12,
+        "branch": "baseline-ms",
+        "kept": kept,
+        "val_miou": {"adele": val_adele, "baseline-ms": val_branch},
+        "test_miou": {"adele": 0.6, "baseline-ms": 0.5},
+    }

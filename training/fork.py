@@ -1,0 +1,104 @@
+"""`adele.fork`: an ADELE run that ends with the better of itself and the baseline it starts as.
+
+Until its first trigger, `adele` (with `adele.consistency_start=first_trigger`, the default)
+trains exactly as `baseline-ms`: the same steps and the same weights, bit for bit. So at the
+first trigger (epoch t) the run keeps the checkpoint and the selected model of epoch t - 1
+(`fork_point/`), and when it has trained all its epochs a run of the method's `branch`
+(`method_table.py`: `baseline-ms`) continues from them in `branch/` to the same end. The
+`baseline-ms` run of the same seed is the branch (`tests/test_fork.py` checks it). The run then
+keeps the model whose selected checkpoint scores higher on the validation masks it selects on
+(noisy-val or clean-val, `selection.py`; a tie keeps ADELE's): `model.safetensors` becomes a
+copy of the branch's when the branch scores higher, and `summary.json`'s `fork` says which.
+
+Why: on clean or lightly noisy labels ADELE's early triggers can only make labels wrong, and no
+user knows their noise level. Over 25 paired runs (docs/results.md, sixth session) the validation
+masks chose the better of `adele` and `baseline-ms` in 20, were never more than 1.5 points below
+`baseline-ms`, and kept ADELE's gains at medium noise. Cost: the branch's epochs, from the first
+trigger to the end (epochs 6 to 33 of 100 on the phantom at low and medium noise: 1.7 to 1.9
+trainings; heavy noise triggers late or never). With no validation masks nothing can judge the
+two runs, so no fork is made (`label-free` rules); with `consistency_start=always` the branch
+leaves out the correction and the consistency term from epoch t on.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import replace
+from typing import Any
+
+from noisyseg.config import TrainConfig
+from noisyseg.io import atomic_write_bytes
+from noisyseg.method_table import METHOD_SPECS
+from noisyseg.run.checkpoint import adopt_checkpoint, find_checkpoint
+from noisyseg.run.run_dir import CHECKPOINT_DIR, MODEL_FILE, RunDir
+from noisyseg.training.selection import RULE_SPLITS
+
+log = logging.getLogger(__name__)
+
+
+def forks(config: TrainConfig, rule: str) -> bool:
+    """Whether a run of `config` selecting its model by `rule` forks at its first trigger."""
+    return config.adele.fork and METHOD_SPECS[config.method].branch is not None and rule in RULE_SPLITS
+
+
+def first_trigger(trigger_epoch: dict[Any, int | None]) -> int | None:
+    epochs = [e for e in trigger_epoch.values() if e is not None]
+    return min(epochs) if epochs else None
+
+
+def keep_fork_point(run: RunDir) -> None:
+    """Copy the run's last checkpoint and selected model (those of the epoch before the first
+    trigger; there is one: a class triggers at epoch `adele.min_fit_points` >= 3 at the earliest)
+    into `fork_point/`, replacing it whole."""
+    checkpoint = find_checkpoint(run.path)
+    assert checkpoint is not None, f"{run}: no checkpoint before the first trigger"
+    final = run.fork_point_dir
+    staging = final.with_name(final.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(checkpoint, staging / CHECKPOINT_DIR)
+    shutil.copy2(run.model_file, staging / MODEL_FILE)
+    shutil.rmtree(final, ignore_errors=True)
+    staging.rename(final)
+
+
+def branch_config(config: TrainConfig) -> TrainConfig:
+    branch = METHOD_SPECS[config.method].branch
+    assert branch is not None
+    return replace(config, method=branch, out=str(RunDir(config.out).branch_dir))
+
+
+def start_branch(run: RunDir, config: TrainConfig) -> None:
+    """Make the branch (`config`, from `branch_config`) start from `fork_point/`, then remove
+    that; once it is gone, the branch has started (and resumes from its own checkpoint)."""
+    branch, point = RunDir(config.out), run.fork_point_dir
+    if not point.is_dir():
+        return
+    if not branch.has_config():
+        branch.prepare(config, resume=False)
+    adopt_checkpoint(point / CHECKPOINT_DIR, branch, config)
+    atomic_write_bytes(branch.model_file, (point / MODEL_FILE).read_bytes())
+    shutil.rmtree(point)
+
+
+def fork_summary(
+    summary: dict[str, Any], branch_summary: dict[str, Any], method: str, branch: str, fork_epoch: int
+) -> dict[str, Any]:
+    """`summary.json`'s `fork` entry: where the branch started, both runs' scores on the
+    validation masks and on the test masks at their selected epochs, and the run kept."""
+    runs = {method: summary, branch: branch_summary}
+    val = {name: s["selection"]["val_miou"] for name, s in runs.items()}
+    test = {name: s["test_miou_at"][s["selection"]["rule"]] for name, s in runs.items()}
+    better = val[branch] is not None and (val[method] is None or val[branch] > val[method])
+    return {
+        "epoch": fork_epoch,
+        "branch": branch,
+        "kept": branch if better else method,
+        "val_miou": val,
+        "test_miou": test,
+    }
+
+
+def keep_branch_model(run: RunDir) -> None:
+    """`model.safetensors` becomes a copy of the branch's (its metadata names its method and epoch)."""
+    atomic_write_bytes(run.model_file, RunDir(run.branch_dir).model_file.read_bytes())
