@@ -5,10 +5,11 @@ Three experiments (the issue's "Reproduce the papers, measured"):
 - `table1`: ADELE's Table 1 on the phantom with the reference `erode-dilate` noise:
   baseline-ms, adele-nonadaptive, adele, arm and adele+arm over several noise seeds, the paper's
   adele (`PAPER_ADELE`), the rivals (`RIVALS`): tloss, and NSegment's label-only elastic
-  deformation with baseline-ms and adele; and baseline-ms and adele in bf16 (`BF16_RUNS`).
+  deformation with baseline-ms and adele; baseline-ms and adele in bf16 (`BF16_RUNS`); and adele
+  with its fork (`FORKED_ADELE`; every other run trains without it).
 - `ladder`: ADELE's Table 6: baseline-ms, each half of ADELE (adele-correction,
-  adele-consistency) and adele over erode-dilate noise levels and noise seeds, the paper's adele
-  and the rivals.
+  adele-consistency) and adele over erode-dilate noise levels and noise seeds, the paper's adele,
+  the rivals and the forked adele.
 
 The noise also corrupts the validation split (`NoiseSpec.noisy_val`, the default): a run keeps the
 checkpoint its noisy validation masks choose, as a user's would, and its summary gives the test
@@ -50,7 +51,7 @@ from typing import Any, Literal
 import torch
 from tqdm import tqdm
 
-from noisyseg.config import ModelConfig, OptimConfig, TrainConfig, apply_overrides, config_from_dict
+from noisyseg.config import AdeleConfig, ModelConfig, OptimConfig, TrainConfig, apply_overrides, config_from_dict
 from noisyseg.data.noise import LEVEL_ITERATIONS, NOISE_FILE, corrupt_dataset
 from noisyseg.data.phantom import PhantomConfig, generate_phantom
 from noisyseg.io import atomic_write_json
@@ -80,8 +81,11 @@ PAPER_ADELE = ("adele", ("adele.consistency_start=always",))
 # bf16 autocast beside fp32 on Table 1 (issue 23, part 4): on CPUs with native bf16 a run takes
 # 1.3-1.5x less CPU time at this scale; paired over seeds, these runs measure its accuracy.
 BF16_RUNS = (("baseline-ms", ("precision=bf16",)), ("adele", ("precision=bf16",)))
-TABLE1_RUNS = (*((m, ()) for m in TABLE1_METHODS), PAPER_ADELE, *RIVALS, *BF16_RUNS)
-LADDER_RUNS = (*((m, ()) for m in LADDER_METHODS), PAPER_ADELE, *RIVALS)
+# ADELE with its fork, as `noisyseg train` runs it (`training/fork.py`): its branch is the
+# `baseline-ms` run of the same seed, so the pair measures the fork; these runs check that.
+FORKED_ADELE = ("adele", ("adele.fork=true",))
+TABLE1_RUNS = (*((m, ()) for m in TABLE1_METHODS), PAPER_ADELE, *RIVALS, *BF16_RUNS, FORKED_ADELE)
+LADDER_RUNS = (*((m, ()) for m in LADDER_METHODS), PAPER_ADELE, *RIVALS, FORKED_ADELE)
 COARSE_METHODS = method_names(["baseline", "gce", "ohem", "arm", "gce+arm"])
 # The ARM paper's setting trains under its lr policy (warm-up, x0.1 at 0.6T, x0.01 at 0.9T);
 # ADELE's (table1, ladder) under a constant lr, as ADELE's SegTHOR code.
@@ -301,7 +305,8 @@ def train_config(
     seed: int = 0,
     schedule: str = "constant",
 ) -> TrainConfig:
-    """The trainer configuration of one run at `scale` (every other field keeps its default)."""
+    """The trainer configuration of one run at `scale` (every other field keeps its default,
+    except `adele.fork`: a method is measured alone, and `FORKED_ADELE` measures the fork)."""
     return TrainConfig(
         data=str(data),
         labels=None if labels is None else str(labels),
@@ -313,6 +318,7 @@ def train_config(
         quiet=quiet,
         model=scale.model(architecture),
         optim=replace(OptimConfig(), lr=scale.lr, momentum=scale.momentum, schedule=schedule),
+        adele=AdeleConfig(fork=False),
     )
 
 
