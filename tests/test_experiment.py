@@ -155,8 +155,8 @@ def test_mean_std_formats_percentages() -> None:
 
 
 def test_experiment_plans() -> None:
-    # 6 methods, the paper's adele, 3 rivals, baseline-ms and adele in bf16
-    assert len(experiment_runs("table1", [0, 1, 2], [0])) == 36
+    # 6 methods, the paper's adele, 3 rivals, baseline-ms and adele in bf16, the forked adele
+    assert len(experiment_runs("table1", [0, 1, 2], [0])) == 39
     ladder = experiment_runs("ladder", [7, 8], [0, 3])
     names = [
         "baseline-ms",
@@ -167,6 +167,7 @@ def test_experiment_plans() -> None:
         "tloss@optim.optimizer=adam@optim.lr=0.001",
         "baseline-ms@loader.augment.label_elastic=true",
         "adele@loader.augment.label_elastic=true",
+        "adele@adele.fork=true",
     ]
     # Seed-major: a first seed over every level finishes before the next seed starts. Level 0
     # (no noise) has its seeds train differently seeded networks; noisy levels train seed 0.
