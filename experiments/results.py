@@ -48,12 +48,16 @@ def nan_if_none(value: Any) -> float:
 
 
 def load_results(root: Path, specs: Sequence[RunSpec]) -> list[RunResult]:
-    """The finished runs among `specs` (those with a summary.json)."""
+    """The finished runs among `specs` (those with a summary.json). A run whose `adele.fork` kept
+    its branch is read as the branch (`training/fork.py`): its model is what the run delivers."""
     results = []
     for spec in specs:
         run = RunDir(root / "runs" / spec.relative_dir)
         if not run.is_finished():
             continue
+        fork = run.read_summary().get("fork")
+        if fork and fork["kept"] == fork["branch"]:
+            run = RunDir(run.branch_dir)
         timing_path = run.path / TIMING_FILE
         results.append(
             RunResult(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 
-from noisyseg.experiments.experiment import TLOSS_OPTIMISER, NoiseSpec, RunSpec
+from noisyseg.experiments.experiment import FORKED_ADELE, TLOSS_OPTIMISER, NoiseSpec, RunSpec
 from noisyseg.experiments.results import (
     LADDER_NAMES,
     TABLE1_NAMES,
@@ -32,6 +32,7 @@ USER_COLUMNS = (
 # 1.0 point of the oracle and no more than 0.5 below the last epoch, mean over seeds.
 USER_METHODS = ("baseline-ms", "adele", RunSpec("ladder", "tloss", NoiseSpec(), overrides=TLOSS_OPTIMISER).name)
 ORACLE_GAP, LAST_GAP = 0.010, 0.005
+FORKED = RunSpec("ladder", FORKED_ADELE[0], NoiseSpec(), overrides=FORKED_ADELE[1]).name
 
 
 def _settings(experiments: set[str], levels: Sequence[int]) -> list[tuple[str, int | None, str, list[str]]]:
@@ -175,5 +176,15 @@ def never_loses_lines(results: list[RunResult], experiments: set[str], levels: S
             lines.append(
                 f"  - the one of adele and baseline-ms that the noisy validation masks prefer (adele in "
                 f"{adele_chosen} of {len(chosen)}): {mean_std(chosen)} points, {verdict(ok)}"
+            )
+        forked = paired(
+            _runs_of(results, experiment, level, FORKED),
+            _runs_of(results, experiment, level, "baseline-ms"),
+            "noisy-val",
+        )
+        if forked:
+            lines.append(
+                f"  - `{FORKED}`, the run its fork kept: {mean_std(forked)} points over "
+                f"{len(forked)} paired seed(s), {verdict(statistics.mean(forked) >= need)}"
             )
     return lines

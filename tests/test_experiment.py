@@ -29,7 +29,7 @@ from noisyseg.experiments.experiment import (
     run_lock,
 )
 from noisyseg.experiments.report import KEEP_MARKER, erased_classes, write_results
-from noisyseg.experiments.results import RunResult, mean_std
+from noisyseg.experiments.results import RunResult, load_results, mean_std
 from noisyseg.experiments.selection_report import chosen_on_noisy_val, never_loses_lines
 from noisyseg.methods.hooks import arm_epoch
 from noisyseg.run.checkpoint import find_checkpoint
@@ -300,6 +300,30 @@ def test_the_run_the_noisy_validation_masks_prefer() -> None:
         "  - the one of adele and baseline-ms that the noisy validation masks prefer (adele in 1 of 2): "
         "2.5 ± 3.5 points, **met**"
     ) in lines
+
+
+def write_finished_run(run: Path, summary: dict) -> None:
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1}) + "\n")
+
+
+def test_a_forked_run_is_read_as_the_run_it_kept(tmp_path: Path) -> None:
+    forked = RunSpec("ladder", "adele", NoiseSpec(level=0, seed=0), overrides=("adele.fork=true",))
+    baseline = RunSpec("ladder", "baseline-ms", NoiseSpec(level=0, seed=0))
+    adele_run = tmp_path / "runs" / forked.relative_dir
+    own = selected_run("adele", 0, 0.60, 0.72).summary
+    fork = {"epoch": 12, "branch": "baseline-ms", "kept": "baseline-ms", "val_miou": {}, "test_miou": {}}
+    write_finished_run(adele_run, {**own, "fork": fork})
+    write_finished_run(adele_run / "branch", selected_run("baseline-ms", 0, 0.65, 0.70).summary)
+    write_finished_run(tmp_path / "runs" / baseline.relative_dir, selected_run("baseline-ms", 0, 0.65, 0.69).summary)
+    results = load_results(tmp_path, [forked, baseline])
+    assert results[0].path == adele_run / "branch" and results[0].summary["test_miou_at"]["noisy-val"] == 0.70
+    lines = never_loses_lines(results, {"ladder"}, [0])
+    assert "  - `adele@adele.fork=true`, the run its fork kept: 1.0 points over 1 paired seed(s), **met**" in lines
+    # A fork that kept ADELE reads ADELE's own run.
+    (adele_run / "summary.json").write_text(json.dumps({**own, "fork": {**fork, "kept": "adele"}}))
+    assert load_results(tmp_path, [forked])[0].summary["test_miou_at"]["noisy-val"] == 0.72
 
 
 def test_arm_statistics_on_a_hand_made_record() -> None:
