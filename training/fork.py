@@ -60,6 +60,7 @@ def keep_fork_point(run: RunDir) -> None:
     shutil.copy2(run.model_file, staging / MODEL_FILE)
     shutil.rmtree(final, ignore_errors=True)
     staging.rename(final)
+    log.info("adele.fork: the first trigger; %s holds the state the branch starts from", final)
 
 
 def branch_config(config: TrainConfig) -> TrainConfig:
