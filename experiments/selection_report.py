@@ -142,8 +142,15 @@ def chosen_on_noisy_val(adele: list[RunResult], baseline: list[RunResult]) -> tu
 
 
 def _noisy_val_miou(run: RunResult) -> float | None:
+    """The selected checkpoint's noisy-validation mIoU: the summary's, or for a summary written
+    before it held one, the selected epoch's record's."""
     selection = run.summary.get("selection") or {}
-    return selection.get("val_miou") if selection.get("rule") == "noisy-val" else None
+    if selection.get("rule") != "noisy-val":
+        return None
+    if "val_miou" in selection:
+        return selection["val_miou"]
+    chosen = [r for r in run.records if r["epoch"] == selection.get("epoch")]
+    return chosen[0]["val_noisy"]["miou"] if chosen else None
 
 
 def never_loses_lines(results: list[RunResult], experiments: set[str], levels: Sequence[int]) -> list[str]:
