@@ -11,11 +11,11 @@ keeps the model whose selected checkpoint scores higher on the validation masks 
 copy of the branch's when the branch scores higher, and `summary.json`'s `fork` says which.
 
 Why: on clean or lightly noisy labels ADELE's early triggers can only make labels wrong, and no
-user knows their noise level. Over 25 paired runs (docs/results.md, sixth session) the validation
-masks chose the better of `adele` and `baseline-ms` in 20, were never more than 1.5 points below
-`baseline-ms`, and kept ADELE's gains at medium noise. Cost: the branch's epochs, from the first
-trigger to the end (epochs 6 to 33 of 100 on the phantom at low and medium noise: 1.7 to 1.9
-trainings; heavy noise triggers late or never). With no validation masks nothing can judge the
+user knows their noise level. Over 31 paired phantom runs (docs/results.md, seventh session) the
+validation masks chose the better of `adele` and `baseline-ms` in 24, were never more than 1.5
+points below `baseline-ms`, and kept ADELE's gains at medium noise. Cost: the branch's epochs,
+from the first trigger to the end (epochs 6 to 33 of 100 on the phantom at low and medium noise:
+1.68 to 1.95 trainings' epochs; heavy noise triggers late or never). With no validation masks nothing can judge the
 two runs, so no fork is made (`label-free` rules); with `consistency_start=always` the branch
 leaves out the correction and the consistency term from epoch t on.
 """
