@@ -55,14 +55,16 @@ def load_results(root: Path, specs: Sequence[RunSpec]) -> list[RunResult]:
         run = RunDir(root / "runs" / spec.relative_dir)
         if not run.is_finished():
             continue
-        fork = run.read_summary().get("fork")
+        summary = run.read_summary()
+        fork = summary.get("fork")
         if fork and fork["kept"] == fork["branch"]:
             run = RunDir(run.branch_dir)
+            summary = run.read_summary()
         timing_path = run.path / TIMING_FILE
         results.append(
             RunResult(
                 spec=spec,
-                summary=run.read_summary(),
+                summary=summary,
                 records=run.read_metrics(),
                 timing=json.loads(timing_path.read_text(encoding="utf-8")) if timing_path.is_file() else None,
                 path=run.path,

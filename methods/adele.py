@@ -315,10 +315,14 @@ class TriggerState:
             means.append(sum(present) / len(present) if present else None)
         return means
 
+    def first_epoch(self) -> int | None:
+        """The epoch of the first trigger of any class (None before one)."""
+        return min((e for e in self.trigger_epoch.values() if e is not None), default=None)
+
     def any_triggered(self) -> bool:
         """Whether some class has triggered (a trigger is set at the end of its epoch, so during
         an epoch this is about the epochs before it)."""
-        return any(epoch is not None for epoch in self.trigger_epoch.values())
+        return self.first_epoch() is not None
 
     def triggered_mask(self, before_or_at: int) -> torch.Tensor:
         """(C,) bools: classes triggered at or before epoch `before_or_at` and not stopped by the

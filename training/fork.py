@@ -42,11 +42,6 @@ def forks(config: TrainConfig, rule: str) -> bool:
     return config.adele.fork and METHOD_SPECS[config.method].branch is not None and rule in RULE_SPLITS
 
 
-def first_trigger(trigger_epoch: dict[Any, int | None]) -> int | None:
-    epochs = [e for e in trigger_epoch.values() if e is not None]
-    return min(epochs) if epochs else None
-
-
 def keep_fork_point(run: RunDir) -> None:
     """Copy the run's last checkpoint and selected model (those of the epoch before the first
     trigger; there is one: a class triggers at epoch `adele.min_fit_points` >= 3 at the earliest)

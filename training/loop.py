@@ -79,7 +79,7 @@ from noisyseg.runtime.distributed import (
 )
 from noisyseg.training.batches import Batch, BatchSource, CachedBatches, StreamedBatches
 from noisyseg.training.counters import EpochCounters, total_over_ranks
-from noisyseg.training.fork import first_trigger, forks, keep_fork_point
+from noisyseg.training.fork import forks, keep_fork_point
 from noisyseg.training.optim import lr_factor, set_lr
 from noisyseg.training.prediction_changes import PredictionChanges
 from noisyseg.training.selection import default_rule, keeps_epoch, selection_summary
@@ -130,6 +130,7 @@ class Trainer:
         self.saved_epoch = 0  # the epoch of the last complete checkpoint
         # Checkpoint selection (`selection.py`): the rule model.safetensors follows; Label Wave's input.
         self.selection_rule = default_rule(data.noisy_val is not None, len(data.val) > 0)
+        self.forks = forks(config, self.selection_rule)  # `adele.fork` applies to this run
         self.tensorboard: TensorBoardLog | None = None  # rank 0's event files, opened by fit()
         self.prediction_changes = PredictionChanges(
             data.train_labels.shapes, self.device, data.cached, ctx, labels.workdir
@@ -374,10 +375,7 @@ class Trainer:
         error = None
         if self.ctx.is_main:
             try:
-                if (
-                    forks(self.config, self.selection_rule)
-                    and first_trigger(self.labels.triggers.trigger_epoch) == self.epoch
-                ):
+                if self.forks and self.labels.triggers.first_epoch() == self.epoch:
                     keep_fork_point(self.run_dir)  # before this epoch's checkpoint and model replace them
                 self.track_best(record)
                 self.save_checkpoint()

@@ -39,7 +39,7 @@ from noisyseg.runtime.distributed import (
     reset_fault_counts,
     shutdown,
 )
-from noisyseg.training.fork import branch_config, first_trigger, fork_summary, forks, keep_branch_model, start_branch
+from noisyseg.training.fork import branch_config, fork_summary, keep_branch_model, start_branch
 from noisyseg.training.loop import Trainer
 from noisyseg.training.optim import make_optimizer
 
@@ -226,8 +226,8 @@ def train_run(config: TrainConfig, resume: bool, ctx: DistContext) -> dict[str, 
     """Train the run of `config` (and, with `adele.fork`, its branch); write its summary."""
     trainer = set_up_run(config, resume, ctx)
     summary = trainer.fit()
-    fork_epoch = first_trigger(summary["trigger_epoch"])
-    if forks(config, trainer.selection_rule) and fork_epoch is not None:
+    fork_epoch = trainer.labels.triggers.first_epoch()
+    if trainer.forks and fork_epoch is not None:
         run, branch = RunDir(config.out), branch_config(config)
         error = None
         if ctx.is_main:
