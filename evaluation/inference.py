@@ -10,12 +10,13 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from noisyseg.evaluation.metrics import ConfusionMeter, iou_per_class, mean_iou
+from noisyseg.evaluation.metrics import ConfusionMeter, confusion_matrix, iou_per_class, mean_iou
 from noisyseg.io import json_float, json_floats
 from noisyseg.runtime.distributed import (
     SINGLE_PROCESS,
@@ -152,6 +153,29 @@ def worker_errors_as_raised(items: Iterator[Any]) -> Iterator[Any]:
         raise type(err)(message) from err
 
 
+def split_predictions(
+    model: nn.Module,
+    items: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    batch_size: int,
+    window: int = 0,
+    overlap: float = 0.33,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(predicted classes, masks) per batch of `items` on the model's device, single-scale:
+    images are evaluated whole at their own size, those of one size in batches; an image larger
+    than `window` (pixels, 0 = never) in either dimension by a sliding window."""
+    device = model_device(model)
+    with eval_mode(model):
+        for images, masks in same_size_batches(items, batch_size):
+            images = images.to(device)
+            if window and max(images.shape[-2:]) > window:
+                prediction = torch.cat(
+                    [sliding_window_probabilities(model, image[None], window, overlap) for image in images]
+                ).argmax(dim=1)
+            else:
+                prediction = whole_image_logits(model, images).argmax(dim=1)
+            yield prediction, masks
+
+
 @torch.no_grad()
 def evaluate_split(
     model: nn.Module,
@@ -164,32 +188,44 @@ def evaluate_split(
     overlap: float = 0.33,
     num_workers: int = 0,
 ) -> dict[str, Any]:
-    """Single-scale evaluation: {"per_class_iou", "miou", "miou_fg"} (NaN as None), dataset-level.
+    """Single-scale evaluation (`split_predictions`): {"per_class_iou", "miou", "miou_fg"} (NaN
+    as None), dataset-level.
 
     `split` is a sequence of (image (C, H, W), mask (H, W)) tensors (`SplitArrays`, or a pipeline
-    `ImageDataset` reading each from disk). Images are evaluated whole at their own size, those of
-    one size in batches; an image larger than `window` (pixels, 0 = never) in either dimension by
-    a sliding window. With several ranks each evaluates its block of items and the counts are summed.
+    `ImageDataset` reading each from disk). With several ranks each evaluates its block of items
+    and the counts are summed.
     """
-    device = model_device(model)
-    meter = ConfusionMeter(num_classes, ignore_index, device)  # counts on the model's device
+    meter = ConfusionMeter(num_classes, ignore_index, model_device(model))  # counts on the model's device
     block = shard_indices(len(split), ctx.rank, ctx.world_size)
-    with eval_mode(model):
-        for images, masks in same_size_batches(split_items(split, block, num_workers), batch_size):
-            images = images.to(device)
-            if window and max(images.shape[-2:]) > window:
-                prediction = torch.cat(
-                    [sliding_window_probabilities(model, image[None], window, overlap) for image in images]
-                ).argmax(dim=1)
-            else:
-                prediction = whole_image_logits(model, images).argmax(dim=1)
-            meter.update(prediction, masks)
+    items = split_items(split, block, num_workers)
+    for prediction, masks in split_predictions(model, items, batch_size, window, overlap):
+        meter.update(prediction, masks)
     matrix = all_reduce_counts(ctx, meter.matrix, "evaluation")
     return {
         "per_class_iou": json_floats(iou_per_class(matrix)),
         "miou": json_float(mean_iou(matrix, include_background=True)),
         "miou_fg": json_float(mean_iou(matrix, include_background=False)),
     }
+
+
+@torch.no_grad()
+def per_image_confusion(
+    model: nn.Module,
+    split: Sequence[Any],
+    num_classes: int,
+    ignore_index: int,
+    batch_size: int,
+    window: int = 0,
+    overlap: float = 0.33,
+) -> np.ndarray:
+    """(images, C, C) int64: each image's confusion matrix (rows target, columns prediction),
+    predicted as `evaluate_split` does; their sum is its dataset-level matrix."""
+    matrices = [
+        confusion_matrix(pred, mask, num_classes, ignore_index)
+        for prediction, masks in split_predictions(model, iter(split), batch_size, window, overlap)
+        for pred, mask in zip(prediction, masks.to(prediction.device))
+    ]
+    return np.stack(matrices) if matrices else np.zeros((0, num_classes, num_classes), np.int64)
 
 
 @torch.no_grad()

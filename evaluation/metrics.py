@@ -86,6 +86,32 @@ def mean_iou(conf: np.ndarray, include_background: bool = True) -> float:
     return _nanmean(ious if include_background else ious[1:])
 
 
+def bootstrap_win_probability(first: np.ndarray, second: np.ndarray, draws: int = 2000, seed: int = 0) -> float:
+    """How often `second` has the higher dataset-level mIoU (`mean_iou`) when the images are
+    resampled with replacement, paired: the fraction of `draws` resamples (seeded, so the same
+    inputs give the same answer). `first` and `second` are (images, C, C) per-image confusion
+    matrices of two models on the same images (`inference.per_image_confusion`); a tie counts
+    for `first`."""
+    if first.shape != second.shape or first.ndim != 3 or not len(first):
+        raise ValueError(
+            "per-image confusion matrices: expected two equal (images, C, C) shapes, "
+            f"got {first.shape} and {second.shape}"
+        )
+    images, classes = first.shape[0], first.shape[1]
+    flat = np.stack([first.reshape(images, -1), second.reshape(images, -1)]).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    wins = 0
+    for start in range(0, draws, 256):  # resample counts in chunks: memory stays draws-independent
+        counts = rng.multinomial(images, np.full(images, 1.0 / images), size=min(256, draws - start))
+        matrices = (counts @ flat).reshape(2, -1, classes, classes)  # (model, draw, C, C)
+        intersection = np.diagonal(matrices, axis1=-2, axis2=-1)
+        union = matrices.sum(axis=-1) + matrices.sum(axis=-2) - intersection
+        with np.errstate(divide="ignore", invalid="ignore"):
+            miou = np.nanmean(np.where(union > 0, intersection / union, np.nan), axis=-1)
+        wins += int((miou[1] > miou[0]).sum())
+    return wins / draws
+
+
 def _json_floats(values: np.ndarray) -> list[float | None]:
     return [None if math.isnan(v) else float(v) for v in values]
 

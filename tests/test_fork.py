@@ -7,21 +7,26 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 from test_trainer import EARLY_CORRECTION, folders, read_records, tiny_config  # noqa: F401 (a fixture)
 
-from noisyseg.models.model_file import read_model_info
+from noisyseg.data.run_data import load_run_data
+from noisyseg.evaluation.inference import per_image_confusion
+from noisyseg.evaluation.metrics import bootstrap_win_probability, mean_iou
+from noisyseg.models.model_file import load_model, read_model_info
 from noisyseg.run.run_dir import RunDir
-from noisyseg.training.fork import fork_summary
+from noisyseg.training import fork as fork_module
+from noisyseg.training.fork import BOOTSTRAP_DRAWS, FORK_CONFIDENCE, fork_summary
 from noisyseg.training.loop import Trainer
 from noisyseg.training.trainer import train
 
 # EARLY_CORRECTION triggers at epoch 3, so the fork starts from epoch 2's checkpoint. At lr 0.1
 # ADELE's correction moves the validation score (at 0.01 the two runs tie); here the branch
-# scored higher (0.3436 against 0.3433), so the copy of its model runs; the other outcomes are
-# the hand-made cases at the end.
+# scored higher (0.3436 against 0.3433), but not beyond the validation images' sampling noise, so
+# ADELE's model is kept; the other outcomes are the hand-made cases at the end.
 OPTIONS = ["epochs=5", *EARLY_CORRECTION, "optim.lr=0.1"]
 
 
@@ -70,11 +75,44 @@ def test_the_branch_is_the_baseline_run_and_the_better_model_is_kept(runs: dict[
     }
     assert fork["test_miou"]["baseline-ms"] == base_summary["test_miou_at"]["clean-val"]
     assert summary["selection"]["rule"] == "clean-val"  # the tiny data has no noisy validation masks
-    kept = "baseline-ms" if fork["val_miou"]["baseline-ms"] > fork["val_miou"]["adele"] else "adele"
+    # The bootstrap's input: each selected model's per-image confusion on the validation split,
+    # summing to the matrix behind the trainer's own validation score.
+    confusion = per_image_confusion_of(adele)
+    for k, name in enumerate(("adele", "baseline-ms")):
+        assert mean_iou(confusion[k].sum(0)) == pytest.approx(fork["val_miou"][name], abs=1e-12)
+    assert fork["p_branch_better"] == bootstrap_win_probability(confusion[0], confusion[1], BOOTSTRAP_DRAWS)
+    kept = "baseline-ms" if fork["p_branch_better"] >= FORK_CONFIDENCE else "adele"
     assert fork["kept"] == kept
     assert read_model_info(adele.model_file).method == kept
-    if kept == "baseline-ms":
-        assert adele.model_file.read_bytes() == branch.model_file.read_bytes()
+
+
+def test_a_kept_branch_becomes_the_runs_model(
+    folders: tuple[Path, Path],  # noqa: F811
+    runs: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same run with the bar lowered below the branch's share of resamples (0.85 here)."""
+    p_branch = RunDir(runs["adele"]).read_summary()["fork"]["p_branch_better"]
+    monkeypatch.setattr(fork_module, "FORK_CONFIDENCE", p_branch / 2)
+    out = tmp_path / "adele"
+    summary = train(tiny_config(folders, out, "method=adele", *OPTIONS))
+    run = RunDir(out)
+    assert summary["fork"]["kept"] == "baseline-ms" and summary["fork"]["p_branch_better"] == p_branch
+    assert run.model_file.read_bytes() == RunDir(run.branch_dir).model_file.read_bytes()
+    assert read_model_info(run.model_file).method == "baseline-ms"
+
+
+def per_image_confusion_of(run: RunDir) -> np.ndarray:
+    """ADELE's and the branch's selected models on the run's clean validation split."""
+    config = run.read_config()
+    data = load_run_data(config)
+    return np.stack(
+        [
+            per_image_confusion(load_model(path)[0], data.val, data.num_classes, 255, config.eval_batch_size)
+            for path in (run.model_file, RunDir(run.branch_dir).model_file)
+        ]
+    )
 
 
 def test_an_interrupted_branch_resumes_to_the_same_end(
@@ -120,18 +158,36 @@ def selection(val: float | None, test: float) -> dict:
     return {"selection": {"rule": "noisy-val", "epoch": 7, "val_miou": val}, "test_miou_at": {"noisy-val": test}}
 
 
+def confusions(adele: list[int], branch: list[int]) -> np.ndarray:
+    """Per image: 10 class-0 pixels of which so many are predicted right, 10 class-1 pixels right."""
+    return np.array([[[[c, 10 - c], [0, 10]] for c in correct] for correct in (adele, branch)], np.int64)
+
+
 @pytest.mark.parametrize(
-    ("val_adele", "val_branch", "kept"),
-    [(0.70, 0.72, "baseline-ms"), (0.72, 0.70, "adele"), (0.70, 0.70, "adele"), (0.70, None, "adele")],
+    ("adele", "branch", "val_branch", "p_branch", "kept"),
+    [
+        ([5, 6, 7, 4], [9, 9, 8, 8], 0.72, 1.0, "baseline-ms"),  # higher on every image
+        ([9, 9, 8, 8], [5, 6, 7, 4], 0.68, 0.0, "adele"),
+        ([7, 7, 7, 7], [7, 7, 7, 7], 0.70, 0.0, "adele"),  # a tie keeps ADELE
+        ([9, 3, 7, 7], [3, 9, 8, 7], 0.71, None, "adele"),  # higher overall, within the noise
+        ([9, 9, 8, 8], [5, 6, 7, 4], None, None, "adele"),  # no score: nothing to judge
+    ],
 )
-def test_the_fork_keeps_the_higher_validation_score_and_adele_on_a_tie(
-    val_adele: float, val_branch: float | None, kept: str
+def test_the_fork_keeps_adele_unless_the_branch_is_clearly_better(
+    adele: list[int], branch: list[int], val_branch: float | None, p_branch: float | None, kept: str
 ) -> None:
-    fork = fork_summary(selection(val_adele, 0.6), selection(val_branch, 0.5), "adele", "baseline-ms", 12)
+    matrices = confusions(adele, branch)
+    fork = fork_summary(selection(0.70, 0.6), selection(val_branch, 0.5), "adele", "baseline-ms", 12, matrices)
+    p = fork.pop("p_branch_better")
+    if p_branch is not None or val_branch is None:
+        assert p == p_branch
+    else:  # the branch wins most resamples, not 95% of them
+        assert mean_iou(matrices[1].sum(0)) > mean_iou(matrices[0].sum(0)) and 0.5 < p < FORK_CONFIDENCE
     assert fork == {
         "epoch": 12,
         "branch": "baseline-ms",
         "kept": kept,
-        "val_miou": {"adele": val_adele, "baseline-ms": val_branch},
+        "val_miou": {"adele": 0.70, "baseline-ms": val_branch},
         "test_miou": {"adele": 0.6, "baseline-ms": 0.5},
+        "confidence": FORK_CONFIDENCE,
     }

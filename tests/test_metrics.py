@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -13,6 +14,7 @@ from noisyseg.evaluation.metrics import (
     ConfidenceMeter,
     ConfusionMeter,
     NoiseCounts,
+    bootstrap_win_probability,
     confusion_matrix,
     dice_per_class,
     early_learning_memorization_iou,
@@ -208,3 +210,31 @@ def test_confidence_meter_bins_arms_input_by_label_correctness() -> None:
     assert wrong.sum() == 1 and wrong[0] == 1  # the uniform pixel, labelled 1 where clean says 2
     meter.update(probs, target)  # clean unknown: every valid pixel counts as right
     assert meter.histogram()[0].sum() == 5
+
+
+def _two_class_confusions(correct: list[int], pixels: int = 10) -> np.ndarray:
+    """Per image, class 0's `pixels` target pixels of which `correct[i]` are predicted right
+    (the rest as class 1), and `pixels` class-1 pixels all right."""
+    return np.array([[[c, pixels - c], [0, pixels]] for c in correct], np.int64)
+
+
+def test_bootstrap_win_probability_matches_every_resample_enumerated() -> None:
+    """Three images: the 27 equally likely ordered resamples, scored with `mean_iou`."""
+    first, second = _two_class_confusions([9, 4, 7]), _two_class_confusions([6, 8, 7])
+    wins = sum(
+        mean_iou(second[list(pick)].sum(0)) > mean_iou(first[list(pick)].sum(0))
+        for pick in itertools.product(range(3), repeat=3)
+    )
+    exact = wins / 27
+    estimate = bootstrap_win_probability(first, second, draws=20000)
+    assert 0 < exact < 1 and abs(estimate - exact) < 0.02  # binomial sd <= 0.0036
+    assert bootstrap_win_probability(first, second, draws=20000) == estimate  # seeded
+
+
+def test_bootstrap_win_probability_edges() -> None:
+    better = _two_class_confusions([5, 6, 7, 4]), _two_class_confusions([9, 9, 8, 8])
+    assert bootstrap_win_probability(*better) == 1.0
+    assert bootstrap_win_probability(better[1], better[0]) == 0.0
+    assert bootstrap_win_probability(better[0], better[0]) == 0.0  # a tie counts for the first
+    with pytest.raises(ValueError, match="per-image confusion matrices"):
+        bootstrap_win_probability(better[0], better[1][:2])

@@ -39,7 +39,13 @@ from noisyseg.runtime.distributed import (
     reset_fault_counts,
     shutdown,
 )
-from noisyseg.training.fork import branch_config, fork_summary, keep_branch_model, start_branch
+from noisyseg.training.fork import (
+    branch_config,
+    fork_summary,
+    keep_branch_model,
+    selected_models_confusion,
+    start_branch,
+)
 from noisyseg.training.loop import Trainer
 from noisyseg.training.optim import make_optimizer
 
@@ -244,10 +250,16 @@ def train_run(config: TrainConfig, resume: bool, ctx: DistContext) -> dict[str, 
             branch.out,
         )
         branch_summary = train_run(branch, True, ctx)
-        summary["fork"] = fork_summary(summary, branch_summary, config.method, branch.method, fork_epoch - 1)
+        confusion = selected_models_confusion(trainer, run, summary["selection"]["rule"])
+        summary["fork"] = fork_summary(summary, branch_summary, config.method, branch.method, fork_epoch - 1, confusion)
         if ctx.is_main and summary["fork"]["kept"] == branch.method:
             keep_branch_model(run)
-        log.info("adele.fork: kept %s (validation mIoU %s)", summary["fork"]["kept"], summary["fork"]["val_miou"])
+        log.info(
+            "adele.fork: kept %s (validation mIoU %s; the branch higher in %s of resamples)",
+            summary["fork"]["kept"],
+            summary["fork"]["val_miou"],
+            summary["fork"]["p_branch_better"],
+        )
     if ctx.is_main:
         RunDir(config.out).write_summary(summary)
     return summary
