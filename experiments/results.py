@@ -32,6 +32,7 @@ class RunResult:
     records: list[dict[str, Any]]
     timing: dict[str, Any] | None
     path: Path | None = None  # the run directory
+    fork: dict[str, Any] | None = None  # the `adele.fork` entry of a forked run's own summary
 
     def series(self, split: str, key: str = "miou") -> np.ndarray:
         return np.array([nan_if_none(r[split][key]) for r in self.records])
@@ -68,6 +69,7 @@ def load_results(root: Path, specs: Sequence[RunSpec]) -> list[RunResult]:
                 records=run.read_metrics(),
                 timing=json.loads(timing_path.read_text(encoding="utf-8")) if timing_path.is_file() else None,
                 path=run.path,
+                fork=fork,
             )
         )
     return results

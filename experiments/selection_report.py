@@ -155,7 +155,8 @@ def _noisy_val_miou(run: RunResult) -> float | None:
 
 def never_loses_lines(results: list[RunResult], experiments: set[str], levels: Sequence[int]) -> list[str]:
     """adele minus baseline-ms at the noisy-validation epoch, against the issue's bar per setting;
-    and the same bar for the run of the two that the noisy validation masks prefer."""
+    and the same bar for the run of the two scoring higher on the noisy validation masks, and for
+    the forked runs."""
     lines = ["ADELE never loses (test mIoU at the noisy-validation epoch, paired over noise seeds):", ""]
     bars = [
         ("ladder", level, f"ladder level {level}", need, goal)
@@ -181,17 +182,18 @@ def never_loses_lines(results: list[RunResult], experiments: set[str], levels: S
         if chosen:
             ok = statistics.mean(chosen) >= need
             lines.append(
-                f"  - the one of adele and baseline-ms that the noisy validation masks prefer (adele in "
+                f"  - the one of adele and baseline-ms scoring higher on the noisy validation masks (adele in "
                 f"{adele_chosen} of {len(chosen)}): {mean_std(chosen)} points, {verdict(ok)}"
             )
-        forked = paired(
-            _runs_of(results, experiment, level, FORKED),
-            _runs_of(results, experiment, level, "baseline-ms"),
-            "noisy-val",
-        )
+        forked_runs = _runs_of(results, experiment, level, FORKED)
+        forked = paired(forked_runs, _runs_of(results, experiment, level, "baseline-ms"), "noisy-val")
         if forked:
+            # The bootstrap (`training/fork.py`) decides since the eighth session; earlier forks kept
+            # the higher score, and their summaries carry no `p_branch_better`.
+            by_bootstrap = sum(1 for r in forked_runs if r.fork is not None and "p_branch_better" in r.fork)
             lines.append(
                 f"  - `{FORKED}`, the run its fork kept: {mean_std(forked)} points over "
-                f"{len(forked)} paired seed(s), {verdict(statistics.mean(forked) >= need)}"
+                f"{len(forked)} paired seed(s), {verdict(statistics.mean(forked) >= need)} "
+                f"({by_bootstrap} of {len(forked_runs)} forks decided by the bootstrap, the others by the higher score)"
             )
     return lines

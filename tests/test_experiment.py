@@ -303,7 +303,7 @@ def test_the_run_the_noisy_validation_masks_prefer() -> None:
         "- ladder level 0: adele at least baseline-ms - 0.5: 11.8 ± 18.9 points over 4 paired seed(s), **met**" in lines
     )
     assert (
-        "  - the one of adele and baseline-ms that the noisy validation masks prefer (adele in 2 of 3): "
+        "  - the one of adele and baseline-ms scoring higher on the noisy validation masks (adele in 2 of 3): "
         "15.0 ± 21.8 points, **met**"
     ) in lines
 
@@ -326,10 +326,19 @@ def test_a_forked_run_is_read_as_the_run_it_kept(tmp_path: Path) -> None:
     results = load_results(tmp_path, [forked, baseline])
     assert results[0].path == adele_run / "branch" and results[0].summary["test_miou_at"]["noisy-val"] == 0.70
     lines = never_loses_lines(results, {"ladder"}, [0])
-    assert "  - `adele@adele.fork=true`, the run its fork kept: 1.0 points over 1 paired seed(s), **met**" in lines
-    # A fork that kept ADELE reads ADELE's own run.
-    (adele_run / "summary.json").write_text(json.dumps({**own, "fork": {**fork, "kept": "adele"}}))
-    assert load_results(tmp_path, [forked])[0].summary["test_miou_at"]["noisy-val"] == 0.72
+    assert (
+        "  - `adele@adele.fork=true`, the run its fork kept: 1.0 points over 1 paired seed(s), **met** "
+        "(0 of 1 forks decided by the bootstrap, the others by the higher score)"
+    ) in lines
+    # A fork that kept ADELE reads ADELE's own run; a summary with the bootstrap's share counts as its.
+    bootstrap_fork = {**fork, "kept": "adele", "p_branch_better": 0.5}
+    (adele_run / "summary.json").write_text(json.dumps({**own, "fork": bootstrap_fork}))
+    results = load_results(tmp_path, [forked, baseline])
+    assert results[0].summary["test_miou_at"]["noisy-val"] == 0.72 and results[0].fork == bootstrap_fork
+    assert (
+        "(1 of 1 forks decided by the bootstrap, the others by the higher score)"
+        in never_loses_lines(results, {"ladder"}, [0])[-1]
+    )
 
 
 def test_arm_statistics_on_a_hand_made_record() -> None:
