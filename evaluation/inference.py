@@ -222,7 +222,9 @@ def per_image_confusion(
     predicted as `evaluate_split` does; their sum is its dataset-level matrix."""
     matrices = [
         confusion_matrix(pred, mask, num_classes, ignore_index)
-        for prediction, masks in split_predictions(model, iter(split), batch_size, window, overlap)
+        for prediction, masks in split_predictions(
+            model, split_items(split, range(len(split))), batch_size, window, overlap
+        )
         for pred, mask in zip(prediction, masks.to(prediction.device))
     ]
     return np.stack(matrices) if matrices else np.zeros((0, num_classes, num_classes), np.int64)

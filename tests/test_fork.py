@@ -5,6 +5,7 @@ prefer, an interrupted branch resumes to the same end, and `fork: false` makes n
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -104,15 +105,17 @@ def test_a_kept_branch_becomes_the_runs_model(
 
 
 def per_image_confusion_of(run: RunDir) -> np.ndarray:
-    """ADELE's and the branch's selected models on the run's clean validation split."""
+    """ADELE's and the branch's selected models on the run's clean validation split, the same
+    whether the split is held in memory or read from disk item by item."""
     config = run.read_config()
-    data = load_run_data(config)
-    return np.stack(
-        [
-            per_image_confusion(load_model(path)[0], data.val, data.num_classes, 255, config.eval_batch_size)
-            for path in (run.model_file, RunDir(run.branch_dir).model_file)
-        ]
-    )
+    cached, streamed = (load_run_data(replace(config, loader=replace(config.loader, cache=c))) for c in (True, False))
+    models = [load_model(path)[0] for path in (run.model_file, RunDir(run.branch_dir).model_file)]
+    matrices = [
+        np.stack([per_image_confusion(m, data.val, data.num_classes, 255, config.eval_batch_size) for m in models])
+        for data in (cached, streamed)
+    ]
+    assert np.array_equal(*matrices)
+    return matrices[0]
 
 
 def test_an_interrupted_branch_resumes_to_the_same_end(

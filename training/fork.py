@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import shutil
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -47,6 +47,9 @@ from noisyseg.models.model_file import load_model
 from noisyseg.run.checkpoint import adopt_checkpoint, find_checkpoint
 from noisyseg.run.run_dir import CHECKPOINT_DIR, MODEL_FILE, RunDir
 from noisyseg.training.selection import RULE_SPLITS
+
+if TYPE_CHECKING:
+    from noisyseg.training.loop import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +99,7 @@ def start_branch(run: RunDir, config: TrainConfig) -> None:
     shutil.rmtree(point)
 
 
-def selected_models_confusion(trainer: Any, run: RunDir, rule: str) -> np.ndarray:
+def selected_models_confusion(trainer: Trainer, run: RunDir, rule: str) -> np.ndarray:
     """(2, images, C, C): the per-image confusion matrices of ADELE's selected model and then the
     branch's on the validation split that `rule` selects on, predicted as the trainer evaluates
     (its device, precision, window)."""
