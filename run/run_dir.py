@@ -12,7 +12,8 @@
     summary.json         test mIoU at the best validation epoch / last / max, trigger epochs; the
                          selected epoch and rule, every rule's epoch and the test mIoU there
                          (`selection.py`); with `adele.fork`, `fork`: its epoch, both runs'
-                         validation and test mIoU at their selected epochs, the run kept
+                         validation and test mIoU at their selected epochs, the branch's share
+                         of bootstrap resamples (`p_branch_better`), the bar, the run kept
     model.safetensors    the model at the epoch the run's selection rule chooses
                          (`checkpoint.save_model`; its metadata names the epoch and the rule)
     checkpoint/          full training state, every epoch (`run_checkpoint.py`), with the label
