@@ -190,10 +190,11 @@ def never_loses_lines(results: list[RunResult], experiments: set[str], levels: S
         if forked:
             # The bootstrap (`training/fork.py`) decides since the eighth session; earlier forks kept
             # the higher score, and their summaries carry no `p_branch_better`.
-            by_bootstrap = sum(1 for r in forked_runs if r.fork is not None and "p_branch_better" in r.fork)
+            forks = [r.fork for r in forked_runs if r.fork is not None]  # a run that never triggered has none
+            by_bootstrap = sum("p_branch_better" in fork for fork in forks)
             lines.append(
                 f"  - `{FORKED}`, the run its fork kept: {mean_std(forked)} points over "
                 f"{len(forked)} paired seed(s), {verdict(statistics.mean(forked) >= need)} "
-                f"({by_bootstrap} of {len(forked_runs)} forks decided by the bootstrap, the others by the higher score)"
+                f"({len(forks)} forked; {by_bootstrap} decided by the bootstrap, the others by the higher score)"
             )
     return lines

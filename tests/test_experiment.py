@@ -328,7 +328,7 @@ def test_a_forked_run_is_read_as_the_run_it_kept(tmp_path: Path) -> None:
     lines = never_loses_lines(results, {"ladder"}, [0])
     assert (
         "  - `adele@adele.fork=true`, the run its fork kept: 1.0 points over 1 paired seed(s), **met** "
-        "(0 of 1 forks decided by the bootstrap, the others by the higher score)"
+        "(1 forked; 0 decided by the bootstrap, the others by the higher score)"
     ) in lines
     # A fork that kept ADELE reads ADELE's own run; a summary with the bootstrap's share counts as its.
     bootstrap_fork = {**fork, "kept": "adele", "p_branch_better": 0.5}
@@ -336,7 +336,7 @@ def test_a_forked_run_is_read_as_the_run_it_kept(tmp_path: Path) -> None:
     results = load_results(tmp_path, [forked, baseline])
     assert results[0].summary["test_miou_at"]["noisy-val"] == 0.72 and results[0].fork == bootstrap_fork
     assert (
-        "(1 of 1 forks decided by the bootstrap, the others by the higher score)"
+        "(1 forked; 1 decided by the bootstrap, the others by the higher score)"
         in never_loses_lines(results, {"ladder"}, [0])[-1]
     )
 
