@@ -16,7 +16,7 @@ Why: on clean or lightly noisy labels ADELE's early triggers can only make label
 user knows their noise level. Over 31 paired phantom runs (docs/results.md, seventh session) the
 validation masks chose the better of `adele` and `baseline-ms` in 24, were never more than 1.5
 points below `baseline-ms`, and kept ADELE's gains at medium noise. The higher score alone gave
-up ADELE's gain in 4 of 26 pairs (levels 4 to 6) on a difference of 0.3 to 1.9 points: noisy
+up ADELE's gain in 5 of 31 pairs, four of them (levels 4 to 6) on 0.3 to 1.9 points: noisy
 validation masks understate ADELE's advantage (2.0 points on average over 22 pairs, against the
 clean masks of the same images), and 30 validation images order two close models as the test
 set does only by chance (eighth session). Hence the test: ADELE, the method asked for, is given
