@@ -62,10 +62,11 @@ def _ratio_or_nan(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
 
 
 def iou_per_class(conf: np.ndarray) -> np.ndarray:
-    """IoU per class; NaN for a class absent from both prediction and target."""
+    """IoU per class; NaN for a class absent from both prediction and target. `conf` is one
+    (C, C) matrix or a stack (..., C, C) of them (one IoU vector each)."""
     conf = np.asarray(conf, dtype=np.float64)
-    intersection = np.diag(conf)
-    union = conf.sum(axis=0) + conf.sum(axis=1) - intersection
+    intersection = np.diagonal(conf, axis1=-2, axis2=-1)
+    union = conf.sum(axis=-2) + conf.sum(axis=-1) - intersection
     return _ratio_or_nan(intersection, union)
 
 
@@ -103,11 +104,7 @@ def bootstrap_win_probability(first: np.ndarray, second: np.ndarray, draws: int 
     wins = 0
     for start in range(0, draws, 256):  # resample counts in chunks: memory stays draws-independent
         counts = rng.multinomial(images, np.full(images, 1.0 / images), size=min(256, draws - start))
-        matrices = (counts @ flat).reshape(2, -1, classes, classes)  # (model, draw, C, C)
-        intersection = np.diagonal(matrices, axis1=-2, axis2=-1)
-        union = matrices.sum(axis=-1) + matrices.sum(axis=-2) - intersection
-        with np.errstate(divide="ignore", invalid="ignore"):
-            miou = np.nanmean(np.where(union > 0, intersection / union, np.nan), axis=-1)
+        miou = np.nanmean(iou_per_class((counts @ flat).reshape(2, -1, classes, classes)), axis=-1)  # (model, draw)
         wins += int((miou[1] > miou[0]).sum())
     return wins / draws
 

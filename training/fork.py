@@ -128,16 +128,16 @@ def fork_summary(
     method: str,
     branch: str,
     fork_epoch: int,
-    confusion: np.ndarray | None,
+    confusion: np.ndarray,
 ) -> dict[str, Any]:
     """`summary.json`'s `fork` entry: where the branch started, both runs' scores on the
     validation masks and on the test masks at their selected epochs, how often the branch
     scored higher over bootstrap resamples of the validation images (`confusion`, from
-    `selected_models_confusion`; None without validation scores) and the run kept."""
+    `selected_models_confusion`; None when a run has no validation score) and the run kept."""
     runs = {method: summary, branch: branch_summary}
     val = {name: s["selection"]["val_miou"] for name, s in runs.items()}
     test = {name: s["test_miou_at"][s["selection"]["rule"]] for name, s in runs.items()}
-    scored = confusion is not None and None not in val.values()
+    scored = None not in val.values()
     p_branch = bootstrap_win_probability(confusion[0], confusion[1], BOOTSTRAP_DRAWS) if scored else None
     return {
         "epoch": fork_epoch,
