@@ -53,7 +53,7 @@ def block_cubic_moment_bins(bins, node, fraction, loss, weight, valid, width, sp
 def table_pass(conf, table, loss, valid, bins, mode, span):
     """mode 0: places and weights only; 1: and the linear bins; 2: and the cubic moment bins."""
     weight = np.empty(BLOCK, np.float32)
-    node = np.empty(BLOCK, np.int64)
+    node = np.empty(BLOCK, np.int32)
     fraction = np.empty(BLOCK, np.float32)
     for start in range(0, conf.shape[0], BLOCK):
         block_table_weights(table, conf[start : start + BLOCK], BLOCK, weight, node, fraction)

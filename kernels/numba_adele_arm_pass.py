@@ -14,6 +14,8 @@ from numba import prange
 from noisyseg.kernels.contract import ARM_HIDDEN, ARM_NUM_PARAMETERS
 from noisyseg.kernels.numba_arm import (
     block_arm_backward,
+    dot,
+    total_of,
     block_arm_forward,
     block_table_bins,
     block_table_weights,
@@ -52,6 +54,21 @@ def _block_softmax(z, n, start, width, exps, peak, total, total_sq, lse):
             total_sq[j] += e * e
     for j in range(width):
         lse[j] = fast_log(total[j]) + peak[j]  # total >= 1: a positive normal number
+
+
+@numba.njit(**HELPER_JIT)
+def _block_label_loss(z, n, start, width, labels, lse, picked, loss):
+    """Each pixel's cross-entropy lse - z[label] (0 where `labels` is -1, the invalid pixels).
+    The label's logit is selected in a loop over the classes: a gather per pixel is scalar code,
+    the select vectorises."""
+    for j in range(width):
+        picked[j] = lse[j]
+    for c in range(z.shape[1]):
+        logit = z[n, c, start : start + width]
+        for j in range(width):
+            picked[j] = logit[j] if labels[j] == c else picked[j]
+    for j in range(width):
+        loss[j] = lse[j] - picked[j]
 
 
 @numba.njit(**HELPER_JIT)
@@ -154,9 +171,11 @@ def fused_pass(
         labels = np.empty(block, np.int64)
         valid = np.empty(block, np.bool_)
         ce_weightf = np.empty((num_scales, block), np.float32)
-        node = np.empty(block, np.int64)
+        node = np.empty(block, np.int32)
         fraction = np.empty(block, np.float32)
         loss = np.zeros(block, np.float32)
+        picked = np.empty(block, np.float32)
+        masked = np.empty(block, np.float32)
         weight = np.ones(block, np.float32)  # stays 1 without ARM
         confidence = np.empty(block, np.float32)
         upstream = np.empty(block, np.float32)
@@ -206,18 +225,12 @@ def fused_pass(
                                 block_table_bins(arm_bins[chunk, k], node, fraction, loss, weight, valid, width)
                         else:
                             block_arm_forward(arm_params, confidence, width, pre, sig, weight)
-                    sum_w = 0.0
-                    sum_w2 = 0.0
-                    sum_wl = 0.0
                     for j in range(width):
-                        if valid[j]:
-                            sum_w += weight[j]
-                            sum_w2 += weight[j] * weight[j]
-                            sum_wl += weight[j] * loss[j]
-                            ce_weightf[k, j] = ce_grad_scale[k] * weight[j]
-                    ce_partials[index, k, 0] = sum_w
-                    ce_partials[index, k, 1] = sum_w2
-                    ce_partials[index, k, 2] = sum_wl
+                        masked[j] = weight[j] if valid[j] else np.float32(0.0)
+                        ce_weightf[k, j] = ce_grad_scale[k] * masked[j]
+                    ce_partials[index, k, 0] = total_of(masked, width)
+                    ce_partials[index, k, 1] = dot(masked, masked, width)
+                    ce_partials[index, k, 2] = dot(masked, loss, width)
                     if use_arm and defer_ce_scale:  # ARM's gradient comes later, from this scratch
                         confidence_row = scratch_confidence[n, start:end]
                         loss_row = scratch_loss[n, start:end]

@@ -82,7 +82,7 @@ def _dot3(a, b, c, width):
 
 
 @numba.njit(**_REDUCE_JIT)
-def _dot(a, b, width):
+def dot(a, b, width):
     """sum_j a[j] b[j]."""
     total = np.float32(0.0)
     for j in range(width):
@@ -91,7 +91,7 @@ def _dot(a, b, width):
 
 
 @numba.njit(**_REDUCE_JIT)
-def _total(a, width):
+def total_of(a, width):
     """sum_j a[j]."""
     total = np.float32(0.0)
     for j in range(width):
@@ -116,7 +116,7 @@ def block_arm_backward(params, confidence, width, pre, sig, weight, upstream, gr
     out = back[0]
     for j in range(width):
         out[j] = upstream[j] * weight[j] * (np.float32(1.0) - weight[j])
-    grad[ARM_B3] += _total(out, width)
+    grad[ARM_B3] += total_of(out, width)
     for i in range(ARM_HIDDEN):
         grad[ARM_W3 + i] += _dot3(out, pre[2, i], sig[2, i], width)
     for i in range(ARM_HIDDEN):
@@ -126,7 +126,7 @@ def block_arm_backward(params, confidence, width, pre, sig, weight, upstream, gr
         _silu_slope_times(delta[i], pre[2, i], sig[2, i], width)
     for layer, w_at, b_at in ((2, ARM_W2, ARM_B2), (1, ARM_W1, ARM_B1)):
         for o in range(ARM_HIDDEN):
-            grad[b_at + o] += _total(delta[o], width)
+            grad[b_at + o] += total_of(delta[o], width)
             for i in range(ARM_HIDDEN):
                 grad[w_at + o * ARM_HIDDEN + i] += _dot3(delta[o], pre[layer - 1, i], sig[layer - 1, i], width)
         for i in range(ARM_HIDDEN):
@@ -141,8 +141,8 @@ def block_arm_backward(params, confidence, width, pre, sig, weight, upstream, gr
             for j in range(width):
                 delta[i, j] = back[i, j]
     for o in range(ARM_HIDDEN):
-        grad[ARM_W0 + o] += _dot(delta[o], confidence, width)
-        grad[ARM_B0 + o] += _total(delta[o], width)
+        grad[ARM_W0 + o] += dot(delta[o], confidence, width)
+        grad[ARM_B0 + o] += total_of(delta[o], width)
 
 
 @numba.njit(**PARALLEL_JIT)
@@ -220,14 +220,18 @@ def arm_table_values(params):
 @numba.njit(**HELPER_JIT)
 def block_table_weights(table, confidence, width, weight, node, fraction):
     """Each pixel's weight interpolated in ARM's table, with its node k and fraction f
-    (`contract.arm_table_position`: k = floor(t), f = t - k, t = (v + 1) (K - 1) / 2 clamped)."""
+    (`contract.arm_table_position`: k = floor(t), f = t - k, t = (v + 1) (K - 1) / 2 clamped).
+    Two loops: the places vectorise (int32 nodes), the table reads are scalar (LLVM does not
+    gather on this target); in one loop all of it stayed scalar, twice the time."""
     for j in range(width):
         position = min(max((confidence[j] + np.float32(1.0)) * _TABLE_SCALE, np.float32(0.0)), _TABLE_TOP)
-        k = min(np.int64(position), ARM_TABLE_SIZE - 2)  # position >= 0: truncation is floor
-        f = position - np.float32(k)
+        k = min(np.int32(position), np.int32(ARM_TABLE_SIZE - 2))  # position >= 0: truncation is floor
         node[j] = k
-        fraction[j] = f
-        weight[j] = table[k] + f * (table[k + 1] - table[k])
+        fraction[j] = position - np.float32(k)
+    for j in range(width):
+        k = node[j]
+        low = table[k]
+        weight[j] = low + fraction[j] * (table[k + 1] - low)
 
 
 @numba.njit(**HELPER_JIT)
