@@ -14,11 +14,11 @@ from numba import prange
 from noisyseg.kernels.contract import ARM_HIDDEN, ARM_NUM_PARAMETERS
 from noisyseg.kernels.numba_arm import (
     block_arm_backward,
-    dot,
-    total_of,
     block_arm_forward,
     block_table_bins,
     block_table_weights,
+    dot,
+    total_of,
 )
 from noisyseg.kernels.numba_common import HELPER_JIT, PARALLEL_JIT, block_span, fast_exp, fast_log
 
@@ -54,21 +54,6 @@ def _block_softmax(z, n, start, width, exps, peak, total, total_sq, lse):
             total_sq[j] += e * e
     for j in range(width):
         lse[j] = fast_log(total[j]) + peak[j]  # total >= 1: a positive normal number
-
-
-@numba.njit(**HELPER_JIT)
-def _block_label_loss(z, n, start, width, labels, lse, picked, loss):
-    """Each pixel's cross-entropy lse - z[label] (0 where `labels` is -1, the invalid pixels).
-    The label's logit is selected in a loop over the classes: a gather per pixel is scalar code,
-    the select vectorises."""
-    for j in range(width):
-        picked[j] = lse[j]
-    for c in range(z.shape[1]):
-        logit = z[n, c, start : start + width]
-        for j in range(width):
-            picked[j] = logit[j] if labels[j] == c else picked[j]
-    for j in range(width):
-        loss[j] = lse[j] - picked[j]
 
 
 @numba.njit(**HELPER_JIT)
@@ -174,7 +159,6 @@ def fused_pass(
         node = np.empty(block, np.int32)
         fraction = np.empty(block, np.float32)
         loss = np.zeros(block, np.float32)
-        picked = np.empty(block, np.float32)
         masked = np.empty(block, np.float32)
         weight = np.ones(block, np.float32)  # stays 1 without ARM
         confidence = np.empty(block, np.float32)
