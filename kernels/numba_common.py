@@ -8,7 +8,8 @@
 * Scheduling: pixels are processed in blocks of one image (`block_size`, `block_span`), one run
   of consecutive blocks per thread (`parallel_chunks`); host buffers come from torch's
   allocator (`float32_buffer`).
-* `HELPER_JIT` / `PARALLEL_JIT`: the numba options every kernel and helper compiles with.
+* `HELPER_JIT` / `PARALLEL_JIT`: the numba options every kernel and helper compiles with, and
+  512-bit vectors allowed on AVX-512 hosts (`allow_512_bit_vectors`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from llvmlite import ir as llvm_ir
 from numba import prange, types
+from numba.core.codegen import get_host_cpu_features
 from numba.extending import intrinsic
 
 # numba picks its threading layer as usual (TBB, else OpenMP, else workqueue). Measured on the
@@ -95,6 +97,30 @@ def _worker_thread_ids(gettid, num_threads: int) -> list[int]:
     record(ids)
     return [int(i) for i in ids]
 
+
+# Vector width. LLVM tunes Intel's AVX-512 server CPUs (Skylake-SP to Emerald Rapids) to prefer
+# 256-bit vectors, for the clock drop 512-bit code caused on the first of them, and numba compiles
+# for the host CPU with that tuning: its loops ran 8 floats wide where torch's CPU kernels run 16.
+# Allowing 512 bits took ARM-CE at C = 5 from 1.29-1.32x to 1.11-1.14x plain CE on an Emerald
+# Rapids Xeon (docs/benchmarks.md). numba reads its target features once, when the process
+# compiles or loads its first function, so this runs on import, before any kernel does. A
+# NUMBA_CPU_FEATURES of the user's is kept as it is; where numba had already compiled something,
+# the process keeps the 256-bit preference (only slower).
+PREFER_256_BIT = "prefer-256-bit"
+
+
+def allow_512_bit_vectors() -> bool:
+    """Let numba's LLVM use 512-bit vectors on an AVX-512 host; returns whether it was set."""
+    if numba.config.CPU_FEATURES is not None:
+        return False
+    features = get_host_cpu_features()  # numba's own reading (honours NUMBA_ENABLE_AVX)
+    if "+avx512f" not in features.split(","):
+        return False
+    numba.config.CPU_FEATURES = f"{features},-{PREFER_256_BIT}"
+    return True
+
+
+allow_512_bit_vectors()
 
 # error_model "numpy": IEEE division. numba's default checks every float division for zero and
 # raises, and that branch keeps the loops from vectorising.
