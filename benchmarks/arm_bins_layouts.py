@@ -1,11 +1,14 @@
-"""ARM's gradient bins alone, in two layouts: what a piecewise-cubic ARM table would cost to
-accumulate before anyone builds it (docs/benchmarks.md, "ARM's gradient bins").
+"""ARM's gradient bins alone: the kernels' linear bins beside a piecewise-cubic layout that was
+measured before anyone built it (docs/benchmarks.md, "ARM's gradient bins").
 
 ``taskset -c 1 .venv/bin/python benchmarks/arm_bins_layouts.py`` times, on one thread, the fused
-pass's table steps over 786,432 confidences (one scale of (4, C, 256, 256); v = u^3 for u uniform
-in [-1, 1]) in blocks of 1,024 pixels: each block finds its pixels' places and weights with the
-kernels' own `block_table_weights`, then adds the pixels' loss and weight to the bins:
-- linear, the kernels' own `block_table_bins`: two of the K = 8192 nodes per pixel;
+pass's table steps over 786,432 confidences (one scale of (4, C, 256, 256)) in blocks of 1,024
+pixels, for two spreads of the confidence: v = u^3 for u uniform in [-1, 1] (the benchmarks'
+random logits), and 70% of the pixels at v = 1 (a confident network: those pixels share the last
+node). Each block finds its pixels' places and weights with the kernels' own
+`block_table_weights`, then adds the pixels' loss and weight to the bins:
+- linear, the kernels' own `block_table_bins`: two of the K = 8192 nodes per pixel, even and odd
+  pixels in copies of their own (`BIN_COPIES`);
 - cubic in moment form: one of `segments` segments per pixel (each spans 8192 / segments of the
   table's intervals, so its place follows from the same node and fraction), f^0..f^3 x (loss,
   weight), its 8 sums in one 64-byte row; the four Lagrange nodes' sums would follow after the
@@ -24,7 +27,7 @@ import numba
 import numpy as np
 
 from noisyseg.kernels.contract import ARM_TABLE_SIZE
-from noisyseg.kernels.numba_arm import block_table_bins, block_table_weights
+from noisyseg.kernels.numba_arm import BIN_COPIES, block_table_bins, block_table_weights
 
 PIXELS, BLOCK = 786_432, 1024
 
@@ -50,7 +53,7 @@ def block_cubic_moment_bins(bins, node, fraction, loss, weight, valid, width, sp
 
 
 @numba.njit
-def table_pass(conf, table, loss, valid, bins, mode, span):
+def table_pass(conf, table, loss, valid, linear_bins, moment_bins, mode, span):
     """mode 0: places and weights only; 1: and the linear bins; 2: and the cubic moment bins."""
     weight = np.empty(BLOCK, np.float32)
     node = np.empty(BLOCK, np.int32)
@@ -58,28 +61,36 @@ def table_pass(conf, table, loss, valid, bins, mode, span):
     for start in range(0, conf.shape[0], BLOCK):
         block_table_weights(table, conf[start : start + BLOCK], BLOCK, weight, node, fraction)
         if mode == 1:
-            block_table_bins(bins, node, fraction, loss[start : start + BLOCK], weight, valid, BLOCK)
+            block_table_bins(linear_bins, node, fraction, loss[start : start + BLOCK], weight, valid, BLOCK)
         elif mode == 2:
-            block_cubic_moment_bins(bins, node, fraction, loss[start : start + BLOCK], weight, valid, BLOCK, span)
+            block_cubic_moment_bins(
+                moment_bins, node, fraction, loss[start : start + BLOCK], weight, valid, BLOCK, span
+            )
 
 
 def main(rounds: int = 15) -> None:
     numba.set_num_threads(1)
     rng = np.random.default_rng(0)
-    conf = ((rng.random(PIXELS) * 2 - 1) ** 3).astype(np.float32)
+    spread = ((rng.random(PIXELS) * 2 - 1) ** 3).astype(np.float32)
+    confident = np.where(rng.random(PIXELS) < 0.7, np.float32(1.0), spread).astype(np.float32)
     loss, table = rng.random(PIXELS).astype(np.float32), rng.random(ARM_TABLE_SIZE).astype(np.float32)
     valid = np.ones(BLOCK, np.bool_)
-    cases: dict[str, Callable[[], None]] = {
-        "places and weights only": lambda: table_pass(conf, table, loss, valid, np.zeros((1, 2)), 0, 1),
-        "+ linear bins, 8192 nodes (now)": lambda: table_pass(
-            conf, table, loss, valid, np.zeros((ARM_TABLE_SIZE, 2)), 1, 1
-        ),
-    }
-    for segments in (1024, 512):
-        span = ARM_TABLE_SIZE // segments
-        cases[f"+ cubic moment bins, {segments} segments"] = lambda span=span, segments=segments: table_pass(
-            conf, table, loss, valid, np.zeros((segments, 8)), 2, span
+    no_bins = np.zeros((1, 1, 1)), np.zeros((1, 8))
+    cases: dict[str, Callable[[], None]] = {}
+    for spread_name, conf in (("v = u^3", spread), ("70% at v = 1", confident)):
+        cases[f"{spread_name}: places and weights only"] = lambda conf=conf: table_pass(
+            conf, table, loss, valid, *no_bins, 0, 1
         )
+        cases[f"{spread_name}: + linear bins, 8192 nodes (now)"] = lambda conf=conf: table_pass(
+            conf, table, loss, valid, np.zeros((BIN_COPIES, ARM_TABLE_SIZE, 2)), no_bins[1], 1, 1
+        )
+        for segments in (1024, 512):
+            span = ARM_TABLE_SIZE // segments
+            cases[f"{spread_name}: + cubic moment bins, {segments} segments"] = (
+                lambda conf=conf, span=span, segments=segments: table_pass(
+                    conf, table, loss, valid, no_bins[0], np.zeros((segments, 8)), 2, span
+                )
+            )
     for run in cases.values():
         run()  # compiles
     times: dict[str, list[float]] = {name: [] for name in cases}

@@ -27,9 +27,10 @@ from noisyseg.kernels.contract import (
     ARM_W2,
     ARM_W3,
 )
-from noisyseg.kernels.numba_common import HELPER_JIT, PARALLEL_JIT, block_span, fast_sigmoid
+from noisyseg.kernels.numba_common import HELPER_JIT, PARALLEL_JIT, add_float64x4, block_span, fast_sigmoid
 
 _TABLE_SCALE = np.float32(ARM_TABLE_SCALE)
+BIN_COPIES = 2  # ARM's gradient bins per thread: one set for even pixels, one for odd
 _TABLE_TOP = np.float32(ARM_TABLE_SIZE - 1)
 
 # ---------------------------------------------------------------------------------------------
@@ -236,34 +237,39 @@ def block_table_weights(table, confidence, width, weight, node, fraction):
 
 @numba.njit(**HELPER_JIT)
 def block_table_bins(bins, node, fraction, loss, weight, valid, width):
-    """Add the valid pixels' loss (column 0) and weight (column 1) to the bins (K, 2) of their
-    two nodes, with the interpolation weights 1 - f and f: ARM's upstream gradient at a pixel is
-    a l - b w, with a and b known only once every pixel was seen."""
+    """Add the valid pixels' loss (column 0) and weight (column 1) to the bins (BIN_COPIES, K, 2)
+    of their two nodes, with the interpolation weights 1 - f and f: ARM's upstream gradient at a
+    pixel is a l - b w, with a and b known only once every pixel was seen.
+
+    A pixel's four sums, bins[k, :] and bins[k + 1, :], are adjacent: one 256-bit
+    read-modify-write. Even and odd pixels add to copies of their own, which halves the chains of
+    dependent adds when neighbouring pixels share a node (confident pixels all reach the last
+    one); measured in docs/benchmarks.md, "ARM's gradient bins"."""
+    flat = bins.reshape(-1)
+    copy_size = bins.shape[1] * bins.shape[2]
     for j in range(width):
         if valid[j]:
-            k = node[j]
             f = np.float64(fraction[j])
             loss_j = np.float64(loss[j])
             weight_j = np.float64(weight[j])
-            bins[k, 0] += (1.0 - f) * loss_j
-            bins[k, 1] += (1.0 - f) * weight_j
-            bins[k + 1, 0] += f * loss_j
-            bins[k + 1, 1] += f * weight_j
+            at = (j % BIN_COPIES) * copy_size + 2 * node[j]
+            add_float64x4(flat, at, (1.0 - f) * loss_j, (1.0 - f) * weight_j, f * loss_j, f * weight_j)
 
 
 @numba.njit(**HELPER_JIT)
 def arm_table_gradient(params, bins, arm_upstream):
-    """ARM's 53 parameter gradients from the bins (chunks, S, K, 2) of every scale:
-    sum_k u_k dw(v_k)/dparams with u_k = sum_s a_s bins[s, k, 0] - b_s bins[s, k, 1] and
-    (a_s, b_s) = arm_upstream[s]. The MLP runs over the nodes some pixel reached only."""
-    chunks, num_scales = bins.shape[0], bins.shape[1]
+    """ARM's 53 parameter gradients from the bins (chunks, S, BIN_COPIES, K, 2) of every scale:
+    sum_k u_k dw(v_k)/dparams with u_k = sum_s a_s bins[s, k, 0] - b_s bins[s, k, 1] (summed
+    over chunks and copies) and (a_s, b_s) = arm_upstream[s]. The MLP runs over the nodes some
+    pixel reached only."""
+    chunks, num_scales, copies = bins.shape[0], bins.shape[1], bins.shape[2]
     upstream_all = np.zeros(ARM_TABLE_SIZE)
     for chunk in range(chunks):
         for k in range(num_scales):
-            for node in range(ARM_TABLE_SIZE):
-                upstream_all[node] += (
-                    arm_upstream[k, 0] * bins[chunk, k, node, 0] - arm_upstream[k, 1] * bins[chunk, k, node, 1]
-                )
+            for copy in range(copies):
+                part = bins[chunk, k, copy]
+                for node in range(ARM_TABLE_SIZE):
+                    upstream_all[node] += arm_upstream[k, 0] * part[node, 0] - arm_upstream[k, 1] * part[node, 1]
     indices = np.empty(ARM_TABLE_SIZE, np.int64)
     count = 0
     for node in range(ARM_TABLE_SIZE):

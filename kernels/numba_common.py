@@ -166,6 +166,30 @@ def _bits_of_float32(typingctx, value):
     return types.int32(types.float32), codegen
 
 
+@intrinsic
+def add_float64x4(typingctx, flat, at, a, b, c, d):
+    """flat[at : at + 4] += (a, b, c, d) as one 256-bit load, add and store, for scattered
+    read-modify-writes of four adjacent float64 sums (scalar code does four). `flat` is a 1-D
+    C-contiguous float64 array and `at + 4 <= len(flat)` (not checked)."""
+    if not (isinstance(flat, types.Array) and flat.dtype == types.float64 and flat.ndim == 1):
+        return None
+    if not isinstance(at, types.Integer) or any(x != types.float64 for x in (a, b, c, d)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        index = context.cast(builder, args[1], signature.args[1], types.intp)
+        vector_type = llvm_ir.VectorType(llvm_ir.DoubleType(), 4)
+        pointer = builder.bitcast(builder.gep(data, [index]), vector_type.as_pointer())
+        vector = llvm_ir.Constant(vector_type, llvm_ir.Undefined)
+        for lane, value in enumerate(args[2:]):
+            vector = builder.insert_element(vector, value, llvm_ir.Constant(llvm_ir.IntType(32), lane))
+        builder.store(builder.fadd(builder.load(pointer, align=8), vector), pointer, align=8)
+        return context.get_dummy_value()
+
+    return types.void(flat, at, a, b, c, d), codegen
+
+
 _LOG2E = np.float32(1.4426950408889634)
 _LN2_HI = np.float32(0.693359375)
 _LN2_LO = np.float32(-2.12194440e-4)
