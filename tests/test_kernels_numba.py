@@ -366,6 +366,81 @@ def test_vectorised_exp_and_log_against_numpy():
     np.testing.assert_allclose(sigmoids, 1 / (1 + np.exp(-values[::40].astype(np.float64))), rtol=3e-7)
 
 
+def test_four_float64_adds_at_a_place():
+    import numba
+
+    @numba.njit
+    def add_all(flat, places, values):
+        for i in range(places.shape[0]):
+            numba_common.add_float64x4(flat, places[i], values[i, 0], values[i, 1], values[i, 2], values[i, 3])
+
+    rng = np.random.default_rng(0)
+    places = rng.integers(0, 37, 500)  # overlapping and repeated places
+    values = rng.normal(size=(500, 4))
+    got = np.zeros(40)
+    add_all(got, places, values)
+    want = np.zeros(40)
+    for place, row in zip(places, values):
+        want[place : place + 4] += row
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_table_bins_against_a_direct_scatter():
+    from noisyseg.kernels.contract import ARM_TABLE_SIZE
+    from noisyseg.kernels.numba_arm import BIN_COPIES, block_table_bins
+
+    rng = np.random.default_rng(1)
+    width = 300
+    node = np.concatenate([rng.integers(0, ARM_TABLE_SIZE - 1, 200), np.full(100, ARM_TABLE_SIZE - 2)]).astype(np.int32)
+    fraction, loss, weight = (rng.random(width).astype(np.float32) for _ in range(3))
+    valid = rng.random(width) > 0.2
+    bins = np.zeros((BIN_COPIES, ARM_TABLE_SIZE, 2))
+    block_table_bins(bins, node, fraction, loss, weight, valid, width)
+    want = np.zeros((ARM_TABLE_SIZE, 2))
+    f = fraction.astype(np.float64)[valid]
+    for column, values in enumerate((loss, weight)):
+        np.add.at(want[:, column], node[valid], (1 - f) * values[valid])
+        np.add.at(want[:, column], node[valid] + 1, f * values[valid])
+    np.testing.assert_allclose(bins.sum(axis=0), want, rtol=1e-12, atol=1e-12)
+    assert bins[0].any() and bins[1].any()  # even and odd pixels in their own copies
+
+
+_VECTOR_PROBE = """
+import numba, numpy as np
+from noisyseg.kernels import numba_common
+
+@numba.njit
+def scale(values):
+    for j in range(values.shape[0]):
+        values[j] *= np.float32(2.0)
+
+values = np.ones(64, np.float32)
+scale(values)
+print(numba.config.CPU_FEATURES, "zmm" in next(iter(scale.inspect_asm().values())))
+"""
+
+
+@pytest.mark.skipif(
+    "+avx512f" not in __import__("numba.core.codegen").core.codegen.get_host_cpu_features().split(","),
+    reason="512-bit vectors need an AVX-512 host",
+)
+def test_kernels_compile_with_512_bit_vectors_unless_the_user_chose_features():
+    def probe(**env: str) -> list[str]:
+        clean = {k: v for k, v in os.environ.items() if k != "NUMBA_CPU_FEATURES"}
+        result = subprocess.run(
+            [sys.executable, "-c", _VECTOR_PROBE], capture_output=True, text=True, check=True, env={**clean, **env}
+        )
+        return result.stdout.split()
+
+    features, wide = probe()
+    assert features.endswith(",-prefer-256-bit") and wide == "True"  # the assembly uses zmm registers
+    from numba.core.codegen import get_host_cpu_features
+
+    chosen = get_host_cpu_features()
+    features, wide = probe(NUMBA_CPU_FEATURES=chosen)
+    assert features == chosen and wide == "False"  # LLVM's own tuning: 256-bit vectors
+
+
 def test_block_size_bounds():
     assert numba_common.block_size(1, 2) == 1024
     assert numba_common.block_size(3, 150) == 64
