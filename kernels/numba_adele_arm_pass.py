@@ -195,10 +195,9 @@ def fused_pass(
             if use_ce:
                 arm_grad[:] = 0.0
                 for k in range(num_scales):
-                    z = logits[k]
-                    for j in range(width):
-                        if valid[j]:
-                            loss[j] = lse[k, j] - z[n, labels[j], start + j]
+                    image = logits[k][n]
+                    for j in range(width):  # no branch: class 0 stands in at ignored pixels
+                        loss[j] = lse[k, j] - image[max(labels[j], 0), start + j]
                     if use_arm:
                         for j in range(width):
                             sum_p2 = total_sq[k, j] * inv_total[k, j] * inv_total[k, j]
