@@ -208,6 +208,8 @@ def fused_pass(
                                 block_table_bins(arm_bins[chunk, k], node, fraction, loss, weight, valid, width)
                         else:
                             block_arm_forward(arm_params, confidence, width, pre, sig, weight)
+                    # float32 sums over one block (at most MAX_BLOCK pixels), vectorised; the
+                    # blocks' partials add up in float64.
                     for j in range(width):
                         masked[j] = weight[j] if valid[j] else np.float32(0.0)
                         ce_weightf[k, j] = ce_grad_scale[k] * masked[j]
