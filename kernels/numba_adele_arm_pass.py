@@ -281,12 +281,23 @@ def fused_pass(
                         logit = z[n, c, start:end]
                         grad_row = grad[k, n, c, start:end]
                         kl_row = kl_grad[k, n, c, start:end]
+                        # One loop per buffer: the loop writing both took the three-scale loss
+                        # at C = 5 from 1.29-1.37x to 1.41-1.63x plain CE.
+                        e_row, inv, ce_w, lse_k, kl_k, lq = (
+                            exps[k, c],
+                            inv_total[k],
+                            ce_weightf[k],
+                            lse[k],
+                            kl[k],
+                            log_q[c],
+                        )
                         for j in range(width):
-                            p = exps[k, c, j] * inv_total[k, j]
+                            p = e_row[j] * inv[j]
                             onehot = np.float32(1.0) if labels[j] == c else np.float32(0.0)
-                            grad_row[j] = ce_weightf[k, j] * (p - onehot)
-                            log_p = logit[j] - lse[k, j]
-                            kl_row[j] = kl_weightf[j] * p * (log_p - log_q[c, j] - kl[k, j])
+                            grad_row[j] = ce_w[j] * (p - onehot)
+                        for j in range(width):
+                            p = e_row[j] * inv[j]
+                            kl_row[j] = kl_weightf[j] * p * (logit[j] - lse_k[j] - lq[j] - kl_k[j])
             elif write_grad:
                 for k in range(num_scales):
                     z = logits[k]
