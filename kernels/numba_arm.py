@@ -244,15 +244,17 @@ def block_table_bins(bins, node, fraction, loss, weight, valid, width):
     A pixel's four sums, bins[k, :] and bins[k + 1, :], are adjacent: one 256-bit
     read-modify-write. Even and odd pixels add to copies of their own, which halves the chains of
     dependent adds when neighbouring pixels share a node (confident pixels all reach the last
-    one); measured in docs/benchmarks.md, "Closing the C = 5 gap"."""
+    one); measured in docs/benchmarks.md, "Closing the C = 5 gap". The nodes must be at most
+    K - 2 (`block_table_weights` clamps them): the add is not bounds-checked."""
     flat = bins.reshape(-1)
-    copy_size = bins.shape[1] * bins.shape[2]
+    copies, copy_size = bins.shape[0], bins.shape[1] * bins.shape[2]
     for j in range(width):
         if valid[j]:
             f = np.float64(fraction[j])
             loss_j = np.float64(loss[j])
             weight_j = np.float64(weight[j])
-            at = (j % BIN_COPIES) * copy_size + 2 * node[j]
+            # the copy from the array's shape, not a constant numba's cache may have kept
+            at = (j % copies) * copy_size + 2 * node[j]
             add_float64x4(flat, at, (1.0 - f) * loss_j, (1.0 - f) * weight_j, f * loss_j, f * weight_j)
 
 
