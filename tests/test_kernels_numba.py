@@ -433,7 +433,7 @@ def test_kernels_compile_with_512_bit_vectors_unless_the_user_chose_features():
         return result.stdout.split()
 
     features, wide = probe()
-    assert features.endswith(",-prefer-256-bit") and wide == "True"  # the assembly uses zmm registers
+    assert features.endswith(f",-{numba_common.PREFER_256_BIT}") and wide == "True"  # zmm registers in the assembly
     from numba.core.codegen import get_host_cpu_features
 
     chosen = get_host_cpu_features()
