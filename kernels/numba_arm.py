@@ -32,6 +32,8 @@ from noisyseg.kernels.numba_common import HELPER_JIT, PARALLEL_JIT, add_float64x
 _TABLE_SCALE = np.float32(ARM_TABLE_SCALE)
 _TABLE_TOP = np.float32(ARM_TABLE_SIZE - 1)
 BIN_COPIES = 2  # ARM's gradient bins per thread: one set for even pixels, one for odd
+if BIN_COPIES & (BIN_COPIES - 1):
+    raise ValueError(f"BIN_COPIES must be a power of two, got {BIN_COPIES}")
 
 # ---------------------------------------------------------------------------------------------
 # ARM's MLP over a block of pixels: 1 -> 4 -> 4 -> 4 -> 1, Swish between layers, sigmoid last.
@@ -247,14 +249,16 @@ def block_table_bins(bins, node, fraction, loss, weight, valid, width):
     one); measured in docs/benchmarks.md, "Closing the C = 5 gap". The nodes must be at most
     K - 2 (`block_table_weights` clamps them): the add is not bounds-checked."""
     flat = bins.reshape(-1)
-    copies, copy_size = bins.shape[0], bins.shape[1] * bins.shape[2]
+    # The copy count from the array's shape, not a constant numba's cache may have kept; a power
+    # of two, so the copy is a mask: j % copies compiled to a division per pixel, and the bins
+    # took 1.3x the time.
+    last_copy, copy_size = bins.shape[0] - 1, bins.shape[1] * bins.shape[2]
     for j in range(width):
         if valid[j]:
             f = np.float64(fraction[j])
             loss_j = np.float64(loss[j])
             weight_j = np.float64(weight[j])
-            # the copy from the array's shape, not a constant numba's cache may have kept
-            at = (j % copies) * copy_size + 2 * node[j]
+            at = (j & last_copy) * copy_size + 2 * node[j]
             add_float64x4(flat, at, (1.0 - f) * loss_j, (1.0 - f) * weight_j, f * loss_j, f * weight_j)
 
 
