@@ -128,7 +128,7 @@ def fused_pass(
     kl_partials,  # (blocks,) float64: sum of KL over valid (pixel mask: kept) pixels
     max_q_partials,  # (blocks,) float32: max over valid pixels of max_c q
     arm_partials,  # (blocks, 53) float64: ARM's gradient, written when write_grad and use_arm
-    bad_label_partials,  # (blocks,) int64: targets neither ignored nor in [0, C)
+    label_partials,  # (blocks, 2) int64: targets neither ignored nor in [0, C); valid pixels
     defer_ce_scale,  # one scale, no KL: ARM's gradient left to arm_gradient_pass
     scratch_confidence,  # (N, L) float32, written when defer_ce_scale and use_arm
     scratch_loss,  # (N, L) float32, likewise (0 at ignored pixels)
@@ -177,14 +177,17 @@ def fused_pass(
             n, start, width = block_span(index, tiles, block, num_pixels)
             end = start + width
             bad_labels = 0
+            valid_pixels = 0
             target_row = target[n, start:end]
             for j in range(width):
                 label = target_row[j]
                 in_range = label >= 0 and label < num_classes
                 bad_labels += label != ignore_index and not in_range
                 valid[j] = in_range and label != ignore_index
+                valid_pixels += valid[j]
                 labels[j] = label if valid[j] else -1
-            bad_label_partials[index] = bad_labels
+            label_partials[index, 0] = bad_labels
+            label_partials[index, 1] = valid_pixels
             for k in range(num_scales):
                 _block_softmax(logits[k], n, start, width, exps[k], peak, total[k], total_sq[k], lse[k])
                 for j in range(width):
