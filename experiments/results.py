@@ -41,11 +41,18 @@ class RunResult:
         """Mean over foreground classes of IoU_el or IoU_m per epoch (None without clean labels)."""
         if not all(key in r for r in self.records):
             return None
-        return np.array([np.nanmean([nan_if_none(v) for v in r[key].values()] or [math.nan]) for r in self.records])
+        return np.array([_mean_of_known([nan_if_none(v) for v in r[key].values()]) for r in self.records])
 
 
 def nan_if_none(value: Any) -> float:
     return math.nan if value is None else float(value)
+
+
+def _mean_of_known(values: list[float]) -> float:
+    """The mean of the values that are not NaN; NaN when none is (an epoch where no class had an
+    IoU), without numpy's empty-slice warning."""
+    known = [v for v in values if not math.isnan(v)]
+    return float(np.mean(known)) if known else math.nan
 
 
 def load_results(root: Path, specs: Sequence[RunSpec]) -> list[RunResult]:

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +153,18 @@ def test_mean_std_formats_percentages() -> None:
     assert mean_std([0.5, 0.7]) == "60.0 ± 14.1"
     assert mean_std([0.123]) == "12.3"
     assert mean_std([None]) == "-"
+
+
+def test_diagnostic_means_the_classes_that_have_a_value() -> None:
+    """IoU_el per epoch is the mean over the classes that had one; an epoch where none had one
+    is NaN, without numpy's empty-slice warning (the suite would turn it into an error here)."""
+    records = [{"iou_el": {"1": 0.5, "2": None, "3": 0.25}}, {"iou_el": {"1": None, "2": None}}]
+    result = RunResult(RunSpec("ladder", "plain", NoiseSpec(level=0, seed=0)), {}, records, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        values = result.diagnostic("iou_el")
+    assert values[0] == pytest.approx(0.375) and np.isnan(values[1])
+    assert result.diagnostic("iou_m") is None  # not recorded (no clean labels)
 
 
 def test_experiment_plans() -> None:
