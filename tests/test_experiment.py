@@ -157,7 +157,7 @@ def test_mean_std_formats_percentages() -> None:
 
 def test_diagnostic_means_the_classes_that_have_a_value() -> None:
     """IoU_el per epoch is the mean over the classes that had one; an epoch where none had one
-    is NaN, without numpy's empty-slice warning (the suite would turn it into an error here)."""
+    is NaN, without numpy's empty-slice warning (an error inside this test)."""
     records = [{"iou_el": {"1": 0.5, "2": None, "3": 0.25}}, {"iou_el": {"1": None, "2": None}}]
     result = RunResult(RunSpec("ladder", "plain", NoiseSpec(level=0, seed=0)), {}, records, None)
     with warnings.catch_warnings():
