@@ -261,18 +261,18 @@ def fused_pass(
                     underflow,
                 )
                 _block_kl(logits, num_scales, n, start, width, exps, inv_total, lse, log_q, kl)
+                # The kept pixels' KL as float32 sums over one block, vectorised like the CE sums.
+                for j in range(width):
+                    keep = valid[j] and (mask_mode != MASK_PIXEL or pixel_max_q[j] > rho)
+                    masked[j] = np.float32(1.0) if keep else np.float32(0.0)
+                    kl_weightf[j] = kl_grad_scale[n] * masked[j]
                 kl_sum = 0.0
+                for k in range(num_scales):
+                    kl_sum += dot(masked, kl[k], width)
+                kl_partials[index] = kl_sum
                 max_q = np.float32(-np.inf)
                 for j in range(width):
-                    if not valid[j]:
-                        continue
-                    max_q = max(max_q, pixel_max_q[j])
-                    if mask_mode == MASK_PIXEL and not pixel_max_q[j] > rho:
-                        continue
-                    for k in range(num_scales):
-                        kl_sum += kl[k, j]
-                    kl_weightf[j] = kl_grad_scale[n]
-                kl_partials[index] = kl_sum
+                    max_q = max(max_q, pixel_max_q[j] if valid[j] else np.float32(-np.inf))
                 max_q_partials[index] = max_q
 
             # Two loops, not one with a branch on split_kl_grad inside: the merged loop took the
