@@ -207,7 +207,14 @@ _EXP_POLY = tuple(
 )
 
 
-@numba.njit(**HELPER_JIT)
+# The polynomials may contract a multiply and an add into one FMA (the flag stays on their
+# instructions where they are inlined): the exponential alone ran 1.6x as fast (2.85 -> 1.78 ms
+# per 3.9 million in L1, 512-bit vectors), within the same ~1 ulp. Hosts without FMA compute the
+# same expressions unfused, so the last bits may differ between CPUs, as with the vector width.
+_POLY_JIT = {**HELPER_JIT, "fastmath": {"contract"}}
+
+
+@numba.njit(**_POLY_JIT)
 def fast_exp(x):
     """exp of a float32."""
     x = min(max(x, _EXP_LOW), _EXP_HIGH)
@@ -233,7 +240,7 @@ _LOG_POLY = tuple(
 )  # fmt: skip
 
 
-@numba.njit(**HELPER_JIT)
+@numba.njit(**_POLY_JIT)
 def fast_log(value):
     """log of a positive normal float32."""
     bits = _bits_of_float32(value)
