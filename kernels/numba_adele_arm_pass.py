@@ -20,7 +20,15 @@ from noisyseg.kernels.numba_arm import (
     dot,
     total_of,
 )
-from noisyseg.kernels.numba_common import HELPER_JIT, PARALLEL_JIT, block_span, fast_exp, fast_log
+from noisyseg.kernels.numba_common import (
+    HELPER_JIT,
+    PARALLEL_JIT,
+    block_span,
+    fast_exp,
+    fast_log,
+    flush_denormals,
+    restore_denormals,
+)
 
 # The rho mask of the consistency term: none, per image (the paper), per pixel.
 MASK_OFF, MASK_IMAGE, MASK_PIXEL = 0, 1, 2
@@ -145,6 +153,7 @@ def fused_pass(
     inv_classes = np.float32(1.0 / num_classes)
     blocks = num_images * tiles
     for chunk in prange(chunks):
+        saved_mode = flush_denormals()  # on this thread, until the chunk is done (numba_common)
         # Per-block buffers, allocated once per chunk of consecutive blocks: an allocation per
         # block cost a malloc/free of up to ~100 KiB each time, an mmap/munmap when glibc maps it.
         exps = np.empty((num_scales, num_classes, block), np.float32)
@@ -315,6 +324,7 @@ def fused_pass(
                                 log_p = logit[j] - lse[k, j]
                                 g += kl_weightf[j] * p * (log_p - log_q[c, j] - kl[k, j])
                             grad_row[j] = g
+        restore_denormals(saved_mode)
 
 
 @numba.njit(**PARALLEL_JIT)
@@ -323,6 +333,7 @@ def combine_split_gradient(grad, kl_grad, ce_factor, kl_factor):
     of a gradient written apart by `fused_pass` (split_kl_grad), each with its own normaliser."""
     num_scales, num_images = grad.shape[0], grad.shape[1]
     for slab in prange(num_scales * num_images):
+        saved_mode = flush_denormals()
         k, n = slab // num_images, slab % num_images
         ce, kl = ce_factor[k], kl_factor[n]
         for c in range(grad.shape[2]):
@@ -330,3 +341,4 @@ def combine_split_gradient(grad, kl_grad, ce_factor, kl_factor):
             kl_row = kl_grad[k, n, c]
             for j in range(row.shape[0]):
                 row[j] = ce * row[j] + kl * kl_row[j]
+        restore_denormals(saved_mode)

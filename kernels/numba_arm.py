@@ -27,7 +27,15 @@ from noisyseg.kernels.contract import (
     ARM_W2,
     ARM_W3,
 )
-from noisyseg.kernels.numba_common import HELPER_JIT, PARALLEL_JIT, add_float64x4, block_span, fast_sigmoid
+from noisyseg.kernels.numba_common import (
+    HELPER_JIT,
+    PARALLEL_JIT,
+    add_float64x4,
+    block_span,
+    fast_sigmoid,
+    flush_denormals,
+    restore_denormals,
+)
 
 _TABLE_SCALE = np.float32(ARM_TABLE_SCALE)
 _TABLE_TOP = np.float32(ARM_TABLE_SIZE - 1)
@@ -170,6 +178,7 @@ def arm_gradient_pass(
     tiles = (num_pixels + block - 1) // block
     blocks = num_images * tiles
     for chunk in prange(chunks):
+        saved_mode = flush_denormals()
         pre = np.empty((3, ARM_HIDDEN, block), np.float32)
         sig = np.empty((3, ARM_HIDDEN, block), np.float32)
         weight = np.empty(block, np.float32)
@@ -193,6 +202,7 @@ def arm_gradient_pass(
                 grad_row = grad[n, c, start : start + width]
                 for j in range(width):
                     grad_row[j] *= grad_scale
+        restore_denormals(saved_mode)
 
 
 # ---------------------------------------------------------------------------------------------

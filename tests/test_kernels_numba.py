@@ -385,6 +385,38 @@ def test_four_float64_adds_at_a_place():
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.skipif(not numba_common.X86, reason="the denormal flush is set on x86 only (MXCSR)")
+def test_denormals_flushed_between_flush_and_restore():
+    import numba
+
+    @numba.njit
+    def squares(values, inside, after):
+        saved = numba_common.flush_denormals()
+        for j in range(values.shape[0]):
+            inside[j] = values[j] * values[j]
+        numba_common.restore_denormals(saved)
+        for j in range(values.shape[0]):
+            after[j] = values[j] * values[j]
+
+    values = np.full(16, 1e-20, np.float32)  # squares 1e-40: below float32's normal range
+    inside, after = np.empty_like(values), np.empty_like(values)
+    squares(values, inside, after)
+    assert not inside.any()
+    np.testing.assert_allclose(after, 1e-40, rtol=1e-3)
+
+
+def test_the_loss_leaves_the_callers_denormals_alone():
+    """The fused kernels flush denormals on their threads while they run; the calling thread
+    computes subnormal numbers as before once the loss and its gradient returned."""
+    torch.manual_seed(0)
+    logits = [(torch.randn(2, 5, 16, 16) * 30).requires_grad_(True) for _ in range(3)]
+    target = torch.randint(0, 5, (2, 16, 16))
+    fused.adele_arm_loss(logits, target, ARM()).backward()
+    tiny = np.full(4, 1e-20, np.float32)
+    np.testing.assert_allclose(tiny * tiny, 1e-40, rtol=1e-3)
+    assert torch.tensor(1e-20) * torch.tensor(1e-20) > 0
+
+
 @pytest.mark.parametrize("copies", [1, 2, 4])
 def test_table_bins_against_a_direct_scatter(copies):
     """Pixel j adds to copy j % copies (the kernel picks it with a mask: copies is a power of
