@@ -4,7 +4,9 @@
   (`threads_like_torch`, restoring both settings after), and the workqueue layer's workers are
   bound one per CPU when they fill the process's CPUs (`bind_worker_threads`).
 * `fast_exp`, `fast_log`, `fast_sigmoid`: float32 polynomials that LLVM can vectorise (libm's
-  expf/logf are scalar calls).
+  expf/logf are scalar calls), with FMAs where the CPU has them.
+* Denormals: the kernels' threads flush them to zero while they run (`flush_denormals`,
+  `restore_denormals`; x86).
 * Scheduling: pixels are processed in blocks of one image (`block_size`, `block_span`), one run
   of consecutive blocks per thread (`parallel_chunks`); host buffers come from torch's
   allocator (`float32_buffer`).
