@@ -7,8 +7,8 @@ pixels, for two spreads of the confidence: v = u^3 for u uniform in [-1, 1] (the
 random logits), and 70% of the pixels at v = 1 (a confident network: those pixels share the last
 node). Each block finds its pixels' places and weights with the kernels' own
 `block_table_weights`, then adds the pixels' loss and weight to the bins:
-- linear, the kernels' own `block_table_bins`: two of the K = 8192 nodes per pixel, even and odd
-  pixels in copies of their own (`BIN_COPIES`);
+- linear, the kernels' own `block_table_bins`: two of the K = 8192 nodes per pixel, in
+  `BIN_COPIES` copies (pixel j in copy j % BIN_COPIES);
 - cubic in moment form: one of `segments` segments per pixel (each spans 8192 / segments of the
   table's intervals, so its place follows from the same node and fraction), f^0..f^3 x (loss,
   weight), its 8 sums in one 64-byte row; the four Lagrange nodes' sums would follow after the

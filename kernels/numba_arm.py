@@ -39,7 +39,12 @@ from noisyseg.kernels.numba_common import (
 
 _TABLE_SCALE = np.float32(ARM_TABLE_SCALE)
 _TABLE_TOP = np.float32(ARM_TABLE_SIZE - 1)
-BIN_COPIES = 2  # ARM's gradient bins per thread: one set for even pixels, one for odd
+# ARM's gradient bins per thread; pixel j adds to copy j % BIN_COPIES. Two copies shorten the
+# chains of dependent adds where neighbouring pixels share a node, which a loop over the bins
+# alone favoured; inside the fused pass, where the three scales' bins compete for the cache
+# with the gradient buffers, one copy was faster on random and on confident logits alike
+# (docs/benchmarks.md, "Tenth session").
+BIN_COPIES = 1
 if BIN_COPIES & (BIN_COPIES - 1):
     raise ValueError(f"BIN_COPIES must be a power of two, got {BIN_COPIES}")
 
@@ -254,9 +259,7 @@ def block_table_bins(bins, node, fraction, loss, weight, valid, width):
     pixel is a l - b w, with a and b known only once every pixel was seen.
 
     A pixel's four sums, bins[k, :] and bins[k + 1, :], are adjacent: one 256-bit
-    read-modify-write. Even and odd pixels add to copies of their own, which halves the chains of
-    dependent adds when neighbouring pixels share a node (confident pixels all reach the last
-    one); measured in docs/benchmarks.md, "Closing the C = 5 gap". The nodes must be at most
+    read-modify-write. Pixel j adds to copy j % copies (`BIN_COPIES`). The nodes must be at most
     K - 2 (`block_table_weights` clamps them): the add is not bounds-checked."""
     flat = bins.reshape(-1)
     # The copy count from the array's shape, not a constant numba's cache may have kept; a power
