@@ -7,8 +7,8 @@ pixels, for two spreads of the confidence: v = u^3 for u uniform in [-1, 1] (the
 random logits), and 70% of the pixels at v = 1 (a confident network: those pixels share the last
 node). Each block finds its pixels' places and weights with the kernels' own
 `block_table_weights`, then adds the pixels' loss and weight to the bins:
-- linear, the kernels' own `block_table_bins`: two of the K = 8192 nodes per pixel, in
-  `BIN_COPIES` copies (pixel j in copy j % BIN_COPIES);
+- linear, the kernels' own `block_table_bins`: two of the K = 8192 nodes per pixel, one
+  256-bit add;
 - cubic in moment form: one of `segments` segments per pixel (each spans 8192 / segments of the
   table's intervals, so its place follows from the same node and fraction), f^0..f^3 x (loss,
   weight), its 8 sums in one 64-byte row; the four Lagrange nodes' sums would follow after the
@@ -27,7 +27,7 @@ import numba
 import numpy as np
 
 from noisyseg.kernels.contract import ARM_TABLE_SIZE
-from noisyseg.kernels.numba_arm import BIN_COPIES, block_table_bins, block_table_weights
+from noisyseg.kernels.numba_arm import block_table_bins, block_table_weights
 
 PIXELS, BLOCK = 786_432, 1024
 
@@ -75,14 +75,14 @@ def main(rounds: int = 15) -> None:
     confident = np.where(rng.random(PIXELS) < 0.7, np.float32(1.0), spread).astype(np.float32)
     loss, table = rng.random(PIXELS).astype(np.float32), rng.random(ARM_TABLE_SIZE).astype(np.float32)
     valid = np.ones(BLOCK, np.bool_)
-    no_bins = np.zeros((1, 1, 1)), np.zeros((1, 8))
+    no_bins = np.zeros((1, 2)), np.zeros((1, 8))
     cases: dict[str, Callable[[], None]] = {}
     for spread_name, conf in (("v = u^3", spread), ("70% at v = 1", confident)):
         cases[f"{spread_name}: places and weights only"] = lambda conf=conf: table_pass(
             conf, table, loss, valid, *no_bins, 0, 1
         )
         cases[f"{spread_name}: + linear bins, 8192 nodes (now)"] = lambda conf=conf: table_pass(
-            conf, table, loss, valid, np.zeros((BIN_COPIES, ARM_TABLE_SIZE, 2)), no_bins[1], 1, 1
+            conf, table, loss, valid, np.zeros((ARM_TABLE_SIZE, 2)), no_bins[1], 1, 1
         )
         for segments in (1024, 512):
             span = ARM_TABLE_SIZE // segments

@@ -75,7 +75,6 @@ from noisyseg.kernels.numba_adele_arm_pass import (
     fused_pass,
 )
 from noisyseg.kernels.numba_arm import (
-    BIN_COPIES,
     arm_gradient_pass,
     arm_table_gradient,
     arm_table_values,
@@ -91,7 +90,7 @@ from noisyseg.kernels.numba_common import (
 _PACKED_SCALES = 3
 _NO_SCRATCH = np.empty((1, 1), np.float32)
 _NO_TABLE = np.empty(1, np.float32)
-_NO_BINS = np.empty((1, 1, 1, 1, 2))
+_NO_BINS = np.empty((1, 1, 1, 2))
 _NO_GRAD = np.empty((1, 1, 1, 1), np.float32)
 # Deferred scaling keeps 2 floats per pixel: at most 0.2x the logits from 10 classes on. Below,
 # two passes over the logits take about as long (measured at C = 5) and keep no scratch.
@@ -323,7 +322,7 @@ class _FusedCall:
     def _bins(self) -> np.ndarray:
         """ARM's gradient bins: per parallel chunk and scale, loss and weight at the K nodes."""
         chunks = parallel_chunks(self.shape[0] * self.tiles)
-        return np.zeros((chunks, len(self.logits), BIN_COPIES, ARM_TABLE_SIZE, 2))
+        return np.zeros((chunks, len(self.logits), ARM_TABLE_SIZE, 2))
 
     def _padded_logits(self) -> tuple[np.ndarray, ...]:
         """At least _PACKED_SCALES arrays (repeats of the first), so 1, 2 and 3 scales share one

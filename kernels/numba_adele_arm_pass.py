@@ -142,7 +142,7 @@ def fused_pass(
     scratch_loss,  # (N, L) float32, likewise (0 at ignored pixels)
     arm_table,  # (K,) float32: ARM's weight at the table's nodes; used when use_arm and table
     table,  # ARM's weight from arm_table (its gradient from arm_bins) instead of the MLP
-    arm_bins,  # (chunks, S, BIN_COPIES, K, 2) float64: loss and weight per node, when table and collect_bins
+    arm_bins,  # (chunks, S, K, 2) float64: loss and weight per node, written when table and collect_bins
     collect_bins,
     split_kl_grad,  # write the KL part of the gradient to kl_grad instead of adding it to grad
     kl_grad,  # (S, N, C, L) float32, written when write_grad and split_kl_grad
@@ -253,8 +253,8 @@ def fused_pass(
                 if use_arm and write_grad and not defer_ce_scale and not table:
                     arm_partials[index, :] = arm_grad
 
-            # Multiscale consistency: kl_weightf[j] multiplies the KL gradient of pixel j.
-            kl_weightf[:] = 0.0
+            # Multiscale consistency: kl_weightf[j] multiplies the KL gradient of pixel j (every
+            # pixel's is written below; without the term no gradient loop reads it).
             if mask_mode != MASK_OFF:
                 _block_log_q(
                     logits,

@@ -39,14 +39,6 @@ from noisyseg.kernels.numba_common import (
 
 _TABLE_SCALE = np.float32(ARM_TABLE_SCALE)
 _TABLE_TOP = np.float32(ARM_TABLE_SIZE - 1)
-# ARM's gradient bins per thread; pixel j adds to copy j % BIN_COPIES. Two copies shorten the
-# chains of dependent adds where neighbouring pixels share a node, which a loop over the bins
-# alone favoured; inside the fused pass, where the three scales' bins compete for the cache
-# with the gradient buffers, one copy was faster on random and on confident logits alike
-# (docs/benchmarks.md, "Tenth session").
-BIN_COPIES = 1
-if BIN_COPIES & (BIN_COPIES - 1):
-    raise ValueError(f"BIN_COPIES must be a power of two, got {BIN_COPIES}")
 
 # ---------------------------------------------------------------------------------------------
 # ARM's MLP over a block of pixels: 1 -> 4 -> 4 -> 4 -> 1, Swish between layers, sigmoid last.
@@ -254,41 +246,38 @@ def block_table_weights(table, confidence, width, weight, node, fraction):
 
 @numba.njit(**HELPER_JIT)
 def block_table_bins(bins, node, fraction, loss, weight, valid, width):
-    """Add the valid pixels' loss (column 0) and weight (column 1) to the bins (BIN_COPIES, K, 2)
-    of their two nodes, with the interpolation weights 1 - f and f: ARM's upstream gradient at a
-    pixel is a l - b w, with a and b known only once every pixel was seen.
+    """Add the valid pixels' loss (column 0) and weight (column 1) to the bins (K, 2) of their
+    two nodes, with the interpolation weights 1 - f and f: ARM's upstream gradient at a pixel is
+    a l - b w, with a and b known only once every pixel was seen.
 
     A pixel's four sums, bins[k, :] and bins[k + 1, :], are adjacent: one 256-bit
-    read-modify-write. Pixel j adds to copy j % copies (`BIN_COPIES`). The nodes must be at most
-    K - 2 (`block_table_weights` clamps them): the add is not bounds-checked."""
+    read-modify-write. One set of bins per thread: copies for even and odd pixels shorten the
+    chains of dependent adds where neighbours share a node, but inside the fused pass, where
+    three scales' bins compete for the cache with the gradient buffers, one set was faster on
+    random and on confident logits (docs/benchmarks.md, "Tenth session"). The nodes must be at
+    most K - 2 (`block_table_weights` clamps them): the add is not bounds-checked."""
     flat = bins.reshape(-1)
-    # The copy count from the array's shape, not a constant numba's cache may have kept; a power
-    # of two, so the copy is a mask: j % copies compiled to a division per pixel, and the bins
-    # alone took 1.5x the time (docs/benchmarks.md).
-    last_copy, copy_size = bins.shape[0] - 1, bins.shape[1] * bins.shape[2]
     for j in range(width):
         if valid[j]:
             f = np.float64(fraction[j])
             loss_j = np.float64(loss[j])
             weight_j = np.float64(weight[j])
-            at = (j & last_copy) * copy_size + 2 * node[j]
-            add_float64x4(flat, at, (1.0 - f) * loss_j, (1.0 - f) * weight_j, f * loss_j, f * weight_j)
+            add_float64x4(flat, 2 * node[j], (1.0 - f) * loss_j, (1.0 - f) * weight_j, f * loss_j, f * weight_j)
 
 
 @numba.njit(**HELPER_JIT)
 def arm_table_gradient(params, bins, arm_upstream):
-    """ARM's 53 parameter gradients from the bins (chunks, S, BIN_COPIES, K, 2) of every scale:
+    """ARM's 53 parameter gradients from the bins (chunks, S, K, 2) of every scale:
     sum_k u_k dw(v_k)/dparams with u_k = sum_s a_s bins[s, k, 0] - b_s bins[s, k, 1] (summed
-    over chunks and copies) and (a_s, b_s) = arm_upstream[s]. The MLP runs over the nodes some
-    pixel reached only."""
-    chunks, num_scales, copies = bins.shape[0], bins.shape[1], bins.shape[2]
+    over chunks) and (a_s, b_s) = arm_upstream[s]. The MLP runs over the nodes some pixel
+    reached only."""
+    chunks, num_scales = bins.shape[0], bins.shape[1]
     upstream_all = np.zeros(ARM_TABLE_SIZE)
     for chunk in range(chunks):
         for k in range(num_scales):
-            for copy in range(copies):
-                part = bins[chunk, k, copy]
-                for node in range(ARM_TABLE_SIZE):
-                    upstream_all[node] += arm_upstream[k, 0] * part[node, 0] - arm_upstream[k, 1] * part[node, 1]
+            part = bins[chunk, k]
+            for node in range(ARM_TABLE_SIZE):
+                upstream_all[node] += arm_upstream[k, 0] * part[node, 0] - arm_upstream[k, 1] * part[node, 1]
     indices = np.empty(ARM_TABLE_SIZE, np.int64)
     count = 0
     for node in range(ARM_TABLE_SIZE):

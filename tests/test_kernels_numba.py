@@ -417,10 +417,8 @@ def test_the_loss_leaves_the_callers_denormals_alone():
     assert torch.tensor(1e-20) * torch.tensor(1e-20) > 0
 
 
-@pytest.mark.parametrize("copies", [1, 2, 4])
-def test_table_bins_against_a_direct_scatter(copies):
-    """Pixel j adds to copy j % copies (the kernel picks it with a mask: copies is a power of
-    two), at its node and the next."""
+def test_table_bins_against_a_direct_scatter():
+    """Each valid pixel adds its loss and weight at its node (1 - f) and the next (f)."""
     from noisyseg.kernels.contract import ARM_TABLE_SIZE
     from noisyseg.kernels.numba_arm import block_table_bins
 
@@ -429,17 +427,15 @@ def test_table_bins_against_a_direct_scatter(copies):
     node = np.concatenate([rng.integers(0, ARM_TABLE_SIZE - 1, 200), np.full(101, ARM_TABLE_SIZE - 2)]).astype(np.int32)
     fraction, loss, weight = (rng.random(width).astype(np.float32) for _ in range(3))
     valid = rng.random(width) > 0.2
-    bins = np.zeros((copies, ARM_TABLE_SIZE, 2))
+    bins = np.zeros((ARM_TABLE_SIZE, 2))
     block_table_bins(bins, node, fraction, loss, weight, valid, width)
-    for copy in range(copies):
-        mine = valid & (np.arange(width) % copies == copy)
-        want = np.zeros((ARM_TABLE_SIZE, 2))
-        f = fraction.astype(np.float64)[mine]
-        for column, values in enumerate((loss, weight)):
-            np.add.at(want[:, column], node[mine], (1 - f) * values[mine])
-            np.add.at(want[:, column], node[mine] + 1, f * values[mine])
-        np.testing.assert_allclose(bins[copy], want, rtol=1e-12, atol=1e-12)
-        assert bins[copy].any()
+    want = np.zeros((ARM_TABLE_SIZE, 2))
+    f = fraction.astype(np.float64)[valid]
+    for column, values in enumerate((loss, weight)):
+        np.add.at(want[:, column], node[valid], (1 - f) * values[valid])
+        np.add.at(want[:, column], node[valid] + 1, f * values[valid])
+    np.testing.assert_allclose(bins, want, rtol=1e-12, atol=1e-12)
+    assert bins.any()
 
 
 _VECTOR_PROBE = """
