@@ -27,6 +27,7 @@ from noisyseg.kernels.numba_common import (
     fast_exp,
     fast_log,
     flush_denormals,
+    prefetch_row,
     restore_denormals,
 )
 
@@ -79,11 +80,15 @@ def _block_log_q(logits, num_scales, n, start, width, exps, inv_total, lse, log_
         for k in range(1, num_scales):
             for j in range(width):
                 row[j] += exps[k, c, j] * inv_total[k, j]
+        underflows = 0
         for j in range(width):
             pixel_max_q[j] = max(pixel_max_q[j], row[j] * inv_scales)
             underflow[j] = row[j] <= _TINY
+            underflows += underflow[j]
             row[j] = fast_log(max(row[j], _TINY)) - log_scales
-        for j in range(width):
+        # Skipped unless needed: the scalar loop over every pixel cost 2.5-5% of the pass even
+        # when no pixel underflowed (docs/benchmarks.md, "Eleventh session").
+        for j in range(width if underflows > 0 else 0):
             if underflow[j]:  # every p_k underflowed: logsumexp of the log-probabilities
                 row[j] = _stable_log_mean(logits, num_scales, n, c, start + j, j, lse)
 
@@ -197,6 +202,12 @@ def fused_pass(
                 labels[j] = label if valid[j] else -1
             label_partials[index, 0] = bad_labels
             label_partials[index, 1] = valid_pixels
+            if write_grad:  # this block's gradient rows, written at its end (numba_common)
+                for k in range(num_scales):
+                    for c in range(num_classes):
+                        prefetch_row(grad[k, n, c, start:end], width)
+                        if split_kl_grad:
+                            prefetch_row(kl_grad[k, n, c, start:end], width)
             for k in range(num_scales):
                 _block_softmax(logits[k], n, start, width, exps[k], peak, total[k], total_sq[k], lse[k])
                 for j in range(width):

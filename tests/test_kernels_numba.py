@@ -405,6 +405,21 @@ def test_denormals_flushed_between_flush_and_restore():
     np.testing.assert_allclose(after, 1e-40, rtol=1e-3)
 
 
+@pytest.mark.skipif(not numba_common.X86, reason="the instruction checked is x86's")
+def test_prefetch_row_compiles_to_prefetch_instructions_and_leaves_the_row_alone():
+    import numba
+
+    @numba.njit
+    def touch(row, width):
+        numba_common.prefetch_row(row, width)
+
+    row = np.arange(40, dtype=np.float32)
+    touch(row, 40)
+    np.testing.assert_array_equal(row, np.arange(40, dtype=np.float32))
+    assembly = "\n".join(touch.inspect_asm().values())
+    assert "prefetcht0" in assembly
+
+
 def test_the_loss_leaves_the_callers_denormals_alone():
     """The fused kernels flush denormals on their threads while they run; the calling thread
     computes subnormal numbers as before once the loss and its gradient returned."""
