@@ -197,9 +197,10 @@ def add_float64x4(typingctx, flat, at, a, b, c, d):
 # make exponentials near 1e-30 whose squares and products fall below float32's normal range;
 # Intel CPUs handle every such operation in microcode, about a hundred cycles each: with the
 # benchmark's logits scaled by 10, the three-scale loss at C = 5 took 1.92-1.99x three plain CEs
-# before this flush and 0.98-1.02x with it (docs/benchmarks.md, "Tenth session"). The kernels' threads flush them to zero (MXCSR's FTZ and DAZ bits) and
-# restore the caller's setting after; what is flushed is below 1.2e-38, far under every
-# tolerance. Elsewhere than x86 the setting is left alone.
+# before this flush and 0.98-1.02x with it (docs/benchmarks.md, "Tenth session"). The kernels'
+# threads flush them to zero (MXCSR's FTZ and DAZ bits) and restore the caller's setting after;
+# what is flushed is below 1.2e-38, far under every tolerance. Elsewhere than x86 the setting is
+# left alone.
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 _FLUSH_DENORMALS = 0x8040  # FTZ (bit 15) and DAZ (bit 6)
 
