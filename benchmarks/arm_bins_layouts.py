@@ -1,14 +1,19 @@
-"""ARM's gradient bins alone: the kernels' linear bins beside a piecewise-cubic layout that was
-measured before anyone built it (docs/benchmarks.md, "ARM's gradient bins").
+"""ARM's gradient bins alone: the kernels' interval bins beside the node layout they replaced and a
+piecewise-cubic layout that was measured before anyone built it (docs/benchmarks.md, "ARM's
+gradient bins" and "Eleventh session").
 
 ``taskset -c 1 .venv/bin/python benchmarks/arm_bins_layouts.py`` times, on one thread, the fused
 pass's table steps over 786,432 confidences (one scale of (4, C, 256, 256)) in blocks of 1,024
 pixels, for two spreads of the confidence: v = u^3 for u uniform in [-1, 1] (the benchmarks'
 random logits), and 70% of the pixels at v = 1 (a confident network: those pixels share the last
-node). Each block finds its pixels' places and weights with the kernels' own
-`block_table_weights`, then adds the pixels' loss and weight to the bins:
-- linear, the kernels' own `block_table_bins`: two of the K = 8192 nodes per pixel, one
-  256-bit add;
+node), and a smooth field (v = 0.3 sin(i / 5000): neighbouring pixels in the same or the next
+interval, as along an image). Each block finds its pixels' places and weights with the kernels'
+own `block_table_weights`, then adds the pixels' loss and weight to the bins:
+- linear by interval, the kernels' own `block_table_bins`: the four sums of the pixel's interval
+  in one aligned 32-byte row, one 256-bit add;
+- linear by node (before the eleventh session): (1 - f) loss and weight at node k and f at
+  node k + 1, adjacent, one 256-bit add at 16-byte steps, so pixels in neighbouring intervals
+  overlap in part;
 - cubic in moment form: one of `segments` segments per pixel (each spans 8192 / segments of the
   table's intervals, so its place follows from the same node and fraction), f^0..f^3 x (loss,
   weight), its 8 sums in one 64-byte row; the four Lagrange nodes' sums would follow after the
@@ -25,9 +30,11 @@ from collections.abc import Callable
 
 import numba
 import numpy as np
+import torch
 
 from noisyseg.kernels.contract import ARM_TABLE_SIZE
 from noisyseg.kernels.numba_arm import block_table_bins, block_table_weights
+from noisyseg.kernels.numba_common import add_float64x4
 
 PIXELS, BLOCK = 786_432, 1024
 
@@ -52,9 +59,22 @@ def block_cubic_moment_bins(bins, node, fraction, loss, weight, valid, width, sp
             bins[segment, 7] += f3 * weight_j
 
 
-@numba.njit
+@numba.njit(fastmath=False, error_model="numpy")
+def block_node_bins(bins, node, fraction, loss, weight, valid, width):
+    """The node layout the interval bins replaced: bins (K, 2), a pixel's four sums at 2k."""
+    flat = bins.reshape(-1)
+    for j in range(width):
+        if valid[j]:
+            f = np.float64(fraction[j])
+            loss_j = np.float64(loss[j])
+            weight_j = np.float64(weight[j])
+            add_float64x4(flat, 2 * node[j], (1.0 - f) * loss_j, (1.0 - f) * weight_j, f * loss_j, f * weight_j)
+
+
+@numba.njit(fastmath=False, error_model="numpy")
 def table_pass(conf, table, loss, valid, linear_bins, moment_bins, mode, span):
-    """mode 0: places and weights only; 1: and the linear bins; 2: and the cubic moment bins."""
+    """mode 0: places and weights only; 1: and the interval bins; 2: and the cubic moment bins;
+    3: and the node bins."""
     weight = np.empty(BLOCK, np.float32)
     node = np.empty(BLOCK, np.int32)
     fraction = np.empty(BLOCK, np.float32)
@@ -66,6 +86,8 @@ def table_pass(conf, table, loss, valid, linear_bins, moment_bins, mode, span):
             block_cubic_moment_bins(
                 moment_bins, node, fraction, loss[start : start + BLOCK], weight, valid, BLOCK, span
             )
+        elif mode == 3:
+            block_node_bins(linear_bins, node, fraction, loss[start : start + BLOCK], weight, valid, BLOCK)
 
 
 def main(rounds: int = 15) -> None:
@@ -73,16 +95,23 @@ def main(rounds: int = 15) -> None:
     rng = np.random.default_rng(0)
     spread = ((rng.random(PIXELS) * 2 - 1) ** 3).astype(np.float32)
     confident = np.where(rng.random(PIXELS) < 0.7, np.float32(1.0), spread).astype(np.float32)
+    smooth = (0.3 * np.sin(np.arange(PIXELS) / 5000.0)).astype(np.float32)
     loss, table = rng.random(PIXELS).astype(np.float32), rng.random(ARM_TABLE_SIZE).astype(np.float32)
     valid = np.ones(BLOCK, np.bool_)
-    no_bins = np.zeros((1, 2)), np.zeros((1, 8))
+    no_bins = np.zeros((1, 4)), np.zeros((1, 8))
+    # 64-byte aligned, as the kernels' own (`_FusedCall._bins`)
+    interval_bins = torch.zeros((ARM_TABLE_SIZE, 4), dtype=torch.float64).numpy()
+    node_bins = torch.zeros((ARM_TABLE_SIZE, 2), dtype=torch.float64).numpy()
     cases: dict[str, Callable[[], None]] = {}
-    for spread_name, conf in (("v = u^3", spread), ("70% at v = 1", confident)):
+    for spread_name, conf in (("v = u^3", spread), ("70% at v = 1", confident), ("smooth", smooth)):
         cases[f"{spread_name}: places and weights only"] = lambda conf=conf: table_pass(
             conf, table, loss, valid, *no_bins, 0, 1
         )
-        cases[f"{spread_name}: + linear bins, 8192 nodes (now)"] = lambda conf=conf: table_pass(
-            conf, table, loss, valid, np.zeros((ARM_TABLE_SIZE, 2)), no_bins[1], 1, 1
+        cases[f"{spread_name}: + interval bins, 8192 nodes (now)"] = lambda conf=conf: table_pass(
+            conf, table, loss, valid, interval_bins, no_bins[1], 1, 1
+        )
+        cases[f"{spread_name}: + node bins, 8192 nodes (before)"] = lambda conf=conf: table_pass(
+            conf, table, loss, valid, node_bins, no_bins[1], 3, 1
         )
         for segments in (1024, 512):
             span = ARM_TABLE_SIZE // segments

@@ -90,7 +90,7 @@ from noisyseg.kernels.numba_common import (
 _PACKED_SCALES = 3
 _NO_SCRATCH = np.empty((1, 1), np.float32)
 _NO_TABLE = np.empty(1, np.float32)
-_NO_BINS = np.empty((1, 1, 1, 2))
+_NO_BINS = np.empty((1, 1, 1, 4))
 _NO_GRAD = np.empty((1, 1, 1, 1), np.float32)
 # Deferred scaling keeps 2 floats per pixel: at most 0.2x the logits from 10 classes on. Below,
 # two passes over the logits take about as long (measured at C = 5) and keep no scratch.
@@ -320,9 +320,12 @@ class _FusedCall:
         )
 
     def _bins(self) -> np.ndarray:
-        """ARM's gradient bins: per parallel chunk and scale, loss and weight at the K nodes."""
+        """ARM's gradient bins: per parallel chunk and scale, the four sums of each of the K
+        table intervals (`numba_arm.block_table_bins`), from torch's allocator: 64-byte aligned,
+        so no interval's 32-byte row straddles a cache line (numpy's large arrays start 16 bytes
+        into a page)."""
         chunks = parallel_chunks(self.shape[0] * self.tiles)
-        return np.zeros((chunks, len(self.logits), ARM_TABLE_SIZE, 2))
+        return torch.zeros((chunks, len(self.logits), ARM_TABLE_SIZE, 4), dtype=torch.float64).numpy()
 
     def _padded_logits(self) -> tuple[np.ndarray, ...]:
         """At least _PACKED_SCALES arrays (repeats of the first), so 1, 2 and 3 scales share one

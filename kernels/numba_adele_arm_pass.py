@@ -147,7 +147,7 @@ def fused_pass(
     scratch_loss,  # (N, L) float32, likewise (0 at ignored pixels)
     arm_table,  # (K,) float32: ARM's weight at the table's nodes; used when use_arm and table
     table,  # ARM's weight from arm_table (its gradient from arm_bins) instead of the MLP
-    arm_bins,  # (chunks, S, K, 2) float64: loss and weight per node, written when table and collect_bins
+    arm_bins,  # (chunks, S, K, 4) float64: per table interval, `block_table_bins`; when table and collect_bins
     collect_bins,
     split_kl_grad,  # write the KL part of the gradient to kl_grad instead of adding it to grad
     kl_grad,  # (S, N, C, L) float32, written when write_grad and split_kl_grad

@@ -246,36 +246,53 @@ def block_table_weights(table, confidence, width, weight, node, fraction):
 
 @numba.njit(**HELPER_JIT)
 def block_table_bins(bins, node, fraction, loss, weight, valid, width):
-    """Add the valid pixels' loss (column 0) and weight (column 1) to the bins (K, 2) of their
-    two nodes, with the interpolation weights 1 - f and f: ARM's upstream gradient at a pixel is
-    a l - b w, with a and b known only once every pixel was seen.
+    """Add the valid pixels' sums to the bins (K, 4) of their interval k (between nodes k and
+    k + 1): loss, weight, f loss and f weight. ARM's upstream gradient at a pixel is a l - b w,
+    with a and b known only once every pixel was seen; `node_sums` turns the intervals' sums into
+    the nodes' (1 - f at node k, f at node k + 1).
 
-    A pixel's four sums, bins[k, :] and bins[k + 1, :], are adjacent: one 256-bit
-    read-modify-write. One set of bins per thread: copies for even and odd pixels shorten the
-    chains of dependent adds where neighbours share a node, but inside the fused pass, where
-    three scales' bins compete for the cache with the gradient buffers, one set was faster on
-    random and on confident logits (docs/benchmarks.md, "Tenth session"). The nodes must be at
-    most K - 2 (`block_table_weights` clamps them): the add is not bounds-checked."""
+    A pixel's four sums are one aligned 32-byte row: one 256-bit read-modify-write that never
+    straddles a cache line, and pixels in neighbouring intervals touch disjoint rows. The nodes'
+    layout (bins[k] and bins[k + 1] of two sums each, the 256-bit add at 16-byte steps) made
+    pixels in neighbouring intervals overlap in part, which the CPU cannot forward from a pending
+    store: 10.5-11.5 against 3.8-4.2 ns a pixel when consecutive pixels walk up the table, 4.6-5.9
+    against 3.7-4.6 along a smooth image, 3.0-3.4 against 2.9-3.1 at random (docs/benchmarks.md,
+    "Eleventh session"). One set of bins per thread ("Tenth session"). The nodes must be at most
+    K - 2 (`block_table_weights` clamps them): the add is not bounds-checked."""
     flat = bins.reshape(-1)
     for j in range(width):
         if valid[j]:
             f = np.float64(fraction[j])
             loss_j = np.float64(loss[j])
             weight_j = np.float64(weight[j])
-            add_float64x4(flat, 2 * node[j], (1.0 - f) * loss_j, (1.0 - f) * weight_j, f * loss_j, f * weight_j)
+            add_float64x4(flat, 4 * node[j], loss_j, weight_j, f * loss_j, f * weight_j)
+
+
+@numba.njit(**HELPER_JIT)
+def node_sums(bins):
+    """The nodes' (loss, weight) sums (K, 2) from the intervals' bins (K, 4) of
+    `block_table_bins`: node k gets (1 - f) of its interval's pixels and f of the interval
+    below's."""
+    sums = np.empty((ARM_TABLE_SIZE, 2))
+    for column in range(2):
+        below = 0.0
+        for k in range(ARM_TABLE_SIZE):
+            sums[k, column] = bins[k, column] - bins[k, column + 2] + below
+            below = bins[k, column + 2]
+    return sums
 
 
 @numba.njit(**HELPER_JIT)
 def arm_table_gradient(params, bins, arm_upstream):
-    """ARM's 53 parameter gradients from the bins (chunks, S, K, 2) of every scale:
-    sum_k u_k dw(v_k)/dparams with u_k = sum_s a_s bins[s, k, 0] - b_s bins[s, k, 1] (summed
-    over chunks) and (a_s, b_s) = arm_upstream[s]. The MLP runs over the nodes some pixel
-    reached only."""
+    """ARM's 53 parameter gradients from the interval bins (chunks, S, K, 4) of every scale:
+    sum_k u_k dw(v_k)/dparams with u_k = sum_s a_s L_sk - b_s W_sk, (L_sk, W_sk) the node sums
+    of `node_sums` (summed over chunks) and (a_s, b_s) = arm_upstream[s]. The MLP runs over the
+    nodes some pixel reached only."""
     chunks, num_scales = bins.shape[0], bins.shape[1]
     upstream_all = np.zeros(ARM_TABLE_SIZE)
     for chunk in range(chunks):
         for k in range(num_scales):
-            part = bins[chunk, k]
+            part = node_sums(bins[chunk, k])
             for node in range(ARM_TABLE_SIZE):
                 upstream_all[node] += arm_upstream[k, 0] * part[node, 0] - arm_upstream[k, 1] * part[node, 1]
     indices = np.empty(ARM_TABLE_SIZE, np.int64)

@@ -433,23 +433,34 @@ def test_the_loss_leaves_the_callers_denormals_alone():
 
 
 def test_table_bins_against_a_direct_scatter():
-    """Each valid pixel adds its loss and weight at its node (1 - f) and the next (f)."""
+    """Each valid pixel adds its loss and weight to its interval's row (and f times each); the
+    node sums give it 1 - f at its node and f at the next."""
     from noisyseg.kernels.contract import ARM_TABLE_SIZE
-    from noisyseg.kernels.numba_arm import block_table_bins
+    from noisyseg.kernels.numba_arm import block_table_bins, node_sums
 
     rng = np.random.default_rng(1)
     width = 301
-    node = np.concatenate([rng.integers(0, ARM_TABLE_SIZE - 1, 200), np.full(101, ARM_TABLE_SIZE - 2)]).astype(np.int32)
+    node = np.concatenate(
+        [
+            rng.integers(0, ARM_TABLE_SIZE - 1, 150),
+            np.arange(50) + 4000,  # consecutive intervals: neighbouring rows
+            np.full(101, ARM_TABLE_SIZE - 2),
+        ]
+    ).astype(np.int32)
     fraction, loss, weight = (rng.random(width).astype(np.float32) for _ in range(3))
     valid = rng.random(width) > 0.2
-    bins = np.zeros((ARM_TABLE_SIZE, 2))
+    bins = np.zeros((ARM_TABLE_SIZE, 4))
     block_table_bins(bins, node, fraction, loss, weight, valid, width)
-    want = np.zeros((ARM_TABLE_SIZE, 2))
     f = fraction.astype(np.float64)[valid]
+    want_rows = np.zeros((ARM_TABLE_SIZE, 4))
+    want_nodes = np.zeros((ARM_TABLE_SIZE, 2))
     for column, values in enumerate((loss, weight)):
-        np.add.at(want[:, column], node[valid], (1 - f) * values[valid])
-        np.add.at(want[:, column], node[valid] + 1, f * values[valid])
-    np.testing.assert_allclose(bins, want, rtol=1e-12, atol=1e-12)
+        np.add.at(want_rows[:, column], node[valid], values[valid])
+        np.add.at(want_rows[:, column + 2], node[valid], f * values[valid])
+        np.add.at(want_nodes[:, column], node[valid], (1 - f) * values[valid])
+        np.add.at(want_nodes[:, column], node[valid] + 1, f * values[valid])
+    np.testing.assert_allclose(bins, want_rows, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(node_sums(bins), want_nodes, rtol=1e-12, atol=1e-12)
     assert bins.any()
 
 
