@@ -187,9 +187,15 @@ def fused_pass(
         kl = np.empty((num_scales, block), np.float32)
         pixel_max_q = np.empty(block, np.float32)
         underflow = np.empty(block, np.bool_)
-        for index in range(chunk * blocks // chunks, (chunk + 1) * blocks // chunks):
+        last = (chunk + 1) * blocks // chunks
+        for index in range(chunk * blocks // chunks, last):
             n, start, width = block_span(index, tiles, block, num_pixels)
             end = start + width
+            if index + 1 < last:  # the next block's logits, read from its start (numba_common)
+                n_next, start_next, width_next = block_span(index + 1, tiles, block, num_pixels)
+                for k in range(num_scales):
+                    for c in range(num_classes):
+                        prefetch_row(logits[k][n_next, c, start_next : start_next + width_next], width_next)
             bad_labels = 0
             valid_pixels = 0
             target_row = target[n, start:end]

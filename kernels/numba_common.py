@@ -247,11 +247,11 @@ def restore_denormals(typingctx, previous):
     return types.void(previous), codegen
 
 
-# Prefetching rows the kernels are about to write. A pass writes its gradient in rows of one
-# block (4 KiB at 1024 pixels), each a fresh page to the hardware prefetchers, which stop at page
-# boundaries; asking for the block's output lines when the block starts lets their reads for
-# ownership overlap the block's arithmetic instead of stalling its gradient loops
-# (docs/benchmarks.md, "Eleventh session").
+# Prefetching rows the kernels are about to read or write. A pass reads the logits and writes its
+# gradient in rows of one block (4 KiB at 1024 pixels), each a fresh page to the hardware
+# prefetchers, which stop at page boundaries; asking for the next block's logits and this
+# block's output lines when a block starts lets those memory accesses overlap the block's
+# arithmetic instead of stalling its loops (docs/benchmarks.md, "Eleventh session").
 _CACHE_LINE_FLOATS = 16
 
 
