@@ -7,6 +7,8 @@
   expf/logf are scalar calls), with FMAs where the CPU has them.
 * Denormals: the kernels' threads flush them to zero while they run (`flush_denormals`,
   `restore_denormals`; x86).
+* Prefetching: `prefetch_line` and `prefetch_row` ask for cache lines a kernel will read or
+  write soon (prefetcht0 on x86).
 * Scheduling: pixels are processed in blocks of one image (`block_size`, `block_span`), one run
   of consecutive blocks per thread (`parallel_chunks`); host buffers come from torch's
   allocator (`float32_buffer`).
@@ -256,7 +258,7 @@ _CACHE_LINE_FLOATS = 16
 
 
 @intrinsic
-def _prefetch(typingctx, array, at):
+def prefetch_line(typingctx, array, at):
     """A read prefetch of ``array[at]``'s cache line into every level (prefetcht0 on x86); a
     hint only. `array` is a 1-D contiguous array and `at` within it (not checked)."""
     if not (isinstance(array, types.Array) and array.ndim == 1) or not isinstance(at, types.Integer):
@@ -284,7 +286,7 @@ def _prefetch(typingctx, array, at):
 def prefetch_row(row, width):
     """Prefetch the cache lines of ``row[:width]`` (float32)."""
     for j in range(0, width, _CACHE_LINE_FLOATS):
-        _prefetch(row, j)
+        prefetch_line(row, j)
 
 
 _LOG2E = np.float32(1.4426950408889634)
