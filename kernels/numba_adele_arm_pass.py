@@ -86,7 +86,7 @@ def _block_log_q(logits, num_scales, n, start, width, exps, inv_total, lse, log_
             underflow[j] = row[j] <= _TINY
             underflows += underflow[j]
             row[j] = fast_log(max(row[j], _TINY)) - log_scales
-        # Skipped unless needed: the scalar loop over every pixel cost 2.5-5% of the pass even
+        # Skipped unless needed: the scalar loop over every pixel cost up to 5% of the pass even
         # when no pixel underflowed (docs/benchmarks.md, "Eleventh session").
         for j in range(width if underflows > 0 else 0):
             if underflow[j]:  # every p_k underflowed: logsumexp of the log-probabilities
