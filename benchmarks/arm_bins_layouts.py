@@ -4,7 +4,7 @@ gradient bins" and "Eleventh session").
 
 ``taskset -c 1 .venv/bin/python benchmarks/arm_bins_layouts.py`` times, on one thread, the fused
 pass's table steps over 786,432 confidences (one scale of (4, C, 256, 256)) in blocks of 1,024
-pixels, for two spreads of the confidence: v = u^3 for u uniform in [-1, 1] (the benchmarks'
+pixels, for three spreads of the confidence: v = u^3 for u uniform in [-1, 1] (the benchmarks'
 random logits), and 70% of the pixels at v = 1 (a confident network: those pixels share the last
 node), and a smooth field (v = 0.3 sin(i / 5000): neighbouring pixels in the same or the next
 interval, as along an image). Each block finds its pixels' places and weights with the kernels'

@@ -171,6 +171,14 @@ def _bits_of_float32(typingctx, value):
     return types.int32(types.float32), codegen
 
 
+def _element_address(context, builder, signature, args):
+    """In an intrinsic's codegen whose first two arguments are a 1-D array and an index: the
+    address of that element."""
+    data = context.make_array(signature.args[0])(context, builder, args[0]).data
+    index = context.cast(builder, args[1], signature.args[1], types.intp)
+    return builder.gep(data, [index])
+
+
 @intrinsic
 def add_float64x4(typingctx, flat, at, a, b, c, d):
     """flat[at : at + 4] += (a, b, c, d) as one 256-bit load, add and store, for scattered
@@ -182,10 +190,8 @@ def add_float64x4(typingctx, flat, at, a, b, c, d):
         return None
 
     def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        index = context.cast(builder, args[1], signature.args[1], types.intp)
         vector_type = llvm_ir.VectorType(llvm_ir.DoubleType(), 4)
-        pointer = builder.bitcast(builder.gep(data, [index]), vector_type.as_pointer())
+        pointer = builder.bitcast(_element_address(context, builder, signature, args), vector_type.as_pointer())
         vector = llvm_ir.Constant(vector_type, llvm_ir.Undefined)
         for lane, value in enumerate(args[2:]):
             vector = builder.insert_element(vector, value, llvm_ir.Constant(llvm_ir.IntType(32), lane))
@@ -265,10 +271,8 @@ def prefetch_line(typingctx, array, at):
         return None
 
     def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        index = context.cast(builder, args[1], signature.args[1], types.intp)
         byte_pointer = llvm_ir.IntType(8).as_pointer()
-        address = builder.bitcast(builder.gep(data, [index]), byte_pointer)
+        address = builder.bitcast(_element_address(context, builder, signature, args), byte_pointer)
         word = llvm_ir.IntType(32)
         function = builder.module.declare_intrinsic(
             "llvm.prefetch", fnty=llvm_ir.FunctionType(llvm_ir.VoidType(), [byte_pointer, word, word, word])
