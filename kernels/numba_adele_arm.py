@@ -88,10 +88,11 @@ from noisyseg.kernels.numba_common import (
 )
 
 _PACKED_SCALES = 3
+_Gradient = tuple[np.ndarray, ...]  # one (N, C, L) float32 array per scale
 _NO_SCRATCH = np.empty((1, 1), np.float32)
 _NO_TABLE = np.empty(1, np.float32)
 _NO_BINS = np.empty((1, 1, 1, 4))
-_NO_GRAD = np.empty((1, 1, 1, 1), np.float32)
+_NO_GRAD = np.empty((1, 1, 1), np.float32)
 # Deferred scaling keeps 2 floats per pixel: at most 0.2x the logits from 10 classes on. Below,
 # two passes over the logits take about as long (measured at C = 5) and keep no scratch.
 _MIN_CLASSES_TO_DEFER = 10
@@ -189,8 +190,8 @@ class _FusedCall:
         mask keeps it, so one pass assumes every image kept and a second runs only if not."""
         return self.mask_mode == MASK_IMAGE and not self.use_arm
 
-    def run(self, write_grad: bool, arm_grad: bool) -> tuple[float, np.ndarray | None, np.ndarray | None, np.ndarray]:
-        """Loss value, gradient (S, N, C, L) float32 or None, ARM's gradient (53,) or None, and
+    def run(self, write_grad: bool, arm_grad: bool) -> tuple[float, _Gradient | None, np.ndarray | None, np.ndarray]:
+        """Loss value, the gradient of every scale ((N, C, L) float32 each) or None, ARM's gradient (53,) or None, and
         the factor per scale (S,) the gradient still needs (1 unless deferred to backward)."""
         if write_grad and self.splits_kl_gradient():
             return self._run_split(arm_grad)
@@ -207,14 +208,14 @@ class _FusedCall:
             partials = self._pass(self._normalisers(None), write_grad=False)
             if not write_grad:
                 return self._value(partials), None, None, done
-        grad = float32_buffer((len(self.logits), *self.logits[0].shape)) if write_grad else None
+        grad = self._gradient_buffers() if write_grad else None
         final = self._pass(self._normalisers(partials), write_grad, grad)
         arm_grad_out = final.arm.sum(axis=0) if (write_grad and self.use_arm) else None
         return self._value(partials if partials is not None else final), grad, arm_grad_out, done
 
     def _run_table(
         self, write_grad: bool, arm_grad: bool
-    ) -> tuple[float, np.ndarray | None, np.ndarray | None, np.ndarray]:
+    ) -> tuple[float, _Gradient | None, np.ndarray | None, np.ndarray]:
         """ARM's table: the pixels' loss and weight go into K bins in the pass that sees them
         first, and ARM's gradient comes from the bins. Without the consistency term one pass
         writes the gradient with ce_weight w_i (p - onehot) and the 1/sum(w) of each scale is
@@ -224,7 +225,7 @@ class _FusedCall:
         grad = None
         bins = self._bins()
         if self.mask_mode == MASK_OFF:
-            grad = float32_buffer((num_scales, *self.logits[0].shape)) if write_grad else None
+            grad = self._gradient_buffers() if write_grad else None
             unnormalised = self._fixed_normalisers(num_scales, self.terms.ce_weight, 0.0)
             partials = self._pass(unnormalised, write_grad, grad, bins=bins)
             norm = self._normalisers(partials)
@@ -236,30 +237,31 @@ class _FusedCall:
         arm_grad_out = arm_table_gradient(self.arm_params, bins, norm.arm_upstream) if arm_grad else None
         return self._value(partials), grad, arm_grad_out, pending
 
-    def _run_split(self, arm_grad: bool) -> tuple[float, np.ndarray, np.ndarray | None, np.ndarray]:
+    def _run_split(self, arm_grad: bool) -> tuple[float, _Gradient, np.ndarray | None, np.ndarray]:
         """One pass writes the CE part of the gradient (w_i (p - onehot), ARM's weights from the
         table) and the KL part (unmasked, unnormalised) to two buffers and fills ARM's bins; then
         `combine_split_gradient` scales and adds them. Replaces a statistics pass and a pass
         that recomputed every softmax, for a second buffer of the gradient's size."""
         num_scales = len(self.logits)
-        grad = float32_buffer((num_scales, *self.logits[0].shape))
-        kl_grad = float32_buffer(grad.shape)
+        grad, kl_grad = self._gradient_buffers(), self._gradient_buffers()
         bins = self._bins() if arm_grad else None
         partials = self._pass(self._fixed_normalisers(num_scales, 1.0, 1.0), True, grad, bins=bins, kl_grad=kl_grad)
         norm = self._normalisers(partials)
-        combine_split_gradient(grad, kl_grad, norm.ce_grad_scale, norm.kl_grad_scale)
+        combine_split_gradient(
+            num_scales, _packed(grad, _NO_GRAD), _packed(kl_grad, _NO_GRAD), norm.ce_grad_scale, norm.kl_grad_scale
+        )
         arm_grad_out = arm_table_gradient(self.arm_params, bins, norm.arm_upstream) if arm_grad else None
         return self._value(partials), grad, arm_grad_out, np.ones(num_scales)
 
-    def _run_assuming_kept(self) -> tuple[float, np.ndarray, None, np.ndarray]:
-        grad = float32_buffer((len(self.logits), *self.logits[0].shape))
+    def _run_assuming_kept(self) -> tuple[float, _Gradient, None, np.ndarray]:
+        grad = self._gradient_buffers()
         partials = self._pass(self._normalisers(None), True, grad)
         if not self._kept_images(partials).all():  # early in training: the mask dropped an image
             partials = self._pass(self._normalisers(partials), True, grad)
         return self._value(partials), grad, None, np.ones(len(self.logits))
 
-    def _run_deferred(self) -> tuple[float, np.ndarray, np.ndarray]:
-        grad = float32_buffer((1, *self.logits[0].shape))
+    def _run_deferred(self) -> tuple[float, _Gradient, np.ndarray]:
+        grad = self._gradient_buffers()
         scratch = (float32_buffer(self.target.shape), float32_buffer(self.target.shape))
         partials = self._pass(self._fixed_normalisers(1, self.terms.ce_weight, 0.0), True, grad, scratch)
         norm = self._normalisers(partials)
@@ -277,10 +279,10 @@ class _FusedCall:
         self,
         norm: _Normalisers,
         write_grad: bool,
-        grad: np.ndarray | None = None,
+        grad: _Gradient | None = None,
         scratch: tuple[np.ndarray, np.ndarray] | None = None,
         bins: np.ndarray | None = None,
-        kl_grad: np.ndarray | None = None,
+        kl_grad: _Gradient | None = None,
     ) -> _Partials:
         blocks = self.shape[0] * self.tiles
         partials = _Partials(
@@ -296,15 +298,15 @@ class _FusedCall:
             labels=np.zeros((blocks, 2), np.int64),
         )
         fused_pass(
-            self._padded_logits(), len(self.logits), self.target, self.terms.ignore_index,
+            _packed(self.logits, self.logits[0]), len(self.logits), self.target, self.terms.ignore_index,
             self.terms.ce_weight != 0.0, self.arm_params, self.use_arm, self.mask_mode,
             np.float32(self.terms.rho), self.block, parallel_chunks(blocks),
             write_grad, norm.ce_grad_scale, norm.arm_upstream, norm.kl_grad_scale,
-            grad if grad is not None else _NO_GRAD,
+            _packed(grad or (), _NO_GRAD),
             partials.ce, partials.kl, partials.max_q, partials.arm, partials.labels,
             scratch is not None, *(scratch if scratch is not None else (_NO_SCRATCH, _NO_SCRATCH)),
             self.arm_table, self.table, bins if bins is not None else _NO_BINS, bins is not None,
-            kl_grad is not None, kl_grad if kl_grad is not None else _NO_GRAD,
+            kl_grad is not None, _packed(kl_grad or (), _NO_GRAD),
         )  # fmt: skip
         if partials.labels[:, 0].any():  # the reference's check names the offending id
             check_class_ids(torch.from_numpy(self.target), self.shape[1], self.terms.ignore_index)
@@ -327,10 +329,12 @@ class _FusedCall:
         chunks = parallel_chunks(self.shape[0] * self.tiles)
         return torch.zeros((chunks, len(self.logits), ARM_TABLE_SIZE, 4), dtype=torch.float64).numpy()
 
-    def _padded_logits(self) -> tuple[np.ndarray, ...]:
-        """At least _PACKED_SCALES arrays (repeats of the first), so 1, 2 and 3 scales share one
-        compiled kernel (numba specialises on the tuple's length)."""
-        return self.logits + (self.logits[0],) * max(_PACKED_SCALES - len(self.logits), 0)
+    def _gradient_buffers(self) -> _Gradient:
+        """One (N, C, L) fp32 buffer per scale, each the size of a plain cross-entropy's
+        gradient: one (S, N, C, L) buffer was three times that, over glibc's largest mmap threshold
+        (32 MiB) from Cityscapes' shape on, and came back as fresh pages that the pass then
+        faulted in (docs/benchmarks.md, "Twelfth session")."""
+        return tuple(float32_buffer(self.logits[0].shape) for _ in self.logits)
 
     def _weight_sums(self, partials: _Partials | None) -> np.ndarray:
         """(S, 3): sum w, sum w^2, sum w l per scale (sums in block order: deterministic)."""
@@ -370,6 +374,12 @@ class _FusedCall:
         return self.terms.ce_weight * ce + self.terms.kl_weight * kl
 
 
+def _packed(arrays: Sequence[np.ndarray], filler: np.ndarray) -> tuple[np.ndarray, ...]:
+    """At least _PACKED_SCALES arrays (`filler` after the given ones), so 1, 2 and 3 scales share
+    one compiled kernel (numba specialises on a tuple's length)."""
+    return (*arrays, *(filler,) * max(_PACKED_SCALES - len(arrays), 0))
+
+
 def _as_float32_pixels(logits: torch.Tensor) -> np.ndarray:
     """(N, C, L) fp32 C-contiguous numpy view (a copy only for other dtypes or layouts)."""
     flat = logits.detach().reshape(logits.shape[0], logits.shape[1], -1)
@@ -395,9 +405,10 @@ class _FusedLoss(torch.autograd.Function):
             )
         ctx.pending = pending
         ctx.applied_scales = [None] * len(logits)
+        ctx.handed_out = [None] * len(logits)  # the buffer's version when handed out
         ctx.logit_dtypes = [z.dtype for z in logits]
         # Plain attributes, not save_for_backward: these are our own buffers, scaled in place.
-        ctx.grad = torch.from_numpy(grad).reshape(len(logits), *logits[0].shape) if grad is not None else None
+        ctx.grad = [torch.from_numpy(g).reshape(logits[0].shape) for g in grad] if grad is not None else None
         ctx.arm_grad = torch.from_numpy(arm_grad).float() if arm_grad is not None else None
         out_dtype = torch.float64 if logits[0].dtype == torch.float64 else torch.float32
         return torch.tensor(value, dtype=out_dtype)
@@ -412,27 +423,37 @@ class _FusedLoss(torch.autograd.Function):
 
 def _scaled_logit_grads(ctx, upstream: float) -> list[torch.Tensor | None]:
     """Each scale's gradient times grad_output and what forward left pending (1/sum(w) on the
-    table path). The first backward scales a scale's buffer in place and hands it out (no
-    copy); a repeated backward (retain_graph) must not touch what an earlier one returned, so it
-    scales a copy; a zero factor gives fresh zeros and leaves the buffer as it is."""
+    table path). The first backward scales a scale's buffer in place and hands out a view of it:
+    no copy, for autograd keeps a gradient that nothing else references (it clones one that is
+    still referenced, as the buffer itself is by ctx). A leaf's .grad is then that memory, and
+    accumulating into it changes the buffer, so a repeated backward (retain_graph) first keeps an
+    unscaled copy of the buffer, provided nothing changed it since it was handed out (its version
+    counter, shared with the view, says so), and scales that copy from then on. A zero factor
+    gives fresh zeros and leaves the buffer as it is."""
     grads: list[torch.Tensor | None] = []
     for k, dtype in enumerate(ctx.logit_dtypes):
         if ctx.grad is None or not ctx.needs_input_grad[3 + k]:
             grads.append(None)
             continue
-        scale, buffer, applied = (
-            upstream * float(ctx.pending[k]),
-            ctx.grad[k],
-            ctx.applied_scales[k],
-        )
+        scale, buffer, handed_out = upstream * float(ctx.pending[k]), ctx.grad[k], ctx.handed_out[k]
         if scale == 0.0:
             grad = torch.zeros_like(buffer)
-        elif applied is None:
+        elif ctx.applied_scales[k] is None:
             if scale != 1.0:
                 buffer.mul_(scale)
-            grad, ctx.applied_scales[k] = buffer, scale
+            ctx.applied_scales[k], ctx.handed_out[k] = scale, buffer._version
+            grad = buffer.view_as(buffer)
         else:
-            grad = buffer * (scale / applied)
+            if handed_out is not None:
+                if buffer._version != handed_out:
+                    raise RuntimeError(
+                        f"numba fused loss: backward ran again after the gradient of logits[{k}] it "
+                        "handed out was changed in place (accumulated into .grad, or zeroed); call "
+                        "torch.autograd.grad for repeated backward passes, or compute the loss again"
+                    )
+                ctx.grad[k] = buffer = buffer / ctx.applied_scales[k]
+                ctx.applied_scales[k], ctx.handed_out[k] = 1.0, None
+            grad = buffer * scale
         grads.append(grad.to(dtype))
     return grads
 

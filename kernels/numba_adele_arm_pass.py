@@ -136,7 +136,7 @@ def fused_pass(
     ce_grad_scale,  # (S,) float32: factor on w_i (p - onehot) per scale
     arm_upstream,  # (S, 2) float64: dQ/dw_i = a_k l_i - b_k w_i
     kl_grad_scale,  # (N,) float32: factor on the KL gradient per image
-    grad,  # (S, N, C, L) float32, written when write_grad
+    grad,  # S arrays (N, C, L) float32 (a tuple like logits), written when write_grad
     ce_partials,  # (blocks, S, 3) float64: sum w, sum w^2, sum w l
     kl_partials,  # (blocks,) float64: sum of KL over valid (pixel mask: kept) pixels
     max_q_partials,  # (blocks,) float32: max over valid pixels of max_c q
@@ -150,7 +150,7 @@ def fused_pass(
     arm_bins,  # (chunks, S, K, 4) float64: per table interval, `block_table_bins`; when table and collect_bins
     collect_bins,
     split_kl_grad,  # write the KL part of the gradient to kl_grad instead of adding it to grad
-    kl_grad,  # (S, N, C, L) float32, written when write_grad and split_kl_grad
+    kl_grad,  # like grad, written when write_grad and split_kl_grad
 ):
     num_images, num_classes, num_pixels = logits[0].shape
     tiles = (num_pixels + block - 1) // block
@@ -211,9 +211,9 @@ def fused_pass(
             if write_grad:  # this block's gradient rows, written at its end (numba_common)
                 for k in range(num_scales):
                     for c in range(num_classes):
-                        prefetch_row(grad[k, n, c, start:end], width)
+                        prefetch_row(grad[k][n, c, start:end], width)
                         if split_kl_grad:
-                            prefetch_row(kl_grad[k, n, c, start:end], width)
+                            prefetch_row(kl_grad[k][n, c, start:end], width)
             for k in range(num_scales):
                 _block_softmax(logits[k], n, start, width, exps[k], peak, total[k], total_sq[k], lse[k])
                 for j in range(width):
@@ -308,8 +308,8 @@ def fused_pass(
                     z = logits[k]
                     for c in range(num_classes):
                         logit = z[n, c, start:end]
-                        grad_row = grad[k, n, c, start:end]
-                        kl_row = kl_grad[k, n, c, start:end]
+                        grad_row = grad[k][n, c, start:end]
+                        kl_row = kl_grad[k][n, c, start:end]
                         # One loop per buffer: the loop writing both took the three-scale loss
                         # at C = 5 from 1.29-1.37x to 1.41-1.63x plain CE.
                         e_row, inv, ce_w, lse_k, kl_k, lq = (
@@ -332,7 +332,7 @@ def fused_pass(
                     z = logits[k]
                     for c in range(num_classes):
                         logit = z[n, c, start:end]
-                        grad_row = grad[k, n, c, start:end]
+                        grad_row = grad[k][n, c, start:end]
                         for j in range(width):
                             p = exps[k, c, j] * inv_total[k, j]
                             onehot = np.float32(1.0) if labels[j] == c else np.float32(0.0)
@@ -345,17 +345,18 @@ def fused_pass(
 
 
 @numba.njit(**PARALLEL_JIT)
-def combine_split_gradient(grad, kl_grad, ce_factor, kl_factor):
-    """grad[k, n] = ce_factor[k] grad[k, n] + kl_factor[n] kl_grad[k, n], in place: the two parts
-    of a gradient written apart by `fused_pass` (split_kl_grad), each with its own normaliser."""
-    num_scales, num_images = grad.shape[0], grad.shape[1]
+def combine_split_gradient(num_scales, grad, kl_grad, ce_factor, kl_factor):
+    """grad[k][n] = ce_factor[k] grad[k][n] + kl_factor[n] kl_grad[k][n] for the first
+    num_scales arrays of each tuple, in place: the two parts of a gradient written apart by
+    `fused_pass` (split_kl_grad), each with its own normaliser."""
+    num_images, num_classes = grad[0].shape[0], grad[0].shape[1]
     for slab in prange(num_scales * num_images):
         saved_mode = flush_denormals()
         k, n = slab // num_images, slab % num_images
         ce, kl = ce_factor[k], kl_factor[n]
-        for c in range(grad.shape[2]):
-            row = grad[k, n, c]
-            kl_row = kl_grad[k, n, c]
+        for c in range(num_classes):
+            row = grad[k][n, c]
+            kl_row = kl_grad[k][n, c]
             for j in range(row.shape[0]):
                 row[j] = ce * row[j] + kl * kl_row[j]
         restore_denormals(saved_mode)

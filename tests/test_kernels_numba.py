@@ -558,6 +558,37 @@ def test_repeated_backward_with_retained_graph(num_scales):
         torch.testing.assert_close(scaled, base * -6.0, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("num_scales", [1, 3])
+def test_backward_into_leaves_hands_out_the_buffer_and_accumulates_over_repeats(num_scales):
+    """Autograd keeps the first backward's gradient as handed out (a referenced tensor would be
+    cloned), and .grad accumulated over three backward passes is three times the reference's,
+    although the first .grad is the buffer a repeated backward starts from."""
+    logits, target = make_batch(seed=17)
+    arm = seeded_arm(17)
+    scales = related_scales(logits, num_scales)
+    leaves = [z.clone().requires_grad_(True) for z in scales]
+    handed_out = []
+    leaves[0].register_hook(lambda g: handed_out.append(g.data_ptr()))
+    loss = fused.adele_arm_loss(leaves, target, arm, rho=0.3)
+    loss.backward(retain_graph=True)
+    assert leaves[0].grad.data_ptr() == handed_out[0]
+    loss.backward(retain_graph=True)
+    loss.backward()
+    want = evaluate(reference, "adele_arm_loss", scales, target, arm, grad_output=3.0, rho=0.3)[1]
+    for got, expected in zip(leaves, want):
+        torch.testing.assert_close(got.grad, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_backward_refuses_to_repeat_from_a_gradient_changed_in_place():
+    logits, target = make_batch(seed=18)
+    leaves = [logits.clone().requires_grad_(True)]
+    loss = fused.adele_arm_loss(leaves, target, seeded_arm(18))
+    loss.backward(retain_graph=True)
+    leaves[0].grad.zero_()
+    with pytest.raises(RuntimeError, match=r"gradient of logits\[0\] it handed out was changed in place"):
+        loss.backward()
+
+
 _BINDING_PROBE = """
 import json, os, sys
 import numba
