@@ -42,6 +42,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -300,6 +301,14 @@ def pinned_threads(threads: int):
             os.sched_setaffinity(0, previous_cpus)
 
 
+_PAGES_PER_MIB = 256
+
+
+def minor_page_faults() -> int:
+    """Minor page faults of this process so far (fresh pages first touched)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def cost_pair(loss: str, impl: str) -> tuple[Callable, Callable]:
     """(fused loss, its plain cross-entropy baseline), each loss(logits_list, target, arm)."""
     if impl == "triton" and not CUDA:
@@ -327,11 +336,14 @@ def test_cost_against_plain_cross_entropy(benchmark, loss, num_classes, impl):
     logits = [z * COST_LOGIT_SCALE for z in logits]
     arm = seeded_arm().to(device)
     times: dict[str, list[float]] = {"fused": [], "plain": []}
+    faults: dict[str, list[int]] = {"fused": [], "plain": []}
 
     def timed(name: str, fn: Callable) -> None:
+        faults_before = minor_page_faults()
         started = time.perf_counter()
         forward_backward(fn, logits, target, arm)
         times[name].append(time.perf_counter() - started)
+        faults[name].append(minor_page_faults() - faults_before)
 
     def interleaved_round() -> None:
         for name, fn in (("fused", fused), ("plain", plain), ("plain", plain), ("fused", fused)):
@@ -341,8 +353,9 @@ def test_cost_against_plain_cross_entropy(benchmark, loss, num_classes, impl):
     load_before = os.getloadavg()[0]
     with pinned_threads(COST_THREADS):
         interleaved_round()  # warm-up (numba's cache, allocator state), not counted
-        times["fused"].clear()
-        times["plain"].clear()
+        for record in (times, faults):
+            record["fused"].clear()
+            record["plain"].clear()
         benchmark.pedantic(interleaved_round, rounds=COST_ROUNDS)
     if benchmark.stats is None:  # --benchmark-disable: ran once as a smoke test
         return
@@ -355,13 +368,20 @@ def test_cost_against_plain_cross_entropy(benchmark, loss, num_classes, impl):
         fused_ms=round(medians["fused"] * 1e3, 3),
         plain_ms=round(medians["plain"] * 1e3, 3),
         ratio=round(ratio, 3),
+        # Fresh pages a call touched (4 KiB each, about 1.5 us apiece here): glibc hands large
+        # freed buffers back to the kernel at its own moments, and a call that faults its buffers
+        # in again is slower by that much (docs/benchmarks.md, "Twelfth session").
+        fused_page_faults=faults["fused"],
+        plain_page_faults=faults["plain"],
         target=COST_TARGETS[(loss, num_classes)],
         target_met=ratio <= COST_TARGETS[(loss, num_classes)],
     )
     LOGGER.warning(
-        "%s C=%d %s: fused %.2f ms, plain %.2f ms, ratio %.3f (target %.2f), threads %d, logits x%g, load %.1f -> %.1f",
+        "%s C=%d %s: fused %.2f ms, plain %.2f ms, ratio %.3f (target %.2f), threads %d, logits x%g, "
+        "load %.1f -> %.1f, calls faulting 1 MiB or more in: fused %d, plain %d of %d",
         loss, num_classes, impl, medians["fused"] * 1e3, medians["plain"] * 1e3, ratio,
         COST_TARGETS[(loss, num_classes)], COST_THREADS, COST_LOGIT_SCALE, load_before, os.getloadavg()[0],
+        *(sum(f >= _PAGES_PER_MIB for f in faults[name]) for name in ("fused", "plain")), len(faults["fused"]),
     )  # fmt: skip
 
 
