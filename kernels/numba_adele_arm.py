@@ -191,8 +191,9 @@ class _FusedCall:
         return self.mask_mode == MASK_IMAGE and not self.use_arm
 
     def run(self, write_grad: bool, arm_grad: bool) -> tuple[float, _Gradient | None, np.ndarray | None, np.ndarray]:
-        """Loss value, the gradient of every scale ((N, C, L) float32 each) or None, ARM's gradient (53,) or None, and
-        the factor per scale (S,) the gradient still needs (1 unless deferred to backward)."""
+        """Loss value, the gradient of every scale ((N, C, L) float32 each) or None, ARM's
+        gradient (53,) or None, and the factor per scale (S,) the gradient still needs (1 unless
+        deferred to backward)."""
         if write_grad and self.splits_kl_gradient():
             return self._run_split(arm_grad)
         if write_grad and self.assumes_images_kept():
