@@ -29,6 +29,8 @@ from noisyseg.kernels.numba_common import (
     flush_denormals,
     prefetch_row,
     restore_denormals,
+    stream_fence,
+    stream_row,
 )
 
 # The rho mask of the consistency term: none, per image (the paper), per pixel.
@@ -39,8 +41,10 @@ _TINY = np.float32(1e-30)
 
 
 @numba.njit(**HELPER_JIT)
-def _block_softmax(z, n, start, width, exps, peak, total, total_sq, lse):
-    """exp(z - max) per class into `exps` (C x B), their sum, sum of squares and logsumexp."""
+def _block_softmax(z, n, start, width, probs, peak, total, sum_p2, lse):
+    """The softmax per class into `probs` (C x B), and per pixel sum_c p_c^2 and the logsumexp
+    (`total` is scratch). Every later step reads p itself: normalised once here, not by a
+    multiply and a load of 1/total in each of the four loops that read it."""
     num_classes = z.shape[1]
     end = start + width
     first = z[n, 0, start:end]
@@ -52,23 +56,30 @@ def _block_softmax(z, n, start, width, exps, peak, total, total_sq, lse):
             peak[j] = max(peak[j], logit[j])
     for j in range(width):
         total[j] = 0.0
-        total_sq[j] = 0.0
+        sum_p2[j] = 0.0
     for c in range(num_classes):
-        row = exps[c]
+        row = probs[c]
         logit = z[n, c, start:end]
         for j in range(width):
             e = fast_exp(logit[j] - peak[j])
             row[j] = e
             total[j] += e
-            total_sq[j] += e * e
+            sum_p2[j] += e * e
     for j in range(width):
         lse[j] = fast_log(total[j]) + peak[j]  # total >= 1: a positive normal number
+        inv = np.float32(1.0) / total[j]
+        total[j] = inv
+        sum_p2[j] *= inv * inv
+    for c in range(num_classes):
+        row = probs[c]
+        for j in range(width):
+            row[j] *= total[j]
 
 
 @numba.njit(**HELPER_JIT)
-def _block_log_q(logits, num_scales, n, start, width, exps, inv_total, lse, log_q, pixel_max_q, underflow):
+def _block_log_q(logits, num_scales, n, start, width, probs, lse, log_q, pixel_max_q, underflow):
     """log q per class (C x B) for q = mean_k p_k, and max_c q per pixel."""
-    num_classes = exps.shape[1]
+    num_classes = probs.shape[1]
     log_scales = np.float32(math.log(num_scales))
     inv_scales = np.float32(1.0 / num_scales)
     for j in range(width):
@@ -76,10 +87,10 @@ def _block_log_q(logits, num_scales, n, start, width, exps, inv_total, lse, log_
     for c in range(num_classes):
         row = log_q[c]
         for j in range(width):
-            row[j] = exps[0, c, j] * inv_total[0, j]
+            row[j] = probs[0, c, j]
         for k in range(1, num_scales):
             for j in range(width):
-                row[j] += exps[k, c, j] * inv_total[k, j]
+                row[j] += probs[k, c, j]
         underflows = 0
         for j in range(width):
             pixel_max_q[j] = max(pixel_max_q[j], row[j] * inv_scales)
@@ -105,9 +116,9 @@ def _stable_log_mean(logits, num_scales, n, c, pixel, j, lse):
 
 
 @numba.njit(**HELPER_JIT)
-def _block_kl(logits, num_scales, n, start, width, exps, inv_total, lse, log_q, kl):
+def _block_kl(logits, num_scales, n, start, width, probs, lse, log_q, kl):
     """KL(p_k || q) per scale and pixel into `kl` (S x B); a term with p = 0 adds 0."""
-    num_classes = exps.shape[1]
+    num_classes = probs.shape[1]
     for k in range(num_scales):
         z = logits[k]
         for j in range(width):
@@ -115,7 +126,7 @@ def _block_kl(logits, num_scales, n, start, width, exps, inv_total, lse, log_q, 
         for c in range(num_classes):
             logit = z[n, c, start : start + width]
             for j in range(width):
-                p = exps[k, c, j] * inv_total[k, j]
+                p = probs[k, c, j]
                 kl[k, j] += p * (logit[j] - lse[k, j] - log_q[c, j])
 
 
@@ -161,13 +172,12 @@ def fused_pass(
         saved_mode = flush_denormals()  # on this thread, until the chunk is done (numba_common)
         # Per-block buffers, allocated once per chunk of consecutive blocks: an allocation per
         # block cost a malloc/free of up to ~100 KiB each time, an mmap/munmap when glibc maps it.
-        exps = np.empty((num_scales, num_classes, block), np.float32)
+        probs = np.empty((num_scales, num_classes, block), np.float32)
         peak = np.empty(block, np.float32)
-        total = np.empty((num_scales, block), np.float32)
-        total_sq = np.empty((num_scales, block), np.float32)
+        total = np.empty(block, np.float32)
+        sum_p2 = np.empty((num_scales, block), np.float32)
         lse = np.empty((num_scales, block), np.float32)
-        inv_total = np.empty((num_scales, block), np.float32)
-        labels = np.empty(block, np.int64)
+        labels = np.empty(block, np.int32)  # int32 like the float lanes it is compared beside
         valid = np.empty(block, np.bool_)
         ce_weightf = np.empty((num_scales, block), np.float32)
         node = np.empty(block, np.int32)
@@ -187,6 +197,7 @@ def fused_pass(
         kl = np.empty((num_scales, block), np.float32)
         pixel_max_q = np.empty(block, np.float32)
         underflow = np.empty(block, np.bool_)
+        staging = np.empty(block, np.float32)
         last = (chunk + 1) * blocks // chunks
         for index in range(chunk * blocks // chunks, last):
             n, start, width = block_span(index, tiles, block, num_pixels)
@@ -205,19 +216,15 @@ def fused_pass(
                 bad_labels += label != ignore_index and not in_range
                 valid[j] = in_range and label != ignore_index
                 valid_pixels += valid[j]
-                labels[j] = label if valid[j] else -1
+                labels[j] = np.int32(label) if valid[j] else np.int32(-1)
             label_partials[index, 0] = bad_labels
             label_partials[index, 1] = valid_pixels
-            if write_grad:  # this block's gradient rows, written at its end (numba_common)
+            if write_grad and not split_kl_grad:  # this block's gradient rows, written at its end
                 for k in range(num_scales):
                     for c in range(num_classes):
                         prefetch_row(grad[k][n, c, start:end], width)
-                        if split_kl_grad:
-                            prefetch_row(kl_grad[k][n, c, start:end], width)
             for k in range(num_scales):
-                _block_softmax(logits[k], n, start, width, exps[k], peak, total[k], total_sq[k], lse[k])
-                for j in range(width):
-                    inv_total[k, j] = np.float32(1.0) / total[k, j]
+                _block_softmax(logits[k], n, start, width, probs[k], peak, total, sum_p2[k], lse[k])
 
             # Cross-entropy and ARM weights: ce_weightf[k, j] multiplies (p - onehot) in the gradient.
             ce_weightf[:] = 0.0
@@ -229,8 +236,7 @@ def fused_pass(
                         loss[j] = lse[k, j] - image[max(labels[j], 0), start + j]
                     if use_arm:
                         for j in range(width):
-                            sum_p2 = total_sq[k, j] * inv_total[k, j] * inv_total[k, j]
-                            confidence[j] = confidence_gain * (sum_p2 - inv_classes) - np.float32(1.0)
+                            confidence[j] = confidence_gain * (sum_p2[k, j] - inv_classes) - np.float32(1.0)
                         if table:
                             block_table_weights(arm_table, confidence, width, weight, node, fraction)
                             if collect_bins:
@@ -279,14 +285,13 @@ def fused_pass(
                     n,
                     start,
                     width,
-                    exps,
-                    inv_total,
+                    probs,
                     lse,
                     log_q,
                     pixel_max_q,
                     underflow,
                 )
-                _block_kl(logits, num_scales, n, start, width, exps, inv_total, lse, log_q, kl)
+                _block_kl(logits, num_scales, n, start, width, probs, lse, log_q, kl)
                 # The kept pixels' KL as float32 sums over one block, vectorised like the CE sums.
                 for j in range(width):
                     keep = valid[j] and (mask_mode != MASK_PIXEL or pixel_max_q[j] > rho)
@@ -311,36 +316,34 @@ def fused_pass(
                         grad_row = grad[k][n, c, start:end]
                         kl_row = kl_grad[k][n, c, start:end]
                         # One loop per buffer: the loop writing both took the three-scale loss
-                        # at C = 5 from 1.29-1.37x to 1.41-1.63x plain CE.
-                        e_row, inv, ce_w, lse_k, kl_k, lq = (
-                            exps[k, c],
-                            inv_total[k],
-                            ce_weightf[k],
-                            lse[k],
-                            kl[k],
-                            log_q[c],
-                        )
+                        # at C = 5 from 1.29-1.37x to 1.41-1.63x plain CE. Both buffers are
+                        # read only by `combine_split_gradient` after the pass, and together
+                        # twice the logits' size: streamed out (numba_common.stream_row).
+                        p_row, ce_w, lse_k, kl_k, lq = probs[k, c], ce_weightf[k], lse[k], kl[k], log_q[c]
+                        label = np.int32(c)
                         for j in range(width):
-                            p = e_row[j] * inv[j]
-                            onehot = np.float32(1.0) if labels[j] == c else np.float32(0.0)
-                            grad_row[j] = ce_w[j] * (p - onehot)
+                            onehot = np.float32(1.0) if labels[j] == label else np.float32(0.0)
+                            staging[j] = ce_w[j] * (p_row[j] - onehot)
+                        stream_row(grad_row, staging, width)
                         for j in range(width):
-                            p = e_row[j] * inv[j]
-                            kl_row[j] = kl_weightf[j] * p * (logit[j] - lse_k[j] - lq[j] - kl_k[j])
+                            staging[j] = kl_weightf[j] * p_row[j] * (logit[j] - lse_k[j] - lq[j] - kl_k[j])
+                        stream_row(kl_row, staging, width)
             elif write_grad:
                 for k in range(num_scales):
                     z = logits[k]
                     for c in range(num_classes):
                         logit = z[n, c, start:end]
                         grad_row = grad[k][n, c, start:end]
+                        label = np.int32(c)
                         for j in range(width):
-                            p = exps[k, c, j] * inv_total[k, j]
-                            onehot = np.float32(1.0) if labels[j] == c else np.float32(0.0)
+                            p = probs[k, c, j]
+                            onehot = np.float32(1.0) if labels[j] == label else np.float32(0.0)
                             g = ce_weightf[k, j] * (p - onehot)
                             if mask_mode != MASK_OFF:
                                 log_p = logit[j] - lse[k, j]
                                 g += kl_weightf[j] * p * (log_p - log_q[c, j] - kl[k, j])
                             grad_row[j] = g
+        stream_fence()
         restore_denormals(saved_mode)
 
 

@@ -9,6 +9,8 @@
   `restore_denormals`; x86).
 * Prefetching: `prefetch_line` and `prefetch_row` ask for cache lines a kernel will read or
   write soon (prefetcht0 on x86).
+* Streaming stores: `stream_row` copies a staged row out with non-temporal stores, and
+  `stream_fence` orders them before the parallel region ends.
 * Scheduling: pixels are processed in blocks of one image (`block_size`, `block_span`), one run
   of consecutive blocks per thread (`parallel_chunks`); host buffers come from torch's
   allocator (`float32_buffer`).
@@ -291,6 +293,80 @@ def prefetch_row(row, width):
     """Prefetch the cache lines of ``row[:width]`` (float32)."""
     for j in range(0, width, _CACHE_LINE_FLOATS):
         prefetch_line(row, j)
+
+
+# Streaming stores. A gradient row written with ordinary stores is first read into the cache
+# (read-for-ownership) and written back when evicted; the passes write gradient buffers larger
+# than the last-level cache that nothing reads before the pass ends, so they compute a block's
+# row into an L1-resident staging row and copy it out with non-temporal stores, which write whole
+# cache lines to memory without reading them (docs/benchmarks.md, "Thirteenth session").
+_VECTOR_FLOATS = 16  # one cache line, one 512-bit store
+
+
+@intrinsic
+def _stream_vectors(typingctx, dst, src, at, vectors):
+    """dst[at : at + 16 * vectors] = src[at : ...] as non-temporal 64-byte stores (LLVM's
+    !nontemporal: movntps on x86). ``dst[at]`` must be 64-byte aligned (not checked)."""
+    if not all(isinstance(a, types.Array) and a.ndim == 1 and a.dtype == types.float32 for a in (dst, src)):
+        return None
+    if not (isinstance(at, types.Integer) and isinstance(vectors, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        index_type = llvm_ir.IntType(64)
+        vector_type = llvm_ir.VectorType(llvm_ir.FloatType(), _VECTOR_FLOATS)
+        dst_data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        src_data = context.make_array(signature.args[1])(context, builder, args[1]).data
+        start = context.cast(builder, args[2], signature.args[2], types.int64)
+        count = context.cast(builder, args[3], signature.args[3], types.int64)
+        nontemporal = builder.module.add_metadata([llvm_ir.Constant(llvm_ir.IntType(32), 1)])
+        entry, loop, done = builder.block, builder.append_basic_block("stream"), builder.append_basic_block("streamed")
+        zero = llvm_ir.Constant(index_type, 0)
+        builder.cbranch(builder.icmp_signed(">", count, zero), loop, done)
+        builder.position_at_end(loop)
+        vector = builder.phi(index_type)
+        vector.add_incoming(zero, entry)
+        offset = builder.add(start, builder.mul(vector, llvm_ir.Constant(index_type, _VECTOR_FLOATS)))
+        value = builder.load(builder.bitcast(builder.gep(src_data, [offset]), vector_type.as_pointer()), align=4)
+        store = builder.store(
+            value, builder.bitcast(builder.gep(dst_data, [offset]), vector_type.as_pointer()), align=64
+        )
+        store.set_metadata("nontemporal", nontemporal)
+        following = builder.add(vector, llvm_ir.Constant(index_type, 1))
+        vector.add_incoming(following, loop)
+        builder.cbranch(builder.icmp_signed("<", following, count), loop, done)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    return types.void(dst, src, at, vectors), codegen
+
+
+@numba.njit(**HELPER_JIT)
+def stream_row(dst, src, width):
+    """dst[:width] = src[:width] (float32, contiguous): non-temporal stores for the cache lines
+    that `dst` covers whole, ordinary ones for the ends. Call `stream_fence` before another thread
+    reads `dst`."""
+    misaligned = dst.ctypes.data % 64
+    head = width if misaligned % 4 else min(((64 - misaligned) % 64) // 4, width)
+    for j in range(head):
+        dst[j] = src[j]
+    vectors = (width - head) // _VECTOR_FLOATS
+    _stream_vectors(dst, src, head, vectors)
+    for j in range(head + vectors * _VECTOR_FLOATS, width):
+        dst[j] = src[j]
+
+
+@intrinsic
+def stream_fence(typingctx):
+    """Order this thread's non-temporal stores before its later memory operations (a sequentially
+    consistent fence: mfence on x86), so the threads that read them after the parallel region
+    see them."""
+
+    def codegen(context, builder, signature, args):
+        builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return types.void(), codegen
 
 
 _LOG2E = np.float32(1.4426950408889634)

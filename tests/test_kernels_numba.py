@@ -366,6 +366,34 @@ def test_vectorised_exp_and_log_against_numpy():
     np.testing.assert_allclose(sigmoids, 1 / (1 + np.exp(-values[::40].astype(np.float64))), rtol=3e-7)
 
 
+@pytest.mark.parametrize("width", [0, 1, 15, 16, 17, 63, 1024, 1031])
+def test_streamed_rows_equal_a_copy_at_every_alignment(width):
+    """Non-temporal stores for the whole cache lines, ordinary ones at both ends: every offset
+    into a 64-byte-aligned buffer (and a byte-misaligned row, copied by plain stores) gets exactly
+    the source row, and nothing outside it is written."""
+    import numba
+
+    @numba.njit
+    def copy_and_fence(dst, src, width):
+        numba_common.stream_row(dst, src, width)
+        numba_common.stream_fence()
+
+    source = np.random.default_rng(width).normal(size=max(width, 1)).astype(np.float32)
+    for offset in range(17):
+        buffer = torch.full((width + 48,), -7.0).numpy()  # torch's allocator: 64-byte aligned
+        assert buffer.ctypes.data % 64 == 0
+        copy_and_fence(buffer[offset : offset + width], source, width)
+        np.testing.assert_array_equal(buffer[offset : offset + width], source[:width])
+        outside = np.concatenate([buffer[:offset], buffer[offset + width :]])
+        np.testing.assert_array_equal(outside, np.full_like(outside, -7.0))
+    raw = np.zeros(4 * width + 8, np.uint8)
+    misaligned = np.frombuffer(raw.data, np.float32, count=width, offset=1)
+    copy_and_fence(misaligned, source, width)
+    np.testing.assert_array_equal(misaligned, source[:width])
+    if numba_common.X86:  # the whole lines really are streaming stores
+        assert "movntps" in next(iter(copy_and_fence.inspect_asm().values()))
+
+
 def test_four_float64_adds_at_a_place():
     import numba
 
