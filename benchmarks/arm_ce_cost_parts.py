@@ -25,7 +25,6 @@ from bench_kernels import forward_backward, make_inputs, seeded_arm
 from noisyseg.kernels import functional
 from noisyseg.kernels.contract import LossTerms, pack_arm_parameters
 from noisyseg.kernels.numba_adele_arm import _FusedCall
-from noisyseg.kernels.numba_arm import arm_table_gradient
 from noisyseg.kernels.numba_common import float32_buffer
 
 
@@ -66,10 +65,10 @@ def main() -> None:
         ),
         "set-up (_FusedCall)": lambda: _FusedCall(logits, target, params, terms),
         "fused pass with ARM's bins": lambda: call._pass(
-            unnormalised, True, float32_buffer((1, *call.logits[0].shape)), bins=bins
+            unnormalised, True, (float32_buffer(call.logits[0].shape),), bins=bins
         ),
-        "fused pass without them": lambda: call._pass(unnormalised, True, float32_buffer((1, *call.logits[0].shape))),
-        "ARM's gradient from the bins": lambda: arm_table_gradient(call.arm_params, bins, np.full((1, 2), 1e-6)),
+        "fused pass without them": lambda: call._pass(unnormalised, True, (float32_buffer(call.logits[0].shape),)),
+        "ARM's gradient from the bins": lambda: call._arm_table_gradient(bins, np.full((1, 2), 1e-6)),
         "backward's in-place rescale": lambda: gradient.mul_(1.0001),
     }
     for name, part in parts.items():

@@ -76,8 +76,8 @@ from noisyseg.kernels.numba_adele_arm_pass import (
 )
 from noisyseg.kernels.numba_arm import (
     arm_gradient_pass,
+    arm_table_forward,
     arm_table_gradient,
-    arm_table_values,
 )
 from noisyseg.kernels.numba_common import (
     MAX_BLOCK,
@@ -91,6 +91,7 @@ _PACKED_SCALES = 3
 _Gradient = tuple[np.ndarray, ...]  # one (N, C, L) float32 array per scale
 _NO_SCRATCH = np.empty((1, 1), np.float32)
 _NO_TABLE = np.empty(1, np.float32)
+_NO_ACTIVATIONS = np.empty((3, 1, 1), np.float32)
 _NO_BINS = np.empty((1, 1, 1, 4))
 _NO_GRAD = np.empty((1, 1, 1), np.float32)
 # Deferred scaling keeps 2 floats per pixel: at most 0.2x the logits from 10 classes on. Below,
@@ -151,7 +152,9 @@ class _FusedCall:
             else np.zeros(ARM_NUM_PARAMETERS, np.float32)
         )
         self.table = self.use_arm and terms.arm_table
-        self.arm_table = arm_table_values(self.arm_params) if self.table else _NO_TABLE
+        self.arm_table, *self.arm_activations = (
+            arm_table_forward(self.arm_params) if self.table else (_NO_TABLE, _NO_ACTIVATIONS, _NO_ACTIVATIONS)
+        )
         self.block = block_size(len(logits), num_classes)
         self.tiles = -(-self.target.shape[1] // self.block)
 
@@ -235,7 +238,7 @@ class _FusedCall:
             partials = self._pass(self._normalisers(None), write_grad=False, bins=bins)
             norm = self._normalisers(partials)
             pending = np.ones(num_scales)
-        arm_grad_out = arm_table_gradient(self.arm_params, bins, norm.arm_upstream) if arm_grad else None
+        arm_grad_out = self._arm_table_gradient(bins, norm.arm_upstream) if arm_grad else None
         return self._value(partials), grad, arm_grad_out, pending
 
     def _run_split(self, arm_grad: bool) -> tuple[float, _Gradient, np.ndarray | None, np.ndarray]:
@@ -251,7 +254,7 @@ class _FusedCall:
         combine_split_gradient(
             num_scales, _packed(grad, _NO_GRAD), _packed(kl_grad, _NO_GRAD), norm.ce_grad_scale, norm.kl_grad_scale
         )
-        arm_grad_out = arm_table_gradient(self.arm_params, bins, norm.arm_upstream) if arm_grad else None
+        arm_grad_out = self._arm_table_gradient(bins, norm.arm_upstream) if arm_grad else None
         return self._value(partials), grad, arm_grad_out, np.ones(num_scales)
 
     def _run_assuming_kept(self) -> tuple[float, _Gradient, None, np.ndarray]:
@@ -321,6 +324,9 @@ class _FusedCall:
             np.zeros((num_scales, 2)),
             np.full(self.shape[0], kl_scale, np.float32),
         )
+
+    def _arm_table_gradient(self, bins: np.ndarray, arm_upstream: np.ndarray) -> np.ndarray:
+        return arm_table_gradient(self.arm_params, self.arm_table, *self.arm_activations, bins, arm_upstream)
 
     def _bins(self) -> np.ndarray:
         """ARM's gradient bins: per parallel chunk and scale, the four sums of each of the K
