@@ -10,7 +10,10 @@ node), and a smooth field (v = 0.3 sin(i / 5000): neighbouring pixels in the sam
 interval, as along an image). Each block finds its pixels' places and weights with the kernels'
 own `block_table_weights`, then adds the pixels' loss and weight to the bins:
 - linear by interval, the kernels' own `block_table_bins`: the four sums of the pixel's interval
-  in one aligned 32-byte row, one 256-bit add;
+  in one aligned 32-byte row, one 256-bit add; the four values of every pixel first written as
+  float32 by a vectorised loop, then widened and added (thirteenth session);
+- the same rows added by a scalar loop that converts each pixel's values to float64 itself (the
+  kernels' own until the thirteenth session);
 - linear by node (before the eleventh session): (1 - f) loss and weight at node k and f at
   node k + 1, adjacent, one 256-bit add at 16-byte steps, so pixels in neighbouring intervals
   overlap in part;
@@ -60,6 +63,18 @@ def block_cubic_moment_bins(bins, node, fraction, loss, weight, valid, width, sp
 
 
 @numba.njit(fastmath=False, error_model="numpy")
+def block_interval_bins_scalar(bins, node, fraction, loss, weight, valid, width):
+    """The interval rows as the kernels added them until the thirteenth session."""
+    flat = bins.reshape(-1)
+    for j in range(width):
+        if valid[j]:
+            f = np.float64(fraction[j])
+            loss_j = np.float64(loss[j])
+            weight_j = np.float64(weight[j])
+            add_float64x4(flat, 4 * node[j], loss_j, weight_j, f * loss_j, f * weight_j)
+
+
+@numba.njit(fastmath=False, error_model="numpy")
 def block_node_bins(bins, node, fraction, loss, weight, valid, width):
     """The node layout the interval bins replaced: bins (K, 2), a pixel's four sums at 2k."""
     flat = bins.reshape(-1)
@@ -74,20 +89,23 @@ def block_node_bins(bins, node, fraction, loss, weight, valid, width):
 @numba.njit(fastmath=False, error_model="numpy")
 def table_pass(conf, table, loss, valid, linear_bins, moment_bins, mode, span):
     """mode 0: places and weights only; 1: and the interval bins; 2: and the cubic moment bins;
-    3: and the node bins."""
+    3: and the node bins; 4: and the interval bins added by the scalar loop."""
     weight = np.empty(BLOCK, np.float32)
+    rows = np.empty(4 * BLOCK, np.float32)
     node = np.empty(BLOCK, np.int32)
     fraction = np.empty(BLOCK, np.float32)
     for start in range(0, conf.shape[0], BLOCK):
         block_table_weights(table, conf[start : start + BLOCK], BLOCK, weight, node, fraction)
         if mode == 1:
-            block_table_bins(linear_bins, node, fraction, loss[start : start + BLOCK], weight, valid, BLOCK)
+            block_table_bins(linear_bins, node, fraction, loss[start : start + BLOCK], weight, valid, BLOCK, rows)
         elif mode == 2:
             block_cubic_moment_bins(
                 moment_bins, node, fraction, loss[start : start + BLOCK], weight, valid, BLOCK, span
             )
         elif mode == 3:
             block_node_bins(linear_bins, node, fraction, loss[start : start + BLOCK], weight, valid, BLOCK)
+        elif mode == 4:
+            block_interval_bins_scalar(linear_bins, node, fraction, loss[start : start + BLOCK], weight, valid, BLOCK)
 
 
 def main(rounds: int = 15) -> None:
@@ -110,7 +128,10 @@ def main(rounds: int = 15) -> None:
         cases[f"{spread_name}: + interval bins, 8192 nodes (now)"] = lambda conf=conf: table_pass(
             conf, table, loss, valid, interval_bins, no_bins[1], 1, 1
         )
-        cases[f"{spread_name}: + node bins, 8192 nodes (before)"] = lambda conf=conf: table_pass(
+        cases[f"{spread_name}: + interval bins, scalar loop (before)"] = lambda conf=conf: table_pass(
+            conf, table, loss, valid, interval_bins, no_bins[1], 4, 1
+        )
+        cases[f"{spread_name}: + node bins, 8192 nodes (before that)"] = lambda conf=conf: table_pass(
             conf, table, loss, valid, node_bins, no_bins[1], 3, 1
         )
         for segments in (1024, 512):

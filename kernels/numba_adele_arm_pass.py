@@ -198,6 +198,7 @@ def fused_pass(
         pixel_max_q = np.empty(block, np.float32)
         underflow = np.empty(block, np.bool_)
         staging = np.empty(block, np.float32)
+        bin_rows = np.empty(4 * block, np.float32)
         last = (chunk + 1) * blocks // chunks
         for index in range(chunk * blocks // chunks, last):
             n, start, width = block_span(index, tiles, block, num_pixels)
@@ -240,7 +241,9 @@ def fused_pass(
                         if table:
                             block_table_weights(arm_table, confidence, width, weight, node, fraction)
                             if collect_bins:
-                                block_table_bins(arm_bins[chunk, k], node, fraction, loss, weight, valid, width)
+                                block_table_bins(
+                                    arm_bins[chunk, k], node, fraction, loss, weight, valid, width, bin_rows
+                                )
                         else:
                             block_arm_forward(arm_params, confidence, width, pre, sig, weight)
                     # float32 sums over one block (at most MAX_BLOCK pixels), vectorised; the

@@ -30,11 +30,10 @@ from noisyseg.kernels.contract import (
 from noisyseg.kernels.numba_common import (
     HELPER_JIT,
     PARALLEL_JIT,
-    add_float64x4,
+    add_widened_float32x4,
     block_span,
     fast_sigmoid,
     flush_denormals,
-    prefetch_line,
     restore_denormals,
 )
 
@@ -246,11 +245,8 @@ def block_table_weights(table, confidence, width, weight, node, fraction):
         weight[j] = low + fraction[j] * (table[k + 1] - low)
 
 
-_BINS_PREFETCH_AHEAD = 16  # pixels; 8, 16 and 32 measured, 16 and 32 alike
-
-
 @numba.njit(**HELPER_JIT)
-def block_table_bins(bins, node, fraction, loss, weight, valid, width):
+def block_table_bins(bins, node, fraction, loss, weight, valid, width, rows):
     """Add the valid pixels' sums to the bins (K, 4) of their interval k (between nodes k and
     k + 1): loss, weight, f loss and f weight. ARM's upstream gradient at a pixel is a l - b w,
     with a and b known only once every pixel was seen; `node_sums` turns the intervals' sums into
@@ -262,21 +258,23 @@ def block_table_bins(bins, node, fraction, loss, weight, valid, width):
     pixels in neighbouring intervals overlap in part, which the CPU cannot forward from a pending
     store: 10.5-11.5 against 3.8-4.2 ns a pixel when consecutive pixels walk up the table, 4.6-5.9
     against 3.7-4.6 along a smooth image, 3.0-3.4 against 2.9-3.1 at random (docs/benchmarks.md,
-    "Eleventh session"). One set of bins per thread ("Tenth session"). The rows are scattered
-    over 256 KiB a scale, which the pass's streams push out of L2, so each pixel prefetches the
-    row of the pixel _BINS_PREFETCH_AHEAD places on. The nodes must be at most K - 2
+    "Eleventh session"). One set of bins per thread ("Tenth session").
+
+    The four float32 values of every pixel are first written to `rows` (4 x width, float32; zeros
+    for ignored pixels) in a loop that vectorises; the scattered loop then only widens each row
+    to float64 and adds it (`add_widened_float32x4`). The nodes must be at most K - 2
     (`block_table_weights` clamps them): the add is not bounds-checked."""
-    flat = bins.reshape(-1)
-    for j in range(min(_BINS_PREFETCH_AHEAD, width)):
-        prefetch_line(flat, 4 * node[j])
     for j in range(width):
-        if j + _BINS_PREFETCH_AHEAD < width:
-            prefetch_line(flat, 4 * node[j + _BINS_PREFETCH_AHEAD])
-        if valid[j]:
-            f = np.float64(fraction[j])
-            loss_j = np.float64(loss[j])
-            weight_j = np.float64(weight[j])
-            add_float64x4(flat, 4 * node[j], loss_j, weight_j, f * loss_j, f * weight_j)
+        keep = np.float32(1.0) if valid[j] else np.float32(0.0)
+        loss_j = loss[j] * keep
+        weight_j = weight[j] * keep
+        rows[4 * j] = loss_j
+        rows[4 * j + 1] = weight_j
+        rows[4 * j + 2] = fraction[j] * loss_j
+        rows[4 * j + 3] = fraction[j] * weight_j
+    flat = bins.reshape(-1)
+    for j in range(width):
+        add_widened_float32x4(flat, 4 * node[j], rows, 4 * j)
 
 
 @numba.njit(**HELPER_JIT)

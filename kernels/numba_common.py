@@ -203,6 +203,32 @@ def add_float64x4(typingctx, flat, at, a, b, c, d):
     return types.void(flat, at, a, b, c, d), codegen
 
 
+@intrinsic
+def add_widened_float32x4(typingctx, flat, at, rows, row_at):
+    """flat[at : at + 4] += rows[row_at : row_at + 4] widened to float64: one 128-bit load, one
+    conversion and one 256-bit read-modify-write. `flat` is a 1-D C-contiguous float64 array,
+    `rows` float32; neither range is bounds-checked."""
+    if not (isinstance(flat, types.Array) and flat.dtype == types.float64 and flat.ndim == 1):
+        return None
+    if not (isinstance(rows, types.Array) and rows.dtype == types.float32 and rows.ndim == 1):
+        return None
+    if not (isinstance(at, types.Integer) and isinstance(row_at, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        wide_type = llvm_ir.VectorType(llvm_ir.DoubleType(), 4)
+        narrow_type = llvm_ir.VectorType(llvm_ir.FloatType(), 4)
+        pointer = builder.bitcast(_element_address(context, builder, signature, args), wide_type.as_pointer())
+        row_data = context.make_array(signature.args[2])(context, builder, args[2]).data
+        row_index = context.cast(builder, args[3], signature.args[3], types.intp)
+        row = builder.load(builder.bitcast(builder.gep(row_data, [row_index]), narrow_type.as_pointer()), align=4)
+        total = builder.fadd(builder.load(pointer, align=8), builder.fpext(row, wide_type))
+        builder.store(total, pointer, align=8)
+        return context.get_dummy_value()
+
+    return types.void(flat, at, rows, row_at), codegen
+
+
 # Denormal numbers. Confident logits (differences of tens of nats, as a trained network gives)
 # make exponentials near 1e-30 whose squares and products fall below float32's normal range;
 # Intel CPUs handle every such operation in microcode, about a hundred cycles each: with the
