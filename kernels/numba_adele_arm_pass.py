@@ -220,10 +220,6 @@ def fused_pass(
                 labels[j] = np.int32(label) if valid[j] else np.int32(-1)
             label_partials[index, 0] = bad_labels
             label_partials[index, 1] = valid_pixels
-            if write_grad and not split_kl_grad:  # this block's gradient rows, written at its end
-                for k in range(num_scales):
-                    for c in range(num_classes):
-                        prefetch_row(grad[k][n, c, start:end], width)
             for k in range(num_scales):
                 _block_softmax(logits[k], n, start, width, probs[k], peak, total, sum_p2[k], lse[k])
 
@@ -311,6 +307,8 @@ def fused_pass(
 
             # Two loops, not one with a branch on split_kl_grad inside: the merged loop took the
             # no-ARM three-scale loss from 29 to 45 ms at C = 5 (from 209 to 309 ms at C = 19).
+            # Every gradient row is computed into `staging` and streamed out (numba_common): no
+            # pass reads a gradient row again before its end.
             if write_grad and split_kl_grad:
                 for k in range(num_scales):
                     z = logits[k]
@@ -319,9 +317,7 @@ def fused_pass(
                         grad_row = grad[k][n, c, start:end]
                         kl_row = kl_grad[k][n, c, start:end]
                         # One loop per buffer: the loop writing both took the three-scale loss
-                        # at C = 5 from 1.29-1.37x to 1.41-1.63x plain CE. Both buffers are
-                        # read only by `combine_split_gradient` after the pass, and together
-                        # twice the logits' size: streamed out (numba_common.stream_row).
+                        # at C = 5 from 1.29-1.37x to 1.41-1.63x plain CE.
                         p_row, ce_w, lse_k, kl_k, lq = probs[k, c], ce_weightf[k], lse[k], kl[k], log_q[c]
                         label = np.int32(c)
                         for j in range(width):
@@ -345,7 +341,8 @@ def fused_pass(
                             if mask_mode != MASK_OFF:
                                 log_p = logit[j] - lse[k, j]
                                 g += kl_weightf[j] * p * (log_p - log_q[c, j] - kl[k, j])
-                            grad_row[j] = g
+                            staging[j] = g
+                        stream_row(grad_row, staging, width)
         stream_fence()
         restore_denormals(saved_mode)
 
