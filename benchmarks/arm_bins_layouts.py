@@ -63,27 +63,19 @@ def block_cubic_moment_bins(bins, node, fraction, loss, weight, valid, width, sp
 
 
 @numba.njit(fastmath=False, error_model="numpy")
-def block_interval_bins_scalar(bins, node, fraction, loss, weight, valid, width):
-    """The interval rows as the kernels added them until the thirteenth session."""
+def block_scalar_bins(bins, node, fraction, loss, weight, valid, width, by_node):
+    """A scalar loop converting each pixel's values to float64 itself and adding them as one row:
+    by interval (bins (K, 4): loss, weight, f loss, f weight at 4k; the kernels' own until the
+    thirteenth session), or by node (bins (K, 2): (1 - f) loss and weight at node k, f loss and
+    weight at node k + 1, one 256-bit add at 2k; before the eleventh session)."""
     flat = bins.reshape(-1)
     for j in range(width):
         if valid[j]:
             f = np.float64(fraction[j])
             loss_j = np.float64(loss[j])
             weight_j = np.float64(weight[j])
-            add_float64x4(flat, 4 * node[j], loss_j, weight_j, f * loss_j, f * weight_j)
-
-
-@numba.njit(fastmath=False, error_model="numpy")
-def block_node_bins(bins, node, fraction, loss, weight, valid, width):
-    """The node layout the interval bins replaced: bins (K, 2), a pixel's four sums at 2k."""
-    flat = bins.reshape(-1)
-    for j in range(width):
-        if valid[j]:
-            f = np.float64(fraction[j])
-            loss_j = np.float64(loss[j])
-            weight_j = np.float64(weight[j])
-            add_float64x4(flat, 2 * node[j], (1.0 - f) * loss_j, (1.0 - f) * weight_j, f * loss_j, f * weight_j)
+            low = (1.0 - f) if by_node else 1.0
+            add_float64x4(flat, (2 if by_node else 4) * node[j], low * loss_j, low * weight_j, f * loss_j, f * weight_j)
 
 
 @numba.njit(fastmath=False, error_model="numpy")
@@ -102,10 +94,8 @@ def table_pass(conf, table, loss, valid, linear_bins, moment_bins, mode, span):
             block_cubic_moment_bins(
                 moment_bins, node, fraction, loss[start : start + BLOCK], weight, valid, BLOCK, span
             )
-        elif mode == 3:
-            block_node_bins(linear_bins, node, fraction, loss[start : start + BLOCK], weight, valid, BLOCK)
-        elif mode == 4:
-            block_interval_bins_scalar(linear_bins, node, fraction, loss[start : start + BLOCK], weight, valid, BLOCK)
+        elif mode in (3, 4):
+            block_scalar_bins(linear_bins, node, fraction, loss[start : start + BLOCK], weight, valid, BLOCK, mode == 3)
 
 
 def main(rounds: int = 15) -> None:
