@@ -332,9 +332,12 @@ class _FusedCall:
         """ARM's gradient bins: per parallel chunk and scale, the four sums of each of the K
         table intervals (`numba_arm.block_table_bins`), from torch's allocator: 64-byte aligned,
         so no interval's 32-byte row straddles a cache line (numpy's large arrays start 16 bytes
-        into a page)."""
+        into a page). One scale gets two copies, which halve the chain of adds where pixels share
+        an interval (256 KiB more); three scales keep one, since six copies (1.5 MiB) outgrew the
+        L2 cache and made spread confidences 7% slower (docs/benchmarks.md)."""
         chunks = parallel_chunks(self.shape[0] * self.tiles)
-        return torch.zeros((chunks, len(self.logits), ARM_TABLE_SIZE, 4), dtype=torch.float64).numpy()
+        copies = 2 if len(self.logits) == 1 else 1
+        return torch.zeros((chunks, len(self.logits), copies * ARM_TABLE_SIZE, 4), dtype=torch.float64).numpy()
 
     def _gradient_buffers(self) -> _Gradient:
         """One (N, C, L) fp32 buffer per scale, each the size of a plain cross-entropy's

@@ -247,8 +247,8 @@ def block_table_weights(table, confidence, width, weight, node, fraction):
 
 @numba.njit(**HELPER_JIT)
 def block_table_bins(bins, node, fraction, loss, weight, valid, width, rows):
-    """Add the valid pixels' sums to the bins (K, 4) of their interval k (between nodes k and
-    k + 1): loss, weight, f loss and f weight. ARM's upstream gradient at a pixel is a l - b w,
+    """Add the valid pixels' sums to the bins (copies x K, 4) of their interval k (between nodes
+    k and k + 1): loss, weight, f loss and f weight. ARM's upstream gradient at a pixel is a l - b w,
     with a and b known only once every pixel was seen; `node_sums` turns the intervals' sums into
     the nodes' (1 - f at node k, f at node k + 1).
 
@@ -258,7 +258,13 @@ def block_table_bins(bins, node, fraction, loss, weight, valid, width, rows):
     pixels in neighbouring intervals overlap in part, which the CPU cannot forward from a pending
     store: 10.5-11.5 against 3.8-4.2 ns a pixel when consecutive pixels walk up the table, 4.6-5.9
     against 3.7-4.6 along a smooth image, 3.0-3.4 against 2.9-3.1 at random (docs/benchmarks.md,
-    "Eleventh session"). One set of bins per thread ("Tenth session").
+    "Eleventh session").
+
+    With one set of bins, consecutive pixels in one interval (a confident network's pixels share
+    the last) make each add wait for the one before it through memory; with two (1 or 2 copies,
+    read from the shape), even and odd pixels add to their own copy and the chain halves.
+    `_FusedCall._bins` gives ARM-CE two and the multiscale losses one (docs/benchmarks.md,
+    "Thirteenth session").
 
     The four float32 values of every pixel are first written to `rows` (4 x width, float32; zeros
     for ignored pixels) in a loop that vectorises; the scattered loop then only widens each row
@@ -273,27 +279,30 @@ def block_table_bins(bins, node, fraction, loss, weight, valid, width, rows):
         rows[4 * j + 2] = fraction[j] * loss_j
         rows[4 * j + 3] = fraction[j] * weight_j
     flat = bins.reshape(-1)
+    odd_copy = 4 * ARM_TABLE_SIZE * (bins.shape[0] // ARM_TABLE_SIZE - 1)  # 0 with one copy
     for j in range(width):
-        add_widened_float32x4(flat, 4 * node[j], rows, 4 * j)
+        add_widened_float32x4(flat, 4 * node[j] + (j & 1) * odd_copy, rows, 4 * j)
 
 
 @numba.njit(**HELPER_JIT)
 def node_sums(bins):
-    """The nodes' (loss, weight) sums (K, 2) from the intervals' bins (K, 4) of
-    `block_table_bins`: node k gets (1 - f) of its interval's pixels and f of the interval
-    below's."""
-    sums = np.empty((ARM_TABLE_SIZE, 2))
-    for column in range(2):
-        below = 0.0
-        for k in range(ARM_TABLE_SIZE):
-            sums[k, column] = bins[k, column] - bins[k, column + 2] + below
-            below = bins[k, column + 2]
+    """The nodes' (loss, weight) sums (K, 2) from the intervals' bins (copies x K, 4) of
+    `block_table_bins`, the copies added: node k gets (1 - f) of its interval's pixels and f of
+    the interval below's."""
+    sums = np.zeros((ARM_TABLE_SIZE, 2))
+    for copy in range(bins.shape[0] // ARM_TABLE_SIZE):
+        rows = bins[copy * ARM_TABLE_SIZE : (copy + 1) * ARM_TABLE_SIZE]
+        for column in range(2):
+            below = 0.0
+            for k in range(ARM_TABLE_SIZE):
+                sums[k, column] += rows[k, column] - rows[k, column + 2] + below
+                below = rows[k, column + 2]
     return sums
 
 
 @numba.njit(**HELPER_JIT)
 def arm_table_gradient(params, table, pre, sig, bins, arm_upstream):
-    """ARM's 53 parameter gradients from the interval bins (chunks, S, K, 4) of every scale:
+    """ARM's 53 parameter gradients from the interval bins (chunks, S, copies x K, 4) of every scale:
     sum_k u_k dw(v_k)/dparams with u_k = sum_s a_s L_sk - b_s W_sk, (L_sk, W_sk) the node sums
     of `node_sums` (summed over chunks) and (a_s, b_s) = arm_upstream[s]. The MLP's backward runs
     over the nodes some pixel reached only, from the activations `arm_table_forward` returned

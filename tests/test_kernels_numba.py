@@ -479,11 +479,12 @@ def test_the_loss_leaves_the_callers_denormals_alone():
     assert torch.tensor(1e-20) * torch.tensor(1e-20) > 0
 
 
-def test_table_bins_against_a_direct_scatter():
-    """Each valid pixel adds its loss and weight to its interval's row (and f times each); the
-    node sums give it 1 - f at its node and f at the next. The loss and weight columns are exact
-    float64 sums of the float32 inputs; f times either is rounded to float32 before it is added,
-    at most 2^-24 of the term."""
+@pytest.mark.parametrize("copies", [1, 2])
+def test_table_bins_against_a_direct_scatter(copies):
+    """Each valid pixel adds its loss and weight to its interval's row (and f times each), in
+    copy j % copies for pixel j; the node sums add the copies and give a pixel 1 - f at its node
+    and f at the next. The loss and weight columns are exact float64 sums of the float32 inputs;
+    f times either is rounded to float32 before it is added, at most 2^-24 of the term."""
     from noisyseg.kernels.contract import ARM_TABLE_SIZE
     from noisyseg.kernels.numba_arm import block_table_bins, node_sums
 
@@ -493,29 +494,32 @@ def test_table_bins_against_a_direct_scatter():
         [
             rng.integers(0, ARM_TABLE_SIZE - 1, 150),
             np.arange(50) + 4000,  # consecutive intervals: neighbouring rows
-            np.full(101, ARM_TABLE_SIZE - 2),
+            np.full(101, ARM_TABLE_SIZE - 2),  # one interval: the chain that copies split
         ]
     ).astype(np.int32)
     fraction, loss, weight = (rng.random(width).astype(np.float32) for _ in range(3))
     valid = rng.random(width) > 0.2
-    bins = np.zeros((ARM_TABLE_SIZE, 4))
+    bins = np.zeros((copies * ARM_TABLE_SIZE, 4))
     block_table_bins(bins, node, fraction, loss, weight, valid, width, np.empty(4 * width, np.float32))
-    f = fraction.astype(np.float64)[valid]
-    want_rows = np.zeros((ARM_TABLE_SIZE, 4))
+    want_rows = np.zeros((copies, ARM_TABLE_SIZE, 4))
     want_nodes = np.zeros((ARM_TABLE_SIZE, 2))
     magnitude = np.zeros((ARM_TABLE_SIZE, 2))  # sum of the values that reach a node
-    for column, values in enumerate((loss, weight)):
-        np.add.at(want_rows[:, column], node[valid], values[valid])
-        np.add.at(want_rows[:, column + 2], node[valid], f * values[valid])
-        np.add.at(want_nodes[:, column], node[valid], (1 - f) * values[valid])
-        np.add.at(want_nodes[:, column], node[valid] + 1, f * values[valid])
-        np.add.at(magnitude[:, column], node[valid], values[valid])
-        np.add.at(magnitude[:, column], node[valid] + 1, values[valid])
-    np.testing.assert_allclose(bins[:, :2], want_rows[:, :2], rtol=1e-12, atol=1e-12)
-    rounding = 2.0**-24 * np.abs(want_rows[:, 2:]) + 1e-12
-    assert (np.abs(bins[:, 2:] - want_rows[:, 2:]) <= rounding).all()
+    for copy in range(copies):
+        kept = valid & (np.arange(width) % copies == copy)
+        f = fraction.astype(np.float64)[kept]
+        for column, values in enumerate((loss, weight)):
+            np.add.at(want_rows[copy, :, column], node[kept], values[kept])
+            np.add.at(want_rows[copy, :, column + 2], node[kept], f * values[kept])
+            np.add.at(want_nodes[:, column], node[kept], (1 - f) * values[kept])
+            np.add.at(want_nodes[:, column], node[kept] + 1, f * values[kept])
+            np.add.at(magnitude[:, column], node[kept], values[kept])
+            np.add.at(magnitude[:, column], node[kept] + 1, values[kept])
+    got_rows = bins.reshape(copies, ARM_TABLE_SIZE, 4)
+    np.testing.assert_allclose(got_rows[..., :2], want_rows[..., :2], rtol=1e-12, atol=1e-12)
+    rounding = 2.0**-24 * np.abs(want_rows[..., 2:]) + 1e-12
+    assert (np.abs(got_rows[..., 2:] - want_rows[..., 2:]) <= rounding).all()
     assert (np.abs(node_sums(bins) - want_nodes) <= 2.0**-23 * magnitude + 1e-12).all()
-    assert bins.any()
+    assert all(got_rows[copy].any() for copy in range(copies))
 
 
 _VECTOR_PROBE = """
