@@ -229,8 +229,10 @@ def fused_pass(
                 arm_grad[:] = 0.0
                 for k in range(num_scales):
                     image = logits[k][n]
-                    for j in range(width):  # no branch: class 0 stands in at ignored pixels
-                        loss[j] = lse[k, j] - image[max(labels[j], 0), start + j]
+                    for j in range(width):  # class 0 stands in at ignored pixels, whose loss is 0
+                        # (a select: a -inf logit there would make the masked sums 0 * inf = NaN)
+                        pixel_loss = lse[k, j] - image[max(labels[j], 0), start + j]
+                        loss[j] = pixel_loss if valid[j] else np.float32(0.0)
                     if use_arm:
                         for j in range(width):
                             confidence[j] = confidence_gain * (sum_p2[k, j] - inv_classes) - np.float32(1.0)

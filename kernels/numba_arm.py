@@ -270,10 +270,9 @@ def block_table_bins(bins, node, fraction, loss, weight, valid, width, rows):
     for ignored pixels) in a loop that vectorises; the scattered loop then only widens each row
     to float64 and adds it (`add_widened_float32x4`). The nodes must be at most K - 2
     (`block_table_weights` clamps them): the add is not bounds-checked."""
-    for j in range(width):
-        keep = np.float32(1.0) if valid[j] else np.float32(0.0)
-        loss_j = loss[j] * keep
-        weight_j = weight[j] * keep
+    for j in range(width):  # a select, not a product with 0: an ignored pixel's loss may be inf
+        loss_j = loss[j] if valid[j] else np.float32(0.0)
+        weight_j = weight[j] if valid[j] else np.float32(0.0)
         rows[4 * j] = loss_j
         rows[4 * j + 1] = weight_j
         rows[4 * j + 2] = fraction[j] * loss_j

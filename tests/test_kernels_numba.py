@@ -274,6 +274,23 @@ def test_ignored_pixels_get_zero_gradient_and_do_not_change_the_loss():
     assert torch.all(first[1][0][ignored] == 0)
 
 
+def test_an_ignored_pixels_infinite_logit_leaves_arm_cross_entropy_finite():
+    """Class 0 stands in for an ignored pixel's target inside the pass; a -inf logit there once
+    made the masked sums 0 * inf = NaN. The loss and gradients equal those with the pixel's
+    logits finite."""
+    logits, target = make_batch(seed=13)
+    arm = seeded_arm(13)
+    pixel = (target == 255).nonzero()[0]
+    infinite = logits.clone()
+    infinite[pixel[0], 0, pixel[1], pixel[2]] = -float("inf")
+    want = evaluate(fused, "arm_cross_entropy", [logits], target, arm)
+    got = evaluate(fused, "arm_cross_entropy", [infinite], target, arm)
+    assert torch.isfinite(got[0])
+    torch.testing.assert_close(got[0], want[0])
+    for got_grad, want_grad in zip([*got[1], *got[2]], [*want[1], *want[2]]):
+        torch.testing.assert_close(got_grad, want_grad)
+
+
 def test_other_ignore_index():
     logits, target = make_batch(seed=12)
     target[target == 255] = -1
