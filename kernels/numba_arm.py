@@ -99,6 +99,15 @@ def dot(a, b, width):
 
 
 @numba.njit(**_REDUCE_JIT)
+def valid_dot(a, b, valid, width):
+    """sum_j a[j] b[j] over the j where valid[j]: the others' b may be inf or NaN."""
+    total = np.float32(0.0)
+    for j in range(width):
+        total += a[j] * b[j] if valid[j] else np.float32(0.0)
+    return total
+
+
+@numba.njit(**_REDUCE_JIT)
 def total_of(a, width):
     """sum_j a[j]."""
     total = np.float32(0.0)
