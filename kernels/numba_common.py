@@ -185,7 +185,9 @@ def _element_address(context, builder, signature, args):
 def add_float64x4(typingctx, flat, at, a, b, c, d):
     """flat[at : at + 4] += (a, b, c, d) as one 256-bit load, add and store, for scattered
     read-modify-writes of four adjacent float64 sums (scalar code does four). `flat` is a 1-D
-    C-contiguous float64 array and `at + 4 <= len(flat)` (not checked)."""
+    C-contiguous float64 array and `at + 4 <= len(flat)` (not checked). The kernels' ARM bins used
+    it until they staged their rows (`add_widened_float32x4`); benchmarks/arm_bins_layouts.py's
+    scalar loops, which they are compared with, still do."""
     if not (isinstance(flat, types.Array) and flat.dtype == types.float64 and flat.ndim == 1):
         return None
     if not isinstance(at, types.Integer) or any(x != types.float64 for x in (a, b, c, d)):
