@@ -173,12 +173,17 @@ def _bits_of_float32(typingctx, value):
     return types.int32(types.float32), codegen
 
 
-def _element_address(context, builder, signature, args):
-    """In an intrinsic's codegen whose first two arguments are a 1-D array and an index: the
-    address of that element."""
-    data = context.make_array(signature.args[0])(context, builder, args[0]).data
-    index = context.cast(builder, args[1], signature.args[1], types.intp)
-    return builder.gep(data, [index])
+def _array_data(context, builder, signature, args, position):
+    """In an intrinsic's codegen: the data pointer of its array argument at `position`."""
+    return context.make_array(signature.args[position])(context, builder, args[position]).data
+
+
+def _element_address(context, builder, signature, args, array=0, index=1):
+    """In an intrinsic's codegen: the address of element args[index] of the 1-D array
+    args[array]."""
+    data = _array_data(context, builder, signature, args, array)
+    position = context.cast(builder, args[index], signature.args[index], types.intp)
+    return builder.gep(data, [position])
 
 
 @intrinsic
@@ -221,9 +226,8 @@ def add_widened_float32x4(typingctx, flat, at, rows, row_at):
         wide_type = llvm_ir.VectorType(llvm_ir.DoubleType(), 4)
         narrow_type = llvm_ir.VectorType(llvm_ir.FloatType(), 4)
         pointer = builder.bitcast(_element_address(context, builder, signature, args), wide_type.as_pointer())
-        row_data = context.make_array(signature.args[2])(context, builder, args[2]).data
-        row_index = context.cast(builder, args[3], signature.args[3], types.intp)
-        row = builder.load(builder.bitcast(builder.gep(row_data, [row_index]), narrow_type.as_pointer()), align=4)
+        row_pointer = _element_address(context, builder, signature, args, array=2, index=3)
+        row = builder.load(builder.bitcast(row_pointer, narrow_type.as_pointer()), align=4)
         total = builder.fadd(builder.load(pointer, align=8), builder.fpext(row, wide_type))
         builder.store(total, pointer, align=8)
         return context.get_dummy_value()
@@ -346,8 +350,7 @@ def _stream_vectors(typingctx, dst, src, at, vectors):
     def codegen(context, builder, signature, args):
         index_type = llvm_ir.IntType(64)
         vector_type = llvm_ir.VectorType(llvm_ir.FloatType(), _VECTOR_FLOATS)
-        dst_data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        src_data = context.make_array(signature.args[1])(context, builder, args[1]).data
+        dst_data, src_data = (_array_data(context, builder, signature, args, i) for i in (0, 1))
         start = context.cast(builder, args[2], signature.args[2], types.int64)
         count = context.cast(builder, args[3], signature.args[3], types.int64)
         nontemporal = builder.module.add_metadata([llvm_ir.Constant(llvm_ir.IntType(32), 1)])
